@@ -1,0 +1,101 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// One device of the fleet. `metadata.name` is the device id; `metadata.labels` are what
+/// EdgeManifests select on.
+#[derive(CustomResource, Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "fleetlet.dev",
+    version = "v1alpha1",
+    kind = "EdgeDevice",
+    plural = "edgedevices",
+    singular = "edgedevice",
+    shortname = "edev",
+    shortname = "ed",
+    category = "fleetlet",
+    namespaced,
+    status = "EdgeDeviceStatus",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Converged","type":"string","jsonPath":".status.conditions[?(@.type==\"Converged\")].status"}"#,
+    printcolumn = r#"{"name":"Applied","type":"integer","jsonPath":".status.appliedGeneration","description":"Manifest generation the device has applied"}"#,
+    printcolumn = r#"{"name":"Arch","type":"string","jsonPath":".status.device.architecture","priority":1}"#,
+    printcolumn = r#"{"name":"Agent","type":"string","jsonPath":".status.device.agentVersion","priority":1}"#,
+    printcolumn = r#"{"name":"Last-Heartbeat","type":"date","jsonPath":".status.lastHeartbeatTime","priority":1}"#,
+    printcolumn = r#"{"name":"Paused","type":"boolean","jsonPath":".spec.paused","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeDeviceSpec {
+    /// A human name, e.g. "Kitchen Pi".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub display_name: Option<String>,
+    /// Where the device is, free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub location: Option<String>,
+    /// Freeze the device: the controller writes no new manifest generations to it.
+    #[serde(default)]
+    pub paused: bool,
+    /// Seconds without a heartbeat before the device's node turns Ready=Unknown; overrides
+    /// the bridge default for devices on slow or intermittent links.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub heartbeat_grace_seconds: Option<u32>,
+}
+
+/// What the control plane knows of the device, mirrored from its heartbeats and status.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeDeviceStatus {
+    /// Ready (heartbeat fresh), Converged (desired generation applied, every resource
+    /// Ready), Degraded (some resource failing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// `metadata.generation` of this EdgeDevice last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Manifest generation the controller last wrote for the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_generation: Option<u64>,
+    /// Manifest generation the device reports as applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_generation: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceInfo>,
+    /// One line per resource on the device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<ResourceSummary>,
+}
+
+/// Facts the device reports about itself.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceInfo {
+    pub architecture: String,
+    pub operating_system: String,
+    pub os_image: String,
+    pub kernel_version: String,
+    pub agent_version: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+}
+
+/// One resource's state on the device.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceSummary {
+    pub id: String,
+    pub kind: String,
+    /// Pending, Reconciling, Ready, Failed or Unsupported.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// `namespace/name` of the EdgeManifest or Pod that asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}

@@ -1,0 +1,620 @@
+//! Desired state: the typed manifest the controller writes for one device.
+
+use std::{collections::BTreeSet, fmt, path::Component, path::Path};
+
+use schemars::JsonSchema;
+use serde::{
+    Deserialize, Deserializer, Serialize, Serializer,
+    de::{self, MapAccess, Visitor},
+    ser::SerializeMap,
+};
+
+use crate::names::{DeviceId, ResourceId};
+
+/// The most resources one device's manifest may hold.
+pub const MAX_RESOURCES: usize = 512;
+
+/// Everything one device should run, as of one generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentManifest {
+    /// Always [`crate::API_VERSION`] for this version of the protocol.
+    pub api_version: String,
+    /// The device this manifest is for; an agent refuses a manifest for another device.
+    pub device: DeviceId,
+    /// Strictly increasing per device; an agent refuses a generation older than the one it runs.
+    pub generation: u64,
+    /// The resources; ids are unique within the manifest.
+    #[serde(default)]
+    pub resources: Vec<ManagedResource>,
+}
+
+/// One resource on a device, with the object that asked for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedResource {
+    pub id: ResourceId,
+    /// Which Kubernetes object contributed this resource.
+    pub owner: Owner,
+    /// What to run: exactly one kind key (`container`, `systemdUnit`, `file`, ...).
+    #[serde(flatten)]
+    pub spec: ResourceSpec,
+}
+
+/// The Kubernetes object a resource came from.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Owner {
+    pub kind: OwnerKind,
+    pub namespace: String,
+    pub name: String,
+    /// `metadata.generation` of the owner when it contributed this resource.
+    #[serde(default)]
+    pub generation: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum OwnerKind {
+    EdgeManifest,
+    Pod,
+    /// An owner kind from a newer control plane.
+    #[serde(other)]
+    Other,
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:?} {}/{} (generation {})",
+            self.kind, self.namespace, self.name, self.generation
+        )
+    }
+}
+
+/// What a resource is. On the wire and in YAML a resource carries exactly one kind key:
+///
+/// ```yaml
+/// - id: motd
+///   file: { path: /etc/motd, content: { text: "hello" } }
+/// ```
+///
+/// A kind this version does not know (from a newer control plane) is kept as
+/// [`ResourceSpec::Unsupported`] so the rest of the manifest still applies.
+#[derive(Debug, Clone, PartialEq, JsonSchema)]
+#[schemars(rename_all = "camelCase")]
+pub enum ResourceSpec {
+    Container(ContainerSpec),
+    SystemdUnit(SystemdUnitSpec),
+    File(FileSpec),
+    /// Parsed but not applied by agents of this version.
+    NetworkConfig(NetworkConfigSpec),
+    /// An audited escape hatch: runs only where the device owner enables it.
+    ShellJob(ShellJobSpec),
+    /// A kind this version does not know, kept verbatim.
+    #[schemars(skip)]
+    Unsupported(UnsupportedSpec),
+}
+
+/// A resource kind unknown to this version, kept as sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnsupportedSpec {
+    pub kind: String,
+    pub spec: serde_json::Value,
+}
+
+/// The kinds of resource, for registries, metrics labels and messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum ResourceKind {
+    Container,
+    SystemdUnit,
+    File,
+    NetworkConfig,
+    ShellJob,
+    Unsupported,
+}
+
+impl ResourceKind {
+    /// The key that names this kind in a resource.
+    pub const fn key(self) -> &'static str {
+        match self {
+            Self::Container => "container",
+            Self::SystemdUnit => "systemdUnit",
+            Self::File => "file",
+            Self::NetworkConfig => "networkConfig",
+            Self::ShellJob => "shellJob",
+            Self::Unsupported => "unsupported",
+        }
+    }
+
+    pub const KNOWN: [ResourceKind; 5] = [
+        Self::Container,
+        Self::SystemdUnit,
+        Self::File,
+        Self::NetworkConfig,
+        Self::ShellJob,
+    ];
+}
+
+impl fmt::Display for ResourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.key())
+    }
+}
+
+impl ResourceSpec {
+    pub fn kind(&self) -> ResourceKind {
+        match self {
+            Self::Container(_) => ResourceKind::Container,
+            Self::SystemdUnit(_) => ResourceKind::SystemdUnit,
+            Self::File(_) => ResourceKind::File,
+            Self::NetworkConfig(_) => ResourceKind::NetworkConfig,
+            Self::ShellJob(_) => ResourceKind::ShellJob,
+            Self::Unsupported(_) => ResourceKind::Unsupported,
+        }
+    }
+
+    /// The kind key as written on the wire (the unknown key itself for unsupported kinds).
+    pub fn kind_key(&self) -> &str {
+        match self {
+            Self::Unsupported(u) => &u.kind,
+            other => other.kind().key(),
+        }
+    }
+
+    /// Checks what can be checked without the device: well-formed paths, names, ports.
+    /// Device policy (allowed roots, enabled kinds) is the agent's to check.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        match self {
+            Self::Container(c) => c.validate(),
+            Self::SystemdUnit(u) => u.validate(),
+            Self::File(f) => f.validate(),
+            Self::NetworkConfig(_) | Self::ShellJob(_) | Self::Unsupported(_) => Ok(()),
+        }
+    }
+}
+
+impl Serialize for ResourceSpec {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(1))?;
+        match self {
+            Self::Container(s) => map.serialize_entry("container", s)?,
+            Self::SystemdUnit(s) => map.serialize_entry("systemdUnit", s)?,
+            Self::File(s) => map.serialize_entry("file", s)?,
+            Self::NetworkConfig(s) => map.serialize_entry("networkConfig", s)?,
+            Self::ShellJob(s) => map.serialize_entry("shellJob", s)?,
+            Self::Unsupported(u) => map.serialize_entry(&u.kind, &u.spec)?,
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for ResourceSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SpecVisitor;
+
+        impl<'de> Visitor<'de> for SpecVisitor {
+            type Value = ResourceSpec;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a resource with exactly one kind key (container, systemdUnit, file, networkConfig, shellJob)")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ResourceSpec, A::Error> {
+                let Some(kind) = map.next_key::<String>()? else {
+                    return Err(de::Error::custom(
+                        "resource has no kind: expected one of container, systemdUnit, file, networkConfig, shellJob",
+                    ));
+                };
+                let spec = match kind.as_str() {
+                    "container" => ResourceSpec::Container(map.next_value()?),
+                    "systemdUnit" => ResourceSpec::SystemdUnit(map.next_value()?),
+                    "file" => ResourceSpec::File(map.next_value()?),
+                    "networkConfig" => ResourceSpec::NetworkConfig(map.next_value()?),
+                    "shellJob" => ResourceSpec::ShellJob(map.next_value()?),
+                    _ => ResourceSpec::Unsupported(UnsupportedSpec {
+                        spec: map.next_value()?,
+                        kind,
+                    }),
+                };
+                if let Some(second) = map.next_key::<String>()? {
+                    return Err(de::Error::custom(format_args!(
+                        "resource has two kinds, {:?} and {second:?}: exactly one is allowed",
+                        spec.kind_key()
+                    )));
+                }
+                Ok(spec)
+            }
+        }
+
+        deserializer.deserialize_map(SpecVisitor)
+    }
+}
+
+/// Why a resource spec is not well-formed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// An absolute path with no `.`/`..` components or NUL bytes.
+fn check_absolute_path(field: &str, path: &str) -> Result<(), SpecError> {
+    if path.contains('\0') {
+        return Err(invalid(field, "path contains a NUL byte"));
+    }
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return Err(invalid(field, format!("{path:?} is not an absolute path")));
+    }
+    if p.components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+        || path.split('/').any(|s| s == "." || s == "..")
+    {
+        return Err(invalid(
+            field,
+            format!("{path:?} contains '.' or '..' components"),
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- Container
+
+/// A container run through podman.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerSpec {
+    /// Image reference, e.g. `registry.local:5000/app:1.2`.
+    pub image: String,
+    #[serde(default)]
+    pub image_pull_policy: PullPolicy,
+    /// Replaces the image's entrypoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Replaces the image's default arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortMapping>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<HostPathMount>,
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ContainerLimits>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<Probe>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PullPolicy {
+    #[default]
+    IfNotPresent,
+    Always,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RestartPolicy {
+    #[default]
+    Always,
+    OnFailure,
+    Never,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct EnvVar {
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortMapping {
+    /// Port inside the container.
+    #[schemars(range(min = 1, max = 65535))]
+    pub container_port: u16,
+    /// Port on the device; defaults to `containerPort`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub host_port: Option<u16>,
+    #[serde(default)]
+    pub protocol: PortProtocol,
+    /// Device address to bind; all addresses when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[allow(clippy::upper_case_acronyms)]
+pub enum PortProtocol {
+    #[default]
+    TCP,
+    UDP,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HostPathMount {
+    pub host_path: String,
+    pub container_path: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerLimits {
+    /// Memory limit in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// CPU limit in thousandths of a core (500 = half a core).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u32>,
+}
+
+/// A readiness check run on the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Probe {
+    pub action: ProbeAction,
+    /// Seconds between checks.
+    #[serde(default = "default_probe_period")]
+    pub period_seconds: u32,
+    /// Consecutive failures before the container is reported not ready.
+    #[serde(default = "default_probe_failures")]
+    pub failure_threshold: u32,
+}
+
+fn default_probe_period() -> u32 {
+    10
+}
+fn default_probe_failures() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ProbeAction {
+    /// Run a command in the container; exit status 0 means ready.
+    Exec { command: Vec<String> },
+    /// HTTP GET on the device's published port; 2xx/3xx means ready.
+    Http { port: u16, path: String },
+    /// A TCP connect to the device's published port.
+    Tcp { port: u16 },
+}
+
+impl ContainerSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.image.trim().is_empty() || self.image.chars().any(char::is_whitespace) {
+            return Err(invalid(
+                "container.image",
+                format!("{:?} is not an image reference", self.image),
+            ));
+        }
+        for (i, e) in self.env.iter().enumerate() {
+            if e.name.is_empty() || e.name.contains('=') || e.name.contains('\0') {
+                return Err(invalid(
+                    format!("container.env[{i}].name"),
+                    format!("{:?} is not a valid variable name", e.name),
+                ));
+            }
+        }
+        let mut host_ports = BTreeSet::new();
+        for (i, p) in self.ports.iter().enumerate() {
+            if p.container_port == 0 || p.host_port == Some(0) {
+                return Err(invalid(
+                    format!("container.ports[{i}]"),
+                    "ports must be between 1 and 65535",
+                ));
+            }
+            let host = p.host_port.unwrap_or(p.container_port);
+            if !host_ports.insert((host, p.protocol as u8)) {
+                return Err(invalid(
+                    format!("container.ports[{i}].hostPort"),
+                    format!("host port {host} is published twice"),
+                ));
+            }
+        }
+        for (i, m) in self.mounts.iter().enumerate() {
+            check_absolute_path(&format!("container.mounts[{i}].hostPath"), &m.host_path)?;
+            check_absolute_path(
+                &format!("container.mounts[{i}].containerPath"),
+                &m.container_path,
+            )?;
+        }
+        if let Some(probe) = &self.probe {
+            match &probe.action {
+                ProbeAction::Exec { command } if command.is_empty() => {
+                    return Err(invalid("container.probe.exec.command", "must not be empty"));
+                }
+                ProbeAction::Http { port, .. } | ProbeAction::Tcp { port } if *port == 0 => {
+                    return Err(invalid("container.probe", "port must be between 1 and 65535"));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- SystemdUnit
+
+/// A systemd unit, managed over D-Bus.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SystemdUnitSpec {
+    /// Unit name with its type suffix, e.g. `hello.service`.
+    pub name: String,
+    /// Unit file contents; when unset the unit must already exist on the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contents: Option<String>,
+    /// Enable the unit so it starts at boot.
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub state: UnitState,
+}
+
+/// The active state a unit should be kept in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum UnitState {
+    #[default]
+    Started,
+    Stopped,
+}
+
+/// Unit types fleetlet manages.
+pub const UNIT_SUFFIXES: [&str; 6] = [".service", ".socket", ".timer", ".path", ".mount", ".target"];
+
+impl SystemdUnitSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let n = &self.name;
+        let ok_chars = n
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c));
+        let stem = UNIT_SUFFIXES
+            .iter()
+            .find_map(|s| n.strip_suffix(s))
+            .unwrap_or("");
+        if n.len() > 255 || !ok_chars || stem.is_empty() || stem.starts_with('.') {
+            return Err(invalid(
+                "systemdUnit.name",
+                format!(
+                    "{n:?} is not a unit name: letters, digits and ':-_.\\@' followed by one of {}",
+                    UNIT_SUFFIXES.join(" ")
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- File
+
+/// A regular file with exact contents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FileSpec {
+    /// Absolute path; must lie under one of the device's allowed roots.
+    pub path: String,
+    pub content: FileContent,
+    /// Permission bits, e.g. 420 (0644). Defaults to 0644.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 4095))]
+    pub mode: Option<u32>,
+    /// Owner user name or numeric uid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Owner group name or numeric gid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+/// File contents, inline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum FileContent {
+    /// UTF-8 text, written as is.
+    Text(String),
+    /// Arbitrary bytes, base64-encoded (standard alphabet, padded).
+    Base64(String),
+}
+
+impl FileSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        check_absolute_path("file.path", &self.path)?;
+        if self.path.ends_with('/') {
+            return Err(invalid("file.path", "names a directory, not a file"));
+        }
+        if let Some(mode) = self.mode
+            && mode > 0o7777
+        {
+            return Err(invalid("file.mode", format!("{mode:#o} is above 0o7777")));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- placeholders
+
+/// Network settings for one interface. Parsed and reported as not supported yet.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkConfigSpec {
+    pub interface: String,
+    #[serde(default)]
+    pub dhcp: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
+}
+
+/// A command run once per spec change, only where the device owner enabled ShellJobs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShellJobSpec {
+    /// argv; no shell is involved unless argv[0] is one.
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u32>,
+}
+
+// ---------------------------------------------------------------- manifest checks
+
+/// Why a manifest as a whole is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("resource id {0:?} appears more than once")]
+    DuplicateResourceId(String),
+    #[error("{count} resources; the limit is {MAX_RESOURCES}")]
+    TooManyResources { count: usize },
+}
+
+impl AgentManifest {
+    /// An empty manifest for `device` at `generation`.
+    pub fn new(device: DeviceId, generation: u64) -> Self {
+        Self {
+            api_version: crate::API_VERSION.to_owned(),
+            device,
+            generation,
+            resources: Vec::new(),
+        }
+    }
+
+    /// Manifest-wide checks; per-resource checks are [`ResourceSpec::validate`], so one bad
+    /// resource fails alone.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        if self.resources.len() > MAX_RESOURCES {
+            return Err(ManifestError::TooManyResources {
+                count: self.resources.len(),
+            });
+        }
+        let mut seen = BTreeSet::new();
+        for r in &self.resources {
+            if !seen.insert(r.id.as_str()) {
+                return Err(ManifestError::DuplicateResourceId(r.id.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn resource(&self, id: &str) -> Option<&ManagedResource> {
+        self.resources.iter().find(|r| r.id.as_str() == id)
+    }
+}

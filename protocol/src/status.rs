@@ -1,0 +1,204 @@
+//! Actual state: what a device reports about the manifest it runs.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{names::DeviceId, names::ResourceId, time::Timestamp};
+
+/// A device's report on its manifest, written with compare-and-set to `actual-state`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    pub api_version: String,
+    pub device: DeviceId,
+    /// Newest manifest generation the agent has accepted.
+    pub manifest_generation: u64,
+    /// Generation whose every resource has been reconciled at least once (Ready, Failed or
+    /// Unsupported). Equal to `manifestGeneration` once the agent has caught up.
+    pub observed_generation: u64,
+    #[serde(default)]
+    pub resources: BTreeMap<ResourceId, ResourceStatus>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// How many times drift (a change made outside fleetlet) was found and repaired.
+    #[serde(default)]
+    pub drift_repairs: u64,
+    /// The last manifest the agent refused, and why; the previous one stays in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rejection: Option<Rejection>,
+}
+
+/// A manifest the agent would not apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Rejection {
+    /// Generation of the refused manifest, when it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// KV revision of the refused value.
+    pub revision: u64,
+    /// A machine-readable reason, e.g. `Malformed`, `WrongDevice`, `StaleGeneration`.
+    pub reason: String,
+    pub message: String,
+    pub at: Timestamp,
+}
+
+/// Where one resource stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "state", rename_all = "camelCase")]
+pub enum ResourceStatus {
+    /// Accepted, not yet worked on.
+    Pending,
+    /// Being brought to its desired state.
+    Reconciling { since: Timestamp },
+    /// In its desired state.
+    Ready {
+        since: Timestamp,
+        details: ResourceDetails,
+    },
+    /// Could not be brought to its desired state; retried after `retryAfter`.
+    #[serde(rename_all = "camelCase")]
+    Failed {
+        since: Timestamp,
+        error: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after: Option<Timestamp>,
+    },
+    /// A kind this agent does not run (unknown, a placeholder, or disabled by the owner).
+    Unsupported { kind: String, message: String },
+}
+
+impl ResourceStatus {
+    pub fn is_ready(&self) -> bool {
+        matches!(self, Self::Ready { .. })
+    }
+
+    /// True once the resource has been worked on, whatever the outcome.
+    pub fn is_settled(&self) -> bool {
+        matches!(
+            self,
+            Self::Ready { .. } | Self::Failed { .. } | Self::Unsupported { .. }
+        )
+    }
+
+    /// A short name of the state, for summaries and metrics labels.
+    pub fn state_name(&self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Reconciling { .. } => "Reconciling",
+            Self::Ready { .. } => "Ready",
+            Self::Failed { .. } => "Failed",
+            Self::Unsupported { .. } => "Unsupported",
+        }
+    }
+}
+
+/// What a Ready resource looks like on the device, per kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum ResourceDetails {
+    #[serde(rename_all = "camelCase")]
+    Container {
+        container_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        image_digest: Option<String>,
+        /// podman's state, e.g. `running`, `exited`.
+        state: String,
+        #[serde(default)]
+        restart_count: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        started_at: Option<Timestamp>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i32>,
+        /// Probe result; absent when the container has no probe.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        probe_ready: Option<bool>,
+    },
+    #[serde(rename_all = "camelCase")]
+    SystemdUnit {
+        active_state: String,
+        sub_state: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unit_file_state: Option<String>,
+    },
+    File {
+        sha256: String,
+        size: u64,
+    },
+}
+
+/// A Kubernetes-style condition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: ConditionStatus,
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    pub last_transition_time: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ConditionStatus {
+    True,
+    False,
+    Unknown,
+}
+
+impl AgentStatus {
+    /// A fresh status for `device` with nothing observed yet.
+    pub fn new(device: DeviceId) -> Self {
+        Self {
+            api_version: crate::API_VERSION.to_owned(),
+            device,
+            manifest_generation: 0,
+            observed_generation: 0,
+            resources: BTreeMap::new(),
+            conditions: Vec::new(),
+            drift_repairs: 0,
+            last_rejection: None,
+        }
+    }
+
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+
+    /// Sets a condition, keeping `lastTransitionTime` unless the status flips, so an
+    /// unchanged condition serializes identically and causes no write downstream.
+    pub fn set_condition(
+        &mut self,
+        type_: &str,
+        status: ConditionStatus,
+        reason: &str,
+        message: &str,
+        now: Timestamp,
+    ) {
+        let observed_generation = Some(self.manifest_generation);
+        match self.conditions.iter_mut().find(|c| c.type_ == type_) {
+            Some(c) => {
+                if c.status != status {
+                    c.last_transition_time = now;
+                }
+                c.status = status;
+                reason.clone_into(&mut c.reason);
+                message.clone_into(&mut c.message);
+                c.observed_generation = observed_generation;
+            }
+            None => self.conditions.push(Condition {
+                type_: type_.to_owned(),
+                status,
+                reason: reason.to_owned(),
+                message: message.to_owned(),
+                last_transition_time: now,
+                observed_generation,
+            }),
+        }
+    }
+}

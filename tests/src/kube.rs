@@ -1,0 +1,180 @@
+//! etcd plus a real kube-apiserver, with client-certificate admin access and RBAC on.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
+use fleetlet_crds::k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{
+    Api, Client, Config, ResourceExt,
+    api::{Patch, PatchParams},
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::wait::{await_condition, conditions},
+};
+
+use crate::{
+    Binaries, Error,
+    pki::Pki,
+    process::{Service, free_port, wait_until},
+};
+
+/// A running etcd + kube-apiserver pair.
+pub struct KubeControlPlane {
+    /// `https://127.0.0.1:<port>`
+    pub url: String,
+    /// An admin kubeconfig (client certificate in `system:masters`).
+    pub kubeconfig: PathBuf,
+    /// The CA that signed every certificate, for components that need it.
+    pub pki_dir: PathBuf,
+    // Dropped in field order: the apiserver before its etcd.
+    pub(crate) apiserver: Service,
+    pub(crate) etcd: Service,
+}
+
+impl KubeControlPlane {
+    pub async fn start(bins: &Binaries, dir: &Path) -> Result<Self, Error> {
+        let pki_dir = dir.join("pki");
+        let pki = Pki::generate()?;
+        pki.write(&pki_dir)?;
+
+        let (client_port, peer_port) = (free_port()?, free_port()?);
+        let client_url = format!("http://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let etcd_args = vec![
+            "--name=fleetlet-testenv".to_string(),
+            format!("--data-dir={}", dir.join("etcd").display()),
+            format!("--listen-client-urls={client_url}"),
+            format!("--advertise-client-urls={client_url}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster=fleetlet-testenv={peer_url}"),
+            // Test data is thrown away; fsync only slows the suite down.
+            "--unsafe-no-fsync".into(),
+            "--log-level=warn".into(),
+        ];
+        let etcd = Service::spawn("etcd", &bins.etcd, &etcd_args, dir.join("etcd.log"))?;
+
+        let port = free_port()?;
+        let p = |f: &str| pki_dir.join(f).display().to_string();
+        let args = vec![
+            format!("--etcd-servers={client_url}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={port}"),
+            format!("--cert-dir={}", dir.join("apiserver-certs").display()),
+            format!("--tls-cert-file={}", p("apiserver.crt")),
+            format!("--tls-private-key-file={}", p("apiserver.key")),
+            format!("--client-ca-file={}", p("ca.crt")),
+            "--authorization-mode=RBAC".into(),
+            // Allocation only: nothing is ever sent to these addresses.
+            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--service-account-issuer=https://fleetlet-testenv.invalid".into(),
+            format!("--service-account-key-file={}", p("sa.pub")),
+            format!("--service-account-signing-key-file={}", p("sa.key")),
+            "--disable-admission-plugins=ServiceAccount".into(),
+            "--endpoint-reconciler-type=none".into(),
+            "--allow-privileged=true".into(),
+            "--v=1".into(),
+        ];
+        let mut apiserver = Service::spawn(
+            "kube-apiserver",
+            &bins.kube_apiserver,
+            &args,
+            dir.join("kube-apiserver.log"),
+        )?;
+
+        let url = format!("https://127.0.0.1:{port}");
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_yaml(&url, &pki))?;
+
+        let client = client_for(&kubeconfig).await?;
+        wait_until("kube-apiserver /readyz", &mut apiserver, Duration::from_secs(90), || {
+            let client = client.clone();
+            async move {
+                let req = http::Request::get("/readyz")
+                    .body(Vec::new())
+                    .map_err(|e| e.to_string())?;
+                client.request_text(req).await.map(|_| ()).map_err(|e| e.to_string())
+            }
+        })
+        .await?;
+        Ok(Self {
+            url,
+            kubeconfig,
+            pki_dir,
+            apiserver,
+            etcd,
+        })
+    }
+
+    pub async fn client(&self) -> Result<Client, Error> {
+        client_for(&self.kubeconfig).await
+    }
+
+    /// Applies fleetlet's CRDs and waits until the apiserver serves them.
+    pub async fn install_crds(&self) -> Result<(), Error> {
+        let client = self.client().await?;
+        let api: Api<CustomResourceDefinition> = Api::all(client);
+        let pp = PatchParams::apply("fleetlet-testenv").force();
+        for crd in fleetlet_crds::crds()? {
+            let name = crd.name_any();
+            api.patch(&name, &pp, &Patch::Apply(&crd)).await?;
+            let established = await_condition(api.clone(), &name, conditions::is_crd_established());
+            tokio::time::timeout(Duration::from_secs(30), established)
+                .await
+                .map_err(|_| Error::Setup(format!("CRD {name} not established within 30s")))?
+                .map_err(|e| Error::Setup(format!("waiting for CRD {name}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The end of the apiserver's log, for failure messages.
+    pub fn apiserver_log_tail(&self, lines: usize) -> String {
+        self.apiserver.log_tail(lines)
+    }
+
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        vec![self.apiserver.pid(), self.etcd.pid()]
+    }
+}
+
+/// A kube client from a kubeconfig file.
+pub async fn client_for(kubeconfig: &Path) -> Result<Client, Error> {
+    let kc = Kubeconfig::read_from(kubeconfig)
+        .map_err(|e| Error::Setup(format!("reading {}: {e}", kubeconfig.display())))?;
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| Error::Setup(format!("kubeconfig {}: {e}", kubeconfig.display())))?;
+    Ok(Client::try_from(config)?)
+}
+
+fn kubeconfig_yaml(url: &str, pki: &Pki) -> String {
+    let b = |s: &str| B64.encode(s.as_bytes());
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: fleetlet-testenv
+  cluster:
+    server: {url}
+    certificate-authority-data: {ca}
+users:
+- name: fleetlet-admin
+  user:
+    client-certificate-data: {cert}
+    client-key-data: {key}
+contexts:
+- name: fleetlet-testenv
+  context:
+    cluster: fleetlet-testenv
+    user: fleetlet-admin
+    namespace: default
+current-context: fleetlet-testenv
+",
+        ca = b(&pki.ca.cert_pem),
+        cert = b(&pki.admin.cert_pem),
+        key = b(&pki.admin.key_pem),
+    )
+}

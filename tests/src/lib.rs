@@ -1,0 +1,234 @@
+//! A real local control plane for fleetlet's tests and demo: etcd + kube-apiserver (with
+//! fleetlet's CRDs) and nats-server with JetStream, on free loopback ports in a temp dir.
+//!
+//! ```no_run
+//! # async fn t() -> Result<(), fleetlet_testenv::Error> {
+//! // One environment per test binary, shared by its tests:
+//! let env = fleetlet_testenv::TestEnv::shared();
+//! let kube = env.kube_client().await?;
+//! let nats = env.nats_client().await?;
+//! // Or a private one, torn down when dropped:
+//! let own = fleetlet_testenv::TestEnv::builder().nats().start().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Servers die with the test process however it ends (see [`process`]); temp dirs are
+//! removed after them unless `FLEETLET_TESTENV_KEEP=1` is set.
+
+pub mod bins;
+pub mod kube;
+pub mod nats;
+pub mod pki;
+pub mod process;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+    time::Duration,
+};
+
+pub use bins::{Binaries, repo_root};
+pub use kube::KubeControlPlane;
+pub use nats::{NatsServer, ensure_buckets};
+use process::DirReaper;
+
+/// Why the environment could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("test environment setup: {0}")]
+    Setup(String),
+    #[error("cannot start {name}: {source}")]
+    Spawn {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{name} exited ({status}); last log lines:\n{log_tail}")]
+    Exited {
+        name: String,
+        status: String,
+        log_tail: String,
+    },
+    #[error("{what} not ready after {waited:?}: {last_error}; last log lines:\n{log_tail}")]
+    NotReady {
+        what: String,
+        waited: Duration,
+        last_error: String,
+        log_tail: String,
+    },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Cert(#[from] rcgen::Error),
+    #[error(transparent)]
+    Kube(#[from] ::kube::Error),
+    #[error(transparent)]
+    Crd(#[from] fleetlet_crds::CrdError),
+    #[error("connecting to NATS: {0}")]
+    Nats(#[from] async_nats::ConnectError),
+}
+
+/// Which servers to start.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Builder {
+    kube: bool,
+    nats: bool,
+}
+
+impl Builder {
+    /// etcd + kube-apiserver, with fleetlet's CRDs installed.
+    pub fn kube(mut self) -> Self {
+        self.kube = true;
+        self
+    }
+
+    /// nats-server with JetStream and fleetlet's buckets.
+    pub fn nats(mut self) -> Self {
+        self.nats = true;
+        self
+    }
+
+    pub async fn start(self) -> Result<TestEnv, Error> {
+        TestEnv::start_with(self).await
+    }
+}
+
+/// Running servers; stopped (and their directory removed) when dropped.
+pub struct TestEnv {
+    pub dir: PathBuf,
+    // Field order is drop order: servers first, then the directory.
+    pub kube: Option<KubeControlPlane>,
+    pub nats: Option<NatsServer>,
+    reaper: Option<DirReaper>,
+}
+
+impl TestEnv {
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// A kube + NATS environment shared by every test in this test binary. Started on first
+    /// use; stopped when the test process exits. Use a fresh namespace per test
+    /// ([`TestEnv::namespace`]) and fresh clients per test (each test has its own runtime).
+    pub fn shared() -> &'static TestEnv {
+        static SHARED: OnceLock<Result<TestEnv, String>> = OnceLock::new();
+        let env = SHARED.get_or_init(|| {
+            // Start on a thread with its own runtime: callers are inside a test's runtime,
+            // which cannot block on another future, and which dies with the test.
+            std::thread::spawn(|| {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                rt.block_on(TestEnv::builder().kube().nats().start())
+                    .map_err(|e| e.to_string())
+            })
+            .join()
+            .unwrap_or_else(|_| Err("test environment startup panicked".into()))
+        });
+        match env {
+            Ok(env) => env,
+            Err(e) => panic!("shared test environment failed to start: {e}"),
+        }
+    }
+
+    async fn start_with(opts: Builder) -> Result<Self, Error> {
+        let bins = Binaries::locate()?;
+        let dir = tempfile::Builder::new()
+            .prefix("fleetlet-testenv-")
+            .tempdir()?
+            .keep();
+        let mut env = TestEnv {
+            dir: dir.clone(),
+            kube: None,
+            nats: None,
+            reaper: None,
+        };
+        if opts.kube {
+            let kube = KubeControlPlane::start(bins, &dir).await?;
+            kube.install_crds().await?;
+            env.kube = Some(kube);
+        }
+        if opts.nats {
+            let nats = NatsServer::start(&bins.nats_server, &dir).await?;
+            ensure_buckets(nats.client().await?).await?;
+            env.nats = Some(nats);
+        }
+        if std::env::var_os("FLEETLET_TESTENV_KEEP").is_none() {
+            let mut pids = env.kube.as_ref().map(KubeControlPlane::pids).unwrap_or_default();
+            pids.extend(env.nats.as_ref().and_then(NatsServer::pid));
+            env.reaper = Some(DirReaper::spawn(&dir, &pids)?);
+        } else {
+            eprintln!("fleetlet-testenv: keeping {}", dir.display());
+        }
+        Ok(env)
+    }
+
+    fn kube_plane(&self) -> Result<&KubeControlPlane, Error> {
+        self.kube
+            .as_ref()
+            .ok_or_else(|| Error::Setup("this environment was started without kube".into()))
+    }
+
+    fn nats_server(&self) -> Result<&NatsServer, Error> {
+        self.nats
+            .as_ref()
+            .ok_or_else(|| Error::Setup("this environment was started without NATS".into()))
+    }
+
+    /// A new admin client (build one per test: clients belong to the runtime they ran in).
+    pub async fn kube_client(&self) -> Result<::kube::Client, Error> {
+        self.kube_plane()?.client().await
+    }
+
+    pub fn kubeconfig(&self) -> Result<&Path, Error> {
+        Ok(&self.kube_plane()?.kubeconfig)
+    }
+
+    pub fn nats_url(&self) -> Result<&str, Error> {
+        Ok(&self.nats_server()?.url)
+    }
+
+    pub async fn nats_client(&self) -> Result<async_nats::Client, Error> {
+        self.nats_server()?.client().await
+    }
+
+    /// A JetStream context on a new connection.
+    pub async fn jetstream(&self) -> Result<async_nats::jetstream::Context, Error> {
+        Ok(async_nats::jetstream::new(self.nats_client().await?))
+    }
+
+    /// `kubectl` pointed at this environment (it must be on PATH).
+    pub fn kubectl(&self) -> Result<Command, Error> {
+        let mut cmd = Command::new(std::env::var_os("KUBECTL").unwrap_or_else(|| "kubectl".into()));
+        cmd.env("KUBECONFIG", self.kubeconfig()?);
+        Ok(cmd)
+    }
+
+    /// Creates a namespace with a unique name starting with `prefix`.
+    pub async fn namespace(&self, prefix: &str) -> Result<String, Error> {
+        use k8s_openapi::api::core::v1::Namespace;
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{prefix}-{}-{n}", std::process::id());
+        let api: ::kube::Api<Namespace> = ::kube::Api::all(self.kube_client().await?);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name }
+        }))
+        .map_err(|e| Error::Setup(e.to_string()))?;
+        api.create(&Default::default(), &ns).await?;
+        Ok(name)
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        self.kube.take();
+        self.nats.take();
+        if let Some(mut r) = self.reaper.take() {
+            r.reap();
+        }
+    }
+}

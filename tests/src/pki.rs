@@ -1,0 +1,130 @@
+//! A throwaway certificate authority for the test control plane: the apiserver's serving
+//! certificate, an admin client certificate, and the service-account signing key.
+
+use std::{fs, net::IpAddr, path::Path};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+
+use crate::Error;
+
+/// PEM-encoded certificate and key.
+#[derive(Clone)]
+pub struct CertPair {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// The files the control plane is started with.
+pub struct Pki {
+    pub ca: CertPair,
+    pub serving: CertPair,
+    pub admin: CertPair,
+    pub service_account_key_pem: String,
+    pub service_account_pub_pem: String,
+}
+
+fn dn(common_name: &str, organization: Option<&str>) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    if let Some(o) = organization {
+        dn.push(DnType::OrganizationName, o);
+    }
+    dn
+}
+
+impl Pki {
+    pub fn generate() -> Result<Self, Error> {
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name = dn("fleetlet-testenv-ca", None);
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_key_pem = ca_key.serialize_pem();
+        let ca = CertifiedIssuer::self_signed(ca_params, ca_key)?;
+        let ca_pair = CertPair {
+            cert_pem: ca.pem(),
+            key_pem: ca_key_pem,
+        };
+
+        let serving = Self::leaf(
+            &ca,
+            "kube-apiserver",
+            None,
+            &["localhost", "kubernetes", "kubernetes.default"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )?;
+        let admin = Self::leaf(
+            &ca,
+            "fleetlet-admin",
+            Some("system:masters"),
+            &[],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
+        let sa = KeyPair::generate()?;
+        Ok(Self {
+            ca: ca_pair,
+            serving,
+            admin,
+            service_account_key_pem: sa.serialize_pem(),
+            service_account_pub_pem: sa.public_key_pem(),
+        })
+    }
+
+    /// A certificate signed by `ca`; server certificates also name 127.0.0.1 and ::1.
+    pub fn leaf(
+        ca: &CertifiedIssuer<'_, KeyPair>,
+        common_name: &str,
+        organization: Option<&str>,
+        dns_names: &[&str],
+        usage: ExtendedKeyUsagePurpose,
+    ) -> Result<CertPair, Error> {
+        let key = KeyPair::generate()?;
+        let mut params =
+            CertificateParams::new(dns_names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+        params.distinguished_name = dn(common_name, organization);
+        if usage == ExtendedKeyUsagePurpose::ServerAuth {
+            for ip in ["127.0.0.1", "::1"] {
+                let ip: IpAddr = ip
+                    .parse()
+                    .map_err(|_| Error::Setup(format!("bad IP literal {ip}")))?;
+                params.subject_alt_names.push(SanType::IpAddress(ip));
+            }
+        }
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, ca)?;
+        Ok(CertPair {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Writes every file under `dir` with the names the apiserver flags use.
+    pub fn write(&self, dir: &Path) -> Result<(), Error> {
+        fs::create_dir_all(dir)?;
+        let files = [
+            ("ca.crt", &self.ca.cert_pem),
+            ("ca.key", &self.ca.key_pem),
+            ("apiserver.crt", &self.serving.cert_pem),
+            ("apiserver.key", &self.serving.key_pem),
+            ("admin.crt", &self.admin.cert_pem),
+            ("admin.key", &self.admin.key_pem),
+            ("sa.key", &self.service_account_key_pem),
+            ("sa.pub", &self.service_account_pub_pem),
+        ];
+        for (name, pem) in files {
+            fs::write(dir.join(name), pem)?;
+        }
+        Ok(())
+    }
+}

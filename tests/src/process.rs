@@ -1,0 +1,198 @@
+//! Child processes that cannot outlive the test process.
+//!
+//! Each server runs under a tiny `sh` watchdog that holds the read end of a pipe from us.
+//! When we drop the pipe, or the test process dies in any way (panic, abort, SIGKILL), the
+//! pipe closes and the watchdog stops the server: SIGTERM, then SIGKILL after a grace period.
+//! This needs no unsafe code and no cooperation from the test harness, which never drops
+//! statics (shared environments are statics).
+
+use std::{
+    fs::File,
+    io::{Read, Seek, SeekFrom},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    time::Duration,
+};
+
+use crate::Error;
+
+/// Watchdog: fd 3 is our pipe; the server's exit status becomes the watchdog's.
+const WATCHDOG: &str = r#"exec 3<&0
+"$@" </dev/null 3<&- &
+child=$!
+{ read -r _ <&3; kill -TERM "$child" 2>/dev/null; i=0
+  while kill -0 "$child" 2>/dev/null && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+  kill -KILL "$child" 2>/dev/null; } &
+reader=$!
+exec 3<&-
+wait "$child"; rc=$?
+kill "$reader" 2>/dev/null
+exit "$rc"
+"#;
+
+/// Removes a directory once our pipe closes and the given processes have exited.
+const DIR_REAPER: &str = r#"read -r _ || true
+shift
+for p in "$@"; do while kill -0 "$p" 2>/dev/null; do sleep 0.1; done; done
+rm -rf "$0"
+"#;
+
+/// A server process under a watchdog, with its output in a log file.
+pub struct Service {
+    pub name: String,
+    pub log: PathBuf,
+    child: Child,
+    pipe: Option<ChildStdin>,
+}
+
+impl Service {
+    /// Starts `program args...` with stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, program: &Path, args: &[String], log: PathBuf) -> Result<Self, Error> {
+        let out = File::create(&log)?;
+        let err = out.try_clone()?;
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(WATCHDOG)
+            .arg(format!("fleetlet-watchdog-{name}"))
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| Error::Spawn {
+                name: name.to_owned(),
+                source: e,
+            })?;
+        let pipe = child.stdin.take();
+        tracing::debug!(name, pid = child.id(), "started");
+        Ok(Self {
+            name: name.to_owned(),
+            log,
+            child,
+            pipe,
+        })
+    }
+
+    /// The watchdog's pid (the server is its child).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Err if the server has already exited, with the end of its log.
+    pub fn check_running(&mut self) -> Result<(), Error> {
+        match self.child.try_wait()? {
+            None => Ok(()),
+            Some(status) => Err(Error::Exited {
+                name: self.name.clone(),
+                status: status.to_string(),
+                log_tail: self.log_tail(40),
+            }),
+        }
+    }
+
+    /// The last `lines` lines of the server's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        log_tail(&self.log, lines)
+    }
+
+    /// Stops the server and waits for it.
+    pub fn stop(&mut self) {
+        self.pipe.take();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Watches a directory and removes it once the test process is gone or [`DirReaper::reap`]
+/// is called, after the listed processes have exited.
+pub struct DirReaper {
+    child: Child,
+    pipe: Option<ChildStdin>,
+}
+
+impl DirReaper {
+    pub fn spawn(dir: &Path, after: &[u32]) -> Result<Self, Error> {
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(DIR_REAPER)
+            .arg(dir)
+            .arg("--")
+            .args(after.iter().map(u32::to_string))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| Error::Spawn {
+                name: "dir-reaper".into(),
+                source: e,
+            })?;
+        let pipe = child.stdin.take();
+        Ok(Self { child, pipe })
+    }
+
+    /// Removes the directory now (once the processes have exited) and waits for that.
+    pub fn reap(&mut self) {
+        self.pipe.take();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for DirReaper {
+    fn drop(&mut self) {
+        self.reap();
+    }
+}
+
+pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+    let mut s = String::new();
+    let _ = f.read_to_string(&mut s);
+    let all: Vec<&str> = s.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> Result<u16, Error> {
+    let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Waits until `check` succeeds, the service dies, or `timeout` passes.
+pub async fn wait_until<F, Fut>(
+    what: &str,
+    service: &mut Service,
+    timeout: Duration,
+    mut check: F,
+) -> Result<(), Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        service.check_running()?;
+        let last = match check().await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::NotReady {
+                what: what.to_owned(),
+                waited: timeout,
+                last_error: last,
+                log_tail: service.log_tail(40),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,292 @@
+//! fleetlet's CRDs in a real kube-apiserver: stored, listed, validated, status subresource.
+
+use fleetlet_crds::{EdgeDevice, EdgeDeviceSpec, EdgeDeviceStatus, EdgeManifest};
+use fleetlet_testenv::{TestEnv, repo_root};
+use kube::{
+    Api,
+    api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+
+fn device(name: &str, labels: serde_json::Value) -> EdgeDevice {
+    serde_json::from_value(json!({
+        "apiVersion": "fleetlet.dev/v1alpha1",
+        "kind": "EdgeDevice",
+        "metadata": { "name": name, "labels": labels },
+        "spec": { "displayName": format!("Device {name}") }
+    }))
+    .unwrap()
+}
+
+/// Sends raw JSON so that the apiserver, not our types, does the validating.
+async fn create_raw_manifest(
+    env: &TestEnv,
+    ns: &str,
+    body: serde_json::Value,
+) -> Result<EdgeManifest, kube::Error> {
+    let ar = ApiResource::erase::<EdgeManifest>(&());
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(env.kube_client().await.unwrap(), ns, &ar);
+    let obj: DynamicObject = serde_json::from_value(body).unwrap();
+    let created = api.create(&PostParams::default(), &obj).await?;
+    Ok(serde_json::from_value(serde_json::to_value(created).unwrap()).unwrap())
+}
+
+fn rejection_message(err: kube::Error) -> String {
+    match err {
+        kube::Error::Api(s) => {
+            assert_eq!(s.code, 422, "expected a validation failure, got {s:?}");
+            s.message
+        }
+        other => panic!("expected an API rejection, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn edge_device_round_trips_and_status_is_a_subresource() {
+    let env = TestEnv::shared();
+    let ns = env.namespace("crd-device").await.unwrap();
+    let api: Api<EdgeDevice> = Api::namespaced(env.kube_client().await.unwrap(), &ns);
+
+    let created = api
+        .create(&PostParams::default(), &device("pi-1", json!({"site": "home"})))
+        .await
+        .unwrap();
+    assert_eq!(created.spec.display_name.as_deref(), Some("Device pi-1"));
+    assert!(!created.spec.paused, "paused defaults to false");
+
+    // Status goes through /status and does not touch spec or bump generation.
+    let status = EdgeDeviceStatus {
+        applied_generation: Some(7),
+        desired_generation: Some(7),
+        ..Default::default()
+    };
+    let patched = api
+        .patch_status(
+            "pi-1",
+            &PatchParams::apply("fleetlet-test").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "fleetlet.dev/v1alpha1",
+                "kind": "EdgeDevice",
+                "status": status,
+            })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(patched.status.unwrap().applied_generation, Some(7));
+    assert_eq!(patched.metadata.generation, created.metadata.generation);
+
+    // A status field sent through the main resource is ignored.
+    let mut with_status = api.get("pi-1").await.unwrap();
+    with_status.spec = EdgeDeviceSpec {
+        paused: true,
+        ..with_status.spec
+    };
+    with_status.status = Some(EdgeDeviceStatus {
+        applied_generation: Some(99),
+        ..Default::default()
+    });
+    let replaced = api
+        .replace("pi-1", &PostParams::default(), &with_status)
+        .await
+        .unwrap();
+    assert!(replaced.spec.paused);
+    assert_eq!(replaced.status.unwrap().applied_generation, Some(7));
+}
+
+#[tokio::test]
+async fn device_name_that_is_not_a_dns_label_is_rejected_with_a_clear_message() {
+    let env = TestEnv::shared();
+    let ns = env.namespace("crd-devname").await.unwrap();
+    let api: Api<EdgeDevice> = Api::namespaced(env.kube_client().await.unwrap(), &ns);
+    // A valid Kubernetes object name, but dots would split the device's NATS subject.
+    let err = api
+        .create(&PostParams::default(), &device("kitchen.pi", json!({})))
+        .await
+        .unwrap_err();
+    let msg = rejection_message(err);
+    assert!(msg.contains("device id"), "{msg}");
+    assert!(msg.contains("DNS-1123 label"), "{msg}");
+}
+
+#[tokio::test]
+async fn edge_manifest_with_every_resource_kind_is_stored_as_typed() {
+    let env = TestEnv::shared();
+    let ns = env.namespace("crd-manifest").await.unwrap();
+    let created = create_raw_manifest(
+        env,
+        &ns,
+        json!({
+            "apiVersion": "fleetlet.dev/v1alpha1",
+            "kind": "EdgeManifest",
+            "metadata": { "name": "stack" },
+            "spec": {
+                "selector": { "matchLabels": { "role": "sensor" } },
+                "devices": ["pi-extra"],
+                "rollout": { "maxUnavailable": "25%" },
+                "resources": [
+                    { "id": "cfg", "file": { "path": "/etc/app.toml", "mode": 420, "content": { "text": "a = 1\n" } } },
+                    { "id": "bin", "file": { "path": "/opt/app/blob", "content": { "base64": "AAEC" } } },
+                    { "id": "svc", "systemdUnit": { "name": "app.service", "enabled": true, "state": "Started", "contents": "[Service]\nExecStart=/bin/true\n" } },
+                    { "id": "web", "container": {
+                        "image": "localhost/app:1",
+                        "ports": [{ "containerPort": 80, "hostPort": 8080 }],
+                        "limits": { "memoryBytes": 1048576 },
+                        "probe": { "action": { "http": { "port": 8080, "path": "/healthz" } } }
+                    } },
+                    { "id": "net", "networkConfig": { "interface": "eth0", "dhcp": true } },
+                    { "id": "job", "shellJob": { "command": ["/bin/true"] } }
+                ]
+            }
+        }),
+    )
+    .await
+    .unwrap();
+
+    let kinds: Vec<&str> = created
+        .spec
+        .resources
+        .iter()
+        .map(|r| r.spec.kind_key())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["file", "file", "systemdUnit", "container", "networkConfig", "shellJob"]
+    );
+    // Defaults from the schema are applied by the apiserver.
+    let web = created.spec.resources.iter().find(|r| r.id.as_str() == "web").unwrap();
+    let fleetlet_crds::ResourceSpec::Container(c) = &web.spec else {
+        panic!("web is not a container: {web:?}");
+    };
+    assert_eq!(c.restart_policy, fleetlet_protocol::RestartPolicy::Always);
+    assert_eq!(c.image_pull_policy, fleetlet_protocol::PullPolicy::IfNotPresent);
+    assert_eq!(c.probe.as_ref().unwrap().period_seconds, 10);
+}
+
+#[tokio::test]
+async fn invalid_edge_manifests_are_rejected_by_the_apiserver_with_readable_messages() {
+    let env = TestEnv::shared();
+    let ns = env.namespace("crd-invalid").await.unwrap();
+    let manifest = |spec: serde_json::Value| {
+        json!({
+            "apiVersion": "fleetlet.dev/v1alpha1",
+            "kind": "EdgeManifest",
+            "metadata": { "name": "bad" },
+            "spec": spec,
+        })
+    };
+    let file = |id: &str| json!({ "id": id, "file": { "path": "/etc/x", "content": { "text": "" } } });
+
+    let cases = [
+        (
+            "selects nothing",
+            manifest(json!({ "resources": [file("a")] })),
+            "must select devices",
+        ),
+        (
+            "duplicate ids",
+            manifest(json!({ "devices": ["pi-1"], "resources": [file("a"), file("a")] })),
+            "resource ids must be unique",
+        ),
+        (
+            "two kinds in one resource",
+            manifest(json!({ "devices": ["pi-1"], "resources": [{
+                "id": "a",
+                "file": { "path": "/etc/x", "content": { "text": "" } },
+                "container": { "image": "x" }
+            }] })),
+            "oneOf",
+        ),
+        (
+            "no kind at all",
+            manifest(json!({ "devices": ["pi-1"], "resources": [{ "id": "a" }] })),
+            "oneOf",
+        ),
+        (
+            "resource id with a dot",
+            manifest(json!({ "devices": ["pi-1"], "resources": [file("a.b")] })),
+            "spec.resources[0].id",
+        ),
+        (
+            "device name with capitals",
+            manifest(json!({ "devices": ["Pi-1"], "resources": [file("a")] })),
+            "spec.devices[0]",
+        ),
+        (
+            "file mode above 07777",
+            manifest(json!({ "devices": ["pi-1"], "resources": [{ "id": "a", "file": {
+                "path": "/etc/x", "mode": 4096, "content": { "text": "" } } }] })),
+            "spec.resources[0].file.mode",
+        ),
+        (
+            "unknown restart policy",
+            manifest(json!({ "devices": ["pi-1"], "resources": [{ "id": "a", "container": {
+                "image": "x", "restartPolicy": "Sometimes" } }] })),
+            "Unsupported value: \"Sometimes\"",
+        ),
+    ];
+    for (what, body, expected) in cases {
+        let err = create_raw_manifest(env, &ns, body).await.unwrap_err();
+        let msg = rejection_message(err);
+        assert!(
+            msg.contains(expected),
+            "{what}: expected {expected:?} in the rejection, got: {msg}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn kubectl_applies_the_examples_and_lists_them_with_printer_columns() {
+    let env = TestEnv::shared();
+    let ns = env.namespace("crd-kubectl").await.unwrap();
+    let examples = repo_root().join("examples");
+    let out = env
+        .kubectl()
+        .unwrap()
+        .args(["apply", "-n", &ns, "-f"])
+        .arg(examples.join("devices.yaml"))
+        .arg("-f")
+        .arg(examples.join("manifest.yaml"))
+        .output()
+        .expect("kubectl on PATH");
+    assert!(
+        out.status.success(),
+        "kubectl apply failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = env
+        .kubectl()
+        .unwrap()
+        .args(["get", "-n", &ns, "edgedevices,edgemanifests"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for needle in [
+        "READY", "CONVERGED", "APPLIED", "TARGETED", "pi-kitchen", "pi-garage", "pi-office",
+        "sensor-stack", "garage-motd",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+    }
+
+    // Short names and the category work too.
+    let out = env
+        .kubectl()
+        .unwrap()
+        .args(["get", "-n", &ns, "fleetlet", "-o", "name"])
+        .output()
+        .unwrap();
+    let names = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(names.lines().count(), 5, "{names}");
+    let out = env
+        .kubectl()
+        .unwrap()
+        .args(["get", "-n", &ns, "em", "sensor-stack", "-o", "jsonpath={.spec.resources[*].id}"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "sensor-config sensor-reader collector"
+    );
+}
