@@ -36,7 +36,10 @@ pub const VERSION: &str = "v1alpha1";
 #[derive(Debug, thiserror::Error)]
 pub enum CrdError {
     #[error("the generated {crd} CRD has no schema at {path}")]
-    MissingSchema { crd: &'static str, path: &'static str },
+    MissingSchema {
+        crd: &'static str,
+        path: &'static str,
+    },
     #[error("cannot render CRD as YAML: {0}")]
     Yaml(#[from] serde_norway::Error),
 }

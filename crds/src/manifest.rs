@@ -43,7 +43,10 @@ pub struct EdgeManifestSpec {
     pub selector: Option<LabelSelector>,
     /// Devices selected by name, in addition to the selector.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 1000), inner(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 63)))]
+    #[schemars(
+        length(max = 1000),
+        inner(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 63))
+    )]
     pub devices: Vec<String>,
     /// What to run on each selected device.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

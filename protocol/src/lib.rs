@@ -16,9 +16,9 @@ pub mod time;
 pub use heartbeat::{Address, Capacity, Free, Heartbeat, SystemInfo};
 pub use manifest::{
     AgentManifest, ContainerLimits, ContainerSpec, EnvVar, FileContent, FileSpec, HostPathMount,
-    ManagedResource, ManifestError, NetworkConfigSpec, Owner, OwnerKind, PortMapping,
-    PortProtocol, Probe, ProbeAction, PullPolicy, ResourceKind, ResourceSpec, RestartPolicy,
-    ShellJobSpec, SpecError, SystemdUnitSpec, UnitState, UnsupportedSpec,
+    ManagedResource, ManifestError, NetworkConfigSpec, Owner, OwnerKind, PortMapping, PortProtocol,
+    Probe, ProbeAction, PullPolicy, ResourceKind, ResourceSpec, RestartPolicy, ShellJobSpec,
+    SpecError, SystemdUnitSpec, UnitState, UnsupportedSpec,
 };
 pub use names::{DeviceId, NameError, ResourceId};
 pub use status::{
@@ -173,8 +173,14 @@ pub fn encode<R: Record>(record: &R) -> Result<Vec<u8>, EncodeError> {
 /// JSON Schemas of the records, by file name, as committed under `docs/schema/`.
 pub fn json_schemas() -> Vec<(&'static str, schemars::Schema)> {
     vec![
-        ("agent-manifest.schema.json", schemars::schema_for!(AgentManifest)),
-        ("agent-status.schema.json", schemars::schema_for!(AgentStatus)),
+        (
+            "agent-manifest.schema.json",
+            schemars::schema_for!(AgentManifest),
+        ),
+        (
+            "agent-status.schema.json",
+            schemars::schema_for!(AgentStatus),
+        ),
         ("heartbeat.schema.json", schemars::schema_for!(Heartbeat)),
     ]
 }

@@ -42,7 +42,9 @@ pub struct ManagedResource {
 }
 
 /// The Kubernetes object a resource came from.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct Owner {
     pub kind: OwnerKind,
@@ -55,7 +57,9 @@ pub struct Owner {
     pub uid: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 pub enum OwnerKind {
     EdgeManifest,
     Pod,
@@ -106,7 +110,9 @@ pub struct UnsupportedSpec {
 }
 
 /// The kinds of resource, for registries, metrics labels and messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 pub enum ResourceKind {
     Container,
     SystemdUnit,
@@ -441,7 +447,10 @@ impl ContainerSpec {
                     return Err(invalid("container.probe.exec.command", "must not be empty"));
                 }
                 ProbeAction::Http { port, .. } | ProbeAction::Tcp { port } if *port == 0 => {
-                    return Err(invalid("container.probe", "port must be between 1 and 65535"));
+                    return Err(invalid(
+                        "container.probe",
+                        "port must be between 1 and 65535",
+                    ));
                 }
                 _ => {}
             }
@@ -477,7 +486,9 @@ pub enum UnitState {
 }
 
 /// Unit types fleetlet manages.
-pub const UNIT_SUFFIXES: [&str; 6] = [".service", ".socket", ".timer", ".path", ".mount", ".target"];
+pub const UNIT_SUFFIXES: [&str; 6] = [
+    ".service", ".socket", ".timer", ".path", ".mount", ".target",
+];
 
 impl SystemdUnitSpec {
     pub fn validate(&self) -> Result<(), SpecError> {

@@ -68,7 +68,8 @@ impl Binaries {
                 )));
             }
             for line in String::from_utf8_lossy(&out.stdout).lines() {
-                let Some((var, path)) = line.strip_prefix("export ").and_then(|l| l.split_once('='))
+                let Some((var, path)) =
+                    line.strip_prefix("export ").and_then(|l| l.split_once('='))
                 else {
                     continue;
                 };
@@ -78,10 +79,12 @@ impl Binaries {
             }
         }
         let mut take = |n: &str| {
-            paths
-                .remove(n)
-                .filter(|p| p.is_file())
-                .ok_or_else(|| Error::Setup(format!("{n} not found (set {} or run scripts/testbin)", env_name(n))))
+            paths.remove(n).filter(|p| p.is_file()).ok_or_else(|| {
+                Error::Setup(format!(
+                    "{n} not found (set {} or run scripts/testbin)",
+                    env_name(n)
+                ))
+            })
         };
         Ok(Binaries {
             kube_apiserver: take("kube-apiserver")?,

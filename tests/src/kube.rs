@@ -90,15 +90,24 @@ impl KubeControlPlane {
         std::fs::write(&kubeconfig, kubeconfig_yaml(&url, &pki))?;
 
         let client = client_for(&kubeconfig).await?;
-        wait_until("kube-apiserver /readyz", &mut apiserver, Duration::from_secs(90), || {
-            let client = client.clone();
-            async move {
-                let req = http::Request::get("/readyz")
-                    .body(Vec::new())
-                    .map_err(|e| e.to_string())?;
-                client.request_text(req).await.map(|_| ()).map_err(|e| e.to_string())
-            }
-        })
+        wait_until(
+            "kube-apiserver /readyz",
+            &mut apiserver,
+            Duration::from_secs(90),
+            || {
+                let client = client.clone();
+                async move {
+                    let req = http::Request::get("/readyz")
+                        .body(Vec::new())
+                        .map_err(|e| e.to_string())?;
+                    client
+                        .request_text(req)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }
+            },
+        )
         .await?;
         Ok(Self {
             url,

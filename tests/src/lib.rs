@@ -157,7 +157,11 @@ impl TestEnv {
             env.nats = Some(nats);
         }
         if std::env::var_os("FLEETLET_TESTENV_KEEP").is_none() {
-            let mut pids = env.kube.as_ref().map(KubeControlPlane::pids).unwrap_or_default();
+            let mut pids = env
+                .kube
+                .as_ref()
+                .map(KubeControlPlane::pids)
+                .unwrap_or_default();
             pids.extend(env.nats.as_ref().and_then(NatsServer::pid));
             env.reaper = Some(DirReaper::spawn(&dir, &pids)?);
         } else {

@@ -1,5 +1,7 @@
 //! fleetlet's CRDs in a real kube-apiserver: stored, listed, validated, status subresource.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 use fleetlet_crds::{EdgeDevice, EdgeDeviceSpec, EdgeDeviceStatus, EdgeManifest};
 use fleetlet_testenv::{TestEnv, repo_root};
 use kube::{
@@ -25,8 +27,7 @@ async fn create_raw_manifest(
     body: serde_json::Value,
 ) -> Result<EdgeManifest, kube::Error> {
     let ar = ApiResource::erase::<EdgeManifest>(&());
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(env.kube_client().await.unwrap(), ns, &ar);
+    let api: Api<DynamicObject> = Api::namespaced_with(env.kube_client().await.unwrap(), ns, &ar);
     let obj: DynamicObject = serde_json::from_value(body).unwrap();
     let created = api.create(&PostParams::default(), &obj).await?;
     Ok(serde_json::from_value(serde_json::to_value(created).unwrap()).unwrap())
@@ -49,7 +50,10 @@ async fn edge_device_round_trips_and_status_is_a_subresource() {
     let api: Api<EdgeDevice> = Api::namespaced(env.kube_client().await.unwrap(), &ns);
 
     let created = api
-        .create(&PostParams::default(), &device("pi-1", json!({"site": "home"})))
+        .create(
+            &PostParams::default(),
+            &device("pi-1", json!({"site": "home"})),
+        )
         .await
         .unwrap();
     assert_eq!(created.spec.display_name.as_deref(), Some("Device pi-1"));
@@ -151,15 +155,30 @@ async fn edge_manifest_with_every_resource_kind_is_stored_as_typed() {
         .collect();
     assert_eq!(
         kinds,
-        ["file", "file", "systemdUnit", "container", "networkConfig", "shellJob"]
+        [
+            "file",
+            "file",
+            "systemdUnit",
+            "container",
+            "networkConfig",
+            "shellJob"
+        ]
     );
     // Defaults from the schema are applied by the apiserver.
-    let web = created.spec.resources.iter().find(|r| r.id.as_str() == "web").unwrap();
+    let web = created
+        .spec
+        .resources
+        .iter()
+        .find(|r| r.id.as_str() == "web")
+        .unwrap();
     let fleetlet_crds::ResourceSpec::Container(c) = &web.spec else {
         panic!("web is not a container: {web:?}");
     };
     assert_eq!(c.restart_policy, fleetlet_protocol::RestartPolicy::Always);
-    assert_eq!(c.image_pull_policy, fleetlet_protocol::PullPolicy::IfNotPresent);
+    assert_eq!(
+        c.image_pull_policy,
+        fleetlet_protocol::PullPolicy::IfNotPresent
+    );
     assert_eq!(c.probe.as_ref().unwrap().period_seconds, 10);
 }
 
@@ -175,7 +194,8 @@ async fn invalid_edge_manifests_are_rejected_by_the_apiserver_with_readable_mess
             "spec": spec,
         })
     };
-    let file = |id: &str| json!({ "id": id, "file": { "path": "/etc/x", "content": { "text": "" } } });
+    let file =
+        |id: &str| json!({ "id": id, "file": { "path": "/etc/x", "content": { "text": "" } } });
 
     let cases = [
         (
@@ -214,14 +234,18 @@ async fn invalid_edge_manifests_are_rejected_by_the_apiserver_with_readable_mess
         ),
         (
             "file mode above 07777",
-            manifest(json!({ "devices": ["pi-1"], "resources": [{ "id": "a", "file": {
-                "path": "/etc/x", "mode": 4096, "content": { "text": "" } } }] })),
+            manifest(
+                json!({ "devices": ["pi-1"], "resources": [{ "id": "a", "file": {
+                "path": "/etc/x", "mode": 4096, "content": { "text": "" } } }] }),
+            ),
             "spec.resources[0].file.mode",
         ),
         (
             "unknown restart policy",
-            manifest(json!({ "devices": ["pi-1"], "resources": [{ "id": "a", "container": {
-                "image": "x", "restartPolicy": "Sometimes" } }] })),
+            manifest(
+                json!({ "devices": ["pi-1"], "resources": [{ "id": "a", "container": {
+                "image": "x", "restartPolicy": "Sometimes" } }] }),
+            ),
             "Unsupported value: \"Sometimes\"",
         ),
     ];
@@ -262,10 +286,21 @@ async fn kubectl_applies_the_examples_and_lists_them_with_printer_columns() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for needle in [
-        "READY", "CONVERGED", "APPLIED", "TARGETED", "pi-kitchen", "pi-garage", "pi-office",
-        "sensor-stack", "garage-motd",
+        "READY",
+        "CONVERGED",
+        "APPLIED",
+        "TARGETED",
+        "pi-kitchen",
+        "pi-garage",
+        "pi-office",
+        "sensor-stack",
+        "garage-motd",
     ] {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
     }
@@ -282,7 +317,15 @@ async fn kubectl_applies_the_examples_and_lists_them_with_printer_columns() {
     let out = env
         .kubectl()
         .unwrap()
-        .args(["get", "-n", &ns, "em", "sensor-stack", "-o", "jsonpath={.spec.resources[*].id}"])
+        .args([
+            "get",
+            "-n",
+            &ns,
+            "em",
+            "sensor-stack",
+            "-o",
+            "jsonpath={.spec.resources[*].id}",
+        ])
         .output()
         .unwrap();
     assert_eq!(

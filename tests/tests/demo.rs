@@ -1,0 +1,35 @@
+//! The README's first command keeps working: the demo brings the fleet up and shows it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+use std::process::Command;
+
+#[test]
+fn demo_brings_up_the_control_plane_and_shows_the_example_fleet() {
+    let state = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetlet-dev"))
+        .args(["up", "--exit", "--state-dir"])
+        .arg(state.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for device in ["pi-kitchen", "pi-garage", "pi-office"] {
+        assert!(
+            stdout.contains(&format!("edgedevice.fleetlet.dev/{device}")),
+            "{stdout}"
+        );
+    }
+    for manifest in ["sensor-stack", "garage-motd"] {
+        assert!(
+            stdout.contains(&format!("edgemanifest.fleetlet.dev/{manifest}")),
+            "{stdout}"
+        );
+    }
+    let env_file = std::fs::read_to_string(state.path().join("env")).unwrap();
+    assert!(env_file.contains("KUBECONFIG=") && env_file.contains("NATS_URL=nats://127.0.0.1:"));
+}
