@@ -4,6 +4,9 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    eprintln!("fleetlet-bridge {}: not implemented yet", env!("CARGO_PKG_VERSION"));
+    eprintln!(
+        "fleetlet-bridge {}: not implemented yet",
+        env!("CARGO_PKG_VERSION")
+    );
     ExitCode::from(2)
 }

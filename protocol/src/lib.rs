@@ -22,7 +22,7 @@ pub use manifest::{
 };
 pub use names::{DeviceId, NameError, ResourceId};
 pub use status::{
-    AgentStatus, Condition, ConditionStatus, Rejection, ResourceDetails, ResourceStatus,
+    AgentStatus, Condition, ConditionStatus, DriftEvent, Rejection, ResourceDetails, ResourceStatus,
 };
 pub use time::Timestamp;
 

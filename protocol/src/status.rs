@@ -25,9 +25,22 @@ pub struct AgentStatus {
     /// How many times drift (a change made outside fleetlet) was found and repaired.
     #[serde(default)]
     pub drift_repairs: u64,
+    /// The most recent drift found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_drift: Option<DriftEvent>,
     /// The last manifest the agent refused, and why; the previous one stays in force.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rejection: Option<Rejection>,
+}
+
+/// A resource found changed outside fleetlet, and put back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DriftEvent {
+    pub resource: ResourceId,
+    /// What was found, e.g. `content changed`, `absent`.
+    pub reason: String,
+    pub at: Timestamp,
 }
 
 /// A manifest the agent would not apply.
@@ -162,6 +175,7 @@ impl AgentStatus {
             resources: BTreeMap::new(),
             conditions: Vec::new(),
             drift_repairs: 0,
+            last_drift: None,
             last_rejection: None,
         }
     }

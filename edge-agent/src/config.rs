@@ -1,0 +1,448 @@
+//! Agent configuration: a TOML file, overridden by environment variables and flags.
+//!
+//! ```toml
+//! device_id = "pi-kitchen"
+//! state_dir = "/var/lib/fleetlet"
+//!
+//! [nats]
+//! urls = ["tls://nats.example.net:4222"]
+//! creds_file = "/etc/fleetlet/device.creds"
+//! tls_ca = "/etc/fleetlet/ca.pem"
+//!
+//! [reconcile]
+//! drift_interval_seconds = 30
+//! heartbeat_interval_seconds = 10
+//! enabled_kinds = ["file", "container", "systemdUnit"]
+//!
+//! [file]
+//! allowed_roots = ["/etc/fleetlet", "/opt/fleetlet"]
+//! ```
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use fleetlet_protocol::{DeviceId, ResourceKind, kv::MAX_MANIFEST_BYTES};
+use serde::{Deserialize, Serialize};
+
+/// Why the configuration cannot be used. The agent exits before touching anything.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML for the agent: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("device_id: {0}")]
+    DeviceId(#[from] fleetlet_protocol::NameError),
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// The whole configuration, as read from the file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub device_id: String,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub nats: NatsConfig,
+    #[serde(default)]
+    pub reconcile: ReconcileConfig,
+    #[serde(default)]
+    pub file: FileConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URLs (`nats://`, `tls://`); tried in turn.
+    #[serde(default)]
+    pub urls: Vec<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub token: Option<String>,
+    /// File holding an NKey seed (`SU...`).
+    #[serde(default)]
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A `.creds` file (JWT + NKey seed).
+    #[serde(default)]
+    pub creds_file: Option<PathBuf>,
+    /// CA bundle to verify the server; setting it requires TLS.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Reply subjects start with this; a per-device prefix lets NATS permissions keep one
+    /// device from reading another's replies. Default `_INBOX_<device>`.
+    #[serde(default)]
+    pub inbox_prefix: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileConfig {
+    /// Seconds between full re-observations of every resource (drift detection).
+    #[serde(default = "default_drift")]
+    pub drift_interval_seconds: u64,
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval_seconds: u32,
+    /// Resource kinds this device runs; others are reported Unsupported.
+    /// `shellJob` runs commands as the agent: enable it only on purpose.
+    #[serde(default = "default_kinds")]
+    pub enabled_kinds: Vec<String>,
+    /// Largest manifest accepted, in bytes.
+    #[serde(default = "default_max_manifest")]
+    pub max_manifest_bytes: usize,
+    /// Resources reconciled at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// First retry delay after a failure, in milliseconds; doubles up to the maximum.
+    #[serde(default = "default_backoff_initial")]
+    pub backoff_initial_ms: u64,
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// File resources may only be written under these directories.
+    #[serde(default = "default_roots")]
+    pub allowed_roots: Vec<PathBuf>,
+    /// Largest file a File resource may hold, in bytes.
+    #[serde(default = "default_max_file")]
+    pub max_file_bytes: u64,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/fleetlet")
+}
+fn default_drift() -> u64 {
+    30
+}
+fn default_heartbeat() -> u32 {
+    10
+}
+fn default_kinds() -> Vec<String> {
+    ["file", "container", "systemdUnit"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_max_manifest() -> usize {
+    MAX_MANIFEST_BYTES
+}
+fn default_concurrency() -> usize {
+    4
+}
+fn default_backoff_initial() -> u64 {
+    1_000
+}
+fn default_backoff_max() -> u64 {
+    300_000
+}
+fn default_roots() -> Vec<PathBuf> {
+    vec![
+        PathBuf::from("/etc/fleetlet"),
+        PathBuf::from("/opt/fleetlet"),
+    ]
+}
+fn default_max_file() -> u64 {
+    512 * 1024
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self {
+            drift_interval_seconds: default_drift(),
+            heartbeat_interval_seconds: default_heartbeat(),
+            enabled_kinds: default_kinds(),
+            max_manifest_bytes: default_max_manifest(),
+            concurrency: default_concurrency(),
+            backoff_initial_ms: default_backoff_initial(),
+            backoff_max_ms: default_backoff_max(),
+        }
+    }
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        Self {
+            allowed_roots: default_roots(),
+            max_file_bytes: default_max_file(),
+        }
+    }
+}
+
+/// A checked configuration, ready to run with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub device: DeviceId,
+    pub state_dir: PathBuf,
+    pub nats: NatsConfig,
+    pub drift_interval: Duration,
+    pub heartbeat_interval: Duration,
+    pub enabled_kinds: BTreeSet<ResourceKind>,
+    pub max_manifest_bytes: usize,
+    pub concurrency: usize,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub file_roots: Vec<PathBuf>,
+    pub max_file_bytes: u64,
+}
+
+impl Config {
+    /// Reads a config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// A config with defaults for everything but the device id and servers.
+    pub fn new(device_id: &str, urls: Vec<String>) -> Self {
+        Self {
+            device_id: device_id.to_owned(),
+            state_dir: default_state_dir(),
+            nats: NatsConfig {
+                urls,
+                ..Default::default()
+            },
+            reconcile: ReconcileConfig::default(),
+            file: FileConfig::default(),
+        }
+    }
+
+    /// Checks everything that can be checked before starting.
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        let device = DeviceId::new(self.device_id.clone())?;
+        if !self.state_dir.is_absolute() {
+            return Err(invalid("state_dir", "must be an absolute path"));
+        }
+        if self.nats.urls.is_empty() {
+            return Err(invalid("nats.urls", "at least one server URL is required"));
+        }
+        for url in &self.nats.urls {
+            let ok = ["nats://", "tls://", "ws://", "wss://"]
+                .iter()
+                .any(|s| url.starts_with(s) && url.len() > s.len());
+            if !ok {
+                return Err(invalid(
+                    "nats.urls",
+                    format!("{url:?} is not a nats://, tls://, ws:// or wss:// URL"),
+                ));
+            }
+        }
+        let n = &self.nats;
+        let methods = [
+            n.user.is_some() || n.password.is_some(),
+            n.token.is_some(),
+            n.nkey_seed_file.is_some(),
+            n.creds_file.is_some(),
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            return Err(invalid(
+                "nats",
+                "choose one of user/password, token, nkey_seed_file, creds_file",
+            ));
+        }
+        if n.user.is_some() != n.password.is_some() {
+            return Err(invalid("nats", "user and password go together"));
+        }
+        if n.tls_cert.is_some() != n.tls_key.is_some() {
+            return Err(invalid("nats", "tls_cert and tls_key go together"));
+        }
+        for (field, path) in [
+            ("nats.nkey_seed_file", &n.nkey_seed_file),
+            ("nats.creds_file", &n.creds_file),
+            ("nats.tls_ca", &n.tls_ca),
+            ("nats.tls_cert", &n.tls_cert),
+            ("nats.tls_key", &n.tls_key),
+        ] {
+            if let Some(p) = path
+                && let Err(e) = std::fs::File::open(p)
+            {
+                return Err(invalid(field, format!("cannot read {}: {e}", p.display())));
+            }
+        }
+        if let Some(prefix) = &n.inbox_prefix
+            && (prefix.is_empty() || prefix.contains(['*', '>', ' ']))
+        {
+            return Err(invalid(
+                "nats.inbox_prefix",
+                "must be a plain subject prefix",
+            ));
+        }
+
+        let r = &self.reconcile;
+        if r.drift_interval_seconds == 0 {
+            return Err(invalid(
+                "reconcile.drift_interval_seconds",
+                "must be at least 1",
+            ));
+        }
+        if r.heartbeat_interval_seconds == 0 {
+            return Err(invalid(
+                "reconcile.heartbeat_interval_seconds",
+                "must be at least 1",
+            ));
+        }
+        if r.concurrency == 0 {
+            return Err(invalid("reconcile.concurrency", "must be at least 1"));
+        }
+        if r.max_manifest_bytes == 0 || r.max_manifest_bytes > MAX_MANIFEST_BYTES {
+            return Err(invalid(
+                "reconcile.max_manifest_bytes",
+                format!("must be between 1 and {MAX_MANIFEST_BYTES}"),
+            ));
+        }
+        if r.backoff_initial_ms == 0 || r.backoff_max_ms < r.backoff_initial_ms {
+            return Err(invalid(
+                "reconcile.backoff_initial_ms",
+                "must be at least 1 and at most backoff_max_ms",
+            ));
+        }
+        let mut enabled_kinds = BTreeSet::new();
+        for k in &r.enabled_kinds {
+            let kind = ResourceKind::KNOWN
+                .into_iter()
+                .find(|known| known.key() == k)
+                .ok_or_else(|| {
+                    invalid(
+                        "reconcile.enabled_kinds",
+                        format!(
+                            "unknown kind {k:?}; known: {}",
+                            ResourceKind::KNOWN.map(|k| k.key()).join(", ")
+                        ),
+                    )
+                })?;
+            enabled_kinds.insert(kind);
+        }
+        for root in &self.file.allowed_roots {
+            if !root.is_absolute()
+                || root
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(invalid(
+                    "file.allowed_roots",
+                    format!("{} must be an absolute path without '..'", root.display()),
+                ));
+            }
+            if root == Path::new("/") {
+                return Err(invalid(
+                    "file.allowed_roots",
+                    "'/' would let manifests overwrite any file; name specific directories",
+                ));
+            }
+        }
+        Ok(Settings {
+            device,
+            state_dir: self.state_dir,
+            nats: self.nats,
+            drift_interval: Duration::from_secs(r.drift_interval_seconds),
+            heartbeat_interval: Duration::from_secs(u64::from(r.heartbeat_interval_seconds)),
+            enabled_kinds,
+            max_manifest_bytes: r.max_manifest_bytes,
+            concurrency: r.concurrency,
+            backoff_initial: Duration::from_millis(r.backoff_initial_ms),
+            backoff_max: Duration::from_millis(r.backoff_max_ms),
+            file_roots: self.file.allowed_roots,
+            max_file_bytes: self.file.max_file_bytes,
+        })
+    }
+}
+
+impl Settings {
+    pub fn inbox_prefix(&self) -> String {
+        self.nats
+            .inbox_prefix
+            .clone()
+            .unwrap_or_else(|| format!("_INBOX_{}", self.device))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Settings, ConfigError> {
+        toml::from_str::<Config>(s)
+            .map_err(|source| ConfigError::Parse {
+                path: "test.toml".into(),
+                source,
+            })?
+            .validate()
+    }
+
+    #[test]
+    fn minimal_config_gets_safe_defaults() {
+        let s =
+            parse("device_id = \"pi-1\"\n[nats]\nurls = [\"nats://127.0.0.1:4222\"]\n").unwrap();
+        assert_eq!(s.device.as_str(), "pi-1");
+        assert_eq!(s.drift_interval, Duration::from_secs(30));
+        assert_eq!(s.heartbeat_interval, Duration::from_secs(10));
+        assert!(s.enabled_kinds.contains(&ResourceKind::File));
+        assert!(
+            !s.enabled_kinds.contains(&ResourceKind::ShellJob),
+            "ShellJob is off unless enabled"
+        );
+        assert_eq!(s.inbox_prefix(), "_INBOX_pi-1");
+    }
+
+    #[test]
+    fn each_mistake_gets_a_message_naming_the_field() {
+        let base = "[nats]\nurls = [\"nats://127.0.0.1:4222\"]\n";
+        let cases = [
+            (format!("device_id = \"Pi.1\"\n{base}"), "device id"),
+            ("device_id = \"pi\"\n".to_string(), "nats.urls"),
+            ("device_id = \"pi\"\n[nats]\nurls = [\"http://x\"]\n".into(), "nats.urls"),
+            (format!("device_id = \"pi\"\nstate_dir = \"rel\"\n{base}"), "state_dir"),
+            (format!("device_id = \"pi\"\n{base}[reconcile]\nenabled_kinds = [\"vm\"]\n"), "unknown kind \"vm\""),
+            (format!("device_id = \"pi\"\n{base}[reconcile]\ndrift_interval_seconds = 0\n"), "drift_interval_seconds"),
+            (format!("device_id = \"pi\"\n{base}[file]\nallowed_roots = [\"/\"]\n"), "allowed_roots"),
+            (format!("device_id = \"pi\"\n{base}[file]\nallowed_roots = [\"/etc/../\"]\n"), "allowed_roots"),
+            ("device_id = \"pi\"\n[nats]\nurls = [\"nats://a\"]\ntoken = \"t\"\nuser = \"u\"\npassword = \"p\"\n".into(), "choose one"),
+            ("device_id = \"pi\"\n[nats]\nurls = [\"nats://a\"]\ncreds_file = \"/nonexistent/x.creds\"\n".into(), "nats.creds_file"),
+            (format!("device_id = \"pi\"\ntypo = 1\n{base}"), "unknown field"),
+        ];
+        for (text, expected) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(
+                err.contains(expected),
+                "{text:?}: expected {expected:?} in {err:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! The File reconciler: regular files with exact contents, under allowed roots only.
+
+use std::{
+    fs,
+    io::Read,
+    os::unix::fs::MetadataExt,
+    path::{Component, Path, PathBuf},
+    sync::Arc,
+};
+
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
+use fleetlet_protocol::{FileContent, FileSpec, ResourceDetails, ResourceId};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    fsutil::{Ownership, write_atomic},
+    reconciler::{Deleted, Observation, ReconcileError, Reconciler},
+};
+
+/// Mode used when a File resource does not set one.
+pub const DEFAULT_MODE: u32 = 0o644;
+
+#[derive(Debug, Clone)]
+pub struct FileReconciler {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    roots: Vec<PathBuf>,
+    max_bytes: u64,
+}
+
+/// A File spec checked against policy and ready to act on.
+struct Target {
+    /// The path with every existing directory resolved (no symlinks left above the file).
+    path: PathBuf,
+    bytes: Vec<u8>,
+    sha256: String,
+    mode: u32,
+    owner: Ownership,
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let mut s = String::with_capacity(64);
+    for b in digest.iter() {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+impl FileReconciler {
+    pub fn new(roots: Vec<PathBuf>, max_bytes: u64) -> Self {
+        Self {
+            inner: Arc::new(Inner { roots, max_bytes }),
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, ReconcileError> + Send + 'static,
+    ) -> Result<T, ReconcileError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| ReconcileError::Runtime(format!("file task failed: {e}")))?
+    }
+}
+
+impl Inner {
+    fn target(&self, spec: &FileSpec) -> Result<Target, ReconcileError> {
+        spec.validate()
+            .map_err(|e| ReconcileError::Invalid(e.to_string()))?;
+        let bytes = match &spec.content {
+            FileContent::Text(t) => t.as_bytes().to_vec(),
+            FileContent::Base64(b) => B64
+                .decode(b.trim())
+                .map_err(|e| ReconcileError::Invalid(format!("file.content.base64: {e}")))?,
+        };
+        if bytes.len() as u64 > self.max_bytes {
+            return Err(ReconcileError::Invalid(format!(
+                "file is {} bytes; this device allows at most {}",
+                bytes.len(),
+                self.max_bytes
+            )));
+        }
+        let path = self.resolve(Path::new(&spec.path))?;
+        Ok(Target {
+            sha256: sha256_hex(&bytes),
+            bytes,
+            path,
+            mode: spec.mode.unwrap_or(DEFAULT_MODE),
+            owner: Ownership {
+                uid: spec
+                    .owner
+                    .as_deref()
+                    .map(|o| lookup_id(o, "/etc/passwd"))
+                    .transpose()?,
+                gid: spec
+                    .group
+                    .as_deref()
+                    .map(|g| lookup_id(g, "/etc/group"))
+                    .transpose()?,
+            },
+        })
+    }
+
+    /// Checks that `path` lies under an allowed root even after following every symlink
+    /// that exists on the way, and returns it with those directories resolved.
+    fn resolve(&self, path: &Path) -> Result<PathBuf, ReconcileError> {
+        let roots = || {
+            self.roots
+                .iter()
+                .map(|r| r.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let root = self
+            .roots
+            .iter()
+            .find(|r| path.starts_with(r) && path != r.as_path())
+            .ok_or_else(|| {
+                ReconcileError::Forbidden(format!(
+                    "{} is outside the allowed roots ({})",
+                    path.display(),
+                    roots()
+                ))
+            })?;
+        fs::create_dir_all(root)
+            .map_err(|e| ReconcileError::io(format!("creating root {}", root.display()), e))?;
+        let real_root = root
+            .canonicalize()
+            .map_err(|e| ReconcileError::io(format!("resolving root {}", root.display()), e))?;
+        let parent = path.parent().unwrap_or(root);
+        let file_name = path
+            .file_name()
+            .ok_or_else(|| ReconcileError::Invalid(format!("{} names no file", path.display())))?;
+
+        // The deepest directory that exists, resolved; the rest will be created inside it.
+        let mut existing = parent;
+        let mut missing: Vec<&std::ffi::OsStr> = Vec::new();
+        while fs::symlink_metadata(existing).is_err() {
+            match (existing.parent(), existing.components().next_back()) {
+                (Some(up), Some(Component::Normal(name))) => {
+                    missing.push(name);
+                    existing = up;
+                }
+                _ => break,
+            }
+        }
+        let real = existing
+            .canonicalize()
+            .map_err(|e| ReconcileError::io(format!("resolving {}", existing.display()), e))?;
+        if !real.starts_with(&real_root) {
+            return Err(ReconcileError::Forbidden(format!(
+                "{} resolves to {} through a symbolic link, outside the allowed roots ({})",
+                path.display(),
+                real.display(),
+                roots()
+            )));
+        }
+        let mut out = real;
+        out.extend(missing.iter().rev());
+        out.push(file_name);
+        Ok(out)
+    }
+
+    fn observe(&self, t: &Target) -> Result<Observation, ReconcileError> {
+        let md = match fs::symlink_metadata(&t.path) {
+            Ok(md) => md,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Observation::Absent),
+            Err(e) => {
+                return Err(ReconcileError::io(
+                    format!("inspecting {}", t.path.display()),
+                    e,
+                ));
+            }
+        };
+        if md.file_type().is_symlink() {
+            return Ok(Observation::Differs("is a symbolic link".into()));
+        }
+        if !md.is_file() {
+            return Ok(Observation::Differs("is not a regular file".into()));
+        }
+        if md.len() != t.bytes.len() as u64 {
+            return Ok(Observation::Differs(format!(
+                "size is {} bytes, want {}",
+                md.len(),
+                t.bytes.len()
+            )));
+        }
+        let sha = read_sha256(&t.path, self.max_bytes)?;
+        if sha != t.sha256 {
+            return Ok(Observation::Differs("content changed".into()));
+        }
+        if md.mode() & 0o7777 != t.mode {
+            return Ok(Observation::Differs(format!(
+                "mode is {:o}, want {:o}",
+                md.mode() & 0o7777,
+                t.mode
+            )));
+        }
+        if t.owner.uid.is_some_and(|u| u != md.uid()) || t.owner.gid.is_some_and(|g| g != md.gid())
+        {
+            return Ok(Observation::Differs(format!(
+                "owner is {}:{}",
+                md.uid(),
+                md.gid()
+            )));
+        }
+        Ok(Observation::InSync(details(t)))
+    }
+}
+
+fn details(t: &Target) -> ResourceDetails {
+    ResourceDetails::File {
+        sha256: t.sha256.clone(),
+        size: t.bytes.len() as u64,
+    }
+}
+
+fn read_sha256(path: &Path, max: u64) -> Result<String, ReconcileError> {
+    let mut buf = Vec::new();
+    fs::File::open(path)
+        .and_then(|f| f.take(max + 1).read_to_end(&mut buf))
+        .map_err(|e| ReconcileError::io(format!("reading {}", path.display()), e))?;
+    Ok(sha256_hex(&buf))
+}
+
+/// A user or group given by number or by name (looked up in `/etc/passwd` / `/etc/group`).
+fn lookup_id(name: &str, db: &str) -> Result<u32, ReconcileError> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(n);
+    }
+    let text =
+        fs::read_to_string(db).map_err(|e| ReconcileError::io(format!("reading {db}"), e))?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let n = f.next()?;
+            let id = f.nth(1)?.parse::<u32>().ok()?;
+            (n == name).then_some(id)
+        })
+        .next()
+        .ok_or_else(|| {
+            ReconcileError::Invalid(format!(
+                "no such {} {name:?} on this device",
+                if db.ends_with("group") {
+                    "group"
+                } else {
+                    "user"
+                }
+            ))
+        })
+}
+
+impl Reconciler for FileReconciler {
+    type Spec = FileSpec;
+
+    async fn observe(
+        &self,
+        _id: &ResourceId,
+        spec: &FileSpec,
+    ) -> Result<Observation, ReconcileError> {
+        let spec = spec.clone();
+        self.blocking(move |inner| inner.observe(&inner.target(&spec)?))
+            .await
+    }
+
+    async fn reconcile(
+        &self,
+        _id: &ResourceId,
+        spec: &FileSpec,
+    ) -> Result<ResourceDetails, ReconcileError> {
+        let spec = spec.clone();
+        self.blocking(move |inner| {
+            let t = inner.target(&spec)?;
+            if let Observation::InSync(d) = inner.observe(&t)? {
+                return Ok(d);
+            }
+            if let Some(dir) = t.path.parent() {
+                fs::create_dir_all(dir)
+                    .map_err(|e| ReconcileError::io(format!("creating {}", dir.display()), e))?;
+            }
+            write_atomic(&t.path, &t.bytes, t.mode, t.owner)
+                .map_err(|e| ReconcileError::io(format!("writing {}", t.path.display()), e))?;
+            Ok(details(&t))
+        })
+        .await
+    }
+
+    async fn delete(
+        &self,
+        _id: &ResourceId,
+        applied: &FileSpec,
+    ) -> Result<Deleted, ReconcileError> {
+        let spec = applied.clone();
+        self.blocking(move |inner| {
+            let t = match inner.target(&spec) {
+                Ok(t) => t,
+                // Never delete something policy would not let us write.
+                Err(e) => return Ok(Deleted::LeftInPlace(e.to_string())),
+            };
+            match fs::symlink_metadata(&t.path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(Deleted::AlreadyGone);
+                }
+                Err(e) => {
+                    return Err(ReconcileError::io(
+                        format!("inspecting {}", t.path.display()),
+                        e,
+                    ));
+                }
+                Ok(md) if !md.is_file() => {
+                    return Ok(Deleted::LeftInPlace(format!(
+                        "{} is no longer a regular file",
+                        t.path.display()
+                    )));
+                }
+                Ok(_) => {}
+            }
+            if read_sha256(&t.path, inner.max_bytes)? != t.sha256 {
+                return Ok(Deleted::LeftInPlace(format!(
+                    "{} was changed since fleetlet wrote it",
+                    t.path.display()
+                )));
+            }
+            fs::remove_file(&t.path)
+                .map_err(|e| ReconcileError::io(format!("removing {}", t.path.display()), e))?;
+            if let Some(dir) = t.path.parent()
+                && let Ok(d) = fs::File::open(dir)
+            {
+                let _ = d.sync_all();
+            }
+            Ok(Deleted::Removed)
+        })
+        .await
+    }
+
+    fn moves(&self, old: &FileSpec, new: &FileSpec) -> bool {
+        old.path != new.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(path: &Path, text: &str) -> FileSpec {
+        FileSpec {
+            path: path.display().to_string(),
+            content: FileContent::Text(text.into()),
+            mode: None,
+            owner: None,
+            group: None,
+        }
+    }
+
+    fn id() -> ResourceId {
+        ResourceId::new("f").unwrap()
+    }
+
+    #[tokio::test]
+    async fn writes_once_and_reports_in_sync_after() {
+        let root = tempfile::tempdir().unwrap();
+        let r = FileReconciler::new(vec![root.path().to_path_buf()], 1 << 20);
+        let s = spec(&root.path().join("a/b/c.conf"), "x = 1\n");
+        assert_eq!(r.observe(&id(), &s).await.unwrap(), Observation::Absent);
+        let d = r.reconcile(&id(), &s).await.unwrap();
+        assert_eq!(
+            fs::read_to_string(root.path().join("a/b/c.conf")).unwrap(),
+            "x = 1\n"
+        );
+        let ino = fs::metadata(root.path().join("a/b/c.conf")).unwrap().ino();
+        // Idempotent: the second call does not rewrite (same inode, not a new temp file).
+        assert_eq!(r.reconcile(&id(), &s).await.unwrap(), d);
+        assert_eq!(
+            fs::metadata(root.path().join("a/b/c.conf")).unwrap().ino(),
+            ino
+        );
+        assert!(matches!(
+            r.observe(&id(), &s).await.unwrap(),
+            Observation::InSync(_)
+        ));
+        let mode = fs::metadata(root.path().join("a/b/c.conf")).unwrap().mode() & 0o7777;
+        assert_eq!(mode, DEFAULT_MODE);
+    }
+
+    #[tokio::test]
+    async fn refuses_paths_outside_roots_and_symlink_escapes() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let r = FileReconciler::new(vec![root.path().to_path_buf()], 1 << 20);
+        let err = r
+            .reconcile(&id(), &spec(&outside.path().join("x"), ""))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ReconcileError::Forbidden(_)), "{err}");
+        std::os::unix::fs::symlink(outside.path(), root.path().join("escape")).unwrap();
+        let err = r
+            .reconcile(&id(), &spec(&root.path().join("escape/x"), ""))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert!(!outside.path().join("x").exists());
+        let err = r
+            .reconcile(&id(), &spec(Path::new("/etc/../x"), ""))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ReconcileError::Invalid(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn replaces_a_planted_symlink_instead_of_writing_through_it() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("victim"), "keep").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("victim"), root.path().join("f")).unwrap();
+        let r = FileReconciler::new(vec![root.path().to_path_buf()], 1 << 20);
+        let s = spec(&root.path().join("f"), "new");
+        assert!(matches!(
+            r.observe(&id(), &s).await.unwrap(),
+            Observation::Differs(_)
+        ));
+        r.reconcile(&id(), &s).await.unwrap();
+        assert_eq!(
+            fs::read_to_string(outside.path().join("victim")).unwrap(),
+            "keep"
+        );
+        assert!(
+            !fs::symlink_metadata(root.path().join("f"))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+    }
+
+    #[tokio::test]
+    async fn deletes_only_what_it_wrote() {
+        let root = tempfile::tempdir().unwrap();
+        let r = FileReconciler::new(vec![root.path().to_path_buf()], 1 << 20);
+        let s = spec(&root.path().join("f"), "mine");
+        r.reconcile(&id(), &s).await.unwrap();
+        fs::write(root.path().join("f"), "edited by hand").unwrap();
+        assert!(matches!(
+            r.delete(&id(), &s).await.unwrap(),
+            Deleted::LeftInPlace(_)
+        ));
+        assert!(root.path().join("f").exists());
+        r.reconcile(&id(), &s).await.unwrap();
+        assert_eq!(r.delete(&id(), &s).await.unwrap(), Deleted::Removed);
+        assert_eq!(r.delete(&id(), &s).await.unwrap(), Deleted::AlreadyGone);
+    }
+
+    #[tokio::test]
+    async fn base64_mode_and_size_limits() {
+        let root = tempfile::tempdir().unwrap();
+        let r = FileReconciler::new(vec![root.path().to_path_buf()], 4);
+        let mut s = spec(&root.path().join("bin"), "");
+        s.content = FileContent::Base64("AAEC/w==".into());
+        s.mode = Some(0o600);
+        r.reconcile(&id(), &s).await.unwrap();
+        assert_eq!(fs::read(root.path().join("bin")).unwrap(), [0, 1, 2, 255]);
+        assert_eq!(
+            fs::metadata(root.path().join("bin")).unwrap().mode() & 0o7777,
+            0o600
+        );
+        s.content = FileContent::Base64("not base64!".into());
+        assert!(matches!(
+            r.reconcile(&id(), &s).await,
+            Err(ReconcileError::Invalid(_))
+        ));
+        s.content = FileContent::Text("12345".into());
+        assert!(matches!(
+            r.reconcile(&id(), &s).await,
+            Err(ReconcileError::Invalid(_))
+        ));
+    }
+}

@@ -1,0 +1,51 @@
+//! Crash-safe file writes: temp file in the same directory, fsync, rename, fsync directory.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::Write,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::Path,
+};
+
+/// Ownership to apply to a written file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ownership {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+/// Replaces `path` with `bytes` atomically: readers see the old or the new file, never a
+/// partial one, and a power cut leaves one of the two.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, owner: Ownership) -> std::io::Result<()> {
+    let dir = path.parent().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "path has no parent directory",
+        )
+    })?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.fleetlet-{:016x}", fastrand::u64(..)));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        if owner.uid.is_some() || owner.gid.is_some() {
+            std::os::unix::fs::fchown(&f, owner.uid, owner.gid)?;
+        }
+        // After chown: chown clears set-id bits.
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}

@@ -1,0 +1,119 @@
+//! fleetlet-agent: the mini-kubelet on each device.
+//!
+//! It watches its manifest in NATS (`desired-state.<device>`), reconciles every resource
+//! with the reconciler for its kind, garbage-collects what it created and the manifest no
+//! longer holds, repairs drift, and reports `AgentStatus` (compare-and-set) and heartbeats.
+//! The manifest in force and the ownership records live in the state directory, so the
+//! agent keeps converging with NATS out of reach and never tears workloads down for it.
+
+pub mod config;
+pub mod engine;
+pub mod facts;
+pub mod file;
+pub mod fsutil;
+pub mod nats;
+pub mod reconciler;
+pub mod registry;
+pub mod store;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use fleetlet_protocol::{AgentManifest, AgentStatus};
+use tokio::sync::{mpsc, watch};
+use tracing::info;
+
+pub use config::{Config, ConfigError, Settings};
+pub use engine::{Candidate, Engine};
+pub use registry::Registry;
+pub use store::{StateStore, StoreError, StoredManifest};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Nats(#[from] nats::NatsError),
+    #[error("manifest file: {0}")]
+    Manifest(String),
+}
+
+/// Resolves once `stop` holds true (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` resolves. Workloads are left running on shutdown.
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let settings = Arc::new(settings);
+    let store = StateStore::open(&settings.state_dir)?;
+    let engine = Engine::new(settings.clone(), Registry::from_settings(&settings), store)?;
+    info!(
+        device = %settings.device,
+        generation = engine.manifest().map(|m| m.generation),
+        "agent starting"
+    );
+    let client = nats::connect(&settings).await?;
+
+    let (candidate_tx, candidate_rx) = mpsc::channel(16);
+    let (status_tx, status_rx) = watch::channel(engine.status().clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let watcher = tokio::spawn(nats::watch_manifest(
+        client.clone(),
+        settings.device.clone(),
+        engine.last_seen_revision(),
+        candidate_tx,
+        stop_rx.clone(),
+    ));
+    let heartbeat = tokio::spawn(nats::heartbeat(
+        client.clone(),
+        settings.clone(),
+        stop_rx.clone(),
+    ));
+    let writer = tokio::spawn(nats::write_status(
+        client.clone(),
+        settings.device.clone(),
+        status_rx,
+        stop_rx.clone(),
+    ));
+    let engine = tokio::spawn(engine.run(candidate_rx, status_tx, stop_rx));
+
+    shutdown.await;
+    info!("shutting down: finishing the pass in flight; workloads keep running");
+    let _ = stop_tx.send(true);
+    let _ = engine.await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
+    let _ = watcher.await;
+    let _ = heartbeat.await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+    Ok(())
+}
+
+/// One pass over `manifest` (or the stored one), without NATS: for `fleetlet-agent --once`.
+pub async fn once(
+    settings: Settings,
+    manifest: Option<AgentManifest>,
+) -> Result<AgentStatus, AgentError> {
+    let settings = Arc::new(settings);
+    let store = StateStore::open(&settings.state_dir)?;
+    let mut engine = Engine::new(settings.clone(), Registry::from_settings(&settings), store)?;
+    if let Some(m) = manifest {
+        let bytes = serde_json::to_vec(&m).map_err(|e| AgentError::Manifest(e.to_string()))?;
+        let revision = engine.last_seen_revision();
+        engine.offer(Candidate::Put {
+            revision,
+            value: bytes.into(),
+        });
+    }
+    engine.pass("once").await;
+    let (tx, _rx) = watch::channel(AgentStatus::new(settings.device.clone()));
+    engine.publish(&tx);
+    Ok(engine.status().clone())
+}

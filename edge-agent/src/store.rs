@@ -1,0 +1,115 @@
+//! What the agent must not forget across restarts, in its state directory: the manifest in
+//! force, what it has applied (ownership), and its last status. All writes are atomic.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use fleetlet_protocol::{AgentManifest, AgentStatus, ResourceId, ResourceSpec};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::fsutil::{Ownership, write_atomic};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state file {path} is corrupt: {source}")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The manifest in force and the KV revision it came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredManifest {
+    pub revision: u64,
+    pub manifest: AgentManifest,
+}
+
+/// Resources this agent has applied, with the spec it applied: what garbage collection may
+/// delete, and how to recognise what it wrote.
+pub type Owned = BTreeMap<ResourceId, ResourceSpec>;
+
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    dir: PathBuf,
+}
+
+const MANIFEST: &str = "manifest.json";
+const OWNED: &str = "owned.json";
+const STATUS: &str = "status.json";
+
+impl StateStore {
+    /// Opens (creating, mode 0700) the state directory.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| StoreError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn load<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
+        let path = self.dir.join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::Io { path, source }),
+        }
+    }
+
+    fn save<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StoreError> {
+        let path = self.dir.join(name);
+        let bytes = serde_json::to_vec_pretty(value).map_err(|source| StoreError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
+        write_atomic(&path, &bytes, 0o600, Ownership::default())
+            .map_err(|source| StoreError::Io { path, source })
+    }
+
+    pub fn load_manifest(&self) -> Result<Option<StoredManifest>, StoreError> {
+        self.load(MANIFEST)
+    }
+
+    pub fn save_manifest(&self, m: &StoredManifest) -> Result<(), StoreError> {
+        self.save(MANIFEST, m)
+    }
+
+    pub fn load_owned(&self) -> Result<Owned, StoreError> {
+        Ok(self.load(OWNED)?.unwrap_or_default())
+    }
+
+    pub fn save_owned(&self, owned: &Owned) -> Result<(), StoreError> {
+        self.save(OWNED, owned)
+    }
+
+    pub fn load_status(&self) -> Result<Option<AgentStatus>, StoreError> {
+        self.load(STATUS)
+    }
+
+    pub fn save_status(&self, status: &AgentStatus) -> Result<(), StoreError> {
+        self.save(STATUS, status)
+    }
+}

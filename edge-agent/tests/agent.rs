@@ -1,0 +1,484 @@
+//! The real agent binary against a real nats-server: files, drift, partial failure,
+//! garbage collection, offline autonomy, hostile input, compare-and-set, heartbeats.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use async_nats::jetstream::kv::Store;
+use fleetlet_protocol::{
+    API_VERSION, AgentManifest, AgentStatus, DeviceId, FileContent, FileSpec, Heartbeat,
+    ManagedResource, Owner, OwnerKind, ResourceId, ResourceSpec, ResourceStatus, decode, encode,
+    kv::{ACTUAL_STATE, DESIRED_STATE, HEARTBEAT},
+};
+use fleetlet_testenv::{TestEnv, process::Service};
+
+struct Device {
+    id: DeviceId,
+    dir: tempfile::TempDir,
+}
+
+impl Device {
+    fn new(id: &str) -> Self {
+        Self {
+            id: DeviceId::new(id).unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.root().join(name)
+    }
+
+    fn write_config(&self, nats_url: &str, extra: &str) -> PathBuf {
+        let path = self.dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "device_id = \"{}\"\nstate_dir = \"{}\"\n[nats]\nurls = [\"{nats_url}\"]\n\
+                 [reconcile]\ndrift_interval_seconds = 1\nheartbeat_interval_seconds = 1\n\
+                 backoff_initial_ms = 200\nbackoff_max_ms = 1000\n{extra}\n\
+                 [file]\nallowed_roots = [\"{}\"]\n",
+                self.id,
+                self.dir.path().join("state").display(),
+                self.root().display()
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    /// Starts the agent binary; it dies with the test process.
+    fn start(&self, nats_url: &str, extra: &str) -> Service {
+        let config = self.write_config(nats_url, extra);
+        let log = self
+            .dir
+            .path()
+            .join(format!("agent-{}.log", fastrand_suffix()));
+        std::fs::create_dir_all(self.root()).unwrap();
+        Service::spawn(
+            "fleetlet-agent",
+            Path::new(env!("CARGO_BIN_EXE_fleetlet-agent")),
+            &["--config".into(), config.display().to_string()],
+            log,
+        )
+        .unwrap()
+    }
+
+    fn file_resource(&self, id: &str, name: &str, text: &str) -> ManagedResource {
+        file_at(id, &self.file(name).display().to_string(), text)
+    }
+
+    fn manifest(&self, generation: u64, resources: Vec<ManagedResource>) -> AgentManifest {
+        AgentManifest {
+            api_version: API_VERSION.into(),
+            device: self.id.clone(),
+            generation,
+            resources,
+        }
+    }
+}
+
+fn fastrand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn file_at(id: &str, path: &str, text: &str) -> ManagedResource {
+    ManagedResource {
+        id: ResourceId::new(id).unwrap(),
+        owner: Owner {
+            kind: OwnerKind::EdgeManifest,
+            namespace: "default".into(),
+            name: "test".into(),
+            generation: 1,
+            uid: None,
+        },
+        spec: ResourceSpec::File(FileSpec {
+            path: path.into(),
+            content: FileContent::Text(text.into()),
+            mode: None,
+            owner: None,
+            group: None,
+        }),
+    }
+}
+
+async fn buckets(env: &TestEnv) -> (Store, Store, Store) {
+    let js = env.jetstream().await.unwrap();
+    (
+        js.get_key_value(DESIRED_STATE.name).await.unwrap(),
+        js.get_key_value(ACTUAL_STATE.name).await.unwrap(),
+        js.get_key_value(HEARTBEAT.name).await.unwrap(),
+    )
+}
+
+async fn put(desired: &Store, m: &AgentManifest) {
+    desired
+        .put(m.device.as_str(), encode(m).unwrap().into())
+        .await
+        .unwrap();
+}
+
+/// Polls the device's status until `pred` holds; panics with the last status after 20 s.
+async fn wait_status(
+    actual: &Store,
+    dev: &DeviceId,
+    what: &str,
+    pred: impl Fn(&AgentStatus) -> bool,
+) -> AgentStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = None;
+    loop {
+        if let Ok(Some(e)) = actual.entry(dev.as_str()).await
+            && let Ok(s) = decode::<AgentStatus>(&e.value)
+        {
+            if pred(&s) {
+                return s;
+            }
+            last = Some(s);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last status: {last:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn all_ready(s: &AgentStatus, generation: u64, count: usize) -> bool {
+    s.observed_generation == generation
+        && s.resources.len() == count
+        && s.resources.values().all(ResourceStatus::is_ready)
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap()
+}
+
+#[tokio::test]
+async fn files_are_written_changed_and_garbage_collected_across_generations() {
+    let env = TestEnv::builder().nats().start().await.unwrap();
+    let (desired, actual, _) = buckets(&env).await;
+    let dev = Device::new("pi-files");
+    let mut agent = dev.start(env.nats_url().unwrap(), "");
+
+    let gen1 = dev.manifest(
+        1,
+        vec![
+            dev.file_resource("a", "a.conf", "a=1\n"),
+            dev.file_resource("b", "sub/b.conf", "b=1\n"),
+            dev.file_resource("c", "c.conf", "c=1\n"),
+        ],
+    );
+    put(&desired, &gen1).await;
+    let s = wait_status(&actual, &dev.id, "gen 1 ready", |s| all_ready(s, 1, 3)).await;
+    assert_eq!(s.manifest_generation, 1);
+    assert_eq!(read(&dev.file("a.conf")), "a=1\n");
+    assert_eq!(read(&dev.file("sub/b.conf")), "b=1\n");
+    assert_eq!(read(&dev.file("c.conf")), "c=1\n");
+    let ready = s.condition("Ready").unwrap();
+    assert_eq!(ready.status, fleetlet_protocol::ConditionStatus::True);
+
+    // Generation 2 changes b and drops c.
+    let gen2 = dev.manifest(
+        2,
+        vec![
+            dev.file_resource("a", "a.conf", "a=1\n"),
+            dev.file_resource("b", "sub/b.conf", "b=2\n"),
+        ],
+    );
+    put(&desired, &gen2).await;
+    let s = wait_status(&actual, &dev.id, "gen 2 ready", |s| all_ready(s, 2, 2)).await;
+    assert_eq!(read(&dev.file("sub/b.conf")), "b=2\n");
+    assert!(!dev.file("c.conf").exists(), "dropped file was deleted");
+    assert!(!s.resources.contains_key("c"));
+    assert_eq!(s.drift_repairs, 0, "no drift in an ordinary update");
+
+    // SIGTERM: the agent exits cleanly and leaves what it manages in place.
+    agent.stop();
+    assert!(dev.file("a.conf").exists() && dev.file("sub/b.conf").exists());
+    assert!(
+        std::fs::read_to_string(&agent.log)
+            .unwrap()
+            .contains("shutting down")
+    );
+}
+
+#[tokio::test]
+async fn files_edited_or_deleted_by_hand_are_restored_and_the_drift_is_reported() {
+    let env = TestEnv::builder().nats().start().await.unwrap();
+    let (desired, actual, _) = buckets(&env).await;
+    let dev = Device::new("pi-drift");
+    let _agent = dev.start(env.nats_url().unwrap(), "");
+    put(
+        &desired,
+        &dev.manifest(
+            1,
+            vec![
+                dev.file_resource("motd", "motd", "managed\n"),
+                dev.file_resource("x", "x", "x\n"),
+            ],
+        ),
+    )
+    .await;
+    wait_status(&actual, &dev.id, "ready", |s| all_ready(s, 1, 2)).await;
+
+    std::fs::write(dev.file("motd"), "edited by hand\n").unwrap();
+    let s = wait_status(&actual, &dev.id, "edit repaired", |s| s.drift_repairs >= 1).await;
+    assert_eq!(read(&dev.file("motd")), "managed\n");
+    let drift = s.last_drift.unwrap();
+    assert_eq!(drift.resource.as_str(), "motd");
+    assert_eq!(drift.reason, "size is 15 bytes, want 8");
+
+    std::fs::remove_file(dev.file("x")).unwrap();
+    let s = wait_status(&actual, &dev.id, "delete repaired", |s| {
+        s.drift_repairs >= 2
+    })
+    .await;
+    assert_eq!(read(&dev.file("x")), "x\n");
+    assert_eq!(s.last_drift.unwrap().reason, "absent");
+}
+
+#[tokio::test]
+async fn a_file_outside_the_allowed_roots_fails_alone() {
+    let env = TestEnv::builder().nats().start().await.unwrap();
+    let (desired, actual, _) = buckets(&env).await;
+    let dev = Device::new("pi-partial");
+    let _agent = dev.start(env.nats_url().unwrap(), "");
+    let outside = tempfile::tempdir().unwrap();
+    let forbidden = outside.path().join("passwd");
+    put(
+        &desired,
+        &dev.manifest(
+            1,
+            vec![
+                dev.file_resource("ok-1", "ok-1", "1"),
+                file_at(
+                    "evil",
+                    &forbidden.display().to_string(),
+                    "root::0:0::/:/bin/sh\n",
+                ),
+                dev.file_resource("ok-2", "ok-2", "2"),
+            ],
+        ),
+    )
+    .await;
+    let s = wait_status(&actual, &dev.id, "settled", |s| s.observed_generation == 1).await;
+    assert!(s.resources["ok-1"].is_ready() && s.resources["ok-2"].is_ready());
+    match &s.resources["evil"] {
+        ResourceStatus::Failed { error, .. } => {
+            assert!(error.contains("outside the allowed roots"), "{error}");
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    assert!(!forbidden.exists());
+    let degraded = s.condition("Degraded").unwrap();
+    assert_eq!(degraded.status, fleetlet_protocol::ConditionStatus::True);
+    assert_eq!(degraded.message, "evil");
+}
+
+#[tokio::test]
+async fn unknown_and_disabled_kinds_are_unsupported_without_blocking_the_rest() {
+    let env = TestEnv::builder().nats().start().await.unwrap();
+    let (desired, actual, _) = buckets(&env).await;
+    let dev = Device::new("pi-kinds");
+    let _agent = dev.start(env.nats_url().unwrap(), "enabled_kinds = [\"file\"]");
+    // Written as raw JSON, the way a newer control plane would send a kind we don't know.
+    let raw = serde_json::json!({
+        "apiVersion": API_VERSION, "device": "pi-kinds", "generation": 1,
+        "resources": [
+            { "id": "f", "owner": { "kind": "EdgeManifest", "namespace": "n", "name": "m" },
+              "file": { "path": dev.file("f").display().to_string(), "content": { "text": "f" } } },
+            { "id": "gpu", "owner": { "kind": "EdgeManifest", "namespace": "n", "name": "m" },
+              "gpuDriver": { "version": "550" } },
+            { "id": "job", "owner": { "kind": "EdgeManifest", "namespace": "n", "name": "m" },
+              "shellJob": { "command": ["/bin/sh", "-c", "touch /tmp/pwned"] } }
+        ]
+    });
+    desired
+        .put("pi-kinds", serde_json::to_vec(&raw).unwrap().into())
+        .await
+        .unwrap();
+    let s = wait_status(&actual, &dev.id, "settled", |s| s.observed_generation == 1).await;
+    assert!(s.resources["f"].is_ready());
+    assert!(
+        matches!(&s.resources["gpu"], ResourceStatus::Unsupported { kind, .. } if kind == "gpuDriver")
+    );
+    assert!(
+        matches!(&s.resources["job"], ResourceStatus::Unsupported { kind, .. } if kind == "shellJob")
+    );
+}
+
+#[tokio::test]
+async fn hostile_manifests_are_refused_with_a_reason_and_the_previous_one_stays_in_force() {
+    let env = TestEnv::builder().nats().start().await.unwrap();
+    let (desired, actual, _) = buckets(&env).await;
+    let dev = Device::new("pi-hostile");
+    let _agent = dev.start(env.nats_url().unwrap(), "max_manifest_bytes = 4096");
+    put(
+        &desired,
+        &dev.manifest(5, vec![dev.file_resource("keep", "keep", "v5")]),
+    )
+    .await;
+    wait_status(&actual, &dev.id, "gen 5", |s| all_ready(s, 5, 1)).await;
+
+    let big = dev.manifest(
+        6,
+        vec![dev.file_resource("keep", "keep", &"x".repeat(8192))],
+    );
+    let mut other = dev.manifest(7, vec![]);
+    other.device = DeviceId::new("pi-someone-else").unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "Malformed",
+            b"{\"apiVersion\": \"fleetlet.dev/v1alpha1\", \"device\": ".to_vec(),
+        ),
+        ("Malformed", b"\xff\x00 not json".to_vec()),
+        (
+            "UnsupportedApiVersion",
+            br#"{"apiVersion":"fleetlet.dev/v9","device":"pi-hostile","generation":9}"#.to_vec(),
+        ),
+        ("WrongDevice", encode(&other).unwrap()),
+        ("StaleGeneration", encode(&dev.manifest(4, vec![])).unwrap()),
+        (
+            "GenerationReused",
+            encode(&dev.manifest(5, vec![])).unwrap(),
+        ),
+        ("TooLarge", encode(&big).unwrap()),
+    ];
+    for (reason, bytes) in cases {
+        let rev = desired.put("pi-hostile", bytes.into()).await.unwrap();
+        let s = wait_status(&actual, &dev.id, reason, |s| {
+            s.last_rejection.as_ref().is_some_and(|r| r.revision == rev)
+        })
+        .await;
+        let rejection = s.last_rejection.clone().unwrap();
+        assert_eq!(rejection.reason, reason, "{rejection:?}");
+        assert!(!rejection.message.is_empty());
+        // Nothing lost: generation 5 is still in force and its file untouched.
+        assert_eq!(s.manifest_generation, 5);
+        assert!(s.resources["keep"].is_ready());
+        assert_eq!(read(&dev.file("keep")), "v5");
+    }
+    // A valid next generation is still accepted afterwards.
+    put(
+        &desired,
+        &dev.manifest(6, vec![dev.file_resource("keep", "keep", "v6")]),
+    )
+    .await;
+    wait_status(&actual, &dev.id, "gen 6", |s| all_ready(s, 6, 1)).await;
+    assert_eq!(read(&dev.file("keep")), "v6");
+}
+
+#[tokio::test]
+async fn offline_agent_converges_from_its_stored_manifest_and_reports_when_nats_returns() {
+    let mut env = TestEnv::builder().nats().start().await.unwrap();
+    let url = env.nats_url().unwrap().to_owned();
+    let dev = Device::new("pi-offline");
+    {
+        let (desired, actual, _) = buckets(&env).await;
+        let mut agent = dev.start(&url, "");
+        put(
+            &desired,
+            &dev.manifest(1, vec![dev.file_resource("cfg", "cfg", "online\n")]),
+        )
+        .await;
+        wait_status(&actual, &dev.id, "ready", |s| all_ready(s, 1, 1)).await;
+        agent.stop();
+    }
+
+    // NATS goes away; the agent restarts without it and still repairs drift.
+    env.nats.as_mut().unwrap().stop();
+    let _agent = dev.start(&url, "");
+    std::fs::write(dev.file("cfg"), "tampered while offline\n").unwrap();
+    wait_until("offline repair", || read(&dev.file("cfg")) == "online\n").await;
+    assert!(dev.file("cfg").exists(), "the restart deleted nothing");
+
+    // NATS returns: the status accumulated offline arrives.
+    env.nats.as_mut().unwrap().start_again().await.unwrap();
+    let (_, actual, _) = buckets(&env).await;
+    let s = wait_status(&actual, &dev.id, "offline drift reported", |s| {
+        s.drift_repairs >= 1
+    })
+    .await;
+    assert_eq!(s.last_drift.unwrap().resource.as_str(), "cfg");
+    assert!(s.resources["cfg"].is_ready());
+}
+
+#[tokio::test]
+async fn concurrent_status_writers_do_not_lose_updates() {
+    let env = TestEnv::builder().nats().start().await.unwrap();
+    let (_, actual, _) = buckets(&env).await;
+    let dev = DeviceId::new("pi-cas").unwrap();
+    let writers = (0..2).map(|_| {
+        let kv = actual.clone();
+        let dev = dev.clone();
+        tokio::spawn(async move {
+            for _ in 0..25 {
+                fleetlet_agent::nats::cas_update_status(&kv, dev.as_str(), |stored| {
+                    let mut s = stored.unwrap_or_else(|| AgentStatus::new(dev.clone()));
+                    s.drift_repairs += 1;
+                    s
+                })
+                .await
+                .unwrap();
+            }
+        })
+    });
+    for w in writers.collect::<Vec<_>>() {
+        w.await.unwrap();
+    }
+    let e = actual.entry(dev.as_str()).await.unwrap().unwrap();
+    assert_eq!(decode::<AgentStatus>(&e.value).unwrap().drift_repairs, 50);
+}
+
+#[tokio::test]
+async fn heartbeats_carry_device_facts_and_keep_coming() {
+    let env = TestEnv::builder().nats().start().await.unwrap();
+    let (_, _, heartbeat) = buckets(&env).await;
+    let dev = Device::new("pi-heartbeat");
+    let _agent = dev.start(env.nats_url().unwrap(), "");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.len() < 2 {
+        assert!(Instant::now() < deadline, "heartbeats: {seen:?}");
+        if let Ok(Some(e)) = heartbeat.entry("pi-heartbeat").await {
+            let hb = decode::<Heartbeat>(&e.value).unwrap();
+            if seen
+                .last()
+                .is_none_or(|s: &Heartbeat| s.sequence < hb.sequence)
+            {
+                seen.push(hb);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let hb = &seen[1];
+    assert_eq!(hb.device, dev.id);
+    assert_eq!(hb.interval_seconds, 1);
+    assert_eq!(hb.system.operating_system, "linux");
+    assert_eq!(hb.system.architecture, "amd64");
+    assert!(
+        hb.capacity.memory_bytes > 0 && hb.capacity.cpu_cores > 0 && hb.capacity.disk_bytes > 0
+    );
+    assert!(hb.free.memory_bytes <= hb.capacity.memory_bytes);
+    assert!(!hb.system.kernel_version.is_empty());
+}

@@ -1,0 +1,147 @@
+//! The operator-facing commands: `check-config` and `--once`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+use std::process::Command;
+
+use fleetlet_protocol::{AgentStatus, ResourceStatus};
+
+fn agent() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fleetlet-agent"));
+    c.env_remove("FLEETLET_CONFIG").env("FLEETLET_LOG", "warn");
+    c
+}
+
+fn config(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
+    let p = dir.join("agent.toml");
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+#[test]
+fn check_config_explains_what_is_wrong_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        "device_id = \"Kitchen.Pi\"\n[nats]\nurls = [\"nats://127.0.0.1:4222\"]\n",
+    );
+    let out = agent()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid configuration") && err.contains("device id"),
+        "{err}"
+    );
+
+    let out = agent()
+        .arg("--config")
+        .arg(dir.path().join("missing.toml"))
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
+}
+
+#[test]
+fn check_config_prints_the_effective_settings_with_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "device_id = \"pi-1\"\nstate_dir = \"{}\"\n[nats]\nurls = [\"nats://127.0.0.1:4222\"]\n",
+            dir.path().display()
+        ),
+    );
+    let out = agent()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--device-id", "pi-2", "check-config"])
+        .env(
+            "FLEETLET_NATS_URL",
+            "nats://127.0.0.1:5222,nats://127.0.0.2:5222",
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("configuration OK"));
+    assert!(text.contains("device:          pi-2"), "{text}");
+    assert!(
+        text.contains("nats://127.0.0.1:5222, nats://127.0.0.2:5222"),
+        "{text}"
+    );
+}
+
+#[test]
+fn once_applies_a_manifest_file_without_nats_and_prints_the_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "device_id = \"pi-once\"\nstate_dir = \"{}\"\n[nats]\nurls = [\"nats://127.0.0.1:1\"]\n[file]\nallowed_roots = [\"{}\"]\n",
+            dir.path().join("state").display(),
+            root.display()
+        ),
+    );
+    let manifest = dir.path().join("manifest.json");
+    std::fs::write(
+        &manifest,
+        serde_json::to_vec(&serde_json::json!({
+            "apiVersion": "fleetlet.dev/v1alpha1", "device": "pi-once", "generation": 3,
+            "resources": [{ "id": "hello", "owner": { "kind": "EdgeManifest", "namespace": "n", "name": "m" },
+                            "file": { "path": root.join("hello.txt").display().to_string(), "content": { "text": "hi\n" } } }]
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let out = agent()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--once")
+        .arg("--manifest")
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: AgentStatus = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status.observed_generation, 3);
+    assert!(matches!(
+        status.resources["hello"],
+        ResourceStatus::Ready { .. }
+    ));
+    assert_eq!(
+        std::fs::read_to_string(root.join("hello.txt")).unwrap(),
+        "hi\n"
+    );
+
+    // Without --manifest, --once re-applies the stored one (repairing a hand edit).
+    std::fs::write(root.join("hello.txt"), "changed").unwrap();
+    let out = agent()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--once")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let status: AgentStatus = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status.drift_repairs, 1);
+    assert_eq!(
+        std::fs::read_to_string(root.join("hello.txt")).unwrap(),
+        "hi\n"
+    );
+}
