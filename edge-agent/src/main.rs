@@ -1,6 +1,6 @@
 //! fleetlet-agent: the mini-kubelet on each device.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{io::Write, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -132,7 +132,9 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
             None => None,
         };
         let status = fleetlet_agent::once(settings, manifest).await?;
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        let mut out = std::io::stdout().lock();
+        // A closed pipe (`| head`) is the reader's choice, not an agent failure.
+        let _ = writeln!(out, "{}", serde_json::to_string_pretty(&status)?);
         let all_ready = status.resources.values().all(|r| r.is_ready());
         return Ok(if all_ready {
             ExitCode::SUCCESS

@@ -37,12 +37,12 @@ impl Device {
         self.root().join(name)
     }
 
-    fn write_config(&self, nats_url: &str, extra: &str) -> PathBuf {
+    fn write_config(&self, nats_url: &str, extra: &str, nats_extra: &str) -> PathBuf {
         let path = self.dir.path().join("agent.toml");
         std::fs::write(
             &path,
             format!(
-                "device_id = \"{}\"\nstate_dir = \"{}\"\n[nats]\nurls = [\"{nats_url}\"]\n\
+                "device_id = \"{}\"\nstate_dir = \"{}\"\n[nats]\nurls = [\"{nats_url}\"]\n{nats_extra}\n\
                  [reconcile]\ndrift_interval_seconds = 1\nheartbeat_interval_seconds = 1\n\
                  backoff_initial_ms = 200\nbackoff_max_ms = 1000\n{extra}\n\
                  [file]\nallowed_roots = [\"{}\"]\n",
@@ -57,7 +57,15 @@ impl Device {
 
     /// Starts the agent binary; it dies with the test process.
     fn start(&self, nats_url: &str, extra: &str) -> Service {
-        let config = self.write_config(nats_url, extra);
+        self.spawn(self.write_config(nats_url, extra, ""))
+    }
+
+    /// Starts the agent with extra `[nats]` settings (credentials).
+    fn start_with_nats_extra(&self, nats_url: &str, nats_extra: &str) -> Service {
+        self.spawn(self.write_config(nats_url, "", nats_extra))
+    }
+
+    fn spawn(&self, config: PathBuf) -> Service {
         let log = self
             .dir
             .path()
@@ -481,4 +489,122 @@ async fn heartbeats_carry_device_facts_and_keep_coming() {
     );
     assert!(hb.free.memory_bytes <= hb.capacity.memory_bytes);
     assert!(!hb.system.kernel_version.is_empty());
+}
+
+#[tokio::test]
+async fn a_running_agent_reconnects_after_nats_restarts_and_takes_new_generations() {
+    let mut env = TestEnv::builder().nats().start().await.unwrap();
+    let dev = Device::new("pi-reconnect");
+    let _agent = dev.start(env.nats_url().unwrap(), "");
+    {
+        let (desired, actual, _) = buckets(&env).await;
+        put(
+            &desired,
+            &dev.manifest(1, vec![dev.file_resource("v", "v", "1")]),
+        )
+        .await;
+        wait_status(&actual, &dev.id, "gen 1", |s| all_ready(s, 1, 1)).await;
+    }
+    let nats = env.nats.as_mut().unwrap();
+    nats.stop();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    nats.start_again().await.unwrap();
+
+    let (desired, actual, _) = buckets(&env).await;
+    put(
+        &desired,
+        &dev.manifest(2, vec![dev.file_resource("v", "v", "2")]),
+    )
+    .await;
+    wait_status(&actual, &dev.id, "gen 2 after reconnect", |s| {
+        all_ready(s, 2, 1)
+    })
+    .await;
+    assert_eq!(read(&dev.file("v")), "2");
+}
+
+#[tokio::test]
+async fn a_failing_resource_is_retried_with_backoff_and_recovers_without_a_new_manifest() {
+    let env = TestEnv::builder().nats().start().await.unwrap();
+    let (desired, actual, _) = buckets(&env).await;
+    let dev = Device::new("pi-backoff");
+    let _agent = dev.start(env.nats_url().unwrap(), "");
+    // A regular file where the resource needs a directory: an I/O failure, retryable.
+    std::fs::create_dir_all(dev.root()).unwrap();
+    std::fs::write(dev.file("blocker"), "not a directory").unwrap();
+    put(
+        &desired,
+        &dev.manifest(
+            1,
+            vec![
+                dev.file_resource("inner", "blocker/inner.conf", "x"),
+                dev.file_resource("ok", "ok", "ok"),
+            ],
+        ),
+    )
+    .await;
+    let s = wait_status(&actual, &dev.id, "failed with retry", |s| {
+        matches!(
+            s.resources.get("inner"),
+            Some(ResourceStatus::Failed {
+                retry_after: Some(_),
+                ..
+            })
+        )
+    })
+    .await;
+    assert!(
+        s.resources["ok"].is_ready(),
+        "the healthy resource is not held back"
+    );
+    let ResourceStatus::Failed {
+        since,
+        retry_after: Some(retry),
+        error,
+    } = &s.resources["inner"]
+    else {
+        unreachable!()
+    };
+    assert!(retry > since, "retry is scheduled after the failure");
+    assert!(error.contains("blocker"), "{error}");
+
+    // Clear the obstacle: the next retry succeeds, with no change to the manifest.
+    std::fs::remove_file(dev.file("blocker")).unwrap();
+    wait_status(&actual, &dev.id, "recovered", |s| all_ready(s, 1, 2)).await;
+    assert_eq!(read(&dev.file("blocker/inner.conf")), "x");
+}
+
+#[tokio::test]
+async fn credentials_from_the_config_reach_an_authenticated_server() {
+    let env = TestEnv::builder()
+        .nats_with_args(&["--user", "pi-auth", "--pass", "s3cret"])
+        .start()
+        .await
+        .unwrap();
+    let (desired, actual, _) = buckets(&env).await;
+    let url = env.nats_url().unwrap().to_owned();
+
+    // Wrong password: the agent keeps retrying and never gets its manifest.
+    let wrong = Device::new("pi-auth");
+    let bad = wrong.start_with_nats_extra(&url, "user = \"pi-auth\"\npassword = \"wrong\"");
+    put(
+        &desired,
+        &wrong.manifest(1, vec![wrong.file_resource("f", "f", "x")]),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!wrong.file("f").exists());
+    drop(bad);
+
+    let good = Device::new("pi-auth");
+    let _agent = good.start_with_nats_extra(&url, "user = \"pi-auth\"\npassword = \"s3cret\"");
+    put(
+        &desired,
+        &good.manifest(2, vec![good.file_resource("f", "f", "x")]),
+    )
+    .await;
+    wait_status(&actual, &good.id, "ready with credentials", |s| {
+        all_ready(s, 2, 1)
+    })
+    .await;
 }

@@ -60,7 +60,7 @@ pub struct Rejection {
 
 /// Where one resource stands.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "state", rename_all = "camelCase")]
+#[serde(tag = "state")]
 pub enum ResourceStatus {
     /// Accepted, not yet worked on.
     Pending,

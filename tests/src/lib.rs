@@ -70,10 +70,11 @@ pub enum Error {
 }
 
 /// Which servers to start.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Builder {
     kube: bool,
     nats: bool,
+    nats_args: Vec<String>,
 }
 
 impl Builder {
@@ -86,6 +87,13 @@ impl Builder {
     /// nats-server with JetStream and fleetlet's buckets.
     pub fn nats(mut self) -> Self {
         self.nats = true;
+        self
+    }
+
+    /// nats-server with JetStream and extra flags, e.g. `["--user", "u", "--pass", "p"]`.
+    pub fn nats_with_args(mut self, args: &[&str]) -> Self {
+        self.nats = true;
+        self.nats_args = args.iter().map(|a| a.to_string()).collect();
         self
     }
 
@@ -152,7 +160,8 @@ impl TestEnv {
             env.kube = Some(kube);
         }
         if opts.nats {
-            let nats = NatsServer::start(&bins.nats_server, &dir).await?;
+            let nats = NatsServer::start_with_args(&bins.nats_server, &dir, opts.nats_args.clone())
+                .await?;
             ensure_buckets(nats.client().await?).await?;
             env.nats = Some(nats);
         }

@@ -20,13 +20,25 @@ pub struct NatsServer {
     pub monitor_port: u16,
     program: PathBuf,
     dir: PathBuf,
+    extra_args: Vec<String>,
     service: Option<Service>,
     starts: u32,
 }
 
 impl NatsServer {
     pub async fn start(program: &Path, dir: &Path) -> Result<Self, Error> {
+        Self::start_with_args(program, dir, Vec::new()).await
+    }
+
+    /// Starts with extra command-line flags (e.g. `--user`/`--pass`); the readiness check
+    /// then needs [`NatsServer::connect_options`] to match.
+    pub async fn start_with_args(
+        program: &Path,
+        dir: &Path,
+        extra_args: Vec<String>,
+    ) -> Result<Self, Error> {
         let mut server = Self {
+            extra_args,
             port: free_port()?,
             monitor_port: free_port()?,
             url: String::new(),
@@ -59,13 +71,19 @@ impl NatsServer {
             "--server_name".into(),
             "fleetlet-testenv".into(),
         ];
+        let args = [args, self.extra_args.clone()].concat();
         let log = self.dir.join(format!("nats-{}.log", self.starts));
         let mut service = Service::spawn("nats-server", &self.program, &args, log)?;
         let url = self.url.clone();
+        let auth = self.auth();
         wait_until("nats-server", &mut service, Duration::from_secs(20), || {
             let url = url.clone();
+            let auth = auth.clone();
             async move {
-                let client = async_nats::connect(&url).await.map_err(|e| e.to_string())?;
+                let client = connect_options(auth)
+                    .connect(&url)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 // JetStream answers once the store is recovered.
                 jetstream::new(client)
                     .query_account()
@@ -91,11 +109,29 @@ impl NatsServer {
     }
 
     pub async fn client(&self) -> Result<async_nats::Client, Error> {
-        Ok(async_nats::connect(&self.url).await?)
+        Ok(connect_options(self.auth()).connect(&self.url).await?)
+    }
+
+    /// `--user`/`--pass` given to the server, if any.
+    fn auth(&self) -> Option<(String, String)> {
+        let flag = |name: &str| {
+            self.extra_args
+                .iter()
+                .position(|a| a == name)
+                .and_then(|i| self.extra_args.get(i + 1).cloned())
+        };
+        Some((flag("--user")?, flag("--pass")?))
     }
 
     pub(crate) fn pid(&self) -> Option<u32> {
         self.service.as_ref().map(Service::pid)
+    }
+}
+
+fn connect_options(auth: Option<(String, String)>) -> async_nats::ConnectOptions {
+    match auth {
+        Some((u, p)) => async_nats::ConnectOptions::with_user_and_password(u, p),
+        None => async_nats::ConnectOptions::new(),
     }
 }
 
