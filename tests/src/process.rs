@@ -48,6 +48,17 @@ pub struct Service {
 impl Service {
     /// Starts `program args...` with stdout and stderr appended to `log`.
     pub fn spawn(name: &str, program: &Path, args: &[String], log: PathBuf) -> Result<Self, Error> {
+        Self::spawn_with_env(name, program, args, &[], log)
+    }
+
+    /// Like [`Service::spawn`], with extra environment variables for the program.
+    pub fn spawn_with_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+        log: PathBuf,
+    ) -> Result<Self, Error> {
         let out = File::create(&log)?;
         let err = out.try_clone()?;
         let mut child = Command::new("sh")
@@ -56,6 +67,7 @@ impl Service {
             .arg(format!("fleetlet-watchdog-{name}"))
             .arg(program)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(out)
             .stderr(err)

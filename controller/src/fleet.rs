@@ -1,0 +1,622 @@
+//! The fleet loop: one level-triggered pass computes every device's manifest from the
+//! reflector stores and the KV mirrors, and writes only what differs.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use async_nats::jetstream::kv::{CreateErrorKind, Store, UpdateErrorKind};
+use fleetlet_crds::{
+    Condition, EdgeDevice, EdgeManifest, EdgeManifestStatus, Time,
+    k8s_openapi::jiff::Timestamp as KTime,
+    kube::{
+        Api, Client, Resource, ResourceExt,
+        api::{Patch, PatchParams},
+        runtime::{
+            events::{Event, EventType, Recorder},
+            reflector::Store as Reflector,
+        },
+    },
+};
+use fleetlet_protocol::{
+    AgentManifest, AgentStatus, DeviceId, Heartbeat, OwnerKind, Timestamp, encode,
+    kv::{ACTUAL_STATE, DESIRED_STATE, HEARTBEAT},
+};
+use serde_json::json;
+use tracing::{debug, info, instrument, warn};
+
+use crate::{
+    Error, FIELD_MANAGER, FINALIZER,
+    kvcache::KvCache,
+    metrics::Metrics,
+    plan::{Conflict, DeviceState, DeviceView, ManifestView, Plan, Progress, plan},
+};
+
+/// Everything a pass reads and writes.
+pub struct Fleet {
+    pub client: Client,
+    pub devices: Reflector<EdgeDevice>,
+    pub manifests: Reflector<EdgeManifest>,
+    pub desired: Arc<KvCache<AgentManifest>>,
+    pub actual: Arc<KvCache<AgentStatus>>,
+    pub heartbeats: Arc<KvCache<Heartbeat>>,
+    pub kv_desired: Store,
+    pub kv_actual: Store,
+    pub kv_heartbeat: Store,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// A device whose last heartbeat is older than this is offline for rollouts.
+    pub offline_after: Duration,
+    /// Default progress deadline when a manifest sets none.
+    pub progress_deadline: Duration,
+    progress_clock: Mutex<HashMap<String, (i64, u32, Instant)>>,
+    reported_conflicts: Mutex<BTreeSet<Conflict>>,
+}
+
+/// What one pass did, for logs, metrics and tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PassSummary {
+    pub kv_writes: u32,
+    pub kv_conflicts: u32,
+    pub kv_deletes: u32,
+    pub status_patches: u32,
+}
+
+fn rfc3339(t: Option<&Time>) -> String {
+    t.map(|t| t.0.to_string()).unwrap_or_default()
+}
+
+impl Fleet {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Client,
+        devices: Reflector<EdgeDevice>,
+        manifests: Reflector<EdgeManifest>,
+        desired: Arc<KvCache<AgentManifest>>,
+        actual: Arc<KvCache<AgentStatus>>,
+        heartbeats: Arc<KvCache<Heartbeat>>,
+        stores: (Store, Store, Store),
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        offline_after: Duration,
+        progress_deadline: Duration,
+    ) -> Self {
+        Self {
+            client,
+            devices,
+            manifests,
+            desired,
+            actual,
+            heartbeats,
+            kv_desired: stores.0,
+            kv_actual: stores.1,
+            kv_heartbeat: stores.2,
+            recorder,
+            metrics,
+            offline_after,
+            progress_deadline,
+            progress_clock: Mutex::new(HashMap::new()),
+            reported_conflicts: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// Whether every input has been listed once (acting earlier could delete real state).
+    pub fn synced(&self) -> bool {
+        self.desired.is_ready() && self.actual.is_ready() && self.heartbeats.is_ready()
+    }
+
+    /// Devices by id; when two namespaces claim one id, the older EdgeDevice has it.
+    fn device_objects(&self) -> BTreeMap<DeviceId, Arc<EdgeDevice>> {
+        let mut all: Vec<Arc<EdgeDevice>> = self.devices.state();
+        all.sort_by_key(|d| {
+            (
+                rfc3339(d.metadata.creation_timestamp.as_ref()),
+                d.namespace(),
+                d.name_any(),
+            )
+        });
+        let mut out = BTreeMap::new();
+        for d in all {
+            let Ok(id) = DeviceId::new(d.name_any()) else {
+                continue;
+            };
+            if out.contains_key(&id) {
+                warn!(device = %id, namespace = d.namespace().unwrap_or_default(), "device id already used in another namespace; ignored");
+                continue;
+            }
+            out.insert(id, d);
+        }
+        out
+    }
+
+    /// One full pass.
+    #[instrument(skip(self))]
+    pub async fn reconcile(&self) -> Result<PassSummary, Error> {
+        let mut summary = PassSummary::default();
+        let now = Timestamp::now();
+        let devices = self.device_objects();
+        let heartbeats = self.heartbeats.snapshot();
+        let views: Vec<DeviceView> = devices
+            .iter()
+            .map(|(id, d)| DeviceView {
+                id: id.clone(),
+                namespace: d.namespace().unwrap_or_default(),
+                labels: d.labels().clone(),
+                paused: d.spec.paused,
+                online: heartbeats.get(id).is_some_and(|h| {
+                    now.as_millis()
+                        .saturating_sub(h.value.timestamp.as_millis())
+                        < self.offline_after.as_millis() as u64
+                }),
+            })
+            .collect();
+        let manifests: Vec<Arc<EdgeManifest>> = self.manifests.state();
+        let mviews: Vec<ManifestView> = manifests
+            .iter()
+            .map(|m| ManifestView {
+                namespace: m.namespace().unwrap_or_default(),
+                name: m.name_any(),
+                uid: m.uid(),
+                generation: m.metadata.generation.unwrap_or(0),
+                created: rfc3339(m.metadata.creation_timestamp.as_ref()),
+                selector: m.spec.selector.clone(),
+                devices: m.spec.devices.clone(),
+                resources: m.spec.resources.clone(),
+                deleting: m.metadata.deletion_timestamp.is_some(),
+                max_unavailable: m
+                    .spec
+                    .rollout
+                    .as_ref()
+                    .and_then(|r| r.max_unavailable.clone()),
+                paused: m.spec.rollout.as_ref().is_some_and(|r| r.paused),
+            })
+            .collect();
+        let desired = self.desired.snapshot();
+        let actual = self.actual.snapshot();
+        let state: HashMap<DeviceId, DeviceState> = devices
+            .keys()
+            .map(|id| {
+                (
+                    id.clone(),
+                    DeviceState {
+                        desired: desired.get(id).map(|v| v.value.clone()),
+                        actual: actual.get(id).map(|v| v.value.clone()),
+                    },
+                )
+            })
+            .collect();
+        let deleting: HashSet<String> = mviews
+            .iter()
+            .filter(|m| m.deleting)
+            .map(ManifestView::key)
+            .collect();
+        let p = plan(&views, &mviews, &state);
+
+        // Desired state, device by device: write only what differs.
+        let mut generations: Vec<(Arc<EdgeDevice>, u64)> = Vec::new();
+        for (id, resources) in device_resources(&p, &state, &views, &deleting) {
+            let Some(obj) = devices.get(&id) else {
+                continue;
+            };
+            let current = desired.get(&id);
+            if current.is_some_and(|c| c.value.resources == resources) {
+                continue;
+            }
+            let floor = [
+                current.map_or(0, |c| c.value.generation),
+                obj.status
+                    .as_ref()
+                    .and_then(|s| s.desired_generation)
+                    .unwrap_or(0),
+                actual.get(&id).map_or(0, |a| a.value.manifest_generation),
+            ]
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+            let mut m = AgentManifest::new(id.clone(), floor + 1);
+            m.resources = resources;
+            match self.write_desired(&id, &m).await {
+                Ok(true) => {
+                    summary.kv_writes += 1;
+                    generations.push((obj.clone(), m.generation));
+                }
+                Ok(false) => summary.kv_conflicts += 1,
+                Err(e) => warn!(device = %id, error = %e, "writing desired state failed"),
+            }
+        }
+        for (id, obj) in &devices {
+            let written = desired.get(id).map(|c| c.value.generation);
+            let recorded = obj.status.as_ref().and_then(|s| s.desired_generation);
+            if let Some(g) = written
+                && recorded != Some(g)
+                && !generations.iter().any(|(o, _)| Arc::ptr_eq(o, obj))
+            {
+                generations.push((obj.clone(), g));
+            }
+        }
+        for (obj, generation) in generations {
+            if self.patch_device_generation(&obj, generation).await.is_ok() {
+                summary.status_patches += 1;
+            }
+        }
+
+        summary.kv_deletes += self.remove_orphans(&devices).await;
+        summary.status_patches += self.finish_manifests(&manifests, &p).await;
+        self.report_conflicts(&manifests, &p.conflicts).await;
+
+        self.metrics
+            .record_pass(devices.len(), manifests.len(), p.conflicts.len(), &summary);
+        if summary != PassSummary::default() {
+            info!(?summary, "pass wrote changes");
+        }
+        Ok(summary)
+    }
+
+    /// Compare-and-set write; Ok(false) when someone else wrote first (the next pass sees it).
+    async fn write_desired(&self, id: &DeviceId, m: &AgentManifest) -> Result<bool, Error> {
+        let bytes = encode(m).map_err(|e| Error::Encode(e.to_string()))?;
+        let key = DESIRED_STATE.key(id);
+        let result = match self.desired.revision(id) {
+            Some(rev) => self
+                .kv_desired
+                .update(key, bytes.into(), rev)
+                .await
+                .map_err(|e| {
+                    (
+                        e.kind() == UpdateErrorKind::WrongLastRevision,
+                        e.to_string(),
+                    )
+                }),
+            None => self
+                .kv_desired
+                .create(key, bytes.into())
+                .await
+                .map_err(|e| (e.kind() == CreateErrorKind::AlreadyExists, e.to_string())),
+        };
+        match result {
+            Ok(revision) => {
+                debug!(device = %id, generation = m.generation, revision, "desired state written");
+                self.desired.remember(id.clone(), m.clone(), revision);
+                self.metrics.kv_write("ok");
+                Ok(true)
+            }
+            Err((true, _)) => {
+                self.metrics.kv_write("conflict");
+                Ok(false)
+            }
+            Err((false, e)) => {
+                self.metrics.kv_write("error");
+                Err(Error::Kv(e))
+            }
+        }
+    }
+
+    async fn patch_device_generation(
+        &self,
+        obj: &EdgeDevice,
+        generation: u64,
+    ) -> Result<(), Error> {
+        let api: Api<EdgeDevice> =
+            Api::namespaced(self.client.clone(), &obj.namespace().unwrap_or_default());
+        let patch = json!({
+            "apiVersion": "fleetlet.dev/v1alpha1",
+            "kind": "EdgeDevice",
+            "status": { "desiredGeneration": generation },
+        });
+        api.patch_status(
+            &obj.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            warn!(device = obj.name_any(), error = %e, "patching EdgeDevice status failed");
+            Error::Kube(e)
+        })
+    }
+
+    /// Deletes the KV keys of devices that no longer have an EdgeDevice.
+    async fn remove_orphans(&self, devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>) -> u32 {
+        let mut deleted = 0;
+        let buckets: [(&Store, Vec<DeviceId>, &str); 3] = [
+            (&self.kv_desired, self.desired.devices(), DESIRED_STATE.name),
+            (&self.kv_actual, self.actual.devices(), ACTUAL_STATE.name),
+            (
+                &self.kv_heartbeat,
+                self.heartbeats.devices(),
+                HEARTBEAT.name,
+            ),
+        ];
+        for (store, ids, bucket) in buckets {
+            for id in ids.into_iter().filter(|id| !devices.contains_key(id)) {
+                match store.purge(id.as_str()).await {
+                    Ok(()) => {
+                        info!(device = %id, bucket, "removed the key of a deleted device");
+                        deleted += 1;
+                    }
+                    Err(e) => warn!(device = %id, bucket, error = %e, "could not remove key"),
+                }
+            }
+        }
+        deleted
+    }
+
+    /// Finalizers and status for every manifest.
+    async fn finish_manifests(&self, manifests: &[Arc<EdgeManifest>], p: &Plan) -> u32 {
+        let mut patches = 0;
+        let desired = self.desired.snapshot();
+        for m in manifests {
+            let (ns, name) = (m.namespace().unwrap_or_default(), m.name_any());
+            let api: Api<EdgeManifest> = Api::namespaced(self.client.clone(), &ns);
+            let has_finalizer = m.finalizers().iter().any(|f| f == FINALIZER);
+            if m.metadata.deletion_timestamp.is_some() {
+                let still_on_devices = desired.values().any(|d| {
+                    d.value.resources.iter().any(|r| {
+                        r.owner.kind == OwnerKind::EdgeManifest
+                            && r.owner.namespace == ns
+                            && r.owner.name == name
+                    })
+                });
+                if has_finalizer && !still_on_devices {
+                    let rest: Vec<&String> =
+                        m.finalizers().iter().filter(|f| *f != FINALIZER).collect();
+                    let patch = json!({ "metadata": { "finalizers": rest, "resourceVersion": m.resource_version() } });
+                    match api
+                        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                    {
+                        Ok(_) => {
+                            info!(manifest = %format!("{ns}/{name}"), "resources removed from every device; finalizer released")
+                        }
+                        Err(e) => {
+                            warn!(manifest = %format!("{ns}/{name}"), error = %e, "releasing finalizer failed")
+                        }
+                    }
+                }
+                continue;
+            }
+            if !has_finalizer {
+                let mut all: Vec<String> = m.finalizers().to_vec();
+                all.push(FINALIZER.into());
+                let patch = json!({ "metadata": { "finalizers": all, "resourceVersion": m.resource_version() } });
+                if let Err(e) = api
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    warn!(manifest = %format!("{ns}/{name}"), error = %e, "adding finalizer failed");
+                }
+            }
+            let key = format!("{ns}/{name}");
+            let progress = p.progress.get(&key).cloned().unwrap_or_default();
+            let status = self.manifest_status(m, &key, &progress, &p.conflicts);
+            if m.status.as_ref() != Some(&status) {
+                let patch = json!({ "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeManifest", "status": status });
+                match api
+                    .patch_status(
+                        &name,
+                        &PatchParams::apply(FIELD_MANAGER).force(),
+                        &Patch::Apply(&patch),
+                    )
+                    .await
+                {
+                    Ok(_) => patches += 1,
+                    Err(e) => {
+                        warn!(manifest = %key, error = %e, "patching EdgeManifest status failed")
+                    }
+                }
+            }
+        }
+        patches
+    }
+
+    fn manifest_status(
+        &self,
+        m: &EdgeManifest,
+        key: &str,
+        pr: &Progress,
+        conflicts: &[Conflict],
+    ) -> EdgeManifestStatus {
+        let generation = m.metadata.generation.unwrap_or(0);
+        let old = m.status.clone().unwrap_or_default();
+        let complete = pr.updated == pr.targeted && pr.ready == pr.targeted;
+        let deadline = m
+            .spec
+            .rollout
+            .as_ref()
+            .and_then(|r| r.progress_deadline_seconds)
+            .map_or(self.progress_deadline, |s| {
+                Duration::from_secs(u64::from(s))
+            });
+        let stalled_for = {
+            let mut clock = self
+                .progress_clock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let entry =
+                clock
+                    .entry(key.to_owned())
+                    .or_insert((generation, pr.ready, Instant::now()));
+            if entry.0 != generation || entry.1 != pr.ready {
+                *entry = (generation, pr.ready, Instant::now());
+            }
+            entry.2.elapsed()
+        };
+        let paused = m.spec.rollout.as_ref().is_some_and(|r| r.paused);
+        let blocking = || {
+            let mut names: Vec<&str> = pr
+                .waiting_on
+                .iter()
+                .chain(&pr.pending)
+                .map(|d| d.as_str())
+                .collect();
+            names.truncate(20);
+            names.join(", ")
+        };
+        let progressing = if complete {
+            (
+                "True",
+                "RolloutComplete",
+                format!(
+                    "all {} devices run generation {generation} and are Ready",
+                    pr.targeted
+                ),
+            )
+        } else if paused {
+            (
+                "Unknown",
+                "RolloutPaused",
+                format!(
+                    "paused with {} of {} devices updated",
+                    pr.updated, pr.targeted
+                ),
+            )
+        } else if stalled_for > deadline {
+            (
+                "False",
+                "ProgressDeadlineExceeded",
+                format!(
+                    "no device became Ready for {}s; waiting on: {}",
+                    stalled_for.as_secs(),
+                    blocking()
+                ),
+            )
+        } else {
+            (
+                "True",
+                "RollingOut",
+                format!(
+                    "{} of {} devices updated, {} Ready",
+                    pr.updated, pr.targeted, pr.ready
+                ),
+            )
+        };
+        let mine: Vec<String> = conflicts
+            .iter()
+            .filter(|c| c.kept_by == key || c.refused == key)
+            .map(|c| {
+                format!(
+                    "{} on {}: kept by {}, refused for {}",
+                    c.identity, c.device, c.kept_by, c.refused
+                )
+            })
+            .collect();
+        let conflict = if mine.is_empty() {
+            ("False", "NoConflicts", String::new())
+        } else {
+            let mut msg = mine.clone();
+            msg.truncate(10);
+            (
+                "True",
+                "ResourceConflict",
+                format!("{} conflict(s): {}", mine.len(), msg.join("; ")),
+            )
+        };
+        let available = if pr.ready == pr.targeted {
+            ("True", "AllDevicesReady", String::new())
+        } else {
+            (
+                "False",
+                "DevicesNotReady",
+                format!("{} of {} devices Ready", pr.ready, pr.targeted),
+            )
+        };
+        let cond = |type_: &str, (status, reason, message): (&str, &str, String)| {
+            let keep = old
+                .conditions
+                .iter()
+                .find(|c| c.type_ == type_ && c.status == status);
+            Condition {
+                type_: type_.into(),
+                status: status.into(),
+                reason: reason.into(),
+                message,
+                observed_generation: Some(generation),
+                last_transition_time: keep
+                    .map(|c| c.last_transition_time.clone())
+                    .unwrap_or(Time(KTime::now())),
+            }
+        };
+        EdgeManifestStatus {
+            observed_generation: Some(generation),
+            targeted: pr.targeted,
+            updated: pr.updated,
+            ready: pr.ready,
+            failed: pr.failed,
+            conditions: vec![
+                cond("Progressing", progressing),
+                cond("Available", available),
+                cond("Conflict", conflict),
+            ],
+        }
+    }
+
+    /// A Warning Event on both manifests of each conflict, once per conflict.
+    async fn report_conflicts(&self, manifests: &[Arc<EdgeManifest>], conflicts: &[Conflict]) {
+        let fresh: Vec<Conflict> = {
+            let mut seen = self
+                .reported_conflicts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let now: BTreeSet<Conflict> = conflicts.iter().cloned().collect();
+            let fresh = now.difference(&seen).cloned().collect();
+            *seen = now;
+            fresh
+        };
+        for c in fresh {
+            let note = format!(
+                "{} on device {}: {} keeps it (older), {} does not get it",
+                c.identity, c.device, c.kept_by, c.refused
+            );
+            for key in [&c.kept_by, &c.refused] {
+                let Some(m) = manifests.iter().find(|m| {
+                    format!("{}/{}", m.namespace().unwrap_or_default(), m.name_any()) == *key
+                }) else {
+                    continue;
+                };
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: "ResourceConflict".into(),
+                    note: Some(note.clone()),
+                    action: "Plan".into(),
+                    secondary: None,
+                };
+                if let Err(e) = self.recorder.publish(&event, &m.object_ref(&())).await {
+                    warn!(error = %e, "publishing conflict event failed");
+                }
+            }
+        }
+    }
+}
+
+/// What each device should hold: the plan, plus removals on paused devices (deleting a
+/// manifest overrides a device's pause, or the manifest could never go away).
+fn device_resources(
+    p: &Plan,
+    state: &HashMap<DeviceId, DeviceState>,
+    views: &[DeviceView],
+    deleting: &HashSet<String>,
+) -> Vec<(DeviceId, Vec<fleetlet_protocol::ManagedResource>)> {
+    let mut out: Vec<_> = p
+        .devices
+        .iter()
+        .map(|(id, r)| (id.clone(), r.clone()))
+        .collect();
+    for v in views.iter().filter(|v| v.paused) {
+        let Some(current) = state.get(&v.id).and_then(|s| s.desired.as_ref()) else {
+            continue;
+        };
+        let kept: Vec<_> = current
+            .resources
+            .iter()
+            .filter(|r| !deleting.contains(&format!("{}/{}", r.owner.namespace, r.owner.name)))
+            .cloned()
+            .collect();
+        if kept.len() != current.resources.len() {
+            out.push((v.id.clone(), kept));
+        }
+    }
+    out
+}

@@ -1,0 +1,416 @@
+//! fleetlet-controller: EdgeManifests + EdgeDevices → one AgentManifest per device in NATS.
+//!
+//! A single level-triggered fleet loop (see [`fleet`]) recomputes every device's manifest
+//! from reflector stores of the CRDs and mirrors of the KV buckets, and writes only what
+//! differs, with compare-and-set. [`plan`] holds the rules (selection, conflicts, rollout)
+//! as pure code.
+
+pub mod fleet;
+pub mod kvcache;
+pub mod leader;
+pub mod metrics;
+pub mod plan;
+pub mod selector;
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    hash::{DefaultHasher, Hash, Hasher},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use async_nats::jetstream::{self, kv};
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use fleetlet_crds::{
+    EdgeDevice, EdgeManifest,
+    kube::{
+        self, Api, Client, Resource, ResourceExt,
+        runtime::{
+            WatchStreamExt,
+            events::{Recorder, Reporter},
+            reflector, watcher,
+        },
+    },
+};
+use fleetlet_protocol::kv::{ACTUAL_STATE, BUCKETS, DESIRED_STATE, HEARTBEAT};
+use futures::StreamExt;
+use tokio::sync::{Notify, watch};
+use tracing::{info, warn};
+
+pub use fleet::{Fleet, PassSummary};
+pub use kvcache::KvCache;
+pub use metrics::Metrics;
+
+/// Field manager for every server-side apply the controller makes.
+pub const FIELD_MANAGER: &str = "fleetlet-controller";
+/// Held on every EdgeManifest until its resources are off every device.
+pub const FINALIZER: &str = "fleetlet.dev/device-cleanup";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("connecting to NATS: {0}")]
+    NatsConnect(#[from] async_nats::ConnectError),
+    #[error("NATS KV: {0}")]
+    Kv(String),
+    #[error("encoding: {0}")]
+    Encode(String),
+    #[error("serving metrics on {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// A bounded label for metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "kube",
+            Self::NatsConnect(_) | Self::Kv(_) => "nats",
+            Self::Encode(_) => "encode",
+            Self::Http { .. } => "http",
+        }
+    }
+}
+
+/// Command-line settings (each also from the environment).
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    version,
+    about = "Turns EdgeManifests and EdgeDevices into per-device manifests in NATS"
+)]
+pub struct Args {
+    /// NATS server URL(s), comma-separated.
+    #[arg(
+        long,
+        env = "FLEETLET_NATS_URL",
+        value_delimiter = ',',
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: Vec<String>,
+    /// NATS credentials file (.creds).
+    #[arg(long, env = "FLEETLET_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    #[arg(long, env = "FLEETLET_NATS_USER")]
+    pub nats_user: Option<String>,
+    #[arg(long, env = "FLEETLET_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// CA bundle to verify the NATS server (implies TLS).
+    #[arg(long, env = "FLEETLET_NATS_CA")]
+    pub nats_ca: Option<PathBuf>,
+    /// Replicas for the KV buckets the controller creates (3 in production clusters).
+    #[arg(long, env = "FLEETLET_KV_REPLICAS", default_value_t = 1)]
+    pub kv_replicas: usize,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "FLEETLET_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "fleetlet-system")]
+    pub lease_namespace: String,
+    #[arg(
+        long,
+        env = "FLEETLET_LEASE_NAME",
+        default_value = "fleetlet-controller"
+    )]
+    pub lease_name: String,
+    /// This instance's name in the Lease; defaults to the pod name or hostname and pid.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    #[arg(long, env = "FLEETLET_LEASE_SECONDS", default_value_t = 15)]
+    pub lease_seconds: u64,
+    /// Seconds without a heartbeat after which a device no longer holds a rollout back.
+    #[arg(long, env = "FLEETLET_OFFLINE_AFTER_SECONDS", default_value_t = 120)]
+    pub offline_after_seconds: u64,
+    /// Default seconds a rollout may go without progress before Progressing=False.
+    #[arg(
+        long,
+        env = "FLEETLET_PROGRESS_DEADLINE_SECONDS",
+        default_value_t = 600
+    )]
+    pub progress_deadline_seconds: u64,
+    /// Seconds between passes when nothing changes (deadlines, offline detection).
+    #[arg(long, env = "FLEETLET_RESYNC_SECONDS", default_value_t = 30)]
+    pub resync_seconds: u64,
+}
+
+impl Args {
+    fn identity(&self) -> String {
+        self.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_else(|_| "controller".into());
+            format!("{}-{}", host.trim(), std::process::id())
+        })
+    }
+}
+
+/// Resolves once `stop` holds true (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn connect_nats(args: &Args) -> Result<async_nats::Client, Error> {
+    let mut opts = async_nats::ConnectOptions::new()
+        .name("fleetlet-controller")
+        .retry_on_initial_connect()
+        .max_reconnects(None);
+    if let (Some(u), Some(p)) = (&args.nats_user, &args.nats_password) {
+        opts = opts.user_and_password(u.clone(), p.clone());
+    }
+    if let Some(c) = &args.nats_creds {
+        opts = opts
+            .credentials_file(c)
+            .await
+            .map_err(|e| Error::Kv(format!("reading {}: {e}", c.display())))?;
+    }
+    if let Some(ca) = &args.nats_ca {
+        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    Ok(opts.connect(args.nats_url.join(",")).await?)
+}
+
+/// What makes an object worth a new pass: not its status (our own writes land there).
+fn fingerprint<K: Resource>(o: &K) -> u64 {
+    let mut h = DefaultHasher::new();
+    o.meta().generation.hash(&mut h);
+    o.meta().labels.hash(&mut h);
+    o.meta().deletion_timestamp.is_some().hash(&mut h);
+    o.meta().finalizers.hash(&mut h);
+    h.finish()
+}
+
+/// Mirrors one CRD into a reflector store and pokes `changed` when something that matters
+/// changes (spec, labels, deletion), never for status-only updates.
+fn watch_crd<K>(
+    api: Api<K>,
+    changed: Arc<Notify>,
+    synced: Arc<AtomicBool>,
+) -> (reflector::Store<K>, impl Future<Output = ()>)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer);
+    let task = async move {
+        let mut seen: HashMap<String, u64> = HashMap::new();
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                    let key = o.meta().uid.clone().unwrap_or_else(|| o.name_any());
+                    let fp = fingerprint(&o);
+                    if seen.insert(key, fp) != Some(fp) && synced.load(Ordering::Relaxed) {
+                        changed.notify_one();
+                    }
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    seen.remove(&o.meta().uid.clone().unwrap_or_else(|| o.name_any()));
+                    changed.notify_one();
+                }
+                Ok(watcher::Event::InitDone) => {
+                    synced.store(true, Ordering::Relaxed);
+                    changed.notify_one();
+                }
+                Ok(watcher::Event::Init) => {}
+                Err(e) => warn!(error = %e, "watch error; retrying"),
+            }
+        }
+    };
+    (reader, task)
+}
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+}
+
+async fn serve(
+    addr: SocketAddr,
+    state: HttpState,
+) -> Result<(SocketAddr, impl Future<Output = ()>), Error> {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(s): State<HttpState>| async move { s.metrics.encode() }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(s): State<HttpState>| async move {
+                if s.ready.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "syncing")
+                }
+            }),
+        )
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Http { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| Error::Http { addr, source })?;
+    Ok((bound, async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            warn!(error = %e, "metrics server stopped");
+        }
+    }))
+}
+
+/// Runs the controller until `shutdown` resolves. `on_ready` receives the metrics address.
+pub async fn run(
+    args: Args,
+    shutdown: impl Future<Output = ()>,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), Error> {
+    let client = Client::try_default().await?;
+    let nats = connect_nats(&args).await?;
+    let js = jetstream::new(nats.clone());
+    for b in BUCKETS {
+        js.create_or_update_key_value(kv::Config {
+            bucket: b.name.into(),
+            description: b.description.into(),
+            history: b.history,
+            max_value_size: b.max_value_size,
+            num_replicas: args.kv_replicas,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| Error::Kv(format!("creating bucket {}: {e}", b.name)))?;
+    }
+    let bind = async |name: &str| {
+        js.get_key_value(name)
+            .await
+            .map_err(|e| Error::Kv(e.to_string()))
+    };
+    let stores = (
+        bind(DESIRED_STATE.name).await?,
+        bind(ACTUAL_STATE.name).await?,
+        bind(HEARTBEAT.name).await?,
+    );
+
+    let changed = Arc::new(Notify::new());
+    let devices_synced = Arc::new(AtomicBool::new(false));
+    let manifests_synced = Arc::new(AtomicBool::new(false));
+    let (devices, devices_task) = watch_crd(
+        Api::<EdgeDevice>::all(client.clone()),
+        changed.clone(),
+        devices_synced.clone(),
+    );
+    let (manifests, manifests_task) = watch_crd(
+        Api::<EdgeManifest>::all(client.clone()),
+        changed.clone(),
+        manifests_synced.clone(),
+    );
+    let desired = KvCache::new(DESIRED_STATE);
+    let actual = KvCache::new(ACTUAL_STATE);
+    let heartbeats = KvCache::new(HEARTBEAT);
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let (metrics_addr, server) = serve(
+        args.metrics_addr,
+        HttpState {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        },
+    )
+    .await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (leader_tx, leader_rx) = watch::channel(false);
+    let identity = args.identity();
+    let election = leader::Election {
+        namespace: args.lease_namespace.clone(),
+        name: args.lease_name.clone(),
+        identity: identity.clone(),
+        lease_duration: Duration::from_secs(args.lease_seconds),
+        renew_every: Duration::from_secs((args.lease_seconds / 3).max(1)),
+    };
+    let reporter = Reporter {
+        controller: FIELD_MANAGER.into(),
+        instance: Some(identity.clone()),
+    };
+    let fleet = Fleet::new(
+        client.clone(),
+        devices,
+        manifests,
+        desired.clone(),
+        actual.clone(),
+        heartbeats.clone(),
+        stores,
+        Recorder::new(client.clone(), reporter),
+        metrics.clone(),
+        Duration::from_secs(args.offline_after_seconds),
+        Duration::from_secs(args.progress_deadline_seconds),
+    );
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(devices_task);
+    tasks.spawn(manifests_task);
+    tasks.spawn(desired.clone().run(nats.clone(), changed.clone()));
+    tasks.spawn(actual.clone().run(nats.clone(), changed.clone()));
+    tasks.spawn(heartbeats.clone().run(nats.clone(), changed.clone()));
+    tasks.spawn(server);
+    let election_task = tokio::spawn(election.run(client.clone(), leader_tx, stop_rx.clone()));
+    info!(%identity, %metrics_addr, "controller started");
+    on_ready(metrics_addr);
+
+    let resync = Duration::from_secs(args.resync_seconds.max(1));
+    let mut leader_rx = leader_rx;
+    let main_loop = async {
+        loop {
+            tokio::select! {
+                _ = changed.notified() => {}
+                _ = tokio::time::sleep(resync) => {}
+                _ = leader_rx.changed() => {}
+            }
+            // Let a burst of changes settle into one pass.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let is_leader = *leader_rx.borrow();
+            metrics.set_leader(is_leader);
+            let synced = devices_synced.load(Ordering::Relaxed)
+                && manifests_synced.load(Ordering::Relaxed)
+                && fleet.synced();
+            ready.store(synced, Ordering::Relaxed);
+            if !is_leader || !synced {
+                continue;
+            }
+            if let Err(e) = fleet.reconcile().await {
+                warn!(error = %e, category = e.category(), "pass failed");
+            }
+        }
+    };
+    tokio::select! {
+        _ = main_loop => {}
+        _ = shutdown => info!("shutting down"),
+    }
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), election_task).await;
+    tasks.abort_all();
+    Ok(())
+}

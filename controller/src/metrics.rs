@@ -1,0 +1,104 @@
+//! Prometheus metrics with bounded labels (outcome, result), never object names.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::fleet::PassSummary;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    passes: Counter,
+    kv_writes: Family<ResultLabel, Counter>,
+    kv_deletes: Counter,
+    status_patches: Counter,
+    devices: Gauge,
+    manifests: Gauge,
+    conflicts: Gauge,
+    leader: Gauge<i64, AtomicI64>,
+}
+
+type AtomicI64 = std::sync::atomic::AtomicI64;
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("fleetlet_controller");
+        let m = Self {
+            passes: Counter::default(),
+            kv_writes: Family::default(),
+            kv_deletes: Counter::default(),
+            status_patches: Counter::default(),
+            devices: Gauge::default(),
+            manifests: Gauge::default(),
+            conflicts: Gauge::default(),
+            leader: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("passes", "Fleet reconcile passes", m.passes.clone());
+        registry.register(
+            "kv_writes",
+            "desired-state writes by result (ok, conflict, error)",
+            m.kv_writes.clone(),
+        );
+        registry.register(
+            "kv_deletes",
+            "KV keys removed for deleted devices",
+            m.kv_deletes.clone(),
+        );
+        registry.register(
+            "status_patches",
+            "EdgeManifest/EdgeDevice status patches",
+            m.status_patches.clone(),
+        );
+        registry.register("devices", "EdgeDevices known", m.devices.clone());
+        registry.register("manifests", "EdgeManifests known", m.manifests.clone());
+        registry.register(
+            "conflicts",
+            "Resource conflicts between manifests",
+            m.conflicts.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this instance holds the leader lease",
+            m.leader.clone(),
+        );
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn kv_write(&self, result: &str) {
+        self.kv_writes
+            .get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn record_pass(&self, devices: usize, manifests: usize, conflicts: usize, s: &PassSummary) {
+        self.passes.inc();
+        self.devices.set(devices as i64);
+        self.manifests.set(manifests as i64);
+        self.conflicts.set(conflicts as i64);
+        self.kv_deletes.inc_by(u64::from(s.kv_deletes));
+        self.status_patches.inc_by(u64::from(s.status_patches));
+    }
+
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

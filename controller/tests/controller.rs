@@ -1,0 +1,775 @@
+//! The controller binary against a real kube-apiserver and nats-server.
+//!
+//! Most tests share one environment and one controller (each test uses its own namespace
+//! and device names, since device ids are cluster-wide). Where a test needs a device to
+//! look online or Ready, it writes the heartbeat and status keys an agent would write.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::Path,
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use async_nats::jetstream::kv::Store;
+use fleetlet_crds::{EdgeDevice, EdgeManifest};
+use fleetlet_protocol::{
+    API_VERSION, AgentManifest, AgentStatus, Capacity, DeviceId, Free, Heartbeat, ResourceDetails,
+    ResourceStatus, SystemInfo, Timestamp, decode, encode,
+    kv::{ACTUAL_STATE, DESIRED_STATE, HEARTBEAT},
+};
+use fleetlet_testenv::{
+    TestEnv,
+    process::{Service, free_port},
+};
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+
+struct Controller {
+    _service: Service,
+    metrics_port: u16,
+}
+
+fn start_controller(env: &TestEnv, identity: &str, lease_ns: &str) -> Controller {
+    let metrics_port = free_port().unwrap();
+    let log = env.dir.join(format!("controller-{identity}.log"));
+    let service = Service::spawn_with_env(
+        "fleetlet-controller",
+        Path::new(env!("CARGO_BIN_EXE_fleetlet-controller")),
+        &[
+            format!("--nats-url={}", env.nats_url().unwrap()),
+            format!("--metrics-addr=127.0.0.1:{metrics_port}"),
+            format!("--lease-namespace={lease_ns}"),
+            format!("--identity={identity}"),
+            "--lease-seconds=3".into(),
+            "--resync-seconds=1".into(),
+            "--offline-after-seconds=30".into(),
+        ],
+        &[
+            (
+                "KUBECONFIG",
+                env.kubeconfig().unwrap().display().to_string(),
+            ),
+            ("RUST_LOG", "info,fleetlet_controller=debug".into()),
+        ],
+        log,
+    )
+    .unwrap();
+    Controller {
+        _service: service,
+        metrics_port,
+    }
+}
+
+/// The shared environment, with one controller running against it.
+fn shared() -> (&'static TestEnv, &'static Controller) {
+    static CONTROLLER: OnceLock<Controller> = OnceLock::new();
+    let env = TestEnv::shared();
+    let c = CONTROLLER.get_or_init(|| {
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let client = env.kube_client().await.unwrap();
+                create_namespace(&client, "fleetlet-system").await;
+            });
+            start_controller(env, "shared", "fleetlet-system")
+        })
+        .join()
+        .unwrap()
+    });
+    (env, c)
+}
+
+async fn create_namespace(client: &kube::Client, name: &str) {
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let ns = serde_json::from_value(json!({ "metadata": { "name": name } })).unwrap();
+    let _ = api.create(&PostParams::default(), &ns).await;
+}
+
+async fn apply<K>(api: &Api<K>, body: serde_json::Value)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + serde::Serialize,
+{
+    let name = body["metadata"]["name"].as_str().unwrap().to_owned();
+    api.patch(
+        &name,
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .unwrap();
+}
+
+fn device(name: &str, labels: serde_json::Value) -> serde_json::Value {
+    json!({ "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice",
+            "metadata": { "name": name, "labels": labels }, "spec": {} })
+}
+
+fn manifest(name: &str, spec: serde_json::Value) -> serde_json::Value {
+    json!({ "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeManifest", "metadata": { "name": name }, "spec": spec })
+}
+
+fn file(id: &str, path: &str, text: &str) -> serde_json::Value {
+    json!({ "id": id, "file": { "path": path, "content": { "text": text } } })
+}
+
+struct Kv {
+    desired: Store,
+    actual: Store,
+    heartbeat: Store,
+}
+
+async fn kv(env: &TestEnv) -> Kv {
+    let js = env.jetstream().await.unwrap();
+    Kv {
+        desired: js.get_key_value(DESIRED_STATE.name).await.unwrap(),
+        actual: js.get_key_value(ACTUAL_STATE.name).await.unwrap(),
+        heartbeat: js.get_key_value(HEARTBEAT.name).await.unwrap(),
+    }
+}
+
+async fn desired_of(kv: &Kv, dev: &str) -> Option<(AgentManifest, u64)> {
+    let e = kv.desired.entry(dev).await.unwrap()?;
+    if e.operation != async_nats::jetstream::kv::Operation::Put {
+        return None;
+    }
+    Some((decode(&e.value).unwrap(), e.revision))
+}
+
+async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn resource_ids(m: &AgentManifest) -> Vec<String> {
+    m.resources.iter().map(|r| r.id.to_string()).collect()
+}
+
+/// Writes what an agent would: a heartbeat (online) and a status for its current manifest.
+async fn simulate_agent(kv: &Kv, dev: &str, ready: bool) {
+    let id = DeviceId::new(dev).unwrap();
+    let hb = Heartbeat {
+        api_version: API_VERSION.into(),
+        device: id.clone(),
+        sequence: 1,
+        timestamp: Timestamp::now(),
+        interval_seconds: 10,
+        agent_version: "test".into(),
+        system: SystemInfo::default(),
+        capacity: Capacity::default(),
+        free: Free::default(),
+        addresses: vec![],
+    };
+    kv.heartbeat
+        .put(dev, encode(&hb).unwrap().into())
+        .await
+        .unwrap();
+    let Some((m, _)) = desired_of(kv, dev).await else {
+        return;
+    };
+    let mut s = AgentStatus::new(id);
+    s.manifest_generation = m.generation;
+    s.observed_generation = if ready {
+        m.generation
+    } else {
+        m.generation.saturating_sub(1)
+    };
+    for r in &m.resources {
+        s.resources.insert(
+            r.id.clone(),
+            if ready {
+                ResourceStatus::Ready {
+                    since: Timestamp(1),
+                    details: ResourceDetails::File {
+                        sha256: String::new(),
+                        size: 0,
+                    },
+                }
+            } else {
+                ResourceStatus::Reconciling {
+                    since: Timestamp(1),
+                }
+            },
+        );
+    }
+    kv.actual
+        .put(dev, encode(&s).unwrap().into())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn selected_devices_get_the_union_of_every_manifest_that_selects_them() {
+    let (env, _c) = shared();
+    let ns = env.namespace("ctl-union").await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    let kv = kv(env).await;
+    let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), &ns);
+    let manifests: Api<EdgeManifest> = Api::namespaced(client.clone(), &ns);
+    apply(&devices, device("u-a", json!({ "role": "sensor" }))).await;
+    apply(&devices, device("u-b", json!({ "role": "gateway" }))).await;
+    apply(
+        &manifests,
+        manifest(
+            "sensors",
+            json!({ "selector": { "matchLabels": { "role": "sensor" } },
+        "resources": [file("cfg", "/etc/fleetlet/s.conf", "s")] }),
+        ),
+    )
+    .await;
+    apply(
+        &manifests,
+        manifest(
+            "named",
+            json!({ "devices": ["u-a", "u-b"],
+        "resources": [file("motd", "/etc/fleetlet/motd", "hi")] }),
+        ),
+    )
+    .await;
+
+    let a = eventually("u-a manifest", async || {
+        desired_of(&kv, "u-a")
+            .await
+            .filter(|(m, _)| m.resources.len() == 2)
+    })
+    .await
+    .0;
+    assert_eq!(resource_ids(&a), ["cfg", "motd"]);
+    assert_eq!(a.resources[0].owner.name, "sensors");
+    assert_eq!(a.resources[0].owner.namespace, ns);
+    let b = eventually("u-b manifest", async || {
+        desired_of(&kv, "u-b")
+            .await
+            .filter(|(m, _)| !m.resources.is_empty())
+    })
+    .await
+    .0;
+    assert_eq!(resource_ids(&b), ["motd"]);
+
+    // The controller records what it wrote, and the finalizer guards deletion.
+    let obj = eventually("desiredGeneration", async || {
+        let d = devices.get("u-a").await.ok()?;
+        (d.status.as_ref()?.desired_generation == Some(a.generation)).then_some(d)
+    })
+    .await;
+    assert_eq!(obj.name_any(), "u-a");
+    let m = manifests.get("sensors").await.unwrap();
+    assert!(
+        m.finalizers()
+            .iter()
+            .any(|f| f == "fleetlet.dev/device-cleanup")
+    );
+    let st = eventually("manifest status", async || {
+        manifests
+            .get("named")
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.targeted == 2 && s.updated == 2)
+    })
+    .await;
+    assert_eq!(st.ready, 0, "no device reported Ready yet");
+}
+
+#[tokio::test]
+async fn relabelling_a_device_moves_resources_on_and_off_it() {
+    let (env, _c) = shared();
+    let ns = env.namespace("ctl-relabel").await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    let kv = kv(env).await;
+    let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), &ns);
+    let manifests: Api<EdgeManifest> = Api::namespaced(client, &ns);
+    apply(&devices, device("rl-a", json!({ "tier": "canary" }))).await;
+    apply(
+        &manifests,
+        manifest(
+            "canary",
+            json!({ "selector": { "matchLabels": { "tier": "canary" } },
+        "resources": [file("c", "/etc/fleetlet/c", "c")] }),
+        ),
+    )
+    .await;
+    let (g1, _) = eventually("on", async || {
+        desired_of(&kv, "rl-a")
+            .await
+            .filter(|(m, _)| m.resources.len() == 1)
+    })
+    .await;
+
+    apply(&devices, device("rl-a", json!({ "tier": "stable" }))).await;
+    let (g2, _) = eventually("off", async || {
+        desired_of(&kv, "rl-a")
+            .await
+            .filter(|(m, _)| m.resources.is_empty())
+    })
+    .await;
+    assert!(g2.generation > g1.generation);
+
+    apply(&devices, device("rl-a", json!({ "tier": "canary" }))).await;
+    let (g3, _) = eventually("on again", async || {
+        desired_of(&kv, "rl-a")
+            .await
+            .filter(|(m, _)| m.resources.len() == 1)
+    })
+    .await;
+    assert!(g3.generation > g2.generation, "generations only go up");
+}
+
+#[tokio::test]
+async fn conflicting_manifests_are_reported_on_both_and_the_older_one_keeps_the_resource() {
+    let (env, _c) = shared();
+    let ns = env.namespace("ctl-conflict").await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    let kv = kv(env).await;
+    let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), &ns);
+    let manifests: Api<EdgeManifest> = Api::namespaced(client.clone(), &ns);
+    apply(&devices, device("cf-a", json!({}))).await;
+    apply(&manifests, manifest("first", json!({ "devices": ["cf-a"], "resources": [file("cfg", "/etc/fleetlet/app.conf", "first")] }))).await;
+    eventually("first applied", async || {
+        desired_of(&kv, "cf-a")
+            .await
+            .filter(|(m, _)| m.resources.len() == 1)
+    })
+    .await;
+    // Creation timestamps have one-second resolution: make the second one clearly younger.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    apply(&manifests, manifest("second", json!({ "devices": ["cf-a"],
+        "resources": [file("other-id", "/etc/fleetlet/app.conf", "second"), file("fine", "/etc/fleetlet/fine", "ok")] }))).await;
+
+    let (m, _) = eventually("merged", async || {
+        desired_of(&kv, "cf-a")
+            .await
+            .filter(|(m, _)| m.resources.len() == 2)
+    })
+    .await;
+    assert_eq!(
+        resource_ids(&m),
+        ["cfg", "fine"],
+        "the contested path stays with the older manifest"
+    );
+    for name in ["first", "second"] {
+        let cond = eventually("conflict condition", async || {
+            let s = manifests.get(name).await.ok()?.status?;
+            s.conditions
+                .into_iter()
+                .find(|c| c.type_ == "Conflict" && c.status == "True")
+        })
+        .await;
+        assert!(
+            cond.message.contains("file /etc/fleetlet/app.conf on cf-a"),
+            "{}",
+            cond.message
+        );
+        assert!(
+            cond.message.contains(&format!("kept by {ns}/first")),
+            "{}",
+            cond.message
+        );
+    }
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client, &ns);
+    let found = eventually("conflict events", async || {
+        let list = events.list(&Default::default()).await.ok()?;
+        let n = list
+            .items
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("ResourceConflict"))
+            .count();
+        (n >= 2).then_some(n)
+    })
+    .await;
+    assert!(found >= 2);
+}
+
+#[tokio::test]
+async fn nothing_is_rewritten_while_nothing_changes() {
+    let (env, _c) = shared();
+    let ns = env.namespace("ctl-steady").await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    let kv = kv(env).await;
+    let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), &ns);
+    let manifests: Api<EdgeManifest> = Api::namespaced(client, &ns);
+    apply(&devices, device("st-a", json!({}))).await;
+    apply(
+        &manifests,
+        manifest(
+            "m",
+            json!({ "devices": ["st-a"], "resources": [file("f", "/etc/fleetlet/f", "f")] }),
+        ),
+    )
+    .await;
+    let (_, rev) = eventually("written", async || {
+        desired_of(&kv, "st-a")
+            .await
+            .filter(|(m, _)| m.resources.len() == 1)
+    })
+    .await;
+    // Status traffic, an annotation and several resync passes (1 s each) later:
+    simulate_agent(&kv, "st-a", true).await;
+    devices
+        .patch(
+            "st-a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "annotations": { "note": "x" } } })),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_, rev_after) = desired_of(&kv, "st-a").await.unwrap();
+    assert_eq!(
+        rev, rev_after,
+        "the desired-state key was rewritten with nothing changed"
+    );
+}
+
+#[tokio::test]
+async fn a_desired_state_key_deleted_by_hand_is_rewritten_with_a_newer_generation() {
+    let (env, _c) = shared();
+    let ns = env.namespace("ctl-lostkey").await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    let kv = kv(env).await;
+    apply(
+        &Api::<EdgeDevice>::namespaced(client.clone(), &ns),
+        device("lk-a", json!({})),
+    )
+    .await;
+    apply(
+        &Api::<EdgeManifest>::namespaced(client, &ns),
+        manifest(
+            "m",
+            json!({ "devices": ["lk-a"], "resources": [file("f", "/etc/fleetlet/f", "f")] }),
+        ),
+    )
+    .await;
+    let (first, _) = eventually("written", async || {
+        desired_of(&kv, "lk-a")
+            .await
+            .filter(|(m, _)| m.resources.len() == 1)
+    })
+    .await;
+    kv.desired.purge("lk-a").await.unwrap();
+    let (again, _) = eventually("rewritten", async || desired_of(&kv, "lk-a").await).await;
+    assert_eq!(again.resources, first.resources);
+    assert!(
+        again.generation > first.generation,
+        "a device that ran {} must not be sent {}",
+        first.generation,
+        again.generation
+    );
+}
+
+#[tokio::test]
+async fn deleting_a_manifest_removes_its_resources_from_devices_before_it_goes() {
+    let (env, _c) = shared();
+    let ns = env.namespace("ctl-delete").await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    let kv = kv(env).await;
+    let manifests: Api<EdgeManifest> = Api::namespaced(client.clone(), &ns);
+    apply(
+        &Api::<EdgeDevice>::namespaced(client.clone(), &ns),
+        device("dl-a", json!({})),
+    )
+    .await;
+    apply(
+        &manifests,
+        manifest(
+            "keep",
+            json!({ "devices": ["dl-a"], "resources": [file("k", "/etc/fleetlet/k", "k")] }),
+        ),
+    )
+    .await;
+    apply(
+        &manifests,
+        manifest(
+            "gone",
+            json!({ "devices": ["dl-a"], "resources": [file("g", "/etc/fleetlet/g", "g")] }),
+        ),
+    )
+    .await;
+    eventually("both", async || {
+        desired_of(&kv, "dl-a")
+            .await
+            .filter(|(m, _)| m.resources.len() == 2)
+    })
+    .await;
+    eventually("finalizer", async || {
+        manifests
+            .get("gone")
+            .await
+            .ok()
+            .filter(|m| !m.finalizers().is_empty())
+    })
+    .await;
+
+    manifests
+        .delete("gone", &DeleteParams::default())
+        .await
+        .unwrap();
+    let (m, _) = eventually("removed from device", async || {
+        desired_of(&kv, "dl-a")
+            .await
+            .filter(|(m, _)| m.resources.len() == 1)
+    })
+    .await;
+    assert_eq!(resource_ids(&m), ["k"]);
+    eventually("object gone", async || {
+        manifests.get_opt("gone").await.ok().filter(Option::is_none)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn deleting_a_device_removes_its_kv_keys() {
+    let (env, _c) = shared();
+    let ns = env.namespace("ctl-devdel").await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    let kv = kv(env).await;
+    let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), &ns);
+    apply(&devices, device("dd-a", json!({}))).await;
+    apply(
+        &Api::<EdgeManifest>::namespaced(client, &ns),
+        manifest(
+            "m",
+            json!({ "devices": ["dd-a"], "resources": [file("f", "/etc/fleetlet/f", "f")] }),
+        ),
+    )
+    .await;
+    eventually("written", async || desired_of(&kv, "dd-a").await).await;
+    simulate_agent(&kv, "dd-a", true).await;
+
+    devices
+        .delete("dd-a", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("keys gone", async || {
+        let d = kv.desired.entry("dd-a").await.ok()?;
+        let a = kv.actual.entry("dd-a").await.ok()?;
+        let h = kv.heartbeat.entry("dd-a").await.ok()?;
+        let gone = |e: &Option<async_nats::jetstream::kv::Entry>| {
+            e.as_ref()
+                .is_none_or(|e| e.operation != async_nats::jetstream::kv::Operation::Put)
+        };
+        (gone(&d) && gone(&a) && gone(&h)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn max_unavailable_moves_one_device_at_a_time_and_a_stuck_rollout_is_reported() {
+    let (env, _c) = shared();
+    let ns = env.namespace("ctl-rollout").await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    let kv = kv(env).await;
+    let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), &ns);
+    let manifests: Api<EdgeManifest> = Api::namespaced(client, &ns);
+    let names = ["ro-a", "ro-b", "ro-c"];
+    for n in names {
+        apply(&devices, device(n, json!({ "app": "ro" }))).await;
+    }
+    let spec = |text: &str| {
+        json!({ "selector": { "matchLabels": { "app": "ro" } },
+        "rollout": { "maxUnavailable": 1, "progressDeadlineSeconds": 3 },
+        "resources": [file("f", "/etc/fleetlet/f", text)] })
+    };
+    apply(&manifests, manifest("app", spec("v1"))).await;
+    for n in names {
+        eventually("v1 everywhere", async || {
+            desired_of(&kv, n)
+                .await
+                .filter(|(m, _)| m.resources.len() == 1)
+        })
+        .await;
+        simulate_agent(&kv, n, true).await;
+    }
+    eventually("all ready", async || {
+        manifests
+            .get("app")
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.ready == 3)
+    })
+    .await;
+
+    apply(&manifests, manifest("app", spec("v2"))).await;
+    let owner_gen = async |n: &str| {
+        desired_of(&kv, n)
+            .await
+            .map(|(m, _)| m.resources[0].owner.generation)
+            .unwrap_or(0)
+    };
+    let moved = eventually("one device moved", async || {
+        let mut moved = Vec::new();
+        for n in names {
+            if owner_gen(n).await == 2 {
+                moved.push(n);
+            }
+        }
+        (!moved.is_empty()).then_some(moved)
+    })
+    .await;
+    assert_eq!(moved.len(), 1, "maxUnavailable 1 moved {moved:?}");
+    // The moved device stays un-Ready: nothing else moves, and the deadline passes.
+    simulate_agent(&kv, moved[0], false).await;
+    let stuck = eventually("Progressing=False", async || {
+        let s = manifests.get("app").await.ok()?.status?;
+        s.conditions
+            .into_iter()
+            .find(|c| c.type_ == "Progressing" && c.status == "False")
+    })
+    .await;
+    assert_eq!(stuck.reason, "ProgressDeadlineExceeded");
+    assert!(stuck.message.contains(moved[0]), "{}", stuck.message);
+    let mut still_old = 0;
+    for n in names {
+        if owner_gen(n).await == 1 {
+            still_old += 1;
+        }
+    }
+    assert_eq!(still_old, 2);
+
+    // It becomes Ready: the next device moves, and so on to the end.
+    for _ in 0..3 {
+        for n in names {
+            simulate_agent(&kv, n, true).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let done = eventually("rollout complete", async || {
+        for n in names {
+            simulate_agent(&kv, n, true).await;
+        }
+        let s = manifests.get("app").await.ok()?.status?;
+        (s.updated == 3 && s.ready == 3).then_some(s)
+    })
+    .await;
+    let p = done
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Progressing")
+        .unwrap();
+    assert_eq!(
+        (p.status.as_str(), p.reason.as_str()),
+        ("True", "RolloutComplete")
+    );
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[tokio::test]
+async fn metrics_and_health_endpoints_answer() {
+    let (env, c) = shared();
+    let _ = env.namespace("ctl-metrics").await.unwrap();
+    let port = c.metrics_port;
+    let ready = eventually("ready", async || {
+        let r = tokio::task::spawn_blocking(move || http_get(port, "/readyz"))
+            .await
+            .ok()?;
+        r.starts_with("HTTP/1.0 200").then_some(r)
+    })
+    .await;
+    assert!(ready.ends_with("ready"));
+    let health = tokio::task::spawn_blocking(move || http_get(port, "/healthz"))
+        .await
+        .unwrap();
+    assert!(health.starts_with("HTTP/1.0 200"));
+    let metrics = tokio::task::spawn_blocking(move || http_get(port, "/metrics"))
+        .await
+        .unwrap();
+    for name in [
+        "fleetlet_controller_passes_total",
+        "fleetlet_controller_leader 1",
+        "fleetlet_controller_devices",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn leadership_moves_to_the_standby_and_a_restart_rewrites_nothing() {
+    let env = TestEnv::builder().kube().nats().start().await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    create_namespace(&client, "fleetlet-system").await;
+    let kv = kv(&env).await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "fleetlet-system");
+    let holder = async || {
+        leases
+            .get_opt("fleetlet-controller")
+            .await
+            .ok()??
+            .spec?
+            .holder_identity
+    };
+
+    let first = start_controller(&env, "one", "fleetlet-system");
+    eventually("one leads", async || holder().await.filter(|h| h == "one")).await;
+    let second = start_controller(&env, "two", "fleetlet-system");
+
+    let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), "default");
+    let manifests: Api<EdgeManifest> = Api::namespaced(client.clone(), "default");
+    apply(&devices, device("le-a", json!({}))).await;
+    apply(
+        &manifests,
+        manifest(
+            "m",
+            json!({ "devices": ["le-a"], "resources": [file("f", "/etc/fleetlet/f", "1")] }),
+        ),
+    )
+    .await;
+    let (m1, rev1) = eventually("written", async || {
+        desired_of(&kv, "le-a")
+            .await
+            .filter(|(m, _)| m.resources.len() == 1)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        holder().await.as_deref(),
+        Some("one"),
+        "the standby did not take over a live lease"
+    );
+
+    drop(first); // SIGTERM: the leader releases the lease.
+    eventually("two leads", async || holder().await.filter(|h| h == "two")).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, rev_after) = desired_of(&kv, "le-a").await.unwrap();
+    assert_eq!(rev_after, rev1, "the new leader rewrote a correct key");
+
+    apply(
+        &manifests,
+        manifest(
+            "m",
+            json!({ "devices": ["le-a"], "resources": [file("f", "/etc/fleetlet/f", "2")] }),
+        ),
+    )
+    .await;
+    let (m2, _) = eventually("new leader writes", async || {
+        desired_of(&kv, "le-a")
+            .await
+            .filter(|(m, _)| m.resources[0].owner.generation == 2)
+    })
+    .await;
+    assert!(m2.generation > m1.generation);
+    drop(second);
+}
