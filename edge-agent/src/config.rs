@@ -139,6 +139,11 @@ pub struct FileConfig {
     /// Largest file a File resource may hold, in bytes.
     #[serde(default = "default_max_file")]
     pub max_file_bytes: u64,
+    /// Write every File resource under this directory instead of `/` (its path and the
+    /// allowed roots are taken relative to it). For running several agents on one machine:
+    /// demos, tests and the fleet simulator.
+    #[serde(default)]
+    pub path_prefix: Option<PathBuf>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -196,6 +201,7 @@ impl Default for FileConfig {
         Self {
             allowed_roots: default_roots(),
             max_file_bytes: default_max_file(),
+            path_prefix: None,
         }
     }
 }
@@ -215,6 +221,7 @@ pub struct Settings {
     pub backoff_max: Duration,
     pub file_roots: Vec<PathBuf>,
     pub max_file_bytes: u64,
+    pub file_prefix: Option<PathBuf>,
 }
 
 impl Config {
@@ -367,6 +374,11 @@ impl Config {
                 ));
             }
         }
+        if let Some(p) = &self.file.path_prefix
+            && !p.is_absolute()
+        {
+            return Err(invalid("file.path_prefix", "must be an absolute path"));
+        }
         Ok(Settings {
             device,
             state_dir: self.state_dir,
@@ -380,6 +392,7 @@ impl Config {
             backoff_max: Duration::from_millis(r.backoff_max_ms),
             file_roots: self.file.allowed_roots,
             max_file_bytes: self.file.max_file_bytes,
+            file_prefix: self.file.path_prefix,
         })
     }
 }

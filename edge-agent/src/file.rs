@@ -29,6 +29,7 @@ pub struct FileReconciler {
 struct Inner {
     roots: Vec<PathBuf>,
     max_bytes: u64,
+    prefix: Option<PathBuf>,
 }
 
 /// A File spec checked against policy and ready to act on.
@@ -39,6 +40,11 @@ struct Target {
     sha256: String,
     mode: u32,
     owner: Ownership,
+}
+
+/// `path` (absolute) re-rooted under `prefix`.
+fn under(prefix: &Path, path: &Path) -> PathBuf {
+    prefix.join(path.strip_prefix("/").unwrap_or(path))
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -52,8 +58,21 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 impl FileReconciler {
     pub fn new(roots: Vec<PathBuf>, max_bytes: u64) -> Self {
+        Self::with_prefix(roots, max_bytes, None)
+    }
+
+    /// With a prefix, `/etc/x` is written at `<prefix>/etc/x` and the roots move with it.
+    pub fn with_prefix(roots: Vec<PathBuf>, max_bytes: u64, prefix: Option<PathBuf>) -> Self {
+        let roots = match &prefix {
+            Some(p) => roots.iter().map(|r| under(p, r)).collect(),
+            None => roots,
+        };
         Self {
-            inner: Arc::new(Inner { roots, max_bytes }),
+            inner: Arc::new(Inner {
+                roots,
+                max_bytes,
+                prefix,
+            }),
         }
     }
 
@@ -85,7 +104,10 @@ impl Inner {
                 self.max_bytes
             )));
         }
-        let path = self.resolve(Path::new(&spec.path))?;
+        let path = match &self.prefix {
+            Some(p) => self.resolve(&under(p, Path::new(&spec.path)))?,
+            None => self.resolve(Path::new(&spec.path))?,
+        };
         Ok(Target {
             sha256: sha256_hex(&bytes),
             bytes,
@@ -451,6 +473,28 @@ mod tests {
         r.reconcile(&id(), &s).await.unwrap();
         assert_eq!(r.delete(&id(), &s).await.unwrap(), Deleted::Removed);
         assert_eq!(r.delete(&id(), &s).await.unwrap(), Deleted::AlreadyGone);
+    }
+
+    #[tokio::test]
+    async fn a_path_prefix_re_roots_paths_and_roots() {
+        let prefix = tempfile::tempdir().unwrap();
+        let r = FileReconciler::with_prefix(
+            vec![PathBuf::from("/etc/app")],
+            1 << 20,
+            Some(prefix.path().to_path_buf()),
+        );
+        r.reconcile(&id(), &spec(Path::new("/etc/app/x.conf"), "x"))
+            .await
+            .unwrap();
+        assert_eq!(
+            fs::read_to_string(prefix.path().join("etc/app/x.conf")).unwrap(),
+            "x"
+        );
+        let err = r
+            .reconcile(&id(), &spec(Path::new("/etc/other"), "x"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ReconcileError::Forbidden(_)), "{err}");
     }
 
     #[tokio::test]

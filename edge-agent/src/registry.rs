@@ -22,7 +22,11 @@ impl Registry {
     pub fn from_settings(s: &Settings) -> Self {
         Self {
             enabled: s.enabled_kinds.clone(),
-            file: FileReconciler::new(s.file_roots.clone(), s.max_file_bytes),
+            file: FileReconciler::with_prefix(
+                s.file_roots.clone(),
+                s.max_file_bytes,
+                s.file_prefix.clone(),
+            ),
         }
     }
 

@@ -30,6 +30,31 @@ fn demo_brings_up_the_control_plane_and_shows_the_example_fleet() {
             "{stdout}"
         );
     }
+    // The controller delivered the manifests and the agents applied them.
+    let garage = stdout
+        .lines()
+        .find(|l| l.starts_with("pi-garage "))
+        .unwrap_or_default();
+    assert!(garage.contains("motd=Ready"), "{stdout}");
+    let kitchen = stdout
+        .lines()
+        .find(|l| l.starts_with("pi-kitchen "))
+        .unwrap_or_default();
+    assert!(kitchen.contains("sensor-config=Ready"), "{stdout}");
+    let motd = state
+        .path()
+        .join("agents/pi-garage/root/etc/fleetlet-demo/motd");
+    assert_eq!(
+        std::fs::read_to_string(&motd).unwrap(),
+        "Managed by fleetlet. Edits here are reverted.\n"
+    );
+    assert!(
+        !state
+            .path()
+            .join("agents/pi-kitchen/root/etc/fleetlet-demo/motd")
+            .exists(),
+        "pi-kitchen is not selected by garage-motd"
+    );
     let env_file = std::fs::read_to_string(state.path().join("env")).unwrap();
     assert!(env_file.contains("KUBECONFIG=") && env_file.contains("NATS_URL=nats://127.0.0.1:"));
 }

@@ -12,7 +12,14 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use fleetlet_testenv::{TestEnv, repo_root};
+use fleetlet_crds::{EdgeDevice, EdgeManifest};
+use fleetlet_protocol::{AgentStatus, kv::ACTUAL_STATE};
+use fleetlet_testenv::{
+    TestEnv,
+    process::{Service, free_port},
+    repo_root,
+};
+use kube::{Api, ResourceExt};
 
 #[derive(Parser)]
 #[command(
@@ -84,15 +91,51 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     );
 
     let kubeconfig = publish_state(&env, &state_dir)?;
+    let state_dir = state_dir.canonicalize()?;
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .map(Path::to_path_buf)
+        .context("locating the fleetlet binaries")?;
+    for bin in ["fleetlet-controller", "fleetlet-agent"] {
+        if !bin_dir.join(bin).is_file() {
+            bail!(
+                "{bin} is not built next to fleetlet-dev in {}: run scripts/demo, or cargo build -p fleetlet-controller -p fleetlet-agent",
+                bin_dir.display()
+            );
+        }
+    }
+    kubectl(&env, &["create", "namespace", "fleetlet-system"])?;
+    let _controller = start_controller(&env, &bin_dir, &state_dir)?;
 
     for f in &files {
         kubectl(&env, &["apply", "-f", &f.display().to_string()])?;
     }
+    let client = env.kube_client().await?;
+    let devices: Vec<EdgeDevice> = Api::<EdgeDevice>::all(client.clone())
+        .list(&Default::default())
+        .await?
+        .items;
+    let mut agents = Vec::new();
+    for d in &devices {
+        agents.push(start_agent(&env, &bin_dir, &state_dir, &d.name_any())?);
+    }
+    eprintln!(
+        "started the controller and {} agents; waiting for the fleet to converge ...",
+        agents.len()
+    );
+    wait_for_fleet(&env, &client, &devices).await?;
+
     println!();
     kubectl(&env, &["get", "edgedevices,edgemanifests", "-o", "wide"])?;
     println!();
+    print_device_status(&env, &devices).await?;
+    println!();
     println!("KUBECONFIG={}", kubeconfig.display());
     println!("NATS_URL={}", env.nats_url()?);
+    println!(
+        "Files the agents manage are under {}/agents/<device>/root/",
+        state_dir.display()
+    );
 
     if exit {
         return Ok(());
@@ -108,6 +151,133 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     eprintln!("stopping ...");
     drop(env);
     let _ = std::fs::remove_dir_all(&state_dir);
+    Ok(())
+}
+
+fn start_controller(env: &TestEnv, bin_dir: &Path, state_dir: &Path) -> anyhow::Result<Service> {
+    Ok(Service::spawn_with_env(
+        "fleetlet-controller",
+        &bin_dir.join("fleetlet-controller"),
+        &[
+            format!("--nats-url={}", env.nats_url()?),
+            format!("--metrics-addr=127.0.0.1:{}", free_port()?),
+            "--lease-namespace=fleetlet-system".into(),
+            "--resync-seconds=5".into(),
+        ],
+        &[("KUBECONFIG", env.kubeconfig()?.display().to_string())],
+        state_dir.join("controller.log"),
+    )?)
+}
+
+/// One agent per device, each writing its files under its own directory.
+fn start_agent(
+    env: &TestEnv,
+    bin_dir: &Path,
+    state_dir: &Path,
+    device: &str,
+) -> anyhow::Result<Service> {
+    let dir = state_dir.join("agents").join(device);
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "device_id = \"{device}\"\nstate_dir = \"{state}\"\n\n[nats]\nurls = [\"{url}\"]\n\n\
+             [reconcile]\ndrift_interval_seconds = 5\nheartbeat_interval_seconds = 5\n\n\
+             [file]\nallowed_roots = [\"/etc/fleetlet-demo\"]\npath_prefix = \"{root}\"\n",
+            state = dir.join("state").display(),
+            url = env.nats_url()?,
+            root = dir.join("root").display(),
+        ),
+    )?;
+    Ok(Service::spawn(
+        &format!("agent-{device}"),
+        &bin_dir.join("fleetlet-agent"),
+        &["--config".into(), config.display().to_string()],
+        dir.join("agent.log"),
+    )?)
+}
+
+/// Waits (up to 30 s) until every EdgeManifest has reached all the devices it targets and
+/// every agent reports having worked through the manifest it was sent.
+async fn wait_for_fleet(
+    env: &TestEnv,
+    client: &kube::Client,
+    devices: &[EdgeDevice],
+) -> anyhow::Result<()> {
+    let api: Api<EdgeManifest> = Api::all(client.clone());
+    let js = env.jetstream().await?;
+    let desired = js
+        .get_key_value(fleetlet_protocol::kv::DESIRED_STATE.name)
+        .await?;
+    let actual = js.get_key_value(ACTUAL_STATE.name).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        let rolled_out = api.list(&Default::default()).await.is_ok_and(|list| {
+            list.items.iter().all(|m| {
+                m.status.as_ref().is_some_and(|s| {
+                    s.updated == s.targeted && s.observed_generation == m.metadata.generation
+                })
+            })
+        });
+        let mut reported = true;
+        for d in devices {
+            let name = d.name_any();
+            let want = match desired.entry(name.as_str()).await? {
+                Some(e) => fleetlet_protocol::decode::<fleetlet_protocol::AgentManifest>(&e.value)
+                    .map_or(0, |m| m.generation),
+                None => u64::MAX,
+            };
+            let have = match actual.entry(name.as_str()).await? {
+                Some(e) => fleetlet_protocol::decode::<AgentStatus>(&e.value)
+                    .map_or(0, |s| s.observed_generation),
+                None => 0,
+            };
+            reported &= have >= want;
+        }
+        if rolled_out && reported {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!("the fleet did not settle within 30 s; showing it as it is");
+    Ok(())
+}
+
+/// What each agent reports in actual-state: generation and every resource's state.
+async fn print_device_status(env: &TestEnv, devices: &[EdgeDevice]) -> anyhow::Result<()> {
+    let kv = env
+        .jetstream()
+        .await?
+        .get_key_value(ACTUAL_STATE.name)
+        .await?;
+    println!(
+        "{:<14} {:>9} {:>9}  RESOURCES (as reported by the agent)",
+        "DEVICE", "MANIFEST", "OBSERVED"
+    );
+    for d in devices {
+        let name = d.name_any();
+        let line = match kv.entry(name.as_str()).await? {
+            Some(e) => match fleetlet_protocol::decode::<AgentStatus>(&e.value) {
+                Ok(s) => {
+                    let rs: Vec<String> = s
+                        .resources
+                        .iter()
+                        .map(|(id, r)| format!("{id}={}", r.state_name()))
+                        .collect();
+                    format!(
+                        "{:>9} {:>9}  {}",
+                        s.manifest_generation,
+                        s.observed_generation,
+                        rs.join(" ")
+                    )
+                }
+                Err(e) => format!("unreadable status: {e}"),
+            },
+            None => "no status yet".into(),
+        };
+        println!("{name:<14} {line}");
+    }
     Ok(())
 }
 
