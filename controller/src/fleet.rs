@@ -24,7 +24,9 @@ use fleetlet_protocol::{
     AgentManifest, AgentStatus, DeviceId, Heartbeat, OwnerKind, Timestamp, encode,
     kv::{ACTUAL_STATE, DESIRED_STATE, HEARTBEAT},
 };
+use futures::StreamExt;
 use serde_json::json;
+use tokio::sync::mpsc;
 use tracing::{debug, info, instrument, warn};
 
 use crate::{
@@ -33,6 +35,11 @@ use crate::{
     metrics::Metrics,
     plan::{Conflict, DeviceState, DeviceView, ManifestView, Plan, Progress, plan},
 };
+
+/// KV writes in flight at once (each waits for a JetStream acknowledgement).
+const KV_WRITE_CONCURRENCY: usize = 64;
+/// Status patches in flight at once: enough to keep up, few enough to be a polite client.
+const STATUS_PATCH_CONCURRENCY: usize = 16;
 
 /// Everything a pass reads and writes.
 pub struct Fleet {
@@ -53,6 +60,9 @@ pub struct Fleet {
     pub progress_deadline: Duration,
     progress_clock: Mutex<HashMap<String, (i64, u32, Instant)>>,
     reported_conflicts: Mutex<BTreeSet<Conflict>>,
+    /// Generation last queued for each device's status, so a patch is sent once.
+    queued_generations: Arc<Mutex<HashMap<DeviceId, u64>>>,
+    status_queue: mpsc::UnboundedSender<(Arc<EdgeDevice>, u64)>,
 }
 
 /// What one pass did, for logs, metrics and tests.
@@ -82,6 +92,7 @@ impl Fleet {
         metrics: Arc<Metrics>,
         offline_after: Duration,
         progress_deadline: Duration,
+        status_queue: mpsc::UnboundedSender<(Arc<EdgeDevice>, u64)>,
     ) -> Self {
         Self {
             client,
@@ -99,7 +110,57 @@ impl Fleet {
             progress_deadline,
             progress_clock: Mutex::new(HashMap::new()),
             reported_conflicts: Mutex::new(BTreeSet::new()),
+            queued_generations: Arc::new(Mutex::new(HashMap::new())),
+            status_queue,
         }
+    }
+
+    fn queue_generation(&self, obj: &Arc<EdgeDevice>, generation: u64) {
+        let Ok(id) = DeviceId::new(obj.name_any()) else {
+            return;
+        };
+        let mut queued = self
+            .queued_generations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if queued.get(&id) == Some(&generation) {
+            return;
+        }
+        queued.insert(id, generation);
+        let _ = self.status_queue.send((obj.clone(), generation));
+    }
+
+    /// What [`Fleet::write_device_statuses`] shares with the passes.
+    pub fn queued_generations(&self) -> Arc<Mutex<HashMap<DeviceId, u64>>> {
+        self.queued_generations.clone()
+    }
+
+    /// Sends queued EdgeDevice status patches, a few at a time. A failed patch is
+    /// forgotten, so the next pass queues it again.
+    pub async fn write_device_statuses(
+        client: Client,
+        queued: Arc<Mutex<HashMap<DeviceId, u64>>>,
+        mut rx: mpsc::UnboundedReceiver<(Arc<EdgeDevice>, u64)>,
+        metrics: Arc<Metrics>,
+    ) {
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+            .for_each_concurrent(STATUS_PATCH_CONCURRENCY, |(obj, generation)| {
+                let (client, queued, metrics) = (client.clone(), queued.clone(), metrics.clone());
+                async move {
+                    if patch_device_generation(&client, &obj, generation)
+                        .await
+                        .is_ok()
+                    {
+                        metrics.status_patched();
+                    } else if let Ok(id) = DeviceId::new(obj.name_any()) {
+                        let mut q = queued.lock().unwrap_or_else(|e| e.into_inner());
+                        if q.get(&id) == Some(&generation) {
+                            q.remove(&id);
+                        }
+                    }
+                }
+            })
+            .await;
     }
 
     /// Whether every input has been listed once (acting earlier could delete real state).
@@ -194,8 +255,8 @@ impl Fleet {
             .collect();
         let p = plan(&views, &mviews, &state);
 
-        // Desired state, device by device: write only what differs.
-        let mut generations: Vec<(Arc<EdgeDevice>, u64)> = Vec::new();
+        // Desired state, device by device: write only what differs, many at a time.
+        let mut writes = Vec::new();
         for (id, resources) in device_resources(&p, &state, &views, &deleting) {
             let Some(obj) = devices.get(&id) else {
                 continue;
@@ -217,28 +278,42 @@ impl Fleet {
             .unwrap_or(0);
             let mut m = AgentManifest::new(id.clone(), floor + 1);
             m.resources = resources;
-            match self.write_desired(&id, &m).await {
+            writes.push((obj.clone(), m));
+        }
+        let results: Vec<(Arc<EdgeDevice>, u64, Result<bool, Error>)> =
+            futures::stream::iter(writes)
+                .map(|(obj, m)| async move {
+                    let r = self.write_desired(&m.device, &m).await;
+                    (obj, m.generation, r)
+                })
+                .buffer_unordered(KV_WRITE_CONCURRENCY)
+                .collect()
+                .await;
+        let mut generations: Vec<(Arc<EdgeDevice>, u64)> = Vec::new();
+        for (obj, generation, r) in results {
+            match r {
                 Ok(true) => {
                     summary.kv_writes += 1;
-                    generations.push((obj.clone(), m.generation));
+                    generations.push((obj, generation));
                 }
                 Ok(false) => summary.kv_conflicts += 1,
-                Err(e) => warn!(device = %id, error = %e, "writing desired state failed"),
+                Err(e) => {
+                    warn!(device = obj.name_any(), error = %e, "writing desired state failed")
+                }
             }
+        }
+        // Record generations in EdgeDevice status off the pass's critical path: a fleet-wide
+        // change means one patch per device, and the next change should not wait for them.
+        for (obj, generation) in generations {
+            self.queue_generation(&obj, generation);
         }
         for (id, obj) in &devices {
             let written = desired.get(id).map(|c| c.value.generation);
             let recorded = obj.status.as_ref().and_then(|s| s.desired_generation);
             if let Some(g) = written
                 && recorded != Some(g)
-                && !generations.iter().any(|(o, _)| Arc::ptr_eq(o, obj))
             {
-                generations.push((obj.clone(), g));
-            }
-        }
-        for (obj, generation) in generations {
-            if self.patch_device_generation(&obj, generation).await.is_ok() {
-                summary.status_patches += 1;
+                self.queue_generation(obj, g);
             }
         }
 
@@ -291,31 +366,6 @@ impl Fleet {
                 Err(Error::Kv(e))
             }
         }
-    }
-
-    async fn patch_device_generation(
-        &self,
-        obj: &EdgeDevice,
-        generation: u64,
-    ) -> Result<(), Error> {
-        let api: Api<EdgeDevice> =
-            Api::namespaced(self.client.clone(), &obj.namespace().unwrap_or_default());
-        let patch = json!({
-            "apiVersion": "fleetlet.dev/v1alpha1",
-            "kind": "EdgeDevice",
-            "status": { "desiredGeneration": generation },
-        });
-        api.patch_status(
-            &obj.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map(|_| ())
-        .map_err(|e| {
-            warn!(device = obj.name_any(), error = %e, "patching EdgeDevice status failed");
-            Error::Kube(e)
-        })
     }
 
     /// Deletes the KV keys of devices that no longer have an EdgeDevice.
@@ -589,6 +639,31 @@ impl Fleet {
             }
         }
     }
+}
+
+async fn patch_device_generation(
+    client: &Client,
+    obj: &EdgeDevice,
+    generation: u64,
+) -> Result<(), Error> {
+    let api: Api<EdgeDevice> =
+        Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default());
+    let patch = json!({
+        "apiVersion": "fleetlet.dev/v1alpha1",
+        "kind": "EdgeDevice",
+        "status": { "desiredGeneration": generation },
+    });
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| {
+        warn!(device = obj.name_any(), error = %e, "patching EdgeDevice status failed");
+        Error::Kube(e)
+    })
 }
 
 /// What each device should hold: the plan, plus removals on paused devices (deleting a

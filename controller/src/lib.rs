@@ -282,6 +282,23 @@ async fn serve(
     }))
 }
 
+/// Creates (or updates the settings of) fleetlet's KV buckets; the controller owns them.
+pub async fn ensure_buckets(js: &jetstream::Context, replicas: usize) -> Result<(), Error> {
+    for b in BUCKETS {
+        js.create_or_update_key_value(kv::Config {
+            bucket: b.name.into(),
+            description: b.description.into(),
+            history: b.history,
+            max_value_size: b.max_value_size,
+            num_replicas: replicas,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| Error::Kv(format!("creating bucket {}: {e}", b.name)))?;
+    }
+    Ok(())
+}
+
 /// Runs the controller until `shutdown` resolves. `on_ready` receives the metrics address.
 pub async fn run(
     args: Args,
@@ -291,18 +308,7 @@ pub async fn run(
     let client = Client::try_default().await?;
     let nats = connect_nats(&args).await?;
     let js = jetstream::new(nats.clone());
-    for b in BUCKETS {
-        js.create_or_update_key_value(kv::Config {
-            bucket: b.name.into(),
-            description: b.description.into(),
-            history: b.history,
-            max_value_size: b.max_value_size,
-            num_replicas: args.kv_replicas,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| Error::Kv(format!("creating bucket {}: {e}", b.name)))?;
-    }
+    ensure_buckets(&js, args.kv_replicas).await?;
     let bind = async |name: &str| {
         js.get_key_value(name)
             .await
@@ -355,6 +361,7 @@ pub async fn run(
         controller: FIELD_MANAGER.into(),
         instance: Some(identity.clone()),
     };
+    let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
     let fleet = Fleet::new(
         client.clone(),
         devices,
@@ -367,6 +374,7 @@ pub async fn run(
         metrics.clone(),
         Duration::from_secs(args.offline_after_seconds),
         Duration::from_secs(args.progress_deadline_seconds),
+        status_tx,
     );
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -376,6 +384,12 @@ pub async fn run(
     tasks.spawn(actual.clone().run(nats.clone(), changed.clone()));
     tasks.spawn(heartbeats.clone().run(nats.clone(), changed.clone()));
     tasks.spawn(server);
+    tasks.spawn(Fleet::write_device_statuses(
+        client.clone(),
+        fleet.queued_generations(),
+        status_rx,
+        metrics.clone(),
+    ));
     let election_task = tokio::spawn(election.run(client.clone(), leader_tx, stop_rx.clone()));
     info!(%identity, %metrics_addr, "controller started");
     on_ready(metrics_addr);
@@ -401,6 +415,7 @@ pub async fn run(
                 continue;
             }
             if let Err(e) = fleet.reconcile().await {
+                metrics.error(e.category());
                 warn!(error = %e, category = e.category(), "pass failed");
             }
         }

@@ -13,6 +13,11 @@ struct ResultLabel {
     result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CategoryLabel {
+    category: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     passes: Counter,
@@ -22,6 +27,10 @@ pub struct Metrics {
     devices: Gauge,
     manifests: Gauge,
     conflicts: Gauge,
+    errors: Family<CategoryLabel, Counter>,
+    rollouts_in_progress: Gauge,
+    devices_pending_rollout: Gauge,
+    devices_waiting_ready: Gauge,
     leader: Gauge<i64, AtomicI64>,
 }
 
@@ -38,6 +47,10 @@ impl Default for Metrics {
             devices: Gauge::default(),
             manifests: Gauge::default(),
             conflicts: Gauge::default(),
+            errors: Family::default(),
+            rollouts_in_progress: Gauge::default(),
+            devices_pending_rollout: Gauge::default(),
+            devices_waiting_ready: Gauge::default(),
             leader: Gauge::default(),
             registry: Registry::default(),
         };
@@ -89,6 +102,33 @@ impl Metrics {
         self.conflicts.set(conflicts as i64);
         self.kv_deletes.inc_by(u64::from(s.kv_deletes));
         self.status_patches.inc_by(u64::from(s.status_patches));
+    }
+
+    pub fn status_patched(&self) {
+        self.status_patches.inc();
+    }
+
+    pub fn error(&self, category: &str) {
+        self.errors
+            .get_or_create(&CategoryLabel {
+                category: category.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Rollout totals across every manifest (no per-object labels).
+    pub fn record_rollouts<'a>(&self, progress: impl Iterator<Item = &'a crate::plan::Progress>) {
+        let (mut in_progress, mut pending, mut waiting) = (0, 0, 0);
+        for p in progress {
+            if p.updated != p.targeted || p.ready != p.targeted {
+                in_progress += 1;
+            }
+            pending += p.pending.len() as i64;
+            waiting += p.waiting_on.len() as i64;
+        }
+        self.rollouts_in_progress.set(in_progress);
+        self.devices_pending_rollout.set(pending);
+        self.devices_waiting_ready.set(waiting);
     }
 
     pub fn set_leader(&self, leader: bool) {

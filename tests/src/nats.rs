@@ -5,8 +5,7 @@ use std::{
     time::Duration,
 };
 
-use async_nats::jetstream::{self, kv};
-use fleetlet_protocol::kv::BUCKETS;
+use async_nats::jetstream;
 
 use crate::{
     Error,
@@ -135,19 +134,12 @@ fn connect_options(auth: Option<(String, String)>) -> async_nats::ConnectOptions
     }
 }
 
-/// Creates fleetlet's KV buckets (idempotent) and returns the JetStream context.
+/// Creates fleetlet's KV buckets (idempotent, as the controller does) and returns the
+/// JetStream context.
 pub async fn ensure_buckets(client: async_nats::Client) -> Result<jetstream::Context, Error> {
     let js = jetstream::new(client);
-    for b in BUCKETS {
-        js.create_or_update_key_value(kv::Config {
-            bucket: b.name.to_string(),
-            description: b.description.to_string(),
-            history: b.history,
-            max_value_size: b.max_value_size,
-            ..Default::default()
-        })
+    fleetlet_controller::ensure_buckets(&js, 1)
         .await
-        .map_err(|e| Error::Setup(format!("creating bucket {}: {e}", b.name)))?;
-    }
+        .map_err(|e| Error::Setup(e.to_string()))?;
     Ok(js)
 }
