@@ -26,6 +26,8 @@ pub struct KvCache<T> {
     entries: RwLock<HashMap<DeviceId, Versioned<T>>>,
     /// Revisions of keys whose last value did not decode; writes must still go on top.
     undecodable: RwLock<HashMap<DeviceId, u64>>,
+    /// Keys changed since the last [`KvCache::take_dirty`].
+    dirty: std::sync::Mutex<std::collections::HashSet<DeviceId>>,
     ready: watch::Sender<bool>,
 }
 
@@ -35,6 +37,7 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
             bucket,
             entries: RwLock::new(HashMap::new()),
             undecodable: RwLock::new(HashMap::new()),
+            dirty: std::sync::Mutex::new(std::collections::HashSet::new()),
             ready: watch::channel(false).0,
         })
     }
@@ -66,6 +69,14 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
         ids
     }
 
+    /// The devices whose key changed since the previous call.
+    pub fn take_dirty(&self) -> std::collections::HashSet<DeviceId> {
+        self.dirty
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default()
+    }
+
     pub fn is_ready(&self) -> bool {
         *self.ready.borrow()
     }
@@ -94,6 +105,9 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
         };
         if entries.get(&device).is_some_and(|e| e.revision > revision) {
             return;
+        }
+        if let Ok(mut d) = self.dirty.lock() {
+            d.insert(device.clone());
         }
         bad.remove(&device);
         match op {

@@ -82,13 +82,9 @@ impl Error {
     }
 }
 
-/// Command-line settings (each also from the environment).
-#[derive(Debug, Clone, clap::Parser)]
-#[command(
-    version,
-    about = "Turns EdgeManifests and EdgeDevices into per-device manifests in NATS"
-)]
-pub struct Args {
+/// How to reach NATS (shared by the controller and the bridge).
+#[derive(Debug, Clone, clap::Args)]
+pub struct NatsArgs {
     /// NATS server URL(s), comma-separated.
     #[arg(
         long,
@@ -107,6 +103,40 @@ pub struct Args {
     /// CA bundle to verify the NATS server (implies TLS).
     #[arg(long, env = "FLEETLET_NATS_CA")]
     pub nats_ca: Option<PathBuf>,
+}
+
+impl NatsArgs {
+    /// Connects, retrying in the background until the server is reachable.
+    pub async fn connect(&self, name: &str) -> Result<async_nats::Client, Error> {
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(name)
+            .retry_on_initial_connect()
+            .max_reconnects(None);
+        if let (Some(u), Some(p)) = (&self.nats_user, &self.nats_password) {
+            opts = opts.user_and_password(u.clone(), p.clone());
+        }
+        if let Some(c) = &self.nats_creds {
+            opts = opts
+                .credentials_file(c)
+                .await
+                .map_err(|e| Error::Kv(format!("reading {}: {e}", c.display())))?;
+        }
+        if let Some(ca) = &self.nats_ca {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        Ok(opts.connect(self.nats_url.join(",")).await?)
+    }
+}
+
+/// Command-line settings (each also from the environment).
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    version,
+    about = "Turns EdgeManifests and EdgeDevices into per-device manifests in NATS"
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub nats: NatsArgs,
     /// Replicas for the KV buckets the controller creates (3 in production clusters).
     #[arg(long, env = "FLEETLET_KV_REPLICAS", default_value_t = 1)]
     pub kv_replicas: usize,
@@ -152,8 +182,17 @@ impl Args {
     }
 }
 
+/// `given`, or the pod name / hostname plus pid, for leader election.
+pub fn default_identity(given: Option<&str>) -> String {
+    given.map(str::to_owned).unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap_or_else(|_| "fleetlet".into());
+        format!("{}-{}", host.trim(), std::process::id())
+    })
+}
+
 /// Resolves once `stop` holds true (or its sender is gone).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     loop {
         if *stop.borrow_and_update() {
             return;
@@ -162,26 +201,6 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
             return;
         }
     }
-}
-
-async fn connect_nats(args: &Args) -> Result<async_nats::Client, Error> {
-    let mut opts = async_nats::ConnectOptions::new()
-        .name("fleetlet-controller")
-        .retry_on_initial_connect()
-        .max_reconnects(None);
-    if let (Some(u), Some(p)) = (&args.nats_user, &args.nats_password) {
-        opts = opts.user_and_password(u.clone(), p.clone());
-    }
-    if let Some(c) = &args.nats_creds {
-        opts = opts
-            .credentials_file(c)
-            .await
-            .map_err(|e| Error::Kv(format!("reading {}: {e}", c.display())))?;
-    }
-    if let Some(ca) = &args.nats_ca {
-        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
-    }
-    Ok(opts.connect(args.nats_url.join(",")).await?)
 }
 
 /// What makes an object worth a new pass: not its status (our own writes land there).
@@ -242,20 +261,22 @@ where
     (reader, task)
 }
 
+/// What the HTTP endpoints read: the metrics text and whether the component is ready.
 #[derive(Clone)]
-struct HttpState {
-    metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
+pub struct HttpState {
+    pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    pub ready: Arc<AtomicBool>,
 }
 
-async fn serve(
+/// Serves `/metrics`, `/healthz` and `/readyz`; returns the bound address and the server.
+pub async fn serve(
     addr: SocketAddr,
     state: HttpState,
 ) -> Result<(SocketAddr, impl Future<Output = ()>), Error> {
     let app = Router::new()
         .route(
             "/metrics",
-            get(|State(s): State<HttpState>| async move { s.metrics.encode() }),
+            get(|State(s): State<HttpState>| async move { (s.metrics)() }),
         )
         .route("/healthz", get(|| async { "ok" }))
         .route(
@@ -306,7 +327,7 @@ pub async fn run(
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), Error> {
     let client = Client::try_default().await?;
-    let nats = connect_nats(&args).await?;
+    let nats = args.nats.connect("fleetlet-controller").await?;
     let js = jetstream::new(nats.clone());
     ensure_buckets(&js, args.kv_replicas).await?;
     let bind = async |name: &str| {
@@ -339,10 +360,14 @@ pub async fn run(
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
 
+    let metrics_text: Arc<dyn Fn() -> String + Send + Sync> = {
+        let m = metrics.clone();
+        Arc::new(move || m.encode())
+    };
     let (metrics_addr, server) = serve(
         args.metrics_addr,
         HttpState {
-            metrics: metrics.clone(),
+            metrics: metrics_text,
             ready: ready.clone(),
         },
     )

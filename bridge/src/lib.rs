@@ -1,0 +1,243 @@
+//! fleetlet-bridge: makes the fleet visible in Kubernetes.
+//!
+//! From each device's heartbeats and status in NATS it keeps the EdgeDevice's status
+//! (conditions Ready / Converged / Degraded, device facts, per-resource summary), one
+//! virtual `Node` per device, and that Node's `Lease` in `kube-node-lease`, renewed from
+//! the device's own heartbeats. Writes happen only when something changed; a steady fleet
+//! costs Lease renewals, at most one per device per `--lease-renew-seconds`.
+
+pub mod metrics;
+pub mod mirror;
+pub mod view;
+
+use std::{
+    collections::HashSet,
+    future::Future,
+    hash::{DefaultHasher, Hash, Hasher},
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use fleetlet_controller::{HttpState, KvCache, NatsArgs, leader::Election};
+use fleetlet_crds::{
+    EdgeDevice,
+    k8s_openapi::api::core::v1::Node,
+    kube::{
+        Api, Client, Resource,
+        runtime::{WatchStreamExt, reflector, watcher},
+    },
+};
+use fleetlet_protocol::{
+    DeviceId,
+    kv::{ACTUAL_STATE, HEARTBEAT},
+};
+use futures::StreamExt;
+use tokio::sync::{Notify, watch};
+use tracing::{info, warn};
+
+pub use metrics::Metrics;
+pub use mirror::{Mirror, Writes};
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    version,
+    about = "Mirrors device heartbeats and status into Kubernetes: EdgeDevice status, a Node and a Lease per device"
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "FLEETLET_METRICS_ADDR", default_value = "0.0.0.0:8081")]
+    pub metrics_addr: SocketAddr,
+    /// Seconds without a heartbeat before a device's node turns Ready=Unknown. Keep the
+    /// kube-controller-manager's --node-monitor-grace-period at least this long.
+    #[arg(long, env = "FLEETLET_GRACE_SECONDS", default_value_t = 90)]
+    pub grace_seconds: u64,
+    /// Renew a device's Lease at most this often (from its heartbeats). At 10,000 devices,
+    /// 30 s is about 333 writes/s; it must stay well under the grace period.
+    #[arg(long, env = "FLEETLET_LEASE_RENEW_SECONDS", default_value_t = 30)]
+    pub lease_renew_seconds: u64,
+    /// Refresh heartbeat times in EdgeDevice and Node status this often when nothing else
+    /// changed (kubelet's node status report frequency is 5 minutes).
+    #[arg(long, env = "FLEETLET_STATUS_REPORT_SECONDS", default_value_t = 300)]
+    pub status_report_seconds: u64,
+    /// Seconds between full passes (grace timeouts are noticed on these).
+    #[arg(long, env = "FLEETLET_RESYNC_SECONDS", default_value_t = 10)]
+    pub resync_seconds: u64,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "fleetlet-system")]
+    pub lease_namespace: String,
+    #[arg(long, env = "FLEETLET_LEASE_NAME", default_value = "fleetlet-bridge")]
+    pub lease_name: String,
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    #[arg(long, env = "FLEETLET_LEASE_SECONDS", default_value_t = 15)]
+    pub lease_seconds: u64,
+}
+
+fn fingerprint<K: Resource>(o: &K) -> u64 {
+    let mut h = DefaultHasher::new();
+    o.meta().generation.hash(&mut h);
+    o.meta().labels.hash(&mut h);
+    o.meta().deletion_timestamp.is_some().hash(&mut h);
+    h.finish()
+}
+
+/// Runs the bridge until `shutdown` resolves; `on_ready` gets the metrics address.
+pub async fn run(
+    args: Args,
+    shutdown: impl Future<Output = ()>,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), fleetlet_controller::Error> {
+    let client = Client::try_default().await?;
+    let nats = args.nats.connect("fleetlet-bridge").await?;
+    let changed = Arc::new(Notify::new());
+    let dirty_devices: Arc<Mutex<HashSet<DeviceId>>> = Arc::default();
+    let synced = Arc::new(AtomicBool::new(false));
+
+    // EdgeDevices: spec/label changes and deletions mark the device dirty.
+    let (devices, writer) = reflector::store::<EdgeDevice>();
+    let device_stream = watcher(
+        Api::<EdgeDevice>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer);
+    let device_task = {
+        let (changed, dirty, synced) = (changed.clone(), dirty_devices.clone(), synced.clone());
+        async move {
+            let mut seen = std::collections::HashMap::new();
+            futures::pin_mut!(device_stream);
+            while let Some(ev) = device_stream.next().await {
+                match ev {
+                    Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                        let fp = fingerprint(&o);
+                        let name = o.meta().name.clone().unwrap_or_default();
+                        if seen.insert(name.clone(), fp) != Some(fp) {
+                            if let (Ok(id), Ok(mut d)) = (DeviceId::new(name), dirty.lock()) {
+                                d.insert(id);
+                            }
+                            changed.notify_one();
+                        }
+                    }
+                    Ok(watcher::Event::Delete(o)) => {
+                        seen.remove(&o.meta().name.clone().unwrap_or_default());
+                        changed.notify_one();
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        synced.store(true, Ordering::Relaxed);
+                        changed.notify_one();
+                    }
+                    Ok(watcher::Event::Init) => {}
+                    Err(e) => warn!(error = %e, "EdgeDevice watch error; retrying"),
+                }
+            }
+        }
+    };
+    // Our own Nodes only.
+    let (nodes, node_writer) = reflector::store::<Node>();
+    let node_stream = watcher(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default().labels(view::DEVICE_LABEL),
+    )
+    .default_backoff()
+    .reflect(node_writer)
+    .for_each(|_| futures::future::ready(()));
+
+    let actual = KvCache::new(ACTUAL_STATE);
+    let heartbeats = KvCache::new(HEARTBEAT);
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let metrics_text: Arc<dyn Fn() -> String + Send + Sync> = {
+        let m = metrics.clone();
+        Arc::new(move || m.encode())
+    };
+    let (addr, server) = fleetlet_controller::serve(
+        args.metrics_addr,
+        HttpState {
+            metrics: metrics_text,
+            ready: ready.clone(),
+        },
+    )
+    .await?;
+    let mirror = Mirror::new(
+        client.clone(),
+        devices,
+        nodes,
+        actual.clone(),
+        heartbeats.clone(),
+        metrics.clone(),
+        args.grace_seconds * 1000,
+        args.status_report_seconds * 1000,
+        args.lease_renew_seconds * 1000,
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (leader_tx, mut leader_rx) = watch::channel(false);
+    let identity = fleetlet_controller::default_identity(args.identity.as_deref());
+    let election = Election {
+        namespace: args.lease_namespace.clone(),
+        name: args.lease_name.clone(),
+        identity: identity.clone(),
+        lease_duration: Duration::from_secs(args.lease_seconds),
+        renew_every: Duration::from_secs((args.lease_seconds / 3).max(1)),
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(device_task);
+    tasks.spawn(node_stream);
+    tasks.spawn(actual.clone().run(nats.clone(), changed.clone()));
+    tasks.spawn(heartbeats.clone().run(nats.clone(), changed.clone()));
+    tasks.spawn(server);
+    let election_task = tokio::spawn(election.run(client.clone(), leader_tx, stop_rx));
+    info!(%identity, %addr, "bridge started");
+    on_ready(addr);
+
+    let resync = Duration::from_secs(args.resync_seconds.max(1));
+    let main_loop = async {
+        let mut next_full = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = changed.notified() => {}
+                _ = tokio::time::sleep_until(next_full) => {}
+                _ = leader_rx.changed() => {}
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let leader = *leader_rx.borrow();
+            metrics.set_leader(leader);
+            let is_synced = synced.load(Ordering::Relaxed) && mirror.synced();
+            ready.store(is_synced, Ordering::Relaxed);
+            if !leader || !is_synced {
+                continue;
+            }
+            if tokio::time::Instant::now() >= next_full {
+                // Drop what is marked: the full pass covers it.
+                let _ = (actual.take_dirty(), heartbeats.take_dirty());
+                if let Ok(mut d) = dirty_devices.lock() {
+                    d.clear();
+                }
+                mirror.pass(None).await;
+                metrics.set_devices(mirror.devices.state().len());
+                next_full = tokio::time::Instant::now() + resync;
+            } else {
+                let mut only = actual.take_dirty();
+                only.extend(heartbeats.take_dirty());
+                if let Ok(mut d) = dirty_devices.lock() {
+                    only.extend(d.drain());
+                }
+                if !only.is_empty() {
+                    mirror.pass(Some(only)).await;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = main_loop => {}
+        _ = shutdown => info!("shutting down"),
+    }
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), election_task).await;
+    tasks.abort_all();
+    Ok(())
+}

@@ -1,0 +1,98 @@
+//! Bridge metrics: writes by kind, heartbeat-to-Lease latency, fleet size.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::mirror::Writes;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    writes: Family<KindLabel, Counter>,
+    passes: Counter,
+    lease_latency: Histogram,
+    devices: Gauge,
+    leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("fleetlet_bridge");
+        let writes = Family::<KindLabel, Counter>::default();
+        let passes = Counter::default();
+        let lease_latency = Histogram::new([
+            5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+        ]);
+        let devices = Gauge::default();
+        let leader = Gauge::default();
+        registry.register(
+            "apiserver_writes",
+            "Writes to the apiserver by kind (device_status, node, node_status, lease, delete)",
+            writes.clone(),
+        );
+        registry.register("passes", "Mirror passes", passes.clone());
+        registry.register(
+            "heartbeat_to_lease_ms",
+            "Milliseconds from a heartbeat's timestamp to its Lease renewal",
+            lease_latency.clone(),
+        );
+        registry.register("devices", "EdgeDevices known", devices.clone());
+        registry.register(
+            "leader",
+            "1 while this instance holds the leader lease",
+            leader.clone(),
+        );
+        Self {
+            registry,
+            writes,
+            passes,
+            lease_latency,
+            devices,
+            leader,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn record(&self, w: &Writes) {
+        self.passes.inc();
+        for (kind, n) in [
+            ("device_status", w.device_status),
+            ("node", w.nodes),
+            ("node_status", w.node_status),
+            ("lease", w.leases),
+            ("delete", w.deletes),
+        ] {
+            if n > 0 {
+                self.writes
+                    .get_or_create(&KindLabel { kind: kind.into() })
+                    .inc_by(u64::from(n));
+            }
+        }
+    }
+
+    pub fn lease_latency(&self, ms: u64) {
+        self.lease_latency.observe(ms as f64);
+    }
+
+    pub fn set_devices(&self, n: usize) {
+        self.devices.set(n as i64);
+    }
+
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,533 @@
+//! The bridge binary against a real kube-apiserver, nats-server and kubectl.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+use std::{
+    path::Path,
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use async_nats::jetstream::kv::Store;
+use fleetlet_crds::EdgeDevice;
+use fleetlet_protocol::{
+    API_VERSION, Address, Capacity, DeviceId, Free, Heartbeat, SystemInfo, Timestamp, encode,
+    kv::{ACTUAL_STATE, HEARTBEAT},
+};
+use fleetlet_testenv::{
+    TestEnv,
+    process::{Service, free_port},
+};
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
+use kube::{
+    Api,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+
+fn start_bridge(env: &TestEnv, identity: &str) -> Service {
+    Service::spawn_with_env(
+        "fleetlet-bridge",
+        Path::new(env!("CARGO_BIN_EXE_fleetlet-bridge")),
+        &[
+            format!("--nats-url={}", env.nats_url().unwrap()),
+            format!("--metrics-addr=127.0.0.1:{}", free_port().unwrap()),
+            "--lease-namespace=fleetlet-system".into(),
+            format!("--identity={identity}"),
+            "--grace-seconds=3".into(),
+            "--lease-renew-seconds=1".into(),
+            "--resync-seconds=1".into(),
+            "--lease-seconds=3".into(),
+        ],
+        &[
+            (
+                "KUBECONFIG",
+                env.kubeconfig().unwrap().display().to_string(),
+            ),
+            ("RUST_LOG", "info,fleetlet_bridge=debug".into()),
+        ],
+        env.dir.join(format!("bridge-{identity}.log")),
+    )
+    .unwrap()
+}
+
+fn start_controller(env: &TestEnv) -> Service {
+    Service::spawn_with_env(
+        "fleetlet-controller",
+        &Path::new(env!("CARGO_BIN_EXE_fleetlet-bridge")).with_file_name("fleetlet-controller"),
+        &[
+            format!("--nats-url={}", env.nats_url().unwrap()),
+            format!("--metrics-addr=127.0.0.1:{}", free_port().unwrap()),
+            "--lease-namespace=fleetlet-system".into(),
+            "--resync-seconds=1".into(),
+        ],
+        &[(
+            "KUBECONFIG",
+            env.kubeconfig().unwrap().display().to_string(),
+        )],
+        env.dir.join("controller.log"),
+    )
+    .unwrap()
+}
+
+async fn system_namespace(env: &TestEnv) {
+    let api: Api<k8s_openapi::api::core::v1::Namespace> =
+        Api::all(env.kube_client().await.unwrap());
+    let _ = api
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": "fleetlet-system" } })).unwrap(),
+        )
+        .await;
+}
+
+/// The shared environment with one bridge (3 s grace) running against it.
+fn shared() -> &'static TestEnv {
+    static BRIDGE: OnceLock<Service> = OnceLock::new();
+    let env = TestEnv::shared();
+    BRIDGE.get_or_init(|| {
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(system_namespace(env));
+            start_bridge(env, "shared")
+        })
+        .join()
+        .unwrap()
+    });
+    env
+}
+
+async fn add_device(env: &TestEnv, ns: &str, name: &str) -> Api<EdgeDevice> {
+    let api: Api<EdgeDevice> = Api::namespaced(env.kube_client().await.unwrap(), ns);
+    let body = json!({ "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice",
+        "metadata": { "name": name, "labels": { "site": "lab" } }, "spec": {} });
+    api.patch(
+        name,
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .unwrap();
+    api
+}
+
+async fn buckets(env: &TestEnv) -> (Store, Store) {
+    let js = env.jetstream().await.unwrap();
+    (
+        js.get_key_value(HEARTBEAT.name).await.unwrap(),
+        js.get_key_value(ACTUAL_STATE.name).await.unwrap(),
+    )
+}
+
+async fn beat(hb: &Store, dev: &str, seq: u64) {
+    let h = Heartbeat {
+        api_version: API_VERSION.into(),
+        device: DeviceId::new(dev).unwrap(),
+        sequence: seq,
+        timestamp: Timestamp::now(),
+        interval_seconds: 1,
+        agent_version: "0.1.0".into(),
+        system: SystemInfo {
+            operating_system: "linux".into(),
+            architecture: "arm64".into(),
+            os_image: "Debian GNU/Linux 12 (bookworm)".into(),
+            kernel_version: "6.6.51-v8+".into(),
+            hostname: Some(dev.into()),
+            model: Some("Raspberry Pi 4 Model B".into()),
+        },
+        capacity: Capacity {
+            cpu_cores: 4,
+            memory_bytes: 4 << 30,
+            disk_bytes: 32 << 30,
+            pids: 32768,
+        },
+        free: Free {
+            memory_bytes: 3 << 30,
+            disk_bytes: 20 << 30,
+            pids: 32000,
+        },
+        addresses: vec![Address {
+            type_: "InternalIP".into(),
+            address: "127.0.0.2".into(),
+        }],
+    };
+    hb.put(dev, encode(&h).unwrap().into()).await.unwrap();
+}
+
+/// Heartbeats once a second until dropped.
+fn keep_beating(hb: Store, dev: &'static str) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for seq in 1.. {
+            beat(&hb, dev, seq).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
+}
+
+async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn node_ready(env: &TestEnv, name: &str) -> Option<(String, String)> {
+    let nodes: Api<Node> = Api::all(env.kube_client().await.ok()?);
+    let n = nodes.get_opt(name).await.ok()??;
+    let c = n
+        .status?
+        .conditions?
+        .into_iter()
+        .find(|c| c.type_ == "Ready")?;
+    Some((c.status, c.reason.unwrap_or_default()))
+}
+
+#[tokio::test]
+async fn kubectl_get_nodes_shows_each_device_with_status_role_and_version() {
+    let env = shared();
+    let ns = env.namespace("br-nodes").await.unwrap();
+    let (hb, _) = buckets(env).await;
+    add_device(env, &ns, "bn-pi").await;
+    let _beats = keep_beating(hb, "bn-pi");
+    eventually("node ready", async || {
+        node_ready(env, "bn-pi").await.filter(|(s, _)| s == "True")
+    })
+    .await;
+
+    let out = env
+        .kubectl()
+        .unwrap()
+        .args(["get", "nodes", "bn-pi", "-o", "wide", "--no-headers"])
+        .output()
+        .unwrap();
+    let line = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    // NAME STATUS ROLES AGE VERSION INTERNAL-IP EXTERNAL-IP OS-IMAGE... KERNEL CONTAINER-RUNTIME
+    assert_eq!(cols[0], "bn-pi", "{line}");
+    assert_eq!(cols[1], "Ready", "{line}");
+    assert_eq!(cols[2], "edge", "{line}");
+    assert_eq!(cols[4], "fleetlet-agent/v0.1.0", "{line}");
+    assert_eq!(cols[5], "127.0.0.2", "{line}");
+    assert!(
+        line.contains("6.6.51-v8+") && line.contains("Debian GNU/Linux 12"),
+        "{line}"
+    );
+
+    let node: Node = Api::all(env.kube_client().await.unwrap())
+        .get("bn-pi")
+        .await
+        .unwrap();
+    let labels = node.metadata.labels.unwrap();
+    assert_eq!(labels["kubernetes.io/arch"], "arm64");
+    assert_eq!(labels["type"], "virtual-kubelet");
+    assert_eq!(labels["device.fleetlet.dev/site"], "lab");
+    let spec = node.spec.unwrap();
+    let taint = &spec.taints.unwrap()[0];
+    assert_eq!(
+        (taint.key.as_str(), taint.effect.as_str()),
+        ("fleetlet.dev/edge", "NoSchedule")
+    );
+    let status = node.status.unwrap();
+    assert_eq!(status.capacity.unwrap()["cpu"].0, "4");
+    let kinds: Vec<String> = status
+        .conditions
+        .unwrap()
+        .into_iter()
+        .map(|c| format!("{}={}", c.type_, c.status))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "Ready=True",
+            "MemoryPressure=False",
+            "DiskPressure=False",
+            "PIDPressure=False"
+        ]
+    );
+    let lease: Lease = Api::namespaced(env.kube_client().await.unwrap(), "kube-node-lease")
+        .get("bn-pi")
+        .await
+        .unwrap();
+    assert_eq!(
+        lease.spec.unwrap().holder_identity.as_deref(),
+        Some("bn-pi")
+    );
+}
+
+#[tokio::test]
+async fn a_silent_device_turns_unknown_after_the_grace_period_and_ready_when_it_returns() {
+    let env = shared();
+    let ns = env.namespace("br-grace").await.unwrap();
+    let (hb, _) = buckets(env).await;
+    let devices = add_device(env, &ns, "bg-pi").await;
+    let beats = keep_beating(hb.clone(), "bg-pi");
+    eventually("ready", async || {
+        node_ready(env, "bg-pi").await.filter(|(s, _)| s == "True")
+    })
+    .await;
+
+    beats.abort();
+    let (_, reason) = eventually("unknown", async || {
+        node_ready(env, "bg-pi")
+            .await
+            .filter(|(s, _)| s == "Unknown")
+    })
+    .await;
+    assert_eq!(reason, "NodeStatusUnknown");
+    let dev = devices.get("bg-pi").await.unwrap();
+    let ready = dev
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("Unknown", "HeartbeatMissed")
+    );
+    assert!(
+        Api::<Node>::all(env.kube_client().await.unwrap())
+            .get_opt("bg-pi")
+            .await
+            .unwrap()
+            .is_some(),
+        "the node stays"
+    );
+
+    let _beats = keep_beating(hb, "bg-pi");
+    eventually("ready again", async || {
+        node_ready(env, "bg-pi").await.filter(|(s, _)| s == "True")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_device_that_never_connected_is_not_ready_with_that_reason() {
+    let env = shared();
+    let ns = env.namespace("br-never").await.unwrap();
+    let devices = add_device(env, &ns, "bv-pi").await;
+    let (_, reason) = eventually("node", async || node_ready(env, "bv-pi").await).await;
+    assert_eq!(reason, "NeverConnected");
+    let ready = eventually("status", async || {
+        devices
+            .get("bv-pi")
+            .await
+            .ok()?
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+    })
+    .await;
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "NeverConnected")
+    );
+}
+
+#[tokio::test]
+async fn deleting_a_device_removes_its_node_and_lease() {
+    let env = shared();
+    let ns = env.namespace("br-delete").await.unwrap();
+    let (hb, _) = buckets(env).await;
+    let devices = add_device(env, &ns, "bd-pi").await;
+    let beats = keep_beating(hb, "bd-pi");
+    let client = env.kube_client().await.unwrap();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    eventually("lease", async || leases.get_opt("bd-pi").await.ok()?).await;
+    beats.abort();
+    devices
+        .delete("bd-pi", &DeleteParams::default())
+        .await
+        .unwrap();
+    let nodes: Api<Node> = Api::all(client);
+    eventually("node gone", async || {
+        nodes.get_opt("bd-pi").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    eventually("lease gone", async || {
+        leases.get_opt("bd-pi").await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_payloads_are_ignored_with_a_logged_reason_and_the_bridge_keeps_working() {
+    let env = shared();
+    let ns = env.namespace("br-bad").await.unwrap();
+    let (hb, actual) = buckets(env).await;
+    add_device(env, &ns, "bb-bad").await;
+    hb.put("bb-bad", "{ not json".into()).await.unwrap();
+    actual.put("bb-bad", vec![0xff; 64].into()).await.unwrap();
+    hb.put(
+        "bb-other-name",
+        encode(&Heartbeat {
+            device: DeviceId::new("bb-someone").unwrap(),
+            ..sample("bb-someone")
+        })
+        .unwrap()
+        .into(),
+    )
+    .await
+    .unwrap();
+
+    add_device(env, &ns, "bb-good").await;
+    let _beats = keep_beating(hb, "bb-good");
+    eventually("good device ready", async || {
+        node_ready(env, "bb-good")
+            .await
+            .filter(|(s, _)| s == "True")
+    })
+    .await;
+    let (_, reason) = eventually("bad device node", async || node_ready(env, "bb-bad").await).await;
+    assert_eq!(
+        reason, "NeverConnected",
+        "a garbled heartbeat is not a heartbeat"
+    );
+    let log = std::fs::read_to_string(env.dir.join("bridge-shared.log")).unwrap();
+    assert!(
+        log.contains("undecodable record; ignored") && log.contains("bb-bad"),
+        "no logged reason"
+    );
+}
+
+fn sample(dev: &str) -> Heartbeat {
+    Heartbeat {
+        api_version: API_VERSION.into(),
+        device: DeviceId::new(dev).unwrap(),
+        sequence: 1,
+        timestamp: Timestamp::now(),
+        interval_seconds: 1,
+        agent_version: "0.1.0".into(),
+        system: SystemInfo::default(),
+        capacity: Capacity::default(),
+        free: Free::default(),
+        addresses: vec![],
+    }
+}
+
+/// apiserver_request_total for mutating verbs on `resource`, summed.
+async fn writes(client: &kube::Client, resource: &str) -> f64 {
+    let text = client
+        .request_text(http::Request::get("/metrics").body(Vec::new()).unwrap())
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| l.contains(&format!("resource=\"{resource}\"")))
+        .filter(|l| {
+            ["APPLY", "PATCH", "PUT", "POST", "CREATE", "UPDATE"]
+                .iter()
+                .any(|v| l.contains(&format!("verb=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_steady_fleet_causes_no_writes_but_lease_renewals_and_a_real_agent_converges() {
+    // A private environment: the apiserver's request counters see only this test.
+    let env = TestEnv::builder().kube().nats().start().await.unwrap();
+    system_namespace(&env).await;
+    let client = env.kube_client().await.unwrap();
+    let _bridge = start_bridge(&env, "steady");
+    let _controller = start_controller(&env);
+
+    // A real agent on this machine, writing under a temp dir.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "device_id = \"st-pi\"\nstate_dir = \"{}\"\n[nats]\nurls = [\"{}\"]\n[reconcile]\nheartbeat_interval_seconds = 1\n[file]\nallowed_roots = [\"/etc/fleetlet\"]\npath_prefix = \"{}\"\n",
+            dir.path().join("state").display(),
+            env.nats_url().unwrap(),
+            dir.path().join("root").display()
+        ),
+    )
+    .unwrap();
+    let _agent = Service::spawn(
+        "fleetlet-agent",
+        &Path::new(env!("CARGO_BIN_EXE_fleetlet-bridge")).with_file_name("fleetlet-agent"),
+        &["--config".into(), config.display().to_string()],
+        dir.path().join("agent.log"),
+    )
+    .unwrap();
+    add_device(&env, "default", "st-pi").await;
+    let manifests: Api<fleetlet_crds::EdgeManifest> = Api::namespaced(client.clone(), "default");
+    let body = json!({ "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeManifest", "metadata": { "name": "motd" },
+        "spec": { "devices": ["st-pi"], "resources": [{ "id": "motd", "file": { "path": "/etc/fleetlet/motd", "content": { "text": "hi\n" } } }] } });
+    manifests
+        .patch(
+            "motd",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .unwrap();
+
+    let out = env
+        .kubectl()
+        .unwrap()
+        .args([
+            "wait",
+            "--for=condition=Converged",
+            "edgedevice/st-pi",
+            "-n",
+            "default",
+            "--timeout=60s",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl wait: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("root/etc/fleetlet/motd")).unwrap(),
+        "hi\n"
+    );
+    let dev: EdgeDevice = Api::namespaced(client.clone(), "default")
+        .get("st-pi")
+        .await
+        .unwrap();
+    let st = dev.status.unwrap();
+    assert_eq!(st.applied_generation, st.desired_generation);
+    assert_eq!(st.resources[0].state, "Ready");
+    assert_eq!(st.device.unwrap().agent_version, env!("CARGO_PKG_VERSION"));
+
+    // Steady state: heartbeats keep flowing, nothing else changes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = (
+        writes(&client, "edgedevices").await,
+        writes(&client, "nodes").await,
+        writes(&client, "leases").await,
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let after = (
+        writes(&client, "edgedevices").await,
+        writes(&client, "nodes").await,
+        writes(&client, "leases").await,
+    );
+    assert_eq!(after.0, before.0, "EdgeDevice writes in a steady state");
+    assert_eq!(after.1, before.1, "Node writes in a steady state");
+    assert!(
+        after.2 > before.2,
+        "leases are renewed from heartbeats ({before:?} → {after:?})"
+    );
+}
