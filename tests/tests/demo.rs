@@ -30,6 +30,25 @@ fn demo_brings_up_the_control_plane_and_shows_the_example_fleet() {
             "{stdout}"
         );
     }
+    // The bridge shows every device as a Ready node, and its EdgeDevice as Ready.
+    for device in ["pi-kitchen", "pi-garage", "pi-office"] {
+        let node = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{device} ")))
+            .unwrap_or_default();
+        assert!(
+            node.contains(" Ready ") && node.contains("edge"),
+            "{device} node: {stdout}"
+        );
+        let edev = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("edgedevice.fleetlet.dev/{device} ")))
+            .unwrap_or_default();
+        assert!(
+            edev.contains("True"),
+            "{device} EdgeDevice not Ready: {stdout}"
+        );
+    }
     // The controller delivered the manifests and the agents applied them.
     let garage = stdout
         .lines()

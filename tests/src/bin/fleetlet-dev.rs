@@ -96,16 +96,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .parent()
         .map(Path::to_path_buf)
         .context("locating the fleetlet binaries")?;
-    for bin in ["fleetlet-controller", "fleetlet-agent"] {
+    for bin in ["fleetlet-controller", "fleetlet-bridge", "fleetlet-agent"] {
         if !bin_dir.join(bin).is_file() {
             bail!(
-                "{bin} is not built next to fleetlet-dev in {}: run scripts/demo, or cargo build -p fleetlet-controller -p fleetlet-agent",
+                "{bin} is not built next to fleetlet-dev in {}: run scripts/demo, or cargo build -p fleetlet-controller -p fleetlet-bridge -p fleetlet-agent",
                 bin_dir.display()
             );
         }
     }
     kubectl(&env, &["create", "namespace", "fleetlet-system"])?;
     let _controller = start_controller(&env, &bin_dir, &state_dir)?;
+    let _bridge = start_bridge(&env, &bin_dir, &state_dir)?;
 
     for f in &files {
         kubectl(&env, &["apply", "-f", &f.display().to_string()])?;
@@ -120,11 +121,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         agents.push(start_agent(&env, &bin_dir, &state_dir, &d.name_any())?);
     }
     eprintln!(
-        "started the controller and {} agents; waiting for the fleet to converge ...",
+        "started the controller, the bridge and {} agents; waiting for the fleet to converge ...",
         agents.len()
     );
     wait_for_fleet(&env, &client, &devices).await?;
 
+    println!();
+    kubectl(&env, &["get", "nodes", "-o", "wide"])?;
     println!();
     kubectl(&env, &["get", "edgedevices,edgemanifests", "-o", "wide"])?;
     println!();
@@ -166,6 +169,23 @@ fn start_controller(env: &TestEnv, bin_dir: &Path, state_dir: &Path) -> anyhow::
         ],
         &[("KUBECONFIG", env.kubeconfig()?.display().to_string())],
         state_dir.join("controller.log"),
+    )?)
+}
+
+fn start_bridge(env: &TestEnv, bin_dir: &Path, state_dir: &Path) -> anyhow::Result<Service> {
+    Ok(Service::spawn_with_env(
+        "fleetlet-bridge",
+        &bin_dir.join("fleetlet-bridge"),
+        &[
+            format!("--nats-url={}", env.nats_url()?),
+            format!("--metrics-addr=127.0.0.1:{}", free_port()?),
+            "--lease-namespace=fleetlet-system".into(),
+            "--grace-seconds=20".into(),
+            "--lease-renew-seconds=10".into(),
+            "--resync-seconds=2".into(),
+        ],
+        &[("KUBECONFIG", env.kubeconfig()?.display().to_string())],
+        state_dir.join("bridge.log"),
     )?)
 }
 
@@ -235,7 +255,21 @@ async fn wait_for_fleet(
             };
             reported &= have >= want;
         }
-        if rolled_out && reported {
+        let ready = Api::<EdgeDevice>::all(client.clone())
+            .list(&Default::default())
+            .await
+            .is_ok_and(|l| {
+                l.items.iter().all(|d| {
+                    d.status.as_ref().is_some_and(|s| {
+                        s.conditions
+                            .iter()
+                            .any(|c| c.type_ == "Ready" && c.status == "True")
+                            && s.applied_generation.is_some()
+                            && s.applied_generation == s.desired_generation
+                    })
+                })
+            });
+        if rolled_out && reported && ready {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
