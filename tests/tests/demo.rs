@@ -40,8 +40,10 @@ fn demo_brings_up_the_control_plane_and_shows_the_example_fleet() {
             node.contains(" Ready ") && node.contains("edge"),
             "{device} node: {stdout}"
         );
+        // The table's line, not `kubectl apply`'s "... created".
         let edev = stdout
             .lines()
+            .rev()
             .find(|l| l.starts_with(&format!("edgedevice.fleetlet.dev/{device} ")))
             .unwrap_or_default();
         assert!(
@@ -52,11 +54,13 @@ fn demo_brings_up_the_control_plane_and_shows_the_example_fleet() {
     // The controller delivered the manifests and the agents applied them.
     let garage = stdout
         .lines()
+        .rev()
         .find(|l| l.starts_with("pi-garage "))
         .unwrap_or_default();
     assert!(garage.contains("motd=Ready"), "{stdout}");
     let kitchen = stdout
         .lines()
+        .rev()
         .find(|l| l.starts_with("pi-kitchen "))
         .unwrap_or_default();
     assert!(kitchen.contains("sensor-config=Ready"), "{stdout}");
