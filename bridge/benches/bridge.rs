@@ -31,6 +31,8 @@ use kube::{
 };
 use serde_json::json;
 
+const LEASE_HIST: &str = "fleetlet_bridge_heartbeat_to_lease_ms";
+
 struct Proc(Child);
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -125,8 +127,8 @@ async fn apiserver_writes(client: &kube::Client) -> BTreeMap<String, f64> {
     out
 }
 
-/// Quantile from a Prometheus histogram's cumulative buckets (upper bound of the bucket).
-fn histogram_quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
+/// A histogram's cumulative buckets (upper bound, count).
+fn histogram(metrics: &str, name: &str) -> Vec<(f64, f64)> {
     let mut buckets: Vec<(f64, f64)> = metrics
         .lines()
         .filter(|l| l.starts_with(&format!("{name}_bucket{{")))
@@ -141,11 +143,39 @@ fn histogram_quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
         })
         .collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let total = buckets.last()?.1;
     buckets
-        .into_iter()
+}
+
+/// Quantile of what was observed between two scrapes (upper bound of its bucket).
+fn window_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let diff: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, c)| {
+            (
+                *le,
+                c - before
+                    .iter()
+                    .find(|(l, _)| l == le)
+                    .map_or(0.0, |(_, b)| *b),
+            )
+        })
+        .collect();
+    let total = diff.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    diff.into_iter()
         .find(|(_, c)| *c >= q * total)
         .map(|(le, _)| le)
+}
+
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }
 
 async fn run(n: usize, window: u64) -> serde_json::Value {
@@ -232,6 +262,12 @@ async fn run(n: usize, window: u64) -> serde_json::Value {
     tokio::time::sleep(Duration::from_secs(40)).await;
 
     let w0 = apiserver_writes(&client).await;
+    let h0 = histogram(
+        &tokio::task::spawn_blocking(move || scrape(metrics_port))
+            .await
+            .unwrap(),
+        LEASE_HIST,
+    );
     let (_, cpu0) = proc_stat(pid);
     let t0 = Instant::now();
     let mut rss_max: f64 = 0.0;
@@ -254,21 +290,14 @@ async fn run(n: usize, window: u64) -> serde_json::Value {
         cpu_cores * 100.0
     );
 
-    let metrics = {
-        let port = metrics_port;
-        tokio::task::spawn_blocking(move || {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-            write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).unwrap();
-            out
-        })
-        .await
-        .unwrap()
-    };
-    let lease_p50 = histogram_quantile(&metrics, "fleetlet_bridge_heartbeat_to_lease_ms", 0.5);
-    let lease_p99 = histogram_quantile(&metrics, "fleetlet_bridge_heartbeat_to_lease_ms", 0.99);
+    let h1 = histogram(
+        &tokio::task::spawn_blocking(move || scrape(metrics_port))
+            .await
+            .unwrap(),
+        LEASE_HIST,
+    );
+    let lease_p50 = window_quantile(&h0, &h1, 0.5);
+    let lease_p99 = window_quantile(&h0, &h1, 0.99);
 
     // Status change → EdgeDevice.status.appliedGeneration, 50 devices one after another.
     let actual = js.get_key_value(ACTUAL_STATE.name).await.unwrap();

@@ -144,6 +144,7 @@ pub async fn run(
         watcher::Config::default().labels(view::DEVICE_LABEL),
     )
     .default_backoff()
+    .modify(fleetlet_controller::slim)
     .reflect(node_writer)
     .for_each(|_| futures::future::ready(()));
 

@@ -466,7 +466,6 @@ async fn a_steady_fleet_causes_no_writes_but_lease_renewals_and_a_real_agent_con
         dir.path().join("agent.log"),
     )
     .unwrap();
-    add_device(&env, "default", "st-pi").await;
     let manifests: Api<fleetlet_crds::EdgeManifest> = Api::namespaced(client.clone(), "default");
     let body = json!({ "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeManifest", "metadata": { "name": "motd" },
         "spec": { "devices": ["st-pi"], "resources": [{ "id": "motd", "file": { "path": "/etc/fleetlet/motd", "content": { "text": "hi\n" } } }] } });
@@ -478,6 +477,9 @@ async fn a_steady_fleet_causes_no_writes_but_lease_renewals_and_a_real_agent_con
         )
         .await
         .unwrap();
+    // The manifest exists before the device, so the device's first generation already
+    // carries it (an empty first generation could satisfy Converged for a moment).
+    add_device(&env, "default", "st-pi").await;
 
     let out = env
         .kubectl()

@@ -146,6 +146,13 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
                     .get_key_value(self.bucket.name)
                     .await
                     .map_err(|e| e.to_string())?;
+                // A re-list starts from nothing: the bucket may have been lost and recreated,
+                // and stale entries would make every compare-and-set fail.
+                self.ready.send_replace(false);
+                if let (Ok(mut e), Ok(mut u)) = (self.entries.write(), self.undecodable.write()) {
+                    e.clear();
+                    u.clear();
+                }
                 let empty = kv.status().await.map_err(|e| e.to_string())?.values() == 0;
                 let mut w = kv
                     .watch_with_history(">")

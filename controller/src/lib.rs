@@ -203,6 +203,15 @@ pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
+/// Drops what no pass reads before an object enters a store: managed fields and the
+/// last-applied annotation are most of an object's size at fleet scale.
+pub fn slim<K: Resource>(o: &mut K) {
+    o.meta_mut().managed_fields = None;
+    if let Some(a) = o.meta_mut().annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
 /// What makes an object worth a new pass: not its status (our own writes land there).
 fn fingerprint<K: Resource>(o: &K) -> u64 {
     let mut h = DefaultHasher::new();
@@ -409,6 +418,20 @@ pub async fn run(
     tasks.spawn(actual.clone().run(nats.clone(), changed.clone()));
     tasks.spawn(heartbeats.clone().run(nats.clone(), changed.clone()));
     tasks.spawn(server);
+    // Buckets can disappear (a NATS restart without persistence, an operator's mistake):
+    // recreate them, and the mirrors re-list and the passes rewrite every key.
+    tasks.spawn({
+        let js = js.clone();
+        let replicas = args.kv_replicas;
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                if let Err(e) = ensure_buckets(&js, replicas).await {
+                    warn!(error = %e, "ensuring buckets");
+                }
+            }
+        }
+    });
     tasks.spawn(Fleet::write_device_statuses(
         client.clone(),
         fleet.queued_generations(),

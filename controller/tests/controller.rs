@@ -773,3 +773,51 @@ async fn leadership_moves_to_the_standby_and_a_restart_rewrites_nothing() {
     assert!(m2.generation > m1.generation);
     drop(second);
 }
+
+#[tokio::test]
+async fn a_lost_bucket_is_recreated_and_every_device_key_rewritten() {
+    // A private environment: deleting a bucket would disturb the other tests.
+    let env = TestEnv::builder().kube().nats().start().await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    create_namespace(&client, "fleetlet-system").await;
+    let _controller = start_controller(&env, "solo", "fleetlet-system");
+    let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), "default");
+    let manifests: Api<EdgeManifest> = Api::namespaced(client.clone(), "default");
+    apply(&devices, device("lb-a", json!({}))).await;
+    apply(
+        &manifests,
+        manifest(
+            "m",
+            json!({ "devices": ["lb-a"], "resources": [file("f", "/etc/fleetlet/f", "x")] }),
+        ),
+    )
+    .await;
+    let kv1 = kv(&env).await;
+    let (before, _) = eventually("written", async || {
+        desired_of(&kv1, "lb-a")
+            .await
+            .filter(|(m, _)| m.resources.len() == 1)
+    })
+    .await;
+
+    env.jetstream()
+        .await
+        .unwrap()
+        .delete_key_value(DESIRED_STATE.name)
+        .await
+        .unwrap();
+    let after = eventually("rewritten into a new bucket", async || {
+        let js = env.jetstream().await.ok()?;
+        let store = js.get_key_value(DESIRED_STATE.name).await.ok()?;
+        let e = store.entry("lb-a").await.ok()??;
+        decode::<AgentManifest>(&e.value).ok()
+    })
+    .await;
+    assert_eq!(after.resources, before.resources);
+    assert!(
+        after.generation > before.generation,
+        "{} after {}",
+        after.generation,
+        before.generation
+    );
+}
