@@ -13,7 +13,6 @@ pub mod view;
 use std::{
     collections::HashSet,
     future::Future,
-    hash::{DefaultHasher, Hash, Hasher},
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -78,14 +77,6 @@ pub struct Args {
     pub lease_seconds: u64,
 }
 
-fn fingerprint<K: Resource>(o: &K) -> u64 {
-    let mut h = DefaultHasher::new();
-    o.meta().generation.hash(&mut h);
-    o.meta().labels.hash(&mut h);
-    o.meta().deletion_timestamp.is_some().hash(&mut h);
-    h.finish()
-}
-
 /// Runs the bridge until `shutdown` resolves; `on_ready` gets the metrics address.
 pub async fn run(
     args: Args,
@@ -114,7 +105,7 @@ pub async fn run(
             while let Some(ev) = device_stream.next().await {
                 match ev {
                     Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                        let fp = fingerprint(&o);
+                        let fp = fleetlet_controller::fingerprint(&o);
                         let name = o.meta().name.clone().unwrap_or_default();
                         if seen.insert(name.clone(), fp) != Some(fp) {
                             if let (Ok(id), Ok(mut d)) = (DeviceId::new(name), dirty.lock()) {

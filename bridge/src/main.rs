@@ -4,15 +4,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use fleetlet_bridge::{Args, run};
+use fleetlet_controller::{init_tracing, shutdown_signal};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_tracing();
     let args = Args::parse();
     match run(
         args,
@@ -25,21 +21,6 @@ async fn main() -> ExitCode {
         Err(e) => {
             eprintln!("fleetlet-bridge: {e}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

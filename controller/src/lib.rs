@@ -191,6 +191,32 @@ pub fn default_identity(given: Option<&str>) -> String {
     })
 }
 
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Logs to stderr with a `RUST_LOG`-style filter (default `info`).
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Resolves once `stop` holds true (or its sender is gone).
 pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     loop {
@@ -213,7 +239,7 @@ pub fn slim<K: Resource>(o: &mut K) {
 }
 
 /// What makes an object worth a new pass: not its status (our own writes land there).
-fn fingerprint<K: Resource>(o: &K) -> u64 {
+pub fn fingerprint<K: Resource>(o: &K) -> u64 {
     let mut h = DefaultHasher::new();
     o.meta().generation.hash(&mut h);
     o.meta().labels.hash(&mut h);
