@@ -256,10 +256,9 @@ async fn kubectl_get_nodes_shows_each_device_with_status_role_and_version() {
             "PIDPressure=False"
         ]
     );
-    let lease: Lease = Api::namespaced(env.kube_client().await.unwrap(), "kube-node-lease")
-        .get("bn-pi")
-        .await
-        .unwrap();
+    // The Lease is written right after the Node's status.
+    let leases: Api<Lease> = Api::namespaced(env.kube_client().await.unwrap(), "kube-node-lease");
+    let lease = eventually("lease", async || leases.get_opt("bn-pi").await.ok()?).await;
     assert_eq!(
         lease.spec.unwrap().holder_identity.as_deref(),
         Some("bn-pi")
@@ -504,11 +503,18 @@ async fn a_steady_fleet_causes_no_writes_but_lease_renewals_and_a_real_agent_con
         std::fs::read_to_string(dir.path().join("root/etc/fleetlet/motd")).unwrap(),
         "hi\n"
     );
-    let dev: EdgeDevice = Api::namespaced(client.clone(), "default")
-        .get("st-pi")
-        .await
-        .unwrap();
-    let st = dev.status.unwrap();
+    // Converged comes from the agent's status; the device facts from its heartbeats, which
+    // may reach the bridge a moment later.
+    let edevs: Api<EdgeDevice> = Api::namespaced(client.clone(), "default");
+    let st = eventually("device facts", async || {
+        edevs
+            .get("st-pi")
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.device.is_some())
+    })
+    .await;
     assert_eq!(st.applied_generation, st.desired_generation);
     assert_eq!(st.resources[0].state, "Ready");
     assert_eq!(st.device.unwrap().agent_version, env!("CARGO_PKG_VERSION"));

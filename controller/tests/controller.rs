@@ -268,12 +268,15 @@ async fn selected_devices_get_the_union_of_every_manifest_that_selects_them() {
     })
     .await;
     assert_eq!(obj.name_any(), "u-a");
-    let m = manifests.get("sensors").await.unwrap();
-    assert!(
-        m.finalizers()
-            .iter()
-            .any(|f| f == "fleetlet.dev/device-cleanup")
-    );
+    // The finalizer is added by the pass; desiredGeneration by a background writer.
+    eventually("finalizer", async || {
+        manifests.get("sensors").await.ok().filter(|m| {
+            m.finalizers()
+                .iter()
+                .any(|f| f == "fleetlet.dev/device-cleanup")
+        })
+    })
+    .await;
     let st = eventually("manifest status", async || {
         manifests
             .get("named")
