@@ -19,7 +19,7 @@ use fleetlet_crds::{
     kube::{
         Api, Client, ResourceExt,
         api::{DeleteParams, Patch, PatchParams},
-        runtime::reflector::Store as Reflector,
+        runtime::reflector::{ObjectRef, Store as Reflector},
     },
 };
 use fleetlet_protocol::{AgentStatus, DeviceId, Heartbeat, Timestamp};
@@ -99,8 +99,16 @@ impl Mirror {
     }
 
     /// Devices by id (the older EdgeDevice wins an id claimed in two namespaces).
-    fn device_objects(&self) -> BTreeMap<DeviceId, Arc<EdgeDevice>> {
+    /// With `only`, just those devices: every object of the same name is kept, so the
+    /// namespace tie-break is the same as in a full pass, without sorting the whole fleet.
+    fn device_objects(
+        &self,
+        only: Option<&HashSet<DeviceId>>,
+    ) -> BTreeMap<DeviceId, Arc<EdgeDevice>> {
         let mut all = self.devices.state();
+        if let Some(only) = only {
+            all.retain(|d| only.contains(d.name_any().as_str()));
+        }
         all.sort_by_key(|d| {
             (
                 d.metadata.creation_timestamp.as_ref().map(|t| t.0),
@@ -149,21 +157,14 @@ impl Mirror {
     #[instrument(skip_all, fields(devices = only.as_ref().map(HashSet::len)))]
     pub async fn pass(&self, only: Option<HashSet<DeviceId>>) -> Writes {
         let now = Timestamp::now();
-        let devices = self.device_objects();
-        let nodes: HashMap<String, Arc<Node>> = self
-            .nodes
-            .state()
-            .into_iter()
-            .map(|n| (n.name_any(), n))
-            .collect();
+        let devices = self.device_objects(only.as_ref());
         let work: Vec<(DeviceId, Arc<EdgeDevice>)> = devices
             .iter()
-            .filter(|(id, _)| only.as_ref().is_none_or(|o| o.contains(*id)))
             .map(|(id, d)| (id.clone(), d.clone()))
             .collect();
         let results: Vec<Writes> = futures::stream::iter(work)
             .map(|(id, dev)| {
-                let node = nodes.get(&self.node_name(&id)).cloned();
+                let node = self.nodes.get(&ObjectRef::new(&self.node_name(&id)));
                 async move { self.mirror_device(&id, &dev, node.as_deref(), now).await }
             })
             .buffer_unordered(CONCURRENCY)
@@ -177,7 +178,7 @@ impl Mirror {
             total.leases += w.leases;
         }
         if only.is_none() {
-            total.deletes += self.remove_orphans(&devices, &nodes).await;
+            total.deletes += self.remove_orphans(&devices).await;
         }
         self.metrics.record(&total);
         if total != Writes::default() {
@@ -364,14 +365,16 @@ impl Mirror {
 
     /// Nodes (and their Leases) of devices that no longer exist. Workloads are the agent's
     /// business; only the Kubernetes view goes away.
-    async fn remove_orphans(
-        &self,
-        devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>,
-        nodes: &HashMap<String, Arc<Node>>,
-    ) -> u32 {
+    async fn remove_orphans(&self, devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>) -> u32 {
+        let nodes: HashMap<String, Arc<Node>> = self
+            .nodes
+            .state()
+            .into_iter()
+            .map(|n| (n.name_any(), n))
+            .collect();
         let mut deleted = 0;
         let ids: HashSet<&str> = devices.keys().map(DeviceId::as_str).collect();
-        for (name, n) in nodes {
+        for (name, n) in &nodes {
             let Some(dev) = n.labels().get(DEVICE_LABEL) else {
                 continue;
             };
