@@ -102,15 +102,7 @@ pub fn device_status(
                 .map(|(id, r)| ResourceSummary {
                     id: id.to_string(),
                     kind: match r {
-                        ResourceStatus::Ready { details, .. } => match details {
-                            fleetlet_protocol::ResourceDetails::Container { .. } => {
-                                "container".into()
-                            }
-                            fleetlet_protocol::ResourceDetails::SystemdUnit { .. } => {
-                                "systemdUnit".into()
-                            }
-                            fleetlet_protocol::ResourceDetails::File { .. } => "file".into(),
-                        },
+                        ResourceStatus::Ready { details, .. } => details.kind().key().into(),
                         ResourceStatus::Unsupported { kind, .. } => kind.clone(),
                         _ => String::new(),
                     },
@@ -118,6 +110,9 @@ pub fn device_status(
                     message: match r {
                         ResourceStatus::Failed { error, .. } => Some(error.clone()),
                         ResourceStatus::Unsupported { message, .. } => Some(message.clone()),
+                        ResourceStatus::Ready { details, .. } if !details.probe_ready() => {
+                            Some("readiness probe failing".into())
+                        }
                         _ => None,
                     },
                     owner: None,

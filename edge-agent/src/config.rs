@@ -16,6 +16,16 @@
 //!
 //! [file]
 //! allowed_roots = ["/etc/fleetlet", "/opt/fleetlet"]
+//!
+//! [container]
+//! socket = "/run/podman/podman.sock"
+//! min_free_disk_mib = 256
+//!
+//! [systemd]
+//! unit_dir = "/etc/systemd/system"
+//!
+//! [shell_job]            # runs only if "shellJob" is in reconcile.enabled_kinds
+//! max_timeout_seconds = 600
 //! ```
 
 use std::{
@@ -71,6 +81,75 @@ pub struct Config {
     pub reconcile: ReconcileConfig,
     #[serde(default)]
     pub file: FileConfig,
+    #[serde(default)]
+    pub container: ContainerConfig,
+    #[serde(default)]
+    pub systemd: SystemdConfig,
+    #[serde(default)]
+    pub shell_job: ShellJobConfig,
+}
+
+/// Containers, through podman's REST API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerConfig {
+    /// podman's API socket: `/run/podman/podman.sock` for rootful podman (enable
+    /// `podman.socket`), `$XDG_RUNTIME_DIR/podman/podman.sock` for rootless.
+    #[serde(default = "default_podman_socket")]
+    pub socket: PathBuf,
+    /// Container names are this prefix plus the resource id.
+    #[serde(default = "default_name_prefix")]
+    pub name_prefix: String,
+    /// No image is pulled while podman's storage has less free space than this.
+    #[serde(default = "default_min_free_disk")]
+    pub min_free_disk_mib: u64,
+    /// Seconds a container gets to stop before it is killed.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_seconds: u32,
+    /// Registries reached without TLS verification (`host:port`), e.g. a LAN mirror.
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+    /// Remove images the agent pulled once no container of its own uses them.
+    #[serde(default = "default_true")]
+    pub prune_images: bool,
+}
+
+/// systemd units, through systemd's D-Bus API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemdConfig {
+    /// D-Bus address of the system bus; default `$DBUS_SYSTEM_BUS_ADDRESS`, else the
+    /// standard system bus socket.
+    #[serde(default)]
+    pub bus_address: Option<String>,
+    /// Where unit files from manifests are written.
+    #[serde(default = "default_unit_dir")]
+    pub unit_dir: PathBuf,
+    /// Longest wait for a start/stop/restart job to finish.
+    #[serde(default = "default_job_timeout")]
+    pub job_timeout_seconds: u32,
+}
+
+/// The ShellJob escape hatch. It runs only when the device owner adds `shellJob` to
+/// `reconcile.enabled_kinds`; nothing the control plane sends can turn it on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShellJobConfig {
+    /// Used when a job sets no timeout.
+    #[serde(default = "default_job_run_timeout")]
+    pub default_timeout_seconds: u32,
+    /// A job asking for more is refused.
+    #[serde(default = "default_job_max_timeout")]
+    pub max_timeout_seconds: u32,
+    /// Output kept in status (stdout and stderr together); the rest is cut.
+    #[serde(default = "default_job_output")]
+    pub max_output_bytes: usize,
+    /// Working directory of jobs.
+    #[serde(default = "default_job_dir")]
+    pub working_dir: PathBuf,
+    /// Append-only audit log, one JSON line per run; default `<state_dir>/shell-jobs.log`.
+    #[serde(default)]
+    pub audit_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -181,6 +260,74 @@ fn default_roots() -> Vec<PathBuf> {
 fn default_max_file() -> u64 {
     512 * 1024
 }
+fn default_podman_socket() -> PathBuf {
+    PathBuf::from("/run/podman/podman.sock")
+}
+fn default_name_prefix() -> String {
+    "fleetlet-".into()
+}
+fn default_min_free_disk() -> u64 {
+    256
+}
+fn default_stop_timeout() -> u32 {
+    10
+}
+fn default_true() -> bool {
+    true
+}
+fn default_unit_dir() -> PathBuf {
+    PathBuf::from("/etc/systemd/system")
+}
+fn default_job_timeout() -> u32 {
+    90
+}
+fn default_job_run_timeout() -> u32 {
+    300
+}
+fn default_job_max_timeout() -> u32 {
+    3600
+}
+fn default_job_output() -> usize {
+    2048
+}
+fn default_job_dir() -> PathBuf {
+    PathBuf::from("/")
+}
+
+impl Default for ContainerConfig {
+    fn default() -> Self {
+        Self {
+            socket: default_podman_socket(),
+            name_prefix: default_name_prefix(),
+            min_free_disk_mib: default_min_free_disk(),
+            stop_timeout_seconds: default_stop_timeout(),
+            insecure_registries: Vec::new(),
+            prune_images: true,
+        }
+    }
+}
+
+impl Default for SystemdConfig {
+    fn default() -> Self {
+        Self {
+            bus_address: None,
+            unit_dir: default_unit_dir(),
+            job_timeout_seconds: default_job_timeout(),
+        }
+    }
+}
+
+impl Default for ShellJobConfig {
+    fn default() -> Self {
+        Self {
+            default_timeout_seconds: default_job_run_timeout(),
+            max_timeout_seconds: default_job_max_timeout(),
+            max_output_bytes: default_job_output(),
+            working_dir: default_job_dir(),
+            audit_log: None,
+        }
+    }
+}
 
 impl Default for ReconcileConfig {
     fn default() -> Self {
@@ -222,6 +369,9 @@ pub struct Settings {
     pub file_roots: Vec<PathBuf>,
     pub max_file_bytes: u64,
     pub file_prefix: Option<PathBuf>,
+    pub container: ContainerConfig,
+    pub systemd: SystemdConfig,
+    pub shell_job: ShellJobConfig,
 }
 
 impl Config {
@@ -248,11 +398,14 @@ impl Config {
             },
             reconcile: ReconcileConfig::default(),
             file: FileConfig::default(),
+            container: ContainerConfig::default(),
+            systemd: SystemdConfig::default(),
+            shell_job: ShellJobConfig::default(),
         }
     }
 
     /// Checks everything that can be checked before starting.
-    pub fn validate(self) -> Result<Settings, ConfigError> {
+    pub fn validate(mut self) -> Result<Settings, ConfigError> {
         let device = DeviceId::new(self.device_id.clone())?;
         if !self.state_dir.is_absolute() {
             return Err(invalid("state_dir", "must be an absolute path"));
@@ -379,6 +532,45 @@ impl Config {
         {
             return Err(invalid("file.path_prefix", "must be an absolute path"));
         }
+        let c = &self.container;
+        if !c.socket.is_absolute() {
+            return Err(invalid("container.socket", "must be an absolute path"));
+        }
+        if !c
+            .name_prefix
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "_.-".contains(ch))
+        {
+            return Err(invalid(
+                "container.name_prefix",
+                "letters, digits, '_', '.' and '-' only",
+            ));
+        }
+        if !self.systemd.unit_dir.is_absolute() {
+            return Err(invalid("systemd.unit_dir", "must be an absolute path"));
+        }
+        if self.systemd.job_timeout_seconds == 0 {
+            return Err(invalid("systemd.job_timeout_seconds", "must be at least 1"));
+        }
+        let j = &mut self.shell_job;
+        if j.default_timeout_seconds == 0 || j.max_timeout_seconds < j.default_timeout_seconds {
+            return Err(invalid(
+                "shell_job.default_timeout_seconds",
+                "must be at least 1 and at most max_timeout_seconds",
+            ));
+        }
+        if j.max_output_bytes > 16 * 1024 {
+            return Err(invalid(
+                "shell_job.max_output_bytes",
+                "at most 16384: output travels in the device's status",
+            ));
+        }
+        if !j.working_dir.is_absolute() {
+            return Err(invalid("shell_job.working_dir", "must be an absolute path"));
+        }
+        if j.audit_log.is_none() {
+            j.audit_log = Some(self.state_dir.join("shell-jobs.log"));
+        }
         Ok(Settings {
             device,
             state_dir: self.state_dir,
@@ -393,6 +585,9 @@ impl Config {
             file_roots: self.file.allowed_roots,
             max_file_bytes: self.file.max_file_bytes,
             file_prefix: self.file.path_prefix,
+            container: self.container,
+            systemd: self.systemd,
+            shell_job: self.shell_job,
         })
     }
 }

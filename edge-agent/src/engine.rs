@@ -482,6 +482,12 @@ impl Engine {
             let retry_at = self
                 .next_retry()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            // At most one probe-triggered pass a second, whatever the probes ask for.
+            let probe_at = self
+                .registry
+                .next_wake()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
+                .max(Instant::now() + Duration::from_secs(1));
             tokio::select! {
                 _ = crate::stopped(&mut stop) => break,
                 c = candidates.recv() => {
@@ -492,6 +498,7 @@ impl Engine {
                 }
                 _ = resync.tick() => self.pass("resync").await,
                 _ = tokio::time::sleep_until(retry_at) => self.pass("retry").await,
+                _ = tokio::time::sleep_until(probe_at) => self.pass("probe").await,
             }
             self.publish(&status);
         }

@@ -7,6 +7,7 @@
 //! agent keeps converging with NATS out of reach and never tears workloads down for it.
 
 pub mod config;
+pub mod container;
 pub mod engine;
 pub mod facts;
 pub mod file;
@@ -14,7 +15,9 @@ pub mod fsutil;
 pub mod nats;
 pub mod reconciler;
 pub mod registry;
+pub mod shelljob;
 pub mod store;
+pub mod systemd;
 
 use std::{future::Future, sync::Arc, time::Duration};
 

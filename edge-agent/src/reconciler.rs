@@ -42,6 +42,9 @@ pub enum ReconcileError {
     /// The runtime (podman, systemd, ...) refused or failed.
     #[error("{0}")]
     Runtime(String),
+    /// A run-once resource ran and failed; only a new spec runs it again.
+    #[error("{0}")]
+    Finished(String),
 }
 
 impl ReconcileError {
@@ -58,6 +61,7 @@ impl ReconcileError {
             Self::Invalid(_) => "invalid",
             Self::Io { .. } => "io",
             Self::Runtime(_) => "runtime",
+            Self::Finished(_) => "finished",
         }
     }
 

@@ -3,11 +3,15 @@
 use std::collections::BTreeSet;
 
 use fleetlet_protocol::{ResourceDetails, ResourceId, ResourceKind, ResourceSpec};
+use tokio::time::Instant;
 
 use crate::{
     config::Settings,
+    container::ContainerReconciler,
     file::FileReconciler,
     reconciler::{Deleted, Observation, ReconcileError, Reconciler},
+    shelljob::ShellJobReconciler,
+    systemd::SystemdReconciler,
 };
 
 /// The reconcilers of this agent. Dispatch is a `match` on the spec: adding a kind is a
@@ -16,6 +20,9 @@ use crate::{
 pub struct Registry {
     enabled: BTreeSet<ResourceKind>,
     file: FileReconciler,
+    container: ContainerReconciler,
+    systemd: SystemdReconciler,
+    shell_job: ShellJobReconciler,
 }
 
 impl Registry {
@@ -27,6 +34,13 @@ impl Registry {
                 s.max_file_bytes,
                 s.file_prefix.clone(),
             ),
+            container: ContainerReconciler::new(
+                s.container.clone(),
+                s.device.clone(),
+                &s.state_dir,
+            ),
+            systemd: SystemdReconciler::new(s.systemd.clone(), s.device.clone()),
+            shell_job: ShellJobReconciler::new(s.shell_job.clone(), s.device.clone(), &s.state_dir),
         }
     }
 
@@ -39,17 +53,15 @@ impl Registry {
                 spec.kind_key(),
                 env!("CARGO_PKG_VERSION")
             )),
-            ResourceKind::NetworkConfig
-            | ResourceKind::ShellJob
-            | ResourceKind::Container
-            | ResourceKind::SystemdUnit
-                if !self.implemented(kind) =>
-            {
-                Err(format!(
-                    "{kind} resources are not supported by agent {} yet",
-                    env!("CARGO_PKG_VERSION")
-                ))
-            }
+            ResourceKind::NetworkConfig => Err(format!(
+                "{kind} resources are not supported by agent {} yet",
+                env!("CARGO_PKG_VERSION")
+            )),
+            ResourceKind::ShellJob if !self.enabled.contains(&kind) => Err(
+                "shellJob resources are disabled on this device; only its owner can enable them, \
+                 by adding \"shellJob\" to reconcile.enabled_kinds in the agent's config file"
+                    .into(),
+            ),
             _ if !self.enabled.contains(&kind) => Err(format!(
                 "{kind} resources are disabled on this device (reconcile.enabled_kinds)"
             )),
@@ -57,8 +69,9 @@ impl Registry {
         }
     }
 
-    fn implemented(&self, kind: ResourceKind) -> bool {
-        matches!(kind, ResourceKind::File)
+    /// When a reconciler wants the resources looked at again (a readiness probe is due).
+    pub fn next_wake(&self) -> Option<Instant> {
+        self.container.next_probe()
     }
 
     pub async fn observe(
@@ -68,6 +81,9 @@ impl Registry {
     ) -> Result<Observation, ReconcileError> {
         match spec {
             ResourceSpec::File(s) => self.file.observe(id, s).await,
+            ResourceSpec::Container(s) => self.container.observe(id, s).await,
+            ResourceSpec::SystemdUnit(s) => self.systemd.observe(id, s).await,
+            ResourceSpec::ShellJob(s) => self.shell_job.observe(id, s).await,
             other => Err(unsupported(other)),
         }
     }
@@ -79,6 +95,9 @@ impl Registry {
     ) -> Result<ResourceDetails, ReconcileError> {
         match spec {
             ResourceSpec::File(s) => self.file.reconcile(id, s).await,
+            ResourceSpec::Container(s) => self.container.reconcile(id, s).await,
+            ResourceSpec::SystemdUnit(s) => self.systemd.reconcile(id, s).await,
+            ResourceSpec::ShellJob(s) => self.shell_job.reconcile(id, s).await,
             other => Err(unsupported(other)),
         }
     }
@@ -90,6 +109,9 @@ impl Registry {
     ) -> Result<Deleted, ReconcileError> {
         match applied {
             ResourceSpec::File(s) => self.file.delete(id, s).await,
+            ResourceSpec::Container(s) => self.container.delete(id, s).await,
+            ResourceSpec::SystemdUnit(s) => self.systemd.delete(id, s).await,
+            ResourceSpec::ShellJob(s) => self.shell_job.delete(id, s).await,
             other => Err(unsupported(other)),
         }
     }
@@ -98,6 +120,11 @@ impl Registry {
     pub fn moves(&self, old: &ResourceSpec, new: &ResourceSpec) -> bool {
         match (old, new) {
             (ResourceSpec::File(a), ResourceSpec::File(b)) => self.file.moves(a, b),
+            (ResourceSpec::Container(a), ResourceSpec::Container(b)) => self.container.moves(a, b),
+            (ResourceSpec::SystemdUnit(a), ResourceSpec::SystemdUnit(b)) => {
+                self.systemd.moves(a, b)
+            }
+            (ResourceSpec::ShellJob(a), ResourceSpec::ShellJob(b)) => self.shell_job.moves(a, b),
             (a, b) => a.kind() != b.kind(),
         }
     }

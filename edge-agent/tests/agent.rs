@@ -3,183 +3,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
-use std::{
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
+mod common;
 
-use async_nats::jetstream::kv::Store;
+use std::time::{Duration, Instant};
+
+use common::*;
 use fleetlet_protocol::{
-    API_VERSION, AgentManifest, AgentStatus, DeviceId, FileContent, FileSpec, Heartbeat,
-    ManagedResource, Owner, OwnerKind, ResourceId, ResourceSpec, ResourceStatus, decode, encode,
-    kv::{ACTUAL_STATE, DESIRED_STATE, HEARTBEAT},
+    API_VERSION, AgentStatus, DeviceId, Heartbeat, ResourceStatus, decode, encode,
 };
-use fleetlet_testenv::{TestEnv, process::Service};
-
-struct Device {
-    id: DeviceId,
-    dir: tempfile::TempDir,
-}
-
-impl Device {
-    fn new(id: &str) -> Self {
-        Self {
-            id: DeviceId::new(id).unwrap(),
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
-    }
-
-    fn file(&self, name: &str) -> PathBuf {
-        self.root().join(name)
-    }
-
-    fn write_config(&self, nats_url: &str, extra: &str, nats_extra: &str) -> PathBuf {
-        let path = self.dir.path().join("agent.toml");
-        std::fs::write(
-            &path,
-            format!(
-                "device_id = \"{}\"\nstate_dir = \"{}\"\n[nats]\nurls = [\"{nats_url}\"]\n{nats_extra}\n\
-                 [reconcile]\ndrift_interval_seconds = 1\nheartbeat_interval_seconds = 1\n\
-                 backoff_initial_ms = 200\nbackoff_max_ms = 1000\n{extra}\n\
-                 [file]\nallowed_roots = [\"{}\"]\n",
-                self.id,
-                self.dir.path().join("state").display(),
-                self.root().display()
-            ),
-        )
-        .unwrap();
-        path
-    }
-
-    /// Starts the agent binary; it dies with the test process.
-    fn start(&self, nats_url: &str, extra: &str) -> Service {
-        self.spawn(self.write_config(nats_url, extra, ""))
-    }
-
-    /// Starts the agent with extra `[nats]` settings (credentials).
-    fn start_with_nats_extra(&self, nats_url: &str, nats_extra: &str) -> Service {
-        self.spawn(self.write_config(nats_url, "", nats_extra))
-    }
-
-    fn spawn(&self, config: PathBuf) -> Service {
-        let log = self
-            .dir
-            .path()
-            .join(format!("agent-{}.log", fastrand_suffix()));
-        std::fs::create_dir_all(self.root()).unwrap();
-        Service::spawn(
-            "fleetlet-agent",
-            Path::new(env!("CARGO_BIN_EXE_fleetlet-agent")),
-            &["--config".into(), config.display().to_string()],
-            log,
-        )
-        .unwrap()
-    }
-
-    fn file_resource(&self, id: &str, name: &str, text: &str) -> ManagedResource {
-        file_at(id, &self.file(name).display().to_string(), text)
-    }
-
-    fn manifest(&self, generation: u64, resources: Vec<ManagedResource>) -> AgentManifest {
-        AgentManifest {
-            api_version: API_VERSION.into(),
-            device: self.id.clone(),
-            generation,
-            resources,
-        }
-    }
-}
-
-fn fastrand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-}
-
-fn file_at(id: &str, path: &str, text: &str) -> ManagedResource {
-    ManagedResource {
-        id: ResourceId::new(id).unwrap(),
-        owner: Owner {
-            kind: OwnerKind::EdgeManifest,
-            namespace: "default".into(),
-            name: "test".into(),
-            generation: 1,
-            uid: None,
-        },
-        spec: ResourceSpec::File(FileSpec {
-            path: path.into(),
-            content: FileContent::Text(text.into()),
-            mode: None,
-            owner: None,
-            group: None,
-        }),
-    }
-}
-
-async fn buckets(env: &TestEnv) -> (Store, Store, Store) {
-    let js = env.jetstream().await.unwrap();
-    (
-        js.get_key_value(DESIRED_STATE.name).await.unwrap(),
-        js.get_key_value(ACTUAL_STATE.name).await.unwrap(),
-        js.get_key_value(HEARTBEAT.name).await.unwrap(),
-    )
-}
-
-async fn put(desired: &Store, m: &AgentManifest) {
-    desired
-        .put(m.device.as_str(), encode(m).unwrap().into())
-        .await
-        .unwrap();
-}
-
-/// Polls the device's status until `pred` holds; panics with the last status after 20 s.
-async fn wait_status(
-    actual: &Store,
-    dev: &DeviceId,
-    what: &str,
-    pred: impl Fn(&AgentStatus) -> bool,
-) -> AgentStatus {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut last = None;
-    loop {
-        if let Ok(Some(e)) = actual.entry(dev.as_str()).await
-            && let Ok(s) = decode::<AgentStatus>(&e.value)
-        {
-            if pred(&s) {
-                return s;
-            }
-            last = Some(s);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; last status: {last:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn all_ready(s: &AgentStatus, generation: u64, count: usize) -> bool {
-    s.observed_generation == generation
-        && s.resources.len() == count
-        && s.resources.values().all(ResourceStatus::is_ready)
-}
-
-fn read(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap()
-}
+use fleetlet_testenv::TestEnv;
 
 #[tokio::test]
 async fn files_are_written_changed_and_garbage_collected_across_generations() {
@@ -331,7 +163,91 @@ async fn unknown_and_disabled_kinds_are_unsupported_without_blocking_the_rest() 
         matches!(&s.resources["gpu"], ResourceStatus::Unsupported { kind, .. } if kind == "gpuDriver")
     );
     assert!(
-        matches!(&s.resources["job"], ResourceStatus::Unsupported { kind, .. } if kind == "shellJob")
+        matches!(&s.resources["job"], ResourceStatus::Unsupported { kind, message } if kind == "shellJob" && message.contains("reconcile.enabled_kinds")),
+        "the message says how the owner enables it: {:?}",
+        s.resources["job"]
+    );
+    assert!(!std::path::Path::new("/tmp/pwned").exists());
+}
+
+#[tokio::test]
+async fn shell_jobs_run_once_per_spec_where_the_owner_enabled_them_and_are_audited() {
+    let env = TestEnv::builder().nats().start().await.unwrap();
+    let (desired, actual, _) = buckets(&env).await;
+    let mut dev = Device::new("pi-jobs");
+    dev.sections = "[shell_job]\nmax_output_bytes = 64\n".into();
+    let _agent = dev.start(
+        env.nats_url().unwrap(),
+        "enabled_kinds = [\"file\", \"shellJob\"]",
+    );
+    let runs = dev.dir.path().join("runs");
+    let job = |id: &str, script: String| {
+        let mut r = dev.file_resource(id, "unused", "");
+        r.spec = fleetlet_protocol::ResourceSpec::ShellJob(fleetlet_protocol::ShellJobSpec {
+            command: vec!["/bin/sh".into(), "-c".into(), script],
+            timeout_seconds: Some(5),
+        });
+        r
+    };
+    let ok = job("ok", format!("echo ran >> {}; echo done", runs.display()));
+    let bad = job("bad", "echo broken >&2; exit 7".into());
+    put(&desired, &dev.manifest(1, vec![ok.clone(), bad.clone()])).await;
+    let s = wait_status(&actual, &dev.id, "jobs settled", |s| {
+        s.observed_generation == 1
+    })
+    .await;
+    match &s.resources["ok"] {
+        ResourceStatus::Ready {
+            details:
+                fleetlet_protocol::ResourceDetails::ShellJob {
+                    exit_code, output, ..
+                },
+            ..
+        } => {
+            assert_eq!(*exit_code, Some(0));
+            assert_eq!(output, "done\n");
+        }
+        other => panic!("ok: {other:?}"),
+    }
+    match &s.resources["bad"] {
+        ResourceStatus::Failed {
+            error, retry_after, ..
+        } => {
+            assert!(
+                error.contains("exited with code 7") && error.contains("broken"),
+                "{error}"
+            );
+            assert!(retry_after.is_none(), "a failed run waits for a new spec");
+        }
+        other => panic!("bad: {other:?}"),
+    }
+    // New generations and drift passes do not run an unchanged job again.
+    let extra = dev.file_resource("f", "f.conf", "x");
+    put(&desired, &dev.manifest(2, vec![ok.clone(), bad, extra])).await;
+    wait_status(&actual, &dev.id, "gen 2", |s| s.observed_generation == 2).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await; // two drift intervals
+    assert_eq!(read(&runs), "ran\n");
+    // A changed spec runs again; dropping a job does not undo it.
+    let ok2 = job("ok", format!("echo ran-again >> {}", runs.display()));
+    put(&desired, &dev.manifest(3, vec![ok2])).await;
+    wait_status(&actual, &dev.id, "gen 3", |s| all_ready(s, 3, 1)).await;
+    assert_eq!(read(&runs), "ran\nran-again\n");
+
+    let audit = read(&dev.dir.path().join("state/shell-jobs.log"));
+    let lines: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{audit}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["device"] == "pi-jobs" && l["argv"][0] == "/bin/sh")
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l["exitCode"] == 7).count(),
+        1,
+        "{audit}"
     );
 }
 

@@ -84,8 +84,9 @@ pub enum ResourceStatus {
 }
 
 impl ResourceStatus {
+    /// Ready and, for workloads with a readiness probe, passing it.
     pub fn is_ready(&self) -> bool {
-        matches!(self, Self::Ready { .. })
+        matches!(self, Self::Ready { details, .. } if details.probe_ready())
     }
 
     /// True once the resource has been worked on, whatever the outcome.
@@ -135,11 +136,54 @@ pub enum ResourceDetails {
         sub_state: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         unit_file_state: Option<String>,
+        /// Automatic restarts of a service since it was started (`NRestarts`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        restarts: Option<u32>,
     },
     File {
         sha256: String,
         size: u64,
     },
+    /// The run of a ShellJob for the current spec (a job runs once per spec).
+    #[serde(rename_all = "camelCase")]
+    ShellJob {
+        /// Which spec this run was for.
+        spec_hash: String,
+        /// Absent when the command was killed (timeout, signal).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i32>,
+        #[serde(default)]
+        timed_out: bool,
+        started_at: Timestamp,
+        finished_at: Timestamp,
+        /// stdout and stderr interleaved, cut to the device's limit.
+        #[serde(default)]
+        output: String,
+        #[serde(default)]
+        output_truncated: bool,
+    },
+}
+
+impl ResourceDetails {
+    pub fn kind(&self) -> crate::ResourceKind {
+        match self {
+            Self::Container { .. } => crate::ResourceKind::Container,
+            Self::SystemdUnit { .. } => crate::ResourceKind::SystemdUnit,
+            Self::File { .. } => crate::ResourceKind::File,
+            Self::ShellJob { .. } => crate::ResourceKind::ShellJob,
+        }
+    }
+
+    /// False when a readiness probe says the workload is not serving.
+    pub fn probe_ready(&self) -> bool {
+        !matches!(
+            self,
+            Self::Container {
+                probe_ready: Some(false),
+                ..
+            }
+        )
+    }
 }
 
 /// A Kubernetes-style condition.

@@ -20,6 +20,7 @@ pub mod kube;
 pub mod nats;
 pub mod pki;
 pub mod process;
+pub mod sandbox;
 
 use std::{
     path::{Path, PathBuf},

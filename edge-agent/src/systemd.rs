@@ -1,0 +1,561 @@
+//! The SystemdUnit reconciler: unit files plus systemd's Manager API over D-Bus.
+//!
+//! Unit files the agent writes start with a marker line naming the device and resource;
+//! only those units are ever stopped, disabled or removed when a manifest drops them.
+//! Start, stop and restart follow the systemd job to its end (the `JobRemoved` signal)
+//! instead of sleeping.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use fleetlet_protocol::{DeviceId, ResourceDetails, ResourceId, SystemdUnitSpec, UnitState};
+use futures::StreamExt;
+use tokio::sync::Mutex;
+use tracing::{debug, info, warn};
+use zbus::{Connection, OwnedObjectPath, proxy::CacheProperties};
+
+use crate::{
+    config::SystemdConfig,
+    fsutil::{Ownership, write_atomic},
+    reconciler::{Deleted, Observation, ReconcileError, Reconciler},
+};
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1"
+)]
+trait Manager {
+    fn subscribe(&self) -> zbus::Result<()>;
+    fn reload(&self) -> zbus::Result<()>;
+    fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+    fn get_unit_file_state(&self, file: &str) -> zbus::Result<String>;
+    fn enable_unit_files(
+        &self,
+        files: &[&str],
+        runtime: bool,
+        force: bool,
+    ) -> zbus::Result<(bool, Vec<(String, String, String)>)>;
+    fn disable_unit_files(
+        &self,
+        files: &[&str],
+        runtime: bool,
+    ) -> zbus::Result<Vec<(String, String, String)>>;
+    #[zbus(signal)]
+    fn job_removed(
+        &self,
+        id: u32,
+        job: OwnedObjectPath,
+        unit: String,
+        result: String,
+    ) -> zbus::Result<()>;
+}
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Unit",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait Unit {
+    #[zbus(property)]
+    fn active_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn sub_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn load_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn load_error(&self) -> zbus::Result<(String, String)>;
+    #[zbus(property)]
+    fn need_daemon_reload(&self) -> zbus::Result<bool>;
+}
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Service",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait Service {
+    #[zbus(property, name = "NRestarts")]
+    fn n_restarts(&self) -> zbus::Result<u32>;
+}
+
+/// The active states that count as started.
+fn is_up(active: &str) -> bool {
+    matches!(active, "active" | "reloading")
+}
+
+/// What one unit looks like to systemd right now.
+#[derive(Debug, Clone)]
+struct UnitView {
+    load_state: String,
+    load_error: Option<String>,
+    active: String,
+    sub: String,
+    file_state: String,
+    restarts: Option<u32>,
+    need_reload: bool,
+}
+
+impl UnitView {
+    fn details(&self) -> ResourceDetails {
+        ResourceDetails::SystemdUnit {
+            active_state: self.active.clone(),
+            sub_state: self.sub.clone(),
+            unit_file_state: Some(self.file_state.clone()).filter(|s| !s.is_empty()),
+            restarts: self.restarts,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SystemdReconciler {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: SystemdConfig,
+    device: DeviceId,
+    conn: Mutex<Option<Connection>>,
+}
+
+fn bus_err(context: &str, e: zbus::Error) -> ReconcileError {
+    let message = match &e {
+        zbus::Error::MethodError(name, detail, _) => match detail {
+            Some(d) => format!("{d} ({name})"),
+            None => name.to_string(),
+        },
+        other => other.to_string(),
+    };
+    ReconcileError::Runtime(format!("{context}: {message}"))
+}
+
+impl SystemdReconciler {
+    pub fn new(config: SystemdConfig, device: DeviceId) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                device,
+                conn: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// The first line of every unit file the agent writes.
+    fn marker(&self, id: &ResourceId) -> String {
+        format!(
+            "# Managed by fleetlet (device {}, resource {id}); local edits are replaced.\n",
+            self.inner.device
+        )
+    }
+
+    fn file_bytes(&self, id: &ResourceId, contents: &str) -> Vec<u8> {
+        let mut s = self.marker(id);
+        s.push_str(contents);
+        if !s.ends_with('\n') {
+            s.push('\n');
+        }
+        s.into_bytes()
+    }
+
+    fn unit_path(&self, name: &str) -> PathBuf {
+        self.inner.config.unit_dir.join(name)
+    }
+
+    /// The bus connection, made (and subscribed to job signals) on first use and after a
+    /// failure, so the agent starts even while systemd is out of reach.
+    async fn manager(&self) -> Result<ManagerProxy<'static>, ReconcileError> {
+        let mut guard = self.inner.conn.lock().await;
+        let conn = match guard.as_ref() {
+            Some(c) => c.clone(),
+            None => {
+                let address = self
+                    .inner
+                    .config
+                    .bus_address
+                    .clone()
+                    .or_else(|| std::env::var("DBUS_SYSTEM_BUS_ADDRESS").ok());
+                let builder = match &address {
+                    Some(a) => zbus::connection::Builder::address(a.as_str()),
+                    None => zbus::connection::Builder::system(),
+                };
+                let conn = builder.build().await.map_err(|e| {
+                    bus_err(
+                        &format!(
+                            "connecting to the system bus{}",
+                            address.map(|a| format!(" at {a}")).unwrap_or_default()
+                        ),
+                        e,
+                    )
+                })?;
+                let m = ManagerProxy::new(&conn)
+                    .await
+                    .map_err(|e| bus_err("systemd manager", e))?;
+                m.subscribe()
+                    .await
+                    .map_err(|e| bus_err("subscribing to systemd jobs", e))?;
+                debug!("connected to systemd");
+                *guard = Some(conn.clone());
+                conn
+            }
+        };
+        drop(guard);
+        ManagerProxy::new(&conn)
+            .await
+            .map_err(|e| bus_err("systemd manager", e))
+    }
+
+    /// Forgets the connection after a transport failure; the next call reconnects.
+    async fn on_error(&self, e: &ReconcileError) {
+        if let ReconcileError::Runtime(m) = e
+            && (m.contains("I/O error") || m.contains("connection") || m.contains("Broken pipe"))
+        {
+            *self.inner.conn.lock().await = None;
+        }
+    }
+
+    async fn view(&self, m: &ManagerProxy<'_>, name: &str) -> Result<UnitView, ReconcileError> {
+        let path = m
+            .load_unit(name)
+            .await
+            .map_err(|e| bus_err(&format!("loading {name}"), e))?;
+        let unit = UnitProxy::builder(m.inner().connection())
+            .path(path.clone())
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(|e| bus_err("unit proxy", e))?;
+        let ctx = |what: &str| format!("reading {what} of {name}");
+        let load_state = unit
+            .load_state()
+            .await
+            .map_err(|e| bus_err(&ctx("LoadState"), e))?;
+        let load_error = match load_state.as_str() {
+            "loaded" => None,
+            _ => unit
+                .load_error()
+                .await
+                .ok()
+                .map(|(n, msg)| if msg.is_empty() { n } else { msg }),
+        };
+        let restarts = if name.ends_with(".service") {
+            match ServiceProxy::builder(m.inner().connection())
+                .path(path)
+                .cache_properties(CacheProperties::No)
+                .build()
+                .await
+            {
+                Ok(service) => service.n_restarts().await.ok(),
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
+        Ok(UnitView {
+            active: unit
+                .active_state()
+                .await
+                .map_err(|e| bus_err(&ctx("ActiveState"), e))?,
+            sub: unit
+                .sub_state()
+                .await
+                .map_err(|e| bus_err(&ctx("SubState"), e))?,
+            need_reload: unit.need_daemon_reload().await.unwrap_or(false),
+            file_state: m.get_unit_file_state(name).await.unwrap_or_default(),
+            load_state,
+            load_error,
+            restarts,
+        })
+    }
+
+    /// Runs a start/stop/restart and waits for its job to finish.
+    async fn job(
+        &self,
+        m: &ManagerProxy<'_>,
+        verb: &str,
+        name: &str,
+    ) -> Result<(), ReconcileError> {
+        // Listen before asking, so a fast job cannot finish unseen.
+        let mut removed = m
+            .receive_job_removed()
+            .await
+            .map_err(|e| bus_err("watching systemd jobs", e))?;
+        let call = match verb {
+            "start" => m.start_unit(name, "replace").await,
+            "stop" => m.stop_unit(name, "replace").await,
+            _ => m.restart_unit(name, "replace").await,
+        };
+        let job = call.map_err(|e| bus_err(&format!("{verb} {name}"), e))?;
+        let timeout = Duration::from_secs(u64::from(self.inner.config.job_timeout_seconds));
+        let wait = async {
+            while let Some(signal) = removed.next().await {
+                if let Ok(args) = signal.args()
+                    && args.job == job
+                {
+                    return Some(args.result.to_owned());
+                }
+            }
+            None
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Some(result)) if result == "done" => Ok(()),
+            Ok(Some(result)) => Err(ReconcileError::Runtime(format!(
+                "{verb} {name}: systemd job ended with {result:?}"
+            ))),
+            Ok(None) => Err(ReconcileError::Runtime(format!(
+                "{verb} {name}: lost the connection to systemd"
+            ))),
+            Err(_) => Err(ReconcileError::Runtime(format!(
+                "{verb} {name}: job still running after {}s",
+                timeout.as_secs()
+            ))),
+        }
+    }
+
+    async fn reload(&self, m: &ManagerProxy<'_>) -> Result<(), ReconcileError> {
+        m.reload()
+            .await
+            .map_err(|e| bus_err("reloading systemd", e))
+    }
+
+    async fn write_unit(&self, path: PathBuf, bytes: Vec<u8>) -> Result<(), ReconcileError> {
+        let shown = path.display().to_string();
+        tokio::task::spawn_blocking(move || {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            write_atomic(&path, &bytes, 0o644, Ownership::default())
+        })
+        .await
+        .map_err(|e| ReconcileError::Runtime(format!("unit file task failed: {e}")))?
+        .map_err(|e| ReconcileError::io(format!("writing {shown}"), e))
+    }
+
+    async fn observe_inner(
+        &self,
+        id: &ResourceId,
+        spec: &SystemdUnitSpec,
+    ) -> Result<Observation, ReconcileError> {
+        if let Some(contents) = &spec.contents {
+            match tokio::fs::read(self.unit_path(&spec.name)).await {
+                Ok(b) if b == self.file_bytes(id, contents) => {}
+                Ok(_) => return Ok(Observation::Differs("unit file changed on disk".into())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(Observation::Absent);
+                }
+                Err(e) => return Err(ReconcileError::io("reading unit file", e)),
+            }
+        }
+        let m = self.manager().await?;
+        let v = self.view(&m, &spec.name).await?;
+        if v.load_state != "loaded" {
+            return Ok(Observation::Differs(format!("unit is {}", v.load_state)));
+        }
+        if v.need_reload {
+            return Ok(Observation::Differs(
+                "systemd has not loaded the current unit file".into(),
+            ));
+        }
+        let enabled = v.file_state.starts_with("enabled");
+        if spec.enabled && !enabled {
+            return Ok(Observation::Differs(format!("unit is {}", v.file_state)));
+        }
+        if !spec.enabled && enabled && spec.contents.is_some() {
+            return Ok(Observation::Differs("unit is enabled".into()));
+        }
+        let up = is_up(&v.active);
+        match spec.state {
+            UnitState::Started if !up => Ok(Observation::Differs(format!(
+                "unit is {} ({})",
+                v.active, v.sub
+            ))),
+            UnitState::Stopped if up || v.active == "activating" => Ok(Observation::Differs(
+                format!("unit is {} ({})", v.active, v.sub),
+            )),
+            _ => Ok(Observation::InSync(v.details())),
+        }
+    }
+
+    async fn reconcile_inner(
+        &self,
+        id: &ResourceId,
+        spec: &SystemdUnitSpec,
+    ) -> Result<ResourceDetails, ReconcileError> {
+        spec.validate()
+            .map_err(|e| ReconcileError::Invalid(e.to_string()))?;
+        let name = spec.name.as_str();
+        let m = self.manager().await?;
+        let mut changed = false;
+        if let Some(contents) = &spec.contents {
+            let path = self.unit_path(name);
+            let want = self.file_bytes(id, contents);
+            let have = tokio::fs::read(&path).await.ok();
+            if have.as_deref() != Some(want.as_slice()) {
+                self.write_unit(path, want).await?;
+                info!(resource = %id, unit = name, "unit file written");
+                changed = true;
+            }
+        }
+        let mut v = self.view(&m, name).await?;
+        if changed || v.need_reload {
+            self.reload(&m).await?;
+            v = self.view(&m, name).await?;
+        }
+        if v.load_state != "loaded" {
+            return Err(ReconcileError::Runtime(format!(
+                "{name} is {}{}",
+                v.load_state,
+                v.load_error
+                    .as_ref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            )));
+        }
+        let enabled = v.file_state.starts_with("enabled");
+        if spec.enabled && !enabled {
+            let (has_install, _) = m
+                .enable_unit_files(&[name], false, true)
+                .await
+                .map_err(|e| bus_err(&format!("enabling {name}"), e))?;
+            if !has_install {
+                return Err(ReconcileError::Invalid(format!(
+                    "{name} has no [Install] section, so it cannot be enabled"
+                )));
+            }
+            self.reload(&m).await?;
+            info!(resource = %id, unit = name, "unit enabled");
+        } else if !spec.enabled && enabled && spec.contents.is_some() {
+            m.disable_unit_files(&[name], false)
+                .await
+                .map_err(|e| bus_err(&format!("disabling {name}"), e))?;
+            self.reload(&m).await?;
+            info!(resource = %id, unit = name, "unit disabled");
+        }
+        match spec.state {
+            UnitState::Started => {
+                if v.active == "failed" {
+                    let _ = m.reset_failed_unit(name).await;
+                }
+                if changed && (is_up(&v.active) || v.active == "activating") {
+                    self.job(&m, "restart", name).await?;
+                    info!(resource = %id, unit = name, "unit restarted for its new file");
+                } else if !is_up(&v.active) {
+                    self.job(&m, "start", name).await?;
+                    info!(resource = %id, unit = name, "unit started");
+                }
+            }
+            UnitState::Stopped => {
+                if is_up(&v.active) || v.active == "activating" {
+                    self.job(&m, "stop", name).await?;
+                    info!(resource = %id, unit = name, "unit stopped");
+                }
+            }
+        }
+        let v = self.view(&m, name).await?;
+        if spec.state == UnitState::Started && !is_up(&v.active) {
+            return Err(ReconcileError::Runtime(format!(
+                "{name} is {} ({}) after starting{}",
+                v.active,
+                v.sub,
+                v.restarts
+                    .filter(|n| *n > 0)
+                    .map(|n| format!(", {n} restarts"))
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(v.details())
+    }
+
+    async fn delete_inner(
+        &self,
+        id: &ResourceId,
+        applied: &SystemdUnitSpec,
+    ) -> Result<Deleted, ReconcileError> {
+        if applied.contents.is_none() {
+            return Ok(Deleted::LeftInPlace(format!(
+                "{} was not created by fleetlet; left as it is",
+                applied.name
+            )));
+        }
+        let name = applied.name.as_str();
+        let path = self.unit_path(name);
+        match tokio::fs::read(&path).await {
+            Ok(b) if b.starts_with(self.marker(id).as_bytes()) => {}
+            Ok(_) => {
+                return Ok(Deleted::LeftInPlace(format!(
+                    "{} was rewritten outside fleetlet; left in place",
+                    path.display()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Deleted::AlreadyGone),
+            Err(e) => return Err(ReconcileError::io("reading unit file", e)),
+        }
+        let m = self.manager().await?;
+        let v = self.view(&m, name).await?;
+        if is_up(&v.active) || v.active == "activating" {
+            self.job(&m, "stop", name).await?;
+        }
+        if v.file_state.starts_with("enabled") {
+            m.disable_unit_files(&[name], false)
+                .await
+                .map_err(|e| bus_err(&format!("disabling {name}"), e))?;
+        }
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ReconcileError::io("removing unit file", e)),
+        }
+        self.reload(&m).await?;
+        if let Err(e) = m.reset_failed_unit(name).await {
+            debug!(unit = name, error = %e, "reset-failed after removal");
+        }
+        info!(resource = %id, unit = name, "unit stopped and removed");
+        Ok(Deleted::Removed)
+    }
+}
+
+impl Reconciler for SystemdReconciler {
+    type Spec = SystemdUnitSpec;
+
+    async fn observe(
+        &self,
+        id: &ResourceId,
+        spec: &SystemdUnitSpec,
+    ) -> Result<Observation, ReconcileError> {
+        let r = self.observe_inner(id, spec).await;
+        if let Err(e) = &r {
+            self.on_error(e).await;
+        }
+        r
+    }
+
+    async fn reconcile(
+        &self,
+        id: &ResourceId,
+        spec: &SystemdUnitSpec,
+    ) -> Result<ResourceDetails, ReconcileError> {
+        let r = self.reconcile_inner(id, spec).await;
+        if let Err(e) = &r {
+            warn!(resource = %id, unit = %spec.name, error = %e, "unit not reconciled");
+            self.on_error(e).await;
+        }
+        r
+    }
+
+    async fn delete(
+        &self,
+        id: &ResourceId,
+        applied: &SystemdUnitSpec,
+    ) -> Result<Deleted, ReconcileError> {
+        let r = self.delete_inner(id, applied).await;
+        if let Err(e) = &r {
+            self.on_error(e).await;
+        }
+        r
+    }
+
+    fn moves(&self, old: &SystemdUnitSpec, new: &SystemdUnitSpec) -> bool {
+        old.name != new.name
+    }
+}

@@ -1,0 +1,186 @@
+//! Helpers shared by the agent's integration tests: a device with its own directory and
+//! config, manifests, and waits on the status the agent publishes.
+
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use async_nats::jetstream::kv::Store;
+use fleetlet_protocol::{
+    API_VERSION, AgentManifest, AgentStatus, DeviceId, FileContent, FileSpec, ManagedResource,
+    Owner, OwnerKind, ResourceId, ResourceSpec, ResourceStatus, decode, encode,
+    kv::{ACTUAL_STATE, DESIRED_STATE, HEARTBEAT},
+};
+use fleetlet_testenv::{TestEnv, process::Service};
+
+pub struct Device {
+    pub id: DeviceId,
+    pub dir: tempfile::TempDir,
+    /// Extra config sections (`[container]`, `[systemd]`, ...) appended to the file.
+    pub sections: String,
+}
+
+impl Device {
+    pub fn new(id: &str) -> Self {
+        Self {
+            id: DeviceId::new(id).unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+            sections: String::new(),
+        }
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.root().join(name)
+    }
+
+    pub fn write_config(&self, nats_url: &str, extra: &str, nats_extra: &str) -> PathBuf {
+        let path = self.dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "device_id = \"{}\"\nstate_dir = \"{}\"\n[nats]\nurls = [\"{nats_url}\"]\n{nats_extra}\n\
+                 [reconcile]\ndrift_interval_seconds = 1\nheartbeat_interval_seconds = 1\n\
+                 backoff_initial_ms = 200\nbackoff_max_ms = 1000\n{extra}\n\
+                 [file]\nallowed_roots = [\"{}\"]\n{}\n",
+                self.id,
+                self.dir.path().join("state").display(),
+                self.root().display(),
+                self.sections,
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    /// Starts the agent binary; it dies with the test process.
+    pub fn start(&self, nats_url: &str, extra: &str) -> Service {
+        self.spawn(self.write_config(nats_url, extra, ""))
+    }
+
+    /// Starts the agent with extra `[nats]` settings (credentials).
+    pub fn start_with_nats_extra(&self, nats_url: &str, nats_extra: &str) -> Service {
+        self.spawn(self.write_config(nats_url, "", nats_extra))
+    }
+
+    pub fn spawn(&self, config: PathBuf) -> Service {
+        let log = self
+            .dir
+            .path()
+            .join(format!("agent-{}.log", fastrand_suffix()));
+        std::fs::create_dir_all(self.root()).unwrap();
+        Service::spawn(
+            "fleetlet-agent",
+            Path::new(env!("CARGO_BIN_EXE_fleetlet-agent")),
+            &["--config".into(), config.display().to_string()],
+            log,
+        )
+        .unwrap()
+    }
+
+    pub fn file_resource(&self, id: &str, name: &str, text: &str) -> ManagedResource {
+        file_at(id, &self.file(name).display().to_string(), text)
+    }
+
+    pub fn manifest(&self, generation: u64, resources: Vec<ManagedResource>) -> AgentManifest {
+        AgentManifest {
+            api_version: API_VERSION.into(),
+            device: self.id.clone(),
+            generation,
+            resources,
+        }
+    }
+}
+
+pub fn fastrand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+pub fn file_at(id: &str, path: &str, text: &str) -> ManagedResource {
+    ManagedResource {
+        id: ResourceId::new(id).unwrap(),
+        owner: Owner {
+            kind: OwnerKind::EdgeManifest,
+            namespace: "default".into(),
+            name: "test".into(),
+            generation: 1,
+            uid: None,
+        },
+        spec: ResourceSpec::File(FileSpec {
+            path: path.into(),
+            content: FileContent::Text(text.into()),
+            mode: None,
+            owner: None,
+            group: None,
+        }),
+    }
+}
+
+pub async fn buckets(env: &TestEnv) -> (Store, Store, Store) {
+    let js = env.jetstream().await.unwrap();
+    (
+        js.get_key_value(DESIRED_STATE.name).await.unwrap(),
+        js.get_key_value(ACTUAL_STATE.name).await.unwrap(),
+        js.get_key_value(HEARTBEAT.name).await.unwrap(),
+    )
+}
+
+pub async fn put(desired: &Store, m: &AgentManifest) {
+    desired
+        .put(m.device.as_str(), encode(m).unwrap().into())
+        .await
+        .unwrap();
+}
+
+/// Polls the device's status until `pred` holds; panics with the last status after 20 s.
+pub async fn wait_status(
+    actual: &Store,
+    dev: &DeviceId,
+    what: &str,
+    pred: impl Fn(&AgentStatus) -> bool,
+) -> AgentStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = None;
+    loop {
+        if let Ok(Some(e)) = actual.entry(dev.as_str()).await
+            && let Ok(s) = decode::<AgentStatus>(&e.value)
+        {
+            if pred(&s) {
+                return s;
+            }
+            last = Some(s);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last status: {last:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn all_ready(s: &AgentStatus, generation: u64, count: usize) -> bool {
+    s.observed_generation == generation
+        && s.resources.len() == count
+        && s.resources.values().all(ResourceStatus::is_ready)
+}
+
+pub fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap()
+}
