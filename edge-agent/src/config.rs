@@ -630,6 +630,21 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../examples/agent/agent.toml");
+        let mut c: Config = toml::from_str(text).unwrap();
+        // Its credential files exist only on a device.
+        assert!(c.nats.creds_file.take().is_some() && c.nats.tls_ca.take().is_some());
+        let s = c.validate().unwrap();
+        assert_eq!(s.container.socket, PathBuf::from("/run/podman/podman.sock"));
+        assert!(!s.enabled_kinds.contains(&ResourceKind::ShellJob));
+        assert_eq!(
+            s.shell_job.audit_log,
+            Some(PathBuf::from("/var/lib/fleetlet/shell-jobs.log"))
+        );
+    }
+
+    #[test]
     fn each_mistake_gets_a_message_naming_the_field() {
         let base = "[nats]\nurls = [\"nats://127.0.0.1:4222\"]\n";
         let cases = [
@@ -644,6 +659,11 @@ mod tests {
             ("device_id = \"pi\"\n[nats]\nurls = [\"nats://a\"]\ntoken = \"t\"\nuser = \"u\"\npassword = \"p\"\n".into(), "choose one"),
             ("device_id = \"pi\"\n[nats]\nurls = [\"nats://a\"]\ncreds_file = \"/nonexistent/x.creds\"\n".into(), "nats.creds_file"),
             (format!("device_id = \"pi\"\ntypo = 1\n{base}"), "unknown field"),
+            (format!("device_id = \"pi\"\n{base}[container]\nsocket = \"podman.sock\"\n"), "container.socket"),
+            (format!("device_id = \"pi\"\n{base}[container]\nname_prefix = \"a/b\"\n"), "container.name_prefix"),
+            (format!("device_id = \"pi\"\n{base}[systemd]\nunit_dir = \"units\"\n"), "systemd.unit_dir"),
+            (format!("device_id = \"pi\"\n{base}[shell_job]\nmax_output_bytes = 1000000\n"), "shell_job.max_output_bytes"),
+            (format!("device_id = \"pi\"\n{base}[shell_job]\ndefault_timeout_seconds = 9000\n"), "shell_job.default_timeout_seconds"),
         ];
         for (text, expected) in cases {
             let err = parse(&text).unwrap_err().to_string();

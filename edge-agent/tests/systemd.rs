@@ -344,3 +344,91 @@ async fn a_failing_unit_is_reported_and_units_fleetlet_did_not_write_are_never_r
     assert!(!sd.unit_dir.join("broken.service").exists());
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
+
+/// The agent installed the way the README says, as `examples/agent/fleetlet-agent.service`
+/// under a real systemd: it reaches systemd on the standard bus path, manages a unit next to
+/// itself, and stopping the agent leaves that unit running.
+#[tokio::test]
+async fn the_agent_runs_as_a_systemd_service_from_the_example_unit() {
+    let env = TestEnv::builder().nats().start().await.unwrap();
+    let sd = SystemdSandbox::start().await.unwrap();
+    let (desired, actual, _) = buckets(&env).await;
+    let dev = Device::new("pi-installed");
+    let config = dev.write_config(env.nats_url().unwrap(), "", "");
+    std::fs::create_dir_all(dev.root()).unwrap();
+    let example =
+        read(&fleetlet_testenv::repo_root().join("examples/agent/fleetlet-agent.service"));
+    assert!(
+        example
+            .contains("ExecStart=/usr/local/bin/fleetlet-agent --config /etc/fleetlet/agent.toml")
+    );
+    // Only the paths differ from a device: this build's binary, the test's config and state.
+    let unit_text: String = example
+        .replace(
+            "/usr/local/bin/fleetlet-agent --config /etc/fleetlet/agent.toml",
+            &format!(
+                "{} --config {}",
+                env!("CARGO_BIN_EXE_fleetlet-agent"),
+                config.display()
+            ),
+        )
+        .lines()
+        .filter(|l| !l.starts_with("StateDirectory"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(sd.unit_dir.join("fleetlet-agent.service"), unit_text).unwrap();
+    manager(&sd, "Reload", "", &[]);
+    manager(
+        &sd,
+        "EnableUnitFiles",
+        "asbb",
+        &["1", "fleetlet-agent.service", "false", "true"],
+    );
+    manager(
+        &sd,
+        "StartUnit",
+        "ss",
+        &["fleetlet-agent.service", "replace"],
+    );
+
+    let job = unit(
+        "sidecar",
+        "sidecar.service",
+        service("/bin/sleep 4005", ""),
+        true,
+        UnitState::Started,
+    );
+    put(&desired, &dev.manifest(1, vec![job])).await;
+    wait_status(
+        &actual,
+        &dev.id,
+        "sidecar started by the installed agent",
+        |s| all_ready(s, 1, 1),
+    )
+    .await;
+    assert_eq!(
+        prop(&sd, "fleetlet-agent.service", "Unit", "ActiveState"),
+        "s \"active\""
+    );
+    assert_eq!(
+        prop(&sd, "fleetlet-agent.service", "Unit", "UnitFileState"),
+        "s \"enabled\""
+    );
+
+    manager(
+        &sd,
+        "StopUnit",
+        "ss",
+        &["fleetlet-agent.service", "replace"],
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        prop(&sd, "fleetlet-agent.service", "Unit", "ActiveState"),
+        "s \"inactive\""
+    );
+    assert_eq!(
+        prop(&sd, "sidecar.service", "Unit", "ActiveState"),
+        "s \"active\"",
+        "stopping the agent leaves its workloads running"
+    );
+}

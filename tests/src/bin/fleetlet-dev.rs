@@ -18,6 +18,7 @@ use fleetlet_testenv::{
     TestEnv,
     process::{Service, free_port},
     repo_root,
+    sandbox::{PodmanSandbox, SystemdSandbox},
 };
 use kube::{Api, ResourceExt};
 
@@ -116,9 +117,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .list(&Default::default())
         .await?
         .items;
+    let runtimes = Runtimes::start(devices.len()).await;
     let mut agents = Vec::new();
-    for d in &devices {
-        agents.push(start_agent(&env, &bin_dir, &state_dir, &d.name_any())?);
+    for (i, d) in devices.iter().enumerate() {
+        agents.push(start_agent(
+            &env,
+            &bin_dir,
+            &state_dir,
+            &d.name_any(),
+            runtimes.for_device(i),
+        )?);
     }
     eprintln!(
         "started the controller, the bridge and {} agents; waiting for the fleet to converge ...",
@@ -139,6 +147,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "Files the agents manage are under {}/agents/<device>/root/",
         state_dir.display()
     );
+    runtimes.describe();
 
     if exit {
         return Ok(());
@@ -189,12 +198,104 @@ fn start_bridge(env: &TestEnv, bin_dir: &Path, state_dir: &Path) -> anyhow::Resu
     )?)
 }
 
+/// The image the example manifest runs, tagged into the demo's podman storage.
+const DEMO_IMAGE: &str = "localhost/fleetlet-demo/busybox:latest";
+
+/// What the demo devices run containers and units with: one podman shared by all (each
+/// device's containers are named after it), and a systemd per device. Both need root and
+/// the Debian packages the tests use; without them the agents run files only.
+struct Runtimes {
+    podman: Option<PodmanSandbox>,
+    systemd: Vec<SystemdSandbox>,
+    missing: Vec<String>,
+}
+
+impl Runtimes {
+    async fn start(devices: usize) -> Self {
+        let mut missing = Vec::new();
+        let podman = match PodmanSandbox::start().await {
+            Ok(p) => match p
+                .podman(&["pull", &p.image_1])
+                .and_then(|_| p.podman(&["tag", &p.image_1, DEMO_IMAGE]))
+            {
+                Ok(_) => Some(p),
+                Err(e) => {
+                    missing.push(format!("podman: preparing {DEMO_IMAGE}: {}", e.trim()));
+                    None
+                }
+            },
+            Err(e) => {
+                missing.push(format!("podman: {e}"));
+                None
+            }
+        };
+        let mut systemd = Vec::new();
+        for _ in 0..devices {
+            match SystemdSandbox::start().await {
+                Ok(s) => systemd.push(s),
+                Err(e) => {
+                    missing.push(format!("systemd: {e}"));
+                    systemd.clear();
+                    break;
+                }
+            }
+        }
+        Self {
+            podman,
+            systemd,
+            missing,
+        }
+    }
+
+    /// The agent config sections and enabled kinds for device number `i`.
+    fn for_device(&self, i: usize) -> (String, Vec<&'static str>) {
+        let mut sections = String::new();
+        let mut kinds = vec!["file"];
+        if let Some(p) = &self.podman {
+            kinds.push("container");
+            sections.push_str(&format!(
+                "[container]\nsocket = \"{}\"\nname_prefix = \"demo-{i}-\"\nstop_timeout_seconds = 2\n\n",
+                p.socket.display()
+            ));
+        }
+        if let Some(s) = self.systemd.get(i) {
+            kinds.push("systemdUnit");
+            sections.push_str(&format!(
+                "[systemd]\nbus_address = \"{}\"\nunit_dir = \"{}\"\n",
+                s.bus_address,
+                s.unit_dir.display()
+            ));
+        }
+        (sections, kinds)
+    }
+
+    fn describe(&self) {
+        if let Some(p) = &self.podman {
+            let env: Vec<String> = p.cli_env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!(
+                "Containers run in a private podman: {} podman ps",
+                env.join(" ")
+            );
+        }
+        if !self.systemd.is_empty() {
+            println!("Each device has its own systemd; for example:");
+            for s in self.systemd.iter().take(1) {
+                println!("  busctl --address={} list-units", s.bus_address);
+            }
+        }
+        for m in &self.missing {
+            println!("Not available here, so the agents do not run it: {m}");
+        }
+    }
+}
+
 /// One agent per device, each writing its files under its own directory.
 fn start_agent(
     env: &TestEnv,
     bin_dir: &Path,
     state_dir: &Path,
     device: &str,
+    (sections, kinds): (String, Vec<&'static str>),
 ) -> anyhow::Result<Service> {
     let dir = state_dir.join("agents").join(device);
     std::fs::create_dir_all(&dir)?;
@@ -203,8 +304,9 @@ fn start_agent(
         &config,
         format!(
             "device_id = \"{device}\"\nstate_dir = \"{state}\"\n\n[nats]\nurls = [\"{url}\"]\n\n\
-             [reconcile]\ndrift_interval_seconds = 5\nheartbeat_interval_seconds = 5\n\n\
-             [file]\nallowed_roots = [\"/etc/fleetlet-demo\"]\npath_prefix = \"{root}\"\n",
+             [reconcile]\ndrift_interval_seconds = 5\nheartbeat_interval_seconds = 5\n\
+             enabled_kinds = {kinds:?}\n\n\
+             [file]\nallowed_roots = [\"/etc/fleetlet-demo\"]\npath_prefix = \"{root}\"\n\n{sections}",
             state = dir.join("state").display(),
             url = env.nats_url()?,
             root = dir.join("root").display(),
