@@ -8,6 +8,7 @@
 
 pub mod metrics;
 pub mod mirror;
+pub mod pods;
 pub mod view;
 
 use std::{
@@ -139,6 +140,22 @@ pub async fn run(
     .reflect(node_writer)
     .for_each(|_| futures::future::ready(()));
 
+    // Pods bound to any node; the pass keeps those on ours.
+    let (pods, pod_writer) = reflector::store::<k8s_openapi::api::core::v1::Pod>();
+    let pod_stream = {
+        let changed = changed.clone();
+        watcher(
+            Api::<k8s_openapi::api::core::v1::Pod>::all(client.clone()),
+            watcher::Config::default().fields("spec.nodeName!="),
+        )
+        .default_backoff()
+        .reflect(pod_writer)
+        .for_each(move |_| {
+            changed.notify_one();
+            futures::future::ready(())
+        })
+    };
+
     let actual = KvCache::new(ACTUAL_STATE);
     let heartbeats = KvCache::new(HEARTBEAT);
     let metrics = Arc::new(Metrics::default());
@@ -179,6 +196,7 @@ pub async fn run(
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(device_task);
     tasks.spawn(node_stream);
+    tasks.spawn(pod_stream);
     tasks.spawn(actual.clone().run(nats.clone(), changed.clone()));
     tasks.spawn(heartbeats.clone().run(nats.clone(), changed.clone()));
     tasks.spawn(server);
@@ -202,6 +220,10 @@ pub async fn run(
             ready.store(is_synced, Ordering::Relaxed);
             if !leader || !is_synced {
                 continue;
+            }
+            let (pod_status, pod_deletes) = pods::pass(&mirror, &pods).await;
+            if pod_status + pod_deletes > 0 {
+                tracing::debug!(pod_status, pod_deletes, "pods mirrored");
             }
             if tokio::time::Instant::now() >= next_full {
                 // Drop what is marked: the full pass covers it.

@@ -33,7 +33,10 @@ use crate::{
     Error, FIELD_MANAGER, FINALIZER,
     kvcache::KvCache,
     metrics::Metrics,
-    plan::{Conflict, DeviceState, DeviceView, ManifestView, Plan, Progress, plan},
+    plan::{
+        Conflict, DeviceState, DeviceView, ManifestView, Plan, PodView, Progress, add_pods, plan,
+    },
+    pods::{PodWatch, REFUSED_PREFIX, Refusal, translate},
 };
 
 /// KV writes in flight at once (each waits for a JetStream acknowledgement).
@@ -63,6 +66,10 @@ pub struct Fleet {
     /// Generation last queued for each device's status, so a patch is sent once.
     queued_generations: Arc<Mutex<HashMap<DeviceId, u64>>>,
     status_queue: mpsc::UnboundedSender<(Arc<EdgeDevice>, u64)>,
+    /// Pods on virtual nodes, when the kubelet facade is on.
+    pods: Option<PodWatch>,
+    /// Refusals already reported, by pod uid: reported once, not every pass.
+    refusals: Mutex<HashMap<String, &'static str>>,
 }
 
 /// What one pass did, for logs, metrics and tests.
@@ -112,6 +119,90 @@ impl Fleet {
             reported_conflicts: Mutex::new(BTreeSet::new()),
             queued_generations: Arc::new(Mutex::new(HashMap::new())),
             status_queue,
+            pods: None,
+            refusals: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Runs Pods bound to virtual nodes on their devices.
+    pub fn with_pods(mut self, pods: PodWatch) -> Self {
+        self.pods = Some(pods);
+        self
+    }
+
+    /// Pods on virtual nodes as resources per device; refusals reported once each.
+    async fn pod_views(&self) -> Vec<PodView> {
+        let Some(watch) = &self.pods else {
+            return Vec::new();
+        };
+        let mut views = Vec::new();
+        let mut refused = Vec::new();
+        for (pod, device) in watch.bound() {
+            let key = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
+            let already_failed = pod.status.as_ref().is_some_and(|s| {
+                s.phase.as_deref() == Some("Failed")
+                    && s.message
+                        .as_deref()
+                        .is_some_and(|m| m.starts_with(REFUSED_PREFIX))
+            });
+            if already_failed {
+                continue;
+            }
+            match translate(&pod, watch) {
+                Ok(resources) => views.push(PodView {
+                    device,
+                    key,
+                    resources,
+                }),
+                Err(r) => refused.push((pod, r)),
+            }
+        }
+        for (pod, r) in refused {
+            self.report_refusal(&pod, &r).await;
+        }
+        views
+    }
+
+    /// A refused pod: an Event, and (unless it may resolve by itself) phase Failed.
+    async fn report_refusal(&self, pod: &Arc<k8s_openapi::api::core::v1::Pod>, r: &Refusal) {
+        let uid = pod.uid().unwrap_or_default();
+        {
+            let mut seen = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.get(&uid) == Some(&r.reason) {
+                return;
+            }
+            seen.insert(uid, r.reason);
+        }
+        info!(pod = %pod.name_any(), reason = r.reason, message = %r.message, "pod cannot run on its device");
+        let event = Event {
+            type_: EventType::Warning,
+            reason: r.reason.into(),
+            note: Some(r.message.clone()),
+            action: "Admit".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &pod.object_ref(&())).await {
+            warn!(error = %e, "publishing pod event failed");
+        }
+        let ns = pod.namespace().unwrap_or_default();
+        let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), &ns);
+        let status = if r.transient {
+            json!({ "status": { "phase": "Pending", "conditions": [{
+                "type": "PodScheduled", "status": "True" }, {
+                "type": "Ready", "status": "False", "reason": r.reason, "message": r.message }] } })
+        } else {
+            json!({ "status": { "phase": "Failed", "reason": r.reason,
+                "message": format!("{REFUSED_PREFIX}{}", r.message) } })
+        };
+        if let Err(e) = api
+            .patch_status(
+                &pod.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&status),
+            )
+            .await
+        {
+            warn!(pod = %pod.name_any(), error = %e, "patching refused pod status failed");
         }
     }
 
@@ -253,7 +344,8 @@ impl Fleet {
             .filter(|m| m.deleting)
             .map(ManifestView::key)
             .collect();
-        let p = plan(&views, &mviews, &state);
+        let mut p = plan(&views, &mviews, &state);
+        add_pods(&mut p, &self.pod_views().await);
 
         // Desired state, device by device: write only what differs, many at a time.
         let mut writes = Vec::new();

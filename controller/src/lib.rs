@@ -10,6 +10,7 @@ pub mod kvcache;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
+pub mod pods;
 pub mod selector;
 
 use std::{
@@ -170,6 +171,10 @@ pub struct Args {
     /// Seconds between passes when nothing changes (deadlines, offline detection).
     #[arg(long, env = "FLEETLET_RESYNC_SECONDS", default_value_t = 30)]
     pub resync_seconds: u64,
+    /// Run Pods bound to virtual nodes on their devices (watches Pods, Nodes, ConfigMaps and
+    /// Secrets cluster-wide).
+    #[arg(long, env = "FLEETLET_PODS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pods: bool,
 }
 
 impl Args {
@@ -264,10 +269,42 @@ where
         + Sync
         + 'static,
 {
+    watch_objects(
+        api,
+        watcher::Config::default(),
+        changed,
+        synced,
+        fingerprint,
+    )
+}
+
+/// Any change at all (objects without a generation: ConfigMaps, Secrets, Nodes, Pods).
+fn any_change<K: Resource>(o: &K) -> u64 {
+    let mut h = DefaultHasher::new();
+    o.meta().resource_version.hash(&mut h);
+    o.meta().deletion_timestamp.is_some().hash(&mut h);
+    h.finish()
+}
+
+/// Mirrors objects into a reflector store and pokes `changed` when `fp` changes.
+pub fn watch_objects<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: Arc<Notify>,
+    synced: Arc<AtomicBool>,
+    fp: fn(&K) -> u64,
+) -> (reflector::Store<K>, impl Future<Output = ()>)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
     let (reader, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .reflect(writer);
+    let stream = watcher(api, config).default_backoff().reflect(writer);
     let task = async move {
         let mut seen: HashMap<String, u64> = HashMap::new();
         futures::pin_mut!(stream);
@@ -275,7 +312,7 @@ where
             match event {
                 Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
                     let key = o.meta().uid.clone().unwrap_or_else(|| o.name_any());
-                    let fp = fingerprint(&o);
+                    let fp = fp(&o);
                     if seen.insert(key, fp) != Some(fp) && synced.load(Ordering::Relaxed) {
                         changed.notify_one();
                     }
@@ -422,7 +459,7 @@ pub async fn run(
         instance: Some(identity.clone()),
     };
     let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
-    let fleet = Fleet::new(
+    let mut fleet = Fleet::new(
         client.clone(),
         devices,
         manifests,
@@ -438,6 +475,52 @@ pub async fn run(
     );
 
     let mut tasks = tokio::task::JoinSet::new();
+    let pods_synced: Vec<Arc<AtomicBool>> = if args.pods {
+        use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+        let flags: Vec<Arc<AtomicBool>> =
+            (0..4).map(|_| Arc::new(AtomicBool::new(false))).collect();
+        let (pods, t1) = watch_objects(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default().fields("spec.nodeName!="),
+            changed.clone(),
+            flags[0].clone(),
+            any_change,
+        );
+        let (nodes, t2) = watch_objects(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default().labels(pods::DEVICE_LABEL),
+            changed.clone(),
+            flags[1].clone(),
+            any_change,
+        );
+        let (config_maps, t3) = watch_objects(
+            Api::<ConfigMap>::all(client.clone()),
+            watcher::Config::default(),
+            changed.clone(),
+            flags[2].clone(),
+            any_change,
+        );
+        let (secrets, t4) = watch_objects(
+            Api::<Secret>::all(client.clone()),
+            watcher::Config::default(),
+            changed.clone(),
+            flags[3].clone(),
+            any_change,
+        );
+        tasks.spawn(t1);
+        tasks.spawn(t2);
+        tasks.spawn(t3);
+        tasks.spawn(t4);
+        fleet = fleet.with_pods(pods::PodWatch {
+            pods,
+            nodes,
+            config_maps,
+            secrets,
+        });
+        flags
+    } else {
+        Vec::new()
+    };
     tasks.spawn(devices_task);
     tasks.spawn(manifests_task);
     tasks.spawn(desired.clone().run(nats.clone(), changed.clone()));
@@ -483,6 +566,7 @@ pub async fn run(
             metrics.set_leader(is_leader);
             let synced = devices_synced.load(Ordering::Relaxed)
                 && manifests_synced.load(Ordering::Relaxed)
+                && pods_synced.iter().all(|f| f.load(Ordering::Relaxed))
                 && fleet.synced();
             ready.store(synced, Ordering::Relaxed);
             if !is_leader || !synced {

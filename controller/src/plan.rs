@@ -324,6 +324,47 @@ pub fn plan(
     out
 }
 
+/// A Pod bound to a device's virtual node, already translated into resources.
+#[derive(Debug, Clone)]
+pub struct PodView {
+    pub device: DeviceId,
+    /// `namespace/name`, for conflicts.
+    pub key: String,
+    pub resources: Vec<ManagedResource>,
+}
+
+/// Adds pods' resources to their devices. Manifests keep what they claimed first: a pod
+/// resource with the same id, file path or unit name is left out and reported.
+pub fn add_pods(p: &mut Plan, pods: &[PodView]) {
+    for pod in pods {
+        let Some(resources) = p.devices.get_mut(&pod.device) else {
+            continue; // unknown or paused device
+        };
+        let taken: HashMap<String, String> = resources
+            .iter()
+            .flat_map(|r| {
+                let owner = format!("{}/{}", r.owner.namespace, r.owner.name);
+                identities(r).into_iter().map(move |i| (i, owner.clone()))
+            })
+            .collect();
+        for r in &pod.resources {
+            match identities(r)
+                .into_iter()
+                .find_map(|i| taken.get(&i).map(|o| (i, o.clone())))
+            {
+                Some((identity, kept_by)) => p.conflicts.push(Conflict {
+                    device: pod.device.clone(),
+                    identity,
+                    kept_by,
+                    refused: format!("pod {}", pod.key),
+                }),
+                None => resources.push(r.clone()),
+            }
+        }
+        resources.sort_by(|a, b| a.id.cmp(&b.id));
+    }
+}
+
 fn sorted(mut v: Vec<ManagedResource>) -> Vec<ManagedResource> {
     v.sort_by(|a, b| a.id.cmp(&b.id));
     v

@@ -67,6 +67,8 @@ struct Inner {
     pulled_path: PathBuf,
     pulled: Mutex<BTreeSet<String>>,
     probes: Mutex<HashMap<ResourceId, ProbeState>>,
+    /// `file.path_prefix`: host paths of mounts move with the files written there.
+    host_prefix: Option<PathBuf>,
 }
 
 /// Readiness of one container, as its probe last found it.
@@ -153,6 +155,17 @@ fn state_ok(policy: RestartPolicy, state: &str, exit_code: Option<i32>) -> bool 
 impl ContainerReconciler {
     /// `state_dir` holds the record of pulled images.
     pub fn new(config: ContainerConfig, device: DeviceId, state_dir: &std::path::Path) -> Self {
+        Self::with_host_prefix(config, device, state_dir, None)
+    }
+
+    /// Like [`ContainerReconciler::new`], with mount host paths re-rooted under `prefix`
+    /// (the agent's `file.path_prefix`, for several agents on one machine).
+    pub fn with_host_prefix(
+        config: ContainerConfig,
+        device: DeviceId,
+        state_dir: &std::path::Path,
+        host_prefix: Option<PathBuf>,
+    ) -> Self {
         let podman = Podman::unix(&config.socket);
         let pulled_path = state_dir.join(PULLED_FILE);
         let pulled = std::fs::read(&pulled_path)
@@ -167,6 +180,7 @@ impl ContainerReconciler {
                 pulled_path,
                 pulled: Mutex::new(pulled),
                 probes: Mutex::new(HashMap::new()),
+                host_prefix,
             }),
         }
     }
@@ -434,16 +448,24 @@ impl ContainerReconciler {
             }));
         }
         if !spec.mounts.is_empty() {
-            b = b.mounts(spec.mounts.iter().map(|m| ContainerMount {
-                destination: Some(m.container_path.clone()),
-                source: Some(m.host_path.clone()),
-                _type: Some("bind".into()),
-                options: Some(vec![
-                    "rbind".into(),
-                    if m.read_only { "ro" } else { "rw" }.into(),
-                ]),
-                uid_mappings: None,
-                gid_mappings: None,
+            b = b.mounts(spec.mounts.iter().map(|m| {
+                ContainerMount {
+                    destination: Some(m.container_path.clone()),
+                    source: Some(match &self.inner.host_prefix {
+                        Some(p) => p
+                            .join(m.host_path.trim_start_matches('/'))
+                            .display()
+                            .to_string(),
+                        None => m.host_path.clone(),
+                    }),
+                    _type: Some("bind".into()),
+                    options: Some(vec![
+                        "rbind".into(),
+                        if m.read_only { "ro" } else { "rw" }.into(),
+                    ]),
+                    uid_mappings: None,
+                    gid_mappings: None,
+                }
             }));
         }
         if let Some(limits) = &spec.limits {

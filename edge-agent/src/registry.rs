@@ -34,10 +34,11 @@ impl Registry {
                 s.max_file_bytes,
                 s.file_prefix.clone(),
             ),
-            container: ContainerReconciler::new(
+            container: ContainerReconciler::with_host_prefix(
                 s.container.clone(),
                 s.device.clone(),
                 &s.state_dir,
+                s.file_prefix.clone(),
             ),
             systemd: SystemdReconciler::new(s.systemd.clone(), s.device.clone()),
             shell_job: ShellJobReconciler::new(s.shell_job.clone(), s.device.clone(), &s.state_dir),

@@ -16,6 +16,7 @@
 //! removed after them unless `FLEETLET_TESTENV_KEEP=1` is set.
 
 pub mod bins;
+pub mod components;
 pub mod kube;
 pub mod nats;
 pub mod pki;

@@ -58,6 +58,18 @@ fn demo_brings_up_the_control_plane_and_shows_the_example_fleet() {
         .find(|l| l.starts_with("pi-garage "))
         .unwrap_or_default();
     assert!(garage.contains("motd=Ready"), "{stdout}");
+    // The example's container and systemd unit really run (podman and systemd sandboxes).
+    for device in ["pi-kitchen", "pi-office"] {
+        let line = stdout
+            .lines()
+            .rev()
+            .find(|l| l.starts_with(&format!("{device} ")))
+            .unwrap_or_default();
+        assert!(
+            line.contains("collector=Ready") && line.contains("sensor-reader=Ready"),
+            "{device}: {stdout}"
+        );
+    }
     let kitchen = stdout
         .lines()
         .rev()

@@ -15,8 +15,8 @@ use clap::{Parser, Subcommand};
 use fleetlet_crds::{EdgeDevice, EdgeManifest};
 use fleetlet_protocol::{AgentStatus, kv::ACTUAL_STATE};
 use fleetlet_testenv::{
-    TestEnv,
-    process::{Service, free_port},
+    TestEnv, components,
+    process::Service,
     repo_root,
     sandbox::{PodmanSandbox, SystemdSandbox},
 };
@@ -106,8 +106,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     kubectl(&env, &["create", "namespace", "fleetlet-system"])?;
-    let _controller = start_controller(&env, &bin_dir, &state_dir)?;
-    let _bridge = start_bridge(&env, &bin_dir, &state_dir)?;
+    let _controller =
+        components::start_controller(&env, &bin_dir, &state_dir, &["--resync-seconds=5"])?;
+    let _bridge = components::start_bridge(&env, &bin_dir, &state_dir, &[])?;
 
     for f in &files {
         kubectl(&env, &["apply", "-f", &f.display().to_string()])?;
@@ -164,38 +165,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     drop(env);
     let _ = std::fs::remove_dir_all(&state_dir);
     Ok(())
-}
-
-fn start_controller(env: &TestEnv, bin_dir: &Path, state_dir: &Path) -> anyhow::Result<Service> {
-    Ok(Service::spawn_with_env(
-        "fleetlet-controller",
-        &bin_dir.join("fleetlet-controller"),
-        &[
-            format!("--nats-url={}", env.nats_url()?),
-            format!("--metrics-addr=127.0.0.1:{}", free_port()?),
-            "--lease-namespace=fleetlet-system".into(),
-            "--resync-seconds=5".into(),
-        ],
-        &[("KUBECONFIG", env.kubeconfig()?.display().to_string())],
-        state_dir.join("controller.log"),
-    )?)
-}
-
-fn start_bridge(env: &TestEnv, bin_dir: &Path, state_dir: &Path) -> anyhow::Result<Service> {
-    Ok(Service::spawn_with_env(
-        "fleetlet-bridge",
-        &bin_dir.join("fleetlet-bridge"),
-        &[
-            format!("--nats-url={}", env.nats_url()?),
-            format!("--metrics-addr=127.0.0.1:{}", free_port()?),
-            "--lease-namespace=fleetlet-system".into(),
-            "--grace-seconds=20".into(),
-            "--lease-renew-seconds=10".into(),
-            "--resync-seconds=2".into(),
-        ],
-        &[("KUBECONFIG", env.kubeconfig()?.display().to_string())],
-        state_dir.join("bridge.log"),
-    )?)
 }
 
 /// The image the example manifest runs, tagged into the demo's podman storage.

@@ -1,0 +1,343 @@
+//! Pods on virtual nodes: their status from what the device reports, and their final
+//! deletion once the device has removed their containers (what a kubelet does).
+
+use std::sync::Arc;
+
+use fleetlet_controller::pods::{REFUSED_PREFIX, container_id, pod_tag};
+use fleetlet_protocol::{AgentStatus, ResourceDetails, ResourceStatus, Timestamp};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams},
+};
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+fn rfc3339(t: Timestamp) -> String {
+    k8s_openapi::jiff::Timestamp::from_millisecond(i64::try_from(t.as_millis()).unwrap_or(0))
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+/// The device as the pod status needs it.
+pub struct DeviceSide<'a> {
+    pub status: Option<&'a AgentStatus>,
+    /// Heartbeat fresh.
+    pub alive: bool,
+    pub host_ip: Option<String>,
+}
+
+/// `status` for a pod from its device's report; `None` when there is nothing to say yet.
+pub fn pod_status(pod: &Pod, device: &DeviceSide<'_>) -> Option<Value> {
+    let ns = pod.namespace().unwrap_or_default();
+    let name = pod.name_any();
+    let spec = pod.spec.as_ref()?;
+    let restart_always = spec.restart_policy.as_deref().unwrap_or("Always") == "Always";
+    let mut statuses = Vec::new();
+    let (mut running, mut terminated, mut failed_exit, mut all_ready) = (0, 0, 0, true);
+    let mut start: Option<Timestamp> = None;
+    for (i, c) in spec.containers.iter().enumerate() {
+        let id = container_id(&ns, &name, i, &c.name)?;
+        let reported = device.status.and_then(|s| s.resources.get(&id));
+        let image = c.image.clone().unwrap_or_default();
+        let (state, ready, restarts, image_id, cid, started) = match reported {
+            Some(ResourceStatus::Ready {
+                since,
+                details:
+                    ResourceDetails::Container {
+                        container_id,
+                        image_digest,
+                        state,
+                        restart_count,
+                        started_at,
+                        exit_code,
+                        probe_ready,
+                    },
+            }) => {
+                start = Some(start.map_or(*since, |s| s.min(*since)));
+                let st = if state == "running" {
+                    running += 1;
+                    json!({ "running": { "startedAt": started_at.map(rfc3339) } })
+                } else {
+                    terminated += 1;
+                    let code = exit_code.unwrap_or(0);
+                    if code != 0 {
+                        failed_exit += 1;
+                    }
+                    json!({ "terminated": { "exitCode": code,
+                        "reason": if code == 0 { "Completed" } else { "Error" },
+                        "startedAt": started_at.map(rfc3339) } })
+                };
+                let ready = state == "running" && probe_ready.unwrap_or(true);
+                (
+                    st,
+                    ready,
+                    *restart_count,
+                    image_digest.clone().map(|d| format!("{image}@{d}")),
+                    Some(format!("podman://{container_id}")),
+                    state == "running",
+                )
+            }
+            Some(ResourceStatus::Failed { error, .. }) => {
+                let reason = if error.contains("pulling") || error.contains("image not found") {
+                    "ErrImagePull"
+                } else {
+                    "CreateContainerError"
+                };
+                (
+                    json!({ "waiting": { "reason": reason, "message": error } }),
+                    false,
+                    0,
+                    None,
+                    None,
+                    false,
+                )
+            }
+            Some(ResourceStatus::Unsupported { message, .. }) => (
+                json!({ "waiting": { "reason": "Unsupported", "message": message } }),
+                false,
+                0,
+                None,
+                None,
+                false,
+            ),
+            _ => (
+                json!({ "waiting": { "reason": "ContainerCreating" } }),
+                false,
+                0,
+                None,
+                None,
+                false,
+            ),
+        };
+        all_ready &= ready;
+        let mut s = json!({
+            "name": c.name, "image": image, "imageID": image_id.unwrap_or_default(),
+            "ready": ready, "started": started, "restartCount": restarts, "state": state,
+        });
+        if let Some(cid) = cid {
+            s["containerID"] = json!(cid);
+        }
+        statuses.push(s);
+    }
+    let n = spec.containers.len();
+    let phase = if n > 0 && terminated == n && !restart_always {
+        if failed_exit == 0 {
+            "Succeeded"
+        } else {
+            "Failed"
+        }
+    } else if running > 0 {
+        "Running"
+    } else {
+        "Pending"
+    };
+    let ready = all_ready && device.alive && phase == "Running";
+    let cond =
+        |t: &str, ok: bool| json!({ "type": t, "status": if ok { "True" } else { "False" } });
+    let mut status = json!({
+        "phase": phase,
+        "conditions": [
+            cond("PodScheduled", true),
+            cond("Initialized", true),
+            cond("ContainersReady", all_ready && phase == "Running"),
+            cond("Ready", ready),
+        ],
+        "containerStatuses": statuses,
+    });
+    if let Some(ip) = &device.host_ip {
+        status["hostIP"] = json!(ip);
+        status["hostIPs"] = json!([{ "ip": ip }]);
+        status["podIP"] = json!(ip);
+        status["podIPs"] = json!([{ "ip": ip }]);
+    }
+    if let Some(t) = start {
+        status["startTime"] = json!(rfc3339(t));
+    }
+    Some(status)
+}
+
+/// What decides whether a pod's status needs a write: no timestamps (the apiserver keeps
+/// seconds only) and no fields it fills in itself.
+fn essence(v: &Value) -> Value {
+    let conditions: Vec<Value> = v
+        .get("conditions")
+        .and_then(Value::as_array)
+        .map(|cs| {
+            cs.iter()
+                .map(|c| json!([c.get("type"), c.get("status")]))
+                .collect()
+        })
+        .unwrap_or_default();
+    let containers: Vec<Value> = v
+        .get("containerStatuses")
+        .and_then(Value::as_array)
+        .map(|cs| {
+            cs.iter()
+                .map(|c| {
+                    let state = c.get("state").and_then(Value::as_object);
+                    let (kind, detail) = state
+                        .and_then(|s| s.iter().next())
+                        .map(|(k, d)| {
+                            (
+                                k.clone(),
+                                json!([d.get("reason"), d.get("exitCode"), d.get("message")]),
+                            )
+                        })
+                        .unwrap_or_default();
+                    json!([
+                        c.get("name"),
+                        c.get("ready"),
+                        c.get("restartCount"),
+                        c.get("imageID"),
+                        c.get("containerID"),
+                        kind,
+                        detail
+                    ])
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    json!([
+        v.get("phase"),
+        conditions,
+        containers,
+        v.get("hostIP"),
+        v.get("podIP")
+    ])
+}
+
+/// Whether the pod's stored status already says what `want` says (so no write is needed).
+fn same(pod: &Pod, want: &Value) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| serde_json::to_value(s).ok())
+        .is_some_and(|have| essence(&have) == essence(want))
+}
+
+/// Writes a pod's status if it changed.
+pub async fn mirror_status(client: &Client, pod: &Arc<Pod>, device: &DeviceSide<'_>) -> bool {
+    if pod.status.as_ref().is_some_and(|s| {
+        s.phase.as_deref() == Some("Failed")
+            && s.message
+                .as_deref()
+                .is_some_and(|m| m.starts_with(REFUSED_PREFIX))
+    }) {
+        return false;
+    }
+    let Some(want) = pod_status(pod, device) else {
+        return false;
+    };
+    if same(pod, &want) {
+        return false;
+    }
+    let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
+    match api
+        .patch_status(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "status": want })),
+        )
+        .await
+    {
+        Ok(_) => true,
+        Err(e) => {
+            warn!(pod = %pod.name_any(), error = %e, "patching pod status failed");
+            false
+        }
+    }
+}
+
+/// A pod being deleted whose containers the device no longer reports (or whose device is
+/// gone): removed for good, as a kubelet does once it has stopped the containers.
+pub async fn finalize(client: &Client, pod: &Arc<Pod>, device: Option<&AgentStatus>) -> bool {
+    if pod.metadata.deletion_timestamp.is_none() {
+        return false;
+    }
+    let tag = format!(
+        "{}-",
+        pod_tag(&pod.namespace().unwrap_or_default(), &pod.name_any())
+    );
+    if device.is_some_and(|s| s.resources.keys().any(|id| id.as_str().starts_with(&tag))) {
+        return false;
+    }
+    let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
+    let dp = DeleteParams {
+        grace_period_seconds: Some(0),
+        preconditions: pod.uid().map(|uid| kube::api::Preconditions {
+            uid: Some(uid),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(&pod.name_any(), &dp).await {
+        Ok(_) => {
+            info!(pod = %pod.name_any(), "pod removed from its device; deleted");
+            true
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => false,
+        Err(e) => {
+            warn!(pod = %pod.name_any(), error = %e, "final pod deletion failed");
+            false
+        }
+    }
+}
+
+/// One pass over every pod bound to a virtual node: mirror status, finalize deletions.
+pub async fn pass(
+    mirror: &crate::mirror::Mirror,
+    pods: &kube::runtime::reflector::Store<Pod>,
+) -> (u32, u32) {
+    let nodes: std::collections::HashMap<String, fleetlet_protocol::DeviceId> = mirror
+        .nodes
+        .state()
+        .iter()
+        .filter_map(|n| {
+            let id = n.labels().get(crate::view::DEVICE_LABEL)?;
+            Some((
+                n.name_any(),
+                fleetlet_protocol::DeviceId::new(id.clone()).ok()?,
+            ))
+        })
+        .collect();
+    let now = Timestamp::now().as_millis();
+    let (mut written, mut deleted) = (0, 0);
+    for pod in pods.state() {
+        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+            continue;
+        };
+        let Some(device) = nodes.get(&node) else {
+            // Bound to a Node that is not (or no longer) one of ours.
+            if pod.metadata.deletion_timestamp.is_some()
+                && node.starts_with("fleetlet-")
+                && finalize(&mirror.client, &pod, None).await
+            {
+                deleted += 1;
+            }
+            continue;
+        };
+        let status = mirror.actual.get(device).map(|v| v.value);
+        if finalize(&mirror.client, &pod, status.as_ref()).await {
+            deleted += 1;
+            continue;
+        }
+        if pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let hb = mirror.heartbeats.get(device).map(|v| v.value);
+        let side = DeviceSide {
+            status: status.as_ref(),
+            alive: hb
+                .as_ref()
+                .is_some_and(|h| now.saturating_sub(h.timestamp.as_millis()) < mirror.grace_ms),
+            host_ip: hb
+                .as_ref()
+                .and_then(|h| h.addresses.iter().find(|a| a.type_ == "InternalIP"))
+                .map(|a| a.address.clone()),
+        };
+        if mirror_status(&mirror.client, &pod, &side).await {
+            written += 1;
+        }
+    }
+    (written, deleted)
+}

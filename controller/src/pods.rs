@@ -1,0 +1,1082 @@
+//! Pods bound to a virtual node, as resources of that device's manifest.
+//!
+//! Each container becomes a `container` resource; ConfigMap and Secret volumes become
+//! `file` resources under a per-pod directory bind-mounted into the containers; `emptyDir`
+//! becomes a per-pod host directory. What a device cannot do is refused as a whole, with a
+//! reason, never run in part. The translation is pure: ConfigMaps and Secrets come in
+//! through a lookup.
+
+use std::collections::BTreeMap;
+
+use fleetlet_protocol::{
+    ContainerLimits, ContainerSpec, EnvVar, FileContent, FileSpec, HostPathMount, ManagedResource,
+    Owner, OwnerKind, PortMapping, PortProtocol, Probe, ProbeAction, PullPolicy, ResourceId,
+    ResourceSpec, RestartPolicy,
+};
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{ConfigMap, Container, Pod, Secret},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+/// Where a pod's files and scratch directories live on the device (inside the agent's
+/// default `file.allowed_roots`).
+pub const POD_ROOT: &str = "/opt/fleetlet/pods";
+
+/// Why a pod cannot run on a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// CamelCase, for the pod condition and the Event.
+    pub reason: &'static str,
+    pub message: String,
+    /// True when it may resolve by itself (a ConfigMap not created yet); such a pod waits
+    /// instead of failing.
+    pub transient: bool,
+}
+
+fn refuse(reason: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal {
+        reason,
+        message: message.into(),
+        transient: false,
+    }
+}
+
+fn wait(reason: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal {
+        reason,
+        message: message.into(),
+        transient: true,
+    }
+}
+
+/// ConfigMaps and Secrets of the pod's namespace.
+pub trait Lookup {
+    fn config_map(&self, namespace: &str, name: &str) -> Option<ConfigMap>;
+    fn secret(&self, namespace: &str, name: &str) -> Option<Secret>;
+}
+
+/// `p` and 8 hex digits naming the pod on its device (ids are DNS labels, pods are not).
+pub fn pod_tag(namespace: &str, name: &str) -> String {
+    // FNV-1a: stable across versions and platforms, no extra dependency.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in namespace.bytes().chain([b'/']).chain(name.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("p{:08x}", (h >> 32) as u32 ^ (h as u32))
+}
+
+/// The resource id of container `index` (`name`) of a pod.
+pub fn container_id(namespace: &str, pod: &str, index: usize, name: &str) -> Option<ResourceId> {
+    let tag = pod_tag(namespace, pod);
+    ResourceId::new(format!("{tag}-{name}"))
+        .or_else(|_| ResourceId::new(format!("{tag}-c{index}")))
+        .ok()
+}
+
+/// The pod's directory on the device.
+pub fn pod_dir(namespace: &str, name: &str) -> String {
+    format!("{POD_ROOT}/{namespace}_{name}")
+}
+
+fn owner(pod: &Pod) -> Owner {
+    Owner {
+        kind: OwnerKind::Pod,
+        namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        generation: pod.metadata.generation.unwrap_or(0),
+        uid: pod.metadata.uid.clone(),
+    }
+}
+
+/// A Kubernetes quantity (`128Mi`, `0.5`, `500m`, `1e3`) as a number.
+pub fn parse_quantity(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let suffixes: [(&str, f64); 13] = [
+        ("Ki", 1024.0),
+        ("Mi", 1024.0 * 1024.0),
+        ("Gi", 1024.0 * 1024.0 * 1024.0),
+        ("Ti", 1024f64.powi(4)),
+        ("Pi", 1024f64.powi(5)),
+        ("Ei", 1024f64.powi(6)),
+        ("n", 1e-9),
+        ("u", 1e-6),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+    ];
+    for (suffix, factor) in suffixes {
+        if let Some(n) = s.strip_suffix(suffix) {
+            return n.parse::<f64>().ok().map(|v| v * factor);
+        }
+    }
+    for (suffix, factor) in [("P", 1e15), ("E", 1e18)] {
+        if let Some(n) = s.strip_suffix(suffix) {
+            return n.parse::<f64>().ok().map(|v| v * factor);
+        }
+    }
+    s.parse::<f64>().ok().filter(|v| v.is_finite())
+}
+
+fn bytes_of(
+    data: Option<&BTreeMap<String, String>>,
+    bin: Option<&BTreeMap<String, ByteString>>,
+    key: &str,
+) -> Option<Vec<u8>> {
+    data.and_then(|d| d.get(key))
+        .map(|s| s.as_bytes().to_vec())
+        .or_else(|| bin.and_then(|b| b.get(key)).map(|b| b.0.clone()))
+}
+
+/// One ConfigMap or Secret, as key → bytes.
+struct Source {
+    what: String,
+    entries: BTreeMap<String, Vec<u8>>,
+}
+
+fn config_map_source(cm: &ConfigMap, name: &str) -> Source {
+    let mut entries = BTreeMap::new();
+    for (k, v) in cm.data.iter().flatten() {
+        entries.insert(k.clone(), v.as_bytes().to_vec());
+    }
+    for (k, v) in cm.binary_data.iter().flatten() {
+        entries.insert(k.clone(), v.0.clone());
+    }
+    Source {
+        what: format!("ConfigMap {name}"),
+        entries,
+    }
+}
+
+fn secret_source(s: &Secret, name: &str) -> Source {
+    let mut entries = BTreeMap::new();
+    for (k, v) in s.data.iter().flatten() {
+        entries.insert(k.clone(), v.0.clone());
+    }
+    for (k, v) in s.string_data.iter().flatten() {
+        entries.insert(k.clone(), v.as_bytes().to_vec());
+    }
+    Source {
+        what: format!("Secret {name}"),
+        entries,
+    }
+}
+
+fn file_content(bytes: &[u8]) -> FileContent {
+    match std::str::from_utf8(bytes) {
+        Ok(t) => FileContent::Text(t.to_owned()),
+        Err(_) => {
+            use base64::Engine;
+            FileContent::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
+        }
+    }
+}
+
+/// A relative path inside a volume: no `..`, not absolute.
+fn safe_relative(p: &str) -> bool {
+    !p.is_empty()
+        && !p.starts_with('/')
+        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+/// Translates a pod bound to `node` into resources, or says why it cannot run there.
+pub fn translate(pod: &Pod, lookup: &dyn Lookup) -> Result<Vec<ManagedResource>, Refusal> {
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let Some(spec) = &pod.spec else {
+        return Err(refuse("InvalidPod", "the pod has no spec"));
+    };
+    if spec.init_containers.as_ref().is_some_and(|c| !c.is_empty()) {
+        return Err(refuse(
+            "InitContainersUnsupported",
+            "init containers are not run on fleetlet devices",
+        ));
+    }
+    if spec.host_network == Some(true) {
+        return Err(refuse(
+            "HostNetworkUnsupported",
+            "hostNetwork pods are not run on fleetlet devices",
+        ));
+    }
+    let tag = pod_tag(&ns, &name);
+    let dir = pod_dir(&ns, &name);
+    let own = owner(pod);
+    let mut out: Vec<ManagedResource> = Vec::new();
+    let mut file_index = 0usize;
+    let mut add_file = |out: &mut Vec<ManagedResource>,
+                        path: String,
+                        content: FileContent,
+                        mode: Option<i32>|
+     -> Result<(), Refusal> {
+        let id = ResourceId::new(format!("{tag}-f{file_index}"))
+            .map_err(|e| refuse("InvalidPod", e.to_string()))?;
+        file_index += 1;
+        out.push(ManagedResource {
+            id,
+            owner: own.clone(),
+            spec: ResourceSpec::File(FileSpec {
+                path,
+                content,
+                mode: mode.and_then(|m| u32::try_from(m).ok()).map(|m| m & 0o7777),
+                owner: None,
+                group: None,
+            }),
+        });
+        Ok(())
+    };
+
+    // Volumes: name → host directory.
+    let mut volumes: BTreeMap<String, (String, bool)> = BTreeMap::new();
+    let mut skipped: Vec<String> = Vec::new();
+    for v in spec.volumes.iter().flatten() {
+        let host = format!("{dir}/{}", v.name);
+        if let Some(cm) = &v.config_map {
+            let cm_name = cm.name.clone();
+            let found = lookup.config_map(&ns, &cm_name);
+            let source = match found {
+                Some(c) => config_map_source(&c, &cm_name),
+                None if cm.optional == Some(true) => Source {
+                    what: String::new(),
+                    entries: BTreeMap::new(),
+                },
+                None => {
+                    return Err(wait(
+                        "ConfigMapNotFound",
+                        format!("ConfigMap {cm_name} (volume {}) does not exist", v.name),
+                    ));
+                }
+            };
+            project(
+                &mut out,
+                &mut add_file,
+                &host,
+                &source,
+                cm.items.as_deref(),
+                cm.default_mode,
+            )?;
+            volumes.insert(v.name.clone(), (host, true));
+        } else if let Some(sv) = &v.secret {
+            let s_name = sv.secret_name.clone().unwrap_or_default();
+            let source = match lookup.secret(&ns, &s_name) {
+                Some(s) => secret_source(&s, &s_name),
+                None if sv.optional == Some(true) => Source {
+                    what: String::new(),
+                    entries: BTreeMap::new(),
+                },
+                None => {
+                    return Err(wait(
+                        "SecretNotFound",
+                        format!("Secret {s_name} (volume {}) does not exist", v.name),
+                    ));
+                }
+            };
+            project(
+                &mut out,
+                &mut add_file,
+                &host,
+                &source,
+                sv.items.as_deref(),
+                sv.default_mode.or(Some(0o600)),
+            )?;
+            volumes.insert(v.name.clone(), (host, true));
+        } else if v.empty_dir.is_some() {
+            // The marker file makes the agent create the directory.
+            add_file(
+                &mut out,
+                format!("{host}/.fleetlet-emptydir"),
+                FileContent::Text(String::new()),
+                Some(0o644),
+            )?;
+            volumes.insert(v.name.clone(), (host, false));
+        } else if let Some(hp) = &v.host_path {
+            volumes.insert(v.name.clone(), (hp.path.clone(), false));
+        } else if v.projected.is_some() && v.name.starts_with("kube-api-access-") {
+            // The service account token every pod gets: devices do not call the apiserver.
+            skipped.push(v.name.clone());
+        } else if v.persistent_volume_claim.is_some() {
+            return Err(refuse(
+                "PersistentVolumeClaimUnsupported",
+                format!(
+                    "volume {}: PersistentVolumeClaims are not available on fleetlet devices; use emptyDir or hostPath",
+                    v.name
+                ),
+            ));
+        } else {
+            return Err(refuse(
+                "VolumeTypeUnsupported",
+                format!(
+                    "volume {}: only configMap, secret, emptyDir and hostPath volumes run on fleetlet devices",
+                    v.name
+                ),
+            ));
+        }
+    }
+
+    let restart = match spec.restart_policy.as_deref() {
+        Some("OnFailure") => RestartPolicy::OnFailure,
+        Some("Never") => RestartPolicy::Never,
+        _ => RestartPolicy::Always,
+    };
+    for (i, c) in spec.containers.iter().enumerate() {
+        let id = container_id(&ns, &name, i, &c.name).ok_or_else(|| {
+            refuse(
+                "InvalidPod",
+                format!("container {} has no usable id", c.name),
+            )
+        })?;
+        let spec = container(pod, &ns, c, &volumes, &skipped, restart, lookup)?;
+        out.push(ManagedResource {
+            id,
+            owner: own.clone(),
+            spec: ResourceSpec::Container(spec),
+        });
+    }
+    Ok(out)
+}
+
+/// Files for a ConfigMap/Secret volume: every key, or the listed items.
+fn project(
+    out: &mut Vec<ManagedResource>,
+    add_file: &mut impl FnMut(
+        &mut Vec<ManagedResource>,
+        String,
+        FileContent,
+        Option<i32>,
+    ) -> Result<(), Refusal>,
+    host: &str,
+    source: &Source,
+    items: Option<&[k8s_openapi::api::core::v1::KeyToPath]>,
+    default_mode: Option<i32>,
+) -> Result<(), Refusal> {
+    let mut wrote = false;
+    match items {
+        Some(items) if !items.is_empty() => {
+            for it in items {
+                let Some(bytes) = source.entries.get(&it.key) else {
+                    return Err(wait(
+                        "KeyNotFound",
+                        format!("{} has no key {}", source.what, it.key),
+                    ));
+                };
+                if !safe_relative(&it.path) {
+                    return Err(refuse(
+                        "InvalidPod",
+                        format!("item path {:?} must be relative, without '..'", it.path),
+                    ));
+                }
+                add_file(
+                    out,
+                    format!("{host}/{}", it.path),
+                    file_content(bytes),
+                    it.mode.or(default_mode),
+                )?;
+                wrote = true;
+            }
+        }
+        _ => {
+            for (k, bytes) in &source.entries {
+                if !safe_relative(k) {
+                    continue;
+                }
+                add_file(
+                    out,
+                    format!("{host}/{k}"),
+                    file_content(bytes),
+                    default_mode,
+                )?;
+                wrote = true;
+            }
+        }
+    }
+    if !wrote {
+        add_file(
+            out,
+            format!("{host}/.fleetlet-emptydir"),
+            FileContent::Text(String::new()),
+            Some(0o644),
+        )?;
+    }
+    Ok(())
+}
+
+fn env_value(
+    pod: &Pod,
+    ns: &str,
+    c: &Container,
+    e: &k8s_openapi::api::core::v1::EnvVar,
+    lookup: &dyn Lookup,
+) -> Result<Option<String>, Refusal> {
+    let Some(from) = &e.value_from else {
+        return Ok(Some(e.value.clone().unwrap_or_default()));
+    };
+    if let Some(r) = &from.config_map_key_ref {
+        let v = lookup
+            .config_map(ns, &r.name)
+            .and_then(|cm| bytes_of(cm.data.as_ref(), cm.binary_data.as_ref(), &r.key));
+        return match v {
+            Some(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),
+            None if r.optional == Some(true) => Ok(None),
+            None => Err(wait(
+                "CreateContainerConfigError",
+                format!(
+                    "container {}: env {}: ConfigMap {} key {} not found",
+                    c.name, e.name, r.name, r.key
+                ),
+            )),
+        };
+    }
+    if let Some(r) = &from.secret_key_ref {
+        let v = lookup.secret(ns, &r.name).and_then(|s| {
+            bytes_of(None, s.data.as_ref(), &r.key).or_else(|| {
+                s.string_data
+                    .as_ref()?
+                    .get(&r.key)
+                    .map(|v| v.as_bytes().to_vec())
+            })
+        });
+        return match v {
+            Some(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),
+            None if r.optional == Some(true) => Ok(None),
+            None => Err(wait(
+                "CreateContainerConfigError",
+                format!(
+                    "container {}: env {}: Secret {} key {} not found",
+                    c.name, e.name, r.name, r.key
+                ),
+            )),
+        };
+    }
+    if let Some(f) = &from.field_ref {
+        let m = &pod.metadata;
+        let v = match f.field_path.as_str() {
+            "metadata.name" => m.name.clone(),
+            "metadata.namespace" => m.namespace.clone(),
+            "metadata.uid" => m.uid.clone(),
+            "spec.nodeName" => pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+            "spec.serviceAccountName" => pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone()),
+            p if p.starts_with("metadata.labels['") => m.labels.as_ref().and_then(|l| {
+                l.get(
+                    p.trim_start_matches("metadata.labels['")
+                        .trim_end_matches("']"),
+                )
+                .cloned()
+            }),
+            other => {
+                return Err(refuse(
+                    "FieldRefUnsupported",
+                    format!(
+                        "container {}: env {}: fieldRef {other} is not available on fleetlet devices",
+                        c.name, e.name
+                    ),
+                ));
+            }
+        };
+        return Ok(Some(v.unwrap_or_default()));
+    }
+    Err(refuse(
+        "EnvSourceUnsupported",
+        format!(
+            "container {}: env {}: only value, configMapKeyRef, secretKeyRef and fieldRef are supported",
+            c.name, e.name
+        ),
+    ))
+}
+
+fn probe_port(c: &Container, port: &IntOrString) -> Result<u16, Refusal> {
+    let container_port = match port {
+        IntOrString::Int(p) => u16::try_from(*p).ok(),
+        IntOrString::String(n) => c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(n.as_str()))
+            .and_then(|p| u16::try_from(p.container_port).ok()),
+    };
+    let Some(container_port) = container_port else {
+        return Err(refuse(
+            "ProbeUnsupported",
+            format!(
+                "container {}: probe port {port:?} is not one of its ports",
+                c.name
+            ),
+        ));
+    };
+    // The agent probes the device's published port.
+    c.ports
+        .iter()
+        .flatten()
+        .find(|p| u16::try_from(p.container_port).ok() == Some(container_port))
+        .map(|p| {
+            p.host_port
+                .and_then(|h| u16::try_from(h).ok())
+                .unwrap_or(container_port)
+        })
+        .ok_or_else(|| {
+            refuse(
+                "ProbeUnsupported",
+                format!(
+                    "container {}: probe port {container_port} is not published in ports",
+                    c.name
+                ),
+            )
+        })
+}
+
+fn container(
+    pod: &Pod,
+    ns: &str,
+    c: &Container,
+    volumes: &BTreeMap<String, (String, bool)>,
+    skipped: &[String],
+    restart_policy: RestartPolicy,
+    lookup: &dyn Lookup,
+) -> Result<ContainerSpec, Refusal> {
+    let image = c
+        .image
+        .clone()
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| refuse("InvalidPod", format!("container {} has no image", c.name)))?;
+    if c.liveness_probe.is_some() || c.startup_probe.is_some() {
+        return Err(refuse(
+            "ProbeUnsupported",
+            format!(
+                "container {}: liveness and startup probes are not run on fleetlet devices; use a readinessProbe",
+                c.name
+            ),
+        ));
+    }
+    if let Some(sc) = &c.security_context {
+        if sc.privileged == Some(true) {
+            return Err(refuse(
+                "PrivilegedUnsupported",
+                format!(
+                    "container {}: privileged containers are not run on fleetlet devices",
+                    c.name
+                ),
+            ));
+        }
+        if sc.run_as_user.is_some() || sc.run_as_group.is_some() {
+            return Err(refuse(
+                "RunAsUserUnsupported",
+                format!(
+                    "container {}: runAsUser/runAsGroup are not supported on fleetlet devices yet",
+                    c.name
+                ),
+            ));
+        }
+    }
+    if c.working_dir.as_deref().is_some_and(|w| !w.is_empty()) {
+        return Err(refuse(
+            "WorkingDirUnsupported",
+            format!(
+                "container {}: workingDir is not supported on fleetlet devices yet",
+                c.name
+            ),
+        ));
+    }
+    let mut env = Vec::new();
+    for from in c.env_from.iter().flatten() {
+        let prefix = from.prefix.clone().unwrap_or_default();
+        let source = if let Some(r) = &from.config_map_ref {
+            match lookup.config_map(ns, &r.name) {
+                Some(cm) => Some(config_map_source(&cm, &r.name)),
+                None if r.optional == Some(true) => None,
+                None => {
+                    return Err(wait(
+                        "CreateContainerConfigError",
+                        format!(
+                            "container {}: envFrom ConfigMap {} not found",
+                            c.name, r.name
+                        ),
+                    ));
+                }
+            }
+        } else if let Some(r) = &from.secret_ref {
+            match lookup.secret(ns, &r.name) {
+                Some(s) => Some(secret_source(&s, &r.name)),
+                None if r.optional == Some(true) => None,
+                None => {
+                    return Err(wait(
+                        "CreateContainerConfigError",
+                        format!("container {}: envFrom Secret {} not found", c.name, r.name),
+                    ));
+                }
+            }
+        } else {
+            None
+        };
+        for (k, v) in source.map(|s| s.entries).unwrap_or_default() {
+            env.push(EnvVar {
+                name: format!("{prefix}{k}"),
+                value: String::from_utf8_lossy(&v).into_owned(),
+            });
+        }
+    }
+    for e in c.env.iter().flatten() {
+        if let Some(value) = env_value(pod, ns, c, e, lookup)? {
+            env.retain(|x: &EnvVar| x.name != e.name);
+            env.push(EnvVar {
+                name: e.name.clone(),
+                value,
+            });
+        }
+    }
+    let mut ports = Vec::new();
+    for p in c.ports.iter().flatten() {
+        let container_port = u16::try_from(p.container_port).map_err(|_| {
+            refuse(
+                "InvalidPod",
+                format!("container {}: port {}", c.name, p.container_port),
+            )
+        })?;
+        ports.push(PortMapping {
+            container_port,
+            host_port: p.host_port.and_then(|h| u16::try_from(h).ok()),
+            protocol: match p.protocol.as_deref() {
+                Some("UDP") => PortProtocol::UDP,
+                Some("SCTP") => {
+                    return Err(refuse(
+                        "InvalidPod",
+                        format!("container {}: SCTP ports are not supported", c.name),
+                    ));
+                }
+                _ => PortProtocol::TCP,
+            },
+            host_ip: p.host_ip.clone().filter(|h| !h.is_empty()),
+        });
+    }
+    let mut mounts = Vec::new();
+    for m in c.volume_mounts.iter().flatten() {
+        if skipped.contains(&m.name) {
+            continue;
+        }
+        let Some((host, read_only)) = volumes.get(&m.name) else {
+            return Err(refuse(
+                "InvalidPod",
+                format!(
+                    "container {}: volumeMount {} names no volume",
+                    c.name, m.name
+                ),
+            ));
+        };
+        if m.sub_path.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(refuse(
+                "SubPathUnsupported",
+                format!(
+                    "container {}: subPath mounts are not supported on fleetlet devices",
+                    c.name
+                ),
+            ));
+        }
+        mounts.push(HostPathMount {
+            host_path: host.clone(),
+            container_path: m.mount_path.clone(),
+            read_only: *read_only || m.read_only == Some(true),
+        });
+    }
+    let limits = c
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
+        .map(|l| ContainerLimits {
+            memory_bytes: l
+                .get("memory")
+                .and_then(|q| parse_quantity(&q.0))
+                .map(|v| v as u64),
+            cpu_millis: l
+                .get("cpu")
+                .and_then(|q| parse_quantity(&q.0))
+                .map(|v| (v * 1000.0).ceil() as u32),
+        });
+    let probe = match &c.readiness_probe {
+        None => None,
+        Some(p) => {
+            let action = if let Some(e) = &p.exec {
+                ProbeAction::Exec {
+                    command: e.command.clone().unwrap_or_default(),
+                }
+            } else if let Some(h) = &p.http_get {
+                ProbeAction::Http {
+                    port: probe_port(c, &h.port)?,
+                    path: h.path.clone().unwrap_or_else(|| "/".into()),
+                }
+            } else if let Some(t) = &p.tcp_socket {
+                ProbeAction::Tcp {
+                    port: probe_port(c, &t.port)?,
+                }
+            } else {
+                return Err(refuse(
+                    "ProbeUnsupported",
+                    format!(
+                        "container {}: only exec, httpGet and tcpSocket readiness probes are supported",
+                        c.name
+                    ),
+                ));
+            };
+            Some(Probe {
+                action,
+                period_seconds: p
+                    .period_seconds
+                    .and_then(|s| u32::try_from(s).ok())
+                    .unwrap_or(10),
+                failure_threshold: p
+                    .failure_threshold
+                    .and_then(|s| u32::try_from(s).ok())
+                    .unwrap_or(3),
+            })
+        }
+    };
+    Ok(ContainerSpec {
+        image,
+        image_pull_policy: match c.image_pull_policy.as_deref() {
+            Some("Always") => PullPolicy::Always,
+            _ => PullPolicy::IfNotPresent,
+        },
+        command: c.command.clone().unwrap_or_default(),
+        args: c.args.clone().unwrap_or_default(),
+        env,
+        ports,
+        mounts,
+        restart_policy,
+        limits: limits.filter(|l| l.memory_bytes.is_some() || l.cpu_millis.is_some()),
+        probe,
+    })
+}
+
+/// The label the bridge puts on each virtual Node, naming its device.
+pub const DEVICE_LABEL: &str = "fleetlet.dev/device";
+
+/// Prefix of `status.message` on pods refused by the controller; the bridge leaves them be.
+pub const REFUSED_PREFIX: &str = "fleetlet: ";
+
+/// Pods and what they need, as the controller watches them.
+#[derive(Clone)]
+pub struct PodWatch {
+    pub pods: kube::runtime::reflector::Store<Pod>,
+    /// Virtual Nodes only (label [`DEVICE_LABEL`]).
+    pub nodes: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Node>,
+    pub config_maps: kube::runtime::reflector::Store<ConfigMap>,
+    pub secrets: kube::runtime::reflector::Store<Secret>,
+}
+
+impl Lookup for PodWatch {
+    fn config_map(&self, namespace: &str, name: &str) -> Option<ConfigMap> {
+        self.config_maps
+            .get(&kube::runtime::reflector::ObjectRef::new(name).within(namespace))
+            .map(|c| (*c).clone())
+    }
+
+    fn secret(&self, namespace: &str, name: &str) -> Option<Secret> {
+        self.secrets
+            .get(&kube::runtime::reflector::ObjectRef::new(name).within(namespace))
+            .map(|c| (*c).clone())
+    }
+}
+
+impl PodWatch {
+    /// Node name → device, for the virtual nodes.
+    pub fn node_devices(&self) -> BTreeMap<String, fleetlet_protocol::DeviceId> {
+        use kube::ResourceExt;
+        self.nodes
+            .state()
+            .iter()
+            .filter_map(|n| {
+                let id = n.labels().get(DEVICE_LABEL)?;
+                Some((
+                    n.name_any(),
+                    fleetlet_protocol::DeviceId::new(id.clone()).ok()?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Every pod bound to a virtual node and not being deleted, with its device.
+    pub fn bound(&self) -> Vec<(std::sync::Arc<Pod>, fleetlet_protocol::DeviceId)> {
+        let nodes = self.node_devices();
+        self.pods
+            .state()
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| {
+                let node = p.spec.as_ref()?.node_name.as_ref()?;
+                let device = nodes.get(node)?.clone();
+                Some((p, device))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use k8s_openapi::api::core::v1::{
+        ConfigMapKeySelector, ConfigMapVolumeSource, ContainerPort, EmptyDirVolumeSource,
+        EnvVarSource, PersistentVolumeClaimVolumeSource, PodSpec, ResourceRequirements, Volume,
+        VolumeMount,
+    };
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+    struct Fake(Vec<ConfigMap>);
+    impl Lookup for Fake {
+        fn config_map(&self, _ns: &str, name: &str) -> Option<ConfigMap> {
+            self.0
+                .iter()
+                .find(|c| c.metadata.name.as_deref() == Some(name))
+                .cloned()
+        }
+        fn secret(&self, _: &str, _: &str) -> Option<Secret> {
+            None
+        }
+    }
+
+    fn pod(spec: PodSpec) -> Pod {
+        Pod {
+            metadata: kube::api::ObjectMeta {
+                name: Some("web-1".into()),
+                namespace: Some("shop".into()),
+                uid: Some("u1".into()),
+                ..Default::default()
+            },
+            spec: Some(spec),
+            status: None,
+        }
+    }
+
+    fn web() -> Container {
+        Container {
+            name: "web".into(),
+            image: Some("r/web:1".into()),
+            ports: Some(vec![ContainerPort {
+                container_port: 8080,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_quantity("128Mi"), Some(134_217_728.0));
+        assert_eq!(parse_quantity("500m"), Some(0.5));
+        assert_eq!(parse_quantity("2"), Some(2.0));
+        assert_eq!(parse_quantity("1G"), Some(1e9));
+        assert_eq!(parse_quantity("x"), None);
+    }
+
+    #[test]
+    fn a_pod_becomes_containers_and_files() {
+        let cm = ConfigMap {
+            metadata: kube::api::ObjectMeta {
+                name: Some("conf".into()),
+                ..Default::default()
+            },
+            data: Some(
+                [
+                    ("app.toml".to_string(), "a = 1\n".to_string()),
+                    ("level".to_string(), "debug".to_string()),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        let mut c = web();
+        c.env = Some(vec![
+            k8s_openapi::api::core::v1::EnvVar {
+                name: "LEVEL".into(),
+                value_from: Some(EnvVarSource {
+                    config_map_key_ref: Some(ConfigMapKeySelector {
+                        name: "conf".into(),
+                        key: "level".into(),
+                        optional: None,
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            k8s_openapi::api::core::v1::EnvVar {
+                name: "POD".into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                        field_path: "metadata.name".into(),
+                        api_version: None,
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ]);
+        c.volume_mounts = Some(vec![
+            VolumeMount {
+                name: "conf".into(),
+                mount_path: "/etc/app".into(),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "scratch".into(),
+                mount_path: "/tmp/s".into(),
+                ..Default::default()
+            },
+        ]);
+        c.resources = Some(ResourceRequirements {
+            limits: Some(
+                [
+                    ("memory".to_string(), Quantity("64Mi".into())),
+                    ("cpu".to_string(), Quantity("250m".into())),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        });
+        let p = pod(PodSpec {
+            containers: vec![c],
+            volumes: Some(vec![
+                Volume {
+                    name: "conf".into(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: "conf".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                Volume {
+                    name: "scratch".into(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        });
+        let rs = translate(&p, &Fake(vec![cm])).unwrap();
+        let tag = pod_tag("shop", "web-1");
+        let ids: Vec<String> = rs.iter().map(|r| r.id.to_string()).collect();
+        assert_eq!(
+            ids,
+            vec![
+                format!("{tag}-f0"),
+                format!("{tag}-f1"),
+                format!("{tag}-f2"),
+                format!("{tag}-web")
+            ]
+        );
+        assert!(
+            rs.iter()
+                .all(|r| r.owner.kind == OwnerKind::Pod && r.owner.name == "web-1")
+        );
+        let ResourceSpec::Container(c) = &rs[3].spec else {
+            panic!()
+        };
+        assert_eq!(
+            c.env,
+            vec![
+                EnvVar {
+                    name: "LEVEL".into(),
+                    value: "debug".into()
+                },
+                EnvVar {
+                    name: "POD".into(),
+                    value: "web-1".into()
+                }
+            ]
+        );
+        assert_eq!(
+            c.limits,
+            Some(ContainerLimits {
+                memory_bytes: Some(67_108_864),
+                cpu_millis: Some(250)
+            })
+        );
+        assert_eq!(c.ports[0].container_port, 8080);
+        assert_eq!(
+            c.mounts[0],
+            HostPathMount {
+                host_path: format!("{POD_ROOT}/shop_web-1/conf"),
+                container_path: "/etc/app".into(),
+                read_only: true
+            }
+        );
+        assert!(!c.mounts[1].read_only);
+        let ResourceSpec::File(f) = &rs[0].spec else {
+            panic!()
+        };
+        assert_eq!(f.path, format!("{POD_ROOT}/shop_web-1/conf/app.toml"));
+        for r in &rs {
+            r.spec.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn what_a_device_cannot_do_is_refused_and_missing_config_waits() {
+        let mut p = pod(PodSpec {
+            containers: vec![web()],
+            ..Default::default()
+        });
+        p.spec.as_mut().unwrap().volumes = Some(vec![Volume {
+            name: "data".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: "d".into(),
+                read_only: None,
+            }),
+            ..Default::default()
+        }]);
+        let r = translate(&p, &Fake(vec![])).unwrap_err();
+        assert_eq!(r.reason, "PersistentVolumeClaimUnsupported");
+        assert!(!r.transient);
+
+        let mut p = pod(PodSpec {
+            containers: vec![web()],
+            ..Default::default()
+        });
+        p.spec.as_mut().unwrap().init_containers = Some(vec![web()]);
+        assert_eq!(
+            translate(&p, &Fake(vec![])).unwrap_err().reason,
+            "InitContainersUnsupported"
+        );
+
+        let mut c = web();
+        c.liveness_probe = Some(Default::default());
+        let p = pod(PodSpec {
+            containers: vec![c],
+            ..Default::default()
+        });
+        assert_eq!(
+            translate(&p, &Fake(vec![])).unwrap_err().reason,
+            "ProbeUnsupported"
+        );
+
+        let p = pod(PodSpec {
+            containers: vec![web()],
+            volumes: Some(vec![Volume {
+                name: "conf".into(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: "later".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        let r = translate(&p, &Fake(vec![])).unwrap_err();
+        assert!(r.transient, "{r:?}");
+    }
+
+    #[test]
+    fn ids_are_dns_labels_even_for_long_names() {
+        let long = "c".repeat(60);
+        let id = container_id(
+            "a-very-long-namespace-name",
+            "and-a-long-pod-name-too",
+            3,
+            &long,
+        )
+        .unwrap();
+        assert!(id.as_str().len() <= 63, "{id}");
+        assert!(id.as_str().ends_with("-c3"));
+    }
+}

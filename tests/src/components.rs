@@ -1,0 +1,70 @@
+//! The control plane's own components (controller, bridge) as processes against a
+//! [`TestEnv`], for the demo and for end-to-end tests.
+
+use std::path::{Path, PathBuf};
+
+use crate::{
+    Error, TestEnv,
+    process::{Service, free_port},
+};
+
+/// Where cargo put the workspace's binaries: next to the running binary, or one level up
+/// from a test binary in `deps/`.
+pub fn bin_dir() -> Result<PathBuf, Error> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe
+        .parent()
+        .ok_or_else(|| Error::Setup("no directory for the current executable".into()))?
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+/// `fleetlet-controller` with its log in `dir/controller.log`; `extra` flags appended.
+pub fn start_controller(
+    env: &TestEnv,
+    bin_dir: &Path,
+    dir: &Path,
+    extra: &[&str],
+) -> Result<Service, Error> {
+    let mut args = vec![
+        format!("--nats-url={}", env.nats_url()?),
+        format!("--metrics-addr=127.0.0.1:{}", free_port()?),
+        "--lease-namespace=fleetlet-system".into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Service::spawn_with_env(
+        "fleetlet-controller",
+        &bin_dir.join("fleetlet-controller"),
+        &args,
+        &[("KUBECONFIG", env.kubeconfig()?.display().to_string())],
+        dir.join("controller.log"),
+    )
+}
+
+/// `fleetlet-bridge` with its log in `dir/bridge.log`; `extra` flags appended.
+pub fn start_bridge(
+    env: &TestEnv,
+    bin_dir: &Path,
+    dir: &Path,
+    extra: &[&str],
+) -> Result<Service, Error> {
+    let mut args = vec![
+        format!("--nats-url={}", env.nats_url()?),
+        format!("--metrics-addr=127.0.0.1:{}", free_port()?),
+        "--lease-namespace=fleetlet-system".into(),
+        "--grace-seconds=20".into(),
+        "--lease-renew-seconds=10".into(),
+        "--resync-seconds=2".into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Service::spawn_with_env(
+        "fleetlet-bridge",
+        &bin_dir.join("fleetlet-bridge"),
+        &args,
+        &[("KUBECONFIG", env.kubeconfig()?.display().to_string())],
+        dir.join("bridge.log"),
+    )
+}

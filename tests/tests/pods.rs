@@ -1,0 +1,277 @@
+//! The kubelet facade end to end: a Pod bound to a virtual node runs on the device through
+//! the real controller, bridge, agent and podman, reports its status, and is deleted the way
+//! a kubelet deletes pods. Pods a device cannot run are refused with a reason.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+use std::{
+    io::{Read, Write},
+    time::{Duration, Instant},
+};
+
+use fleetlet_testenv::{
+    TestEnv, components,
+    process::{Service, free_port},
+    sandbox::PodmanSandbox,
+};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, Pod};
+use kube::{Api, api::PostParams};
+use serde_json::json;
+
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() > deadline => panic!("timed out waiting for {what}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+fn http_get(port: u16, path: &str) -> Result<String, String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    Ok(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned())
+}
+
+fn pod(name: &str, node: &str, spec: serde_json::Value) -> Pod {
+    let mut spec = spec;
+    spec["nodeName"] = json!(node);
+    spec["tolerations"] =
+        json!([{ "key": "fleetlet.dev/edge", "operator": "Exists", "effect": "NoSchedule" }]);
+    serde_json::from_value(json!({ "metadata": { "name": name }, "spec": spec })).unwrap()
+}
+
+#[tokio::test]
+async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_like_a_kubelet_does()
+ {
+    let env = TestEnv::builder().kube().nats().start().await.unwrap();
+    let pm = PodmanSandbox::start().await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bins = components::bin_dir().unwrap();
+    env.kubectl()
+        .unwrap()
+        .args(["create", "namespace", "fleetlet-system"])
+        .output()
+        .unwrap();
+    let _controller =
+        components::start_controller(&env, &bins, dir.path(), &["--resync-seconds=2"]).unwrap();
+    let _bridge = components::start_bridge(&env, &bins, dir.path(), &[]).unwrap();
+
+    let device: fleetlet_crds::EdgeDevice = serde_json::from_value(json!({
+        "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice",
+        "metadata": { "name": "pi-pods", "namespace": "default" }, "spec": {}
+    }))
+    .unwrap();
+    Api::<fleetlet_crds::EdgeDevice>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &device)
+        .await
+        .unwrap();
+    let agent_dir = dir.path().join("agent");
+    std::fs::create_dir_all(agent_dir.join("root")).unwrap();
+    let config = agent_dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "device_id = \"pi-pods\"\nstate_dir = \"{state}\"\n[nats]\nurls = [\"{url}\"]\n\
+             [reconcile]\ndrift_interval_seconds = 2\nheartbeat_interval_seconds = 1\nbackoff_initial_ms = 200\nbackoff_max_ms = 1000\n\
+             [file]\nallowed_roots = [\"/opt/fleetlet\"]\npath_prefix = \"{root}\"\n\
+             [container]\nsocket = \"{socket}\"\nname_prefix = \"pi-pods-\"\ninsecure_registries = [\"{registry}\"]\nstop_timeout_seconds = 1\n",
+            state = agent_dir.join("state").display(),
+            url = env.nats_url().unwrap(),
+            root = agent_dir.join("root").display(),
+            socket = pm.socket.display(),
+            registry = pm.registry,
+        ),
+    )
+    .unwrap();
+    let _agent = Service::spawn(
+        "fleetlet-agent",
+        &bins.join("fleetlet-agent"),
+        &["--config".into(), config.display().to_string()],
+        agent_dir.join("agent.log"),
+    )
+    .unwrap();
+    let nodes: Api<Node> = Api::all(client.clone());
+    eventually("the virtual node", Duration::from_secs(30), || async {
+        nodes
+            .get("pi-pods")
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+    .await;
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": { "name": "web-content" },
+            "data": { "index.html": "served from a ConfigMap\n", "greeting": "hello" }
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let port = free_port().unwrap();
+    let web = pod(
+        "web",
+        "pi-pods",
+        json!({
+            "containers": [{
+                "name": "httpd",
+                "image": pm.image_1,
+                "command": ["/bin/sh", "-c", "echo \"$GREETING from $POD\" > /tmp/who && exec httpd -f -p 8080 -h /www"],
+                "env": [
+                    { "name": "GREETING", "valueFrom": { "configMapKeyRef": { "name": "web-content", "key": "greeting" } } },
+                    { "name": "POD", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }
+                ],
+                "ports": [{ "containerPort": 8080, "hostPort": port, "hostIP": "127.0.0.1" }],
+                "volumeMounts": [{ "name": "content", "mountPath": "/www" }, { "name": "scratch", "mountPath": "/scratch" }],
+                "readinessProbe": { "httpGet": { "port": 8080, "path": "/index.html" }, "periodSeconds": 1 },
+                "resources": { "limits": { "memory": "64Mi", "cpu": "500m" } }
+            }],
+            "volumes": [
+                { "name": "content", "configMap": { "name": "web-content" } },
+                { "name": "scratch", "emptyDir": {} }
+            ]
+        }),
+    );
+    pods.create(&PostParams::default(), &web).await.unwrap();
+    let running = eventually(
+        "the pod Running and Ready",
+        Duration::from_secs(60),
+        || async {
+            let p = pods.get("web").await.map_err(|e| e.to_string())?;
+            let st = p.status.clone().unwrap_or_default();
+            let ready = st
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            if st.phase.as_deref() == Some("Running") && ready {
+                Ok(p)
+            } else {
+                Err(format!("{st:?}"))
+            }
+        },
+    )
+    .await;
+    let st = running.status.unwrap();
+    let cs = &st.container_statuses.unwrap()[0];
+    assert_eq!(cs.name, "httpd");
+    assert!(cs.ready);
+    assert!(cs.image_id.contains("@sha256:"), "{}", cs.image_id);
+    assert!(
+        cs.container_id
+            .as_deref()
+            .is_some_and(|c| c.starts_with("podman://"))
+    );
+    assert!(cs.state.as_ref().unwrap().running.is_some());
+    assert!(st.host_ip.is_some());
+    assert_eq!(
+        http_get(port, "/index.html").unwrap(),
+        "served from a ConfigMap\n"
+    );
+    let name = pm
+        .podman(&[
+            "ps",
+            "--filter",
+            "label=dev.fleetlet.device=pi-pods",
+            "--format",
+            "{{.Names}}",
+        ])
+        .unwrap();
+    let name = name.trim();
+    assert_eq!(
+        pm.podman(&["exec", name, "cat", "/tmp/who"]).unwrap(),
+        "hello from web\n"
+    );
+    assert!(
+        pm.podman(&["exec", name, "ls", "/scratch"]).is_ok(),
+        "emptyDir mounted"
+    );
+    let memory = pm
+        .podman(&["inspect", name, "--format", "{{.HostConfig.Memory}}"])
+        .unwrap();
+    assert_eq!(memory.trim(), "67108864");
+
+    // A pod the device cannot run: refused with a reason and an Event, nothing started.
+    let pvc = pod(
+        "needs-pvc",
+        "pi-pods",
+        json!({
+            "containers": [{ "name": "app", "image": pm.image_1 }],
+            "volumes": [{ "name": "data", "persistentVolumeClaim": { "claimName": "data" } }]
+        }),
+    );
+    pods.create(&PostParams::default(), &pvc).await.unwrap();
+    eventually("the PVC pod refused", Duration::from_secs(30), || async {
+        let p = pods.get("needs-pvc").await.map_err(|e| e.to_string())?;
+        let st = p.status.unwrap_or_default();
+        if st.phase.as_deref() == Some("Failed")
+            && st.reason.as_deref() == Some("PersistentVolumeClaimUnsupported")
+            && st
+                .message
+                .as_deref()
+                .is_some_and(|m| m.contains("PersistentVolumeClaims"))
+        {
+            Ok(())
+        } else {
+            Err(format!("{st:?}"))
+        }
+    })
+    .await;
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    eventually("the refusal Event", Duration::from_secs(10), || async {
+        let list = events
+            .list(&Default::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        list.items
+            .iter()
+            .find(|e| {
+                e.involved_object.name.as_deref() == Some("needs-pvc")
+                    && e.reason.as_deref() == Some("PersistentVolumeClaimUnsupported")
+            })
+            .map(drop)
+            .ok_or_else(|| format!("{} events", list.items.len()))
+    })
+    .await;
+
+    // Deleting with the default grace period: the device removes the container, then the
+    // bridge removes the pod object.
+    pods.delete("web", &Default::default()).await.unwrap();
+    eventually(
+        "the pod gone from the apiserver",
+        Duration::from_secs(60),
+        || async {
+            match pods.get_opt("web").await.map_err(|e| e.to_string())? {
+                None => Ok(()),
+                Some(p) => Err(format!("still there: {:?}", p.metadata.deletion_timestamp)),
+            }
+        },
+    )
+    .await;
+    let left = pm
+        .podman(&[
+            "ps",
+            "-a",
+            "--filter",
+            "label=dev.fleetlet.device=pi-pods",
+            "--format",
+            "{{.Names}}",
+        ])
+        .unwrap();
+    assert_eq!(left.trim(), "", "the container is gone from the device");
+}
