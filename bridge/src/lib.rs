@@ -6,6 +6,7 @@
 //! the device's own heartbeats. Writes happen only when something changed; a steady fleet
 //! costs Lease renewals, at most one per device per `--lease-renew-seconds`.
 
+pub mod kubelet;
 pub mod metrics;
 pub mod mirror;
 pub mod pods;
@@ -76,6 +77,34 @@ pub struct Args {
     pub identity: Option<String>,
     #[arg(long, env = "FLEETLET_LEASE_SECONDS", default_value_t = 15)]
     pub lease_seconds: u64,
+    /// Serve the kubelet API (for `kubectl logs` / `exec`) of every virtual node here.
+    #[arg(long, env = "FLEETLET_KUBELET_LISTEN")]
+    pub kubelet_listen: Option<SocketAddr>,
+    /// Address the apiserver reaches the kubelet API at (the Nodes' InternalIP); default:
+    /// the listen address.
+    #[arg(long, env = "FLEETLET_KUBELET_ADVERTISE_ADDRESS")]
+    pub kubelet_advertise_address: Option<std::net::IpAddr>,
+    /// Serving certificate and key of the kubelet API (PEM).
+    #[arg(
+        long,
+        env = "FLEETLET_KUBELET_TLS_CERT_FILE",
+        requires = "kubelet_listen"
+    )]
+    pub kubelet_tls_cert_file: Option<std::path::PathBuf>,
+    #[arg(
+        long,
+        env = "FLEETLET_KUBELET_TLS_KEY_FILE",
+        requires = "kubelet_listen"
+    )]
+    pub kubelet_tls_key_file: Option<std::path::PathBuf>,
+    /// CA of accepted client certificates: the one that signed the apiserver's
+    /// `--kubelet-client-certificate`.
+    #[arg(
+        long,
+        env = "FLEETLET_KUBELET_CLIENT_CA_FILE",
+        requires = "kubelet_listen"
+    )]
+    pub kubelet_client_ca_file: Option<std::path::PathBuf>,
 }
 
 /// Runs the bridge until `shutdown` resolves; `on_ready` gets the metrics address.
@@ -172,7 +201,7 @@ pub async fn run(
         },
     )
     .await?;
-    let mirror = Mirror::new(
+    let mut mirror = Mirror::new(
         client.clone(),
         devices,
         nodes,
@@ -183,6 +212,33 @@ pub async fn run(
         args.status_report_seconds * 1000,
         args.lease_renew_seconds * 1000,
     );
+    let kubelet_server = match args.kubelet_listen {
+        Some(listen) => {
+            let (Some(cert_file), Some(key_file), Some(client_ca_file)) = (
+                args.kubelet_tls_cert_file.clone(),
+                args.kubelet_tls_key_file.clone(),
+                args.kubelet_client_ca_file.clone(),
+            ) else {
+                return Err(fleetlet_controller::Error::Config(
+                    "--kubelet-listen needs --kubelet-tls-cert-file, --kubelet-tls-key-file and --kubelet-client-ca-file".into(),
+                ));
+            };
+            let config = kubelet::KubeletConfig {
+                listen,
+                cert_file,
+                key_file,
+                client_ca_file,
+            };
+            let (addr, server) =
+                kubelet::serve(config, client.clone(), nats.clone(), mirror.nodes.clone())
+                    .await
+                    .map_err(|e| fleetlet_controller::Error::Config(e.to_string()))?;
+            let advertise = args.kubelet_advertise_address.unwrap_or(addr.ip());
+            mirror.kubelet_endpoint = Some((advertise.to_string(), addr.port()));
+            Some(server)
+        }
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let (leader_tx, mut leader_rx) = watch::channel(false);
     let identity = fleetlet_controller::default_identity(args.identity.as_deref());
@@ -200,6 +256,9 @@ pub async fn run(
     tasks.spawn(actual.clone().run(nats.clone(), changed.clone()));
     tasks.spawn(heartbeats.clone().run(nats.clone(), changed.clone()));
     tasks.spawn(server);
+    if let Some(k) = kubelet_server {
+        tasks.spawn(k);
+    }
     let election_task = tokio::spawn(election.run(client.clone(), leader_tx, stop_rx));
     info!(%identity, %addr, "bridge started");
     on_ready(addr);

@@ -52,6 +52,8 @@ pub struct Mirror {
     renewed: Mutex<HashMap<DeviceId, u64>>,
     /// Devices whose id is taken by a Node fleetlet does not manage.
     collisions: Mutex<HashSet<DeviceId>>,
+    /// The kubelet API every virtual node points at (advertised address, port), if served.
+    pub kubelet_endpoint: Option<(String, u16)>,
 }
 
 /// Writes made by one pass.
@@ -91,6 +93,7 @@ impl Mirror {
             lease_renew_ms,
             renewed: Mutex::new(HashMap::new()),
             collisions: Mutex::new(HashSet::new()),
+            kubelet_endpoint: None,
         }
     }
 
@@ -285,7 +288,7 @@ impl Mirror {
             now,
             self.report_every_ms,
         );
-        let want = NodeStatus {
+        let mut want = NodeStatus {
             node_info: Some(ns_view.node_info),
             capacity: Some(ns_view.capacity.clone()),
             allocatable: Some(ns_view.capacity),
@@ -293,12 +296,36 @@ impl Mirror {
             conditions: Some(ns_view.conditions),
             ..Default::default()
         };
+        if let Some((address, port)) = &self.kubelet_endpoint {
+            // The apiserver reaches "the kubelet" (the bridge) at InternalIP; the device's
+            // own addresses stay in its EdgeDevice status and its pods' hostIP.
+            want.addresses = Some(vec![
+                k8s_openapi::api::core::v1::NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: address.clone(),
+                },
+                k8s_openapi::api::core::v1::NodeAddress {
+                    type_: "Hostname".into(),
+                    address: id.to_string(),
+                },
+            ]);
+            want.daemon_endpoints = Some(k8s_openapi::api::core::v1::NodeDaemonEndpoints {
+                kubelet_endpoint: Some(k8s_openapi::api::core::v1::DaemonEndpoint {
+                    port: i32::from(*port),
+                }),
+            });
+            want.declared_features = Some(vec!["ExtendWebSocketsToKubelet".into()]);
+        }
         let have = node.and_then(|n| n.status.clone()).map(|s| NodeStatus {
             node_info: s.node_info,
             capacity: s.capacity,
             allocatable: s.allocatable,
             addresses: s.addresses.filter(|a| !a.is_empty()).or(Some(Vec::new())),
             conditions: s.conditions,
+            daemon_endpoints: s
+                .daemon_endpoints
+                .filter(|d| d.kubelet_endpoint.as_ref().is_some_and(|k| k.port != 0)),
+            declared_features: s.declared_features.filter(|f| !f.is_empty()),
             ..Default::default()
         });
         if have.as_ref() != Some(&want) {

@@ -63,6 +63,8 @@ pub enum Error {
     Kv(String),
     #[error("encoding: {0}")]
     Encode(String),
+    #[error("configuration: {0}")]
+    Config(String),
     #[error("serving metrics on {addr}: {source}")]
     Http {
         addr: SocketAddr,
@@ -79,6 +81,7 @@ impl Error {
             Self::NatsConnect(_) | Self::Kv(_) => "nats",
             Self::Encode(_) => "encode",
             Self::Http { .. } => "http",
+            Self::Config(_) => "config",
         }
     }
 }

@@ -185,6 +185,16 @@ impl ContainerReconciler {
         }
     }
 
+    /// The id of the container this agent created for resource `id`, if there is one.
+    pub async fn owned_container(&self, id: &ResourceId) -> Result<Option<String>, ReconcileError> {
+        Ok(self.find(id).await?.into_iter().find_map(|c| c.id))
+    }
+
+    /// The podman client (for logs and exec of owned containers).
+    pub fn podman(&self) -> &Podman {
+        &self.inner.podman
+    }
+
     /// When the next readiness probe is due, if any container has one.
     pub fn next_probe(&self) -> Option<Instant> {
         let probes = self.inner.probes.lock().ok()?;

@@ -15,6 +15,7 @@ pub mod fsutil;
 pub mod nats;
 pub mod reconciler;
 pub mod registry;
+pub mod relay;
 pub mod shelljob;
 pub mod store;
 pub mod systemd;
@@ -56,7 +57,9 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     let settings = Arc::new(settings);
     let store = StateStore::open(&settings.state_dir)?;
-    let engine = Engine::new(settings.clone(), Registry::from_settings(&settings), store)?;
+    let registry = Registry::from_settings(&settings);
+    let containers = registry.containers();
+    let engine = Engine::new(settings.clone(), registry, store)?;
     info!(
         device = %settings.device,
         generation = engine.manifest().map(|m| m.generation),
@@ -86,6 +89,12 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         status_rx,
         stop_rx.clone(),
     ));
+    let relay = tokio::spawn(relay::serve(
+        client.clone(),
+        settings.device.clone(),
+        containers,
+        stop_rx.clone(),
+    ));
     let engine = tokio::spawn(engine.run(candidate_rx, status_tx, stop_rx));
 
     shutdown.await;
@@ -95,6 +104,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
     let _ = watcher.await;
     let _ = heartbeat.await;
+    let _ = relay.await;
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     Ok(())
 }

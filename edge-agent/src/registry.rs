@@ -70,6 +70,11 @@ impl Registry {
         }
     }
 
+    /// The Container reconciler (relay sessions use its podman client and ownership).
+    pub fn containers(&self) -> ContainerReconciler {
+        self.container.clone()
+    }
+
     /// When a reconciler wants the resources looked at again (a readiness probe is due).
     pub fn next_wake(&self) -> Option<Instant> {
         self.container.next_probe()

@@ -10,6 +10,7 @@ pub mod heartbeat;
 pub mod kv;
 pub mod manifest;
 pub mod names;
+pub mod relay;
 pub mod status;
 pub mod time;
 

@@ -76,6 +76,15 @@ impl KubeControlPlane {
             "--disable-admission-plugins=ServiceAccount".into(),
             "--endpoint-reconciler-type=none".into(),
             "--allow-privileged=true".into(),
+            // How the apiserver reaches kubelets (for fleetlet: the bridge's kubelet API) for
+            // `kubectl logs` / `exec`: with the admin client certificate, verifying the
+            // kubelet's serving certificate against the test CA, at the Node's InternalIP.
+            format!("--kubelet-client-certificate={}", p("admin.crt")),
+            format!("--kubelet-client-key={}", p("admin.key")),
+            format!("--kubelet-certificate-authority={}", p("ca.crt")),
+            "--kubelet-preferred-address-types=InternalIP".into(),
+            // exec/attach reach kubelets over WebSockets when the Node declares support.
+            "--feature-gates=ExtendWebSocketsToKubelet=true,NodeDeclaredFeatures=true".into(),
             "--v=1".into(),
         ];
         let mut apiserver = Service::spawn(

@@ -22,6 +22,8 @@ pub struct Pki {
     pub ca: CertPair,
     pub serving: CertPair,
     pub admin: CertPair,
+    /// A client certificate of a user with no permissions (`fleetlet-nobody`).
+    pub nobody: CertPair,
     pub service_account_key_pem: String,
     pub service_account_pub_pem: String,
 }
@@ -67,11 +69,19 @@ impl Pki {
             &[],
             ExtendedKeyUsagePurpose::ClientAuth,
         )?;
+        let nobody = Self::leaf(
+            &ca,
+            "fleetlet-nobody",
+            None,
+            &[],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
         let sa = KeyPair::generate()?;
         Ok(Self {
             ca: ca_pair,
             serving,
             admin,
+            nobody,
             service_account_key_pem: sa.serialize_pem(),
             service_account_pub_pem: sa.public_key_pem(),
         })
@@ -119,6 +129,8 @@ impl Pki {
             ("apiserver.key", &self.serving.key_pem),
             ("admin.crt", &self.admin.cert_pem),
             ("admin.key", &self.admin.key_pem),
+            ("nobody.crt", &self.nobody.cert_pem),
+            ("nobody.key", &self.nobody.key_pem),
             ("sa.key", &self.service_account_key_pem),
             ("sa.pub", &self.service_account_pub_pem),
         ];

@@ -65,7 +65,21 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
         .unwrap();
     let _controller =
         components::start_controller(&env, &bins, dir.path(), &["--resync-seconds=2"]).unwrap();
-    let _bridge = components::start_bridge(&env, &bins, dir.path(), &[]).unwrap();
+    let pki = env.kube.as_ref().unwrap().pki_dir.clone();
+    let kubelet_flags = [
+        "--kubelet-listen=127.0.0.1:0".to_string(),
+        format!(
+            "--kubelet-tls-cert-file={}",
+            pki.join("apiserver.crt").display()
+        ),
+        format!(
+            "--kubelet-tls-key-file={}",
+            pki.join("apiserver.key").display()
+        ),
+        format!("--kubelet-client-ca-file={}", pki.join("ca.crt").display()),
+    ];
+    let kubelet_flags: Vec<&str> = kubelet_flags.iter().map(String::as_str).collect();
+    let _bridge = components::start_bridge(&env, &bins, dir.path(), &kubelet_flags).unwrap();
 
     let device: fleetlet_crds::EdgeDevice = serde_json::from_value(json!({
         "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice",
@@ -131,7 +145,7 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
             "containers": [{
                 "name": "httpd",
                 "image": pm.image_1,
-                "command": ["/bin/sh", "-c", "echo \"$GREETING from $POD\" > /tmp/who && exec httpd -f -p 8080 -h /www"],
+                "command": ["/bin/sh", "-c", "echo \"$GREETING from $POD\" | tee /tmp/who && exec httpd -f -v -p 8080 -h /www"],
                 "env": [
                     { "name": "GREETING", "valueFrom": { "configMapKeyRef": { "name": "web-content", "key": "greeting" } } },
                     { "name": "POD", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }
@@ -205,6 +219,111 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
         .podman(&["inspect", name, "--format", "{{.HostConfig.Memory}}"])
         .unwrap();
     assert_eq!(memory.trim(), "67108864");
+
+    // kubectl logs and exec, through the apiserver, the bridge's kubelet API and NATS.
+    let kubectl = |args: &[&str]| {
+        let out = env.kubectl().unwrap().args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, logs, err) = kubectl(&["logs", "web"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(logs.starts_with("hello from web\n"), "{logs:?}");
+    let (code, tail, _) = kubectl(&["logs", "web", "--tail=1", "--timestamps"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(tail.lines().count(), 1, "{tail:?}");
+    assert!(tail.starts_with("20"), "a timestamp first: {tail:?}");
+    // -f streams lines written after it started.
+    let mut follow = env
+        .kubectl()
+        .unwrap()
+        .args(["logs", "-f", "web"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0
+                || tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // busybox httpd -v logs each response; only these requests are answered 404.
+    while !seen.contains("response:404") {
+        assert!(
+            Instant::now() < deadline,
+            "no new line through logs -f: {seen:?}"
+        );
+        let _ = http_get(port, "/followed");
+        while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(300)) {
+            seen.push_str(&chunk);
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let (code, out, err) = kubectl(&["exec", "web", "--", "echo", "hi"]);
+    assert_eq!((code, out.as_str()), (Some(0), "hi\n"), "{err}");
+    let mut cat = env
+        .kubectl()
+        .unwrap()
+        .args(["exec", "-i", "web", "--", "cat"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    cat.stdin
+        .take()
+        .unwrap()
+        .write_all(b"through stdin\n")
+        .unwrap();
+    let out = cat.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "through stdin\n");
+    let (code, _, _) = kubectl(&["exec", "web", "--", "sh", "-c", "exit 3"]);
+    assert_eq!(code, Some(3), "the command's exit code comes back");
+    // The kubelet API itself: a client certificate is required, and nodes/proxy permission.
+    let node = nodes.get("pi-pods").await.unwrap();
+    let kport = node
+        .status
+        .unwrap()
+        .daemon_endpoints
+        .unwrap()
+        .kubelet_endpoint
+        .unwrap()
+        .port;
+    let url = format!("https://127.0.0.1:{kport}/containerLogs/default/web/httpd");
+    let curl = |extra: &[String]| {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(pki.join("ca.crt"))
+            .args(extra)
+            .arg(&url)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let cert = |name: &str| {
+        vec![
+            "--cert".to_string(),
+            pki.join(format!("{name}.crt")).display().to_string(),
+            "--key".to_string(),
+            pki.join(format!("{name}.key")).display().to_string(),
+        ]
+    };
+    assert_eq!(curl(&[]), "401");
+    assert_eq!(curl(&cert("nobody")), "403");
+    assert_eq!(curl(&cert("admin")), "200");
 
     // A pod the device cannot run: refused with a reason and an Event, nothing started.
     let pvc = pod(

@@ -1,0 +1,419 @@
+//! Logs and exec sessions for the control plane (`kubectl logs`, `kubectl exec`), served
+//! from podman for containers this agent created, and only those: a request names a
+//! resource id, and the container is found by the agent's own labels.
+//!
+//! The protocol (subjects, frames, flow control) is in [`fleetlet_protocol::relay`].
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_nats::{Client, HeaderMap, Message};
+use bytes::Bytes;
+use fleetlet_protocol::{
+    DeviceId,
+    relay::{
+        self, ControlKind, EXIT_CODE, ExecRequest, FRAME, FrameKind, IDLE_TIMEOUT_SECS,
+        LogsRequest, MAX_CHUNK_BYTES, SEQ, WINDOW_BYTES,
+    },
+};
+use futures::AsyncWriteExt;
+use futures::StreamExt;
+use podman_api::{
+    conn::TtyChunk,
+    opts::{ContainerLogsOpts, ExecCreateOpts, ExecStartOpts},
+};
+use tokio::{sync::mpsc, time::Instant};
+use tracing::{debug, info, warn};
+
+use crate::container::ContainerReconciler;
+
+type Sessions = Arc<Mutex<HashMap<String, mpsc::Sender<Message>>>>;
+
+/// Serves relay sessions until `stop` turns true.
+pub async fn serve(
+    client: Client,
+    device: DeviceId,
+    containers: ContainerReconciler,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut sub = loop {
+        match client.subscribe(relay::device_wildcard(&device)).await {
+            Ok(s) => break s,
+            Err(e) => {
+                warn!(error = %e, "subscribing to relay sessions; retrying");
+                tokio::select! {
+                    _ = crate::stopped(&mut stop) => return,
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+        }
+    };
+    let sessions: Sessions = Arc::default();
+    let logs = relay::logs_subject(&device);
+    let exec = relay::exec_subject(&device);
+    let control_prefix = relay::control_subject(&device, "");
+    loop {
+        let msg = tokio::select! {
+            _ = crate::stopped(&mut stop) => break,
+            m = sub.next() => match m { Some(m) => m, None => break },
+        };
+        let subject = msg.subject.as_str();
+        if let Some(session) = subject.strip_prefix(&control_prefix) {
+            let tx = sessions.lock().ok().and_then(|s| s.get(session).cloned());
+            if let Some(tx) = tx {
+                // A full queue means a requester far ahead of us: drop, it will resend acks.
+                let _ = tx.try_send(msg);
+            }
+            continue;
+        }
+        let Some(reply) = msg.reply.clone() else {
+            continue;
+        };
+        let out = Output::new(client.clone(), reply.to_string());
+        if subject == logs {
+            match serde_json::from_slice::<LogsRequest>(&msg.payload) {
+                Ok(req) if relay::valid_session(&req.session) => {
+                    let rx = register(&sessions, &req.session);
+                    let (containers, sessions) = (containers.clone(), sessions.clone());
+                    tokio::spawn(async move {
+                        let session = req.session.clone();
+                        logs_session(containers, req, out, rx).await;
+                        unregister(&sessions, &session);
+                    });
+                }
+                Ok(_) => out.end(Some("invalid session id")).await,
+                Err(e) => out.end(Some(&format!("malformed logs request: {e}"))).await,
+            }
+        } else if subject == exec {
+            match serde_json::from_slice::<ExecRequest>(&msg.payload) {
+                Ok(req) if relay::valid_session(&req.session) && !req.command.is_empty() => {
+                    let rx = register(&sessions, &req.session);
+                    let (containers, sessions) = (containers.clone(), sessions.clone());
+                    tokio::spawn(async move {
+                        let session = req.session.clone();
+                        exec_session(containers, req, out, rx).await;
+                        unregister(&sessions, &session);
+                    });
+                }
+                Ok(_) => out.end(Some("invalid session id or empty command")).await,
+                Err(e) => out.end(Some(&format!("malformed exec request: {e}"))).await,
+            }
+        }
+    }
+}
+
+fn register(sessions: &Sessions, id: &str) -> mpsc::Receiver<Message> {
+    let (tx, rx) = mpsc::channel(64);
+    if let Ok(mut s) = sessions.lock() {
+        s.insert(id.to_owned(), tx);
+    }
+    rx
+}
+
+fn unregister(sessions: &Sessions, id: &str) {
+    if let Ok(mut s) = sessions.lock() {
+        s.remove(id);
+    }
+}
+
+/// The sending side of a session, with its flow-control window.
+struct Output {
+    client: Client,
+    inbox: String,
+    seq: u64,
+    sent: u64,
+    acked: u64,
+    last_heard: Instant,
+}
+
+enum Control {
+    Continue,
+    Stdin(Bytes),
+    StdinClose,
+    Resize(usize, usize),
+    Stop,
+}
+
+impl Output {
+    fn new(client: Client, inbox: String) -> Self {
+        Self {
+            client,
+            inbox,
+            seq: 0,
+            sent: 0,
+            acked: 0,
+            last_heard: Instant::now(),
+        }
+    }
+
+    async fn frame(
+        &mut self,
+        kind: FrameKind,
+        payload: Bytes,
+        extra: Option<(&str, String)>,
+    ) -> bool {
+        let mut h = HeaderMap::new();
+        h.insert(FRAME, kind.as_str());
+        h.insert(SEQ, self.seq.to_string().as_str());
+        if let Some((k, v)) = extra {
+            h.insert(k, v.as_str());
+        }
+        self.seq += 1;
+        self.sent += payload.len() as u64;
+        self.client
+            .publish_with_headers(self.inbox.clone(), h, payload)
+            .await
+            .is_ok()
+    }
+
+    /// Sends output in chunks, waiting for acknowledgements when the window is full.
+    async fn data(
+        &mut self,
+        kind: FrameKind,
+        bytes: &[u8],
+        control: &mut mpsc::Receiver<Message>,
+        pending: &mut Vec<Control>,
+    ) -> bool {
+        for chunk in bytes.chunks(MAX_CHUNK_BYTES) {
+            while self.sent.saturating_sub(self.acked) > WINDOW_BYTES {
+                match self.next_control(control).await {
+                    Control::Continue => {}
+                    Control::Stop => return false,
+                    other => pending.push(other),
+                }
+            }
+            if !self.frame(kind, Bytes::copy_from_slice(chunk), None).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Waits for the next control message; `Stop` on cancel or an idle requester.
+    async fn next_control(&mut self, control: &mut mpsc::Receiver<Message>) -> Control {
+        let idle = Duration::from_secs(IDLE_TIMEOUT_SECS);
+        match tokio::time::timeout_at(self.last_heard + idle, control.recv()).await {
+            Ok(Some(m)) => self.handle(&m),
+            Ok(None) | Err(_) => {
+                debug!(inbox = %self.inbox, "requester went quiet; ending the session");
+                Control::Stop
+            }
+        }
+    }
+
+    fn handle(&mut self, m: &Message) -> Control {
+        self.last_heard = Instant::now();
+        let header = |name: &str| {
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        match header(FRAME).as_deref().and_then(ControlKind::parse) {
+            Some(ControlKind::Ack) => {
+                if let Some(n) = header(SEQ).and_then(|s| s.parse::<u64>().ok()) {
+                    self.acked = self.acked.max(n);
+                }
+                Control::Continue
+            }
+            Some(ControlKind::Stdin) => Control::Stdin(m.payload.clone()),
+            Some(ControlKind::StdinClose) => Control::StdinClose,
+            Some(ControlKind::Resize) => {
+                let size = String::from_utf8_lossy(&m.payload).into_owned();
+                match size.split_once('x').map(|(w, h)| (w.parse(), h.parse())) {
+                    Some((Ok(w), Ok(h))) => Control::Resize(w, h),
+                    _ => Control::Continue,
+                }
+            }
+            Some(ControlKind::Cancel) => Control::Stop,
+            None => Control::Continue,
+        }
+    }
+
+    async fn end(mut self, error: Option<&str>) {
+        let payload = Bytes::from(error.unwrap_or_default().to_owned());
+        self.frame(FrameKind::End, payload, None).await;
+        let _ = self.client.flush().await;
+    }
+}
+
+async fn logs_session(
+    containers: ContainerReconciler,
+    req: LogsRequest,
+    mut out: Output,
+    mut control: mpsc::Receiver<Message>,
+) {
+    let cid = match containers.owned_container(&req.resource).await {
+        Ok(Some(cid)) => cid,
+        Ok(None) => {
+            return out
+                .end(Some(&format!(
+                    "no container of resource {} on this device",
+                    req.resource
+                )))
+                .await;
+        }
+        Err(e) => return out.end(Some(&e.to_string())).await,
+    };
+    debug!(resource = %req.resource, follow = req.follow, "logs session");
+    let mut opts = ContainerLogsOpts::builder()
+        .stdout(true)
+        .stderr(true)
+        .follow(req.follow)
+        .timestamps(req.timestamps)
+        .tail(
+            req.tail_lines
+                .map_or_else(|| "all".to_owned(), |n| n.to_string()),
+        );
+    if let Some(s) = req.since_seconds {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        opts = opts.since(now.saturating_sub(s).to_string());
+    }
+    let opts = opts.build();
+    let podman = containers.podman();
+    let container = podman.containers().get(&cid);
+    let mut stream = container.logs(&opts);
+    let mut budget = req.limit_bytes.unwrap_or(u64::MAX);
+    let mut pending = Vec::new();
+    let error = loop {
+        tokio::select! {
+            chunk = stream.next() => match chunk {
+                None => break None,
+                Some(Err(e)) => break Some(e.to_string()),
+                Some(Ok(c)) => {
+                    let (kind, mut bytes): (FrameKind, Vec<u8>) = match c {
+                        TtyChunk::StdErr(b) => (FrameKind::Stderr, b),
+                        TtyChunk::StdOut(b) | TtyChunk::StdIn(b) => (FrameKind::Stdout, b),
+                    };
+                    bytes.truncate(usize::try_from(budget).unwrap_or(usize::MAX));
+                    budget -= bytes.len() as u64;
+                    if !out.data(kind, &bytes, &mut control, &mut pending).await {
+                        break None;
+                    }
+                    if budget == 0 {
+                        break None;
+                    }
+                }
+            },
+            c = out.next_control(&mut control) => {
+                if matches!(c, Control::Stop) {
+                    break None;
+                }
+            }
+        }
+    };
+    out.end(error.as_deref()).await;
+}
+
+async fn exec_session(
+    containers: ContainerReconciler,
+    req: ExecRequest,
+    mut out: Output,
+    mut control: mpsc::Receiver<Message>,
+) {
+    let cid = match containers.owned_container(&req.resource).await {
+        Ok(Some(cid)) => cid,
+        Ok(None) => {
+            return out
+                .end(Some(&format!(
+                    "no container of resource {} on this device",
+                    req.resource
+                )))
+                .await;
+        }
+        Err(e) => return out.end(Some(&e.to_string())).await,
+    };
+    info!(target: "fleetlet::audit", resource = %req.resource, argv = ?req.command, tty = req.tty, "exec session");
+    let podman = containers.podman();
+    let container = podman.containers().get(&cid);
+    let exec = match container
+        .create_exec(
+            &ExecCreateOpts::builder()
+                .command(&req.command)
+                .attach_stdin(req.stdin)
+                .attach_stdout(req.stdout)
+                .attach_stderr(req.stderr)
+                .tty(req.tty)
+                .build(),
+        )
+        .await
+    {
+        Ok(e) => e,
+        Err(e) => return out.end(Some(&format!("exec: {e}"))).await,
+    };
+    let start_opts = ExecStartOpts::builder().tty(req.tty).build();
+    let mux = match exec.start(&start_opts).await {
+        Ok(Some(m)) => m,
+        Ok(None) => return out.end(Some("exec: podman returned no stream")).await,
+        Err(e) => return out.end(Some(&format!("exec: {e}"))).await,
+    };
+    let (mut reader, writer) = mux.split();
+    let mut writer = Some(Box::pin(writer));
+    let mut pending: Vec<Control> = Vec::new();
+    let mut error = None;
+    'session: loop {
+        for c in std::mem::take(&mut pending) {
+            match c {
+                Control::Stdin(b) => {
+                    if let Some(w) = writer.as_mut()
+                        && w.write_all(&b).await.is_err()
+                    {
+                        writer = None;
+                    }
+                }
+                Control::StdinClose => {
+                    if let Some(mut w) = writer.take() {
+                        let _ = w.close().await;
+                    }
+                }
+                Control::Resize(w, h) => {
+                    let _ = exec.resize(w, h).await;
+                }
+                Control::Stop => break 'session,
+                Control::Continue => {}
+            }
+        }
+        tokio::select! {
+            chunk = reader.next() => match chunk {
+                None => break,
+                Some(Err(e)) => { error = Some(e.to_string()); break }
+                Some(Ok(c)) => {
+                    let (kind, bytes) = match c {
+                        TtyChunk::StdErr(b) => (FrameKind::Stderr, b),
+                        TtyChunk::StdOut(b) | TtyChunk::StdIn(b) => (FrameKind::Stdout, b),
+                    };
+                    if !out.data(kind, &bytes, &mut control, &mut pending).await {
+                        break;
+                    }
+                }
+            },
+            c = out.next_control(&mut control) => pending.push(c),
+        }
+    }
+    // The exit code lands shortly after the stream ends.
+    let mut code = None;
+    for _ in 0..20 {
+        if let Ok(info) = exec.inspect().await
+            && info.get("Running").and_then(serde_json::Value::as_bool) == Some(false)
+        {
+            code = info.get("ExitCode").and_then(serde_json::Value::as_i64);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Some(code) = code {
+        out.frame(
+            FrameKind::Exit,
+            Bytes::new(),
+            Some((EXIT_CODE, code.to_string())),
+        )
+        .await;
+    }
+    out.end(error.as_deref()).await;
+}

@@ -1,0 +1,176 @@
+//! Sessions the control plane opens with one device's agent over NATS core: container logs
+//! and exec, which is how `kubectl logs` and `kubectl exec` reach a container on a device.
+//!
+//! A session starts with a request (JSON, [`LogsRequest`] or [`ExecRequest`]) on
+//! [`logs_subject`] / [`exec_subject`] with a reply inbox. The agent answers on that inbox
+//! with output frames: raw bytes in the payload, what they are in headers ([`FRAME`]), a
+//! sequence number, and a last frame that says how the session ended. The requester sends
+//! control messages (acknowledgements, stdin, resize, cancel) to [`control_subject`].
+//!
+//! Flow control: the agent keeps at most [`WINDOW_BYTES`] unacknowledged and stops a session
+//! whose requester has sent nothing for [`IDLE_TIMEOUT_SECS`] (acknowledgements double as
+//! keep-alives). Frames carry at most [`MAX_CHUNK_BYTES`].
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::names::{DeviceId, ResourceId};
+
+/// Largest payload of one output frame or stdin message.
+pub const MAX_CHUNK_BYTES: usize = 32 * 1024;
+/// Output the agent sends ahead of acknowledgements.
+pub const WINDOW_BYTES: u64 = 256 * 1024;
+/// A session whose requester is silent this long is ended by the agent.
+pub const IDLE_TIMEOUT_SECS: u64 = 30;
+/// The requester acknowledges (and so keeps the session alive) at least this often.
+pub const ACK_INTERVAL_SECS: u64 = 5;
+
+/// Header naming what a message is: an output frame's stream, or a control message's kind.
+pub const FRAME: &str = "Fleetlet-Frame";
+/// Header with an output frame's sequence number (from 0), or an ack's byte count.
+pub const SEQ: &str = "Fleetlet-Seq";
+/// Header with the exit code on an [`FrameKind::Exit`] frame.
+pub const EXIT_CODE: &str = "Fleetlet-Exit-Code";
+
+/// Subject for log sessions with `device`'s agent.
+pub fn logs_subject(device: &DeviceId) -> String {
+    format!("fleetlet.relay.{device}.logs")
+}
+
+/// Subject for exec sessions with `device`'s agent.
+pub fn exec_subject(device: &DeviceId) -> String {
+    format!("fleetlet.relay.{device}.exec")
+}
+
+/// Every relay subject of `device` (what its agent subscribes to).
+pub fn device_wildcard(device: &DeviceId) -> String {
+    format!("fleetlet.relay.{device}.>")
+}
+
+/// Subject the requester sends control messages of `session` to.
+pub fn control_subject(device: &DeviceId, session: &str) -> String {
+    format!("fleetlet.relay.{device}.session.{session}")
+}
+
+/// A session id: what the requester picks, checked so it is one subject token.
+pub fn valid_session(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// Output frames, agent → requester.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    Stdout,
+    Stderr,
+    /// The session ended; the payload says why if it failed (UTF-8).
+    End,
+    /// An exec ended; the exit code is in [`EXIT_CODE`]. Followed by `End`.
+    Exit,
+}
+
+/// Control messages, requester → agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlKind {
+    /// Bytes consumed so far ([`SEQ`] carries the total); also a keep-alive.
+    Ack,
+    Stdin,
+    /// No more stdin.
+    StdinClose,
+    /// Terminal size, payload `"<cols>x<rows>"`.
+    Resize,
+    Cancel,
+}
+
+macro_rules! header_names {
+    ($t:ty { $($v:ident => $s:literal),* $(,)? }) => {
+        impl $t {
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$v => $s),* }
+            }
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($s => Some(Self::$v),)* _ => None }
+            }
+        }
+    };
+}
+
+header_names!(FrameKind { Stdout => "stdout", Stderr => "stderr", End => "end", Exit => "exit" });
+header_names!(ControlKind {
+    Ack => "ack",
+    Stdin => "stdin",
+    StdinClose => "stdin-close",
+    Resize => "resize",
+    Cancel => "cancel",
+});
+
+/// `kubectl logs` for one container resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LogsRequest {
+    /// The Container resource on the device (an id from its manifest).
+    pub resource: ResourceId,
+    pub session: String,
+    #[serde(default)]
+    pub follow: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail_lines: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_seconds: Option<u64>,
+    #[serde(default)]
+    pub timestamps: bool,
+    /// Stop after this many bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_bytes: Option<u64>,
+}
+
+/// `kubectl exec` in one container resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecRequest {
+    pub resource: ResourceId,
+    pub session: String,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub stdin: bool,
+    #[serde(default = "yes")]
+    pub stdout: bool,
+    #[serde(default = "yes")]
+    pub stderr: bool,
+    #[serde(default)]
+    pub tty: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_names_round_trip() {
+        for k in [
+            FrameKind::Stdout,
+            FrameKind::Stderr,
+            FrameKind::End,
+            FrameKind::Exit,
+        ] {
+            assert_eq!(FrameKind::parse(k.as_str()), Some(k));
+        }
+        assert_eq!(
+            ControlKind::parse("stdin-close"),
+            Some(ControlKind::StdinClose)
+        );
+        assert_eq!(ControlKind::parse("nope"), None);
+    }
+
+    #[test]
+    fn sessions_are_one_subject_token() {
+        assert!(valid_session("3f2a-99"));
+        assert!(!valid_session("a.b"));
+        assert!(!valid_session("a>"));
+        assert!(!valid_session(""));
+        assert!(!valid_session(&"x".repeat(65)));
+    }
+}
