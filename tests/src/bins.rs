@@ -14,6 +14,8 @@ use crate::Error;
 #[derive(Debug, Clone)]
 pub struct Binaries {
     pub kube_apiserver: PathBuf,
+    pub kube_controller_manager: PathBuf,
+    pub kube_scheduler: PathBuf,
     pub etcd: PathBuf,
     pub nats_server: PathBuf,
     pub helm: PathBuf,
@@ -27,7 +29,14 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-const NAMES: [&str; 4] = ["kube-apiserver", "etcd", "nats-server", "helm"];
+const NAMES: [&str; 6] = [
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "etcd",
+    "nats-server",
+    "helm",
+];
 
 fn env_name(bin: &str) -> String {
     format!("FLEETLET_{}", bin.to_uppercase().replace('-', "_"))
@@ -88,6 +97,8 @@ impl Binaries {
         };
         Ok(Binaries {
             kube_apiserver: take("kube-apiserver")?,
+            kube_controller_manager: take("kube-controller-manager")?,
+            kube_scheduler: take("kube-scheduler")?,
             etcd: take("etcd")?,
             nats_server: take("nats-server")?,
             helm: take("helm")?,

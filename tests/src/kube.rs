@@ -156,6 +156,70 @@ impl KubeControlPlane {
     pub(crate) fn pids(&self) -> Vec<u32> {
         vec![self.apiserver.pid(), self.etcd.pid()]
     }
+
+    /// Starts kube-controller-manager (ReplicaSets, garbage collection, DaemonSets, node
+    /// lifecycle, CSR signing with the test CA) and kube-scheduler against this apiserver.
+    pub async fn start_controllers(
+        &self,
+        bins: &Binaries,
+        dir: &Path,
+    ) -> Result<Controllers, Error> {
+        let p = |f: &str| self.pki_dir.join(f).display().to_string();
+        let kc = self.kubeconfig.display().to_string();
+        let common = |port: u16| {
+            vec![
+                format!("--kubeconfig={kc}"),
+                format!("--authentication-kubeconfig={kc}"),
+                format!("--authorization-kubeconfig={kc}"),
+                "--leader-elect=false".to_string(),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={port}"),
+                format!("--cert-dir={}", dir.join("controllers-certs").display()),
+                "--v=1".into(),
+            ]
+        };
+        let mut cm_args = common(free_port()?);
+        cm_args.extend([
+            format!("--service-account-private-key-file={}", p("sa.key")),
+            format!("--root-ca-file={}", p("ca.crt")),
+            format!("--cluster-signing-cert-file={}", p("ca.crt")),
+            format!("--cluster-signing-key-file={}", p("ca.key")),
+            "--use-service-account-credentials=false".into(),
+            // Node lifecycle: a silent virtual node gets the usual taints and evictions.
+            "--node-monitor-grace-period=40s".into(),
+        ]);
+        let mut controller_manager = Service::spawn(
+            "kube-controller-manager",
+            &bins.kube_controller_manager,
+            &cm_args,
+            dir.join("kube-controller-manager.log"),
+        )?;
+        let mut scheduler = Service::spawn(
+            "kube-scheduler",
+            &bins.kube_scheduler,
+            &common(free_port()?),
+            dir.join("kube-scheduler.log"),
+        )?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        controller_manager.check_running()?;
+        scheduler.check_running()?;
+        Ok(Controllers {
+            controller_manager,
+            scheduler,
+        })
+    }
+}
+
+/// kube-controller-manager and kube-scheduler; stopped when dropped.
+pub struct Controllers {
+    pub controller_manager: Service,
+    pub scheduler: Service,
+}
+
+impl Controllers {
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        vec![self.controller_manager.pid(), self.scheduler.pid()]
+    }
 }
 
 /// A kube client from a kubeconfig file.

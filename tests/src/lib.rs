@@ -75,6 +75,7 @@ pub enum Error {
 #[derive(Debug, Clone, Default)]
 pub struct Builder {
     kube: bool,
+    controllers: bool,
     nats: bool,
     nats_args: Vec<String>,
 }
@@ -83,6 +84,14 @@ impl Builder {
     /// etcd + kube-apiserver, with fleetlet's CRDs installed.
     pub fn kube(mut self) -> Self {
         self.kube = true;
+        self
+    }
+
+    /// kube-controller-manager and kube-scheduler too (implies kube): Deployments,
+    /// DaemonSets, scheduling, garbage collection, node lifecycle, CSR signing.
+    pub fn controllers(mut self) -> Self {
+        self.kube = true;
+        self.controllers = true;
         self
     }
 
@@ -108,6 +117,7 @@ impl Builder {
 pub struct TestEnv {
     pub dir: PathBuf,
     // Field order is drop order: servers first, then the directory.
+    pub controllers: Option<kube::Controllers>,
     pub kube: Option<KubeControlPlane>,
     pub nats: Option<NatsServer>,
     reaper: Option<DirReaper>,
@@ -152,6 +162,7 @@ impl TestEnv {
             .keep();
         let mut env = TestEnv {
             dir: dir.clone(),
+            controllers: None,
             kube: None,
             nats: None,
             reaper: None,
@@ -159,6 +170,9 @@ impl TestEnv {
         if opts.kube {
             let kube = KubeControlPlane::start(bins, &dir).await?;
             kube.install_crds().await?;
+            if opts.controllers {
+                env.controllers = Some(kube.start_controllers(bins, &dir).await?);
+            }
             env.kube = Some(kube);
         }
         if opts.nats {
@@ -174,6 +188,12 @@ impl TestEnv {
                 .map(KubeControlPlane::pids)
                 .unwrap_or_default();
             pids.extend(env.nats.as_ref().and_then(NatsServer::pid));
+            pids.extend(
+                env.controllers
+                    .as_ref()
+                    .map(kube::Controllers::pids)
+                    .unwrap_or_default(),
+            );
             env.reaper = Some(DirReaper::spawn(&dir, &pids)?);
         } else {
             eprintln!("fleetlet-testenv: keeping {}", dir.display());
@@ -240,6 +260,8 @@ impl TestEnv {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
+        // Clients of the apiserver first, then the apiserver; the reaper waits for them all.
+        self.controllers.take();
         self.kube.take();
         self.nats.take();
         if let Some(mut r) = self.reaper.take() {

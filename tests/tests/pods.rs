@@ -42,6 +42,107 @@ fn http_get(port: u16, path: &str) -> Result<String, String> {
     Ok(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned())
 }
 
+/// The control plane and one device: controller, bridge (with its kubelet API), an
+/// EdgeDevice, and its agent running containers in `pm`.
+struct Fleet {
+    client: kube::Client,
+    pki: std::path::PathBuf,
+    nodes: Api<Node>,
+    _dir: tempfile::TempDir,
+    _services: Vec<Service>,
+}
+
+impl Fleet {
+    async fn start(env: &TestEnv, pm: &PodmanSandbox, device: &str) -> Self {
+        let client = env.kube_client().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let bins = components::bin_dir().unwrap();
+        env.kubectl()
+            .unwrap()
+            .args(["create", "namespace", "fleetlet-system"])
+            .output()
+            .unwrap();
+        let controller =
+            components::start_controller(env, &bins, dir.path(), &["--resync-seconds=2"]).unwrap();
+        let pki = env.kube.as_ref().unwrap().pki_dir.clone();
+        let kubelet_flags = [
+            "--kubelet-listen=127.0.0.1:0".to_string(),
+            format!(
+                "--kubelet-tls-cert-file={}",
+                pki.join("apiserver.crt").display()
+            ),
+            format!(
+                "--kubelet-tls-key-file={}",
+                pki.join("apiserver.key").display()
+            ),
+            format!("--kubelet-client-ca-file={}", pki.join("ca.crt").display()),
+        ];
+        let kubelet_flags: Vec<&str> = kubelet_flags.iter().map(String::as_str).collect();
+        let bridge = components::start_bridge(env, &bins, dir.path(), &kubelet_flags).unwrap();
+        let edge: fleetlet_crds::EdgeDevice = serde_json::from_value(json!({
+            "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice",
+            "metadata": { "name": device, "namespace": "default" }, "spec": {}
+        }))
+        .unwrap();
+        Api::<fleetlet_crds::EdgeDevice>::namespaced(client.clone(), "default")
+            .create(&PostParams::default(), &edge)
+            .await
+            .unwrap();
+        let agent_dir = dir.path().join("agent");
+        std::fs::create_dir_all(agent_dir.join("root")).unwrap();
+        let config = agent_dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "device_id = \"{device}\"\nstate_dir = \"{state}\"\n[nats]\nurls = [\"{url}\"]\n\
+                 [reconcile]\ndrift_interval_seconds = 2\nheartbeat_interval_seconds = 1\nbackoff_initial_ms = 200\nbackoff_max_ms = 1000\n\
+                 [file]\nallowed_roots = [\"/opt/fleetlet\"]\npath_prefix = \"{root}\"\n\
+                 [container]\nsocket = \"{socket}\"\nname_prefix = \"{device}-\"\ninsecure_registries = [\"{registry}\"]\nstop_timeout_seconds = 1\n",
+                state = agent_dir.join("state").display(),
+                url = env.nats_url().unwrap(),
+                root = agent_dir.join("root").display(),
+                socket = pm.socket.display(),
+                registry = pm.registry,
+            ),
+        )
+        .unwrap();
+        let agent = Service::spawn(
+            "fleetlet-agent",
+            &bins.join("fleetlet-agent"),
+            &["--config".into(), config.display().to_string()],
+            agent_dir.join("agent.log"),
+        )
+        .unwrap();
+        let nodes: Api<Node> = Api::all(client.clone());
+        eventually(
+            "the virtual node Ready",
+            Duration::from_secs(30),
+            || async {
+                let n = nodes.get(device).await.map_err(|e| e.to_string())?;
+                let ready = n
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                if ready {
+                    Ok(())
+                } else {
+                    Err("not Ready".into())
+                }
+            },
+        )
+        .await;
+        Self {
+            client,
+            pki,
+            nodes,
+            _dir: dir,
+            _services: vec![agent, bridge, controller],
+        }
+    }
+}
+
 fn pod(name: &str, node: &str, spec: serde_json::Value) -> Pod {
     let mut spec = spec;
     spec["nodeName"] = json!(node);
@@ -55,76 +156,8 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
  {
     let env = TestEnv::builder().kube().nats().start().await.unwrap();
     let pm = PodmanSandbox::start().await.unwrap();
-    let client = env.kube_client().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let bins = components::bin_dir().unwrap();
-    env.kubectl()
-        .unwrap()
-        .args(["create", "namespace", "fleetlet-system"])
-        .output()
-        .unwrap();
-    let _controller =
-        components::start_controller(&env, &bins, dir.path(), &["--resync-seconds=2"]).unwrap();
-    let pki = env.kube.as_ref().unwrap().pki_dir.clone();
-    let kubelet_flags = [
-        "--kubelet-listen=127.0.0.1:0".to_string(),
-        format!(
-            "--kubelet-tls-cert-file={}",
-            pki.join("apiserver.crt").display()
-        ),
-        format!(
-            "--kubelet-tls-key-file={}",
-            pki.join("apiserver.key").display()
-        ),
-        format!("--kubelet-client-ca-file={}", pki.join("ca.crt").display()),
-    ];
-    let kubelet_flags: Vec<&str> = kubelet_flags.iter().map(String::as_str).collect();
-    let _bridge = components::start_bridge(&env, &bins, dir.path(), &kubelet_flags).unwrap();
-
-    let device: fleetlet_crds::EdgeDevice = serde_json::from_value(json!({
-        "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice",
-        "metadata": { "name": "pi-pods", "namespace": "default" }, "spec": {}
-    }))
-    .unwrap();
-    Api::<fleetlet_crds::EdgeDevice>::namespaced(client.clone(), "default")
-        .create(&PostParams::default(), &device)
-        .await
-        .unwrap();
-    let agent_dir = dir.path().join("agent");
-    std::fs::create_dir_all(agent_dir.join("root")).unwrap();
-    let config = agent_dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "device_id = \"pi-pods\"\nstate_dir = \"{state}\"\n[nats]\nurls = [\"{url}\"]\n\
-             [reconcile]\ndrift_interval_seconds = 2\nheartbeat_interval_seconds = 1\nbackoff_initial_ms = 200\nbackoff_max_ms = 1000\n\
-             [file]\nallowed_roots = [\"/opt/fleetlet\"]\npath_prefix = \"{root}\"\n\
-             [container]\nsocket = \"{socket}\"\nname_prefix = \"pi-pods-\"\ninsecure_registries = [\"{registry}\"]\nstop_timeout_seconds = 1\n",
-            state = agent_dir.join("state").display(),
-            url = env.nats_url().unwrap(),
-            root = agent_dir.join("root").display(),
-            socket = pm.socket.display(),
-            registry = pm.registry,
-        ),
-    )
-    .unwrap();
-    let _agent = Service::spawn(
-        "fleetlet-agent",
-        &bins.join("fleetlet-agent"),
-        &["--config".into(), config.display().to_string()],
-        agent_dir.join("agent.log"),
-    )
-    .unwrap();
-    let nodes: Api<Node> = Api::all(client.clone());
-    eventually("the virtual node", Duration::from_secs(30), || async {
-        nodes
-            .get("pi-pods")
-            .await
-            .map(drop)
-            .map_err(|e| e.to_string())
-    })
-    .await;
-
+    let fleet = Fleet::start(&env, &pm, "pi-pods").await;
+    let (client, pki, nodes) = (fleet.client.clone(), fleet.pki.clone(), fleet.nodes.clone());
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     cms.create(
@@ -393,4 +426,183 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
         ])
         .unwrap();
     assert_eq!(left.trim(), "", "the container is gone from the device");
+}
+
+fn ready(p: &Pod) -> bool {
+    p.status.as_ref().is_some_and(|s| {
+        s.phase.as_deref() == Some("Running")
+            && s.conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
+}
+
+/// Deployments and DaemonSets as users write them: the scheduler places the pod on the
+/// virtual node (toleration + nodeSelector), it runs on the device, and deleting the
+/// Deployment removes it there. DaemonSets without the toleration place nothing.
+#[tokio::test]
+async fn deployments_run_on_devices_and_daemonsets_without_the_toleration_stay_off() {
+    use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+    let env = TestEnv::builder()
+        .controllers()
+        .nats()
+        .start()
+        .await
+        .unwrap();
+    let pm = PodmanSandbox::start().await.unwrap();
+    let fleet = Fleet::start(&env, &pm, "pi-work").await;
+    let client = fleet.client.clone();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let template = |app: &str, tolerate: bool| {
+        let mut spec = json!({
+            "containers": [{
+                "name": "main", "image": pm.image_1,
+                "readinessProbe": { "exec": { "command": ["true"] }, "periodSeconds": 1 }
+            }],
+        });
+        if tolerate {
+            spec["tolerations"] = json!([{ "key": "fleetlet.dev/edge", "operator": "Exists" }]);
+            spec["nodeSelector"] = json!({ "fleetlet.dev/device": "pi-work" });
+        }
+        json!({ "metadata": { "labels": { "app": app } }, "spec": spec })
+    };
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    deployments
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": { "name": "hello" },
+                "spec": { "replicas": 1, "selector": { "matchLabels": { "app": "hello" } },
+                          "template": template("hello", true) }
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let by_app = |app: &'static str| {
+        let pods = pods.clone();
+        async move {
+            pods.list(&kube::api::ListParams::default().labels(&format!("app={app}")))
+                .await
+                .map(|l| l.items)
+                .map_err(|e| e.to_string())
+        }
+    };
+    let hello = eventually(
+        "the Deployment's pod Ready on pi-work",
+        Duration::from_secs(90),
+        || async {
+            let list = by_app("hello").await?;
+            match list.as_slice() {
+                [p] if ready(p) => Ok(p.clone()),
+                other => Err(format!(
+                    "{:?}",
+                    other
+                        .iter()
+                        .map(|p| (&p.spec.as_ref().unwrap().node_name, &p.status))
+                        .collect::<Vec<_>>()
+                )),
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        hello.spec.as_ref().unwrap().node_name.as_deref(),
+        Some("pi-work")
+    );
+    let running = pm
+        .podman(&[
+            "ps",
+            "--filter",
+            "label=dev.fleetlet.device=pi-work",
+            "--format",
+            "{{.Names}}",
+        ])
+        .unwrap();
+    assert_eq!(running.lines().count(), 1, "{running}");
+
+    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), "default");
+    for (name, tolerate) in [("plain", false), ("edge", true)] {
+        let mut t = template(name, tolerate);
+        if tolerate {
+            t["spec"].as_object_mut().unwrap().remove("nodeSelector");
+        }
+        daemonsets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": { "name": name },
+                    "spec": { "selector": { "matchLabels": { "app": name } }, "template": t }
+                }))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    // The tolerating DaemonSet lands on the virtual node and runs on the device ...
+    eventually(
+        "the tolerating DaemonSet's pod Ready",
+        Duration::from_secs(60),
+        || async {
+            let list = by_app("edge").await?;
+            match list.as_slice() {
+                [p] if ready(p) => Ok(()),
+                other => Err(format!("{} pods", other.len())),
+            }
+        },
+    )
+    .await;
+    // ... while the other, synced by the same controller, places nothing there.
+    let plain = eventually(
+        "the plain DaemonSet synced",
+        Duration::from_secs(30),
+        || async {
+            let ds = daemonsets.get("plain").await.map_err(|e| e.to_string())?;
+            let st = ds.status.clone().unwrap_or_default();
+            if st.observed_generation == Some(1) {
+                Ok(st)
+            } else {
+                Err(format!("{st:?}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(plain.desired_number_scheduled, 0);
+    assert!(by_app("plain").await.unwrap().is_empty());
+
+    // Deleting the Deployment: garbage collection deletes the pod, the device removes the
+    // container, and the bridge lets the pod go.
+    deployments
+        .delete("hello", &kube::api::DeleteParams::background())
+        .await
+        .unwrap();
+    eventually(
+        "the Deployment's pod gone",
+        Duration::from_secs(90),
+        || async {
+            let list = by_app("hello").await?;
+            if list.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{} left", list.len()))
+            }
+        },
+    )
+    .await;
+    let left = pm
+        .podman(&[
+            "ps",
+            "-a",
+            "--filter",
+            "label=dev.fleetlet.device=pi-work",
+            "--format",
+            "{{.Names}}",
+        ])
+        .unwrap();
+    assert_eq!(
+        left.lines().count(),
+        1,
+        "only the DaemonSet's container remains: {left}"
+    );
 }
