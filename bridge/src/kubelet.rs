@@ -32,7 +32,7 @@ use k8s_openapi::api::{
 use kube::{Api, Client, ResourceExt, api::PostParams, runtime::reflector::Store};
 use rustls::{
     RootCertStore, ServerConfig,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    pki_types::{CertificateDer, pem::PemObject},
     server::WebPkiClientVerifier,
 };
 use serde::Deserialize;
@@ -62,8 +62,7 @@ pub enum KubeletError {
 #[derive(Debug, Clone)]
 pub struct KubeletConfig {
     pub listen: SocketAddr,
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
+    pub serving: crate::serving::ServingCert,
     /// CA of the client certificates accepted (the apiserver's kubelet client).
     pub client_ca_file: PathBuf,
 }
@@ -89,12 +88,11 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, KubeletError> {
     })
 }
 
-fn tls_config(c: &KubeletConfig) -> Result<ServerConfig, KubeletError> {
+fn tls_config(
+    c: &KubeletConfig,
+    certs: Arc<crate::serving::Resolver>,
+) -> Result<ServerConfig, KubeletError> {
     let tls = |e: &dyn std::fmt::Display| KubeletError::Tls(e.to_string());
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(&c.cert_file)?)
-        .collect::<Result<_, _>>()
-        .map_err(|e| tls(&e))?;
-    let key = PrivateKeyDer::from_pem_slice(&read(&c.key_file)?).map_err(|e| tls(&e))?;
     let mut roots = RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(&read(&c.client_ca_file)?) {
         roots.add(ca.map_err(|e| tls(&e))?).map_err(|e| tls(&e))?;
@@ -109,8 +107,7 @@ fn tls_config(c: &KubeletConfig) -> Result<ServerConfig, KubeletError> {
         .with_safe_default_protocol_versions()
         .map_err(|e| tls(&e))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| tls(&e))?;
+        .with_cert_resolver(certs);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
@@ -143,7 +140,8 @@ pub async fn serve(
     nats: async_nats::Client,
     nodes: Store<Node>,
 ) -> Result<(SocketAddr, impl Future<Output = ()>), KubeletError> {
-    let acceptor = TlsAcceptor::from(Arc::new(tls_config(&config)?));
+    let (certs, renew) = crate::serving::start(config.serving.clone(), client.clone()).await?;
+    let acceptor = TlsAcceptor::from(Arc::new(tls_config(&config, certs)?));
     let listener =
         TcpListener::bind(config.listen)
             .await
@@ -171,6 +169,9 @@ pub async fn serve(
         });
     info!(%addr, "kubelet API listening");
     let server = async move {
+        if let Some(renew) = renew {
+            tokio::spawn(renew);
+        }
         loop {
             let Ok((tcp, peer)) = listener.accept().await else {
                 continue;

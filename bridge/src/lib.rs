@@ -10,6 +10,7 @@ pub mod kubelet;
 pub mod metrics;
 pub mod mirror;
 pub mod pods;
+pub mod serving;
 pub mod view;
 
 use std::{
@@ -84,7 +85,8 @@ pub struct Args {
     /// the listen address.
     #[arg(long, env = "FLEETLET_KUBELET_ADVERTISE_ADDRESS")]
     pub kubelet_advertise_address: Option<std::net::IpAddr>,
-    /// Serving certificate and key of the kubelet API (PEM).
+    /// Serving certificate and key of the kubelet API (PEM), e.g. from a mounted
+    /// `kubernetes.io/tls` Secret.
     #[arg(
         long,
         env = "FLEETLET_KUBELET_TLS_CERT_FILE",
@@ -97,6 +99,19 @@ pub struct Args {
         requires = "kubelet_listen"
     )]
     pub kubelet_tls_key_file: Option<std::path::PathBuf>,
+    /// Instead of files: get the serving certificate from the cluster with a
+    /// CertificateSigningRequest for `kubernetes.io/kubelet-serving` (approved by the bridge
+    /// if its RBAC allows, else by an administrator), renewed before it expires.
+    #[arg(
+        long,
+        env = "FLEETLET_KUBELET_SERVING_CSR",
+        requires = "kubelet_listen",
+        conflicts_with = "kubelet_tls_cert_file"
+    )]
+    pub kubelet_serving_csr: bool,
+    /// DNS names the CSR-issued certificate carries (besides the advertised address).
+    #[arg(long, env = "FLEETLET_KUBELET_SERVING_DNS", value_delimiter = ',')]
+    pub kubelet_serving_dns: Vec<String>,
     /// CA of accepted client certificates: the one that signed the apiserver's
     /// `--kubelet-client-certificate`.
     #[arg(
@@ -214,26 +229,45 @@ pub async fn run(
     );
     let kubelet_server = match args.kubelet_listen {
         Some(listen) => {
-            let (Some(cert_file), Some(key_file), Some(client_ca_file)) = (
+            let advertise = args.kubelet_advertise_address.unwrap_or(listen.ip());
+            let serving = match (
+                args.kubelet_serving_csr,
                 args.kubelet_tls_cert_file.clone(),
                 args.kubelet_tls_key_file.clone(),
-                args.kubelet_client_ca_file.clone(),
-            ) else {
+            ) {
+                (true, _, _) => serving::ServingCert::Csr {
+                    name: args.lease_name.clone(),
+                    ips: vec![advertise],
+                    dns: args.kubelet_serving_dns.clone(),
+                },
+                (false, Some(cert), Some(key)) => serving::ServingCert::Files { cert, key },
+                _ => {
+                    return Err(fleetlet_controller::Error::Config(
+                        "--kubelet-listen needs --kubelet-tls-cert-file and --kubelet-tls-key-file, or --kubelet-serving-csr".into(),
+                    ));
+                }
+            };
+            let Some(client_ca_file) = args.kubelet_client_ca_file.clone() else {
                 return Err(fleetlet_controller::Error::Config(
-                    "--kubelet-listen needs --kubelet-tls-cert-file, --kubelet-tls-key-file and --kubelet-client-ca-file".into(),
+                    "--kubelet-listen needs --kubelet-client-ca-file (the CA of the apiserver's kubelet client certificate)".into(),
                 ));
             };
             let config = kubelet::KubeletConfig {
                 listen,
-                cert_file,
-                key_file,
+                serving,
                 client_ca_file,
             };
             let (addr, server) =
                 kubelet::serve(config, client.clone(), nats.clone(), mirror.nodes.clone())
                     .await
                     .map_err(|e| fleetlet_controller::Error::Config(e.to_string()))?;
-            let advertise = args.kubelet_advertise_address.unwrap_or(addr.ip());
+            let advertise =
+                args.kubelet_advertise_address
+                    .unwrap_or(if advertise.is_unspecified() {
+                        addr.ip()
+                    } else {
+                        advertise
+                    });
             mirror.kubelet_endpoint = Some((advertise.to_string(), addr.port()));
             Some(server)
         }

@@ -183,5 +183,13 @@ pub fn json_schemas() -> Vec<(&'static str, schemars::Schema)> {
             schemars::schema_for!(AgentStatus),
         ),
         ("heartbeat.schema.json", schemars::schema_for!(Heartbeat)),
+        (
+            "relay-logs-request.schema.json",
+            schemars::schema_for!(relay::LogsRequest),
+        ),
+        (
+            "relay-exec-request.schema.json",
+            schemars::schema_for!(relay::ExecRequest),
+        ),
     ]
 }

@@ -58,6 +58,15 @@ fn demo_brings_up_the_control_plane_and_shows_the_example_fleet() {
         .find(|l| l.starts_with("pi-garage "))
         .unwrap_or_default();
     assert!(garage.contains("motd=Ready"), "{stdout}");
+    // The example Pod runs on pi-kitchen through the kubelet facade.
+    let pod = stdout
+        .lines()
+        .find(|l| l.starts_with("hello-edge "))
+        .unwrap_or_default();
+    assert!(
+        pod.contains("Running") && pod.contains("pi-kitchen"),
+        "{stdout}"
+    );
     // The example's container and systemd unit really run (podman and systemd sandboxes).
     for device in ["pi-kitchen", "pi-office"] {
         let line = stdout

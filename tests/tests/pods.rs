@@ -53,7 +53,9 @@ struct Fleet {
 }
 
 impl Fleet {
-    async fn start(env: &TestEnv, pm: &PodmanSandbox, device: &str) -> Self {
+    /// `csr`: the kubelet API gets its serving certificate from a CertificateSigningRequest
+    /// (needs the controller-manager's signer) instead of files.
+    async fn start(env: &TestEnv, pm: &PodmanSandbox, device: &str, csr: bool) -> Self {
         let client = env.kube_client().await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let bins = components::bin_dir().unwrap();
@@ -65,18 +67,17 @@ impl Fleet {
         let controller =
             components::start_controller(env, &bins, dir.path(), &["--resync-seconds=2"]).unwrap();
         let pki = env.kube.as_ref().unwrap().pki_dir.clone();
-        let kubelet_flags = [
+        let mut kubelet_flags = vec![
             "--kubelet-listen=127.0.0.1:0".to_string(),
-            format!(
-                "--kubelet-tls-cert-file={}",
-                pki.join("apiserver.crt").display()
-            ),
-            format!(
-                "--kubelet-tls-key-file={}",
-                pki.join("apiserver.key").display()
-            ),
             format!("--kubelet-client-ca-file={}", pki.join("ca.crt").display()),
         ];
+        if csr {
+            kubelet_flags.push("--kubelet-serving-csr".into());
+        } else {
+            let file = |flag: &str, name: &str| format!("--{flag}={}", pki.join(name).display());
+            kubelet_flags.push(file("kubelet-tls-cert-file", "apiserver.crt"));
+            kubelet_flags.push(file("kubelet-tls-key-file", "apiserver.key"));
+        }
         let kubelet_flags: Vec<&str> = kubelet_flags.iter().map(String::as_str).collect();
         let bridge = components::start_bridge(env, &bins, dir.path(), &kubelet_flags).unwrap();
         let edge: fleetlet_crds::EdgeDevice = serde_json::from_value(json!({
@@ -156,7 +157,7 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
  {
     let env = TestEnv::builder().kube().nats().start().await.unwrap();
     let pm = PodmanSandbox::start().await.unwrap();
-    let fleet = Fleet::start(&env, &pm, "pi-pods").await;
+    let fleet = Fleet::start(&env, &pm, "pi-pods", false).await;
     let (client, pki, nodes) = (fleet.client.clone(), fleet.pki.clone(), fleet.nodes.clone());
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
@@ -451,7 +452,7 @@ async fn deployments_run_on_devices_and_daemonsets_without_the_toleration_stay_o
         .await
         .unwrap();
     let pm = PodmanSandbox::start().await.unwrap();
-    let fleet = Fleet::start(&env, &pm, "pi-work").await;
+    let fleet = Fleet::start(&env, &pm, "pi-work", true).await;
     let client = fleet.client.clone();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let template = |app: &str, tolerate: bool| {
@@ -521,6 +522,36 @@ async fn deployments_run_on_devices_and_daemonsets_without_the_toleration_stay_o
         ])
         .unwrap();
     assert_eq!(running.lines().count(), 1, "{running}");
+    // The kubelet API's certificate came from a CSR the bridge filed and approved and the
+    // controller-manager signed; the apiserver verified it to relay this exec.
+    let out = env
+        .kubectl()
+        .unwrap()
+        .args([
+            "exec",
+            &hello.metadata.name.clone().unwrap(),
+            "--",
+            "cat",
+            "/etc/fleetlet-version",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "1\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csrs: Api<k8s_openapi::api::certificates::v1::CertificateSigningRequest> =
+        Api::all(client.clone());
+    let issued = csrs.list(&Default::default()).await.unwrap().items;
+    assert!(
+        issued
+            .iter()
+            .any(|c| c.spec.signer_name == "kubernetes.io/kubelet-serving"
+                && c.status.as_ref().is_some_and(|s| s.certificate.is_some())),
+        "{issued:?}"
+    );
 
     let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), "default");
     for (name, tolerate) in [("plain", false), ("edge", true)] {

@@ -73,7 +73,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     } = cli.command;
     let files = if files.is_empty() {
         let ex = repo_root().join("examples");
-        vec![ex.join("devices.yaml"), ex.join("manifest.yaml")]
+        vec![
+            ex.join("devices.yaml"),
+            ex.join("manifest.yaml"),
+            ex.join("pod.yaml"),
+        ]
     } else {
         files
     };
@@ -108,7 +112,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     kubectl(&env, &["create", "namespace", "fleetlet-system"])?;
     let _controller =
         components::start_controller(&env, &bin_dir, &state_dir, &["--resync-seconds=5"])?;
-    let _bridge = components::start_bridge(&env, &bin_dir, &state_dir, &[])?;
+    // The bridge also serves the nodes' kubelet API (kubectl logs / exec), with a serving
+    // certificate from the local control plane's CA, which the apiserver trusts.
+    let pki = env
+        .kube
+        .as_ref()
+        .map(|k| k.pki_dir.clone())
+        .context("the local control plane has no PKI")?;
+    let kubelet_flags = [
+        "--kubelet-listen=127.0.0.1:0".to_string(),
+        format!(
+            "--kubelet-tls-cert-file={}",
+            pki.join("apiserver.crt").display()
+        ),
+        format!(
+            "--kubelet-tls-key-file={}",
+            pki.join("apiserver.key").display()
+        ),
+        format!("--kubelet-client-ca-file={}", pki.join("ca.crt").display()),
+    ];
+    let kubelet_flags: Vec<&str> = kubelet_flags.iter().map(String::as_str).collect();
+    let _bridge = components::start_bridge(&env, &bin_dir, &state_dir, &kubelet_flags)?;
 
     for f in &files {
         kubectl(&env, &["apply", "-f", &f.display().to_string()])?;
@@ -134,11 +158,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         agents.len()
     );
     wait_for_fleet(&env, &client, &devices).await?;
+    if runtimes.podman.is_some() {
+        wait_for_pods(&client).await;
+    }
 
     println!();
     kubectl(&env, &["get", "nodes", "-o", "wide"])?;
     println!();
     kubectl(&env, &["get", "edgedevices,edgemanifests", "-o", "wide"])?;
+    println!();
+    kubectl(&env, &["get", "pods", "-o", "wide"])?;
     println!();
     print_device_status(&env, &devices).await?;
     println!();
@@ -157,6 +186,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     println!("The fleet is up. In another shell:");
     println!("  export KUBECONFIG={}", kubeconfig.display());
     println!("  kubectl get edgedevices,edgemanifests");
+    println!("  kubectl logs -f hello-edge            # a pod running in podman on pi-kitchen");
+    println!("  kubectl exec hello-edge -- uname -a");
     println!("Press Ctrl-C to stop and remove everything.");
     tokio::signal::ctrl_c()
         .await
@@ -165,6 +196,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     drop(env);
     let _ = std::fs::remove_dir_all(&state_dir);
     Ok(())
+}
+
+/// Waits (up to 30 s) for the example pods to run; the demo goes on either way.
+async fn wait_for_pods(client: &kube::Client) {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), "default");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        let running = pods.list(&Default::default()).await.is_ok_and(|l| {
+            l.items
+                .iter()
+                .all(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        });
+        if running {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    eprintln!("the example pod is not Running yet; see `kubectl describe pod hello-edge`");
 }
 
 /// The image the example manifest runs, tagged into the demo's podman storage.
@@ -275,7 +324,7 @@ fn start_agent(
             "device_id = \"{device}\"\nstate_dir = \"{state}\"\n\n[nats]\nurls = [\"{url}\"]\n\n\
              [reconcile]\ndrift_interval_seconds = 5\nheartbeat_interval_seconds = 5\n\
              enabled_kinds = {kinds:?}\n\n\
-             [file]\nallowed_roots = [\"/etc/fleetlet-demo\"]\npath_prefix = \"{root}\"\n\n{sections}",
+             [file]\nallowed_roots = [\"/etc/fleetlet-demo\", \"/opt/fleetlet\"]\npath_prefix = \"{root}\"\n\n{sections}",
             state = dir.join("state").display(),
             url = env.nats_url()?,
             root = dir.join("root").display(),
@@ -393,6 +442,12 @@ fn publish_state(env: &TestEnv, state_dir: &Path) -> anyhow::Result<PathBuf> {
     let dir = state_dir
         .canonicalize()
         .with_context(|| format!("resolving {}", state_dir.display()))?;
+    // Every run starts a fresh control plane: agents must not remember an earlier one.
+    let agents = dir.join("agents");
+    if agents.exists() {
+        std::fs::remove_dir_all(&agents)
+            .with_context(|| format!("removing {}", agents.display()))?;
+    }
     let kubeconfig = dir.join("kubeconfig");
     std::fs::copy(env.kubeconfig()?, &kubeconfig).context("copying the kubeconfig")?;
     std::fs::write(
