@@ -161,6 +161,10 @@ pub async fn serve(
             get(container_logs),
         )
         .route("/exec/{namespace}/{pod}/{container}", get(exec).post(exec))
+        .route(
+            "/attach/{namespace}/{pod}/{container}",
+            get(attach).post(attach),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .with_state(Ctx {
             client,
@@ -620,8 +624,57 @@ async fn exec(
         tty: q.tty,
     };
     info!(%device, resource = %req.resource, user = id.user.as_deref().unwrap_or_default(), argv = ?req.command, "exec");
+    let subject = relay::exec_subject(&device);
+    let session = req.session.clone();
     ws.protocols(["v5.channel.k8s.io", "v4.channel.k8s.io"])
-        .on_upgrade(move |socket| exec_session(ctx, device, req, socket))
+        .on_upgrade(move |socket| stream_session(ctx, device, subject, session, req, false, socket))
+}
+
+/// `kubectl attach` over WebSockets: the container's main process's output (and stdin, if
+/// the container was started with it).
+async fn attach(
+    State(ctx): State<Ctx>,
+    Extension(id): Extension<Arc<Identity>>,
+    Path((namespace, pod, container)): Path<(String, String, String)>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+    ws: Result<
+        axum::extract::ws::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
+) -> Response {
+    if id.user.is_none() {
+        return text(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized: a client certificate is required",
+        );
+    }
+    let (node, device, resource) = match target(&ctx, &namespace, &pod, &container).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    if let Err(r) = authorize(&ctx, &id, "create", &node).await {
+        return r;
+    }
+    let Ok(ws) = ws else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "attach needs a WebSocket upgrade (v5.channel.k8s.io); SPDY is not served",
+        );
+    };
+    let q = exec_query(raw.as_deref());
+    let req = fleetlet_protocol::relay::AttachRequest {
+        resource,
+        session: session_id(),
+        stdin: q.stdin,
+        stdout: q.stdout,
+        stderr: q.stderr,
+        tty: q.tty,
+    };
+    info!(%device, resource = %req.resource, user = id.user.as_deref().unwrap_or_default(), "attach");
+    let subject = relay::attach_subject(&device);
+    let session = req.session.clone();
+    ws.protocols(["v5.channel.k8s.io", "v4.channel.k8s.io"])
+        .on_upgrade(move |socket| stream_session(ctx, device, subject, session, req, true, socket))
 }
 
 fn status_message(code: Option<i32>, error: Option<&str>) -> Vec<u8> {
@@ -643,32 +696,30 @@ fn status_message(code: Option<i32>, error: Option<&str>) -> Vec<u8> {
     out
 }
 
-async fn exec_session(
+/// Relays one exec or attach session between the apiserver's WebSocket and the agent.
+/// `detachable`: ending without an exit code is a success (an attach left early).
+async fn stream_session(
     ctx: Ctx,
     device: DeviceId,
-    req: fleetlet_protocol::relay::ExecRequest,
+    subject: String,
+    session_id: String,
+    req: impl serde::Serialize,
+    detachable: bool,
     mut socket: axum::extract::ws::WebSocket,
 ) {
     use axum::extract::ws::Message;
-    let mut session = match Session::open(
-        ctx.nats.clone(),
-        &device,
-        relay::exec_subject(&device),
-        &req,
-        &req.session,
-    )
-    .await
-    {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = socket
-                .send(Message::Binary(
-                    status_message(None, Some("cannot reach NATS")).into(),
-                ))
-                .await;
-            return;
-        }
-    };
+    let mut session =
+        match Session::open(ctx.nats.clone(), &device, subject, &req, &session_id).await {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = socket
+                    .send(Message::Binary(
+                        status_message(None, Some("cannot reach NATS")).into(),
+                    ))
+                    .await;
+                return;
+            }
+        };
     let mut code = None;
     let error = loop {
         tokio::select! {
@@ -711,6 +762,9 @@ async fn exec_session(
             },
         }
     };
+    if detachable && code.is_none() && error.is_none() {
+        code = Some(0);
+    }
     let _ = socket
         .send(Message::Binary(
             status_message(code, error.as_deref()).into(),

@@ -15,15 +15,15 @@ use bytes::Bytes;
 use fleetlet_protocol::{
     DeviceId,
     relay::{
-        self, ControlKind, EXIT_CODE, ExecRequest, FRAME, FrameKind, IDLE_TIMEOUT_SECS,
-        LogsRequest, MAX_CHUNK_BYTES, SEQ, WINDOW_BYTES,
+        self, AttachRequest, ControlKind, EXIT_CODE, ExecRequest, FRAME, FrameKind,
+        IDLE_TIMEOUT_SECS, LogsRequest, MAX_CHUNK_BYTES, SEQ, WINDOW_BYTES,
     },
 };
 use futures::AsyncWriteExt;
 use futures::StreamExt;
 use podman_api::{
-    conn::TtyChunk,
-    opts::{ContainerLogsOpts, ExecCreateOpts, ExecStartOpts},
+    conn::{Multiplexer, TtyChunk},
+    opts::{ContainerAttachOpts, ContainerLogsOpts, ExecCreateOpts, ExecStartOpts},
 };
 use tokio::{sync::mpsc, time::Instant};
 use tracing::{debug, info, warn};
@@ -54,6 +54,7 @@ pub async fn serve(
     let sessions: Sessions = Arc::default();
     let logs = relay::logs_subject(&device);
     let exec = relay::exec_subject(&device);
+    let attach = relay::attach_subject(&device);
     let control_prefix = relay::control_subject(&device, "");
     loop {
         let msg = tokio::select! {
@@ -86,6 +87,23 @@ pub async fn serve(
                 }
                 Ok(_) => out.end(Some("invalid session id")).await,
                 Err(e) => out.end(Some(&format!("malformed logs request: {e}"))).await,
+            }
+        } else if subject == attach {
+            match serde_json::from_slice::<AttachRequest>(&msg.payload) {
+                Ok(req) if relay::valid_session(&req.session) => {
+                    let rx = register(&sessions, &req.session);
+                    let (containers, sessions) = (containers.clone(), sessions.clone());
+                    tokio::spawn(async move {
+                        let session = req.session.clone();
+                        attach_session(containers, req, out, rx).await;
+                        unregister(&sessions, &session);
+                    });
+                }
+                Ok(_) => out.end(Some("invalid session id")).await,
+                Err(e) => {
+                    out.end(Some(&format!("malformed attach request: {e}")))
+                        .await
+                }
             }
         } else if subject == exec {
             match serde_json::from_slice::<ExecRequest>(&msg.payload) {
@@ -353,6 +371,45 @@ async fn exec_session(
         Ok(None) => return out.end(Some("exec: podman returned no stream")).await,
         Err(e) => return out.end(Some(&format!("exec: {e}"))).await,
     };
+    let exec_ref = &exec;
+    let error = pump(mux, &mut out, &mut control, |w, h| async move {
+        let _ = exec_ref.resize(w, h).await;
+    })
+    .await;
+    // The exit code lands shortly after the stream ends.
+    let mut code = None;
+    for _ in 0..20 {
+        if let Ok(info) = exec.inspect().await
+            && info.get("Running").and_then(serde_json::Value::as_bool) == Some(false)
+        {
+            code = info.get("ExitCode").and_then(serde_json::Value::as_i64);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Some(code) = code {
+        out.frame(
+            FrameKind::Exit,
+            Bytes::new(),
+            Some((EXIT_CODE, code.to_string())),
+        )
+        .await;
+    }
+    out.end(error.as_deref()).await;
+}
+
+/// Moves a podman stream both ways: output to frames, stdin/resize/cancel from control
+/// messages. Returns the stream's error, if it failed.
+async fn pump<F, Fut>(
+    mux: Multiplexer,
+    out: &mut Output,
+    control: &mut mpsc::Receiver<Message>,
+    resize: F,
+) -> Option<String>
+where
+    F: Fn(usize, usize) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let (mut reader, writer) = mux.split();
     let mut writer = Some(Box::pin(writer));
     let mut pending: Vec<Control> = Vec::new();
@@ -372,9 +429,7 @@ async fn exec_session(
                         let _ = w.close().await;
                     }
                 }
-                Control::Resize(w, h) => {
-                    let _ = exec.resize(w, h).await;
-                }
+                Control::Resize(w, h) => resize(w, h).await,
                 Control::Stop => break 'session,
                 Control::Continue => {}
             }
@@ -388,26 +443,58 @@ async fn exec_session(
                         TtyChunk::StdErr(b) => (FrameKind::Stderr, b),
                         TtyChunk::StdOut(b) | TtyChunk::StdIn(b) => (FrameKind::Stdout, b),
                     };
-                    if !out.data(kind, &bytes, &mut control, &mut pending).await {
+                    if !out.data(kind, &bytes, control, &mut pending).await {
                         break;
                     }
                 }
             },
-            c = out.next_control(&mut control) => pending.push(c),
+            c = out.next_control(control) => pending.push(c),
         }
     }
-    // The exit code lands shortly after the stream ends.
-    let mut code = None;
-    for _ in 0..20 {
-        if let Ok(info) = exec.inspect().await
-            && info.get("Running").and_then(serde_json::Value::as_bool) == Some(false)
-        {
-            code = info.get("ExitCode").and_then(serde_json::Value::as_i64);
-            break;
+    error
+}
+
+async fn attach_session(
+    containers: ContainerReconciler,
+    req: AttachRequest,
+    mut out: Output,
+    mut control: mpsc::Receiver<Message>,
+) {
+    let cid = match containers.owned_container(&req.resource).await {
+        Ok(Some(cid)) => cid,
+        Ok(None) => {
+            return out
+                .end(Some(&format!(
+                    "no container of resource {} on this device",
+                    req.resource
+                )))
+                .await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if let Some(code) = code {
+        Err(e) => return out.end(Some(&e.to_string())).await,
+    };
+    info!(target: "fleetlet::audit", resource = %req.resource, stdin = req.stdin, "attach session");
+    let podman = containers.podman();
+    let container = podman.containers().get(&cid);
+    let opts = ContainerAttachOpts::builder()
+        .stdin(req.stdin)
+        .stdout(req.stdout)
+        .stderr(req.stderr)
+        .build();
+    let mux = match container.attach(&opts).await {
+        Ok(m) => m,
+        Err(e) => return out.end(Some(&format!("attach: {e}"))).await,
+    };
+    let container_ref = &container;
+    let error = pump(mux, &mut out, &mut control, |w, h| async move {
+        let _ = container_ref.resize(w, h).await;
+    })
+    .await;
+    // The stream ends when the main process does (or the requester leaves).
+    if let Ok(info) = container.inspect().await
+        && let Some(state) = info.state
+        && state.running == Some(false)
+        && let Some(code) = state.exit_code
+    {
         out.frame(
             FrameKind::Exit,
             Bytes::new(),

@@ -191,5 +191,9 @@ pub fn json_schemas() -> Vec<(&'static str, schemars::Schema)> {
             "relay-exec-request.schema.json",
             schemars::schema_for!(relay::ExecRequest),
         ),
+        (
+            "relay-attach-request.schema.json",
+            schemars::schema_for!(relay::AttachRequest),
+        ),
     ]
 }

@@ -42,6 +42,11 @@ pub fn exec_subject(device: &DeviceId) -> String {
     format!("fleetlet.relay.{device}.exec")
 }
 
+/// Subject for attach sessions (to a container's main process) with `device`'s agent.
+pub fn attach_subject(device: &DeviceId) -> String {
+    format!("fleetlet.relay.{device}.attach")
+}
+
 /// Every relay subject of `device` (what its agent subscribes to).
 pub fn device_wildcard(device: &DeviceId) -> String {
     format!("fleetlet.relay.{device}.>")
@@ -130,6 +135,22 @@ pub struct ExecRequest {
     pub resource: ResourceId,
     pub session: String,
     pub command: Vec<String>,
+    #[serde(default)]
+    pub stdin: bool,
+    #[serde(default = "yes")]
+    pub stdout: bool,
+    #[serde(default = "yes")]
+    pub stderr: bool,
+    #[serde(default)]
+    pub tty: bool,
+}
+
+/// `kubectl attach` to one container resource's main process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachRequest {
+    pub resource: ResourceId,
+    pub session: String,
     #[serde(default)]
     pub stdin: bool,
     #[serde(default = "yes")]

@@ -144,6 +144,10 @@ impl Fleet {
     }
 }
 
+fn seen_404s(text: &str) -> usize {
+    text.matches("response:404").count()
+}
+
 fn pod(name: &str, node: &str, spec: serde_json::Value) -> Pod {
     let mut spec = spec;
     spec["nodeName"] = json!(node);
@@ -307,6 +311,49 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
     }
     let _ = follow.kill();
     let _ = follow.wait();
+    // attach: the main process's output, live.
+    let mut attached = env
+        .kubectl()
+        .unwrap()
+        .args(["attach", "web", "-c", "httpd"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = attached.stdout.take().unwrap();
+    let stderr = attached.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    for mut r in [Box::new(stdout) as Box<dyn Read + Send>, Box::new(stderr)] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0
+                    || tx
+                        .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                        .is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let before = seen_404s(&kubectl(&["logs", "web"]).1);
+    while seen_404s(&seen) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing through attach: {seen:?}"
+        );
+        let _ = http_get(port, "/attached");
+        while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(300)) {
+            seen.push_str(&chunk);
+        }
+    }
+    assert!(before > 0, "the follow test made 404s before attaching");
+    let _ = attached.kill();
+    let _ = attached.wait();
     let (code, out, err) = kubectl(&["exec", "web", "--", "echo", "hi"]);
     assert_eq!((code, out.as_str()), (Some(0), "hi\n"), "{err}");
     let mut cat = env
