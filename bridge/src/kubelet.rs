@@ -579,41 +579,62 @@ const CH_ERROR: u8 = 3;
 const CH_RESIZE: u8 = 4;
 const CH_CLOSE: u8 = 255;
 
+type Upgrade = Result<
+    axum::extract::ws::WebSocketUpgrade,
+    axum::extract::ws::rejection::WebSocketUpgradeRejection,
+>;
+
+/// What exec and attach check before upgrading: a caller with a certificate, a container
+/// on a fleetlet node, `create` on its `nodes/proxy`, and a WebSocket upgrade.
+async fn stream_target(
+    ctx: &Ctx,
+    id: &Identity,
+    (namespace, pod, container): (String, String, String),
+    ws: Upgrade,
+    what: &str,
+) -> Result<
+    (
+        DeviceId,
+        fleetlet_protocol::ResourceId,
+        axum::extract::ws::WebSocketUpgrade,
+    ),
+    Response,
+> {
+    if id.user.is_none() {
+        return Err(text(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized: a client certificate is required",
+        ));
+    }
+    let (node, device, resource) = target(ctx, &namespace, &pod, &container).await?;
+    authorize(ctx, id, "create", &node).await?;
+    let ws = ws.map_err(|_| {
+        text(
+            StatusCode::BAD_REQUEST,
+            format!("{what} needs a WebSocket upgrade (v5.channel.k8s.io); SPDY is not served"),
+        )
+    })?;
+    info!(%device, %resource, user = id.user.as_deref().unwrap_or_default(), what);
+    Ok((device, resource, ws))
+}
+
 /// `kubectl exec` over WebSockets (what the apiserver sends kubelets that declare
 /// `ExtendWebSocketsToKubelet`).
 async fn exec(
     State(ctx): State<Ctx>,
     Extension(id): Extension<Arc<Identity>>,
-    Path((namespace, pod, container)): Path<(String, String, String)>,
+    Path(path): Path<(String, String, String)>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
-    ws: Result<
-        axum::extract::ws::WebSocketUpgrade,
-        axum::extract::ws::rejection::WebSocketUpgradeRejection,
-    >,
+    ws: Upgrade,
 ) -> Response {
-    if id.user.is_none() {
-        return text(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized: a client certificate is required",
-        );
-    }
-    let (node, device, resource) = match target(&ctx, &namespace, &pod, &container).await {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
-    if let Err(r) = authorize(&ctx, &id, "create", &node).await {
-        return r;
-    }
-    let Ok(ws) = ws else {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "exec needs a WebSocket upgrade (v5.channel.k8s.io); SPDY is not served",
-        );
-    };
     let q = exec_query(raw.as_deref());
     if q.command.is_empty() {
         return text(StatusCode::BAD_REQUEST, "no command");
     }
+    let (device, resource, ws) = match stream_target(&ctx, &id, path, ws, "exec").await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
     let req = fleetlet_protocol::relay::ExecRequest {
         resource,
         session: session_id(),
@@ -623,7 +644,7 @@ async fn exec(
         stderr: q.stderr,
         tty: q.tty,
     };
-    info!(%device, resource = %req.resource, user = id.user.as_deref().unwrap_or_default(), argv = ?req.command, "exec");
+    debug!(argv = ?req.command, "exec command");
     let subject = relay::exec_subject(&device);
     let session = req.session.clone();
     ws.protocols(["v5.channel.k8s.io", "v4.channel.k8s.io"])
@@ -635,33 +656,15 @@ async fn exec(
 async fn attach(
     State(ctx): State<Ctx>,
     Extension(id): Extension<Arc<Identity>>,
-    Path((namespace, pod, container)): Path<(String, String, String)>,
+    Path(path): Path<(String, String, String)>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
-    ws: Result<
-        axum::extract::ws::WebSocketUpgrade,
-        axum::extract::ws::rejection::WebSocketUpgradeRejection,
-    >,
+    ws: Upgrade,
 ) -> Response {
-    if id.user.is_none() {
-        return text(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized: a client certificate is required",
-        );
-    }
-    let (node, device, resource) = match target(&ctx, &namespace, &pod, &container).await {
+    let q = exec_query(raw.as_deref());
+    let (device, resource, ws) = match stream_target(&ctx, &id, path, ws, "attach").await {
         Ok(t) => t,
         Err(r) => return r,
     };
-    if let Err(r) = authorize(&ctx, &id, "create", &node).await {
-        return r;
-    }
-    let Ok(ws) = ws else {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "attach needs a WebSocket upgrade (v5.channel.k8s.io); SPDY is not served",
-        );
-    };
-    let q = exec_query(raw.as_deref());
     let req = fleetlet_protocol::relay::AttachRequest {
         resource,
         session: session_id(),
@@ -670,7 +673,6 @@ async fn attach(
         stderr: q.stderr,
         tty: q.tty,
     };
-    info!(%device, resource = %req.resource, user = id.user.as_deref().unwrap_or_default(), "attach");
     let subject = relay::attach_subject(&device);
     let session = req.session.clone();
     ws.protocols(["v5.channel.k8s.io", "v4.channel.k8s.io"])

@@ -74,53 +74,106 @@ pub async fn serve(
             continue;
         };
         let out = Output::new(client.clone(), reply.to_string());
+        let (c, ss) = (containers.clone(), sessions.clone());
         if subject == logs {
-            match serde_json::from_slice::<LogsRequest>(&msg.payload) {
-                Ok(req) if relay::valid_session(&req.session) => {
-                    let rx = register(&sessions, &req.session);
-                    let (containers, sessions) = (containers.clone(), sessions.clone());
-                    tokio::spawn(async move {
-                        let session = req.session.clone();
-                        logs_session(containers, req, out, rx).await;
-                        unregister(&sessions, &session);
-                    });
-                }
-                Ok(_) => out.end(Some("invalid session id")).await,
-                Err(e) => out.end(Some(&format!("malformed logs request: {e}"))).await,
-            }
+            start::<LogsRequest, _, _>(&msg.payload, out, ss, c, logs_session).await;
         } else if subject == attach {
-            match serde_json::from_slice::<AttachRequest>(&msg.payload) {
-                Ok(req) if relay::valid_session(&req.session) => {
-                    let rx = register(&sessions, &req.session);
-                    let (containers, sessions) = (containers.clone(), sessions.clone());
-                    tokio::spawn(async move {
-                        let session = req.session.clone();
-                        attach_session(containers, req, out, rx).await;
-                        unregister(&sessions, &session);
-                    });
-                }
-                Ok(_) => out.end(Some("invalid session id")).await,
-                Err(e) => {
-                    out.end(Some(&format!("malformed attach request: {e}")))
-                        .await
-                }
-            }
+            start::<AttachRequest, _, _>(&msg.payload, out, ss, c, attach_session).await;
         } else if subject == exec {
-            match serde_json::from_slice::<ExecRequest>(&msg.payload) {
-                Ok(req) if relay::valid_session(&req.session) && !req.command.is_empty() => {
-                    let rx = register(&sessions, &req.session);
-                    let (containers, sessions) = (containers.clone(), sessions.clone());
-                    tokio::spawn(async move {
-                        let session = req.session.clone();
-                        exec_session(containers, req, out, rx).await;
-                        unregister(&sessions, &session);
-                    });
-                }
-                Ok(_) => out.end(Some("invalid session id or empty command")).await,
-                Err(e) => out.end(Some(&format!("malformed exec request: {e}"))).await,
-            }
+            start::<ExecRequest, _, _>(&msg.payload, out, ss, c, exec_session).await;
         }
     }
+}
+
+/// What every session request has.
+trait SessionRequest: serde::de::DeserializeOwned + Send + 'static {
+    const KIND: &'static str;
+    fn session(&self) -> &str;
+    fn resource(&self) -> &fleetlet_protocol::ResourceId;
+    fn check(&self) -> Result<(), &'static str> {
+        Ok(())
+    }
+}
+
+impl SessionRequest for LogsRequest {
+    const KIND: &'static str = "logs";
+    fn session(&self) -> &str {
+        &self.session
+    }
+    fn resource(&self) -> &fleetlet_protocol::ResourceId {
+        &self.resource
+    }
+}
+
+impl SessionRequest for AttachRequest {
+    const KIND: &'static str = "attach";
+    fn session(&self) -> &str {
+        &self.session
+    }
+    fn resource(&self) -> &fleetlet_protocol::ResourceId {
+        &self.resource
+    }
+}
+
+impl SessionRequest for ExecRequest {
+    const KIND: &'static str = "exec";
+    fn session(&self) -> &str {
+        &self.session
+    }
+    fn resource(&self) -> &fleetlet_protocol::ResourceId {
+        &self.resource
+    }
+    fn check(&self) -> Result<(), &'static str> {
+        if self.command.is_empty() {
+            Err("empty command")
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Checks a request, finds the container it names (only one this agent created), and runs
+/// the session on its own task.
+async fn start<R, F, Fut>(
+    payload: &[u8],
+    out: Output,
+    sessions: Sessions,
+    containers: ContainerReconciler,
+    run: F,
+) where
+    R: SessionRequest,
+    F: FnOnce(ContainerReconciler, String, R, Output, mpsc::Receiver<Message>) -> Fut
+        + Send
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let req = match serde_json::from_slice::<R>(payload) {
+        Ok(r) => r,
+        Err(e) => {
+            return out
+                .end(Some(&format!("malformed {} request: {e}", R::KIND)))
+                .await;
+        }
+    };
+    if !relay::valid_session(req.session()) {
+        return out.end(Some("invalid session id")).await;
+    }
+    if let Err(why) = req.check() {
+        return out.end(Some(why)).await;
+    }
+    let session = req.session().to_owned();
+    let rx = register(&sessions, &session);
+    tokio::spawn(async move {
+        match containers.owned_container(req.resource()).await {
+            Ok(Some(cid)) => run(containers, cid, req, out, rx).await,
+            Ok(None) => {
+                let why = format!("no container of resource {} on this device", req.resource());
+                out.end(Some(&why)).await;
+            }
+            Err(e) => out.end(Some(&e.to_string())).await,
+        }
+        unregister(&sessions, &session);
+    });
 }
 
 fn register(sessions: &Sessions, id: &str) -> mpsc::Receiver<Message> {
@@ -260,22 +313,11 @@ impl Output {
 
 async fn logs_session(
     containers: ContainerReconciler,
+    cid: String,
     req: LogsRequest,
     mut out: Output,
     mut control: mpsc::Receiver<Message>,
 ) {
-    let cid = match containers.owned_container(&req.resource).await {
-        Ok(Some(cid)) => cid,
-        Ok(None) => {
-            return out
-                .end(Some(&format!(
-                    "no container of resource {} on this device",
-                    req.resource
-                )))
-                .await;
-        }
-        Err(e) => return out.end(Some(&e.to_string())).await,
-    };
     debug!(resource = %req.resource, follow = req.follow, "logs session");
     let mut opts = ContainerLogsOpts::builder()
         .stdout(true)
@@ -331,22 +373,11 @@ async fn logs_session(
 
 async fn exec_session(
     containers: ContainerReconciler,
+    cid: String,
     req: ExecRequest,
     mut out: Output,
     mut control: mpsc::Receiver<Message>,
 ) {
-    let cid = match containers.owned_container(&req.resource).await {
-        Ok(Some(cid)) => cid,
-        Ok(None) => {
-            return out
-                .end(Some(&format!(
-                    "no container of resource {} on this device",
-                    req.resource
-                )))
-                .await;
-        }
-        Err(e) => return out.end(Some(&e.to_string())).await,
-    };
     info!(target: "fleetlet::audit", resource = %req.resource, argv = ?req.command, tty = req.tty, "exec session");
     let podman = containers.podman();
     let container = podman.containers().get(&cid);
@@ -456,22 +487,11 @@ where
 
 async fn attach_session(
     containers: ContainerReconciler,
+    cid: String,
     req: AttachRequest,
     mut out: Output,
     mut control: mpsc::Receiver<Message>,
 ) {
-    let cid = match containers.owned_container(&req.resource).await {
-        Ok(Some(cid)) => cid,
-        Ok(None) => {
-            return out
-                .end(Some(&format!(
-                    "no container of resource {} on this device",
-                    req.resource
-                )))
-                .await;
-        }
-        Err(e) => return out.end(Some(&e.to_string())).await,
-    };
     info!(target: "fleetlet::audit", resource = %req.resource, stdin = req.stdin, "attach session");
     let podman = containers.podman();
     let container = podman.containers().get(&cid);

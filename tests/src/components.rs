@@ -29,18 +29,14 @@ pub fn start_controller(
     dir: &Path,
     extra: &[&str],
 ) -> Result<Service, Error> {
-    let mut args = vec![
-        format!("--nats-url={}", env.nats_url()?),
-        format!("--metrics-addr=127.0.0.1:{}", free_port()?),
-        "--lease-namespace=fleetlet-system".into(),
-    ];
-    args.extend(extra.iter().map(|a| a.to_string()));
-    Service::spawn_with_env(
+    start_component(
         "fleetlet-controller",
-        &bin_dir.join("fleetlet-controller"),
-        &args,
-        &[("KUBECONFIG", env.kubeconfig()?.display().to_string())],
-        dir.join("controller.log"),
+        "controller.log",
+        env,
+        bin_dir,
+        dir,
+        &[],
+        extra,
     )
 }
 
@@ -51,20 +47,43 @@ pub fn start_bridge(
     dir: &Path,
     extra: &[&str],
 ) -> Result<Service, Error> {
+    let flags = [
+        "--grace-seconds=20",
+        "--lease-renew-seconds=10",
+        "--resync-seconds=2",
+    ];
+    start_component(
+        "fleetlet-bridge",
+        "bridge.log",
+        env,
+        bin_dir,
+        dir,
+        &flags,
+        extra,
+    )
+}
+
+/// A control-plane binary with the environment's NATS and kubeconfig.
+fn start_component(
+    name: &str,
+    log: &str,
+    env: &TestEnv,
+    bin_dir: &Path,
+    dir: &Path,
+    flags: &[&str],
+    extra: &[&str],
+) -> Result<Service, Error> {
     let mut args = vec![
         format!("--nats-url={}", env.nats_url()?),
         format!("--metrics-addr=127.0.0.1:{}", free_port()?),
         "--lease-namespace=fleetlet-system".into(),
-        "--grace-seconds=20".into(),
-        "--lease-renew-seconds=10".into(),
-        "--resync-seconds=2".into(),
     ];
-    args.extend(extra.iter().map(|a| a.to_string()));
+    args.extend(flags.iter().chain(extra).map(|a| a.to_string()));
     Service::spawn_with_env(
-        "fleetlet-bridge",
-        &bin_dir.join("fleetlet-bridge"),
+        name,
+        &bin_dir.join(name),
         &args,
         &[("KUBECONFIG", env.kubeconfig()?.display().to_string())],
-        dir.join("bridge.log"),
+        dir.join(log),
     )
 }

@@ -144,6 +144,40 @@ impl Fleet {
     }
 }
 
+/// A child's stdout and stderr, as chunks arrive.
+fn output_of(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let streams: Vec<Box<dyn Read + Send>> = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for mut r in streams {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0
+                    || tx
+                        .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                        .is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
+    rx
+}
+
 fn seen_404s(text: &str) -> usize {
     text.matches("response:404").count()
 }
@@ -282,20 +316,7 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = follow.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stdout.read(&mut buf) {
-            if n == 0
-                || tx
-                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
-                    .is_err()
-            {
-                break;
-            }
-        }
-    });
+    let rx = output_of(&mut follow);
     let mut seen = String::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     // busybox httpd -v logs each response; only these requests are answered 404.
@@ -320,24 +341,7 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = attached.stdout.take().unwrap();
-    let stderr = attached.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    for mut r in [Box::new(stdout) as Box<dyn Read + Send>, Box::new(stderr)] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = r.read(&mut buf) {
-                if n == 0
-                    || tx
-                        .send(String::from_utf8_lossy(&buf[..n]).into_owned())
-                        .is_err()
-                {
-                    break;
-                }
-            }
-        });
-    }
+    let rx = output_of(&mut attached);
     let mut seen = String::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     let before = seen_404s(&kubectl(&["logs", "web"]).1);
