@@ -16,11 +16,13 @@ use std::{
 
 use crate::Error;
 
-/// Watchdog: fd 3 is our pipe; the server's exit status becomes the watchdog's.
+/// Watchdog: fd 3 is our pipe; the server's exit status becomes the watchdog's. The reader
+/// ignores INT/TERM/HUP (the server does not: only the reader's disposition changes), so a
+/// signal to the whole process group cannot leave a server without its watchdog.
 const WATCHDOG: &str = r#"exec 3<&0
 "$@" </dev/null 3<&- &
 child=$!
-{ read -r _ <&3; kill -TERM "$child" 2>/dev/null; i=0
+{ trap '' INT TERM HUP; read -r _ <&3; kill -TERM "$child" 2>/dev/null; i=0
   while kill -0 "$child" 2>/dev/null && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i+1)); done
   kill -KILL "$child" 2>/dev/null; } &
 reader=$!
@@ -31,7 +33,8 @@ exit "$rc"
 "#;
 
 /// Removes a directory once our pipe closes and the given processes have exited.
-const DIR_REAPER: &str = r#"read -r _ || true
+const DIR_REAPER: &str = r#"trap '' INT TERM HUP
+read -r _ || true
 shift
 for p in "$@"; do while kill -0 "$p" 2>/dev/null; do sleep 0.1; done; done
 rm -rf "$0"
