@@ -14,7 +14,6 @@ use fleetlet_protocol::{
     ResourceSpec, RestartPolicy,
 };
 use k8s_openapi::{
-    ByteString,
     api::core::v1::{ConfigMap, Container, Pod, Secret},
     apimachinery::pkg::util::intstr::IntOrString,
 };
@@ -121,16 +120,6 @@ pub fn parse_quantity(s: &str) -> Option<f64> {
     s.parse::<f64>().ok().filter(|v| v.is_finite())
 }
 
-fn bytes_of(
-    data: Option<&BTreeMap<String, String>>,
-    bin: Option<&BTreeMap<String, ByteString>>,
-    key: &str,
-) -> Option<Vec<u8>> {
-    data.and_then(|d| d.get(key))
-        .map(|s| s.as_bytes().to_vec())
-        .or_else(|| bin.and_then(|b| b.get(key)).map(|b| b.0.clone()))
-}
-
 /// One ConfigMap or Secret, as key → bytes.
 struct Source {
     what: String,
@@ -162,6 +151,32 @@ fn secret_source(s: &Secret, name: &str) -> Source {
     Source {
         what: format!("Secret {name}"),
         entries,
+    }
+}
+
+/// Where keyed data comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SourceKind {
+    ConfigMap,
+    Secret,
+}
+
+impl SourceKind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::ConfigMap => "ConfigMap",
+            Self::Secret => "Secret",
+        }
+    }
+}
+
+/// The ConfigMap or Secret `name` of `ns`, as key → bytes, if it exists.
+fn fetch(lookup: &dyn Lookup, ns: &str, kind: SourceKind, name: &str) -> Option<Source> {
+    match kind {
+        SourceKind::ConfigMap => lookup
+            .config_map(ns, name)
+            .map(|c| config_map_source(&c, name)),
+        SourceKind::Secret => lookup.secret(ns, name).map(|c| secret_source(&c, name)),
     }
 }
 
@@ -233,54 +248,45 @@ pub fn translate(pod: &Pod, lookup: &dyn Lookup) -> Result<Vec<ManagedResource>,
     let mut skipped: Vec<String> = Vec::new();
     for v in spec.volumes.iter().flatten() {
         let host = format!("{dir}/{}", v.name);
-        if let Some(cm) = &v.config_map {
-            let cm_name = cm.name.clone();
-            let found = lookup.config_map(&ns, &cm_name);
-            let source = match found {
-                Some(c) => config_map_source(&c, &cm_name),
-                None if cm.optional == Some(true) => Source {
-                    what: String::new(),
-                    entries: BTreeMap::new(),
-                },
-                None => {
-                    return Err(wait(
-                        "ConfigMapNotFound",
-                        format!("ConfigMap {cm_name} (volume {}) does not exist", v.name),
-                    ));
-                }
-            };
-            project(
-                &mut out,
-                &mut add_file,
-                &host,
-                &source,
+        let keyed = if let Some(cm) = &v.config_map {
+            Some((
+                SourceKind::ConfigMap,
+                cm.name.clone(),
+                cm.optional,
                 cm.items.as_deref(),
                 cm.default_mode,
-            )?;
-            volumes.insert(v.name.clone(), (host, true));
-        } else if let Some(sv) = &v.secret {
-            let s_name = sv.secret_name.clone().unwrap_or_default();
-            let source = match lookup.secret(&ns, &s_name) {
-                Some(s) => secret_source(&s, &s_name),
-                None if sv.optional == Some(true) => Source {
+            ))
+        } else {
+            v.secret.as_ref().map(|sv| {
+                let mode = sv.default_mode.or(Some(0o600));
+                (
+                    SourceKind::Secret,
+                    sv.secret_name.clone().unwrap_or_default(),
+                    sv.optional,
+                    sv.items.as_deref(),
+                    mode,
+                )
+            })
+        };
+        if let Some((kind, name, optional, items, mode)) = keyed {
+            let source = match fetch(lookup, &ns, kind, &name) {
+                Some(source) => source,
+                None if optional == Some(true) => Source {
                     what: String::new(),
                     entries: BTreeMap::new(),
                 },
                 None => {
+                    let reason = match kind {
+                        SourceKind::ConfigMap => "ConfigMapNotFound",
+                        SourceKind::Secret => "SecretNotFound",
+                    };
                     return Err(wait(
-                        "SecretNotFound",
-                        format!("Secret {s_name} (volume {}) does not exist", v.name),
+                        reason,
+                        format!("{} {name} (volume {}) does not exist", kind.name(), v.name),
                     ));
                 }
             };
-            project(
-                &mut out,
-                &mut add_file,
-                &host,
-                &source,
-                sv.items.as_deref(),
-                sv.default_mode.or(Some(0o600)),
-            )?;
+            project(&mut out, &mut add_file, &host, &source, items, mode)?;
             volumes.insert(v.name.clone(), (host, true));
         } else if v.empty_dir.is_some() {
             // The marker file makes the agent create the directory.
@@ -412,39 +418,23 @@ fn env_value(
     let Some(from) = &e.value_from else {
         return Ok(Some(e.value.clone().unwrap_or_default()));
     };
-    if let Some(r) = &from.config_map_key_ref {
-        let v = lookup
-            .config_map(ns, &r.name)
-            .and_then(|cm| bytes_of(cm.data.as_ref(), cm.binary_data.as_ref(), &r.key));
+    let key_ref = match (&from.config_map_key_ref, &from.secret_key_ref) {
+        (Some(r), _) => Some((SourceKind::ConfigMap, &r.name, &r.key, r.optional)),
+        (None, Some(r)) => Some((SourceKind::Secret, &r.name, &r.key, r.optional)),
+        (None, None) => None,
+    };
+    if let Some((kind, name, key, optional)) = key_ref {
+        let v = fetch(lookup, ns, kind, name).and_then(|s| s.entries.get(key).cloned());
         return match v {
             Some(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),
-            None if r.optional == Some(true) => Ok(None),
+            None if optional == Some(true) => Ok(None),
             None => Err(wait(
                 "CreateContainerConfigError",
                 format!(
-                    "container {}: env {}: ConfigMap {} key {} not found",
-                    c.name, e.name, r.name, r.key
-                ),
-            )),
-        };
-    }
-    if let Some(r) = &from.secret_key_ref {
-        let v = lookup.secret(ns, &r.name).and_then(|s| {
-            bytes_of(None, s.data.as_ref(), &r.key).or_else(|| {
-                s.string_data
-                    .as_ref()?
-                    .get(&r.key)
-                    .map(|v| v.as_bytes().to_vec())
-            })
-        });
-        return match v {
-            Some(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),
-            None if r.optional == Some(true) => Ok(None),
-            None => Err(wait(
-                "CreateContainerConfigError",
-                format!(
-                    "container {}: env {}: Secret {} key {} not found",
-                    c.name, e.name, r.name, r.key
+                    "container {}: env {}: {} {name} key {key} not found",
+                    c.name,
+                    e.name,
+                    kind.name()
                 ),
             )),
         };
@@ -583,33 +573,27 @@ fn container(
     let mut env = Vec::new();
     for from in c.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
-        let source = if let Some(r) = &from.config_map_ref {
-            match lookup.config_map(ns, &r.name) {
-                Some(cm) => Some(config_map_source(&cm, &r.name)),
-                None if r.optional == Some(true) => None,
+        let named = match (&from.config_map_ref, &from.secret_ref) {
+            (Some(r), _) => Some((SourceKind::ConfigMap, &r.name, r.optional)),
+            (None, Some(r)) => Some((SourceKind::Secret, &r.name, r.optional)),
+            (None, None) => None,
+        };
+        let source = match named {
+            None => None,
+            Some((kind, name, optional)) => match fetch(lookup, ns, kind, name) {
+                Some(source) => Some(source),
+                None if optional == Some(true) => None,
                 None => {
                     return Err(wait(
                         "CreateContainerConfigError",
                         format!(
-                            "container {}: envFrom ConfigMap {} not found",
-                            c.name, r.name
+                            "container {}: envFrom {} {name} not found",
+                            c.name,
+                            kind.name()
                         ),
                     ));
                 }
-            }
-        } else if let Some(r) = &from.secret_ref {
-            match lookup.secret(ns, &r.name) {
-                Some(s) => Some(secret_source(&s, &r.name)),
-                None if r.optional == Some(true) => None,
-                None => {
-                    return Err(wait(
-                        "CreateContainerConfigError",
-                        format!("container {}: envFrom Secret {} not found", c.name, r.name),
-                    ));
-                }
-            }
-        } else {
-            None
+            },
         };
         for (k, v) in source.map(|s| s.entries).unwrap_or_default() {
             env.push(EnvVar {

@@ -156,16 +156,10 @@ impl PodmanSandbox {
 
     /// Runs the podman CLI against this sandbox's storage; returns stdout, or Err with stderr.
     pub fn podman(&self, args: &[&str]) -> Result<String, String> {
-        let out = std::process::Command::new("podman")
-            .args(args)
-            .envs(self.cli_env.iter().map(|(k, v)| (k, v)))
-            .output()
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        let mut cmd = std::process::Command::new("podman");
+        cmd.args(args)
+            .envs(self.cli_env.iter().map(|(k, v)| (k, v)));
+        run(cmd)
     }
 }
 
@@ -195,15 +189,19 @@ impl SystemdSandbox {
 
     /// `busctl` against this systemd; returns stdout, or Err with stderr.
     pub fn busctl(&self, args: &[&str]) -> Result<String, String> {
-        let out = std::process::Command::new("busctl")
-            .arg(format!("--address={}", self.bus_address))
-            .args(args)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        let mut cmd = std::process::Command::new("busctl");
+        cmd.arg(format!("--address={}", self.bus_address))
+            .args(args);
+        run(cmd)
+    }
+}
+
+/// Runs a command: its stdout, or Err with its stderr.
+fn run(mut cmd: std::process::Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
