@@ -1,18 +1,25 @@
-//! crds/fleetlet.dev.yaml is what the types generate.
+//! crds/fleetlet.dev.yaml and the Helm chart's copy are what the types generate.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 use std::path::Path;
 
+/// Both copies: `crds/` for `kubectl apply`, and the Helm chart's `crds/`.
 #[test]
 fn committed_crd_yaml_matches_the_types() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fleetlet.dev.yaml");
-    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let generated = fleetlet_crds::crds_yaml().unwrap();
-    assert!(
-        committed == generated,
-        "crds/fleetlet.dev.yaml is out of date: run `cargo run -p fleetlet-crds --bin fleetlet-crdgen -- crds/fleetlet.dev.yaml`"
-    );
+    for path in [
+        root.join("fleetlet.dev.yaml"),
+        root.join("../helm/fleetlet/crds/fleetlet.dev.yaml"),
+    ] {
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "{} is out of date: run `cargo run -p fleetlet-crds --bin fleetlet-crdgen -- crds/fleetlet.dev.yaml helm/fleetlet/crds/fleetlet.dev.yaml`",
+            path.display()
+        );
+    }
 }
 
 #[test]

@@ -29,10 +29,23 @@ pub fn start_controller(
     dir: &Path,
     extra: &[&str],
 ) -> Result<Service, Error> {
+    start_controller_as(env, env.kubeconfig()?, bin_dir, dir, extra)
+}
+
+/// [`start_controller`] authenticating with `kubeconfig` instead of the admin's, e.g. a
+/// ServiceAccount token from [`crate::chart::ChartInstall`].
+pub fn start_controller_as(
+    env: &TestEnv,
+    kubeconfig: &Path,
+    bin_dir: &Path,
+    dir: &Path,
+    extra: &[&str],
+) -> Result<Service, Error> {
     start_component(
         "fleetlet-controller",
         "controller.log",
         env,
+        kubeconfig,
         bin_dir,
         dir,
         &[],
@@ -47,6 +60,17 @@ pub fn start_bridge(
     dir: &Path,
     extra: &[&str],
 ) -> Result<Service, Error> {
+    start_bridge_as(env, env.kubeconfig()?, bin_dir, dir, extra)
+}
+
+/// [`start_bridge`] authenticating with `kubeconfig`.
+pub fn start_bridge_as(
+    env: &TestEnv,
+    kubeconfig: &Path,
+    bin_dir: &Path,
+    dir: &Path,
+    extra: &[&str],
+) -> Result<Service, Error> {
     let flags = [
         "--grace-seconds=20",
         "--lease-renew-seconds=10",
@@ -56,6 +80,7 @@ pub fn start_bridge(
         "fleetlet-bridge",
         "bridge.log",
         env,
+        kubeconfig,
         bin_dir,
         dir,
         &flags,
@@ -63,11 +88,13 @@ pub fn start_bridge(
     )
 }
 
-/// A control-plane binary with the environment's NATS and kubeconfig.
+/// A control-plane binary with the environment's NATS and `kubeconfig`.
+#[allow(clippy::too_many_arguments)]
 fn start_component(
     name: &str,
     log: &str,
     env: &TestEnv,
+    kubeconfig: &Path,
     bin_dir: &Path,
     dir: &Path,
     flags: &[&str],
@@ -83,7 +110,7 @@ fn start_component(
         name,
         &bin_dir.join(name),
         &args,
-        &[("KUBECONFIG", env.kubeconfig()?.display().to_string())],
+        &[("KUBECONFIG", kubeconfig.display().to_string())],
         dir.join(log),
     )
 }

@@ -16,7 +16,9 @@
 //! removed after them unless `FLEETLET_TESTENV_KEEP=1` is set.
 
 pub mod bins;
+pub mod chart;
 pub mod components;
+pub mod gitops;
 pub mod kube;
 pub mod nats;
 pub mod pki;
@@ -71,10 +73,30 @@ pub enum Error {
     Nats(#[from] async_nats::ConnectError),
 }
 
+/// Polls `f` every 200 ms until it returns `Ok`; panics with the last error after
+/// `timeout` (for tests).
+pub async fn eventually<T, F, Fut>(what: &str, timeout: std::time::Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("timed out waiting for {what}: {e}")
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+        }
+    }
+}
+
 /// Which servers to start.
 #[derive(Debug, Clone, Default)]
 pub struct Builder {
     kube: bool,
+    crds: bool,
     controllers: bool,
     nats: bool,
     nats_args: Vec<String>,
@@ -84,12 +106,24 @@ impl Builder {
     /// etcd + kube-apiserver, with fleetlet's CRDs installed.
     pub fn kube(mut self) -> Self {
         self.kube = true;
+        self.crds = true;
+        self
+    }
+
+    /// etcd + kube-apiserver without fleetlet's CRDs (for installing them some other way,
+    /// e.g. with the Helm chart).
+    pub fn kube_without_crds(mut self) -> Self {
+        self.kube = true;
+        self.crds = false;
         self
     }
 
     /// kube-controller-manager and kube-scheduler too (implies kube): Deployments,
     /// DaemonSets, scheduling, garbage collection, node lifecycle, CSR signing.
     pub fn controllers(mut self) -> Self {
+        if !self.kube {
+            self.crds = true;
+        }
         self.kube = true;
         self.controllers = true;
         self
@@ -169,7 +203,9 @@ impl TestEnv {
         };
         if opts.kube {
             let kube = KubeControlPlane::start(bins, &dir).await?;
-            kube.install_crds().await?;
+            if opts.crds {
+                kube.install_crds().await?;
+            }
             if opts.controllers {
                 env.controllers = Some(kube.start_controllers(bins, &dir).await?);
             }

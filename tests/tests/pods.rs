@@ -10,28 +10,13 @@ use std::{
 };
 
 use fleetlet_testenv::{
-    TestEnv, components,
+    TestEnv, components, eventually,
     process::{Service, free_port},
     sandbox::PodmanSandbox,
 };
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, Pod};
 use kube::{Api, api::PostParams};
 use serde_json::json;
-
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) if Instant::now() > deadline => panic!("timed out waiting for {what}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-}
 
 fn http_get(port: u16, path: &str) -> Result<String, String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
@@ -59,13 +44,19 @@ impl Fleet {
         let client = env.kube_client().await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let bins = components::bin_dir().unwrap();
-        env.kubectl()
-            .unwrap()
-            .args(["create", "namespace", "fleetlet-system"])
-            .output()
+        // The controller and the bridge run with the chart's ServiceAccounts and RBAC: what
+        // they do here is what they may do when installed with `helm install`.
+        let chart = env
+            .install_chart("fleetlet", "fleetlet-system", &[])
             .unwrap();
-        let controller =
-            components::start_controller(env, &bins, dir.path(), &["--resync-seconds=2"]).unwrap();
+        let controller = components::start_controller_as(
+            env,
+            &chart.controller_kubeconfig,
+            &bins,
+            dir.path(),
+            &["--resync-seconds=2"],
+        )
+        .unwrap();
         let pki = env.kube.as_ref().unwrap().pki_dir.clone();
         let mut kubelet_flags = vec![
             "--kubelet-listen=127.0.0.1:0".to_string(),
@@ -79,7 +70,14 @@ impl Fleet {
             kubelet_flags.push(file("kubelet-tls-key-file", "apiserver.key"));
         }
         let kubelet_flags: Vec<&str> = kubelet_flags.iter().map(String::as_str).collect();
-        let bridge = components::start_bridge(env, &bins, dir.path(), &kubelet_flags).unwrap();
+        let bridge = components::start_bridge_as(
+            env,
+            &chart.bridge_kubeconfig,
+            &bins,
+            dir.path(),
+            &kubelet_flags,
+        )
+        .unwrap();
         let edge: fleetlet_crds::EdgeDevice = serde_json::from_value(json!({
             "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice",
             "metadata": { "name": device, "namespace": "default" }, "spec": {}

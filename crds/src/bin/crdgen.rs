@@ -1,6 +1,6 @@
 //! Prints the fleetlet CRDs as YAML, or writes them to a file.
 //!
-//! `cargo run -p fleetlet-crds --bin fleetlet-crdgen [-- crds/fleetlet.dev.yaml]`
+//! `cargo run -p fleetlet-crds --bin fleetlet-crdgen [-- crds/fleetlet.dev.yaml helm/fleetlet/crds/fleetlet.dev.yaml]`
 
 use std::process::ExitCode;
 
@@ -12,20 +12,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match std::env::args().nth(1) {
-        Some(path) => match std::fs::write(&path, yaml) {
-            Ok(()) => {
-                println!("wrote {path}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("fleetlet-crdgen: cannot write {path}: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        None => {
-            print!("{yaml}");
-            ExitCode::SUCCESS
-        }
+    let paths: Vec<String> = std::env::args().skip(1).collect();
+    if paths.is_empty() {
+        print!("{yaml}");
+        return ExitCode::SUCCESS;
     }
+    for path in paths {
+        if let Err(e) = std::fs::write(&path, &yaml) {
+            eprintln!("fleetlet-crdgen: cannot write {path}: {e}");
+            return ExitCode::FAILURE;
+        }
+        println!("wrote {path}");
+    }
+    ExitCode::SUCCESS
 }

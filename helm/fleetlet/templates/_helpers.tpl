@@ -1,0 +1,88 @@
+{{/* Names and labels shared by every object of the release. */}}
+{{- define "fleetlet.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "fleetlet.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* Selector labels of one component: include with (dict "root" $ "component" "controller"). */}}
+{{- define "fleetlet.selector" -}}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "fleetlet.image" -}}
+{{- printf "%s/%s:%s" .root.Values.image.registry .name (default .root.Chart.AppVersion .root.Values.image.tag) -}}
+{{- end -}}
+
+{{- define "fleetlet.serviceAccount" -}}
+{{- printf "%s-%s" (include "fleetlet.fullname" .root) .component -}}
+{{- end -}}
+
+{{/* NATS connection settings, as environment variables. */}}
+{{- define "fleetlet.natsEnv" -}}
+- name: FLEETLET_NATS_URL
+  value: {{ .Values.nats.url | quote }}
+{{- if .Values.nats.credentials.secretName }}
+- name: FLEETLET_NATS_CREDS
+  value: /etc/fleetlet/nats/{{ .Values.nats.credentials.key }}
+{{- end }}
+{{- if .Values.nats.tls.caSecretName }}
+- name: FLEETLET_NATS_CA
+  value: /etc/fleetlet/nats-ca/{{ .Values.nats.tls.caKey }}
+{{- end }}
+- name: POD_NAMESPACE
+  valueFrom: { fieldRef: { fieldPath: metadata.namespace } }
+- name: POD_NAME
+  valueFrom: { fieldRef: { fieldPath: metadata.name } }
+{{- end -}}
+
+{{- define "fleetlet.natsVolumeMounts" -}}
+{{- if .Values.nats.credentials.secretName }}
+- { name: nats-creds, mountPath: /etc/fleetlet/nats, readOnly: true }
+{{- end }}
+{{- if .Values.nats.tls.caSecretName }}
+- { name: nats-ca, mountPath: /etc/fleetlet/nats-ca, readOnly: true }
+{{- end }}
+{{- end -}}
+
+{{- define "fleetlet.natsVolumes" -}}
+{{- if .Values.nats.credentials.secretName }}
+- name: nats-creds
+  secret:
+    secretName: {{ .Values.nats.credentials.secretName }}
+    items: [{ key: {{ .Values.nats.credentials.key | quote }}, path: {{ .Values.nats.credentials.key | quote }} }]
+{{- end }}
+{{- if .Values.nats.tls.caSecretName }}
+- name: nats-ca
+  secret:
+    secretName: {{ .Values.nats.tls.caSecretName }}
+    items: [{ key: {{ .Values.nats.tls.caKey | quote }}, path: {{ .Values.nats.tls.caKey | quote }} }]
+{{- end }}
+{{- end -}}
+
+{{/* Probes on the metrics port. */}}
+{{- define "fleetlet.probes" -}}
+startupProbe:
+  httpGet: { path: /healthz, port: metrics }
+  periodSeconds: 2
+  failureThreshold: 60
+livenessProbe:
+  httpGet: { path: /healthz, port: metrics }
+  periodSeconds: 10
+  failureThreshold: 3
+readinessProbe:
+  httpGet: { path: /readyz, port: metrics }
+  periodSeconds: 5
+{{- end -}}

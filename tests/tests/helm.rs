@@ -1,0 +1,669 @@
+//! The Helm chart (`helm/fleetlet`): it lints, renders least-privilege objects, rejects bad
+//! values, and installs, upgrades and uninstalls against a real kube-apiserver. The
+//! controller and the bridge then run out of cluster with the chart's ServiceAccount tokens:
+//! the chart's RBAC is enough for them to do their whole job (tests/pods.rs runs the kubelet
+//! facade, logs, exec and its certificate request the same way).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    process::Command,
+    time::Duration,
+};
+
+use fleetlet_testenv::{
+    Binaries, TestEnv,
+    chart::{chart_dir, checked},
+    components, eventually,
+    gitops::argocd_health,
+    process::Service,
+};
+use k8s_openapi::{
+    api::{
+        apps::v1::Deployment,
+        coordination::v1::Lease,
+        core::v1::{Node, Pod},
+        rbac::v1::ClusterRole,
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{Api, api::DeleteParams};
+use serde_json::{Value, json};
+
+/// Waits until `name` no longer exists.
+async fn gone<K>(api: &Api<K>, name: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    eventually(&format!("{name} gone"), Duration::from_secs(30), || async {
+        match api.get_opt(name).await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(_) => Err("still there".to_string()),
+        }
+    })
+    .await;
+}
+
+fn helm() -> Command {
+    let mut cmd = Command::new(&Binaries::locate().unwrap().helm);
+    let home = std::env::temp_dir().join(format!("fleetlet-helm-{}", std::process::id()));
+    cmd.env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"));
+    cmd
+}
+
+/// `helm template` with `--set` values: every rendered object, or helm's error output.
+fn render(values: &[&str]) -> Result<Vec<Value>, String> {
+    let mut cmd = helm();
+    cmd.args(["template", "fleetlet"])
+        .arg(chart_dir())
+        .args(["--namespace", "fleetlet-system"]);
+    for v in values {
+        cmd.args(["--set", v]);
+    }
+    let out = cmd.output().unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut objects = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(&text) {
+        let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+        if !v.is_null() {
+            objects.push(v);
+        }
+    }
+    Ok(objects)
+}
+
+fn of_kind<'a>(objects: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    objects.iter().filter(|o| o["kind"] == kind).collect()
+}
+
+fn named<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} rendered"))
+}
+
+/// Every (apiGroup, resource, verb) a role grants, resource names appended as `resource/name`.
+fn grants(role: &Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let strs = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+            .unwrap_or_default()
+    };
+    for rule in role["rules"].as_array().unwrap() {
+        let names = strs(&rule["resourceNames"]);
+        for g in strs(&rule["apiGroups"]) {
+            for r in strs(&rule["resources"]) {
+                for v in strs(&rule["verbs"]) {
+                    if names.is_empty() {
+                        out.insert(format!("{g}:{r}:{v}"));
+                    }
+                    for n in &names {
+                        out.insert(format!("{g}:{r}/{n}:{v}"));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+const CONTROLLER_GRANTS: &[&str] = &[
+    "fleetlet.dev:edgedevices:get",
+    "fleetlet.dev:edgedevices:list",
+    "fleetlet.dev:edgedevices:watch",
+    "fleetlet.dev:edgemanifests:get",
+    "fleetlet.dev:edgemanifests:list",
+    "fleetlet.dev:edgemanifests:watch",
+    "fleetlet.dev:edgemanifests:patch",
+    "fleetlet.dev:edgedevices/status:get",
+    "fleetlet.dev:edgedevices/status:patch",
+    "fleetlet.dev:edgemanifests/status:get",
+    "fleetlet.dev:edgemanifests/status:patch",
+    "events.k8s.io:events:create",
+    "events.k8s.io:events:patch",
+];
+
+const CONTROLLER_POD_GRANTS: &[&str] = &[
+    ":pods:get",
+    ":pods:list",
+    ":pods:watch",
+    ":nodes:get",
+    ":nodes:list",
+    ":nodes:watch",
+    ":configmaps:get",
+    ":configmaps:list",
+    ":configmaps:watch",
+    ":secrets:get",
+    ":secrets:list",
+    ":secrets:watch",
+    ":pods/status:patch",
+];
+
+const BRIDGE_GRANTS: &[&str] = &[
+    "fleetlet.dev:edgedevices:get",
+    "fleetlet.dev:edgedevices:list",
+    "fleetlet.dev:edgedevices:watch",
+    "fleetlet.dev:edgedevices/status:get",
+    "fleetlet.dev:edgedevices/status:patch",
+    ":nodes:get",
+    ":nodes:list",
+    ":nodes:watch",
+    ":nodes:create",
+    ":nodes:patch",
+    ":nodes:delete",
+    ":nodes/status:patch",
+    ":pods:get",
+    ":pods:list",
+    ":pods:watch",
+    ":pods:delete",
+    ":pods/status:patch",
+];
+
+const BRIDGE_KUBELET_GRANTS: &[&str] = &[
+    "authorization.k8s.io:subjectaccessreviews:create",
+    "certificates.k8s.io:certificatesigningrequests:create",
+    "certificates.k8s.io:certificatesigningrequests:get",
+    "certificates.k8s.io:certificatesigningrequests/approval:patch",
+    "certificates.k8s.io:signers/kubernetes.io/kubelet-serving:approve",
+];
+
+#[test]
+fn chart_lints_and_renders_least_privilege_rbac_and_hardened_pods() {
+    let out = helm()
+        .args(["lint", "--strict"])
+        .arg(chart_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm lint: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let objects = render(&[]).unwrap();
+    let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+    for o in &objects {
+        *kinds.entry(o["kind"].as_str().unwrap()).or_default() += 1;
+    }
+    let expected: BTreeMap<&str, usize> = [
+        ("ClusterRole", 2),
+        ("ClusterRoleBinding", 2),
+        ("Deployment", 2),
+        ("Role", 3),
+        ("RoleBinding", 3),
+        ("Service", 2),
+        ("ServiceAccount", 2),
+    ]
+    .into();
+    assert_eq!(kinds, expected);
+
+    // Exactly these permissions, cluster-wide; no wildcard anywhere.
+    let controller = named(&objects, "ClusterRole", "fleetlet-controller");
+    let mut want = set(CONTROLLER_GRANTS);
+    want.extend(set(CONTROLLER_POD_GRANTS));
+    assert_eq!(grants(controller), want);
+    let bridge = named(&objects, "ClusterRole", "fleetlet-bridge");
+    let mut want = set(BRIDGE_GRANTS);
+    want.extend(set(BRIDGE_KUBELET_GRANTS));
+    assert_eq!(grants(bridge), want);
+    for role in of_kind(&objects, "ClusterRole")
+        .into_iter()
+        .chain(of_kind(&objects, "Role"))
+    {
+        assert!(
+            !grants(role).iter().any(|g| g.contains('*')),
+            "wildcard in {role}"
+        );
+    }
+    // Namespaced: leader-election Leases by name, node Leases only in kube-node-lease.
+    for component in ["controller", "bridge"] {
+        let name = format!("fleetlet-{component}-leader");
+        let role = named(&objects, "Role", &name);
+        assert_eq!(role["metadata"]["namespace"], "fleetlet-system");
+        assert_eq!(
+            grants(role),
+            set(&[
+                "coordination.k8s.io:leases:create",
+                &format!("coordination.k8s.io:leases/fleetlet-{component}:get"),
+                &format!("coordination.k8s.io:leases/fleetlet-{component}:update"),
+            ])
+        );
+    }
+    let node_leases = named(&objects, "Role", "fleetlet-bridge-node-leases");
+    assert_eq!(node_leases["metadata"]["namespace"], "kube-node-lease");
+    assert_eq!(
+        grants(node_leases),
+        set(&[
+            "coordination.k8s.io:leases:get",
+            "coordination.k8s.io:leases:create",
+            "coordination.k8s.io:leases:patch",
+            "coordination.k8s.io:leases:delete",
+        ])
+    );
+    // Every binding points at the chart's own roles and ServiceAccounts.
+    for b in of_kind(&objects, "ClusterRoleBinding")
+        .into_iter()
+        .chain(of_kind(&objects, "RoleBinding"))
+    {
+        let role = b["roleRef"]["name"].as_str().unwrap();
+        assert!(role.starts_with("fleetlet-"), "binding to {role}");
+        for s in b["subjects"].as_array().unwrap() {
+            assert_eq!(s["kind"], "ServiceAccount");
+            assert_eq!(s["namespace"], "fleetlet-system");
+        }
+    }
+
+    for d in of_kind(&objects, "Deployment") {
+        let pod = &d["spec"]["template"]["spec"];
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+        let c = &pod["containers"][0];
+        let sc = &c["securityContext"];
+        assert_eq!(sc["readOnlyRootFilesystem"], true, "{d}");
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{d}");
+        assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{d}");
+        assert!(c["resources"]["requests"]["memory"].is_string(), "{d}");
+        assert!(c["resources"]["limits"]["memory"].is_string(), "{d}");
+        for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+            assert_eq!(c[probe]["httpGet"]["port"], "metrics", "{probe} in {d}");
+        }
+        let image = c["image"].as_str().unwrap();
+        assert!(image.ends_with(":0.1.0"), "{image}");
+        assert!(
+            c["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a.as_str().unwrap().starts_with("--lease-name=")),
+            "{d}"
+        );
+    }
+
+    // Without Pods, the controller cannot read Secrets, ConfigMaps or Pods; without the
+    // kubelet API, the bridge cannot create certificate requests or access reviews.
+    let objects = render(&["controller.pods=false", "bridge.kubelet.enabled=false"]).unwrap();
+    assert_eq!(
+        grants(named(&objects, "ClusterRole", "fleetlet-controller")),
+        set(CONTROLLER_GRANTS)
+    );
+    assert_eq!(
+        grants(named(&objects, "ClusterRole", "fleetlet-bridge")),
+        set(BRIDGE_GRANTS)
+    );
+
+    // NATS credentials and CA come from Secrets; two replicas get a disruption budget.
+    let objects = render(&[
+        "nats.url=tls://nats.example.net:4222",
+        "nats.credentials.secretName=fleetlet-nats",
+        "nats.tls.caSecretName=nats-ca",
+        "controller.replicas=2",
+        "bridge.kubelet.servingCert=secret",
+        "bridge.kubelet.servingSecretName=bridge-tls",
+    ])
+    .unwrap();
+    let controller = named(&objects, "Deployment", "fleetlet-controller");
+    let env = controller["spec"]["template"]["spec"]["containers"][0]["env"].to_string();
+    assert!(env.contains("tls://nats.example.net:4222"), "{env}");
+    assert!(env.contains("/etc/fleetlet/nats/nats.creds"), "{env}");
+    assert!(env.contains("/etc/fleetlet/nats-ca/ca.crt"), "{env}");
+    let volumes = controller["spec"]["template"]["spec"]["volumes"].to_string();
+    assert!(
+        volumes.contains("fleetlet-nats") && volumes.contains("nats-ca"),
+        "{volumes}"
+    );
+    assert_eq!(of_kind(&objects, "PodDisruptionBudget").len(), 1);
+    let bridge = named(&objects, "Deployment", "fleetlet-bridge");
+    assert!(bridge.to_string().contains("bridge-tls"), "{bridge}");
+    assert!(
+        !grants(named(&objects, "ClusterRole", "fleetlet-bridge"))
+            .iter()
+            .any(|g| g.contains("certificates")),
+        "no certificate rights without servingCert=csr"
+    );
+
+    // Bad values fail before anything reaches the cluster, naming the value.
+    for (value, says) in [
+        ("nats.url=http://nats:4222", "/nats/url"),
+        ("controller.replicas=two", "/controller/replicas"),
+        ("controller.kvReplicas=7", "/controller/kvReplicas"),
+        (
+            "bridge.kubelet.servingCert=maybe",
+            "/bridge/kubelet/servingCert",
+        ),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("contoller.replicas=2", "contoller"),
+        ("bridge.kubelet.servingCert=secret", "servingSecretName"),
+    ] {
+        let err = render(&[value]).expect_err(value);
+        assert!(err.contains(says), "{value}: {err}");
+    }
+}
+
+fn kubectl_as(env: &TestEnv, kubeconfig: &std::path::Path, args: &[&str]) -> String {
+    let out = env
+        .kubectl()
+        .unwrap()
+        .env("KUBECONFIG", kubeconfig)
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn helm_install_upgrade_uninstall_and_the_charts_rbac_runs_the_control_plane() {
+    // The chart, not the test environment, installs the CRDs.
+    let env = TestEnv::builder()
+        .kube_without_crds()
+        .nats()
+        .start()
+        .await
+        .unwrap();
+    let client = env.kube_client().await.unwrap();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    assert!(
+        crds.get_opt("edgedevices.fleetlet.dev")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let chart = env
+        .install_chart("fleetlet", "fleetlet-system", &[])
+        .unwrap();
+    for name in ["edgedevices.fleetlet.dev", "edgemanifests.fleetlet.dev"] {
+        eventually("CRD established", Duration::from_secs(30), || async {
+            let crd = crds.get(name).await.map_err(|e| e.to_string())?;
+            let ok = crd
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            ok.then_some(()).ok_or("not established".to_string())
+        })
+        .await;
+    }
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "fleetlet-system");
+    for name in ["fleetlet-controller", "fleetlet-bridge"] {
+        let d = deployments.get(name).await.unwrap();
+        assert_eq!(d.spec.unwrap().replicas, Some(1));
+    }
+
+    // The ServiceAccounts can do what the roles say and nothing else.
+    let can = |kc: &std::path::Path, verb: &str, what: &str| {
+        kubectl_as(&env, kc, &["auth", "can-i", verb, what, "-A"])
+    };
+    let (ckc, bkc) = (&chart.controller_kubeconfig, &chart.bridge_kubeconfig);
+    assert_eq!(can(ckc, "patch", "edgemanifests.fleetlet.dev"), "yes");
+    assert_eq!(can(ckc, "delete", "edgemanifests.fleetlet.dev"), "no");
+    assert_eq!(can(ckc, "create", "deployments.apps"), "no");
+    assert_eq!(can(ckc, "create", "nodes"), "no");
+    assert_eq!(can(bkc, "create", "nodes"), "yes");
+    assert_eq!(can(bkc, "get", "secrets"), "no");
+    assert_eq!(can(bkc, "patch", "edgemanifests.fleetlet.dev"), "no");
+    assert_eq!(
+        kubectl_as(
+            &env,
+            bkc,
+            &["auth", "can-i", "create", "leases", "-n", "default"]
+        ),
+        "no"
+    );
+
+    // Out of cluster with those tokens: the controller, the bridge and one files-only agent.
+    let dir = tempfile::tempdir().unwrap();
+    let bins = components::bin_dir().unwrap();
+    let _controller = components::start_controller_as(
+        &env,
+        &chart.controller_kubeconfig,
+        &bins,
+        dir.path(),
+        &["--resync-seconds=2"],
+    )
+    .unwrap();
+    let _bridge =
+        components::start_bridge_as(&env, &chart.bridge_kubeconfig, &bins, dir.path(), &[])
+            .unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "device_id = \"pi-helm\"\nstate_dir = \"{state}\"\n[nats]\nurls = [\"{url}\"]\n\
+             [reconcile]\nenabled_kinds = [\"file\"]\ndrift_interval_seconds = 2\nheartbeat_interval_seconds = 1\n\
+             [file]\nallowed_roots = [\"/etc/fleetlet-helm\"]\npath_prefix = \"{root}\"\n",
+            state = dir.path().join("state").display(),
+            url = env.nats_url().unwrap(),
+            root = root.display(),
+        ),
+    )
+    .unwrap();
+    let _agent = Service::spawn(
+        "fleetlet-agent",
+        &bins.join("fleetlet-agent"),
+        &["--config".into(), config.display().to_string()],
+        dir.path().join("agent.log"),
+    )
+    .unwrap();
+    let objects = dir.path().join("objects.yaml");
+    std::fs::write(
+        &objects,
+        r#"apiVersion: fleetlet.dev/v1alpha1
+kind: EdgeDevice
+metadata: { name: pi-helm, namespace: default, labels: { role: sensor } }
+spec: {}
+---
+apiVersion: fleetlet.dev/v1alpha1
+kind: EdgeManifest
+metadata: { name: helm-check, namespace: default }
+spec:
+  selector: { matchLabels: { role: sensor } }
+  resources:
+    - id: greeting
+      file: { path: /etc/fleetlet-helm/greeting, content: { text: "installed with helm\n" } }
+"#,
+    )
+    .unwrap();
+    let mut apply = env.kubectl().unwrap();
+    apply.args(["apply", "-f"]).arg(&objects);
+    checked("kubectl apply", apply).unwrap();
+
+    // Controller: desired state, manifest status and finalizer. Bridge: Node, Lease, device status.
+    let manifests: Api<fleetlet_crds::EdgeManifest> = Api::namespaced(client.clone(), "default");
+    let live = eventually(
+        "the manifest rolled out",
+        Duration::from_secs(60),
+        || async {
+            let m = manifests
+                .get("helm-check")
+                .await
+                .map_err(|e| e.to_string())?;
+            let ready = m.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            });
+            ready.then_some(m).ok_or("not Ready yet".to_string())
+        },
+    )
+    .await;
+    assert!(
+        live.metadata
+            .finalizers
+            .unwrap_or_default()
+            .iter()
+            .any(|f| f.contains("fleetlet"))
+    );
+    let greeting = root.join("etc/fleetlet-helm/greeting");
+    assert_eq!(
+        std::fs::read_to_string(&greeting).unwrap(),
+        "installed with helm\n"
+    );
+    let live: Value = serde_json::to_value(manifests.get("helm-check").await.unwrap()).unwrap();
+    assert_eq!(argocd_health(&live).unwrap().0, "Healthy", "{live}");
+    let nodes: Api<Node> = Api::all(client.clone());
+    eventually(
+        "the virtual node Ready",
+        Duration::from_secs(30),
+        || async {
+            let n = nodes.get("pi-helm").await.map_err(|e| e.to_string())?;
+            let ready = n
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            ready.then_some(()).ok_or("not Ready".to_string())
+        },
+    )
+    .await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    assert!(leases.get_opt("pi-helm").await.unwrap().is_some());
+    let devices: Api<fleetlet_crds::EdgeDevice> = Api::namespaced(client.clone(), "default");
+    let live = eventually("the device converged", Duration::from_secs(30), || async {
+        let d = devices.get("pi-helm").await.map_err(|e| e.to_string())?;
+        let v = serde_json::to_value(&d).map_err(|e| e.to_string())?;
+        let (health, message) = argocd_health(&v).map_err(|e| e.to_string())?;
+        (health == "Healthy")
+            .then_some(d)
+            .ok_or(format!("{health}: {message}"))
+    })
+    .await;
+    assert!(live.status.is_some());
+
+    // A manifest the device refuses (a path outside its allowed roots): `kubectl describe`
+    // tells the operator why it is not converging, and Argo CD calls it Degraded.
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(
+        &broken,
+        r#"apiVersion: fleetlet.dev/v1alpha1
+kind: EdgeManifest
+metadata: { name: outside-roots, namespace: default }
+spec:
+  devices: [pi-helm]
+  rollout: { progressDeadlineSeconds: 2 }
+  resources:
+    - id: sneaky
+      file: { path: /etc/cron.d/sneaky, content: { text: "* * * * * root true\n" } }
+"#,
+    )
+    .unwrap();
+    let mut apply = env.kubectl().unwrap();
+    apply.args(["apply", "-f"]).arg(&broken);
+    checked("kubectl apply", apply).unwrap();
+    let describe = |what: &str| {
+        let mut cmd = env.kubectl().unwrap();
+        cmd.args(["describe", what]);
+        String::from_utf8_lossy(&checked("kubectl describe", cmd).unwrap().stdout).into_owned()
+    };
+    let text = eventually("the manifest stalled", Duration::from_secs(60), || async {
+        let text = describe("edgemanifest/outside-roots");
+        (text.contains("ProgressDeadlineExceeded") && text.contains("Stalled"))
+            .then_some(text.clone())
+            .ok_or(text)
+    })
+    .await;
+    assert!(
+        text.contains("pi-helm"),
+        "names the blocking device: {text}"
+    );
+    let text = describe("edgedevice/pi-helm");
+    assert!(
+        text.contains("ResourcesFailed") && text.contains("sneaky"),
+        "{text}"
+    );
+    assert!(text.contains("outside"), "says why: {text}");
+    let live: Value = serde_json::to_value(manifests.get("outside-roots").await.unwrap()).unwrap();
+    assert_eq!(argocd_health(&live).unwrap().0, "Degraded", "{live}");
+    manifests
+        .delete("outside-roots", &DeleteParams::default())
+        .await
+        .unwrap();
+
+    // A Pod the device cannot run: the controller reads it and marks it Failed, with an Event.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "needs-a-pvc" },
+        "spec": {
+            "nodeName": "pi-helm",
+            "tolerations": [{ "key": "fleetlet.dev/edge", "operator": "Exists" }],
+            "containers": [{ "name": "c", "image": "busybox",
+                             "volumeMounts": [{ "name": "data", "mountPath": "/data" }] }],
+            "volumes": [{ "name": "data", "persistentVolumeClaim": { "claimName": "data" } }]
+        }
+    }))
+    .unwrap();
+    pods.create(&Default::default(), &pod).await.unwrap();
+    eventually("the pod refused", Duration::from_secs(30), || async {
+        let p = pods.get("needs-a-pvc").await.map_err(|e| e.to_string())?;
+        let phase = p.status.and_then(|s| s.phase).unwrap_or_default();
+        (phase == "Failed").then_some(()).ok_or(phase)
+    })
+    .await;
+    // The bridge, as the node's kubelet, confirms the deletion.
+    pods.delete("needs-a-pvc", &DeleteParams::default())
+        .await
+        .unwrap();
+    gone(&pods, "needs-a-pvc").await;
+
+    // Cleanup through the finalizer (controller) and the node's removal (bridge).
+    manifests
+        .delete("helm-check", &DeleteParams::default())
+        .await
+        .unwrap();
+    gone(&manifests, "helm-check").await;
+    assert!(!greeting.exists(), "the device removed the file");
+    devices
+        .delete("pi-helm", &DeleteParams::default())
+        .await
+        .unwrap();
+    gone(&nodes, "pi-helm").await;
+
+    // Upgrade: two controller replicas and no kubelet API.
+    let mut upgrade = env.helm().unwrap();
+    upgrade
+        .args(["upgrade", "fleetlet"])
+        .arg(chart_dir())
+        .args(["-n", "fleetlet-system", "--set", "controller.replicas=2"])
+        .args(["--set", "bridge.kubelet.enabled=false"]);
+    checked("helm upgrade", upgrade).unwrap();
+    let d = deployments.get("fleetlet-controller").await.unwrap();
+    assert_eq!(d.spec.unwrap().replicas, Some(2));
+    let roles: Api<ClusterRole> = Api::all(client.clone());
+    let bridge_role = serde_json::to_value(roles.get("fleetlet-bridge").await.unwrap()).unwrap();
+    assert!(
+        !grants(&bridge_role)
+            .iter()
+            .any(|g| g.contains("certificates"))
+    );
+
+    // Uninstall removes what the chart made and keeps the CRDs (and users' objects).
+    let mut uninstall = env.helm().unwrap();
+    uninstall.args(["uninstall", "fleetlet", "-n", "fleetlet-system", "--wait"]);
+    checked("helm uninstall", uninstall).unwrap();
+    for name in ["fleetlet-controller", "fleetlet-bridge"] {
+        assert!(deployments.get_opt(name).await.unwrap().is_none());
+        assert!(roles.get_opt(name).await.unwrap().is_none());
+    }
+    assert!(
+        crds.get_opt("edgemanifests.fleetlet.dev")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(can(ckc, "list", "edgemanifests.fleetlet.dev") != "yes");
+}
