@@ -665,6 +665,29 @@ impl Fleet {
                 format!("{} of {} devices Ready", pr.ready, pr.targeted),
             )
         };
+        // kstatus's conditions (what Flux and Argo CD read): Ready once the rollout is
+        // complete without conflicts, Reconciling while it moves, Stalled when it cannot
+        // move without someone's help.
+        let stalled = if progressing.1 == "ProgressDeadlineExceeded" {
+            ("True", "ProgressDeadlineExceeded", progressing.2.clone())
+        } else if conflicts.iter().any(|c| c.refused == key) {
+            // Only the side that lost: the older manifest keeps its resources and works.
+            ("True", "ResourceConflict", conflict.2.clone())
+        } else {
+            ("False", "NotStalled", String::new())
+        };
+        let reconciling = if complete || paused || stalled.0 == "True" {
+            ("False", progressing.1, String::new())
+        } else {
+            ("True", progressing.1, progressing.2.clone())
+        };
+        let ready = if stalled.0 == "True" {
+            ("False", stalled.1, stalled.2.clone())
+        } else if complete {
+            ("True", progressing.1, progressing.2.clone())
+        } else {
+            ("False", progressing.1, progressing.2.clone())
+        };
         let cond = |type_: &str, (status, reason, message): (&str, &str, String)| {
             let keep = old
                 .conditions
@@ -688,6 +711,9 @@ impl Fleet {
             ready: pr.ready,
             failed: pr.failed,
             conditions: vec![
+                cond("Ready", ready),
+                cond("Reconciling", reconciling),
+                cond("Stalled", stalled),
                 cond("Progressing", progressing),
                 cond("Available", available),
                 cond("Conflict", conflict),

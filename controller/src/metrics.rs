@@ -82,6 +82,26 @@ impl Default for Metrics {
             "1 while this instance holds the leader lease",
             m.leader.clone(),
         );
+        registry.register(
+            "errors",
+            "Errors by category (kube, nats, encode, http, config)",
+            m.errors.clone(),
+        );
+        registry.register(
+            "rollouts_in_progress",
+            "EdgeManifests whose rollout is not complete",
+            m.rollouts_in_progress.clone(),
+        );
+        registry.register(
+            "devices_pending_rollout",
+            "Devices waiting for their turn in a rollout",
+            m.devices_pending_rollout.clone(),
+        );
+        registry.register(
+            "devices_waiting_ready",
+            "Updated devices not yet Ready",
+            m.devices_waiting_ready.clone(),
+        );
         Self { registry, ..m }
     }
 }

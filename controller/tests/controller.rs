@@ -703,6 +703,9 @@ async fn metrics_and_health_endpoints_answer() {
         "fleetlet_controller_passes_total",
         "fleetlet_controller_leader 1",
         "fleetlet_controller_devices",
+        "fleetlet_controller_rollouts_in_progress",
+        "fleetlet_controller_devices_pending_rollout",
+        "fleetlet_controller_devices_waiting_ready",
     ] {
         assert!(metrics.contains(name), "{name} missing:\n{metrics}");
     }

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Updated","type":"integer","jsonPath":".status.updated"}"#,
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.ready"}"#,
     printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.failed"}"#,
+    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Paused","type":"boolean","jsonPath":".spec.rollout.paused","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -100,7 +101,8 @@ pub struct EdgeManifestStatus {
     /// Devices reporting a resource of this manifest Failed.
     #[serde(default)]
     pub failed: u32,
-    /// Progressing, Available, Conflict.
+    /// Ready, Reconciling and Stalled (kstatus conventions, read by Flux and Argo CD), then
+    /// Progressing, Available and Conflict.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

@@ -1,0 +1,178 @@
+//! The Argo CD health checks fleetlet ships (examples/gitops/argocd-cm.yaml) give the right
+//! verdict on EdgeManifests and EdgeDevices in each state the controller and the bridge
+//! write. Live objects from a real rollout are checked in tests/helm.rs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+use fleetlet_testenv::gitops::argocd_health;
+use serde_json::{Value, json};
+
+fn cond(type_: &str, status: &str, reason: &str, message: &str) -> Value {
+    json!({ "type": type_, "status": status, "reason": reason, "message": message,
+            "observedGeneration": 2, "lastTransitionTime": "2026-11-27T08:00:00Z" })
+}
+
+fn manifest(generation: i64, observed: Option<i64>, paused: bool, conditions: Vec<Value>) -> Value {
+    let mut m = json!({
+        "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeManifest",
+        "metadata": { "name": "sensor-stack", "namespace": "default", "generation": generation },
+        "spec": { "selector": { "matchLabels": { "role": "sensor" } },
+                  "rollout": { "maxUnavailable": 1, "paused": paused }, "resources": [] },
+    });
+    if let Some(o) = observed {
+        m["status"] = json!({ "observedGeneration": o, "targeted": 3, "updated": 1, "ready": 1,
+                              "failed": 0, "conditions": conditions });
+    }
+    m
+}
+
+fn verdict(obj: &Value) -> String {
+    argocd_health(obj).unwrap().0
+}
+
+#[test]
+fn edge_manifest_health_follows_its_conditions() {
+    // No status yet, or a status for an older generation: the controller has not caught up.
+    assert_eq!(verdict(&manifest(2, None, false, vec![])), "Progressing");
+    let done = vec![
+        cond(
+            "Ready",
+            "True",
+            "RolloutComplete",
+            "all 3 devices run generation 1 and are Ready",
+        ),
+        cond("Reconciling", "False", "RolloutComplete", ""),
+        cond("Stalled", "False", "NotStalled", ""),
+    ];
+    assert_eq!(
+        verdict(&manifest(2, Some(1), false, done.clone())),
+        "Progressing"
+    );
+    assert_eq!(verdict(&manifest(2, Some(2), false, done)), "Healthy");
+
+    let rolling = vec![
+        cond(
+            "Ready",
+            "False",
+            "RollingOut",
+            "1 of 3 devices updated, 1 Ready",
+        ),
+        cond(
+            "Reconciling",
+            "True",
+            "RollingOut",
+            "1 of 3 devices updated, 1 Ready",
+        ),
+        cond("Stalled", "False", "NotStalled", ""),
+    ];
+    let (status, message) = argocd_health(&manifest(2, Some(2), false, rolling)).unwrap();
+    assert_eq!(status, "Progressing");
+    assert!(message.contains("1 of 3 devices updated"), "{message}");
+
+    let stuck = vec![
+        cond(
+            "Ready",
+            "False",
+            "ProgressDeadlineExceeded",
+            "no device became Ready for 601s; waiting on: pi-office",
+        ),
+        cond("Reconciling", "False", "ProgressDeadlineExceeded", ""),
+        cond(
+            "Stalled",
+            "True",
+            "ProgressDeadlineExceeded",
+            "no device became Ready for 601s; waiting on: pi-office",
+        ),
+    ];
+    let (status, message) = argocd_health(&manifest(2, Some(2), false, stuck)).unwrap();
+    assert_eq!(status, "Degraded");
+    assert!(message.contains("pi-office"), "{message}");
+
+    let lost = vec![
+        cond(
+            "Ready",
+            "False",
+            "ResourceConflict",
+            "1 conflict(s): file /etc/x on pi-office",
+        ),
+        cond("Reconciling", "False", "RollingOut", ""),
+        cond(
+            "Stalled",
+            "True",
+            "ResourceConflict",
+            "1 conflict(s): file /etc/x on pi-office",
+        ),
+    ];
+    assert_eq!(verdict(&manifest(2, Some(2), false, lost)), "Degraded");
+
+    let paused = vec![
+        cond(
+            "Ready",
+            "False",
+            "RolloutPaused",
+            "paused with 1 of 3 devices updated",
+        ),
+        cond("Reconciling", "False", "RolloutPaused", ""),
+        cond("Stalled", "False", "NotStalled", ""),
+    ];
+    assert_eq!(verdict(&manifest(2, Some(2), true, paused)), "Suspended");
+}
+
+fn device(conditions: Option<Vec<Value>>) -> Value {
+    let mut d = json!({
+        "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice",
+        "metadata": { "name": "pi-office", "namespace": "default", "generation": 1 },
+        "spec": {},
+    });
+    if let Some(c) = conditions {
+        d["status"] = json!({ "observedGeneration": 1, "conditions": c });
+    }
+    d
+}
+
+#[test]
+fn edge_device_health_follows_heartbeats_and_convergence() {
+    assert_eq!(verdict(&device(None)), "Progressing");
+    let never = vec![cond(
+        "Ready",
+        "False",
+        "NeverConnected",
+        "the device's agent has never connected",
+    )];
+    assert_eq!(verdict(&device(Some(never))), "Progressing");
+    let fine = vec![
+        cond("Ready", "True", "HeartbeatFresh", ""),
+        cond("Converged", "True", "AllResourcesReady", ""),
+        cond("Degraded", "False", "NoFailures", ""),
+    ];
+    assert_eq!(verdict(&device(Some(fine))), "Healthy");
+    let applying = vec![
+        cond("Ready", "True", "HeartbeatFresh", ""),
+        cond(
+            "Converged",
+            "False",
+            "Applying",
+            "device runs generation 1, desired 2",
+        ),
+        cond("Degraded", "False", "NoFailures", ""),
+    ];
+    assert_eq!(verdict(&device(Some(applying))), "Progressing");
+    let failing = vec![
+        cond("Ready", "True", "HeartbeatFresh", ""),
+        cond("Converged", "False", "ResourcesNotReady", "collector"),
+        cond("Degraded", "True", "ResourcesFailed", "collector"),
+    ];
+    let (status, message) = argocd_health(&device(Some(failing))).unwrap();
+    assert_eq!(status, "Degraded");
+    assert!(message.contains("collector"), "{message}");
+    let silent = vec![
+        cond(
+            "Ready",
+            "Unknown",
+            "HeartbeatMissed",
+            "no heartbeat within the grace period",
+        ),
+        cond("Converged", "True", "AllResourcesReady", ""),
+    ];
+    assert_eq!(verdict(&device(Some(silent))), "Degraded");
+}
