@@ -12,6 +12,7 @@ pub mod engine;
 pub mod facts;
 pub mod file;
 pub mod fsutil;
+pub mod install;
 pub mod nats;
 pub mod reconciler;
 pub mod registry;

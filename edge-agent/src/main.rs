@@ -45,6 +45,140 @@ struct Cli {
 enum Cmd {
     /// Check the configuration and print it as the agent would use it.
     CheckConfig,
+    /// Install this binary as a systemd service: copy it to --bin-path, write the config
+    /// (with the NATS credentials and CA next to it) and the unit, then enable and start it.
+    Install(InstallArgs),
+    /// Stop and disable the service and remove its unit and binary (--purge: also the config
+    /// and state). Containers, units and files the agent manages stay as they are.
+    Uninstall(LayoutArgs),
+}
+
+#[derive(clap::Args)]
+struct LayoutArgs {
+    #[arg(long, default_value = "/usr/local/bin/fleetlet-agent")]
+    bin_path: PathBuf,
+    #[arg(long, default_value = "/etc/fleetlet")]
+    config_dir: PathBuf,
+    /// Where systemd reads the agent's unit (and the units the agent manages).
+    #[arg(long, default_value = "/etc/systemd/system")]
+    unit_dir: PathBuf,
+    #[arg(long, default_value = "/var/lib/fleetlet")]
+    state_dir: PathBuf,
+    /// systemd's D-Bus address (default: the system bus).
+    #[arg(long)]
+    bus_address: Option<String>,
+    /// Uninstall only: remove the config and the state directory too.
+    #[arg(long)]
+    purge: bool,
+}
+
+#[derive(clap::Args)]
+struct InstallArgs {
+    /// This device's id: the name of its EdgeDevice.
+    #[arg(long)]
+    device_id: String,
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    nats_url: Vec<String>,
+    /// This device's NATS credentials file (.creds); copied next to the config, mode 0600.
+    #[arg(long)]
+    nats_creds: Option<PathBuf>,
+    /// CA bundle of the NATS server (implies TLS); copied next to the config.
+    #[arg(long)]
+    nats_ca: Option<PathBuf>,
+    /// Resource kinds this device runs, comma-separated (default: file, container,
+    /// systemdUnit; add shellJob only if the device should run commands).
+    #[arg(long, value_delimiter = ',')]
+    enable_kinds: Vec<String>,
+    /// Replace an existing installation's config.
+    #[arg(long)]
+    force: bool,
+    /// Only write the files; do not enable or start the service.
+    #[arg(long)]
+    no_start: bool,
+    #[command(flatten)]
+    layout: LayoutArgs,
+}
+
+impl LayoutArgs {
+    fn layout(&self) -> fleetlet_agent::install::Layout {
+        fleetlet_agent::install::Layout {
+            bin_path: self.bin_path.clone(),
+            config_dir: self.config_dir.clone(),
+            unit_dir: self.unit_dir.clone(),
+            state_dir: self.state_dir.clone(),
+            bus_address: self.bus_address.clone(),
+        }
+    }
+}
+
+/// The agent's single-threaded runtime (a Pi Zero has one core).
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("fleetlet-agent: cannot start runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// `install` and `uninstall`: they need no configuration (they write it).
+fn setup(cmd: &Cmd) -> Option<ExitCode> {
+    use fleetlet_agent::install;
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return Some(code),
+    };
+    let result = match cmd {
+        Cmd::CheckConfig => return None,
+        Cmd::Install(a) => {
+            let opts = install::InstallOptions {
+                device_id: a.device_id.clone(),
+                nats_urls: a.nats_url.clone(),
+                nats_creds: a.nats_creds.clone(),
+                nats_ca: a.nats_ca.clone(),
+                enabled_kinds: a.enable_kinds.clone(),
+                force: a.force,
+                start: !a.no_start,
+            };
+            rt.block_on(install::install(&opts, &a.layout.layout()))
+                .map(|done| {
+                    for f in &done.files {
+                        println!("wrote {}", f.display());
+                    }
+                    if done.started {
+                        println!("{} enabled and started", install::UNIT_NAME);
+                    } else {
+                        println!(
+                            "start it with: systemctl enable --now {}",
+                            install::UNIT_NAME
+                        );
+                    }
+                })
+        }
+        Cmd::Uninstall(a) => rt
+            .block_on(install::uninstall(&a.layout(), a.purge))
+            .map(|removed| {
+                for f in &removed {
+                    println!("removed {}", f.display());
+                }
+                println!("{} stopped and disabled", install::UNIT_NAME);
+            }),
+    };
+    Some(match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ install::InstallError::Invalid { .. })
+        | Err(e @ install::InstallError::AlreadyInstalled(_))
+        | Err(e @ install::InstallError::Config(_)) => {
+            eprintln!("fleetlet-agent: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("fleetlet-agent: {e}");
+            ExitCode::FAILURE
+        }
+    })
 }
 
 fn settings(cli: &Cli) -> anyhow::Result<Settings> {
@@ -75,6 +209,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Some(code) = cli.command.as_ref().and_then(setup) {
+        return code;
+    }
     let settings = match settings(&cli) {
         Ok(s) => s,
         Err(e) => {
@@ -82,15 +219,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("fleetlet-agent: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match rt.block_on(run(cli, settings)) {
         Ok(code) => code,

@@ -142,6 +142,34 @@ impl SystemdReconciler {
         }
     }
 
+    /// Reloads systemd, enables `name` and (re)starts it, following the job to its end:
+    /// what `fleetlet-agent install` does with its own unit.
+    pub async fn enable_and_restart(&self, name: &str) -> Result<(), ReconcileError> {
+        let m = self.manager().await?;
+        self.reload(&m).await?;
+        m.enable_unit_files(&[name], false, true)
+            .await
+            .map_err(|e| bus_err(&format!("enabling {name}"), e))?;
+        self.job(&m, "restart", name).await
+    }
+
+    /// Stops and disables `name` if systemd knows it, then reloads: what
+    /// `fleetlet-agent uninstall` does before removing the unit file.
+    pub async fn stop_and_disable(&self, name: &str) -> Result<(), ReconcileError> {
+        let m = self.manager().await?;
+        let view = self.view(&m, name).await?;
+        if view.load_state == "not-found" {
+            return Ok(());
+        }
+        if view.active != "inactive" && view.active != "failed" {
+            self.job(&m, "stop", name).await?;
+        }
+        m.disable_unit_files(&[name], false)
+            .await
+            .map_err(|e| bus_err(&format!("disabling {name}"), e))?;
+        self.reload(&m).await
+    }
+
     /// The first line of every unit file the agent writes.
     fn marker(&self, id: &ResourceId) -> String {
         format!(

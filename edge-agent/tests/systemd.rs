@@ -345,48 +345,93 @@ async fn a_failing_unit_is_reported_and_units_fleetlet_did_not_write_are_never_r
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-/// The agent installed the way the README says, as `examples/agent/fleetlet-agent.service`
-/// under a real systemd: it reaches systemd on the standard bus path, manages a unit next to
-/// itself, and stopping the agent leaves that unit running.
+/// `fleetlet-agent install` under a real systemd: it copies the binary, writes the config
+/// and the unit (the example unit with this install's paths), and enables and starts it over
+/// D-Bus. The installed agent reaches systemd on the standard bus path, manages a unit next to
+/// itself, and stopping the agent leaves that unit running. `uninstall --purge` then removes
+/// the agent and its files, and still leaves the workload alone.
 #[tokio::test]
-async fn the_agent_runs_as_a_systemd_service_from_the_example_unit() {
+async fn the_agent_installs_itself_as_a_systemd_service_and_uninstalls() {
     let env = TestEnv::builder().nats().start().await.unwrap();
     let sd = SystemdSandbox::start().await.unwrap();
     let (desired, actual, _) = buckets(&env).await;
     let dev = Device::new("pi-installed");
-    let config = dev.write_config(env.nats_url().unwrap(), "", "");
-    std::fs::create_dir_all(dev.root()).unwrap();
-    let example =
-        read(&fleetlet_testenv::repo_root().join("examples/agent/fleetlet-agent.service"));
-    assert!(
-        example
-            .contains("ExecStart=/usr/local/bin/fleetlet-agent --config /etc/fleetlet/agent.toml")
-    );
-    // Only the paths differ from a device: this build's binary, the test's config and state.
-    let unit_text: String = example
-        .replace(
-            "/usr/local/bin/fleetlet-agent --config /etc/fleetlet/agent.toml",
-            &format!(
-                "{} --config {}",
-                env!("CARGO_BIN_EXE_fleetlet-agent"),
-                config.display()
+    let root = tempfile::tempdir().unwrap();
+    let creds = root.path().join("given.creds");
+    std::fs::write(&creds, "not used by this server\n").unwrap();
+    let bus = sd.bus_address.clone();
+    let layout = |extra: &[&str]| {
+        let mut args: Vec<String> = vec![
+            format!(
+                "--bin-path={}",
+                root.path().join("bin/fleetlet-agent").display()
             ),
-        )
-        .lines()
-        .filter(|l| !l.starts_with("StateDirectory"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(sd.unit_dir.join("fleetlet-agent.service"), unit_text).unwrap();
-    manager(&sd, "Reload", "", &[]);
-    manager(
-        &sd,
-        "EnableUnitFiles",
-        "asbb",
-        &["1", "fleetlet-agent.service", "false", "true"],
+            format!("--config-dir={}", root.path().join("etc").display()),
+            format!("--unit-dir={}", sd.unit_dir.display()),
+            format!("--state-dir={}", root.path().join("state").display()),
+            format!("--bus-address={bus}"),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let agent = |args: Vec<String>| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fleetlet-agent"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let mut install = vec!["install".to_string()];
+    install.extend(layout(&[
+        "--device-id=pi-installed",
+        &format!("--nats-url={}", env.nats_url().unwrap()),
+        &format!("--nats-creds={}", creds.display()),
+        "--enable-kinds=file,systemdUnit",
+    ]));
+    // The given creds are copied privately and named in the config; this test's server
+    // takes no credentials, so the line is dropped below before the agent connects.
+    let out = agent(install.clone());
+    assert!(out.status.success(), "install: {out:?}");
+    let copied = root.path().join("etc/nats.creds");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&copied).unwrap().permissions().mode() & 0o777,
+        0o600
     );
+    let config = root.path().join("etc/agent.toml");
+    assert_eq!(
+        std::fs::metadata(&config).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let unit_text = read(&sd.unit_dir.join("fleetlet-agent.service"));
+    assert!(unit_text.contains(&format!(
+        "ExecStart={} --config {}",
+        root.path().join("bin/fleetlet-agent").display(),
+        config.display()
+    )));
+    assert!(unit_text.contains("KillMode=process"));
+    assert_eq!(
+        prop(&sd, "fleetlet-agent.service", "Unit", "UnitFileState"),
+        "s \"enabled\""
+    );
+
+    // A second install without --force refuses and changes nothing.
+    let before = read(&config);
+    let again = agent(install.clone());
+    assert_eq!(again.status.code(), Some(2), "{again:?}");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    assert_eq!(read(&config), before);
+    // A bad device id is refused before anything is written.
+    let mut bad = install.clone();
+    bad[1] = "--device-id=Not_A_Name".into();
+    let out = agent(bad);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    // The installed agent runs; without the creds line it connects to this open server.
+    let text = read(&config).replace(&format!("creds_file = \"{}\"\n", copied.display()), "");
+    std::fs::write(&config, text).unwrap();
     manager(
         &sd,
-        "StartUnit",
+        "RestartUnit",
         "ss",
         &["fleetlet-agent.service", "replace"],
     );
@@ -410,10 +455,6 @@ async fn the_agent_runs_as_a_systemd_service_from_the_example_unit() {
         prop(&sd, "fleetlet-agent.service", "Unit", "ActiveState"),
         "s \"active\""
     );
-    assert_eq!(
-        prop(&sd, "fleetlet-agent.service", "Unit", "UnitFileState"),
-        "s \"enabled\""
-    );
 
     manager(
         &sd,
@@ -430,5 +471,22 @@ async fn the_agent_runs_as_a_systemd_service_from_the_example_unit() {
         prop(&sd, "sidecar.service", "Unit", "ActiveState"),
         "s \"active\"",
         "stopping the agent leaves its workloads running"
+    );
+
+    let mut uninstall = vec!["uninstall".to_string()];
+    uninstall.extend(layout(&["--purge"]));
+    let out = agent(uninstall);
+    assert!(out.status.success(), "uninstall: {out:?}");
+    assert!(!sd.unit_dir.join("fleetlet-agent.service").exists());
+    assert!(!root.path().join("bin/fleetlet-agent").exists());
+    assert!(!root.path().join("etc").exists());
+    assert_ne!(
+        prop(&sd, "fleetlet-agent.service", "Unit", "UnitFileState"),
+        "s \"enabled\""
+    );
+    assert_eq!(
+        prop(&sd, "sidecar.service", "Unit", "ActiveState"),
+        "s \"active\"",
+        "uninstalling the agent leaves its workloads running"
     );
 }
