@@ -200,7 +200,12 @@ impl Mirror {
         let mut w = Writes::default();
         let hb = self.heartbeats.get(id).map(|v| v.value);
         let st = self.actual.get(id).map(|v| v.value);
-        let live = view::liveness(hb.as_ref(), now, self.grace_ms);
+        // The device's own grace period (spec.heartbeatGraceSeconds) or the bridge's.
+        let grace_ms = dev
+            .spec
+            .heartbeat_grace_seconds
+            .map_or(self.grace_ms, |s| u64::from(s) * 1000);
+        let live = view::liveness(hb.as_ref(), now, grace_ms);
         let ns = dev.namespace().unwrap_or_default();
 
         // EdgeDevice status (the bridge's fields only).
@@ -363,7 +368,7 @@ impl Mirror {
                     },
                     "spec": {
                         "holderIdentity": name,
-                        "leaseDurationSeconds": (self.grace_ms / 1000).max(1),
+                        "leaseDurationSeconds": (grace_ms / 1000).max(1),
                         "renewTime": renew,
                     },
                 });

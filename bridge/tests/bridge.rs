@@ -313,6 +313,60 @@ async fn a_silent_device_turns_unknown_after_the_grace_period_and_ready_when_it_
     .await;
 }
 
+/// `spec.heartbeatGraceSeconds` gives one device a longer grace period than the bridge's
+/// (3 s here): its node stays Ready while a default device's turns Unknown, and its Lease
+/// lasts as long.
+#[tokio::test]
+async fn a_device_with_its_own_grace_period_stays_ready_longer() {
+    let env = shared();
+    let ns = env.namespace("br-owngrace").await.unwrap();
+    let (hb, _) = buckets(env).await;
+    add_device(env, &ns, "bo-short").await;
+    let api = add_device(env, &ns, "bo-long").await;
+    let body = json!({ "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice",
+        "metadata": { "name": "bo-long" }, "spec": { "heartbeatGraceSeconds": 20 } });
+    api.patch(
+        "bo-long",
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .unwrap();
+    let short = keep_beating(hb.clone(), "bo-short");
+    let long = keep_beating(hb.clone(), "bo-long");
+    for d in ["bo-short", "bo-long"] {
+        eventually("ready", async || {
+            node_ready(env, d).await.filter(|(s, _)| s == "True")
+        })
+        .await;
+    }
+    let leases: Api<Lease> = Api::namespaced(env.kube_client().await.unwrap(), "kube-node-lease");
+    let duration = eventually("the lease", async || {
+        leases
+            .get_opt("bo-long")
+            .await
+            .ok()??
+            .spec?
+            .lease_duration_seconds
+    })
+    .await;
+    assert_eq!(duration, 20);
+
+    short.abort();
+    long.abort();
+    eventually("the default device unknown", async || {
+        node_ready(env, "bo-short")
+            .await
+            .filter(|(s, _)| s == "Unknown")
+    })
+    .await;
+    let (status, _) = node_ready(env, "bo-long").await.unwrap();
+    assert_eq!(
+        status, "True",
+        "the device's own 20 s grace has not run out"
+    );
+}
+
 #[tokio::test]
 async fn a_device_that_never_connected_is_not_ready_with_that_reason() {
     let env = shared();

@@ -101,4 +101,12 @@ fn demo_brings_up_the_control_plane_and_shows_the_example_fleet() {
     );
     let env_file = std::fs::read_to_string(state.path().join("env")).unwrap();
     assert!(env_file.contains("KUBECONFIG=") && env_file.contains("NATS_URL=nats://127.0.0.1:"));
+    // The demo changes sensor-stack and shows the rollout reach both sensors.
+    assert!(stdout.contains("rollout complete"), "{stdout}");
+    for device in ["pi-kitchen", "pi-office"] {
+        assert!(
+            stdout.contains(&format!("{device}: sensor.toml says interval_seconds = 30")),
+            "{stdout}"
+        );
+    }
 }

@@ -1,8 +1,10 @@
 //! `fleetlet-dev up`: a local fleetlet control plane on this machine, for trying it out.
 //!
-//! Starts a real etcd + kube-apiserver (with fleetlet's CRDs) and nats-server (with
-//! fleetlet's buckets), applies the examples, shows the fleet with kubectl, and keeps
-//! running until Ctrl-C. `--exit` tears down right after showing the fleet.
+//! Starts a real etcd + kube-apiserver and nats-server (with fleetlet's buckets), installs
+//! the Helm chart (CRDs, ServiceAccounts, RBAC), runs the controller and the bridge with the
+//! chart's ServiceAccount tokens and one agent per example device, applies the examples,
+//! shows the fleet with kubectl, changes a manifest and shows the rollout, and keeps running
+//! until Ctrl-C. `--exit` tears down right after the rollout.
 
 use std::{
     path::{Path, PathBuf},
@@ -85,7 +87,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     eprintln!("starting etcd, kube-apiserver and nats-server ...");
     let started = std::time::Instant::now();
     let env = TestEnv::builder()
-        .kube()
+        .kube_without_crds()
         .nats()
         .start()
         .await
@@ -109,9 +111,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
     }
-    kubectl(&env, &["create", "namespace", "fleetlet-system"])?;
-    let _controller =
-        components::start_controller(&env, &bin_dir, &state_dir, &["--resync-seconds=5"])?;
+    // What a platform team does: the chart installs the CRDs, ServiceAccounts and RBAC. Its
+    // Deployments cannot run here (no kubelet), so the same binaries run on this machine with
+    // the chart's ServiceAccount tokens: exactly the rights an in-cluster install has.
+    eprintln!("$ helm install fleetlet helm/fleetlet -n fleetlet-system --create-namespace");
+    let chart = env
+        .install_chart("fleetlet", "fleetlet-system", &[])
+        .context("installing the Helm chart")?;
+    wait_for_crds(&env).await?;
+    let _controller = components::start_controller_as(
+        &env,
+        &chart.controller_kubeconfig,
+        &bin_dir,
+        &state_dir,
+        &["--resync-seconds=5"],
+    )?;
     // The bridge also serves the nodes' kubelet API (kubectl logs / exec), with a serving
     // certificate from the local control plane's CA, which the apiserver trusts.
     let pki = env
@@ -132,7 +146,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         format!("--kubelet-client-ca-file={}", pki.join("ca.crt").display()),
     ];
     let kubelet_flags: Vec<&str> = kubelet_flags.iter().map(String::as_str).collect();
-    let _bridge = components::start_bridge(&env, &bin_dir, &state_dir, &kubelet_flags)?;
+    let _bridge = components::start_bridge_as(
+        &env,
+        &chart.bridge_kubeconfig,
+        &bin_dir,
+        &state_dir,
+        &kubelet_flags,
+    )?;
 
     for f in &files {
         kubectl(&env, &["apply", "-f", &f.display().to_string()])?;
@@ -179,6 +199,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     );
     runtimes.describe();
 
+    show_rollout(&env, &client, &state_dir).await?;
+
     if exit {
         return Ok(());
     }
@@ -195,6 +217,109 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     eprintln!("stopping ...");
     drop(env);
     let _ = std::fs::remove_dir_all(&state_dir);
+    Ok(())
+}
+
+/// Waits until the apiserver serves the CRDs the chart installed.
+async fn wait_for_crds(env: &TestEnv) -> anyhow::Result<()> {
+    let api: Api<EdgeManifest> = Api::all(env.kube_client().await?);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while api.list(&Default::default()).await.is_err() {
+        if std::time::Instant::now() > deadline {
+            bail!("the chart's CRDs are not served after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// Changes sensor-stack's config file and prints the rollout as it happens: with
+/// `maxUnavailable: 1`, one device at a time.
+async fn show_rollout(env: &TestEnv, client: &kube::Client, state: &Path) -> anyhow::Result<()> {
+    let api: Api<EdgeManifest> = Api::namespaced(client.clone(), "default");
+    let Some(before) = api.get_opt("sensor-stack").await? else {
+        return Ok(());
+    };
+    let Some(i) = before
+        .spec
+        .resources
+        .iter()
+        .position(|r| r.id.as_str() == "sensor-config")
+    else {
+        return Ok(());
+    };
+    println!();
+    println!("== changing a manifest: sensor-stack's sensor.toml, interval 15 s -> 30 s");
+    let patch = serde_json::json!([{
+        "op": "replace",
+        "path": format!("/spec/resources/{i}/file/content/text"),
+        "value": "interval_seconds = 30\nendpoint = \"http://127.0.0.1:8080/ingest\"\n",
+    }])
+    .to_string();
+    println!("$ kubectl patch edgemanifest sensor-stack --type=json -p '{patch}'");
+    kubectl(
+        env,
+        &[
+            "patch",
+            "edgemanifest",
+            "sensor-stack",
+            "--type=json",
+            "-p",
+            &patch,
+        ],
+    )?;
+    let started = std::time::Instant::now();
+    let mut last = String::new();
+    let mut complete = false;
+    while started.elapsed() < Duration::from_secs(60) {
+        let m = api.get("sensor-stack").await?;
+        let generation = m.metadata.generation.unwrap_or_default();
+        if let Some(s) = m
+            .status
+            .as_ref()
+            .filter(|s| s.observed_generation == Some(generation))
+        {
+            let reason = s
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| c.reason.clone())
+                .unwrap_or_default();
+            let line = format!(
+                "generation {generation}: {}/{} devices updated, {} Ready ({reason})",
+                s.updated, s.targeted, s.ready
+            );
+            if line != last {
+                println!("  {:>5.1}s  {line}", started.elapsed().as_secs_f64());
+                last = line;
+            }
+            if reason == "RolloutComplete" {
+                complete = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "rollout {}",
+        if complete {
+            "complete"
+        } else {
+            "not complete after 60 s"
+        }
+    );
+    kubectl(env, &["get", "edgemanifest", "sensor-stack"])?;
+    for device in ["pi-kitchen", "pi-office"] {
+        let path = state.join(format!(
+            "agents/{device}/root/etc/fleetlet-demo/sensor.toml"
+        ));
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            println!(
+                "{device}: sensor.toml says {}",
+                text.lines().next().unwrap_or_default()
+            );
+        }
+    }
     Ok(())
 }
 
