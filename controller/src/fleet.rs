@@ -70,6 +70,8 @@ pub struct Fleet {
     pods: Option<PodWatch>,
     /// Refusals already reported, by pod uid: reported once, not every pass.
     refusals: Mutex<HashMap<String, &'static str>>,
+    /// Signs every manifest written, when set.
+    signer: Option<crate::signing::Signer>,
 }
 
 /// What one pass did, for logs, metrics and tests.
@@ -121,7 +123,15 @@ impl Fleet {
             status_queue,
             pods: None,
             refusals: Mutex::new(HashMap::new()),
+            signer: None,
         }
+    }
+
+    /// Signs every manifest with `signer`; manifests signed with another key (or none) are
+    /// rewritten, so a key rotation reaches every device.
+    pub fn with_signer(mut self, signer: crate::signing::Signer) -> Self {
+        self.signer = Some(signer);
+        self
     }
 
     /// Runs Pods bound to virtual nodes on their devices.
@@ -354,7 +364,9 @@ impl Fleet {
                 continue;
             };
             let current = desired.get(&id);
-            if current.is_some_and(|c| c.value.resources == resources) {
+            let key = self.signer.as_ref().map(|s| s.id.clone());
+            if current.is_some_and(|c| c.value.resources == resources && c.value.signing_key == key)
+            {
                 continue;
             }
             let floor = [
@@ -370,6 +382,7 @@ impl Fleet {
             .unwrap_or(0);
             let mut m = AgentManifest::new(id.clone(), floor + 1);
             m.resources = resources;
+            m.signing_key = key;
             writes.push((obj.clone(), m));
         }
         let results: Vec<(Arc<EdgeDevice>, u64, Result<bool, Error>)> =
@@ -423,7 +436,10 @@ impl Fleet {
 
     /// Compare-and-set write; Ok(false) when someone else wrote first (the next pass sees it).
     async fn write_desired(&self, id: &DeviceId, m: &AgentManifest) -> Result<bool, Error> {
-        let bytes = encode(m).map_err(|e| Error::Encode(e.to_string()))?;
+        let bytes = match &self.signer {
+            Some(s) => s.seal(m)?,
+            None => encode(m).map_err(|e| Error::Encode(e.to_string()))?,
+        };
         let key = DESIRED_STATE.key(id);
         let result = match self.desired.revision(id) {
             Some(rev) => self

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod plan;
 pub mod pods;
 pub mod selector;
+pub mod signing;
 
 use std::{
     collections::HashMap,
@@ -178,6 +179,31 @@ pub struct Args {
     /// Secrets cluster-wide).
     #[arg(long, env = "FLEETLET_PODS", default_value_t = true, action = clap::ArgAction::Set)]
     pub pods: bool,
+    /// Sign every manifest with this ed25519 key (PKCS#8, PEM or DER); agents that list its
+    /// public key in `[trust] manifest_keys` accept nothing else.
+    #[arg(long, env = "FLEETLET_MANIFEST_SIGNING_KEY")]
+    pub manifest_signing_key: Option<PathBuf>,
+    /// The key's id in manifests and agents' configs (default: derived from the public key).
+    #[arg(
+        long,
+        env = "FLEETLET_MANIFEST_SIGNING_KEY_ID",
+        requires = "manifest_signing_key"
+    )]
+    pub manifest_signing_key_id: Option<String>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// One-off tasks instead of running the controller.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Write a new manifest signing key (PKCS#8 PEM, mode 0600) and print the line agents
+    /// need in `[trust] manifest_keys`; with an existing FILE, print that line only.
+    SigningKey {
+        file: PathBuf,
+        #[arg(long)]
+        id: Option<String>,
+    },
 }
 
 impl Args {
@@ -401,6 +427,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), Error> {
+    // Read the signing key before anything else: a bad key is a configuration error.
+    if let Some(path) = &args.manifest_signing_key {
+        signing::Signer::from_file(path, args.manifest_signing_key_id.clone())?;
+    }
     let client = Client::try_default().await?;
     let nats = args.nats.connect("fleetlet-controller").await?;
     let js = jetstream::new(nats.clone());
@@ -476,6 +506,11 @@ pub async fn run(
         Duration::from_secs(args.progress_deadline_seconds),
         status_tx,
     );
+    if let Some(path) = &args.manifest_signing_key {
+        let signer = signing::Signer::from_file(path, args.manifest_signing_key_id.clone())?;
+        info!(key = %signer.id, "signing manifests");
+        fleet = fleet.with_signer(signer);
+    }
 
     let mut tasks = tokio::task::JoinSet::new();
     let pods_synced: Vec<Arc<AtomicBool>> = if args.pods {

@@ -38,6 +38,7 @@ fn manifest(
 ) -> AgentManifest {
     AgentManifest {
         api_version: API_VERSION.into(),
+        signing_key: None,
         device: dev.clone(),
         generation,
         resources: (0..files)

@@ -87,6 +87,19 @@ pub struct Config {
     pub systemd: SystemdConfig,
     #[serde(default)]
     pub shell_job: ShellJobConfig,
+    #[serde(default)]
+    pub trust: TrustConfig,
+}
+
+/// Which manifests this device accepts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    /// ed25519 public keys (standard base64 of the 32-byte key) by key id, as printed by
+    /// `fleetlet-controller signing-key`. With any key here the agent accepts only manifests
+    /// signed by one of them; list the old and the new key while rotating.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub manifest_keys: std::collections::BTreeMap<String, String>,
 }
 
 /// Containers, through podman's REST API.
@@ -372,6 +385,9 @@ pub struct Settings {
     pub container: ContainerConfig,
     pub systemd: SystemdConfig,
     pub shell_job: ShellJobConfig,
+    /// Trusted manifest signing keys (32-byte ed25519 public keys) by id; empty: signatures
+    /// are not required.
+    pub manifest_keys: std::collections::BTreeMap<String, Vec<u8>>,
 }
 
 impl Config {
@@ -401,6 +417,7 @@ impl Config {
             container: ContainerConfig::default(),
             systemd: SystemdConfig::default(),
             shell_job: ShellJobConfig::default(),
+            trust: TrustConfig::default(),
         }
     }
 
@@ -571,6 +588,21 @@ impl Config {
         if j.audit_log.is_none() {
             j.audit_log = Some(self.state_dir.join("shell-jobs.log"));
         }
+        let mut manifest_keys = std::collections::BTreeMap::new();
+        for (id, key) in &self.trust.manifest_keys {
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(key.trim())
+                .ok()
+                .filter(|b| b.len() == 32)
+                .ok_or_else(|| {
+                    invalid(
+                        "trust.manifest_keys",
+                        format!("key {id:?} is not the base64 of a 32-byte ed25519 public key"),
+                    )
+                })?;
+            manifest_keys.insert(id.clone(), bytes);
+        }
         Ok(Settings {
             device,
             state_dir: self.state_dir,
@@ -588,6 +620,7 @@ impl Config {
             container: self.container,
             systemd: self.systemd,
             shell_job: self.shell_job,
+            manifest_keys,
         })
     }
 }

@@ -181,6 +181,8 @@ impl Engine {
         }
         let m = decode::<AgentManifest>(value).map_err(|e| (e.reason(), e.to_string(), None))?;
         let generation = Some(m.generation);
+        crate::trust::verify(&self.settings.manifest_keys, value, &m)
+            .map_err(|(reason, message)| (reason, message, generation))?;
         if m.device != self.settings.device {
             return Err((
                 "WrongDevice",

@@ -20,6 +20,7 @@ pub mod relay;
 pub mod shelljob;
 pub mod store;
 pub mod systemd;
+pub mod trust;
 
 use std::{future::Future, sync::Arc, time::Duration};
 

@@ -130,20 +130,17 @@ pub async fn watch_manifest(
                 last_seen = e.revision;
                 let _ = tx.send(candidate(e.operation, e.revision, e.value)).await;
             }
-            let mut w = kv
-                .watch_from_revision(key.as_str(), last_seen + 1)
-                .await
-                .map_err(|e| NatsError::Kv(format!("watching desired state: {e}")))?;
+            let mut w = watch_key(&js, &kv, &device, key.as_str(), last_seen + 1).await?;
             info!(from_revision = last_seen + 1, "watching desired state");
             attempt = 0;
             while let Some(entry) = w.next().await {
-                let e = entry.map_err(|e| NatsError::Kv(format!("watch: {e}")))?;
-                if e.revision <= last_seen {
+                let (operation, revision, value) = entry?;
+                if revision <= last_seen {
                     continue;
                 }
-                last_seen = e.revision;
+                last_seen = revision;
                 if tx
-                    .send(candidate(e.operation, e.revision, e.value))
+                    .send(candidate(operation, revision, value))
                     .await
                     .is_err()
                 {
@@ -168,6 +165,65 @@ pub async fn watch_manifest(
             return;
         }
     }
+}
+
+/// Watches one key from `from_revision` on, needing NATS permission for that key only.
+///
+/// It is an ordered push consumer created with a name and the key as its filter subject,
+/// so the JetStream API subject names the key
+/// (`$JS.API.CONSUMER.CREATE.KV_<bucket>.<name>.$KV.<bucket>.<key>`) and the server refuses
+/// a filter that differs from it. A device's permissions can therefore allow its own key and
+/// nothing else. (A KV watch creates its consumer on `$JS.API.CONSUMER.CREATE.KV_<bucket>`
+/// with the filter in the payload: allowing that would let a device read every key.)
+async fn watch_key(
+    js: &jetstream::Context,
+    kv: &Store,
+    device: &DeviceId,
+    key: &str,
+    from_revision: u64,
+) -> Result<impl futures::Stream<Item = Result<(Operation, u64, bytes::Bytes), NatsError>>, NatsError>
+{
+    use jetstream::consumer::{DeliverPolicy, ReplayPolicy, push::OrderedConfig};
+    let consumer = kv
+        .stream
+        .create_consumer(OrderedConfig {
+            name: Some(format!("fleetlet_{device}_{:016x}", fastrand::u64(..))),
+            deliver_subject: js.client().new_inbox(),
+            description: Some(format!("fleetlet agent {device}: desired state")),
+            filter_subject: format!("{}{key}", kv.prefix),
+            replay_policy: ReplayPolicy::Instant,
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: from_revision.max(1),
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| NatsError::Kv(format!("watching desired state: {e}")))?;
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|e| NatsError::Kv(format!("watching desired state: {e}")))?;
+    Ok(messages.map(|m| {
+        let m = m.map_err(|e| NatsError::Kv(format!("watch: {e}")))?;
+        let revision = m
+            .info()
+            .map_err(|e| NatsError::Kv(format!("watch: {e}")))?
+            .stream_sequence;
+        let header = |name: &str| {
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        let operation = match (header("KV-Operation"), header("Nats-Marker-Reason")) {
+            (Some(op), _) if op == "DEL" => Operation::Delete,
+            (Some(op), _) if op == "PURGE" => Operation::Purge,
+            (None, Some(r)) if r == "Remove" => Operation::Delete,
+            (None, Some(_)) => Operation::Purge,
+            _ => Operation::Put,
+        };
+        Ok((operation, revision, m.payload.clone()))
+    }))
 }
 
 fn candidate(op: Operation, revision: u64, value: bytes::Bytes) -> Candidate {

@@ -10,7 +10,9 @@ pub mod heartbeat;
 pub mod kv;
 pub mod manifest;
 pub mod names;
+pub mod permissions;
 pub mod relay;
+pub mod signing;
 pub mod status;
 pub mod time;
 
@@ -44,6 +46,10 @@ pub trait Record: Serialize + DeserializeOwned {
     fn check(&self) -> Result<(), DecodeError> {
         Ok(())
     }
+    /// Parses the stored bytes (a manifest may come in a signed envelope).
+    fn from_wire(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
 }
 
 impl Record for AgentManifest {
@@ -57,6 +63,12 @@ impl Record for AgentManifest {
     }
     fn check(&self) -> Result<(), DecodeError> {
         self.validate().map_err(DecodeError::Invalid)
+    }
+    fn from_wire(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        match signing::open(bytes) {
+            Some(Ok(sealed)) => serde_json::from_str(&sealed.manifest),
+            _ => serde_json::from_slice(bytes),
+        }
     }
 }
 
@@ -141,7 +153,7 @@ pub fn decode<R: Record>(bytes: &[u8]) -> Result<R, DecodeError> {
             limit: R::MAX_BYTES,
         });
     }
-    let record: R = serde_json::from_slice(bytes).map_err(|source| DecodeError::Malformed {
+    let record: R = R::from_wire(bytes).map_err(|source| DecodeError::Malformed {
         what: R::WHAT,
         source,
     })?;
@@ -183,6 +195,10 @@ pub fn json_schemas() -> Vec<(&'static str, schemars::Schema)> {
             schemars::schema_for!(AgentStatus),
         ),
         ("heartbeat.schema.json", schemars::schema_for!(Heartbeat)),
+        (
+            "signed-agent-manifest.schema.json",
+            schemars::schema_for!(signing::SignedManifest),
+        ),
         (
             "relay-logs-request.schema.json",
             schemars::schema_for!(relay::LogsRequest),

@@ -27,6 +27,10 @@ pub struct AgentManifest {
     /// The resources; ids are unique within the manifest.
     #[serde(default)]
     pub resources: Vec<ManagedResource>,
+    /// Id of the key that signs this manifest, when the control plane signs manifests (see
+    /// [`crate::signing`]); part of what is signed, so it cannot be swapped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<String>,
 }
 
 /// One resource on a device, with the object that asked for it.
@@ -605,6 +609,7 @@ impl AgentManifest {
             device,
             generation,
             resources: Vec::new(),
+            signing_key: None,
         }
     }
 

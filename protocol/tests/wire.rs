@@ -143,6 +143,7 @@ fn manifest() -> impl Strategy<Value = AgentManifest> {
     )
         .prop_map(|(device, generation, resources)| AgentManifest {
             api_version: API_VERSION.into(),
+            signing_key: None,
             device,
             generation,
             resources: resources
@@ -280,6 +281,27 @@ proptest! {
         let _ = decode::<AgentManifest>(&bytes);
         let _ = decode::<AgentStatus>(&bytes);
         let _ = decode::<Heartbeat>(&bytes);
+    }
+
+    /// Valid manifests with bytes overwritten or cut short, plain or inside a signed
+    /// envelope: decoding returns an error or a manifest, never panics.
+    #[test]
+    fn mutated_manifests_never_panic(
+        m in manifest(),
+        edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+        cut in any::<usize>(),
+    ) {
+        let mut bytes = encode(&m).unwrap();
+        for (i, v) in edits {
+            let i = i % bytes.len();
+            bytes[i] = v;
+        }
+        bytes.truncate(cut % (bytes.len() + 1));
+        let _ = decode::<AgentManifest>(&bytes);
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let sealed = fleetlet_protocol::signing::SignedManifest::new(text, "AAAA".into());
+        let _ = decode::<AgentManifest>(&serde_json::to_vec(&sealed).unwrap());
+        let _ = fleetlet_protocol::signing::open(&bytes);
     }
 }
 

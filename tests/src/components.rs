@@ -114,3 +114,16 @@ fn start_component(
         dir.join(log),
     )
 }
+
+/// `fleetlet-agent` with `config` (TOML) written to `dir/agent.toml` and its log in
+/// `dir/agent.log`.
+pub fn start_agent(bin_dir: &Path, dir: &Path, config: &str) -> Result<Service, Error> {
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, config)?;
+    Service::spawn(
+        "fleetlet-agent",
+        &bin_dir.join("fleetlet-agent"),
+        &["--config".into(), path.display().to_string()],
+        dir.join("agent.log"),
+    )
+}

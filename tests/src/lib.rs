@@ -100,6 +100,15 @@ pub struct Builder {
     controllers: bool,
     nats: bool,
     nats_args: Vec<String>,
+    nats_secured: Option<SecuredNats>,
+}
+
+/// nats-server with a config file (users and permissions) and, optionally, TLS.
+#[derive(Debug, Clone)]
+struct SecuredNats {
+    config: String,
+    admin: (String, String),
+    tls: bool,
 }
 
 impl Builder {
@@ -139,6 +148,20 @@ impl Builder {
     pub fn nats_with_args(mut self, args: &[&str]) -> Self {
         self.nats = true;
         self.nats_args = args.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
+    /// nats-server configured with `config` (e.g. an `authorization` block with
+    /// per-user permissions), where `admin`/`password` is a user allowed everything (the
+    /// environment creates the buckets with it). With `tls`, the server serves a certificate
+    /// for 127.0.0.1 from a CA of its own ([`NatsServer::ca_file`]) and its URL is `tls://`.
+    pub fn nats_secured(mut self, config: &str, admin: &str, password: &str, tls: bool) -> Self {
+        self.nats = true;
+        self.nats_secured = Some(SecuredNats {
+            config: config.into(),
+            admin: (admin.into(), password.into()),
+            tls,
+        });
         self
     }
 
@@ -212,8 +235,33 @@ impl TestEnv {
             env.kube = Some(kube);
         }
         if opts.nats {
-            let nats = NatsServer::start_with_args(&bins.nats_server, &dir, opts.nats_args.clone())
-                .await?;
+            let nats = match &opts.nats_secured {
+                None => {
+                    NatsServer::start_with_args(&bins.nats_server, &dir, opts.nats_args.clone())
+                        .await?
+                }
+                Some(sec) => {
+                    let tls = if sec.tls {
+                        let pki_dir = dir.join("nats-pki");
+                        pki::Pki::generate()?.write(&pki_dir)?;
+                        Some((
+                            pki_dir.join("apiserver.crt"),
+                            pki_dir.join("apiserver.key"),
+                            pki_dir.join("ca.crt"),
+                        ))
+                    } else {
+                        None
+                    };
+                    NatsServer::start_with_config(
+                        &bins.nats_server,
+                        &dir,
+                        &sec.config,
+                        sec.admin.clone(),
+                        tls,
+                    )
+                    .await?
+                }
+            };
             ensure_buckets(nats.client().await?).await?;
             env.nats = Some(nats);
         }
@@ -276,6 +324,39 @@ impl TestEnv {
         let mut cmd = Command::new(std::env::var_os("KUBECTL").unwrap_or_else(|| "kubectl".into()));
         cmd.env("KUBECONFIG", self.kubeconfig()?);
         Ok(cmd)
+    }
+
+    /// Waits (up to 30 s) until Node `name` is `Ready=True`; panics otherwise (for tests).
+    pub async fn wait_node_ready(&self, name: &str) {
+        use k8s_openapi::api::core::v1::Node;
+        let client = self.kube_client().await.expect("a kube client");
+        let nodes: ::kube::Api<Node> = ::kube::Api::all(client);
+        eventually(
+            &format!("node {name} Ready"),
+            std::time::Duration::from_secs(30),
+            || async {
+                let n = nodes.get(name).await.map_err(|e| e.to_string())?;
+                let ready = n
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                ready.then_some(()).ok_or("not Ready".to_string())
+            },
+        )
+        .await;
+    }
+
+    /// `kubectl apply -f` of `yaml`; Err with kubectl's output if it fails.
+    pub fn apply(&self, yaml: &str) -> Result<(), Error> {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = self.dir.join(format!("apply-{n}.yaml"));
+        std::fs::write(&path, yaml)?;
+        let mut cmd = self.kubectl()?;
+        cmd.args(["apply", "-f"]).arg(&path);
+        chart::checked("kubectl apply", cmd).map(|_| ())
     }
 
     /// Creates a namespace with a unique name starting with `prefix`.

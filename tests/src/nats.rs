@@ -20,6 +20,11 @@ pub struct NatsServer {
     program: PathBuf,
     dir: PathBuf,
     extra_args: Vec<String>,
+    /// Credentials the readiness check (and [`NatsServer::client`]) uses, when the server
+    /// has an authorization block in its config file.
+    admin: Option<(String, String)>,
+    /// CA that signed the server's certificate, when it serves TLS.
+    pub ca_file: Option<PathBuf>,
     service: Option<Service>,
     starts: u32,
 }
@@ -38,6 +43,8 @@ impl NatsServer {
     ) -> Result<Self, Error> {
         let mut server = Self {
             extra_args,
+            admin: None,
+            ca_file: None,
             port: free_port()?,
             monitor_port: free_port()?,
             url: String::new(),
@@ -47,6 +54,47 @@ impl NatsServer {
             starts: 0,
         };
         server.url = format!("nats://127.0.0.1:{}", server.port);
+        server.start_again().await?;
+        Ok(server)
+    }
+
+    /// Starts with a config file (`config`: nats-server configuration text, e.g. an
+    /// `authorization` block with per-user permissions). `admin` is a user of that config
+    /// allowed everything; `tls`: serve TLS with `(cert, key, ca)` PEM files, and clients
+    /// connect with `tls://`.
+    pub async fn start_with_config(
+        program: &Path,
+        dir: &Path,
+        config: &str,
+        admin: (String, String),
+        tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    ) -> Result<Self, Error> {
+        let mut text = config.to_string();
+        let mut ca_file = None;
+        if let Some((cert, key, ca)) = tls {
+            text.push_str(&format!(
+                "\ntls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n",
+                cert.display(),
+                key.display()
+            ));
+            ca_file = Some(ca);
+        }
+        let path = dir.join("nats.conf");
+        std::fs::write(&path, text)?;
+        let port = free_port()?;
+        let scheme = if ca_file.is_some() { "tls" } else { "nats" };
+        let mut server = Self {
+            extra_args: vec!["-c".into(), path.display().to_string()],
+            admin: Some(admin),
+            ca_file,
+            port,
+            monitor_port: free_port()?,
+            url: format!("{scheme}://127.0.0.1:{port}"),
+            program: program.to_path_buf(),
+            dir: dir.to_path_buf(),
+            service: None,
+            starts: 0,
+        };
         server.start_again().await?;
         Ok(server)
     }
@@ -75,11 +123,13 @@ impl NatsServer {
         let mut service = Service::spawn("nats-server", &self.program, &args, log)?;
         let url = self.url.clone();
         let auth = self.auth();
+        let ca = self.ca_file.clone();
         wait_until("nats-server", &mut service, Duration::from_secs(20), || {
             let url = url.clone();
             let auth = auth.clone();
+            let ca = ca.clone();
             async move {
-                let client = connect_options(auth)
+                let client = connect_options(auth, ca)
                     .connect(&url)
                     .await
                     .map_err(|e| e.to_string())?;
@@ -108,11 +158,16 @@ impl NatsServer {
     }
 
     pub async fn client(&self) -> Result<async_nats::Client, Error> {
-        Ok(connect_options(self.auth()).connect(&self.url).await?)
+        Ok(connect_options(self.auth(), self.ca_file.clone())
+            .connect(&self.url)
+            .await?)
     }
 
     /// `--user`/`--pass` given to the server, if any.
     fn auth(&self) -> Option<(String, String)> {
+        if self.admin.is_some() {
+            return self.admin.clone();
+        }
         let flag = |name: &str| {
             self.extra_args
                 .iter()
@@ -127,10 +182,17 @@ impl NatsServer {
     }
 }
 
-fn connect_options(auth: Option<(String, String)>) -> async_nats::ConnectOptions {
-    match auth {
+fn connect_options(
+    auth: Option<(String, String)>,
+    ca: Option<PathBuf>,
+) -> async_nats::ConnectOptions {
+    let opts = match auth {
         Some((u, p)) => async_nats::ConnectOptions::with_user_and_password(u, p),
         None => async_nats::ConnectOptions::new(),
+    };
+    match ca {
+        Some(ca) => opts.add_root_certificates(ca).require_tls(true),
+        None => opts,
     }
 }
 

@@ -17,7 +17,6 @@ use fleetlet_testenv::{
     chart::{chart_dir, checked},
     components, eventually,
     gitops::argocd_health,
-    process::Service,
 };
 use k8s_openapi::{
     api::{
@@ -307,6 +306,7 @@ fn chart_lints_and_renders_least_privilege_rbac_and_hardened_pods() {
     let objects = render(&[
         "nats.url=tls://nats.example.net:4222",
         "nats.credentials.secretName=fleetlet-nats",
+        "bridge.natsCredentialsSecretName=bridge-nats",
         "nats.tls.caSecretName=nats-ca",
         "controller.replicas=2",
         "bridge.kubelet.servingCert=secret",
@@ -326,6 +326,12 @@ fn chart_lints_and_renders_least_privilege_rbac_and_hardened_pods() {
     assert_eq!(of_kind(&objects, "PodDisruptionBudget").len(), 1);
     let bridge = named(&objects, "Deployment", "fleetlet-bridge");
     assert!(bridge.to_string().contains("bridge-tls"), "{bridge}");
+    // The bridge has a NATS identity of its own; the controller uses the shared one.
+    let bridge_volumes = bridge["spec"]["template"]["spec"]["volumes"].to_string();
+    assert!(
+        bridge_volumes.contains("bridge-nats") && !bridge_volumes.contains("fleetlet-nats"),
+        "{bridge_volumes}"
+    );
     assert!(
         !grants(named(&objects, "ClusterRole", "fleetlet-bridge"))
             .iter()
@@ -439,10 +445,10 @@ async fn helm_install_upgrade_uninstall_and_the_charts_rbac_runs_the_control_pla
             .unwrap();
     let root = dir.path().join("root");
     std::fs::create_dir_all(&root).unwrap();
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let _agent = components::start_agent(
+        &bins,
+        dir.path(),
+        &format!(
             "device_id = \"pi-helm\"\nstate_dir = \"{state}\"\n[nats]\nurls = [\"{url}\"]\n\
              [reconcile]\nenabled_kinds = [\"file\"]\ndrift_interval_seconds = 2\nheartbeat_interval_seconds = 1\n\
              [file]\nallowed_roots = [\"/etc/fleetlet-helm\"]\npath_prefix = \"{root}\"\n",
@@ -452,16 +458,7 @@ async fn helm_install_upgrade_uninstall_and_the_charts_rbac_runs_the_control_pla
         ),
     )
     .unwrap();
-    let _agent = Service::spawn(
-        "fleetlet-agent",
-        &bins.join("fleetlet-agent"),
-        &["--config".into(), config.display().to_string()],
-        dir.path().join("agent.log"),
-    )
-    .unwrap();
-    let objects = dir.path().join("objects.yaml");
-    std::fs::write(
-        &objects,
+    env.apply(
         r#"apiVersion: fleetlet.dev/v1alpha1
 kind: EdgeDevice
 metadata: { name: pi-helm, namespace: default, labels: { role: sensor } }
@@ -478,9 +475,6 @@ spec:
 "#,
     )
     .unwrap();
-    let mut apply = env.kubectl().unwrap();
-    apply.args(["apply", "-f"]).arg(&objects);
-    checked("kubectl apply", apply).unwrap();
 
     // Controller: desired state, manifest status and finalizer. Bridge: Node, Lease, device status.
     let manifests: Api<fleetlet_crds::EdgeManifest> = Api::namespaced(client.clone(), "default");
@@ -516,21 +510,7 @@ spec:
     let live: Value = serde_json::to_value(manifests.get("helm-check").await.unwrap()).unwrap();
     assert_eq!(argocd_health(&live).unwrap().0, "Healthy", "{live}");
     let nodes: Api<Node> = Api::all(client.clone());
-    eventually(
-        "the virtual node Ready",
-        Duration::from_secs(30),
-        || async {
-            let n = nodes.get("pi-helm").await.map_err(|e| e.to_string())?;
-            let ready = n
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            ready.then_some(()).ok_or("not Ready".to_string())
-        },
-    )
-    .await;
+    env.wait_node_ready("pi-helm").await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
     assert!(leases.get_opt("pi-helm").await.unwrap().is_some());
     let devices: Api<fleetlet_crds::EdgeDevice> = Api::namespaced(client.clone(), "default");
@@ -547,9 +527,7 @@ spec:
 
     // A manifest the device refuses (a path outside its allowed roots): `kubectl describe`
     // tells the operator why it is not converging, and Argo CD calls it Degraded.
-    let broken = dir.path().join("broken.yaml");
-    std::fs::write(
-        &broken,
+    env.apply(
         r#"apiVersion: fleetlet.dev/v1alpha1
 kind: EdgeManifest
 metadata: { name: outside-roots, namespace: default }
@@ -562,9 +540,6 @@ spec:
 "#,
     )
     .unwrap();
-    let mut apply = env.kubectl().unwrap();
-    apply.args(["apply", "-f"]).arg(&broken);
-    checked("kubectl apply", apply).unwrap();
     let describe = |what: &str| {
         let mut cmd = env.kubectl().unwrap();
         cmd.args(["describe", what]);

@@ -112,26 +112,8 @@ impl Fleet {
             agent_dir.join("agent.log"),
         )
         .unwrap();
+        env.wait_node_ready(device).await;
         let nodes: Api<Node> = Api::all(client.clone());
-        eventually(
-            "the virtual node Ready",
-            Duration::from_secs(30),
-            || async {
-                let n = nodes.get(device).await.map_err(|e| e.to_string())?;
-                let ready = n
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True");
-                if ready {
-                    Ok(())
-                } else {
-                    Err("not Ready".into())
-                }
-            },
-        )
-        .await;
         Self {
             client,
             pki,

@@ -94,6 +94,7 @@ impl Device {
             device: self.id.clone(),
             generation,
             resources,
+            signing_key: None,
         }
     }
 }

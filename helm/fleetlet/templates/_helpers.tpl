@@ -30,17 +30,24 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-%s" (include "fleetlet.fullname" .root) .component -}}
 {{- end -}}
 
-{{/* NATS connection settings, as environment variables. */}}
+{{/* NATS connection settings, as environment variables. Include with
+     (dict "root" $ "component" "controller"): each component may have its own credentials
+     (<component>.natsCredentialsSecretName), else the shared nats.credentials. */}}
+{{- define "fleetlet.natsSecret" -}}
+{{- default .root.Values.nats.credentials.secretName (index .root.Values .component).natsCredentialsSecretName -}}
+{{- end -}}
+
 {{- define "fleetlet.natsEnv" -}}
+{{- $v := .root.Values -}}
 - name: FLEETLET_NATS_URL
-  value: {{ .Values.nats.url | quote }}
-{{- if .Values.nats.credentials.secretName }}
+  value: {{ $v.nats.url | quote }}
+{{- if include "fleetlet.natsSecret" . }}
 - name: FLEETLET_NATS_CREDS
-  value: /etc/fleetlet/nats/{{ .Values.nats.credentials.key }}
+  value: /etc/fleetlet/nats/{{ $v.nats.credentials.key }}
 {{- end }}
-{{- if .Values.nats.tls.caSecretName }}
+{{- if $v.nats.tls.caSecretName }}
 - name: FLEETLET_NATS_CA
-  value: /etc/fleetlet/nats-ca/{{ .Values.nats.tls.caKey }}
+  value: /etc/fleetlet/nats-ca/{{ $v.nats.tls.caKey }}
 {{- end }}
 - name: POD_NAMESPACE
   valueFrom: { fieldRef: { fieldPath: metadata.namespace } }
@@ -49,26 +56,27 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{- define "fleetlet.natsVolumeMounts" -}}
-{{- if .Values.nats.credentials.secretName }}
+{{- if include "fleetlet.natsSecret" . }}
 - { name: nats-creds, mountPath: /etc/fleetlet/nats, readOnly: true }
 {{- end }}
-{{- if .Values.nats.tls.caSecretName }}
+{{- if .root.Values.nats.tls.caSecretName }}
 - { name: nats-ca, mountPath: /etc/fleetlet/nats-ca, readOnly: true }
 {{- end }}
 {{- end -}}
 
 {{- define "fleetlet.natsVolumes" -}}
-{{- if .Values.nats.credentials.secretName }}
+{{- $v := .root.Values -}}
+{{- with include "fleetlet.natsSecret" . }}
 - name: nats-creds
   secret:
-    secretName: {{ .Values.nats.credentials.secretName }}
-    items: [{ key: {{ .Values.nats.credentials.key | quote }}, path: {{ .Values.nats.credentials.key | quote }} }]
+    secretName: {{ . }}
+    items: [{ key: {{ $v.nats.credentials.key | quote }}, path: {{ $v.nats.credentials.key | quote }} }]
 {{- end }}
-{{- if .Values.nats.tls.caSecretName }}
+{{- if $v.nats.tls.caSecretName }}
 - name: nats-ca
   secret:
-    secretName: {{ .Values.nats.tls.caSecretName }}
-    items: [{ key: {{ .Values.nats.tls.caKey | quote }}, path: {{ .Values.nats.tls.caKey | quote }} }]
+    secretName: {{ $v.nats.tls.caSecretName }}
+    items: [{ key: {{ $v.nats.tls.caKey | quote }}, path: {{ $v.nats.tls.caKey | quote }} }]
 {{- end }}
 {{- end -}}
 
