@@ -105,7 +105,16 @@ fn start_component(
         format!("--metrics-addr=127.0.0.1:{}", free_port()?),
         "--lease-namespace=fleetlet-system".into(),
     ];
-    args.extend(flags.iter().chain(extra).map(|a| a.to_string()));
+    // Defaults in `flags` give way to the same flag in `extra`.
+    let flag = |a: &str| a.split('=').next().unwrap_or_default().to_string();
+    let overridden: Vec<String> = extra.iter().map(|a| flag(a)).collect();
+    args.extend(
+        flags
+            .iter()
+            .filter(|f| !overridden.contains(&flag(f)))
+            .chain(extra)
+            .map(|a| a.to_string()),
+    );
     Service::spawn_with_env(
         name,
         &bin_dir.join(name),

@@ -111,6 +111,24 @@ impl Service {
         log_tail(&self.log, lines)
     }
 
+    /// SIGKILLs the program (not its watchdog), as a power cut or the OOM killer would, and
+    /// waits for the wrapper to notice.
+    pub fn kill_program(&mut self) -> Result<(), Error> {
+        let program = std::path::Path::new(&self.name)
+            .file_name()
+            .map(|n| n.to_string_lossy().chars().take(15).collect::<String>())
+            .unwrap_or_default();
+        let status = std::process::Command::new("pkill")
+            .args(["-KILL", "-P", &self.child.id().to_string(), "-x", &program])
+            .status()?;
+        if !status.success() {
+            return Err(Error::Setup(format!("no {program} process to kill")));
+        }
+        self.pipe.take();
+        let _ = self.child.wait();
+        Ok(())
+    }
+
     /// Stops the server and waits for it.
     pub fn stop(&mut self) {
         self.pipe.take();
