@@ -31,6 +31,9 @@ pub struct KubeControlPlane {
     // Dropped in field order: the apiserver before its etcd.
     pub(crate) apiserver: Service,
     pub(crate) etcd: Service,
+    /// How to start the apiserver again: program, arguments, log directory.
+    restart: (PathBuf, Vec<String>, PathBuf),
+    starts: u32,
 }
 
 impl KubeControlPlane {
@@ -97,36 +100,65 @@ impl KubeControlPlane {
         let url = format!("https://127.0.0.1:{port}");
         let kubeconfig = dir.join("kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_yaml(&url, &pki))?;
-
-        let client = client_for(&kubeconfig).await?;
-        wait_until(
-            "kube-apiserver /readyz",
-            &mut apiserver,
-            Duration::from_secs(90),
-            || {
-                let client = client.clone();
-                async move {
-                    let req = http::Request::get("/readyz")
-                        .body(Vec::new())
-                        .map_err(|e| e.to_string())?;
-                    client
-                        .request_text(req)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                }
-            },
-        )
-        .await?;
+        wait_ready(&mut apiserver, &kubeconfig).await?;
         Ok(Self {
             url,
             kubeconfig,
             pki_dir,
             apiserver,
             etcd,
+            restart: (bins.kube_apiserver.clone(), args, dir.to_path_buf()),
+            starts: 1,
         })
     }
 
+    /// Stops kube-apiserver (etcd keeps running): clients see connection errors until
+    /// [`KubeControlPlane::start_apiserver`].
+    pub fn stop_apiserver(&mut self) {
+        self.apiserver.stop();
+    }
+
+    /// Starts kube-apiserver again on the same port and store, and waits until it is ready.
+    pub async fn start_apiserver(&mut self) -> Result<(), Error> {
+        self.starts += 1;
+        let (program, args, dir) = &self.restart;
+        let mut apiserver = Service::spawn(
+            "kube-apiserver",
+            program,
+            args,
+            dir.join(format!("kube-apiserver-{}.log", self.starts)),
+        )?;
+        wait_ready(&mut apiserver, &self.kubeconfig).await?;
+        self.apiserver = apiserver;
+        Ok(())
+    }
+}
+
+/// Waits until the apiserver answers /readyz.
+async fn wait_ready(apiserver: &mut Service, kubeconfig: &Path) -> Result<(), Error> {
+    let client = client_for(kubeconfig).await?;
+    wait_until(
+        "kube-apiserver /readyz",
+        apiserver,
+        Duration::from_secs(90),
+        || {
+            let client = client.clone();
+            async move {
+                let req = http::Request::get("/readyz")
+                    .body(Vec::new())
+                    .map_err(|e| e.to_string())?;
+                client
+                    .request_text(req)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        },
+    )
+    .await
+}
+
+impl KubeControlPlane {
     pub async fn client(&self) -> Result<Client, Error> {
         client_for(&self.kubeconfig).await
     }

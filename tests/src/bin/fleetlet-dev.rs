@@ -517,8 +517,9 @@ fn start_agent(
     )?)
 }
 
-/// Waits (up to 30 s) until every EdgeManifest has reached all the devices it targets and
-/// every agent reports having worked through the manifest it was sent.
+/// Waits (up to 30 s) until every EdgeManifest has reached all the devices it targets,
+/// every agent reports having worked through the manifest it was sent, and every device is
+/// Converged.
 async fn wait_for_fleet(
     env: &TestEnv,
     client: &kube::Client,
@@ -563,6 +564,11 @@ async fn wait_for_fleet(
                         s.conditions
                             .iter()
                             .any(|c| c.type_ == "Ready" && c.status == "True")
+                            // Converged: every resource Ready. A container whose mount source
+                            // another resource creates may fail once and be retried.
+                            && s.conditions
+                                .iter()
+                                .any(|c| c.type_ == "Converged" && c.status == "True")
                             && s.applied_generation.is_some()
                             && s.applied_generation == s.desired_generation
                     })
