@@ -428,9 +428,11 @@ pub async fn run(
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), Error> {
     // Read the signing key before anything else: a bad key is a configuration error.
-    if let Some(path) = &args.manifest_signing_key {
-        signing::Signer::from_file(path, args.manifest_signing_key_id.clone())?;
-    }
+    let signer = args
+        .manifest_signing_key
+        .as_deref()
+        .map(|path| signing::Signer::from_file(path, args.manifest_signing_key_id.clone()))
+        .transpose()?;
     let client = Client::try_default().await?;
     let nats = args.nats.connect("fleetlet-controller").await?;
     let js = jetstream::new(nats.clone());
@@ -506,8 +508,7 @@ pub async fn run(
         Duration::from_secs(args.progress_deadline_seconds),
         status_tx,
     );
-    if let Some(path) = &args.manifest_signing_key {
-        let signer = signing::Signer::from_file(path, args.manifest_signing_key_id.clone())?;
+    if let Some(signer) = signer {
         info!(key = %signer.id, "signing manifests");
         fleet = fleet.with_signer(signer);
     }

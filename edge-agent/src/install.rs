@@ -280,7 +280,7 @@ pub async fn uninstall(layout: &Layout, purge: bool) -> Result<Vec<PathBuf>, Ins
     }
     // The unit file is gone: let systemd forget it.
     systemd
-        .stop_and_disable(UNIT_NAME)
+        .daemon_reload()
         .await
         .map_err(|e| InstallError::Systemd(e.to_string()))?;
     if purge {

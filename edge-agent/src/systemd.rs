@@ -170,6 +170,12 @@ impl SystemdReconciler {
         self.reload(&m).await
     }
 
+    /// Reloads systemd's unit files (after a unit file was removed).
+    pub async fn daemon_reload(&self) -> Result<(), ReconcileError> {
+        let m = self.manager().await?;
+        self.reload(&m).await
+    }
+
     /// The first line of every unit file the agent writes.
     fn marker(&self, id: &ResourceId) -> String {
         format!(

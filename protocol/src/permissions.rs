@@ -70,7 +70,7 @@ pub fn controller() -> Permissions {
 
 /// The bridge's: it reads status and heartbeats and opens relay sessions to devices.
 pub fn bridge() -> Permissions {
-    let mut publish: Vec<String> = BUCKETS
+    let mut publish: Vec<String> = [ACTUAL_STATE, HEARTBEAT]
         .iter()
         .flat_map(|b| {
             [
@@ -80,7 +80,6 @@ pub fn bridge() -> Permissions {
                 format!("$JS.API.DIRECT.GET.{}.>", b.stream()),
             ]
         })
-        .filter(|s| !s.contains(DESIRED_STATE.name))
         .collect();
     publish.push("fleetlet.relay.>".into());
     Permissions {

@@ -46,24 +46,12 @@ pub fn open(bytes: &[u8]) -> Option<Result<SignedManifest, serde_json::Error>> {
     if !bytes.windows(needle.len()).any(|w| w == needle) {
         return None;
     }
-    match serde_json::from_slice::<SignedManifest>(bytes) {
-        Ok(s) if s.kind == KIND => Some(Ok(s)),
-        Ok(_) => None,
-        Err(e) if e.is_data() || e.is_syntax() => {
-            // Not an envelope at all (e.g. a plain manifest): let the caller parse it.
-            if serde_json::from_slice::<serde_json::Value>(bytes)
-                .ok()
-                .and_then(|v| v.get("kind").and_then(|k| k.as_str().map(str::to_owned)))
-                .as_deref()
-                == Some(KIND)
-            {
-                Some(Err(e))
-            } else {
-                None
-            }
-        }
-        Err(e) => Some(Err(e)),
+    // Not JSON, or JSON of another kind (a plain manifest): the caller parses it.
+    let value = serde_json::from_slice::<serde_json::Value>(bytes).ok()?;
+    if value.get("kind").and_then(|k| k.as_str()) != Some(KIND) {
+        return None;
     }
+    Some(serde_json::from_value(value))
 }
 
 #[cfg(test)]

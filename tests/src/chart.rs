@@ -14,6 +14,15 @@ pub fn chart_dir() -> PathBuf {
     repo_root().join("helm").join("fleetlet")
 }
 
+/// `helm` with its cache, config and data under `home` (never the user's own).
+pub fn helm_command(home: &Path) -> Result<Command, Error> {
+    let mut cmd = Command::new(&Binaries::locate()?.helm);
+    cmd.env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"));
+    Ok(cmd)
+}
+
 /// What `helm install` set up, and credentials for its two ServiceAccounts.
 #[derive(Debug, Clone)]
 pub struct ChartInstall {
@@ -44,12 +53,8 @@ impl TestEnv {
     /// `helm` pointed at this environment, with its cache and config under the
     /// environment's directory.
     pub fn helm(&self) -> Result<Command, Error> {
-        let mut cmd = Command::new(&Binaries::locate()?.helm);
-        let home = self.dir.join("helm");
-        cmd.env("KUBECONFIG", self.kubeconfig()?)
-            .env("HELM_CACHE_HOME", home.join("cache"))
-            .env("HELM_CONFIG_HOME", home.join("config"))
-            .env("HELM_DATA_HOME", home.join("data"));
+        let mut cmd = helm_command(&self.dir.join("helm"))?;
+        cmd.env("KUBECONFIG", self.kubeconfig()?);
         Ok(cmd)
     }
 

@@ -115,6 +115,8 @@ fn start_component(
             .chain(extra)
             .map(|a| a.to_string()),
     );
+    // The leader-election Lease lives there.
+    env.apply("apiVersion: v1\nkind: Namespace\nmetadata: { name: fleetlet-system }\n")?;
     Service::spawn_with_env(
         name,
         &bin_dir.join(name),
@@ -134,5 +136,26 @@ pub fn start_agent(bin_dir: &Path, dir: &Path, config: &str) -> Result<Service, 
         &bin_dir.join("fleetlet-agent"),
         &["--config".into(), path.display().to_string()],
         dir.join("agent.log"),
+    )
+}
+
+/// A files-only agent's config for `device` in `dir`: state in `dir/state`, files under
+/// `dir/root` (`file.path_prefix`) and only below `allowed_root`, quick heartbeats, drift
+/// checks and retries. `nats` is added to the `[nats]` table, `extra` at the end.
+pub fn file_agent_config(
+    nats_url: &str,
+    dir: &Path,
+    device: &str,
+    allowed_root: &str,
+    nats: &str,
+    extra: &str,
+) -> String {
+    format!(
+        "device_id = \"{device}\"\nstate_dir = \"{state}\"\n[nats]\nurls = [\"{nats_url}\"]\n{nats}\n\
+         [reconcile]\nenabled_kinds = [\"file\"]\nheartbeat_interval_seconds = 1\ndrift_interval_seconds = 2\n\
+         backoff_initial_ms = 200\nbackoff_max_ms = 1000\n\
+         [file]\nallowed_roots = [\"{allowed_root}\"]\npath_prefix = \"{root}\"\n{extra}",
+        state = dir.join("state").display(),
+        root = dir.join("root").display(),
     )
 }

@@ -348,6 +348,19 @@ impl TestEnv {
         .await;
     }
 
+    /// What `device`'s agent last wrote to `actual-state`, if anything readable.
+    pub async fn agent_status(&self, device: &str) -> Option<fleetlet_protocol::AgentStatus> {
+        let kv = self
+            .jetstream()
+            .await
+            .ok()?
+            .get_key_value(fleetlet_protocol::kv::ACTUAL_STATE.name)
+            .await
+            .ok()?;
+        let e = kv.entry(device).await.ok()??;
+        fleetlet_protocol::decode(&e.value).ok()
+    }
+
     /// `kubectl apply -f` of `yaml`; Err with kubectl's output if it fails.
     pub fn apply(&self, yaml: &str) -> Result<(), Error> {
         static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

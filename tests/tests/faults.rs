@@ -6,12 +6,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use fleetlet_protocol::{AgentStatus, decode};
+use fleetlet_protocol::decode;
 use fleetlet_testenv::{TestEnv, components, eventually, process::Service, repo_root};
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
@@ -42,30 +39,6 @@ fn record(scenario: &str, expected: &str, observed: &str) {
     std::fs::write(dir.join(format!("{slug}.json")), row.to_string()).unwrap();
 }
 
-fn agent_config(env: &TestEnv, dir: &Path, device: &str) -> String {
-    format!(
-        "device_id = \"{device}\"\nstate_dir = \"{state}\"\n[nats]\nurls = [\"{url}\"]\n\
-         [reconcile]\nenabled_kinds = [\"file\"]\nheartbeat_interval_seconds = 1\ndrift_interval_seconds = 2\n\
-         backoff_initial_ms = 200\nbackoff_max_ms = 1000\n\
-         [file]\nallowed_roots = [\"/etc/fleetlet\"]\npath_prefix = \"{root}\"\n",
-        state = dir.join("state").display(),
-        url = env.nats_url().unwrap(),
-        root = dir.join("root").display(),
-    )
-}
-
-async fn status(env: &TestEnv, device: &str) -> Option<AgentStatus> {
-    let kv = env
-        .jetstream()
-        .await
-        .ok()?
-        .get_key_value("actual-state")
-        .await
-        .ok()?;
-    let e = kv.entry(device).await.ok()??;
-    decode::<AgentStatus>(&e.value).ok()
-}
-
 fn device_yaml(name: &str) -> String {
     format!(
         "apiVersion: fleetlet.dev/v1alpha1\nkind: EdgeDevice\nmetadata: {{ name: {name}, namespace: default, labels: {{ fault: test }} }}\nspec: {{}}\n---\n"
@@ -84,16 +57,9 @@ fn file_manifest(name: &str, files: &[(String, String)], extra_spec: &str) -> St
     y
 }
 
-fn namespace(env: &TestEnv) {
-    let mut cmd = env.kubectl().unwrap();
-    cmd.args(["create", "namespace", "fleetlet-system"]);
-    let _ = cmd.output();
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn nats_restarted_in_the_middle_of_a_rollout() {
     let mut env = TestEnv::builder().kube().nats().start().await.unwrap();
-    namespace(&env);
     let dir = tempfile::tempdir().unwrap();
     let bins = components::bin_dir().unwrap();
     let _controller =
@@ -103,7 +69,21 @@ async fn nats_restarted_in_the_middle_of_a_rollout() {
     for d in devices {
         let ddir = dir.path().join(d);
         std::fs::create_dir_all(&ddir).unwrap();
-        agents.push(components::start_agent(&bins, &ddir, &agent_config(&env, &ddir, d)).unwrap());
+        agents.push(
+            components::start_agent(
+                &bins,
+                &ddir,
+                &components::file_agent_config(
+                    env.nats_url().unwrap(),
+                    &ddir,
+                    d,
+                    "/etc/fleetlet",
+                    "",
+                    "",
+                ),
+            )
+            .unwrap(),
+        );
     }
     let yaml = |text: &str| {
         devices.iter().map(|d| device_yaml(d)).collect::<String>()
@@ -182,7 +162,7 @@ async fn nats_restarted_in_the_middle_of_a_rollout() {
     let mut generations = Vec::new();
     for d in devices {
         let s = eventually("status", Duration::from_secs(30), || async {
-            let s = status(&env, d).await.ok_or("no status")?;
+            let s = env.agent_status(d).await.ok_or("no status")?;
             (s.observed_generation == s.manifest_generation && s.observed_generation >= 2)
                 .then_some(s)
                 .ok_or("not caught up".to_string())
@@ -206,14 +186,20 @@ async fn nats_restarted_in_the_middle_of_a_rollout() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_killed_in_the_middle_of_a_reconcile() {
     let env = TestEnv::builder().kube().nats().start().await.unwrap();
-    namespace(&env);
     let dir = tempfile::tempdir().unwrap();
     let bins = components::bin_dir().unwrap();
     let _controller =
         components::start_controller(&env, &bins, dir.path(), &["--resync-seconds=1"]).unwrap();
     let ddir = dir.path().join("agent");
     std::fs::create_dir_all(&ddir).unwrap();
-    let config = agent_config(&env, &ddir, "kill-1");
+    let config = components::file_agent_config(
+        env.nats_url().unwrap(),
+        &ddir,
+        "kill-1",
+        "/etc/fleetlet",
+        "",
+        "",
+    );
     let mut agent = components::start_agent(&bins, &ddir, &config).unwrap();
     // Three manifests of 100 files (an EdgeManifest holds at most 128 resources).
     const N: usize = 300;
@@ -243,7 +229,7 @@ async fn an_agent_killed_in_the_middle_of_a_reconcile() {
     let _agent = components::start_agent(&bins, &ddir, &config).unwrap();
     let restarted = Instant::now();
     eventually("every file written", Duration::from_secs(60), || async {
-        let s = status(&env, "kill-1").await.ok_or("no status")?;
+        let s = env.agent_status("kill-1").await.ok_or("no status")?;
         let ready = s.resources.len() == N && s.resources.values().all(|r| r.is_ready());
         ready
             .then_some(())
@@ -295,7 +281,6 @@ async fn an_agent_killed_in_the_middle_of_a_reconcile() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_device_offline_for_longer_than_the_grace_period() {
     let env = TestEnv::builder().kube().nats().start().await.unwrap();
-    namespace(&env);
     let dir = tempfile::tempdir().unwrap();
     let bins = components::bin_dir().unwrap();
     let _controller =
@@ -304,7 +289,14 @@ async fn a_device_offline_for_longer_than_the_grace_period() {
         components::start_bridge(&env, &bins, dir.path(), &["--grace-seconds=3"]).unwrap();
     let ddir = dir.path().join("agent");
     std::fs::create_dir_all(&ddir).unwrap();
-    let config = agent_config(&env, &ddir, "off-1");
+    let config = components::file_agent_config(
+        env.nats_url().unwrap(),
+        &ddir,
+        "off-1",
+        "/etc/fleetlet",
+        "",
+        "",
+    );
     let mut agent: Service = components::start_agent(&bins, &ddir, &config).unwrap();
     env.apply(
         &(device_yaml("off-1")
@@ -318,7 +310,7 @@ async fn a_device_offline_for_longer_than_the_grace_period() {
     .await;
     env.wait_node_ready("off-1").await;
     let before = std::fs::metadata(&file).unwrap().modified().unwrap();
-    let repairs_before = status(&env, "off-1").await.unwrap().drift_repairs;
+    let repairs_before = env.agent_status("off-1").await.unwrap().drift_repairs;
 
     agent.stop();
     let stopped = Instant::now();
@@ -350,7 +342,7 @@ async fn a_device_offline_for_longer_than_the_grace_period() {
     let back = Instant::now();
     env.wait_node_ready("off-1").await;
     let ready_after = back.elapsed();
-    let s = status(&env, "off-1").await.unwrap();
+    let s = env.agent_status("off-1").await.unwrap();
     assert_eq!(
         std::fs::metadata(&file).unwrap().modified().unwrap(),
         before,
@@ -374,7 +366,6 @@ async fn a_device_offline_for_longer_than_the_grace_period() {
 #[tokio::test(flavor = "multi_thread")]
 async fn kube_apiserver_unavailable_for_a_while() {
     let mut env = TestEnv::builder().kube().nats().start().await.unwrap();
-    namespace(&env);
     let dir = tempfile::tempdir().unwrap();
     let bins = components::bin_dir().unwrap();
     let mut controller =
@@ -382,8 +373,19 @@ async fn kube_apiserver_unavailable_for_a_while() {
     let mut bridge = components::start_bridge(&env, &bins, dir.path(), &[]).unwrap();
     let ddir = dir.path().join("agent");
     std::fs::create_dir_all(&ddir).unwrap();
-    let _agent =
-        components::start_agent(&bins, &ddir, &agent_config(&env, &ddir, "api-1")).unwrap();
+    let _agent = components::start_agent(
+        &bins,
+        &ddir,
+        &components::file_agent_config(
+            env.nats_url().unwrap(),
+            &ddir,
+            "api-1",
+            "/etc/fleetlet",
+            "",
+            "",
+        ),
+    )
+    .unwrap();
     let manifest = |text: &str| {
         device_yaml("api-1")
             + &file_manifest(
@@ -405,7 +407,10 @@ async fn kube_apiserver_unavailable_for_a_while() {
 
     const DOWN: Duration = Duration::from_secs(15);
     env.kube.as_mut().unwrap().stop_apiserver();
-    let beats_before = status(&env, "api-1").await.map(|s| s.observed_generation);
+    let beats_before = env
+        .agent_status("api-1")
+        .await
+        .map(|s| s.observed_generation);
     tokio::time::sleep(DOWN).await;
     // Devices run on, and the control plane waits instead of exiting.
     assert_eq!(content(), "before");

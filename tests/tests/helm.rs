@@ -13,8 +13,8 @@ use std::{
 };
 
 use fleetlet_testenv::{
-    Binaries, TestEnv,
-    chart::{chart_dir, checked},
+    TestEnv,
+    chart::{chart_dir, checked, helm_command},
     components, eventually,
     gitops::argocd_health,
 };
@@ -45,12 +45,8 @@ where
 }
 
 fn helm() -> Command {
-    let mut cmd = Command::new(&Binaries::locate().unwrap().helm);
-    let home = std::env::temp_dir().join(format!("fleetlet-helm-{}", std::process::id()));
-    cmd.env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"));
-    cmd
+    helm_command(&std::env::temp_dir().join(format!("fleetlet-helm-{}", std::process::id())))
+        .unwrap()
 }
 
 /// `helm template` with `--set` values: every rendered object, or helm's error output.
@@ -444,17 +440,16 @@ async fn helm_install_upgrade_uninstall_and_the_charts_rbac_runs_the_control_pla
         components::start_bridge_as(&env, &chart.bridge_kubeconfig, &bins, dir.path(), &[])
             .unwrap();
     let root = dir.path().join("root");
-    std::fs::create_dir_all(&root).unwrap();
     let _agent = components::start_agent(
         &bins,
         dir.path(),
-        &format!(
-            "device_id = \"pi-helm\"\nstate_dir = \"{state}\"\n[nats]\nurls = [\"{url}\"]\n\
-             [reconcile]\nenabled_kinds = [\"file\"]\ndrift_interval_seconds = 2\nheartbeat_interval_seconds = 1\n\
-             [file]\nallowed_roots = [\"/etc/fleetlet-helm\"]\npath_prefix = \"{root}\"\n",
-            state = dir.path().join("state").display(),
-            url = env.nats_url().unwrap(),
-            root = root.display(),
+        &components::file_agent_config(
+            env.nats_url().unwrap(),
+            dir.path(),
+            "pi-helm",
+            "/etc/fleetlet-helm",
+            "",
+            "",
         ),
     )
     .unwrap();

@@ -12,7 +12,7 @@ use std::{
 
 use async_nats::jetstream;
 use fleetlet_protocol::{DeviceId, permissions, relay};
-use fleetlet_testenv::{TestEnv, chart::checked, components, eventually};
+use fleetlet_testenv::{TestEnv, components, eventually};
 use kube::Api;
 
 const DEVICES: [&str; 2] = ["pi-a", "pi-b"];
@@ -245,9 +245,6 @@ async fn controller_bridge_and_agent_run_with_their_own_identities_over_tls() {
     let ca = nats.ca_file.clone().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let bins = components::bin_dir().unwrap();
-    let mut create_ns = env.kubectl().unwrap();
-    create_ns.args(["create", "namespace", "fleetlet-system"]);
-    checked("kubectl create namespace", create_ns).unwrap();
     let flags = |user: &str| {
         vec![
             format!("--nats-user={user}"),
@@ -267,15 +264,19 @@ async fn controller_bridge_and_agent_run_with_their_own_identities_over_tls() {
     let _agent = components::start_agent(
         &bins,
         dir.path(),
-        &format!(
-            "device_id = \"pi-a\"\nstate_dir = \"{state}\"\n[nats]\nurls = [\"{url}\"]\nuser = \"pi-a\"\npassword = \"{pw}\"\ntls_ca = \"{ca}\"\n\
-             [reconcile]\nenabled_kinds = [\"file\"]\nheartbeat_interval_seconds = 1\n\
-             [file]\nallowed_roots = [\"/etc/fleetlet\"]\npath_prefix = \"{root}\"\n",
-            state = dir.path().join("state").display(),
-            url = nats.url,
-            pw = password("pi-a"),
-            ca = ca.display(),
-            root = root.display(),
+        &components::file_agent_config(
+            &nats.url,
+            dir.path(),
+            "pi-a",
+            "/etc/fleetlet",
+            &format!(
+                "user = \"pi-a\"
+password = \"{}\"
+tls_ca = \"{}\"",
+                password("pi-a"),
+                ca.display()
+            ),
+            "",
         ),
     )
     .unwrap();

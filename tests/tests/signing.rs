@@ -7,7 +7,7 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use fleetlet_protocol::{AgentManifest, AgentStatus, decode, encode, signing};
+use fleetlet_protocol::{AgentManifest, decode, encode, signing};
 use fleetlet_testenv::{TestEnv, chart::checked, components, eventually};
 
 /// Creates a key with the controller's CLI; returns (key id, public key) from the line it prints.
@@ -24,18 +24,6 @@ fn signing_key(bins: &Path, file: &Path) -> (String, String) {
     (id.trim_matches('"').into(), key.trim_matches('"').into())
 }
 
-async fn status(env: &TestEnv) -> Option<AgentStatus> {
-    let kv = env
-        .jetstream()
-        .await
-        .ok()?
-        .get_key_value("actual-state")
-        .await
-        .ok()?;
-    let e = kv.entry("pi-signed").await.ok()??;
-    decode::<AgentStatus>(&e.value).ok()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn agents_apply_only_manifests_signed_by_a_trusted_key_through_a_rotation() {
     let env = TestEnv::builder().kube().nats().start().await.unwrap();
@@ -50,9 +38,6 @@ async fn agents_apply_only_manifests_signed_by_a_trusted_key_through_a_rotation(
         (k1_id.clone(), k1_pub.clone())
     );
 
-    let mut ns = env.kubectl().unwrap();
-    ns.args(["create", "namespace", "fleetlet-system"]);
-    checked("kubectl", ns).unwrap();
     let controller_with = |key: &str| {
         components::start_controller(
             &env,
@@ -71,14 +56,18 @@ async fn agents_apply_only_manifests_signed_by_a_trusted_key_through_a_rotation(
     let _agent = components::start_agent(
         &bins,
         dir.path(),
-        &format!(
-            "device_id = \"pi-signed\"\nstate_dir = \"{state}\"\n[nats]\nurls = [\"{url}\"]\n\
-             [reconcile]\nenabled_kinds = [\"file\"]\nheartbeat_interval_seconds = 1\n\
-             [file]\nallowed_roots = [\"/etc/fleetlet\"]\npath_prefix = \"{root}\"\n\
-             [trust.manifest_keys]\n\"{k1_id}\" = \"{k1_pub}\"\n\"{k2_id}\" = \"{k2_pub}\"\n",
-            state = dir.path().join("state").display(),
-            url = env.nats_url().unwrap(),
-            root = root.display(),
+        &components::file_agent_config(
+            env.nats_url().unwrap(),
+            dir.path(),
+            "pi-signed",
+            "/etc/fleetlet",
+            "",
+            &format!(
+                "[trust.manifest_keys]
+\"{k1_id}\" = \"{k1_pub}\"
+\"{k2_id}\" = \"{k2_pub}\"
+"
+            ),
         ),
     )
     .unwrap();
@@ -137,7 +126,7 @@ spec:
         "the unsigned manifest refused",
         Duration::from_secs(30),
         || async {
-            let s = status(&env).await.ok_or("no status")?;
+            let s = env.agent_status("pi-signed").await.ok_or("no status")?;
             let r = s.last_rejection.ok_or("no rejection yet")?;
             (r.generation == Some(forged.generation))
                 .then_some(r)
@@ -160,7 +149,7 @@ spec:
         "the forged manifest refused",
         Duration::from_secs(30),
         || async {
-            let s = status(&env).await.ok_or("no status")?;
+            let s = env.agent_status("pi-signed").await.ok_or("no status")?;
             let r = s.last_rejection.ok_or("no rejection")?;
             (r.generation == Some(cmd_key.generation))
                 .then_some(r)
@@ -169,7 +158,7 @@ spec:
     )
     .await;
     assert_eq!(rejected.reason, "BadSignature", "{rejected:?}");
-    let s = status(&env).await.unwrap();
+    let s = env.agent_status("pi-signed").await.unwrap();
     assert_eq!(
         s.manifest_generation, signed_generation,
         "the signed manifest stays in force"
@@ -205,7 +194,7 @@ spec:
         "the device runs the re-signed manifest",
         Duration::from_secs(30),
         || async {
-            let s = status(&env).await.ok_or("no status")?;
+            let s = env.agent_status("pi-signed").await.ok_or("no status")?;
             (s.observed_generation == rotated.generation)
                 .then_some(())
                 .ok_or(format!("observed {}", s.observed_generation))
