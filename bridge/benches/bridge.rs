@@ -21,6 +21,7 @@ use fleetlet_protocol::{
     API_VERSION, AgentStatus, Capacity, DeviceId, Free, Heartbeat, SystemInfo, Timestamp, encode,
     kv::{ACTUAL_STATE, HEARTBEAT},
 };
+use fleetlet_testenv::bench::{apiserver_writes, proc_stat};
 use fleetlet_testenv::{TestEnv, process::free_port};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
@@ -39,26 +40,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn proc_stat(pid: u32) -> (f64, f64) {
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (rss, ticks / 100.0)
 }
 
 fn heartbeat(dev: &str, seq: u64) -> Vec<u8> {
@@ -91,40 +72,6 @@ fn heartbeat(dev: &str, seq: u64) -> Vec<u8> {
         addresses: vec![],
     })
     .unwrap()
-}
-
-/// Sum of apiserver_request_total for mutating verbs, by resource.
-async fn apiserver_writes(client: &kube::Client) -> BTreeMap<String, f64> {
-    let text = client
-        .request_text(http::Request::get("/metrics").body(Vec::new()).unwrap())
-        .await
-        .unwrap();
-    let mut out = BTreeMap::new();
-    for l in text
-        .lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-    {
-        if !["APPLY", "PATCH", "PUT", "POST", "DELETE"]
-            .iter()
-            .any(|v| l.contains(&format!("verb=\"{v}\"")))
-        {
-            continue;
-        }
-        let Some(res) = l
-            .split("resource=\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-        else {
-            continue;
-        };
-        let n: f64 = l
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        *out.entry(res.to_owned()).or_default() += n;
-    }
-    out
 }
 
 /// A histogram's cumulative buckets (upper bound, count).

@@ -219,6 +219,7 @@ impl Mirror {
         );
         let mut current = dev.status.clone().unwrap_or_default();
         current.desired_generation = None;
+        current.credentials = None;
         if current != status {
             let api: Api<EdgeDevice> = Api::namespaced(self.client.clone(), &ns);
             let mut body = serde_json::to_value(&status).unwrap_or_default();
@@ -357,7 +358,10 @@ impl Mirror {
                 .lock()
                 .map(|r| r.get(id).copied())
                 .unwrap_or(None);
-            if last.is_none_or(|l| beat.saturating_sub(l) >= self.lease_renew_ms) {
+            // Renewals follow heartbeats: one up to half a heartbeat interval early still
+            // counts, so a 30 s heartbeat renews a 30 s Lease on every beat, not every other.
+            let early = u64::from(h.interval_seconds) * 500;
+            if last.is_none_or(|l| beat.saturating_sub(l) + early >= self.lease_renew_ms) {
                 let leases: Api<Lease> = Api::namespaced(self.client.clone(), LEASE_NAMESPACE);
                 let renew = MicroTime(view::k8s_time(h.timestamp).0);
                 let body = json!({

@@ -203,6 +203,8 @@ pub fn device_status(
         last_heartbeat_time: old.last_heartbeat_time.clone(),
         device,
         resources,
+        // The controller's field, not the bridge's.
+        credentials: None,
     };
     // The heartbeat time is refreshed only with another change or every `report_every`:
     // liveness itself travels in the Lease, which is cheap to renew.
@@ -213,6 +215,7 @@ pub fn device_status(
         });
         let mut without_time = old.clone();
         without_time.desired_generation = None;
+        without_time.credentials = None;
         without_time.last_heartbeat_time = out.last_heartbeat_time.clone();
         if stale || without_time != out {
             out.last_heartbeat_time = Some(k8s_time(h.timestamp));

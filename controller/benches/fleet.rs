@@ -18,6 +18,7 @@ use std::{
 
 use fleetlet_crds::{EdgeDevice, EdgeManifest};
 use fleetlet_protocol::{AgentManifest, decode, kv::DESIRED_STATE};
+use fleetlet_testenv::bench::proc_stat;
 use fleetlet_testenv::{TestEnv, process::free_port};
 use futures::StreamExt;
 use kube::{
@@ -32,16 +33,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
 }
 
 fn manifest(name: &str, selector: serde_json::Value, text: &str) -> EdgeManifest {
@@ -167,7 +158,7 @@ async fn run(n: usize) -> serde_json::Value {
         fan_out(&mut watch, n, started, |m| m.resources.len() == 2).await;
     eprintln!("   initial fan-out: {initial_s:.2}s, {initial_writes} KV writes");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let rss_settled = rss_mib(pid);
+    let rss_settled = proc_stat(pid).0;
 
     let pp = PatchParams::apply("bench").force();
     let change = |name: &str, selector: serde_json::Value, text: &str| {
@@ -191,7 +182,7 @@ async fn run(n: usize) -> serde_json::Value {
     })
     .await;
     eprintln!("   fleet-wide change: {fleet_s:.2}s to all {n} keys, {fleet_writes} KV writes");
-    let rss_peak = rss_mib(pid);
+    let rss_peak = proc_stat(pid).0;
 
     let t = Instant::now();
     manifests

@@ -270,7 +270,7 @@ impl Fleet {
     }
 
     /// Devices by id; when two namespaces claim one id, the older EdgeDevice has it.
-    fn device_objects(&self) -> BTreeMap<DeviceId, Arc<EdgeDevice>> {
+    pub fn device_objects(&self) -> BTreeMap<DeviceId, Arc<EdgeDevice>> {
         let mut all: Vec<Arc<EdgeDevice>> = self.devices.state();
         all.sort_by_key(|d| {
             (

@@ -29,16 +29,31 @@ pub struct KvCache<T> {
     /// Keys changed since the last [`KvCache::take_dirty`].
     dirty: std::sync::Mutex<std::collections::HashSet<DeviceId>>,
     ready: watch::Sender<bool>,
+    /// Notify on every update (false: only when a key appears or goes away).
+    notify_updates: bool,
 }
 
 impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
     pub fn new(bucket: Bucket) -> Arc<Self> {
+        Self::with_notify(bucket, true)
+    }
+
+    /// A cache whose updates do not ask for a pass, only new and removed keys do: for
+    /// heartbeats, whose every beat would otherwise run a fleet-wide pass (at 10,000 devices
+    /// that is hundreds a second). Time-based changes (a device going offline) are noticed
+    /// by the periodic pass.
+    pub fn new_quiet(bucket: Bucket) -> Arc<Self> {
+        Self::with_notify(bucket, false)
+    }
+
+    fn with_notify(bucket: Bucket, notify_updates: bool) -> Arc<Self> {
         Arc::new(Self {
             bucket,
             entries: RwLock::new(HashMap::new()),
             undecodable: RwLock::new(HashMap::new()),
             dirty: std::sync::Mutex::new(std::collections::HashSet::new()),
             ready: watch::channel(false).0,
+            notify_updates,
         })
     }
 
@@ -91,21 +106,23 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
         }
     }
 
-    fn apply(&self, key: &str, op: Operation, revision: u64, bytes: &[u8]) {
+    /// Applies one entry; true when a key appeared or went away.
+    fn apply(&self, key: &str, op: Operation, revision: u64, bytes: &[u8]) -> bool {
         let Ok(device) = DeviceId::new(key) else {
             warn!(
                 bucket = self.bucket.name,
                 key, "ignoring a key that is not a device id"
             );
-            return;
+            return false;
         };
         let (Ok(mut entries), Ok(mut bad)) = (self.entries.write(), self.undecodable.write())
         else {
-            return;
+            return false;
         };
         if entries.get(&device).is_some_and(|e| e.revision > revision) {
-            return;
+            return false;
         }
+        let had = entries.contains_key(&device);
         if let Ok(mut d) = self.dirty.lock() {
             d.insert(device.clone());
         }
@@ -113,7 +130,7 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
         match op {
             Operation::Put => match decode::<T>(bytes) {
                 Ok(value) if value.device() == &device => {
-                    entries.insert(device, Versioned { value, revision });
+                    entries.insert(device.clone(), Versioned { value, revision });
                 }
                 Ok(_) => {
                     warn!(
@@ -121,22 +138,24 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
                         key, "record names another device; ignored"
                     );
                     entries.remove(&device);
-                    bad.insert(device, revision);
+                    bad.insert(device.clone(), revision);
                 }
                 Err(e) => {
                     warn!(bucket = self.bucket.name, key, reason = e.reason(), error = %e, "undecodable record; ignored");
                     entries.remove(&device);
-                    bad.insert(device, revision);
+                    bad.insert(device.clone(), revision);
                 }
             },
             Operation::Delete | Operation::Purge => {
                 entries.remove(&device);
             }
         }
+        let has = entries.contains_key(&device);
+        had != has
     }
 
     /// Mirrors the bucket forever, re-listing after every interruption. `changed` is
-    /// notified on every update.
+    /// notified on every update (see [`KvCache::new_quiet`]).
     pub async fn run(self: Arc<Self>, client: async_nats::Client, changed: Arc<Notify>) {
         let js = jetstream::new(client);
         let mut attempt = 0u32;
@@ -166,11 +185,13 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
                 attempt = 0;
                 while let Some(entry) = w.next().await {
                     let e = entry.map_err(|e| e.to_string())?;
-                    self.apply(&e.key, e.operation, e.revision, &e.value);
+                    let appeared_or_gone = self.apply(&e.key, e.operation, e.revision, &e.value);
+                    let became_ready = (e.seen_current || e.delta == 0) && !self.is_ready();
                     if e.seen_current || e.delta == 0 {
                         self.ready.send_replace(true);
                     }
-                    if self.is_ready() {
+                    if self.is_ready() && (self.notify_updates || appeared_or_gone || became_ready)
+                    {
                         changed.notify_one();
                     }
                 }

@@ -6,6 +6,7 @@
 //! as pure code.
 
 pub mod fleet;
+pub mod identity;
 pub mod kvcache;
 pub mod leader;
 pub mod metrics;
@@ -113,6 +114,15 @@ pub struct NatsArgs {
 impl NatsArgs {
     /// Connects, retrying in the background until the server is reachable.
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client, Error> {
+        self.connect_with(name, None).await
+    }
+
+    /// Connects with these `.creds` (text) instead of the configured credentials.
+    pub async fn connect_with(
+        &self,
+        name: &str,
+        creds: Option<&str>,
+    ) -> Result<async_nats::Client, Error> {
         let mut opts = async_nats::ConnectOptions::new()
             .name(name)
             .retry_on_initial_connect()
@@ -120,7 +130,11 @@ impl NatsArgs {
         if let (Some(u), Some(p)) = (&self.nats_user, &self.nats_password) {
             opts = opts.user_and_password(u.clone(), p.clone());
         }
-        if let Some(c) = &self.nats_creds {
+        if let Some(creds) = creds {
+            opts = opts
+                .credentials(creds)
+                .map_err(|e| Error::Config(format!("NATS credentials: {e}")))?;
+        } else if let Some(c) = &self.nats_creds {
             opts = opts
                 .credentials_file(c)
                 .await
@@ -190,6 +204,17 @@ pub struct Args {
         requires = "manifest_signing_key"
     )]
     pub manifest_signing_key_id: Option<String>,
+    /// Issue each device its own NATS identity with these keys (written by
+    /// `fleetlet-controller nats-init`): credentials go to a Secret `<device>-nats` next to
+    /// the EdgeDevice, and deleting or revoking the device revokes them on the server. The
+    /// controller also connects with an identity of its own from these keys unless
+    /// `--nats-creds` or `--nats-user` is given.
+    #[arg(long, env = "FLEETLET_NATS_AUTHORITY")]
+    pub nats_authority: Option<PathBuf>,
+    /// NATS URL(s) devices use, written into the agent configuration of each device's
+    /// credentials Secret.
+    #[arg(long, env = "FLEETLET_DEVICE_NATS_URL", value_delimiter = ',')]
+    pub device_nats_url: Vec<String>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -203,6 +228,15 @@ pub enum Command {
         file: PathBuf,
         #[arg(long)]
         id: Option<String>,
+    },
+    /// Create the keys of fleetlet's NATS identities in DIR: `authority.json` (secret; for
+    /// `--nats-authority`), `nats-auth.conf` (include it in nats-server's configuration)
+    /// and `bridge.creds` (the bridge's identity).
+    NatsInit {
+        dir: PathBuf,
+        /// Where nats-server keeps account JWTs (default: DIR/jwt).
+        #[arg(long)]
+        resolver_dir: Option<PathBuf>,
     },
 }
 
@@ -433,8 +467,51 @@ pub async fn run(
         .as_deref()
         .map(|path| signing::Signer::from_file(path, args.manifest_signing_key_id.clone()))
         .transpose()?;
+    let authority = args
+        .nats_authority
+        .as_deref()
+        .map(identity::Authority::from_file)
+        .transpose()
+        .map_err(|e| Error::Config(e.to_string()))?
+        .map(Arc::new);
     let client = Client::try_default().await?;
-    let nats = args.nats.connect("fleetlet-controller").await?;
+    let own_creds = match &authority {
+        Some(a) if args.nats.nats_creds.is_none() && args.nats.nats_user.is_none() => Some(
+            a.issue_user(
+                "fleetlet-controller",
+                &fleetlet_protocol::permissions::controller(),
+            )
+            .map_err(|e| Error::Config(e.to_string()))?
+            .creds,
+        ),
+        _ => None,
+    };
+    let nats = args
+        .nats
+        .connect_with("fleetlet-controller", own_creds.as_deref())
+        .await?;
+    let identities = match &authority {
+        Some(a) => {
+            let creds = a.system_user().map_err(|e| Error::Config(e.to_string()))?;
+            let sys = args
+                .nats
+                .connect_with("fleetlet-controller-system", Some(&creds))
+                .await?;
+            let trust = signer
+                .as_ref()
+                .map(|s| (s.id.clone(), s.public_key_base64()));
+            Some(
+                identity::Identities::new(
+                    a.clone(),
+                    client.clone(),
+                    args.lease_namespace.clone(),
+                    sys,
+                )
+                .with_enrollment(args.device_nats_url.clone(), trust),
+            )
+        }
+        None => None,
+    };
     let js = jetstream::new(nats.clone());
     ensure_buckets(&js, args.kv_replicas).await?;
     let bind = async |name: &str| {
@@ -463,7 +540,7 @@ pub async fn run(
     );
     let desired = KvCache::new(DESIRED_STATE);
     let actual = KvCache::new(ACTUAL_STATE);
-    let heartbeats = KvCache::new(HEARTBEAT);
+    let heartbeats = KvCache::new_quiet(HEARTBEAT);
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
 
@@ -610,6 +687,13 @@ pub async fn run(
             ready.store(synced, Ordering::Relaxed);
             if !is_leader || !synced {
                 continue;
+            }
+            if let Some(ids) = &identities {
+                // Revocations go first: a deleted device loses access before anything else.
+                if let Err(e) = ids.reconcile(&fleet.device_objects()).await {
+                    metrics.error("identity");
+                    warn!(error = %e, "device identities");
+                }
             }
             if let Err(e) = fleet.reconcile().await {
                 metrics.error(e.category());

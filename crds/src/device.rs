@@ -23,6 +23,8 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Arch","type":"string","jsonPath":".status.device.architecture","priority":1}"#,
     printcolumn = r#"{"name":"Agent","type":"string","jsonPath":".status.device.agentVersion","priority":1}"#,
     printcolumn = r#"{"name":"Last-Heartbeat","type":"date","jsonPath":".status.lastHeartbeatTime","priority":1}"#,
+    printcolumn = r#"{"name":"Credentials","type":"string","jsonPath":".status.credentials.secretName","priority":1}"#,
+    printcolumn = r#"{"name":"Revoked","type":"boolean","jsonPath":".spec.revoked","priority":1}"#,
     printcolumn = r#"{"name":"Paused","type":"boolean","jsonPath":".spec.paused","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -39,6 +41,11 @@ pub struct EdgeDeviceSpec {
     /// Freeze the device: the controller writes no new manifest generations to it.
     #[serde(default)]
     pub paused: bool,
+    /// Cut the device off: the controller revokes its NATS credentials (the server closes
+    /// its connections) and deletes their Secret. Setting it back to false enrolls the
+    /// device anew, with new credentials. Deleting the EdgeDevice revokes them too.
+    #[serde(default)]
+    pub revoked: bool,
     /// Seconds without a heartbeat before the device's node turns Ready=Unknown; overrides
     /// the bridge default for devices on slow or intermittent links.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -70,6 +77,25 @@ pub struct EdgeDeviceStatus {
     /// One line per resource on the device.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resources: Vec<ResourceSummary>,
+    /// The device's NATS identity, when the controller issues them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<DeviceCredentials>,
+}
+
+/// A device's NATS identity as issued by the controller.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceCredentials {
+    /// Secret in the EdgeDevice's namespace holding `nats.creds` and an `agent.toml`
+    /// fragment to install on the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// The NATS user (NKey public key) the credentials are for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The device's credentials are revoked.
+    #[serde(default)]
+    pub revoked: bool,
 }
 
 /// Facts the device reports about itself.

@@ -10,7 +10,9 @@
 mod device;
 mod manifest;
 
-pub use device::{DeviceInfo, EdgeDevice, EdgeDeviceSpec, EdgeDeviceStatus, ResourceSummary};
+pub use device::{
+    DeviceCredentials, DeviceInfo, EdgeDevice, EdgeDeviceSpec, EdgeDeviceStatus, ResourceSummary,
+};
 pub use manifest::{
     EdgeManifest, EdgeManifestSpec, EdgeManifestStatus, ResourceTemplate, RolloutStrategy,
 };

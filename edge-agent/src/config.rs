@@ -11,7 +11,7 @@
 //!
 //! [reconcile]
 //! drift_interval_seconds = 30
-//! heartbeat_interval_seconds = 10
+//! heartbeat_interval_seconds = 30
 //! enabled_kinds = ["file", "container", "systemdUnit"]
 //!
 //! [file]
@@ -245,7 +245,7 @@ fn default_drift() -> u64 {
     30
 }
 fn default_heartbeat() -> u32 {
-    10
+    30
 }
 fn default_kinds() -> Vec<String> {
     ["file", "container", "systemdUnit"]
@@ -653,7 +653,7 @@ mod tests {
             parse("device_id = \"pi-1\"\n[nats]\nurls = [\"nats://127.0.0.1:4222\"]\n").unwrap();
         assert_eq!(s.device.as_str(), "pi-1");
         assert_eq!(s.drift_interval, Duration::from_secs(30));
-        assert_eq!(s.heartbeat_interval, Duration::from_secs(10));
+        assert_eq!(s.heartbeat_interval, Duration::from_secs(30));
         assert!(s.enabled_kinds.contains(&ResourceKind::File));
         assert!(
             !s.enabled_kinds.contains(&ResourceKind::ShellJob),

@@ -60,7 +60,13 @@ pub struct Engine {
     status: AgentStatus,
     backoff: HashMap<ResourceId, Backoff>,
     last_seen_revision: u64,
+    /// An accepted manifest the state directory could not take (full, read-only): it is
+    /// not applied until it is on disk, and is tried again every drift interval.
+    unpersisted: Option<(u64, bytes::Bytes)>,
 }
+
+/// The condition saying whether the state directory takes writes.
+pub const STATE_WRITABLE: &str = "StateWritable";
 
 impl Engine {
     /// Loads what the state directory remembers: the manifest in force, ownership, status.
@@ -88,6 +94,7 @@ impl Engine {
             status,
             backoff: HashMap::new(),
             last_seen_revision,
+            unpersisted: None,
         })
     }
 
@@ -137,11 +144,27 @@ impl Engine {
                             resources = manifest.resources.len(),
                             "manifest accepted"
                         );
+                        let generation = manifest.generation;
                         let stored = StoredManifest { revision, manifest };
+                        // What runs is what is on disk: a manifest that cannot be stored
+                        // is not applied (a restart would bring back the old one while
+                        // its resources stayed), and the last good state stays in force.
                         if let Err(e) = self.store.save_manifest(&stored) {
-                            // Still apply it: losing the copy only matters after a restart.
-                            warn!(error = %e, "could not persist the manifest");
+                            let message = format!("the manifest could not be stored: {e}");
+                            warn!(generation, revision, error = %e, "state directory refused the manifest; keeping the last one");
+                            self.state_unwritable(&e);
+                            self.status.last_rejection = Some(Rejection {
+                                generation: Some(generation),
+                                revision,
+                                reason: "StateNotWritable".to_owned(),
+                                message,
+                                at: Timestamp::now(),
+                            });
+                            self.unpersisted = Some((revision, value));
+                            return false;
                         }
+                        self.unpersisted = None;
+                        self.state_writable();
                         self.status.manifest_generation = stored.manifest.generation;
                         self.status.conditions.retain(|c| {
                             c.type_ != "DesiredStateDeleted" && c.type_ != "OrphansLeft"
@@ -162,6 +185,47 @@ impl Engine {
                     }
                 }
             }
+        }
+    }
+
+    /// Records that the state directory refused a write.
+    fn state_unwritable(&mut self, e: &StoreError) {
+        let full = matches!(e, StoreError::Io { source, .. }
+            if matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded));
+        self.status.set_condition(
+            STATE_WRITABLE,
+            ConditionStatus::False,
+            if full { "StorageFull" } else { "WriteFailed" },
+            &e.to_string(),
+            Timestamp::now(),
+        );
+    }
+
+    /// Records that the state directory took a write again.
+    fn state_writable(&mut self) {
+        if self
+            .status
+            .condition(STATE_WRITABLE)
+            .is_some_and(|c| c.status != ConditionStatus::True)
+        {
+            info!("the state directory takes writes again");
+            self.status.set_condition(
+                STATE_WRITABLE,
+                ConditionStatus::True,
+                "Writable",
+                "the state directory takes writes",
+                Timestamp::now(),
+            );
+        }
+    }
+
+    /// Offers the manifest the state directory refused again; true when it is now in force.
+    fn retry_unpersisted(&mut self) -> bool {
+        match self.unpersisted.take() {
+            Some((revision, value)) if revision >= self.last_seen_revision => {
+                self.offer(Candidate::Put { revision, value })
+            }
+            _ => false,
         }
     }
 
@@ -314,6 +378,7 @@ impl Engine {
         }
         if owned_changed && let Err(e) = self.store.save_owned(&self.owned) {
             warn!(error = %e, "could not persist ownership records");
+            self.state_unwritable(&e);
         }
 
         let instant_now = Instant::now();
@@ -498,7 +563,10 @@ impl Engine {
                         self.pass("manifest").await;
                     }
                 }
-                _ = resync.tick() => self.pass("resync").await,
+                _ = resync.tick() => {
+                    let reason = if self.retry_unpersisted() { "manifest" } else { "resync" };
+                    self.pass(reason).await;
+                }
                 _ = tokio::time::sleep_until(retry_at) => self.pass("retry").await,
                 _ = tokio::time::sleep_until(probe_at) => self.pass("probe").await,
             }

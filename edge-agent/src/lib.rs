@@ -55,9 +55,56 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 /// Runs the agent until `shutdown` resolves. Workloads are left running on shutdown.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     let settings = Arc::new(settings);
+    let client = nats::connect(&settings).await?;
+    serve(
+        settings,
+        client,
+        ServeOptions {
+            relay: true,
+            ..Default::default()
+        },
+        shutdown,
+    )
+    .await
+}
+
+/// What [`serve`] runs beyond the engine, the manifest watch, the status writer and the
+/// heartbeat.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Answer logs, exec and attach sessions.
+    pub relay: bool,
+    /// Hold every manifest this long before the engine sees it (the fleet simulator's slow
+    /// devices).
+    pub manifest_delay: Option<Duration>,
+}
+
+/// Runs one device on `client` until `shutdown` resolves.
+pub async fn serve(
+    settings: Arc<Settings>,
+    client: async_nats::Client,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
     let store = StateStore::open(&settings.state_dir)?;
     let registry = Registry::from_settings(&settings);
     let containers = registry.containers();
@@ -67,9 +114,8 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         generation = engine.manifest().map(|m| m.generation),
         "agent starting"
     );
-    let client = nats::connect(&settings).await?;
 
-    let (candidate_tx, candidate_rx) = mpsc::channel(16);
+    let (candidate_tx, mut candidate_rx) = mpsc::channel(16);
     let (status_tx, status_rx) = watch::channel(engine.status().clone());
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -80,6 +126,18 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         candidate_tx,
         stop_rx.clone(),
     ));
+    if let Some(delay) = options.manifest_delay {
+        let (delayed_tx, delayed_rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(c) = candidate_rx.recv().await {
+                tokio::time::sleep(delay).await;
+                if delayed_tx.send(c).await.is_err() {
+                    return;
+                }
+            }
+        });
+        candidate_rx = delayed_rx;
+    }
     let heartbeat = tokio::spawn(nats::heartbeat(
         client.clone(),
         settings.clone(),
@@ -91,12 +149,14 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         status_rx,
         stop_rx.clone(),
     ));
-    let relay = tokio::spawn(relay::serve(
-        client.clone(),
-        settings.device.clone(),
-        containers,
-        stop_rx.clone(),
-    ));
+    let relay = options.relay.then(|| {
+        tokio::spawn(relay::serve(
+            client.clone(),
+            settings.device.clone(),
+            containers,
+            stop_rx.clone(),
+        ))
+    });
     let engine = tokio::spawn(engine.run(candidate_rx, status_tx, stop_rx));
 
     shutdown.await;
@@ -106,7 +166,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
     let _ = watcher.await;
     let _ = heartbeat.await;
-    let _ = relay.await;
+    if let Some(relay) = relay {
+        let _ = relay.await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     Ok(())
 }

@@ -273,21 +273,6 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
             ExitCode::from(1)
         });
     }
-    fleetlet_agent::run(settings, shutdown_signal()).await?;
+    fleetlet_agent::run(settings, fleetlet_agent::shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

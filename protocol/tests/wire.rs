@@ -538,3 +538,46 @@ fn conditions_keep_their_transition_time_until_the_status_flips() {
     );
     assert_eq!(s.conditions.len(), 1);
 }
+
+/// Writes seeds for the fuzz corpus (`fuzz/corpus/`) from the generators above, plain and
+/// in signed envelopes: `cargo test -p fleetlet-protocol --test wire -- --ignored`.
+#[test]
+#[ignore = "writes files; run by hand to reseed the fuzz corpus"]
+fn write_fuzz_seeds() {
+    use proptest::{
+        strategy::{Strategy, ValueTree},
+        test_runner::TestRunner,
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+    let mut runner = TestRunner::deterministic();
+    let write = |target: &str, name: String, bytes: Vec<u8>| {
+        let dir = root.join(target);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), bytes).unwrap();
+    };
+    for i in 0..16 {
+        let m = manifest().new_tree(&mut runner).unwrap().current();
+        let plain = encode(&m).unwrap();
+        let envelope = serde_json::to_vec(&fleetlet_protocol::signing::SignedManifest::new(
+            String::from_utf8(plain.clone()).unwrap(),
+            "AAAA".into(),
+        ))
+        .unwrap();
+        write("manifest", format!("seed-{i}"), plain);
+        write("manifest", format!("seed-signed-{i}"), envelope);
+        let s = status().new_tree(&mut runner).unwrap().current();
+        write("status", format!("seed-status-{i}"), encode(&s).unwrap());
+        let h = heartbeat().new_tree(&mut runner).unwrap().current();
+        write("status", format!("seed-heartbeat-{i}"), encode(&h).unwrap());
+    }
+    for (i, req) in [
+        json!({ "resource": "web", "session": "s1", "follow": true, "tailLines": 10, "limitBytes": 4096 }),
+        json!({ "resource": "web", "session": "s2", "command": ["sh", "-c", "echo hi"], "stdin": true, "stdout": true }),
+        json!({ "resource": "web", "session": "s3", "stdin": true, "tty": true }),
+    ]
+    .iter()
+    .enumerate()
+    {
+        write("relay_request", format!("seed-{i}"), serde_json::to_vec(req).unwrap());
+    }
+}

@@ -15,6 +15,7 @@
 //! Servers die with the test process however it ends (see [`process`]); temp dirs are
 //! removed after them unless `FLEETLET_TESTENV_KEEP=1` is set.
 
+pub mod bench;
 pub mod bins;
 pub mod chart;
 pub mod components;
@@ -23,6 +24,7 @@ pub mod kube;
 pub mod nats;
 pub mod pki;
 pub mod process;
+pub mod report;
 pub mod sandbox;
 
 use std::{
@@ -107,7 +109,7 @@ pub struct Builder {
 #[derive(Debug, Clone)]
 struct SecuredNats {
     config: String,
-    admin: (String, String),
+    admin: nats::NatsAuth,
     tls: bool,
 }
 
@@ -159,7 +161,20 @@ impl Builder {
         self.nats = true;
         self.nats_secured = Some(SecuredNats {
             config: config.into(),
-            admin: (admin.into(), password.into()),
+            admin: nats::NatsAuth::Password(admin.into(), password.into()),
+            tls,
+        });
+        self
+    }
+
+    /// nats-server in decentralized-auth mode: `config` names the operator, the system
+    /// account and the account resolver; `admin_creds` (a `.creds` text) is a user allowed
+    /// everything. TLS as in [`Builder::nats_secured`].
+    pub fn nats_operator(mut self, config: &str, admin_creds: &str, tls: bool) -> Self {
+        self.nats = true;
+        self.nats_secured = Some(SecuredNats {
+            config: config.into(),
+            admin: nats::NatsAuth::Creds(admin_creds.into()),
             tls,
         });
         self

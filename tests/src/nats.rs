@@ -22,7 +22,7 @@ pub struct NatsServer {
     extra_args: Vec<String>,
     /// Credentials the readiness check (and [`NatsServer::client`]) uses, when the server
     /// has an authorization block in its config file.
-    admin: Option<(String, String)>,
+    admin: Option<NatsAuth>,
     /// CA that signed the server's certificate, when it serves TLS.
     pub ca_file: Option<PathBuf>,
     service: Option<Service>,
@@ -66,7 +66,7 @@ impl NatsServer {
         program: &Path,
         dir: &Path,
         config: &str,
-        admin: (String, String),
+        admin: NatsAuth,
         tls: Option<(PathBuf, PathBuf, PathBuf)>,
     ) -> Result<Self, Error> {
         let mut text = config.to_string();
@@ -163,8 +163,8 @@ impl NatsServer {
             .await?)
     }
 
-    /// `--user`/`--pass` given to the server, if any.
-    fn auth(&self) -> Option<(String, String)> {
+    /// The admin's credentials, or `--user`/`--pass` given to the server, if any.
+    fn auth(&self) -> Option<NatsAuth> {
         if self.admin.is_some() {
             return self.admin.clone();
         }
@@ -174,7 +174,12 @@ impl NatsServer {
                 .position(|a| a == name)
                 .and_then(|i| self.extra_args.get(i + 1).cloned())
         };
-        Some((flag("--user")?, flag("--pass")?))
+        Some(NatsAuth::Password(flag("--user")?, flag("--pass")?))
+    }
+
+    /// nats-server's own pid (for measuring it).
+    pub fn program_pid(&self) -> Option<u32> {
+        self.service.as_ref().and_then(Service::program_pid)
     }
 
     pub(crate) fn pid(&self) -> Option<u32> {
@@ -182,12 +187,20 @@ impl NatsServer {
     }
 }
 
-fn connect_options(
-    auth: Option<(String, String)>,
-    ca: Option<PathBuf>,
-) -> async_nats::ConnectOptions {
+/// How the environment's admin client authenticates.
+#[derive(Debug, Clone)]
+pub enum NatsAuth {
+    Password(String, String),
+    /// A `.creds` file's text (decentralized auth: operator, accounts, user JWTs).
+    Creds(String),
+}
+
+fn connect_options(auth: Option<NatsAuth>, ca: Option<PathBuf>) -> async_nats::ConnectOptions {
     let opts = match auth {
-        Some((u, p)) => async_nats::ConnectOptions::with_user_and_password(u, p),
+        Some(NatsAuth::Password(u, p)) => async_nats::ConnectOptions::with_user_and_password(u, p),
+        // An unreadable creds text fails the connection, which the caller reports.
+        Some(NatsAuth::Creds(c)) => async_nats::ConnectOptions::with_credentials(&c)
+            .unwrap_or_else(|_| async_nats::ConnectOptions::new()),
         None => async_nats::ConnectOptions::new(),
     };
     match ca {

@@ -111,6 +111,17 @@ impl Service {
         log_tail(&self.log, lines)
     }
 
+    /// The program's own pid (the watchdog's child), once it has started.
+    pub fn program_pid(&self) -> Option<u32> {
+        let w = self.child.id();
+        std::fs::read_to_string(format!("/proc/{w}/task/{w}/children"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
     /// SIGKILLs the program (not its watchdog), as a power cut or the OOM killer would, and
     /// waits for the wrapper to notice.
     pub fn kill_program(&mut self) -> Result<(), Error> {

@@ -445,3 +445,170 @@ async fn kube_apiserver_unavailable_for_a_while() {
         ),
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_device_state_directory_full() {
+    let env = TestEnv::builder().kube().nats().start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bins = components::bin_dir().unwrap();
+    let _controller =
+        components::start_controller(&env, &bins, dir.path(), &["--resync-seconds=1"]).unwrap();
+    let ddir = dir.path().join("agent");
+    let state = ddir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let config = components::file_agent_config(
+        env.nats_url().unwrap(),
+        &ddir,
+        "full-1",
+        "/etc/fleetlet",
+        "",
+        "",
+    );
+    let config_path = ddir.join("agent.toml");
+    std::fs::write(&config_path, config).unwrap();
+    // The state directory is a 256 KiB tmpfs in a mount namespace of the agent's own: it
+    // disappears with the agent, and the host's mounts are never touched.
+    let script = format!(
+        "mount -t tmpfs -o size=256k fleetlet-state '{}' && exec '{}' --config '{}'",
+        state.display(),
+        bins.join("fleetlet-agent").display(),
+        config_path.display()
+    );
+    let agent = Service::spawn(
+        "fleetlet-agent",
+        std::path::Path::new("unshare"),
+        &[
+            "--mount".into(),
+            "--propagation".into(),
+            "private".into(),
+            "sh".into(),
+            "-c".into(),
+            script,
+        ],
+        ddir.join("agent.log"),
+    )
+    .unwrap();
+    // The agent's view of its state directory (the tmpfs), from outside its namespace.
+    let agent_pid = eventually("the agent's pid", Duration::from_secs(10), || async {
+        agent.program_pid().ok_or("not started yet".to_string())
+    })
+    .await;
+    let agent_state = std::path::PathBuf::from(format!("/proc/{agent_pid}/root"))
+        .join(state.strip_prefix("/").unwrap());
+    let file = ddir.join("root/etc/fleetlet/motd");
+    env.apply(
+        &(device_yaml("full-1")
+            + &file_manifest("motd", &[("/etc/fleetlet/motd".into(), "one".into())], "")),
+    )
+    .unwrap();
+    eventually(
+        "the first manifest applied",
+        Duration::from_secs(60),
+        || async {
+            let text = std::fs::read_to_string(&file).map_err(|e| e.to_string())?;
+            (text == "one").then_some(()).ok_or(text)
+        },
+    )
+    .await;
+    let first = env
+        .agent_status("full-1")
+        .await
+        .unwrap()
+        .manifest_generation;
+    let stored_first = std::fs::read(agent_state.join("manifest.json")).unwrap();
+    assert!(
+        stored_first.len() > 50,
+        "the manifest is stored on the tmpfs"
+    );
+
+    // Fill the state directory until the kernel says no.
+    {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(agent_state.join("filler")).unwrap();
+        let chunk = vec![0u8; 4096];
+        let e = loop {
+            if let Err(e) = filler.write_all(&chunk).and_then(|()| filler.sync_all()) {
+                break e;
+            }
+        };
+        assert_eq!(e.kind(), std::io::ErrorKind::StorageFull, "{e}");
+    }
+    env.apply(&file_manifest(
+        "motd",
+        &[("/etc/fleetlet/motd".into(), "two".into())],
+        "",
+    ))
+    .unwrap();
+    let full_at = Instant::now();
+    let status = eventually(
+        "the agent reports the full state directory",
+        Duration::from_secs(30),
+        || async {
+            let s = env.agent_status("full-1").await.ok_or("no status")?;
+            let c = s
+                .condition("StateWritable")
+                .ok_or("no StateWritable condition")?;
+            (c.status == fleetlet_protocol::ConditionStatus::False)
+                .then_some(s.clone())
+                .ok_or(format!("{c:?}"))
+        },
+    )
+    .await;
+    let reported_after = full_at.elapsed();
+    let c = status.condition("StateWritable").unwrap();
+    assert_eq!(c.reason, "StorageFull", "{c:?}");
+    let r = status.last_rejection.clone().unwrap();
+    assert_eq!(r.reason, "StateNotWritable", "{r:?}");
+    assert!(r.generation.unwrap() > first);
+    assert_eq!(
+        status.manifest_generation, first,
+        "the last good manifest stays in force"
+    );
+    // Nothing changed on the device while it could not store the new manifest.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "one");
+    assert_eq!(
+        std::fs::read(agent_state.join("manifest.json")).unwrap(),
+        stored_first,
+        "the stored manifest is intact"
+    );
+
+    // Space again: the agent stores and applies the new manifest by itself.
+    std::fs::remove_file(agent_state.join("filler")).unwrap();
+    let freed = Instant::now();
+    eventually(
+        "the new manifest applied",
+        Duration::from_secs(30),
+        || async {
+            let text = std::fs::read_to_string(&file).map_err(|e| e.to_string())?;
+            (text == "two").then_some(()).ok_or(text)
+        },
+    )
+    .await;
+    let applied_after = freed.elapsed();
+    let s = eventually("StateWritable=True", Duration::from_secs(30), || async {
+        let s = env.agent_status("full-1").await.ok_or("no status")?;
+        let ok = s
+            .condition("StateWritable")
+            .is_some_and(|c| c.status == fleetlet_protocol::ConditionStatus::True);
+        ok.then_some(s).ok_or("not yet".to_string())
+    })
+    .await;
+    assert_eq!(s.manifest_generation, r.generation.unwrap());
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(agent_state.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        stored["manifest"]["generation"],
+        serde_json::json!(s.manifest_generation)
+    );
+    drop(agent);
+    record(
+        "device state directory full (256 KiB tmpfs filled up)",
+        "the agent reports it and keeps the last good state",
+        &format!(
+            "StateWritable=False (StorageFull) and the new generation refused as StateNotWritable {:.1} s after the change; the file and the stored manifest unchanged; {:.1} s after space was freed the new manifest was stored and applied, StateWritable=True",
+            reported_after.as_secs_f64(),
+            applied_after.as_secs_f64()
+        ),
+    );
+}

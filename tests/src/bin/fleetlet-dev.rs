@@ -56,6 +56,14 @@ enum Cmd {
         #[arg(long, default_value = "docs/reliability.md")]
         out: PathBuf,
     },
+    /// Write docs/performance.md from the benchmark results in target/fleetlet-bench/
+    /// (run by scripts/bench all and scripts/bench report).
+    PerformanceReport {
+        #[arg(long, default_value = "target/fleetlet-bench")]
+        from: PathBuf,
+        #[arg(long, default_value = "docs/performance.md")]
+        out: PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -83,6 +91,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             files,
         } => (exit, state_dir, files),
         Cmd::ReliabilityReport { from, out } => return reliability_report(&from, &out),
+        Cmd::PerformanceReport { from, out } => {
+            return Ok(fleetlet_testenv::report::performance(&from, &out)?);
+        }
     };
     let files = if files.is_empty() {
         let ex = repo_root().join("examples");

@@ -1,0 +1,658 @@
+//! The fleet at scale, end to end, against a real kube-apiserver and nats-server (a
+//! benchmark, not a test): `scripts/bench fleet` (or `cargo bench -p fleetlet-testenv --bench
+//! fleet` with release binaries in `FLEETLET_BENCH_BIN_DIR`).
+//!
+//! For each fleet size in `FLEETLET_BENCH_DEVICES` (default `100,1000,10000`): N EdgeDevices,
+//! the release controller and bridge, and `fleetlet-sim` running N devices (real agent engine,
+//! File resources under per-device temp dirs, one NATS connection each). Measures:
+//! * fleet start: every virtual Node Ready;
+//! * steady state over `FLEETLET_BENCH_WINDOW` seconds (default 60): apiserver writes/s by
+//!   resource, NATS messages/s, bytes on the wire per device per hour (the devices' own
+//!   connections, both directions), CPU of each process;
+//! * apply→converged for an EdgeManifest selecting every device, created then changed: per
+//!   device, the time from `kubectl apply` until its desired state holds the change (fan-out)
+//!   and until its status reports the resource Ready (p50, p99, max), and until the
+//!   EdgeManifest's status counts every device Ready;
+//! * footprints: controller, bridge and simulator resident memory.
+//!
+//! With `FLEETLET_BENCH_VK=N` (default 100) the same environment then runs N
+//! virtual-kubelet mock nodes (`scripts/virtual-kubelet`, one process per node) in place of
+//! fleetlet for N virtual nodes, measured over the same window. Results: stdout, and
+//! `target/fleetlet-bench/fleet.json`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed setup ends the benchmark
+
+use std::{
+    collections::HashMap,
+    io::BufRead,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use async_nats::jetstream::kv::Operation;
+use fleetlet_crds::{EdgeDevice, EdgeManifest};
+use fleetlet_protocol::{AgentManifest, AgentStatus, ResourceStatus, decode};
+use fleetlet_testenv::{
+    TestEnv,
+    bench::{
+        apiserver_writes, delta, nats_connection_bytes, nats_traffic, proc_stat, pss_mib, quantile,
+    },
+    process::free_port,
+    repo_root,
+};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api,
+    api::{ListParams, PostParams},
+};
+use serde_json::{Value, json};
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+fn bin(name: &str) -> PathBuf {
+    std::env::var_os("FLEETLET_BENCH_BIN_DIR")
+        .map_or_else(|| repo_root().join("target/release"), PathBuf::from)
+        .join(name)
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn spawn(program: &PathBuf, args: &[String], kubeconfig: &str, log: PathBuf) -> Proc {
+    spawn_with(program, args, &[("KUBECONFIG", kubeconfig.into())], log)
+}
+
+fn spawn_with(program: &PathBuf, args: &[String], env: &[(&str, String)], log: PathBuf) -> Proc {
+    Proc(
+        Command::new(program)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display())),
+    )
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0).round()
+}
+
+fn summary(mut v: Vec<f64>) -> Value {
+    v.sort_by(f64::total_cmp);
+    json!({
+        "count": v.len(),
+        "p50Ms": quantile(&v, 0.5),
+        "p99Ms": quantile(&v, 0.99),
+        "maxMs": v.last(),
+    })
+}
+
+/// Nodes matching `selector` whose name starts with `prefix` and that are Ready.
+async fn ready_nodes(nodes: &Api<Node>, selector: &str, prefix: &str) -> usize {
+    let Ok(list) = nodes.list(&ListParams::default().labels(selector)).await else {
+        return 0;
+    };
+    list.items
+        .iter()
+        .filter(|n| {
+            n.metadata
+                .name
+                .as_deref()
+                .is_some_and(|m| m.starts_with(prefix))
+        })
+        .filter(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .count()
+}
+
+/// CPU seconds and RSS of each named process over a window; returns per-process JSON and
+/// the wall time.
+struct Window {
+    started: Instant,
+    cpu: Vec<(String, u32, f64)>,
+    writes: std::collections::BTreeMap<String, f64>,
+    traffic: [f64; 4],
+    device_bytes: f64,
+}
+
+impl Window {
+    async fn open(client: &kube::Client, monitor: u16, procs: &[(&str, u32)]) -> Self {
+        Self {
+            started: Instant::now(),
+            cpu: procs
+                .iter()
+                .map(|(n, pid)| (n.to_string(), *pid, proc_stat(*pid).1))
+                .collect(),
+            writes: apiserver_writes(client).await,
+            traffic: nats_traffic(monitor),
+            device_bytes: nats_connection_bytes(monitor, "fleetlet-agent/").1,
+        }
+    }
+
+    async fn close(self, client: &kube::Client, monitor: u16, nodes: usize) -> Value {
+        let secs = self.started.elapsed().as_secs_f64();
+        let writes = delta(&self.writes, &apiserver_writes(client).await);
+        let total: f64 = writes.values().sum();
+        let traffic = nats_traffic(monitor);
+        let (conns, device_bytes) = nats_connection_bytes(monitor, "fleetlet-agent/");
+        let per_s = |i: usize| (traffic[i] - self.traffic[i]) / secs;
+        let processes: serde_json::Map<String, Value> = self
+            .cpu
+            .iter()
+            .map(|(name, pid, cpu0)| {
+                let (rss, cpu1) = proc_stat(*pid);
+                (
+                    name.clone(),
+                    json!({ "rssMiB": (rss * 10.0).round() / 10.0,
+                            "cpuPercent": ((cpu1 - cpu0) / secs * 1000.0).round() / 10.0,
+                            "cpuSeconds": cpu1 - cpu0 }),
+                )
+            })
+            .collect();
+        let wire = if conns > 0 {
+            Some((device_bytes - self.device_bytes) / conns as f64 * 3600.0 / secs)
+        } else {
+            None
+        };
+        json!({
+            "seconds": secs.round(),
+            "apiserverWritesPerSecond": (total / secs * 100.0).round() / 100.0,
+            "apiserverWritesPerNodePerMinute": (total / secs * 60.0 / nodes.max(1) as f64 * 100.0).round() / 100.0,
+            "apiserverWritesByResource": writes.iter().map(|(k, v)| (k.clone(), json!((v / secs * 100.0).round() / 100.0))).collect::<serde_json::Map<_, _>>(),
+            "natsMessagesInPerSecond": per_s(0).round(),
+            "natsMessagesOutPerSecond": per_s(1).round(),
+            "natsBytesInPerSecond": per_s(2).round(),
+            "natsBytesOutPerSecond": per_s(3).round(),
+            "deviceConnections": conns,
+            "bytesPerDevicePerHour": wire.map(f64::round),
+            "processes": processes,
+        })
+    }
+}
+
+/// Applies an EdgeManifest selecting every device and measures, per device, fan-out and
+/// convergence, and the time until its status counts every device Ready.
+async fn rollout(env: &TestEnv, n: usize, text: &str) -> Value {
+    let js = env.jetstream().await.unwrap();
+    let desired = js.get_key_value("desired-state").await.unwrap();
+    let actual = js.get_key_value("actual-state").await.unwrap();
+    let mut desired_w = desired.watch_all().await.unwrap();
+    let mut actual_w = actual.watch_all().await.unwrap();
+    let manifests: Api<EdgeManifest> = Api::namespaced(env.kube_client().await.unwrap(), "bench");
+    let before = manifests
+        .get_opt("rollout")
+        .await
+        .unwrap()
+        .and_then(|m| m.metadata.generation)
+        .unwrap_or(0);
+    let target = before + 1;
+    let yaml = format!(
+        "apiVersion: fleetlet.dev/v1alpha1\nkind: EdgeManifest\nmetadata: {{ name: rollout, namespace: bench }}\nspec:\n  selector: {{ matchLabels: {{ fleet: bench }} }}\n  resources:\n    - id: motd\n      file: {{ path: /etc/fleetlet/motd, content: {{ text: \"{text}\" }} }}\n"
+    );
+    // Read everything already in the buckets first, so only new entries count.
+    let drain = async |w: &mut async_nats::jetstream::kv::Watch| {
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), w.next()).await {}
+    };
+    drain(&mut desired_w).await;
+    drain(&mut actual_w).await;
+    let applied = Instant::now();
+    env.apply(&yaml).unwrap();
+    // Per device: the agent-manifest generation carrying the change, and when it was
+    // written; when its status first reported the resource Ready at that generation.
+    let mut carried: HashMap<String, (u64, Duration)> = HashMap::new();
+    let mut ready: HashMap<String, Duration> = HashMap::new();
+    let mut pending_status: HashMap<String, AgentStatus> = HashMap::new();
+    let mut status_done: Option<Duration> = None;
+    let deadline = applied + Duration::from_secs(600);
+    let mut poll = tokio::time::interval(Duration::from_millis(200));
+    let check = |s: &AgentStatus, g: u64| {
+        s.observed_generation >= g
+            && s.resources
+                .iter()
+                .any(|(id, r)| id.as_str() == "motd" && matches!(r, ResourceStatus::Ready { .. }))
+    };
+    while Instant::now() < deadline && (ready.len() < n || status_done.is_none()) {
+        tokio::select! {
+            Some(Ok(e)) = desired_w.next() => {
+                if e.operation != Operation::Put { continue }
+                let Ok(m) = decode::<AgentManifest>(&e.value) else { continue };
+                let has = m.resources.iter().any(|r| r.id.as_str() == "motd"
+                    && r.owner.name == "rollout" && r.owner.generation == target);
+                if has && !carried.contains_key(&e.key) {
+                    carried.insert(e.key.clone(), (m.generation, applied.elapsed()));
+                    if let Some(s) = pending_status.remove(&e.key)
+                        && check(&s, m.generation) {
+                        ready.insert(e.key.clone(), applied.elapsed());
+                    }
+                }
+            }
+            Some(Ok(e)) = actual_w.next() => {
+                if e.operation != Operation::Put || ready.contains_key(&e.key) { continue }
+                let Ok(s) = decode::<AgentStatus>(&e.value) else { continue };
+                match carried.get(&e.key) {
+                    Some((g, _)) if check(&s, *g) => { ready.insert(e.key.clone(), applied.elapsed()); }
+                    Some(_) => {}
+                    None => { pending_status.insert(e.key.clone(), s); }
+                }
+            }
+            _ = poll.tick() => {
+                if status_done.is_none()
+                    && let Ok(m) = manifests.get_status("rollout").await
+                    && let Some(s) = m.status
+                    && s.observed_generation == Some(target)
+                    && s.ready as usize >= n
+                {
+                    status_done = Some(applied.elapsed());
+                }
+            }
+        }
+    }
+    json!({
+        "generation": target,
+        "fanOut": summary(carried.values().map(|(_, t)| ms(*t)).collect()),
+        "converged": summary(ready.values().map(|t| ms(*t)).collect()),
+        "edgeManifestReadyMs": status_done.map(ms),
+        "devices": n,
+    })
+}
+
+async fn fleet_phase(n: usize, window: u64, vk: usize, profile: bool) -> Value {
+    eprintln!("== {n} devices");
+    let env = TestEnv::builder().kube().nats().start().await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    let kubeconfig = env.kubeconfig().unwrap().display().to_string();
+    let monitor = env.nats.as_ref().unwrap().monitor_port;
+    let ns_api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    for ns in ["bench", "fleetlet-system"] {
+        ns_api
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({ "metadata": { "name": ns } })).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), "bench");
+    let created = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let devices = devices.clone();
+            async move {
+                let d: EdgeDevice = serde_json::from_value(json!({
+                    "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice",
+                    "metadata": { "name": format!("sim-{i}"), "labels": { "fleet": "bench", "group": format!("g{}", i % 100) } },
+                    "spec": {}
+                }))
+                .unwrap();
+                devices.create(&PostParams::default(), &d).await.unwrap();
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    eprintln!(
+        "   {n} EdgeDevices in {:.1}s",
+        created.elapsed().as_secs_f64()
+    );
+
+    // The simulated devices' state and files live in memory when it can: each real device
+    // syncs its own storage, while thousands of simulated ones syncing one disk would
+    // measure that disk.
+    let dir = tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap();
+    let url = env.nats_url().unwrap().to_string();
+    let common = |extra: &[&str]| {
+        let mut a = vec![
+            format!("--nats-url={url}"),
+            format!("--metrics-addr=127.0.0.1:{}", free_port().unwrap()),
+            "--lease-namespace=fleetlet-system".into(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let controller = spawn(
+        &bin("fleetlet-controller"),
+        &common(&[]),
+        &kubeconfig,
+        dir.path().join("controller.log"),
+    );
+    let bridge = spawn(
+        &bin("fleetlet-bridge"),
+        &common(&[]),
+        &kubeconfig,
+        dir.path().join("bridge.log"),
+    );
+    let sim_started = Instant::now();
+    let mut sim = Proc(
+        Command::new(bin("fleetlet-sim"))
+            .args([
+                format!("--nats-url={url}"),
+                format!("--devices={n}"),
+                format!("--dir={}", dir.path().join("sim").display()),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.path().join("sim.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let out = sim.0.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut l = String::new();
+        std::io::BufReader::new(out).read_line(&mut l).map(|_| l)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let sim_report: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+    eprintln!("   simulator: {}", line.trim());
+    let nodes: Api<Node> = Api::all(client.clone());
+    let selector = "fleetlet.dev/device";
+    loop {
+        let r = ready_nodes(&nodes, selector, "sim-").await;
+        if r >= n {
+            break;
+        }
+        assert!(
+            sim_started.elapsed() < Duration::from_secs(900),
+            "only {r} of {n} nodes Ready after 15 minutes"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let fleet_ready = sim_started.elapsed();
+    eprintln!(
+        "   {n} nodes Ready {:.1}s after the simulator started; settling 20 s",
+        fleet_ready.as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(20)).await;
+
+    let procs = [
+        ("controller", controller.pid()),
+        ("bridge", bridge.pid()),
+        ("simulator", sim.pid()),
+        (
+            "nats-server",
+            env.nats.as_ref().unwrap().program_pid().unwrap_or(0),
+        ),
+    ];
+    let w = Window::open(&client, monitor, &procs).await;
+    tokio::time::sleep(Duration::from_secs(window)).await;
+    let steady = w.close(&client, monitor, n).await;
+    eprintln!("   steady state: {steady}");
+
+    // At the largest size, profile the whole machine while the first rollout runs.
+    let perf_data = dir.path().join("perf.data");
+    let mut perf = profile.then(|| {
+        Command::new("perf")
+            .args(["record", "-a", "-g", "-F", "199", "-o"])
+            .arg(&perf_data)
+            .args(["--", "sleep", "25"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+    });
+    let create = rollout(&env, n, "first").await;
+    if let Some(Ok(p)) = perf.as_mut() {
+        let _ = p.wait();
+        write_profile(&perf_data);
+    }
+    eprintln!("   rollout (create): {create}");
+    let update = rollout(&env, n, "second").await;
+    eprintln!("   rollout (update): {update}");
+    let footprint = |pid: u32| (proc_stat(pid).0 * 10.0).round() / 10.0;
+    let footprints = json!({
+        "controllerRssMiB": footprint(controller.pid()),
+        "bridgeRssMiB": footprint(bridge.pid()),
+        "simulatorRssMiB": footprint(sim.pid()),
+        "simulatorRssKiBPerDevice": (proc_stat(sim.pid()).0 * 1024.0 / n as f64).round(),
+    });
+    eprintln!("   footprints: {footprints}");
+
+    let mut result = json!({
+        "devices": n,
+        "simulator": sim_report,
+        "nodesReadySeconds": (fleet_ready.as_secs_f64() * 10.0).round() / 10.0,
+        "steadyState": steady,
+        "rolloutCreate": create,
+        "rolloutUpdate": update,
+        "footprints": footprints,
+    });
+    if vk > 0 {
+        drop(sim);
+        drop(bridge);
+        drop(controller);
+        result["virtualKubelet"] = virtual_kubelet(&env, vk, window, dir.path()).await;
+    }
+    result
+}
+
+/// A port for mock node `i`'s kubelet listener (on every interface): below the ephemeral
+/// range, so no outgoing connection takes it between choosing and binding, and free now.
+fn vk_port(i: usize) -> u16 {
+    let mut port = 21000 + (i as u16) * 7;
+    while std::net::TcpListener::bind(("0.0.0.0", port)).is_err() {
+        port += 1;
+    }
+    port
+}
+
+/// N virtual-kubelet mock nodes against the same apiserver, measured like fleetlet.
+async fn virtual_kubelet(env: &TestEnv, n: usize, window: u64, dir: &std::path::Path) -> Value {
+    let Ok(program) = std::env::var("FLEETLET_BENCH_VIRTUAL_KUBELET") else {
+        eprintln!("   virtual-kubelet: FLEETLET_BENCH_VIRTUAL_KUBELET not set; skipped");
+        return Value::Null;
+    };
+    eprintln!("== {n} virtual-kubelet mock nodes");
+    let client = env.kube_client().await.unwrap();
+    let kubeconfig = env.kubeconfig().unwrap().display().to_string();
+    let monitor = env.nats.as_ref().unwrap().monitor_port;
+    // Every node serves the kubelet API (any certificate will do) and reads its capacity
+    // from one provider config.
+    let pki = dir.join("vk-pki");
+    fleetlet_testenv::pki::Pki::generate()
+        .unwrap()
+        .write(&pki)
+        .unwrap();
+    let config: serde_json::Map<String, Value> = (0..n)
+        .map(|i| {
+            (
+                format!("vk-{i}"),
+                json!({ "cpu": "4", "memory": "8Gi", "pods": "110" }),
+            )
+        })
+        .collect();
+    let config_path = dir.join("vk-mock.json");
+    std::fs::write(&config_path, Value::Object(config).to_string()).unwrap();
+    let started = Instant::now();
+    let mut procs = Vec::new();
+    for i in 0..n {
+        let args = vec![
+            "--provider=mock".to_string(),
+            format!("--provider-config={}", config_path.display()),
+            format!("--nodename=vk-{i}"),
+            format!("--kubeconfig={kubeconfig}"),
+            "--log-level=warn".into(),
+        ];
+        let env = [
+            ("KUBELET_PORT", vk_port(i).to_string()),
+            ("VKUBELET_POD_IP", "127.0.0.1".into()),
+            (
+                "APISERVER_CERT_LOCATION",
+                pki.join("apiserver.crt").display().to_string(),
+            ),
+            (
+                "APISERVER_KEY_LOCATION",
+                pki.join("apiserver.key").display().to_string(),
+            ),
+        ];
+        procs.push(spawn_with(
+            &PathBuf::from(&program),
+            &args,
+            &env,
+            dir.join(format!("vk-{i}.log")),
+        ));
+    }
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut up = 0;
+    while started.elapsed() < Duration::from_secs(180) {
+        up = ready_nodes(&nodes, "", "vk-").await;
+        if up >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    if up < n {
+        // Say why, from the logs of the processes that gave up.
+        for (i, p) in procs.iter_mut().enumerate() {
+            if let Ok(Some(status)) = p.0.try_wait() {
+                let log =
+                    std::fs::read_to_string(dir.join(format!("vk-{i}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(3).collect();
+                eprintln!("   vk-{i} exited ({status}): {tail:?}");
+            }
+        }
+        eprintln!("   only {up} of {n} virtual-kubelet nodes Ready after 180 s; measuring those");
+    }
+    let ready = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let pids: Vec<(String, u32)> = procs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (format!("vk-{i}"), p.pid()))
+        .collect();
+    let named: Vec<(&str, u32)> = pids.iter().map(|(n, p)| (n.as_str(), *p)).collect();
+    let w = Window::open(&client, monitor, &named).await;
+    tokio::time::sleep(Duration::from_secs(window)).await;
+    let mut steady = w.close(&client, monitor, up).await;
+    // Sum the per-process figures: one process per node. The copies share the binary's
+    // pages, so proportional set size (PSS) is what they cost together.
+    let (mut rss, mut cpu) = (0.0, 0.0);
+    if let Some(m) = steady["processes"].as_object() {
+        for v in m.values() {
+            rss += v["rssMiB"].as_f64().unwrap_or(0.0);
+            cpu += v["cpuSeconds"].as_f64().unwrap_or(0.0);
+        }
+    }
+    let pss: f64 = procs.iter().map(|p| pss_mib(p.pid())).sum();
+    steady["processes"] = json!({ "virtual-kubelet (all)": {
+        "rssMiB": (rss * 10.0).round() / 10.0,
+        "cpuPercent": (cpu / steady["seconds"].as_f64().unwrap_or(1.0).max(1.0) * 1000.0).round() / 10.0,
+        "rssMiBPerNode": (rss / up.max(1) as f64 * 10.0).round() / 10.0,
+        "pssMiB": (pss * 10.0).round() / 10.0,
+        "pssMiBPerNode": (pss / up.max(1) as f64 * 10.0).round() / 10.0 } });
+    // Nodes and Leases stay behind when virtual-kubelet stops; the environment goes anyway.
+    drop(procs);
+    eprintln!("   virtual-kubelet steady state: {steady}");
+    json!({ "nodes": n, "nodesReady": up, "nodesReadySeconds": (ready.as_secs_f64() * 10.0).round() / 10.0, "steadyState": steady })
+}
+
+/// CPU by process, and the hottest functions of the busiest one, from a `perf record -a`,
+/// into `target/fleetlet-bench/profile.txt`.
+fn write_profile(data: &std::path::Path) {
+    let report = |args: &[&str]| {
+        Command::new("perf")
+            .args(["report", "--stdio", "-g", "none", "-i"])
+            .arg(data)
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let lines = |text: String, max: usize| -> Vec<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .take(max)
+            .map(|l| l.trim_end().to_string())
+            .collect()
+    };
+    let by_comm = lines(report(&["--sort", "comm", "--percent-limit", "1"]), 12);
+    let busiest = by_comm
+        .iter()
+        .filter_map(|l| l.split_whitespace().last())
+        .find(|c| *c != "swapper")
+        .unwrap_or("")
+        .to_string();
+    let symbols = lines(
+        report(&[
+            "--comm",
+            &busiest,
+            "--sort",
+            "dso,sym",
+            "--percent-limit",
+            "1.5",
+        ]),
+        15,
+    );
+    let text = format!(
+        "CPU by process (perf record -a -g, 199 Hz, 25 s from the start of the largest rollout):\n{}\n\nHottest functions of {busiest}:\n{}\n",
+        by_comm.join("\n"),
+        symbols.join("\n")
+    );
+    let dir = repo_root().join("target/fleetlet-bench");
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(dir.join("profile.txt"), text);
+}
+
+#[tokio::main]
+async fn main() {
+    let sizes: Vec<usize> = std::env::var("FLEETLET_BENCH_DEVICES")
+        .unwrap_or_else(|_| "100,1000,10000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let window: u64 = env_or("FLEETLET_BENCH_WINDOW", 60);
+    let vk: usize = env_or("FLEETLET_BENCH_VK", 100);
+    let mut runs = Vec::new();
+    let largest = sizes.iter().copied().max().unwrap_or(0);
+    let perf = Command::new("perf")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    for n in sizes {
+        // The side-by-side runs in the phase whose fleet has the same number of nodes.
+        let vk_here = if n == vk { vk } else { 0 };
+        let mut run = fleet_phase(n, window, vk_here, perf && n == largest).await;
+        run["windowSeconds"] = json!(window);
+        // Each size on its own too: a later run of one size replaces only its own results.
+        let dir = repo_root().join("target/fleetlet-bench");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(format!("fleet-{n}.json")),
+            serde_json::to_string_pretty(&run).unwrap(),
+        )
+        .unwrap();
+        runs.push(run);
+    }
+    let out = json!({ "runs": runs, "windowSeconds": window });
+    let dir = repo_root().join("target/fleetlet-bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("fleet.json"),
+        serde_json::to_string_pretty(&out).unwrap(),
+    )
+    .unwrap();
+    println!("{}", serde_json::to_string_pretty(&out).unwrap());
+}
