@@ -376,9 +376,14 @@ impl Engine {
                 self.backoff.remove(&r.id);
             }
         }
-        if owned_changed && let Err(e) = self.store.save_owned(&self.owned) {
-            warn!(error = %e, "could not persist ownership records");
-            self.state_unwritable(&e);
+        if owned_changed {
+            match self.store.save_owned(&self.owned) {
+                Ok(()) => self.state_writable(),
+                Err(e) => {
+                    warn!(error = %e, "could not persist ownership records");
+                    self.state_unwritable(&e);
+                }
+            }
         }
 
         let instant_now = Instant::now();
