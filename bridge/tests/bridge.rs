@@ -2,11 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
-use std::{
-    path::Path,
-    sync::OnceLock,
-    time::{Duration, Instant},
-};
+use std::{path::Path, sync::OnceLock, time::Duration};
 
 use async_nats::jetstream::kv::Store;
 use fleetlet_crds::EdgeDevice;
@@ -15,10 +11,13 @@ use fleetlet_protocol::{
     kv::{ACTUAL_STATE, HEARTBEAT},
 };
 use fleetlet_testenv::{
-    TestEnv,
+    DEFAULT_TIMEOUT, TestEnv, eventually,
     process::{Service, free_port},
 };
-use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
+use k8s_openapi::{
+    api::{coordination::v1::Lease, core::v1::Node},
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+};
 use kube::{
     Api,
     api::{DeleteParams, Patch, PatchParams, PostParams},
@@ -167,26 +166,70 @@ fn keep_beating(hb: Store, dev: &'static str) -> tokio::task::JoinHandle<()> {
     })
 }
 
-async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+/// Node `name`'s Ready condition as (status, reason); Err says what is there instead.
+async fn node_ready(env: &TestEnv, name: &str) -> Result<(String, String), String> {
+    let nodes: Api<Node> = Api::all(env.kube_client().await.map_err(|e| e.to_string())?);
+    let n = nodes
+        .get_opt(name)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("no such Node")?;
+    let c = n
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .ok_or("no Ready condition")?;
+    Ok((c.status, c.reason.unwrap_or_default()))
 }
 
-async fn node_ready(env: &TestEnv, name: &str) -> Option<(String, String)> {
-    let nodes: Api<Node> = Api::all(env.kube_client().await.ok()?);
-    let n = nodes.get_opt(name).await.ok()??;
-    let c = n
-        .status?
-        .conditions?
-        .into_iter()
-        .find(|c| c.type_ == "Ready")?;
-    Some((c.status, c.reason.unwrap_or_default()))
+/// Waits until Node `name` is Ready=`status`, and returns the condition's reason.
+async fn wait_node(env: &TestEnv, name: &str, status: &str) -> String {
+    eventually(
+        &format!("Node {name} Ready={status}"),
+        DEFAULT_TIMEOUT,
+        || async {
+            let (s, reason) = node_ready(env, name).await?;
+            if s == status {
+                Ok(reason)
+            } else {
+                Err(format!("Ready={s} ({reason})"))
+            }
+        },
+    )
+    .await
+}
+
+/// Lease `name`; Err says why there is none.
+async fn lease_of(leases: &Api<Lease>, name: &str) -> Result<Lease, String> {
+    leases
+        .get_opt(name)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no Lease {name}"))
+}
+
+/// Waits until `api` has no object `name`.
+async fn wait_gone<K>(api: &Api<K>, name: &str)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+    K::DynamicType: Default,
+{
+    eventually(
+        &format!("{} {name} to be deleted", K::kind(&Default::default())),
+        DEFAULT_TIMEOUT,
+        || async {
+            match api.get_opt(name).await.map_err(|e| e.to_string())? {
+                None => Ok(()),
+                Some(o) => Err(format!(
+                    "still there, deletionTimestamp {:?}",
+                    o.meta().deletion_timestamp
+                )),
+            }
+        },
+    )
+    .await
 }
 
 #[tokio::test]
@@ -196,10 +239,7 @@ async fn kubectl_get_nodes_shows_each_device_with_status_role_and_version() {
     let (hb, _) = buckets(env).await;
     add_device(env, &ns, "bn-pi").await;
     let _beats = keep_beating(hb, "bn-pi");
-    eventually("node ready", async || {
-        node_ready(env, "bn-pi").await.filter(|(s, _)| s == "True")
-    })
-    .await;
+    wait_node(env, "bn-pi", "True").await;
 
     let out = env
         .kubectl()
@@ -258,7 +298,10 @@ async fn kubectl_get_nodes_shows_each_device_with_status_role_and_version() {
     );
     // The Lease is written right after the Node's status.
     let leases: Api<Lease> = Api::namespaced(env.kube_client().await.unwrap(), "kube-node-lease");
-    let lease = eventually("lease", async || leases.get_opt("bn-pi").await.ok()?).await;
+    let lease = eventually("bn-pi's Lease", DEFAULT_TIMEOUT, || {
+        lease_of(&leases, "bn-pi")
+    })
+    .await;
     assert_eq!(
         lease.spec.unwrap().holder_identity.as_deref(),
         Some("bn-pi")
@@ -272,18 +315,10 @@ async fn a_silent_device_turns_unknown_after_the_grace_period_and_ready_when_it_
     let (hb, _) = buckets(env).await;
     let devices = add_device(env, &ns, "bg-pi").await;
     let beats = keep_beating(hb.clone(), "bg-pi");
-    eventually("ready", async || {
-        node_ready(env, "bg-pi").await.filter(|(s, _)| s == "True")
-    })
-    .await;
+    wait_node(env, "bg-pi", "True").await;
 
     beats.abort();
-    let (_, reason) = eventually("unknown", async || {
-        node_ready(env, "bg-pi")
-            .await
-            .filter(|(s, _)| s == "Unknown")
-    })
-    .await;
+    let reason = wait_node(env, "bg-pi", "Unknown").await;
     assert_eq!(reason, "NodeStatusUnknown");
     let dev = devices.get("bg-pi").await.unwrap();
     let ready = dev
@@ -307,10 +342,7 @@ async fn a_silent_device_turns_unknown_after_the_grace_period_and_ready_when_it_
     );
 
     let _beats = keep_beating(hb, "bg-pi");
-    eventually("ready again", async || {
-        node_ready(env, "bg-pi").await.filter(|(s, _)| s == "True")
-    })
-    .await;
+    wait_node(env, "bg-pi", "True").await;
 }
 
 /// `spec.heartbeatGraceSeconds` gives one device a longer grace period than the bridge's
@@ -335,31 +367,26 @@ async fn a_device_with_its_own_grace_period_stays_ready_longer() {
     let short = keep_beating(hb.clone(), "bo-short");
     let long = keep_beating(hb.clone(), "bo-long");
     for d in ["bo-short", "bo-long"] {
-        eventually("ready", async || {
-            node_ready(env, d).await.filter(|(s, _)| s == "True")
-        })
-        .await;
+        wait_node(env, d, "True").await;
     }
+    // The Lease may first be written before the bridge sees the patched spec.
     let leases: Api<Lease> = Api::namespaced(env.kube_client().await.unwrap(), "kube-node-lease");
-    let duration = eventually("the lease", async || {
-        leases
-            .get_opt("bo-long")
-            .await
-            .ok()??
-            .spec?
-            .lease_duration_seconds
+    let duration = eventually("bo-long's Lease to last 20 s", DEFAULT_TIMEOUT, || async {
+        let d = lease_of(&leases, "bo-long")
+            .await?
+            .spec
+            .and_then(|s| s.lease_duration_seconds);
+        match d {
+            Some(20) => Ok(20),
+            other => Err(format!("leaseDurationSeconds {other:?}")),
+        }
     })
     .await;
     assert_eq!(duration, 20);
 
     short.abort();
     long.abort();
-    eventually("the default device unknown", async || {
-        node_ready(env, "bo-short")
-            .await
-            .filter(|(s, _)| s == "Unknown")
-    })
-    .await;
+    wait_node(env, "bo-short", "Unknown").await;
     let (status, _) = node_ready(env, "bo-long").await.unwrap();
     assert_eq!(
         status, "True",
@@ -372,17 +399,17 @@ async fn a_device_that_never_connected_is_not_ready_with_that_reason() {
     let env = shared();
     let ns = env.namespace("br-never").await.unwrap();
     let devices = add_device(env, &ns, "bv-pi").await;
-    let (_, reason) = eventually("node", async || node_ready(env, "bv-pi").await).await;
+    let (_, reason) =
+        eventually("bv-pi's Node", DEFAULT_TIMEOUT, || node_ready(env, "bv-pi")).await;
     assert_eq!(reason, "NeverConnected");
-    let ready = eventually("status", async || {
-        devices
-            .get("bv-pi")
-            .await
-            .ok()?
-            .status?
+    let ready = eventually("bv-pi's Ready condition", DEFAULT_TIMEOUT, || async {
+        let d = devices.get("bv-pi").await.map_err(|e| e.to_string())?;
+        let status = d.status.ok_or("no status")?;
+        status
             .conditions
             .into_iter()
             .find(|c| c.type_ == "Ready")
+            .ok_or_else(|| "no Ready condition".to_string())
     })
     .await;
     assert_eq!(
@@ -400,21 +427,17 @@ async fn deleting_a_device_removes_its_node_and_lease() {
     let beats = keep_beating(hb, "bd-pi");
     let client = env.kube_client().await.unwrap();
     let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
-    eventually("lease", async || leases.get_opt("bd-pi").await.ok()?).await;
+    eventually("bd-pi's Lease", DEFAULT_TIMEOUT, || {
+        lease_of(&leases, "bd-pi")
+    })
+    .await;
     beats.abort();
     devices
         .delete("bd-pi", &DeleteParams::default())
         .await
         .unwrap();
-    let nodes: Api<Node> = Api::all(client);
-    eventually("node gone", async || {
-        nodes.get_opt("bd-pi").await.ok()?.is_none().then_some(())
-    })
-    .await;
-    eventually("lease gone", async || {
-        leases.get_opt("bd-pi").await.ok()?.is_none().then_some(())
-    })
-    .await;
+    wait_gone(&Api::<Node>::all(client), "bd-pi").await;
+    wait_gone(&leases, "bd-pi").await;
 }
 
 #[tokio::test]
@@ -439,13 +462,11 @@ async fn bad_payloads_are_ignored_with_a_logged_reason_and_the_bridge_keeps_work
 
     add_device(env, &ns, "bb-good").await;
     let _beats = keep_beating(hb, "bb-good");
-    eventually("good device ready", async || {
-        node_ready(env, "bb-good")
-            .await
-            .filter(|(s, _)| s == "True")
+    wait_node(env, "bb-good", "True").await;
+    let (_, reason) = eventually("bb-bad's Node", DEFAULT_TIMEOUT, || {
+        node_ready(env, "bb-bad")
     })
     .await;
-    let (_, reason) = eventually("bad device node", async || node_ready(env, "bb-bad").await).await;
     assert_eq!(
         reason, "NeverConnected",
         "a garbled heartbeat is not a heartbeat"
@@ -488,6 +509,21 @@ async fn writes(client: &kube::Client, resource: &str) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Mutating requests so far on (edgedevices, nodes, leases).
+async fn write_counts(client: &kube::Client) -> (f64, f64, f64) {
+    (
+        writes(client, "edgedevices").await,
+        writes(client, "nodes").await,
+        writes(client, "leases").await,
+    )
+}
+
+/// When `name`'s Lease in kube-node-lease was last renewed.
+async fn node_lease_renewed(client: &kube::Client, name: &str) -> Option<MicroTime> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    leases.get(name).await.unwrap().spec?.renew_time
 }
 
 #[tokio::test]
@@ -560,36 +596,52 @@ async fn a_steady_fleet_causes_no_writes_but_lease_renewals_and_a_real_agent_con
     // Converged comes from the agent's status; the device facts from its heartbeats, which
     // may reach the bridge a moment later.
     let edevs: Api<EdgeDevice> = Api::namespaced(client.clone(), "default");
-    let st = eventually("device facts", async || {
-        edevs
-            .get("st-pi")
-            .await
-            .ok()?
-            .status
-            .filter(|s| s.device.is_some())
+    let st = eventually("st-pi's device facts", DEFAULT_TIMEOUT, || async {
+        let d = edevs.get("st-pi").await.map_err(|e| e.to_string())?;
+        match d.status {
+            Some(s) if s.device.is_some() => Ok(s),
+            other => Err(format!("status {other:?}")),
+        }
     })
     .await;
     assert_eq!(st.applied_generation, st.desired_generation);
     assert_eq!(st.resources[0].state, "Ready");
     assert_eq!(st.device.unwrap().agent_version, env!("CARGO_PKG_VERSION"));
 
-    // Steady state: heartbeats keep flowing, nothing else changes.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let before = (
-        writes(&client, "edgedevices").await,
-        writes(&client, "nodes").await,
-        writes(&client, "leases").await,
-    );
+    // Steady state: heartbeats keep flowing, nothing else changes. Settled once a second
+    // passes without an EdgeDevice or Node write (status patches trail convergence).
+    eventually(
+        "EdgeDevice and Node writes to stop",
+        DEFAULT_TIMEOUT,
+        || async {
+            let a = write_counts(&client).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let b = write_counts(&client).await;
+            if (a.0, a.1) == (b.0, b.1) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "(edgedevices, nodes, leases) writes {a:?} → {b:?} in 1 s"
+                ))
+            }
+        },
+    )
+    .await;
+    let before = write_counts(&client).await;
+    let renewed_before = node_lease_renewed(&client, "st-pi").await;
+    // A claim of no writes needs a window; 6 s is several heartbeats and resyncs.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let after = (
-        writes(&client, "edgedevices").await,
-        writes(&client, "nodes").await,
-        writes(&client, "leases").await,
-    );
+    let after = write_counts(&client).await;
+    let renewed_after = node_lease_renewed(&client, "st-pi").await;
     assert_eq!(after.0, before.0, "EdgeDevice writes in a steady state");
     assert_eq!(after.1, before.1, "Node writes in a steady state");
     assert!(
         after.2 > before.2,
         "leases are renewed from heartbeats ({before:?} → {after:?})"
+    );
+    // The bridge was alive in the window: only it renews the device's node Lease.
+    assert!(
+        renewed_after > renewed_before,
+        "st-pi's Lease renewed in the window ({renewed_before:?} → {renewed_after:?})"
     );
 }

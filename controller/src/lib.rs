@@ -277,10 +277,12 @@ pub async fn shutdown_signal() {
 
 /// Logs to stderr with a `RUST_LOG`-style filter (default `info`).
 pub fn init_tracing() {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }

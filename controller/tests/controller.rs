@@ -7,11 +7,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 use std::{
+    cell::RefCell,
     io::{Read, Write},
     net::TcpStream,
     path::Path,
     sync::OnceLock,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use async_nats::jetstream::kv::Store;
@@ -22,8 +23,9 @@ use fleetlet_protocol::{
     kv::{ACTUAL_STATE, DESIRED_STATE, HEARTBEAT},
 };
 use fleetlet_testenv::{
-    TestEnv,
+    DEFAULT_TIMEOUT, TestEnv, eventually,
     process::{Service, free_port},
+    wait::until,
 };
 use kube::{
     Api, ResourceExt,
@@ -145,15 +147,62 @@ async fn desired_of(kv: &Kv, dev: &str) -> Option<(AgentManifest, u64)> {
     Some((decode(&e.value).unwrap(), e.revision))
 }
 
-async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+/// Waits until `dev`'s desired-state key holds a manifest `done` accepts; a timeout shows
+/// the last one seen.
+async fn wait_desired(
+    kv: &Kv,
+    dev: &str,
+    what: &str,
+    done: impl Fn(&AgentManifest) -> bool,
+) -> (AgentManifest, u64) {
+    until(
+        &format!("{dev}'s desired state: {what}"),
+        DEFAULT_TIMEOUT,
+        || desired_of(kv, dev),
+        |d| d.as_ref().is_some_and(|(m, _)| done(m)),
+    )
+    .await
+    .unwrap()
+}
+
+/// Waits until EdgeManifest `name` has a status `done` accepts, and returns that status.
+async fn wait_manifest_status(
+    manifests: &Api<EdgeManifest>,
+    name: &str,
+    what: &str,
+    done: impl Fn(&fleetlet_crds::EdgeManifestStatus) -> bool,
+) -> fleetlet_crds::EdgeManifestStatus {
+    eventually(
+        &format!("EdgeManifest {name}: {what}"),
+        DEFAULT_TIMEOUT,
+        || async {
+            let m = manifests.get(name).await.map_err(|e| e.to_string())?;
+            match m.status {
+                Some(s) if done(&s) => Ok(s),
+                other => Err(format!("status {other:?}")),
+            }
+        },
+    )
+    .await
+}
+
+/// Waits until EdgeManifest `name` has a condition `type_` with `status`, and returns it.
+async fn wait_condition(
+    manifests: &Api<EdgeManifest>,
+    name: &str,
+    type_: &str,
+    status: &str,
+) -> fleetlet_crds::Condition {
+    let s = wait_manifest_status(manifests, name, &format!("{type_}={status}"), |s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == type_ && c.status == status)
+    })
+    .await;
+    s.conditions
+        .into_iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .unwrap()
 }
 
 fn resource_ids(m: &AgentManifest) -> Vec<String> {
@@ -242,48 +291,43 @@ async fn selected_devices_get_the_union_of_every_manifest_that_selects_them() {
     )
     .await;
 
-    let a = eventually("u-a manifest", async || {
-        desired_of(&kv, "u-a")
-            .await
-            .filter(|(m, _)| m.resources.len() == 2)
-    })
-    .await
-    .0;
+    let (a, _) = wait_desired(&kv, "u-a", "two resources", |m| m.resources.len() == 2).await;
     assert_eq!(resource_ids(&a), ["cfg", "motd"]);
     assert_eq!(a.resources[0].owner.name, "sensors");
     assert_eq!(a.resources[0].owner.namespace, ns);
-    let b = eventually("u-b manifest", async || {
-        desired_of(&kv, "u-b")
-            .await
-            .filter(|(m, _)| !m.resources.is_empty())
-    })
-    .await
-    .0;
+    let (b, _) = wait_desired(&kv, "u-b", "any resource", |m| !m.resources.is_empty()).await;
     assert_eq!(resource_ids(&b), ["motd"]);
 
     // The controller records what it wrote, and the finalizer guards deletion.
-    let obj = eventually("desiredGeneration", async || {
-        let d = devices.get("u-a").await.ok()?;
-        (d.status.as_ref()?.desired_generation == Some(a.generation)).then_some(d)
+    let obj = eventually("u-a's desiredGeneration", DEFAULT_TIMEOUT, || async {
+        let d = devices.get("u-a").await.map_err(|e| e.to_string())?;
+        let recorded = d.status.as_ref().and_then(|s| s.desired_generation);
+        if recorded == Some(a.generation) {
+            Ok(d)
+        } else {
+            Err(format!(
+                "desiredGeneration {recorded:?}, want {}",
+                a.generation
+            ))
+        }
     })
     .await;
     assert_eq!(obj.name_any(), "u-a");
     // The finalizer is added by the pass; desiredGeneration by a background writer.
-    eventually("finalizer", async || {
-        manifests.get("sensors").await.ok().filter(|m| {
-            m.finalizers()
-                .iter()
-                .any(|f| f == "fleetlet.dev/device-cleanup")
-        })
+    eventually("the finalizer on sensors", DEFAULT_TIMEOUT, || async {
+        let m = manifests.get("sensors").await.map_err(|e| e.to_string())?;
+        if m.finalizers()
+            .iter()
+            .any(|f| f == "fleetlet.dev/device-cleanup")
+        {
+            Ok(())
+        } else {
+            Err(format!("finalizers {:?}", m.finalizers()))
+        }
     })
     .await;
-    let st = eventually("manifest status", async || {
-        manifests
-            .get("named")
-            .await
-            .ok()?
-            .status
-            .filter(|s| s.targeted == 2 && s.updated == 2)
+    let st = wait_manifest_status(&manifests, "named", "2 targeted and updated", |s| {
+        s.targeted == 2 && s.updated == 2
     })
     .await;
     assert_eq!(st.ready, 0, "no device reported Ready yet");
@@ -307,29 +351,14 @@ async fn relabelling_a_device_moves_resources_on_and_off_it() {
         ),
     )
     .await;
-    let (g1, _) = eventually("on", async || {
-        desired_of(&kv, "rl-a")
-            .await
-            .filter(|(m, _)| m.resources.len() == 1)
-    })
-    .await;
+    let (g1, _) = wait_desired(&kv, "rl-a", "on", |m| m.resources.len() == 1).await;
 
     apply(&devices, device("rl-a", json!({ "tier": "stable" }))).await;
-    let (g2, _) = eventually("off", async || {
-        desired_of(&kv, "rl-a")
-            .await
-            .filter(|(m, _)| m.resources.is_empty())
-    })
-    .await;
+    let (g2, _) = wait_desired(&kv, "rl-a", "off", |m| m.resources.is_empty()).await;
     assert!(g2.generation > g1.generation);
 
     apply(&devices, device("rl-a", json!({ "tier": "canary" }))).await;
-    let (g3, _) = eventually("on again", async || {
-        desired_of(&kv, "rl-a")
-            .await
-            .filter(|(m, _)| m.resources.len() == 1)
-    })
-    .await;
+    let (g3, _) = wait_desired(&kv, "rl-a", "on again", |m| m.resources.len() == 1).await;
     assert!(g3.generation > g2.generation, "generations only go up");
 }
 
@@ -343,36 +372,20 @@ async fn conflicting_manifests_are_reported_on_both_and_the_older_one_keeps_the_
     let manifests: Api<EdgeManifest> = Api::namespaced(client.clone(), &ns);
     apply(&devices, device("cf-a", json!({}))).await;
     apply(&manifests, manifest("first", json!({ "devices": ["cf-a"], "resources": [file("cfg", "/etc/fleetlet/app.conf", "first")] }))).await;
-    eventually("first applied", async || {
-        desired_of(&kv, "cf-a")
-            .await
-            .filter(|(m, _)| m.resources.len() == 1)
-    })
-    .await;
+    wait_desired(&kv, "cf-a", "first applied", |m| m.resources.len() == 1).await;
     // Creation timestamps have one-second resolution: make the second one clearly younger.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     apply(&manifests, manifest("second", json!({ "devices": ["cf-a"],
         "resources": [file("other-id", "/etc/fleetlet/app.conf", "second"), file("fine", "/etc/fleetlet/fine", "ok")] }))).await;
 
-    let (m, _) = eventually("merged", async || {
-        desired_of(&kv, "cf-a")
-            .await
-            .filter(|(m, _)| m.resources.len() == 2)
-    })
-    .await;
+    let (m, _) = wait_desired(&kv, "cf-a", "merged", |m| m.resources.len() == 2).await;
     assert_eq!(
         resource_ids(&m),
         ["cfg", "fine"],
         "the contested path stays with the older manifest"
     );
     for name in ["first", "second"] {
-        let cond = eventually("conflict condition", async || {
-            let s = manifests.get(name).await.ok()?.status?;
-            s.conditions
-                .into_iter()
-                .find(|c| c.type_ == "Conflict" && c.status == "True")
-        })
-        .await;
+        let cond = wait_condition(&manifests, name, "Conflict", "True").await;
         assert!(
             cond.message.contains("file /etc/fleetlet/app.conf on cf-a"),
             "{}",
@@ -385,14 +398,21 @@ async fn conflicting_manifests_are_reported_on_both_and_the_older_one_keeps_the_
         );
     }
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client, &ns);
-    let found = eventually("conflict events", async || {
-        let list = events.list(&Default::default()).await.ok()?;
+    let found = eventually("two ResourceConflict events", DEFAULT_TIMEOUT, || async {
+        let list = events
+            .list(&Default::default())
+            .await
+            .map_err(|e| e.to_string())?;
         let n = list
             .items
             .iter()
             .filter(|e| e.reason.as_deref() == Some("ResourceConflict"))
             .count();
-        (n >= 2).then_some(n)
+        if n >= 2 {
+            Ok(n)
+        } else {
+            Err(format!("{n} ResourceConflict events"))
+        }
     })
     .await;
     assert!(found >= 2);
@@ -400,7 +420,7 @@ async fn conflicting_manifests_are_reported_on_both_and_the_older_one_keeps_the_
 
 #[tokio::test]
 async fn nothing_is_rewritten_while_nothing_changes() {
-    let (env, _c) = shared();
+    let (env, c) = shared();
     let ns = env.namespace("ctl-steady").await.unwrap();
     let client = env.kube_client().await.unwrap();
     let kv = kv(env).await;
@@ -415,13 +435,9 @@ async fn nothing_is_rewritten_while_nothing_changes() {
         ),
     )
     .await;
-    let (_, rev) = eventually("written", async || {
-        desired_of(&kv, "st-a")
-            .await
-            .filter(|(m, _)| m.resources.len() == 1)
-    })
-    .await;
-    // Status traffic, an annotation and several resync passes (1 s each) later:
+    let (_, rev) = wait_desired(&kv, "st-a", "written", |m| m.resources.len() == 1).await;
+    // Status traffic, an annotation and several passes later (counted, so a dead controller
+    // cannot pass for a quiet one):
     simulate_agent(&kv, "st-a", true).await;
     devices
         .patch(
@@ -431,7 +447,7 @@ async fn nothing_is_rewritten_while_nothing_changes() {
         )
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    wait_passes(c.metrics_port, 3).await;
     let (_, rev_after) = desired_of(&kv, "st-a").await.unwrap();
     assert_eq!(
         rev, rev_after,
@@ -458,14 +474,9 @@ async fn a_desired_state_key_deleted_by_hand_is_rewritten_with_a_newer_generatio
         ),
     )
     .await;
-    let (first, _) = eventually("written", async || {
-        desired_of(&kv, "lk-a")
-            .await
-            .filter(|(m, _)| m.resources.len() == 1)
-    })
-    .await;
+    let (first, _) = wait_desired(&kv, "lk-a", "written", |m| m.resources.len() == 1).await;
     kv.desired.purge("lk-a").await.unwrap();
-    let (again, _) = eventually("rewritten", async || desired_of(&kv, "lk-a").await).await;
+    let (again, _) = wait_desired(&kv, "lk-a", "rewritten", |_| true).await;
     assert_eq!(again.resources, first.resources);
     assert!(
         again.generation > first.generation,
@@ -503,18 +514,14 @@ async fn deleting_a_manifest_removes_its_resources_from_devices_before_it_goes()
         ),
     )
     .await;
-    eventually("both", async || {
-        desired_of(&kv, "dl-a")
-            .await
-            .filter(|(m, _)| m.resources.len() == 2)
-    })
-    .await;
-    eventually("finalizer", async || {
-        manifests
-            .get("gone")
-            .await
-            .ok()
-            .filter(|m| !m.finalizers().is_empty())
+    wait_desired(&kv, "dl-a", "both", |m| m.resources.len() == 2).await;
+    eventually("a finalizer on gone", DEFAULT_TIMEOUT, || async {
+        let m = manifests.get("gone").await.map_err(|e| e.to_string())?;
+        if m.finalizers().is_empty() {
+            Err("no finalizers".to_string())
+        } else {
+            Ok(())
+        }
     })
     .await;
 
@@ -522,16 +529,21 @@ async fn deleting_a_manifest_removes_its_resources_from_devices_before_it_goes()
         .delete("gone", &DeleteParams::default())
         .await
         .unwrap();
-    let (m, _) = eventually("removed from device", async || {
-        desired_of(&kv, "dl-a")
-            .await
-            .filter(|(m, _)| m.resources.len() == 1)
+    let (m, _) = wait_desired(&kv, "dl-a", "removed from device", |m| {
+        m.resources.len() == 1
     })
     .await;
     assert_eq!(resource_ids(&m), ["k"]);
-    eventually("object gone", async || {
-        manifests.get_opt("gone").await.ok().filter(Option::is_none)
-    })
+    eventually(
+        "EdgeManifest gone to be deleted",
+        DEFAULT_TIMEOUT,
+        || async {
+            match manifests.get_opt("gone").await.map_err(|e| e.to_string())? {
+                None => Ok(()),
+                Some(m) => Err(format!("still there, finalizers {:?}", m.finalizers())),
+            }
+        },
+    )
     .await;
 }
 
@@ -551,22 +563,30 @@ async fn deleting_a_device_removes_its_kv_keys() {
         ),
     )
     .await;
-    eventually("written", async || desired_of(&kv, "dd-a").await).await;
+    wait_desired(&kv, "dd-a", "written", |_| true).await;
     simulate_agent(&kv, "dd-a", true).await;
 
     devices
         .delete("dd-a", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("keys gone", async || {
-        let d = kv.desired.entry("dd-a").await.ok()?;
-        let a = kv.actual.entry("dd-a").await.ok()?;
-        let h = kv.heartbeat.entry("dd-a").await.ok()?;
-        let gone = |e: &Option<async_nats::jetstream::kv::Entry>| {
-            e.as_ref()
-                .is_none_or(|e| e.operation != async_nats::jetstream::kv::Operation::Put)
-        };
-        (gone(&d) && gone(&a) && gone(&h)).then_some(())
+    eventually("dd-a's KV keys gone", DEFAULT_TIMEOUT, || async {
+        let mut left = Vec::new();
+        for (bucket, store) in [
+            ("desired", &kv.desired),
+            ("actual", &kv.actual),
+            ("heartbeat", &kv.heartbeat),
+        ] {
+            let e = store.entry("dd-a").await.map_err(|e| e.to_string())?;
+            if e.is_some_and(|e| e.operation == async_nats::jetstream::kv::Operation::Put) {
+                left.push(bucket);
+            }
+        }
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("still in {left:?}"))
+        }
     })
     .await;
 }
@@ -590,23 +610,10 @@ async fn max_unavailable_moves_one_device_at_a_time_and_a_stuck_rollout_is_repor
     };
     apply(&manifests, manifest("app", spec("v1"))).await;
     for n in names {
-        eventually("v1 everywhere", async || {
-            desired_of(&kv, n)
-                .await
-                .filter(|(m, _)| m.resources.len() == 1)
-        })
-        .await;
+        wait_desired(&kv, n, "v1", |m| m.resources.len() == 1).await;
         simulate_agent(&kv, n, true).await;
     }
-    eventually("all ready", async || {
-        manifests
-            .get("app")
-            .await
-            .ok()?
-            .status
-            .filter(|s| s.ready == 3)
-    })
-    .await;
+    wait_manifest_status(&manifests, "app", "all ready", |s| s.ready == 3).await;
 
     apply(&manifests, manifest("app", spec("v2"))).await;
     let owner_gen = async |n: &str| {
@@ -615,26 +622,24 @@ async fn max_unavailable_moves_one_device_at_a_time_and_a_stuck_rollout_is_repor
             .map(|(m, _)| m.resources[0].owner.generation)
             .unwrap_or(0)
     };
-    let moved = eventually("one device moved", async || {
+    let moved = eventually("one device moved", DEFAULT_TIMEOUT, || async {
         let mut moved = Vec::new();
         for n in names {
             if owner_gen(n).await == 2 {
                 moved.push(n);
             }
         }
-        (!moved.is_empty()).then_some(moved)
+        if moved.is_empty() {
+            Err("none moved".to_string())
+        } else {
+            Ok(moved)
+        }
     })
     .await;
     assert_eq!(moved.len(), 1, "maxUnavailable 1 moved {moved:?}");
     // The moved device stays un-Ready: nothing else moves, and the deadline passes.
     simulate_agent(&kv, moved[0], false).await;
-    let stuck = eventually("Progressing=False", async || {
-        let s = manifests.get("app").await.ok()?.status?;
-        s.conditions
-            .into_iter()
-            .find(|c| c.type_ == "Progressing" && c.status == "False")
-    })
-    .await;
+    let stuck = wait_condition(&manifests, "app", "Progressing", "False").await;
     assert_eq!(stuck.reason, "ProgressDeadlineExceeded");
     assert!(stuck.message.contains(moved[0]), "{}", stuck.message);
     let mut still_old = 0;
@@ -645,19 +650,17 @@ async fn max_unavailable_moves_one_device_at_a_time_and_a_stuck_rollout_is_repor
     }
     assert_eq!(still_old, 2);
 
-    // It becomes Ready: the next device moves, and so on to the end.
-    for _ in 0..3 {
+    // It becomes Ready: the next device moves, and so on to the end (each poll reports
+    // every device Ready on whatever it was sent last).
+    let done = eventually("rollout complete", DEFAULT_TIMEOUT, || async {
         for n in names {
             simulate_agent(&kv, n, true).await;
         }
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-    }
-    let done = eventually("rollout complete", async || {
-        for n in names {
-            simulate_agent(&kv, n, true).await;
+        let m = manifests.get("app").await.map_err(|e| e.to_string())?;
+        match m.status {
+            Some(s) if s.updated == 3 && s.ready == 3 => Ok(s),
+            other => Err(format!("status {other:?}")),
         }
-        let s = manifests.get("app").await.ok()?.status?;
-        (s.updated == 3 && s.ready == 3).then_some(s)
     })
     .await;
     let p = done
@@ -671,12 +674,60 @@ async fn max_unavailable_moves_one_device_at_a_time_and_a_stuck_rollout_is_repor
     );
 }
 
-fn http_get(port: u16, path: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+fn http_get(port: u16, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// The response to `GET path` from a controller's metrics listener (off the runtime's
+/// threads); Err says why there is none, e.g. not listening yet.
+async fn get(port: u16, path: &'static str) -> Result<String, String> {
+    tokio::task::spawn_blocking(move || http_get(port, path))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// The value of the unlabelled sample `name` in a /metrics response.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// `fleetlet_controller_passes_total` and `fleetlet_controller_leader` of the controller
+/// on `port`.
+async fn passes_and_leader(port: u16) -> Result<(f64, f64), String> {
+    let text = get(port, "/metrics").await?;
+    match (
+        sample(&text, "fleetlet_controller_passes_total"),
+        sample(&text, "fleetlet_controller_leader"),
+    ) {
+        (Some(p), Some(l)) => Ok((p, l)),
+        _ => Err(format!("no passes_total or leader in:\n{text}")),
+    }
+}
+
+/// Waits until the controller on `port` has finished `n` more passes, as leader, than when
+/// called: proof it was alive and reconciling while a test watched for writes.
+async fn wait_passes(port: u16, n: u32) {
+    let (from, _) = eventually("the controller's metrics", DEFAULT_TIMEOUT, || {
+        passes_and_leader(port)
+    })
+    .await;
+    let want = from + f64::from(n);
+    eventually(&format!("{n} more passes"), DEFAULT_TIMEOUT, || async {
+        let (passes, leader) = passes_and_leader(port).await?;
+        if passes >= want && leader == 1.0 {
+            Ok(())
+        } else {
+            Err(format!("{passes} passes (want {want}), leader {leader}"))
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -684,24 +735,30 @@ async fn metrics_and_health_endpoints_answer() {
     let (env, c) = shared();
     let _ = env.namespace("ctl-metrics").await.unwrap();
     let port = c.metrics_port;
-    let ready = eventually("ready", async || {
-        let r = tokio::task::spawn_blocking(move || http_get(port, "/readyz"))
-            .await
-            .ok()?;
-        r.starts_with("HTTP/1.0 200").then_some(r)
+    let ready = eventually("/readyz to answer 200", DEFAULT_TIMEOUT, || async {
+        let r = get(port, "/readyz").await?;
+        if r.starts_with("HTTP/1.0 200") {
+            Ok(r)
+        } else {
+            Err(r)
+        }
     })
     .await;
     assert!(ready.ends_with("ready"));
-    let health = tokio::task::spawn_blocking(move || http_get(port, "/healthz"))
-        .await
-        .unwrap();
+    let health = get(port, "/healthz").await.unwrap();
     assert!(health.starts_with("HTTP/1.0 200"));
-    let metrics = tokio::task::spawn_blocking(move || http_get(port, "/metrics"))
-        .await
-        .unwrap();
+    // Ready does not wait for the lease: the leader gauge turns 1 a moment later.
+    let metrics = eventually("/metrics to show leadership", DEFAULT_TIMEOUT, || async {
+        let m = get(port, "/metrics").await?;
+        if m.contains("fleetlet_controller_leader 1") {
+            Ok(m)
+        } else {
+            Err(m)
+        }
+    })
+    .await;
     for name in [
         "fleetlet_controller_passes_total",
-        "fleetlet_controller_leader 1",
         "fleetlet_controller_devices",
         "fleetlet_controller_rollouts_in_progress",
         "fleetlet_controller_devices_pending_rollout",
@@ -719,18 +776,40 @@ async fn leadership_moves_to_the_standby_and_a_restart_rewrites_nothing() {
     let kv = kv(&env).await;
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(client.clone(), "fleetlet-system");
-    let holder = async || {
-        leases
+    // The leader Lease's holder and renewTime; Err says what is there instead.
+    let lease = || async {
+        let spec = leases
             .get_opt("fleetlet-controller")
             .await
-            .ok()??
-            .spec?
-            .holder_identity
+            .map_err(|e| e.to_string())?
+            .ok_or("no Lease")?
+            .spec
+            .ok_or("no spec")?;
+        match (spec.holder_identity, spec.renew_time) {
+            (Some(h), Some(t)) => Ok((h, t)),
+            other => Err(format!("holder and renewTime {other:?}")),
+        }
+    };
+    let leads = async |who: &str| {
+        eventually(
+            &format!("{who} to hold the Lease"),
+            DEFAULT_TIMEOUT,
+            || async {
+                let (h, t) = lease().await?;
+                if h == who {
+                    Ok(t)
+                } else {
+                    Err(format!("held by {h}"))
+                }
+            },
+        )
+        .await
     };
 
     let first = start_controller(&env, "one", "fleetlet-system");
-    eventually("one leads", async || holder().await.filter(|h| h == "one")).await;
+    leads("one").await;
     let second = start_controller(&env, "two", "fleetlet-system");
+    let renewed_from = leads("one").await;
 
     let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), "default");
     let manifests: Api<EdgeManifest> = Api::namespaced(client.clone(), "default");
@@ -743,22 +822,29 @@ async fn leadership_moves_to_the_standby_and_a_restart_rewrites_nothing() {
         ),
     )
     .await;
-    let (m1, rev1) = eventually("written", async || {
-        desired_of(&kv, "le-a")
-            .await
-            .filter(|(m, _)| m.resources.len() == 1)
+    let (m1, rev1) = wait_desired(&kv, "le-a", "written", |m| m.resources.len() == 1).await;
+    // The standby does not take over a live lease: the leader renews it twice more while
+    // the standby runs, and holds it throughout.
+    let renewals = RefCell::new(vec![renewed_from]);
+    eventually("two renewals by one", DEFAULT_TIMEOUT, || async {
+        let (h, t) = lease().await?;
+        assert_eq!(h, "one", "the standby took over a live lease");
+        let mut seen = renewals.borrow_mut();
+        if seen.last() != Some(&t) {
+            seen.push(t);
+        }
+        if seen.len() > 2 {
+            Ok(())
+        } else {
+            Err(format!("renewTimes {seen:?}"))
+        }
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        holder().await.as_deref(),
-        Some("one"),
-        "the standby did not take over a live lease"
-    );
 
     drop(first); // SIGTERM: the leader releases the lease.
-    eventually("two leads", async || holder().await.filter(|h| h == "two")).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    leads("two").await;
+    // Passes by the new leader, counted: a correct key stays as it is.
+    wait_passes(second.metrics_port, 2).await;
     let (_, rev_after) = desired_of(&kv, "le-a").await.unwrap();
     assert_eq!(rev_after, rev1, "the new leader rewrote a correct key");
 
@@ -770,10 +856,8 @@ async fn leadership_moves_to_the_standby_and_a_restart_rewrites_nothing() {
         ),
     )
     .await;
-    let (m2, _) = eventually("new leader writes", async || {
-        desired_of(&kv, "le-a")
-            .await
-            .filter(|(m, _)| m.resources[0].owner.generation == 2)
+    let (m2, _) = wait_desired(&kv, "le-a", "written by the new leader", |m| {
+        m.resources[0].owner.generation == 2
     })
     .await;
     assert!(m2.generation > m1.generation);
@@ -799,12 +883,7 @@ async fn a_lost_bucket_is_recreated_and_every_device_key_rewritten() {
     )
     .await;
     let kv1 = kv(&env).await;
-    let (before, _) = eventually("written", async || {
-        desired_of(&kv1, "lb-a")
-            .await
-            .filter(|(m, _)| m.resources.len() == 1)
-    })
-    .await;
+    let (before, _) = wait_desired(&kv1, "lb-a", "written", |m| m.resources.len() == 1).await;
 
     env.jetstream()
         .await
@@ -812,12 +891,23 @@ async fn a_lost_bucket_is_recreated_and_every_device_key_rewritten() {
         .delete_key_value(DESIRED_STATE.name)
         .await
         .unwrap();
-    let after = eventually("rewritten into a new bucket", async || {
-        let js = env.jetstream().await.ok()?;
-        let store = js.get_key_value(DESIRED_STATE.name).await.ok()?;
-        let e = store.entry("lb-a").await.ok()??;
-        decode::<AgentManifest>(&e.value).ok()
-    })
+    let after = eventually(
+        "lb-a rewritten into a new bucket",
+        DEFAULT_TIMEOUT,
+        || async {
+            let js = env.jetstream().await.map_err(|e| e.to_string())?;
+            let store = js
+                .get_key_value(DESIRED_STATE.name)
+                .await
+                .map_err(|e| e.to_string())?;
+            let e = store
+                .entry("lb-a")
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("no key")?;
+            decode::<AgentManifest>(&e.value).map_err(|e| e.to_string())
+        },
+    )
     .await;
     assert_eq!(after.resources, before.resources);
     assert!(

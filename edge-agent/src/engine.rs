@@ -67,6 +67,9 @@ pub struct Engine {
 
 /// The condition saying whether the state directory takes writes.
 pub const STATE_WRITABLE: &str = "StateWritable";
+/// The trigger of the first pass after the agent starts, logged at info when it is done
+/// ("pass done trigger=\"start\"").
+pub const START_TRIGGER: &str = "start";
 
 impl Engine {
     /// Loads what the state directory remembers: the manifest in force, ownership, status.
@@ -455,11 +458,19 @@ impl Engine {
         }
 
         self.update_status(manifest, resources, orphans, now);
-        debug!(
-            trigger,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "pass done"
-        );
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        if trigger == START_TRIGGER {
+            // Once per start: the device has looked at everything it runs.
+            info!(
+                trigger,
+                elapsed_ms,
+                generation = manifest.generation,
+                resources = manifest.resources.len(),
+                "pass done"
+            );
+        } else {
+            debug!(trigger, elapsed_ms, "pass done");
+        }
     }
 
     fn update_status(
@@ -545,7 +556,7 @@ impl Engine {
         status: watch::Sender<AgentStatus>,
         mut stop: watch::Receiver<bool>,
     ) -> Self {
-        self.pass("start").await;
+        self.pass(START_TRIGGER).await;
         self.publish(&status);
         let drift = self.settings.drift_interval;
         let mut resync = tokio::time::interval_at(Instant::now() + drift, drift);

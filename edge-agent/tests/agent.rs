@@ -5,13 +5,13 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use fleetlet_protocol::{
     API_VERSION, AgentStatus, DeviceId, Heartbeat, ResourceStatus, decode, encode,
 };
-use fleetlet_testenv::TestEnv;
+use fleetlet_testenv::{DEFAULT_TIMEOUT, TestEnv, eventually, wait::file_contains};
 
 #[tokio::test]
 async fn files_are_written_changed_and_garbage_collected_across_generations() {
@@ -176,7 +176,10 @@ async fn shell_jobs_run_once_per_spec_where_the_owner_enabled_them_and_are_audit
     let (desired, actual, _) = buckets(&env).await;
     let mut dev = Device::new("pi-jobs");
     dev.sections = "[shell_job]\nmax_output_bytes = 64\n".into();
-    let _agent = dev.start(
+    // Drift passes are logged at debug; the test counts them.
+    dev.env
+        .push(("FLEETLET_LOG", "info,fleetlet_agent::engine=debug".into()));
+    let agent = dev.start(
         env.nats_url().unwrap(),
         "enabled_kinds = [\"file\", \"shellJob\"]",
     );
@@ -225,7 +228,20 @@ async fn shell_jobs_run_once_per_spec_where_the_owner_enabled_them_and_are_audit
     let extra = dev.file_resource("f", "f.conf", "x");
     put(&desired, &dev.manifest(2, vec![ok.clone(), bad, extra])).await;
     wait_status(&actual, &dev.id, "gen 2", |s| s.observed_generation == 2).await;
-    tokio::time::sleep(Duration::from_millis(2500)).await; // two drift intervals
+    let drift_passes = || {
+        read(&agent.log)
+            .lines()
+            .filter(|l| l.contains("pass done") && l.contains("\"resync\""))
+            .count()
+    };
+    let from = drift_passes();
+    eventually("two drift passes after gen 2", DEFAULT_TIMEOUT, || async {
+        match drift_passes() {
+            n if n >= from + 2 => Ok(()),
+            n => Err(format!("{} drift passes since gen 2", n - from)),
+        }
+    })
+    .await;
     assert_eq!(read(&runs), "ran\n");
     // A changed spec runs again; dropping a job does not undo it.
     let ok2 = job("ok", format!("echo ran-again >> {}", runs.display()));
@@ -333,7 +349,7 @@ async fn offline_agent_converges_from_its_stored_manifest_and_reports_when_nats_
     env.nats.as_mut().unwrap().stop();
     let _agent = dev.start(&url, "");
     std::fs::write(dev.file("cfg"), "tampered while offline\n").unwrap();
-    wait_until("offline repair", || read(&dev.file("cfg")) == "online\n").await;
+    fleetlet_testenv::wait::file_content(&dev.file("cfg"), "online\n", DEFAULT_TIMEOUT).await;
     assert!(dev.file("cfg").exists(), "the restart deleted nothing");
 
     // NATS returns: the status accumulated offline arrives.
@@ -380,22 +396,24 @@ async fn heartbeats_carry_device_facts_and_keep_coming() {
     let (_, _, heartbeat) = buckets(&env).await;
     let dev = Device::new("pi-heartbeat");
     let _agent = dev.start(env.nats_url().unwrap(), "");
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while seen.len() < 2 {
-        assert!(Instant::now() < deadline, "heartbeats: {seen:?}");
-        if let Ok(Some(e)) = heartbeat.entry("pi-heartbeat").await {
-            let hb = decode::<Heartbeat>(&e.value).unwrap();
-            if seen
-                .last()
-                .is_none_or(|s: &Heartbeat| s.sequence < hb.sequence)
-            {
-                seen.push(hb);
-            }
+    let latest = || async {
+        let e = heartbeat
+            .entry("pi-heartbeat")
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("no heartbeat yet")?;
+        Ok::<_, String>(decode::<Heartbeat>(&e.value).unwrap())
+    };
+    let first = eventually("a heartbeat", DEFAULT_TIMEOUT, latest).await;
+    let hb = &eventually("a later heartbeat", DEFAULT_TIMEOUT, || async {
+        let hb = latest().await?;
+        if hb.sequence > first.sequence {
+            Ok(hb)
+        } else {
+            Err(format!("sequence {} again", hb.sequence))
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let hb = &seen[1];
+    })
+    .await;
     assert_eq!(hb.device, dev.id);
     assert_eq!(hb.interval_seconds, 1);
     assert_eq!(hb.system.operating_system, "linux");
@@ -508,7 +526,8 @@ async fn credentials_from_the_config_reach_an_authenticated_server() {
         &wrong.manifest(1, vec![wrong.file_resource("f", "f", "x")]),
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // It ran and tried: the server turned its password away.
+    file_contains(&bad.log, "authorization violation", DEFAULT_TIMEOUT).await;
     assert!(!wrong.file("f").exists());
     drop(bad);
 

@@ -281,8 +281,14 @@ async fn containers_stopped_or_removed_by_hand_come_back_and_the_drift_is_counte
 
     // An agent restart keeps the container: ownership is on the container's labels.
     agent.stop();
-    let _agent = dev.start(env.nats_url().unwrap(), "");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let agent = dev.start(env.nats_url().unwrap(), "");
+    // Compare what the restarted agent saw in its first pass, not the status it left.
+    fleetlet_testenv::wait::file_contains(
+        &agent.log,
+        "pass done trigger=\"start\"",
+        fleetlet_testenv::DEFAULT_TIMEOUT,
+    )
+    .await;
     let s = wait_status(&actual, &dev.id, "after restart", |s| {
         ready_container(s, "app")
     })

@@ -5,14 +5,14 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use fleetlet_protocol::{
     ConditionStatus, ManagedResource, ResourceDetails, ResourceSpec, ResourceStatus,
     SystemdUnitSpec, UnitState,
 };
-use fleetlet_testenv::{TestEnv, sandbox::SystemdSandbox};
+use fleetlet_testenv::{
+    DEFAULT_TIMEOUT, TestEnv, process::Service, sandbox::SystemdSandbox, wait::until,
+};
 
 fn unit(
     id: &str,
@@ -75,6 +75,27 @@ fn prop(sd: &SystemdSandbox, unit: &str, iface: &str, name: &str) -> String {
     .unwrap()
     .trim()
     .to_owned()
+}
+
+/// Waits until `unit`'s ActiveState is `want` (as busctl prints it, e.g. `s "inactive"`).
+async fn wait_active_state(sd: &SystemdSandbox, unit: &str, want: &str) {
+    until(
+        &format!("{unit} ActiveState {want}"),
+        DEFAULT_TIMEOUT,
+        || async { prop(sd, unit, "Unit", "ActiveState") },
+        |s| s == want,
+    )
+    .await;
+}
+
+/// Sends `signal` (STOP, CONT) to the agent process itself, not its watchdog.
+fn signal(agent: &Service, signal: &str) {
+    let pid = agent.program_pid().expect("the agent's pid");
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
 }
 
 fn manager(sd: &SystemdSandbox, method: &str, sig: &str, args: &[&str]) -> String {
@@ -218,7 +239,7 @@ async fn units_stopped_or_disabled_by_hand_are_brought_back_and_the_drift_is_cou
     let sd = SystemdSandbox::start().await.unwrap();
     let (desired, actual, _) = buckets(&env).await;
     let dev = device("pi-unit-drift", &sd);
-    let _agent = dev.start(env.nats_url().unwrap(), "");
+    let agent = dev.start(env.nats_url().unwrap(), "");
     let r = unit(
         "web",
         "drift.service",
@@ -229,7 +250,12 @@ async fn units_stopped_or_disabled_by_hand_are_brought_back_and_the_drift_is_cou
     put(&desired, &dev.manifest(1, vec![r])).await;
     wait_status(&actual, &dev.id, "started", |s| all_ready(s, 1, 1)).await;
 
+    // StopUnit returns once the job is queued. The agent is paused until the stop is done,
+    // so its next drift pass sees the unit inactive, not deactivating (or already back).
+    signal(&agent, "STOP");
     manager(&sd, "StopUnit", "ss", &["drift.service", "replace"]);
+    wait_active_state(&sd, "drift.service", "s \"inactive\"").await;
+    signal(&agent, "CONT");
     let s = wait_status(&actual, &dev.id, "restarted after a manual stop", |s| {
         s.drift_repairs >= 1 && all_ready(s, 1, 1)
     })
@@ -342,7 +368,6 @@ async fn a_failing_unit_is_reported_and_units_fleetlet_did_not_write_are_never_r
     assert_eq!(orphans.status, ConditionStatus::True);
     assert!(orphans.message.contains("theirs"), "{}", orphans.message);
     assert!(!sd.unit_dir.join("broken.service").exists());
-    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 /// `fleetlet-agent install` under a real systemd: it copies the binary, writes the config
@@ -462,11 +487,7 @@ async fn the_agent_installs_itself_as_a_systemd_service_and_uninstalls() {
         "ss",
         &["fleetlet-agent.service", "replace"],
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        prop(&sd, "fleetlet-agent.service", "Unit", "ActiveState"),
-        "s \"inactive\""
-    );
+    wait_active_state(&sd, "fleetlet-agent.service", "s \"inactive\"").await;
     assert_eq!(
         prop(&sd, "sidecar.service", "Unit", "ActiveState"),
         "s \"active\"",

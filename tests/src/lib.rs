@@ -26,6 +26,7 @@ pub mod pki;
 pub mod process;
 pub mod report;
 pub mod sandbox;
+pub mod wait;
 
 use std::{
     path::{Path, PathBuf},
@@ -38,6 +39,7 @@ pub use bins::{Binaries, repo_root};
 pub use kube::KubeControlPlane;
 pub use nats::{NatsServer, ensure_buckets};
 use process::DirReaper;
+pub use wait::{DEFAULT_TIMEOUT, eventually};
 
 /// Why the environment could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -73,25 +75,6 @@ pub enum Error {
     Crd(#[from] fleetlet_crds::CrdError),
     #[error("connecting to NATS: {0}")]
     Nats(#[from] async_nats::ConnectError),
-}
-
-/// Polls `f` every 200 ms until it returns `Ok`; panics with the last error after
-/// `timeout` (for tests).
-pub async fn eventually<T, F, Fut>(what: &str, timeout: std::time::Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) if std::time::Instant::now() > deadline => {
-                panic!("timed out waiting for {what}: {e}")
-            }
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
-        }
-    }
 }
 
 /// Which servers to start.
@@ -376,15 +359,28 @@ impl TestEnv {
         fleetlet_protocol::decode(&e.value).ok()
     }
 
-    /// `kubectl apply -f` of `yaml`; Err with kubectl's output if it fails.
+    /// `kubectl apply -f` of `yaml`; Err with kubectl's output if it fails. While the
+    /// apiserver's discovery does not list a kind yet (CRDs just established), it retries
+    /// for up to 30 s, as a user would.
     pub fn apply(&self, yaml: &str) -> Result<(), Error> {
         static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = self.dir.join(format!("apply-{n}.yaml"));
         std::fs::write(&path, yaml)?;
-        let mut cmd = self.kubectl()?;
-        cmd.args(["apply", "-f"]).arg(&path);
-        chart::checked("kubectl apply", cmd).map(|_| ())
+        let deadline = std::time::Instant::now() + DEFAULT_TIMEOUT;
+        loop {
+            let mut cmd = self.kubectl()?;
+            cmd.args(["apply", "-f"]).arg(&path);
+            match chart::checked("kubectl apply", cmd) {
+                Err(Error::Setup(e))
+                    if e.contains("no matches for kind")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                other => return other.map(|_| ()),
+            }
+        }
     }
 
     /// Creates a namespace with a unique name starting with `prefix`.

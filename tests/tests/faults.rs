@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use fleetlet_protocol::decode;
-use fleetlet_testenv::{TestEnv, components, eventually, process::Service, repo_root};
+use fleetlet_testenv::{TestEnv, components, eventually, process::Service, repo_root, wait};
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 
@@ -342,6 +342,13 @@ async fn a_device_offline_for_longer_than_the_grace_period() {
     let back = Instant::now();
     env.wait_node_ready("off-1").await;
     let ready_after = back.elapsed();
+    // The restarted agent has looked at the file (its first pass) before anything is compared.
+    wait::file_contains(
+        &ddir.join("agent.log"),
+        "pass done trigger=\"start\"",
+        wait::DEFAULT_TIMEOUT,
+    )
+    .await;
     let s = env.agent_status("off-1").await.unwrap();
     assert_eq!(
         std::fs::metadata(&file).unwrap().modified().unwrap(),
@@ -404,8 +411,21 @@ async fn kube_apiserver_unavailable_for_a_while() {
     })
     .await;
     env.wait_node_ready("api-1").await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(env.kube_client().await.unwrap(), "kube-node-lease");
+    // When the node's Lease was last renewed, in Unix milliseconds.
+    let renewed = || async {
+        leases
+            .get_opt("api-1")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.renew_time)
+            .map(|t| t.0.as_millisecond())
+    };
 
     const DOWN: Duration = Duration::from_secs(15);
+    let stopped_at = fleetlet_protocol::Timestamp::now().as_millis() as i64;
     env.kube.as_mut().unwrap().stop_apiserver();
     let beats_before = env
         .agent_status("api-1")
@@ -432,6 +452,21 @@ async fn kube_apiserver_unavailable_for_a_while() {
     )
     .await;
     let changed_after = back.elapsed();
+    // The bridge renews the node's Lease again (it was Ready before the outage, so Ready
+    // alone would show nothing new).
+    eventually(
+        "a Lease renewal after the apiserver returned",
+        wait::DEFAULT_TIMEOUT,
+        || async {
+            let now = renewed().await;
+            (now.is_some_and(|t| t > stopped_at))
+                .then_some(())
+                .ok_or(format!(
+                    "renewed at {now:?}, the outage began at {stopped_at}"
+                ))
+        },
+    )
+    .await;
     env.wait_node_ready("api-1").await;
     controller.check_running().unwrap();
     bridge.check_running().unwrap();
@@ -510,11 +545,21 @@ async fn the_device_state_directory_full() {
         },
     )
     .await;
-    let first = env
-        .agent_status("full-1")
-        .await
-        .unwrap()
-        .manifest_generation;
+    // The status of that pass (written after the file, by the agent's status writer).
+    let first = eventually(
+        "the status of the first manifest",
+        wait::DEFAULT_TIMEOUT,
+        || async {
+            let s = env.agent_status("full-1").await.ok_or("no status")?;
+            (s.manifest_generation >= 1 && s.observed_generation == s.manifest_generation)
+                .then_some(s.manifest_generation)
+                .ok_or(format!(
+                    "manifest {} observed {}",
+                    s.manifest_generation, s.observed_generation
+                ))
+        },
+    )
+    .await;
     let stored_first = std::fs::read(agent_state.join("manifest.json")).unwrap();
     assert!(
         stored_first.len() > 50,
@@ -564,8 +609,27 @@ async fn the_device_state_directory_full() {
         status.manifest_generation, first,
         "the last good manifest stays in force"
     );
-    // Nothing changed on the device while it could not store the new manifest.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Nothing changed on the device while it could not store the new manifest, over two
+    // more attempts to store it (one per drift tick).
+    let log = ddir.join("agent.log");
+    let refusals = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("state directory refused the manifest")
+            .count()
+    };
+    let seen = refusals();
+    eventually(
+        "two more attempts to store the manifest",
+        wait::DEFAULT_TIMEOUT,
+        || async {
+            let n = refusals();
+            (n >= seen + 2)
+                .then_some(())
+                .ok_or(format!("{n} refusals logged, {seen} before"))
+        },
+    )
+    .await;
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "one");
     assert_eq!(
         std::fs::read(agent_state.join("manifest.json")).unwrap(),

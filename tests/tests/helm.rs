@@ -17,6 +17,7 @@ use fleetlet_testenv::{
     chart::{chart_dir, checked, helm_command},
     components, eventually,
     gitops::argocd_health,
+    wait,
 };
 use k8s_openapi::{
     api::{
@@ -364,6 +365,25 @@ fn kubectl_as(env: &TestEnv, kubeconfig: &std::path::Path, args: &[&str]) -> Str
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// Waits until `kubectl auth can-i VERB WHAT -A` with `kubeconfig` answers `want`.
+async fn can_i_becomes(
+    env: &TestEnv,
+    kubeconfig: &std::path::Path,
+    verb: &str,
+    what: &str,
+    want: &str,
+) {
+    eventually(
+        &format!("`can-i {verb} {what}` to answer {want}"),
+        Duration::from_secs(30),
+        || async {
+            let got = kubectl_as(env, kubeconfig, &["auth", "can-i", verb, what, "-A"]);
+            (got == want).then_some(()).ok_or(got)
+        },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn helm_install_upgrade_uninstall_and_the_charts_rbac_runs_the_control_plane() {
     // The chart, not the test environment, installs the CRDs.
@@ -408,12 +428,14 @@ async fn helm_install_upgrade_uninstall_and_the_charts_rbac_runs_the_control_pla
     let can = |kc: &std::path::Path, verb: &str, what: &str| {
         kubectl_as(&env, kc, &["auth", "can-i", verb, what, "-A"])
     };
+    // The authorizer learns of new bindings through its informers: wait for each grant
+    // first, which also shows the refusals after it are answered with the bindings in place.
     let (ckc, bkc) = (&chart.controller_kubeconfig, &chart.bridge_kubeconfig);
-    assert_eq!(can(ckc, "patch", "edgemanifests.fleetlet.dev"), "yes");
+    can_i_becomes(&env, ckc, "patch", "edgemanifests.fleetlet.dev", "yes").await;
     assert_eq!(can(ckc, "delete", "edgemanifests.fleetlet.dev"), "no");
     assert_eq!(can(ckc, "create", "deployments.apps"), "no");
     assert_eq!(can(ckc, "create", "nodes"), "no");
-    assert_eq!(can(bkc, "create", "nodes"), "yes");
+    can_i_becomes(&env, bkc, "create", "nodes", "yes").await;
     assert_eq!(can(bkc, "get", "secrets"), "no");
     assert_eq!(can(bkc, "patch", "edgemanifests.fleetlet.dev"), "no");
     assert_eq!(
@@ -473,20 +495,24 @@ spec:
 
     // Controller: desired state, manifest status and finalizer. Bridge: Node, Lease, device status.
     let manifests: Api<fleetlet_crds::EdgeManifest> = Api::namespaced(client.clone(), "default");
+    // Ready with the device counted: a manifest seen before its device is briefly Ready
+    // with nothing targeted.
     let live = eventually(
-        "the manifest rolled out",
+        "the manifest rolled out to pi-helm",
         Duration::from_secs(60),
         || async {
             let m = manifests
                 .get("helm-check")
                 .await
                 .map_err(|e| e.to_string())?;
-            let ready = m.status.as_ref().is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
-            });
-            ready.then_some(m).ok_or("not Ready yet".to_string())
+            let status = m.status.clone().unwrap_or_default();
+            let ready = status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            (ready && status.targeted == 1 && status.ready == 1)
+                .then_some(m)
+                .ok_or(format!("{status:?}"))
         },
     )
     .await;
@@ -498,16 +524,21 @@ spec:
             .any(|f| f.contains("fleetlet"))
     );
     let greeting = root.join("etc/fleetlet-helm/greeting");
-    assert_eq!(
-        std::fs::read_to_string(&greeting).unwrap(),
-        "installed with helm\n"
-    );
+    wait::file_content(&greeting, "installed with helm\n", wait::DEFAULT_TIMEOUT).await;
     let live: Value = serde_json::to_value(manifests.get("helm-check").await.unwrap()).unwrap();
     assert_eq!(argocd_health(&live).unwrap().0, "Healthy", "{live}");
     let nodes: Api<Node> = Api::all(client.clone());
     env.wait_node_ready("pi-helm").await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
-    assert!(leases.get_opt("pi-helm").await.unwrap().is_some());
+    eventually("the node's Lease", wait::DEFAULT_TIMEOUT, || async {
+        leases
+            .get_opt("pi-helm")
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|_| ())
+            .ok_or("no Lease kube-node-lease/pi-helm".to_string())
+    })
+    .await;
     let devices: Api<fleetlet_crds::EdgeDevice> = Api::namespaced(client.clone(), "default");
     let live = eventually("the device converged", Duration::from_secs(30), || async {
         let d = devices.get("pi-helm").await.map_err(|e| e.to_string())?;
@@ -551,12 +582,20 @@ spec:
         text.contains("pi-helm"),
         "names the blocking device: {text}"
     );
-    let text = describe("edgedevice/pi-helm");
-    assert!(
-        text.contains("ResourcesFailed") && text.contains("sneaky"),
-        "{text}"
-    );
-    assert!(text.contains("outside"), "says why: {text}");
+    // The device's own report reaches its EdgeDevice independently of the deadline.
+    eventually(
+        "kubectl describe edgedevice to say which resource fails and why",
+        wait::DEFAULT_TIMEOUT,
+        || async {
+            let text = describe("edgedevice/pi-helm");
+            (text.contains("ResourcesFailed")
+                && text.contains("sneaky")
+                && text.contains("outside"))
+            .then_some(())
+            .ok_or(text)
+        },
+    )
+    .await;
     let live: Value = serde_json::to_value(manifests.get("outside-roots").await.unwrap()).unwrap();
     assert_eq!(argocd_health(&live).unwrap().0, "Degraded", "{live}");
     manifests
@@ -596,7 +635,9 @@ spec:
         .await
         .unwrap();
     gone(&manifests, "helm-check").await;
-    assert!(!greeting.exists(), "the device removed the file");
+    // The finalizer goes once desired state no longer holds the file; the device removes
+    // it after that.
+    wait::file_gone(&greeting, wait::DEFAULT_TIMEOUT).await;
     devices
         .delete("pi-helm", &DeleteParams::default())
         .await
@@ -635,5 +676,13 @@ spec:
             .unwrap()
             .is_some()
     );
-    assert!(can(ckc, "list", "edgemanifests.fleetlet.dev") != "yes");
+    eventually(
+        "the controller's grant to go with the chart",
+        wait::DEFAULT_TIMEOUT,
+        || async {
+            let got = can(ckc, "list", "edgemanifests.fleetlet.dev");
+            (got != "yes").then_some(()).ok_or(got)
+        },
+    )
+    .await;
 }

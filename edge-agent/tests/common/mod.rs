@@ -3,10 +3,7 @@
 
 #![allow(dead_code)] // each test file uses its own subset
 
-use std::{
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
+use std::path::{Path, PathBuf};
 
 use async_nats::jetstream::kv::Store;
 use fleetlet_protocol::{
@@ -14,13 +11,15 @@ use fleetlet_protocol::{
     Owner, OwnerKind, ResourceId, ResourceSpec, ResourceStatus, decode, encode,
     kv::{ACTUAL_STATE, DESIRED_STATE, HEARTBEAT},
 };
-use fleetlet_testenv::{TestEnv, process::Service};
+use fleetlet_testenv::{DEFAULT_TIMEOUT, TestEnv, eventually, process::Service};
 
 pub struct Device {
     pub id: DeviceId,
     pub dir: tempfile::TempDir,
     /// Extra config sections (`[container]`, `[systemd]`, ...) appended to the file.
     pub sections: String,
+    /// Extra environment for the agent, e.g. `FLEETLET_LOG` for debug lines in its log.
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Device {
@@ -29,6 +28,7 @@ impl Device {
             id: DeviceId::new(id).unwrap(),
             dir: tempfile::tempdir().unwrap(),
             sections: String::new(),
+            env: Vec::new(),
         }
     }
 
@@ -75,10 +75,11 @@ impl Device {
             .path()
             .join(format!("agent-{}.log", fastrand_suffix()));
         std::fs::create_dir_all(self.root()).unwrap();
-        Service::spawn(
+        Service::spawn_with_env(
             "fleetlet-agent",
             Path::new(env!("CARGO_BIN_EXE_fleetlet-agent")),
             &["--config".into(), config.display().to_string()],
+            &self.env,
             log,
         )
         .unwrap()
@@ -142,38 +143,28 @@ pub async fn put(desired: &Store, m: &AgentManifest) {
         .unwrap();
 }
 
-/// Polls the device's status until `pred` holds; panics with the last status after 20 s.
+/// Polls the device's status until `pred` holds; after 30 s panics with the last status
+/// (or why there was none).
 pub async fn wait_status(
     actual: &Store,
     dev: &DeviceId,
     what: &str,
     pred: impl Fn(&AgentStatus) -> bool,
 ) -> AgentStatus {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut last = None;
-    loop {
-        if let Ok(Some(e)) = actual.entry(dev.as_str()).await
-            && let Ok(s) = decode::<AgentStatus>(&e.value)
-        {
-            if pred(&s) {
-                return s;
-            }
-            last = Some(s);
+    eventually(&format!("{dev}: {what}"), DEFAULT_TIMEOUT, || async {
+        let e = actual
+            .entry(dev.as_str())
+            .await
+            .map_err(|e| format!("reading the status: {e}"))?
+            .ok_or("no status yet")?;
+        let s = decode::<AgentStatus>(&e.value).map_err(|e| format!("undecodable status: {e}"))?;
+        if pred(&s) {
+            Ok(s)
+        } else {
+            Err(format!("{s:#?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; last status: {last:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-pub async fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
 }
 
 pub fn all_ready(s: &AgentStatus, generation: u64, count: usize) -> bool {

@@ -199,9 +199,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "started the controller, the bridge and {} agents; waiting for the fleet to converge ...",
         agents.len()
     );
-    wait_for_fleet(&env, &client, &devices).await?;
+    // With --exit (scripts and tests), a fleet that does not converge is a failure; shown
+    // interactively, the fleet is shown as it is.
+    let settled = |r: anyhow::Result<()>| match r {
+        Err(e) if exit => Err(e),
+        Err(e) => {
+            eprintln!("{e:#}; showing the fleet as it is");
+            Ok(())
+        }
+        Ok(()) => Ok(()),
+    };
+    settled(wait_for_fleet(&env, &client, &devices).await)?;
     if runtimes.podman.is_some() {
-        wait_for_pods(&client).await;
+        settled(wait_for_pods(&client).await)?;
     }
 
     println!();
@@ -221,7 +231,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     );
     runtimes.describe();
 
-    show_rollout(&env, &client, &state_dir).await?;
+    settled(show_rollout(&env, &client, &state_dir).await)?;
 
     if exit {
         return Ok(());
@@ -374,6 +384,9 @@ async fn show_rollout(env: &TestEnv, client: &kube::Client, state: &Path) -> any
         }
     );
     kubectl(env, &["get", "edgemanifest", "sensor-stack"])?;
+    if !complete {
+        bail!("the rollout of sensor-stack did not complete within 60 s (last: {last})");
+    }
     for device in ["pi-kitchen", "pi-office"] {
         let path = state.join(format!(
             "agents/{device}/root/etc/fleetlet-demo/sensor.toml"
@@ -388,22 +401,33 @@ async fn show_rollout(env: &TestEnv, client: &kube::Client, state: &Path) -> any
     Ok(())
 }
 
-/// Waits (up to 30 s) for the example pods to run; the demo goes on either way.
-async fn wait_for_pods(client: &kube::Client) {
+/// Waits (up to 60 s) for the example pods to run.
+async fn wait_for_pods(client: &kube::Client) -> anyhow::Result<()> {
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), "default");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
     while std::time::Instant::now() < deadline {
-        let running = pods.list(&Default::default()).await.is_ok_and(|l| {
-            l.items
-                .iter()
-                .all(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-        });
-        if running {
-            return;
+        match pods.list(&Default::default()).await {
+            Ok(l) => {
+                let waiting: Vec<String> = l
+                    .items
+                    .iter()
+                    .filter_map(|p| {
+                        let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+                        (phase != Some("Running"))
+                            .then(|| format!("{} {}", p.name_any(), phase.unwrap_or("Pending")))
+                    })
+                    .collect();
+                if waiting.is_empty() {
+                    return Ok(());
+                }
+                last = waiting.join(", ");
+            }
+            Err(e) => last = e.to_string(),
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    eprintln!("the example pod is not Running yet; see `kubectl describe pod hello-edge`");
+    bail!("the example pods are not Running after 60 s ({last}); see `kubectl describe pod`")
 }
 
 /// The image the example manifest runs, tagged into the demo's podman storage.
@@ -528,70 +552,123 @@ fn start_agent(
     )?)
 }
 
-/// Waits (up to 30 s) until every EdgeManifest has reached all the devices it targets,
-/// every agent reports having worked through the manifest it was sent, and every device is
-/// Converged.
+/// Waits (up to 60 s) until every EdgeManifest has rolled out to all the devices it targets
+/// (Ready, RolloutComplete, for its current generation), every agent reports having worked
+/// through the manifest it was sent, and every device is Converged with its Node Ready.
+/// Err names what is still missing.
 async fn wait_for_fleet(
     env: &TestEnv,
     client: &kube::Client,
     devices: &[EdgeDevice],
 ) -> anyhow::Result<()> {
-    let api: Api<EdgeManifest> = Api::all(client.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut last = Vec::new();
+    while std::time::Instant::now() < deadline {
+        last = fleet_not_settled(env, client, devices).await?;
+        if last.is_empty() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    bail!(
+        "the fleet did not converge within 60 s: {}",
+        last.join("; ")
+    )
+}
+
+/// What keeps the fleet from being settled, one entry per object; empty when it is.
+async fn fleet_not_settled(
+    env: &TestEnv,
+    client: &kube::Client,
+    devices: &[EdgeDevice],
+) -> anyhow::Result<Vec<String>> {
+    let condition = |conditions: &[fleetlet_crds::Condition], type_: &str| {
+        conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| (c.status.clone(), c.reason.clone()))
+            .unwrap_or_default()
+    };
+    let mut pending = Vec::new();
+    for m in Api::<EdgeManifest>::all(client.clone())
+        .list(&Default::default())
+        .await?
+        .items
+    {
+        let s = m.status.clone().unwrap_or_default();
+        let (ready, reason) = condition(&s.conditions, "Ready");
+        if s.observed_generation != m.metadata.generation
+            || s.updated != s.targeted
+            || ready != "True"
+            || reason != "RolloutComplete"
+        {
+            pending.push(format!(
+                "edgemanifest {}: {}/{} updated, Ready={ready} ({reason})",
+                m.name_any(),
+                s.updated,
+                s.targeted
+            ));
+        }
+    }
     let js = env.jetstream().await?;
     let desired = js
         .get_key_value(fleetlet_protocol::kv::DESIRED_STATE.name)
         .await?;
     let actual = js.get_key_value(ACTUAL_STATE.name).await?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::time::Instant::now() < deadline {
-        let rolled_out = api.list(&Default::default()).await.is_ok_and(|list| {
-            list.items.iter().all(|m| {
-                m.status.as_ref().is_some_and(|s| {
-                    s.updated == s.targeted && s.observed_generation == m.metadata.generation
-                })
-            })
-        });
-        let mut reported = true;
-        for d in devices {
-            let name = d.name_any();
-            let want = match desired.entry(name.as_str()).await? {
-                Some(e) => fleetlet_protocol::decode::<fleetlet_protocol::AgentManifest>(&e.value)
-                    .map_or(0, |m| m.generation),
-                None => u64::MAX,
-            };
-            let have = match actual.entry(name.as_str()).await? {
-                Some(e) => fleetlet_protocol::decode::<AgentStatus>(&e.value)
-                    .map_or(0, |s| s.observed_generation),
-                None => 0,
-            };
-            reported &= have >= want;
+    for d in devices {
+        let name = d.name_any();
+        let want = match desired.entry(name.as_str()).await? {
+            Some(e) => fleetlet_protocol::decode::<fleetlet_protocol::AgentManifest>(&e.value)
+                .map_or(0, |m| m.generation),
+            None => u64::MAX,
+        };
+        let have = match actual.entry(name.as_str()).await? {
+            Some(e) => fleetlet_protocol::decode::<AgentStatus>(&e.value)
+                .map_or(0, |s| s.observed_generation),
+            None => 0,
+        };
+        if have < want {
+            pending.push(format!(
+                "agent {name}: worked through generation {have} of {want}"
+            ));
         }
-        let ready = Api::<EdgeDevice>::all(client.clone())
-            .list(&Default::default())
-            .await
-            .is_ok_and(|l| {
-                l.items.iter().all(|d| {
-                    d.status.as_ref().is_some_and(|s| {
-                        s.conditions
-                            .iter()
-                            .any(|c| c.type_ == "Ready" && c.status == "True")
-                            // Converged: every resource Ready. A container whose mount source
-                            // another resource creates may fail once and be retried.
-                            && s.conditions
-                                .iter()
-                                .any(|c| c.type_ == "Converged" && c.status == "True")
-                            && s.applied_generation.is_some()
-                            && s.applied_generation == s.desired_generation
-                    })
-                })
-            });
-        if rolled_out && reported && ready {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    eprintln!("the fleet did not settle within 30 s; showing it as it is");
-    Ok(())
+    for d in Api::<EdgeDevice>::all(client.clone())
+        .list(&Default::default())
+        .await?
+        .items
+    {
+        let s = d.status.clone().unwrap_or_default();
+        let (ready, _) = condition(&s.conditions, "Ready");
+        // Converged: every resource Ready. A container whose mount source another resource
+        // creates may fail once and be retried.
+        let (converged, why) = condition(&s.conditions, "Converged");
+        if ready != "True"
+            || converged != "True"
+            || s.applied_generation.is_none()
+            || s.applied_generation != s.desired_generation
+        {
+            pending.push(format!(
+                "edgedevice {}: Ready={ready}, Converged={converged} ({why})",
+                d.name_any()
+            ));
+        }
+    }
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    for d in devices {
+        let name = d.name_any();
+        let ready = nodes.get_opt(&name).await?.is_some_and(|n| {
+            n.status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        });
+        if !ready {
+            pending.push(format!("node {name}: not Ready"));
+        }
+    }
+    Ok(pending)
 }
 
 /// What each agent reports in actual-state: generation and every resource's state.
