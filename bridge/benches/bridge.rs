@@ -70,6 +70,7 @@ fn heartbeat(dev: &str, seq: u64) -> Vec<u8> {
             pids: 32000,
         },
         addresses: vec![],
+        sealing_key: None,
     })
     .unwrap()
 }

@@ -40,6 +40,8 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::frames::{FrameRouter, Registration};
+
 #[derive(Debug, thiserror::Error)]
 pub enum KubeletError {
     #[error("reading {path}: {source}")]
@@ -78,6 +80,7 @@ struct Identity {
 struct Ctx {
     client: Client,
     nats: async_nats::Client,
+    frames: Arc<FrameRouter>,
     nodes: Store<Node>,
 }
 
@@ -155,6 +158,7 @@ pub async fn serve(
             addr: config.listen,
             source,
         })?;
+    let frames = FrameRouter::new();
     let router = Router::new()
         .route(
             "/containerLogs/{namespace}/{pod}/{container}",
@@ -168,7 +172,8 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok" }))
         .with_state(Ctx {
             client,
-            nats,
+            nats: nats.clone(),
+            frames: frames.clone(),
             nodes,
         });
     info!(%addr, "kubelet API listening");
@@ -176,6 +181,7 @@ pub async fn serve(
         if let Some(renew) = renew {
             tokio::spawn(renew);
         }
+        tokio::spawn(frames.run(nats));
         loop {
             let Ok((tcp, peer)) = listener.accept().await else {
                 continue;
@@ -366,7 +372,7 @@ async fn container_logs(
     };
     debug!(%device, resource = %req.resource, follow = req.follow, "relaying logs");
     match Session::open(
-        ctx.nats.clone(),
+        &ctx,
         &device,
         relay::logs_subject(&device),
         &req,
@@ -408,7 +414,7 @@ enum Frame {
 struct Session {
     nats: async_nats::Client,
     control: String,
-    sub: async_nats::Subscriber,
+    frames: Registration,
     consumed: u64,
     acked_at: tokio::time::Instant,
     ended: bool,
@@ -416,26 +422,24 @@ struct Session {
 
 impl Session {
     async fn open(
-        nats: async_nats::Client,
+        ctx: &Ctx,
         device: &DeviceId,
         subject: String,
         request: &impl serde::Serialize,
         session: &str,
     ) -> Result<Self, Response> {
-        let inbox = nats.new_inbox();
-        let sub = nats
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| text(StatusCode::BAD_GATEWAY, format!("NATS: {e}")))?;
+        // Registered before the request goes out, so no frame can arrive unrouted.
+        let frames = ctx.frames.register(device, session);
         let body = serde_json::to_vec(request)
             .map_err(|e| text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        nats.publish_with_reply(subject, inbox, body.into())
+        let nats = ctx.nats.clone();
+        nats.publish(subject, body.into())
             .await
             .map_err(|e| text(StatusCode::BAD_GATEWAY, format!("NATS: {e}")))?;
         Ok(Self {
             nats,
             control: relay::control_subject(device, session),
-            sub,
+            frames,
             consumed: 0,
             acked_at: tokio::time::Instant::now(),
             ended: false,
@@ -461,7 +465,7 @@ impl Session {
         }
         loop {
             let wait = Duration::from_secs(ACK_INTERVAL_SECS);
-            let msg = match tokio::time::timeout(wait, self.sub.next()).await {
+            let msg = match tokio::time::timeout(wait, self.frames.frames.recv()).await {
                 Ok(Some(m)) => m,
                 Ok(None) => return None,
                 Err(_) => {
@@ -710,18 +714,17 @@ async fn stream_session(
     mut socket: axum::extract::ws::WebSocket,
 ) {
     use axum::extract::ws::Message;
-    let mut session =
-        match Session::open(ctx.nats.clone(), &device, subject, &req, &session_id).await {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = socket
-                    .send(Message::Binary(
-                        status_message(None, Some("cannot reach NATS")).into(),
-                    ))
-                    .await;
-                return;
-            }
-        };
+    let mut session = match Session::open(&ctx, &device, subject, &req, &session_id).await {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = socket
+                .send(Message::Binary(
+                    status_message(None, Some("cannot reach NATS")).into(),
+                ))
+                .await;
+            return;
+        }
+    };
     let mut code = None;
     let error = loop {
         tokio::select! {

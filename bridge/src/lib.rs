@@ -6,6 +6,7 @@
 //! the device's own heartbeats. Writes happen only when something changed; a steady fleet
 //! costs Lease renewals, at most one per device per `--lease-renew-seconds`.
 
+pub mod frames;
 pub mod kubelet;
 pub mod metrics;
 pub mod mirror;
@@ -287,8 +288,19 @@ pub async fn run(
     tasks.spawn(device_task);
     tasks.spawn(node_stream);
     tasks.spawn(pod_stream);
-    tasks.spawn(actual.clone().run(nats.clone(), changed.clone()));
-    tasks.spawn(heartbeats.clone().run(nats.clone(), changed.clone()));
+    // The bridge reads buckets without consumers (its NATS account may not create any):
+    // the records JetStream republishes, after a listing by direct gets.
+    const RELIST: Duration = Duration::from_secs(600);
+    tasks.spawn(
+        actual
+            .clone()
+            .run_republished(nats.clone(), changed.clone(), RELIST),
+    );
+    tasks.spawn(
+        heartbeats
+            .clone()
+            .run_republished(nats.clone(), changed.clone(), RELIST),
+    );
     tasks.spawn(server);
     if let Some(k) = kubelet_server {
         tasks.spawn(k);

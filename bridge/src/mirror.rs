@@ -217,9 +217,7 @@ impl Mirror {
             now,
             self.report_every_ms,
         );
-        let mut current = dev.status.clone().unwrap_or_default();
-        current.desired_generation = None;
-        current.credentials = None;
+        let current = dev.status.clone().unwrap_or_default().bridge_part();
         if current != status {
             let api: Api<EdgeDevice> = Api::namespaced(self.client.clone(), &ns);
             let mut body = serde_json::to_value(&status).unwrap_or_default();

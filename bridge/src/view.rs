@@ -48,6 +48,9 @@ pub fn k8s_time(t: Timestamp) -> Time {
     )
 }
 
+/// The largest generation a status can hold (Kubernetes integers are signed 64-bit).
+pub const MAX_STORED_GENERATION: u64 = i64::MAX as u64;
+
 /// Condition with `lastTransitionTime` kept from `old` while the status does not change.
 fn condition(
     old: &[Condition],
@@ -125,9 +128,20 @@ pub fn device_status(
         .filter(|r| r.state == "Failed")
         .map(|r| r.id.as_str())
         .collect();
-    let applied = st.map(|s| s.observed_generation);
+    // What a device reports is untrusted: a generation Kubernetes cannot store (it keeps
+    // integers signed) is shown as such instead of blocking every status write.
+    let reported = st.map(|s| s.observed_generation);
+    let applied = reported.filter(|g| *g <= MAX_STORED_GENERATION);
     let all_ready = st.is_some_and(|s| s.resources.values().all(ResourceStatus::is_ready));
     let converged = match (applied, desired) {
+        (None, _) if reported.is_some() => (
+            "False",
+            "GenerationOutOfRange",
+            format!(
+                "the device reports generation {}, which no manifest may have",
+                reported.unwrap_or_default()
+            ),
+        ),
         (Some(a), Some(d)) if a >= d && all_ready => ("True", "AllResourcesReady", String::new()),
         (Some(a), Some(d)) if a < d => (
             "False",
@@ -213,9 +227,7 @@ pub fn device_status(
             (h.timestamp.as_millis() as i64).saturating_sub(t.0.as_millisecond())
                 >= report_every_ms as i64
         });
-        let mut without_time = old.clone();
-        without_time.desired_generation = None;
-        without_time.credentials = None;
+        let mut without_time = old.bridge_part();
         without_time.last_heartbeat_time = out.last_heartbeat_time.clone();
         if stale || without_time != out {
             out.last_heartbeat_time = Some(k8s_time(h.timestamp));

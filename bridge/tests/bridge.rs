@@ -152,6 +152,7 @@ async fn beat(hb: &Store, dev: &str, seq: u64) {
             type_: "InternalIP".into(),
             address: "127.0.0.2".into(),
         }],
+        sealing_key: None,
     };
     hb.put(dev, encode(&h).unwrap().into()).await.unwrap();
 }
@@ -490,6 +491,7 @@ fn sample(dev: &str) -> Heartbeat {
         capacity: Capacity::default(),
         free: Free::default(),
         addresses: vec![],
+        sealing_key: None,
     }
 }
 
@@ -541,7 +543,7 @@ async fn a_steady_fleet_causes_no_writes_but_lease_renewals_and_a_real_agent_con
     std::fs::write(
         &config,
         format!(
-            "device_id = \"st-pi\"\nstate_dir = \"{}\"\n[nats]\nurls = [\"{}\"]\n[reconcile]\nheartbeat_interval_seconds = 1\n[file]\nallowed_roots = [\"/etc/fleetlet\"]\npath_prefix = \"{}\"\n",
+            "device_id = \"st-pi\"\nstate_dir = \"{}\"\n[nats]\nurls = [\"{}\"]\n[reconcile]\nheartbeat_interval_seconds = 1\n[trust]\nallow_unsigned = true\n[file]\nallowed_roots = [\"/etc/fleetlet\"]\npath_prefix = \"{}\"\n",
             dir.path().join("state").display(),
             env.nats_url().unwrap(),
             dir.path().join("root").display()

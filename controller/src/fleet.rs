@@ -71,7 +71,9 @@ pub struct Fleet {
     /// Refusals already reported, by pod uid: reported once, not every pass.
     refusals: Mutex<HashMap<String, &'static str>>,
     /// Signs every manifest written, when set.
-    signer: Option<crate::signing::Signer>,
+    signer: Option<Arc<crate::signing::Signer>>,
+    /// Seals Pods' Secrets to their devices.
+    sealer: Arc<crate::sealing::Sealer>,
 }
 
 /// What one pass did, for logs, metrics and tests.
@@ -124,12 +126,17 @@ impl Fleet {
             pods: None,
             refusals: Mutex::new(HashMap::new()),
             signer: None,
+            sealer: Arc::new(
+                crate::sealing::Sealer::random()
+                    .unwrap_or_else(|_| crate::sealing::Sealer::from_secret(b"")),
+            ),
         }
     }
 
     /// Signs every manifest with `signer`; manifests signed with another key (or none) are
     /// rewritten, so a key rotation reaches every device.
-    pub fn with_signer(mut self, signer: crate::signing::Signer) -> Self {
+    pub fn with_signer(mut self, signer: Arc<crate::signing::Signer>) -> Self {
+        self.sealer = Arc::new(signer.sealer());
         self.signer = Some(signer);
         self
     }
@@ -158,7 +165,14 @@ impl Fleet {
             if already_failed {
                 continue;
             }
-            match translate(&pod, watch) {
+            let seal = DeviceSeal {
+                sealer: &self.sealer,
+                key: self
+                    .heartbeats
+                    .get(&device)
+                    .and_then(|h| h.value.sealing_key),
+            };
+            match translate(&pod, watch, &seal) {
                 Ok(resources) => views.push(PodView {
                     device,
                     key,
@@ -171,6 +185,57 @@ impl Fleet {
             self.report_refusal(&pod, &r).await;
         }
         views
+    }
+
+    /// Sets (with the generation the device reports) or clears the device's
+    /// GenerationOutOfRange condition, under a field manager of its own so the bridge's
+    /// conditions are left alone; setting it also records a Warning Event.
+    async fn set_generation_condition(&self, obj: &Arc<EdgeDevice>, reported: Option<u64>) {
+        let api: Api<EdgeDevice> =
+            Api::namespaced(self.client.clone(), &obj.namespace().unwrap_or_default());
+        let conditions = match reported {
+            Some(g) => {
+                warn!(device = %obj.name_any(), reported = g, "device reports a generation out of range; ignored");
+                let message = format!(
+                    "the device reports running generation {g}, beyond the largest a manifest may have ({MAX_GENERATION}); \
+                     the value is ignored and the device is sent generations above what the control plane issued. \
+                     If the device really runs such a manifest, reset its agent's state directory"
+                );
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: fleetlet_crds::GENERATION_OUT_OF_RANGE.into(),
+                    note: Some(message.clone()),
+                    action: "Reconcile".into(),
+                    secondary: None,
+                };
+                if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+                    warn!(error = %e, "publishing device event failed");
+                }
+                json!([{
+                    "type": fleetlet_crds::GENERATION_OUT_OF_RANGE,
+                    "status": "True",
+                    "reason": "DeviceReportedGeneration",
+                    "message": message,
+                    "lastTransitionTime": Time(KTime::now()),
+                }])
+            }
+            None => json!([]),
+        };
+        let patch = json!({
+            "apiVersion": "fleetlet.dev/v1alpha1",
+            "kind": "EdgeDevice",
+            "status": { "conditions": conditions },
+        });
+        if let Err(e) = api
+            .patch_status(
+                &obj.name_any(),
+                &PatchParams::apply(GENERATION_FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            warn!(device = %obj.name_any(), error = %e, "recording the generation condition failed");
+        }
     }
 
     /// A refused pod: an Event, and (unless it may resolve by itself) phase Failed.
@@ -369,20 +434,25 @@ impl Fleet {
             {
                 continue;
             }
-            let floor = [
+            let reported = actual.get(&id).map_or(0, |a| a.value.manifest_generation);
+            let generation = match next_generation(
                 current.map_or(0, |c| c.value.generation),
                 obj.status
                     .as_ref()
                     .and_then(|s| s.desired_generation)
                     .unwrap_or(0),
-                actual.get(&id).map_or(0, |a| a.value.manifest_generation),
-            ]
-            .into_iter()
-            .max()
-            .unwrap_or(0);
-            let mut m = AgentManifest::new(id.clone(), floor + 1);
+                reported,
+            ) {
+                Ok(g) => g,
+                Err(e) => {
+                    warn!(device = %id, error = %e, "no new manifest for the device");
+                    continue;
+                }
+            };
+            let mut m = AgentManifest::new(id.clone(), generation);
             m.resources = resources;
             m.signing_key = key;
+            m.issued_at = Some(fleetlet_protocol::Timestamp::now());
             writes.push((obj.clone(), m));
         }
         let results: Vec<(Arc<EdgeDevice>, u64, Result<bool, Error>)> =
@@ -411,6 +481,22 @@ impl Fleet {
         // change means one patch per device, and the next change should not wait for them.
         for (obj, generation) in generations {
             self.queue_generation(&obj, generation);
+        }
+        // A device reporting a generation out of range: a condition (and an Event) while it
+        // lasts, so `kubectl describe` says why its report is ignored.
+        for (id, obj) in &devices {
+            let reported = actual.get(id).map_or(0, |a| a.value.manifest_generation);
+            let out_of_range = reported > MAX_GENERATION;
+            let flagged = obj.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == fleetlet_crds::GENERATION_OUT_OF_RANGE)
+            });
+            if out_of_range != flagged {
+                self.set_generation_condition(obj, out_of_range.then_some(reported))
+                    .await;
+                summary.status_patches += 1;
+            }
         }
         for (id, obj) in &devices {
             let written = desired.get(id).map(|c| c.value.generation);
@@ -490,7 +576,7 @@ impl Fleet {
         ];
         for (store, ids, bucket) in buckets {
             for id in ids.into_iter().filter(|id| !devices.contains_key(id)) {
-                match store.purge(id.as_str()).await {
+                match crate::remove_key(store, id.as_str()).await {
                     Ok(()) => {
                         info!(device = %id, bucket, "removed the key of a deleted device");
                         deleted += 1;
@@ -828,4 +914,91 @@ fn device_resources(
         }
     }
     out
+}
+
+/// Seals to one device's key, once its heartbeat has brought it.
+struct DeviceSeal<'a> {
+    sealer: &'a crate::sealing::Sealer,
+    key: Option<String>,
+}
+
+impl crate::pods::Seal for DeviceSeal<'_> {
+    fn seal(&self, bytes: &[u8]) -> Result<String, Refusal> {
+        let key = self.key.as_deref().ok_or_else(|| Refusal {
+            reason: "DeviceKeyUnknown",
+            message: "the device has not sent its sealing key yet (it comes with its heartbeat); \
+                      the pod's Secrets go to the device only sealed to that key"
+                .into(),
+            transient: true,
+        })?;
+        self.sealer.seal(key, bytes).map_err(|e| Refusal {
+            reason: "DeviceKeyInvalid",
+            message: format!("cannot seal the pod's Secrets to the device: {e}"),
+            transient: true,
+        })
+    }
+}
+
+/// The largest generation a manifest may have: Kubernetes keeps generations in signed
+/// 64-bit integers (`EdgeDevice.status.desiredGeneration`).
+pub const MAX_GENERATION: u64 = i64::MAX as u64;
+
+/// Why a device gets no new manifest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GenerationError {
+    #[error("generation {floor} leaves no room for a next one below {MAX_GENERATION}")]
+    Exhausted { floor: u64 },
+}
+
+/// The generation of a device's next manifest: one above the highest it may have seen
+/// (the stored manifest's, the one recorded in its EdgeDevice, and the one it reports
+/// running). What a device reports is untrusted input: a value beyond [`MAX_GENERATION`]
+/// is ignored rather than allowed to exhaust the device's generations.
+pub fn next_generation(stored: u64, recorded: u64, reported: u64) -> Result<u64, GenerationError> {
+    let reported = if reported > MAX_GENERATION {
+        0
+    } else {
+        reported
+    };
+    let floor = stored.max(recorded).max(reported);
+    floor
+        .checked_add(1)
+        .filter(|g| *g <= MAX_GENERATION)
+        .ok_or(GenerationError::Exhausted { floor })
+}
+
+/// The field manager of the controller's GenerationOutOfRange condition on EdgeDevices.
+const GENERATION_FIELD_MANAGER: &str = "fleetlet-controller-generation";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_generation_is_one_above_what_the_device_may_have_seen() {
+        assert_eq!(next_generation(0, 0, 0), Ok(1));
+        assert_eq!(next_generation(4, 7, 5), Ok(8));
+        assert_eq!(next_generation(4, 2, 9), Ok(10));
+    }
+
+    #[test]
+    fn a_generation_reported_out_of_range_neither_wraps_nor_panics() {
+        // What a hostile device can send: ignored, the others decide.
+        assert_eq!(next_generation(3, 3, u64::MAX), Ok(4));
+        assert_eq!(next_generation(3, 3, MAX_GENERATION + 1), Ok(4));
+        assert_eq!(
+            next_generation(3, 3, MAX_GENERATION - 1),
+            Ok(MAX_GENERATION)
+        );
+        assert_eq!(
+            next_generation(MAX_GENERATION, 0, 0),
+            Err(GenerationError::Exhausted {
+                floor: MAX_GENERATION
+            })
+        );
+        assert_eq!(
+            next_generation(u64::MAX, 0, 0),
+            Err(GenerationError::Exhausted { floor: u64::MAX })
+        );
+    }
 }

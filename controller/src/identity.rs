@@ -1,13 +1,19 @@
-//! Device identities on NATS: an operator, a system account and one fleet account (NATS
-//! decentralized auth). The controller holds the keys (the "authority"), issues each device
-//! a user JWT whose permissions are [`fleetlet_protocol::permissions::device`], stores the
-//! credentials in a Secret next to the EdgeDevice, and revokes a device's key, by pushing a
-//! new account JWT to the server, when the EdgeDevice is deleted or marked revoked. The
-//! server then closes the device's connections and refuses its credentials.
+//! Device identities on NATS (decentralized auth): an operator, a system account, the
+//! [`FLEET`] account holding the streams (the controller's), the [`BRIDGE`] account, and one
+//! account per device. The layout of imports and exports is
+//! [`fleetlet_protocol::access`]; this module signs it.
 //!
-//! Which keys were issued and which are revoked is kept in a ConfigMap in the controller's
-//! namespace, so a device deleted while the controller was down is still revoked when it
-//! comes back.
+//! For each EdgeDevice the controller creates a new account whose only contents are
+//! imports of that device's own subjects (each with an activation token from the exporting
+//! account, so no other account can import them), pushes its JWT to the servers, issues one
+//! user of it, and hands the `.creds` out in a Secret next to the EdgeDevice. The account's
+//! own key is not kept: nothing more is ever issued by it.
+//!
+//! Revoking a device (EdgeDevice deleted or `spec.revoked`) deletes its account from the
+//! servers' resolvers: its connections are closed and its credentials refused, and nothing
+//! is left behind to grow (no revocation list). Which device has which account is kept in a
+//! ConfigMap in the controller's namespace, so a device deleted while the controller was
+//! down is still revoked when it comes back.
 
 use std::{
     collections::BTreeMap,
@@ -18,7 +24,10 @@ use std::{
 
 use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
 use fleetlet_crds::{DeviceCredentials, EdgeDevice};
-use fleetlet_protocol::{DeviceId, permissions::Permissions};
+use fleetlet_protocol::{
+    DeviceId,
+    access::{self, BRIDGE, DEVICE_LIMITS, Export, Exporter, FLEET, Import, Kind, Permissions},
+};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -30,7 +39,7 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-/// Name of the ConfigMap recording issued and revoked device keys.
+/// Name of the ConfigMap recording which account each device has.
 pub const IDENTITIES_CONFIG_MAP: &str = "fleetlet-nats-identities";
 /// Key of the `.creds` file in a device's credentials Secret.
 pub const CREDS_KEY: &str = "nats.creds";
@@ -38,8 +47,13 @@ pub const CREDS_KEY: &str = "nats.creds";
 pub const AGENT_CONFIG_KEY: &str = "agent.toml";
 /// Where the agent configuration fragment expects the `.creds` file.
 pub const DEVICE_CREDS_PATH: &str = "/etc/fleetlet/nats.creds";
-const REVOKED_PREFIX: &str = "revoked.";
+/// Label on what the controller creates and alone may delete.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 const MANAGED_BY: &str = "fleetlet-controller";
+/// Label naming the device a credentials Secret is for.
+const DEVICE_LABEL: &str = "fleetlet.dev/device";
+/// Accounts deleted from the resolvers with one request.
+const DELETE_BATCH: usize = 500;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -61,18 +75,19 @@ pub enum IdentityError {
     Sign(String),
     #[error("kubernetes: {0}")]
     Kube(#[from] kube::Error),
-    #[error("pushing the account JWT to NATS: {0}")]
+    #[error("pushing account JWTs to NATS: {0}")]
     Push(String),
 }
 
-/// The seeds of the operator, the system account, the fleet account and the fleet
-/// account's signing key. Secret: whoever has it can mint any identity.
+/// The seeds of the operator, the system account, the fleet account and its signing key,
+/// and the bridge account. Secret: whoever has it can mint any identity.
 #[derive(Serialize, Deserialize)]
 struct AuthorityFile {
     operator: String,
     system_account: String,
     account: String,
     account_signing: String,
+    bridge_account: Option<String>,
 }
 
 /// The keys that sign fleetlet's NATS identities.
@@ -81,6 +96,7 @@ pub struct Authority {
     system: KeyPair,
     account: KeyPair,
     signing: KeyPair,
+    bridge: KeyPair,
 }
 
 impl std::fmt::Debug for Authority {
@@ -88,6 +104,7 @@ impl std::fmt::Debug for Authority {
         f.debug_struct("Authority")
             .field("operator", &self.operator.public_key())
             .field("account", &self.account.public_key())
+            .field("bridge", &self.bridge.public_key())
             .finish_non_exhaustive()
     }
 }
@@ -140,6 +157,16 @@ fn unlimited_account(jetstream: bool) -> Value {
     limits
 }
 
+/// A device account's limits: [`DEVICE_LIMITS`], no leaf nodes, no JetStream of its own.
+fn device_account_limits() -> Value {
+    let l = DEVICE_LIMITS;
+    json!({
+        "subs": l.subscriptions, "data": -1, "payload": l.payload,
+        "imports": -1, "exports": 0, "wildcards": true, "conn": l.connections, "leaf": 0,
+        "mem_storage": 0, "disk_storage": 0, "streams": 0, "consumer": 0,
+    })
+}
+
 /// The `.creds` file text for a user JWT and its seed.
 fn creds_file(jwt: &str, seed: &str) -> String {
     format!(
@@ -152,11 +179,65 @@ fn creds_file(jwt: &str, seed: &str) -> String {
     )
 }
 
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Service => "service",
+        Kind::Stream => "stream",
+    }
+}
+
 /// A user's credentials: its public key and its `.creds` file.
 #[derive(Debug, Clone)]
 pub struct UserCredentials {
     pub public_key: String,
     pub creds: String,
+}
+
+/// A device's new identity: its account (whose JWT the servers must have before the device
+/// connects) and the one user of it.
+#[derive(Debug, Clone)]
+pub struct DeviceIdentity {
+    pub account: String,
+    pub account_jwt: String,
+    pub user: UserCredentials,
+}
+
+fn seed_of(k: &KeyPair) -> Result<String, IdentityError> {
+    k.seed().map_err(|e| IdentityError::Sign(e.to_string()))
+}
+
+/// A user JWT issued by `issuer` (an account key, or a signing key of `issuer_account`).
+fn user_creds(
+    issuer: &KeyPair,
+    issuer_account: Option<&str>,
+    name: &str,
+    permissions: Option<&Permissions>,
+) -> Result<UserCredentials, IdentityError> {
+    let user = KeyPair::new_user();
+    let mut nats = json!({
+        "pub": {}, "sub": {},
+        "subs": -1, "data": -1, "payload": -1,
+        "type": "user", "version": 2,
+    });
+    if let Some(p) = permissions {
+        nats["pub"] = json!({ "allow": p.publish });
+        nats["sub"] = json!({ "allow": p.subscribe });
+        if p.allow_responses {
+            // Any number of replies, each within an hour of its request (nanoseconds).
+            nats["resp"] = json!({ "max": -1, "ttl": 3_600_000_000_000_i64 });
+        }
+    }
+    if let Some(a) = issuer_account {
+        nats["issuer_account"] = json!(a);
+    }
+    let jwt = encode_jwt(
+        issuer,
+        json!({ "name": name, "sub": user.public_key(), "nats": nats }),
+    )?;
+    Ok(UserCredentials {
+        public_key: user.public_key(),
+        creds: creds_file(&jwt, &seed_of(&user)?),
+    })
 }
 
 impl Authority {
@@ -167,6 +248,7 @@ impl Authority {
             system: KeyPair::new_account(),
             account: KeyPair::new_account(),
             signing: KeyPair::new_account(),
+            bridge: KeyPair::new_account(),
         }
     }
 
@@ -187,23 +269,32 @@ impl Authority {
             }
             Ok(kp)
         };
+        let bridge = f.bridge_account.as_deref().ok_or_else(|| {
+            invalid(
+                "it has no bridge_account: it was written by an older fleetlet-controller nats-init, \
+                 whose single shared account let devices reach each other's keys; create a new \
+                 authority with `fleetlet-controller nats-init` and enrol the devices again"
+                    .into(),
+            )
+        })?;
         Ok(Self {
             operator: key("operator", &f.operator, 'O')?,
             system: key("system_account", &f.system_account, 'A')?,
             account: key("account", &f.account, 'A')?,
             signing: key("account_signing", &f.account_signing, 'A')?,
+            bridge: key("bridge_account", bridge, 'A')?,
         })
     }
 
     /// Writes the seeds to a new file readable by its owner only.
     pub fn write(&self, path: &Path) -> Result<(), IdentityError> {
         use std::{io::Write, os::unix::fs::OpenOptionsExt};
-        let seed = |k: &KeyPair| k.seed().map_err(|e| IdentityError::Sign(e.to_string()));
         let f = AuthorityFile {
-            operator: seed(&self.operator)?,
-            system_account: seed(&self.system)?,
-            account: seed(&self.account)?,
-            account_signing: seed(&self.signing)?,
+            operator: seed_of(&self.operator)?,
+            system_account: seed_of(&self.system)?,
+            account: seed_of(&self.account)?,
+            account_signing: seed_of(&self.signing)?,
+            bridge_account: Some(seed_of(&self.bridge)?),
         };
         let text =
             serde_json::to_string_pretty(&f).map_err(|e| IdentityError::Sign(e.to_string()))?;
@@ -223,6 +314,18 @@ impl Authority {
     /// The fleet account's public key.
     pub fn account_public_key(&self) -> String {
         self.account.public_key()
+    }
+
+    /// The bridge account's public key.
+    pub fn bridge_public_key(&self) -> String {
+        self.bridge.public_key()
+    }
+
+    fn exporter(&self, e: Exporter) -> &KeyPair {
+        match e {
+            Exporter::Fleet => &self.account,
+            Exporter::Bridge => &self.bridge,
+        }
     }
 
     pub fn operator_jwt(&self) -> Result<String, IdentityError> {
@@ -245,98 +348,175 @@ impl Authority {
         )
     }
 
-    /// The fleet account's JWT with these revoked user keys (key → revoked-at, unix seconds).
-    pub fn account_jwt(
-        &self,
-        revocations: &BTreeMap<String, i64>,
-    ) -> Result<String, IdentityError> {
-        let mut nats = json!({
-            "limits": unlimited_account(true),
-            "signing_keys": [self.signing.public_key()],
-            "default_permissions": { "pub": {}, "sub": {} },
-            "type": "account", "version": 2,
-        });
-        if !revocations.is_empty() {
-            nats["revocations"] = json!(revocations);
-        }
+    /// The exports of `from`: every one needs an activation token, which only the
+    /// authority issues (per device for per-device subjects, to the bridge for the rest).
+    fn exports_of(from: Exporter) -> Vec<Value> {
+        access::exports()
+            .into_iter()
+            .filter(|e| e.from == from)
+            .map(|e: Export| {
+                let mut x = json!({
+                    "name": e.subject.wildcard(),
+                    "subject": e.subject.wildcard(),
+                    "type": kind_name(e.kind),
+                    "token_req": true,
+                });
+                if e.streamed_responses {
+                    x["response_type"] = json!("Stream");
+                }
+                x
+            })
+            .collect()
+    }
+
+    /// An activation token letting `importer` import `import`.
+    fn activation(&self, importer: &str, import: &Import) -> Result<String, IdentityError> {
+        encode_jwt(
+            self.exporter(import.from),
+            json!({
+                "name": import.subject, "sub": importer,
+                "nats": { "subject": import.subject, "kind": kind_name(import.kind),
+                          "type": "activation", "version": 2 }
+            }),
+        )
+    }
+
+    fn imports_for(&self, importer: &str, imports: &[Import]) -> Result<Vec<Value>, IdentityError> {
+        imports
+            .iter()
+            .map(|i| {
+                Ok(json!({
+                    "name": i.subject,
+                    "subject": i.subject,
+                    "account": self.exporter(i.from).public_key(),
+                    "token": self.activation(importer, i)?,
+                    "type": kind_name(i.kind),
+                }))
+            })
+            .collect()
+    }
+
+    /// The fleet account's JWT: JetStream, the controller's users (signed by its signing
+    /// key), and the exports devices and the bridge import.
+    pub fn account_jwt(&self) -> Result<String, IdentityError> {
         encode_jwt(
             &self.operator,
-            json!({ "name": "FLEET", "sub": self.account.public_key(), "nats": nats }),
+            json!({ "name": FLEET, "sub": self.account.public_key(), "nats": {
+                "limits": unlimited_account(true),
+                "signing_keys": [self.signing.public_key()],
+                "exports": Self::exports_of(Exporter::Fleet),
+                "default_permissions": { "pub": {}, "sub": {} },
+                "type": "account", "version": 2,
+            }}),
+        )
+    }
+
+    /// The bridge account's JWT: no JetStream, its imports from the fleet account, and the
+    /// relay subjects it exports to devices.
+    pub fn bridge_account_jwt(&self) -> Result<String, IdentityError> {
+        let me = self.bridge.public_key();
+        encode_jwt(
+            &self.operator,
+            json!({ "name": BRIDGE, "sub": me, "nats": {
+                "limits": unlimited_account(false),
+                "imports": self.imports_for(&me, &access::bridge_imports())?,
+                "exports": Self::exports_of(Exporter::Bridge),
+                "default_permissions": { "pub": {}, "sub": {} },
+                "type": "account", "version": 2,
+            }}),
         )
     }
 
     /// nats-server configuration for these keys: the operator, the system account, and a
-    /// full account resolver in `resolver_dir` preloaded with both accounts.
+    /// full account resolver in `resolver_dir` (deletes allowed: that is how a device is
+    /// revoked) preloaded with the system, fleet and bridge accounts.
     pub fn server_config(&self, resolver_dir: &Path) -> Result<String, IdentityError> {
         Ok(format!(
-            "operator: \"{}\"\nsystem_account: \"{}\"\nresolver: {{\n  type: full\n  dir: \"{}\"\n  allow_delete: false\n  interval: \"2m\"\n}}\nresolver_preload: {{\n  {}: \"{}\"\n  {}: \"{}\"\n}}\n",
+            "operator: \"{}\"\nsystem_account: \"{}\"\nresolver: {{\n  type: full\n  dir: \"{}\"\n  allow_delete: true\n  hard_delete: true\n  interval: \"2m\"\n}}\nresolver_preload: {{\n  {}: \"{}\"\n  {}: \"{}\"\n  {}: \"{}\"\n}}\n",
             self.operator_jwt()?,
             self.system.public_key(),
             resolver_dir.display(),
             self.system.public_key(),
             self.system_account_jwt()?,
             self.account.public_key(),
-            self.account_jwt(&BTreeMap::new())?,
+            self.account_jwt()?,
+            self.bridge.public_key(),
+            self.bridge_account_jwt()?,
         ))
     }
 
-    /// A new user of the fleet account with these permissions.
-    pub fn issue_user(
+    /// A new user of the fleet account (the controller's own identity, or an administrator
+    /// with `None`: every right).
+    pub fn issue_fleet_user(
         &self,
         name: &str,
-        permissions: &Permissions,
+        permissions: Option<&Permissions>,
     ) -> Result<UserCredentials, IdentityError> {
-        let user = KeyPair::new_user();
-        let mut nats = json!({
-            "pub": { "allow": permissions.publish },
-            "sub": { "allow": permissions.subscribe },
-            "subs": -1, "data": -1, "payload": -1,
-            "issuer_account": self.account.public_key(),
-            "type": "user", "version": 2,
-        });
-        if permissions.allow_responses {
-            // Any number of replies, each within an hour of its request (nanoseconds).
-            nats["resp"] = json!({ "max": -1, "ttl": 3_600_000_000_000_i64 });
-        }
-        let jwt = encode_jwt(
+        user_creds(
             &self.signing,
-            json!({ "name": name, "sub": user.public_key(), "nats": nats }),
+            Some(&self.account.public_key()),
+            name,
+            permissions,
+        )
+    }
+
+    /// A new user of the bridge account with the bridge's permissions.
+    pub fn issue_bridge_user(&self, name: &str) -> Result<UserCredentials, IdentityError> {
+        user_creds(&self.bridge, None, name, Some(&access::bridge()))
+    }
+
+    /// A new account for `device`, and its one user.
+    pub fn issue_device(&self, device: &DeviceId) -> Result<DeviceIdentity, IdentityError> {
+        let account = KeyPair::new_account();
+        let me = account.public_key();
+        let account_jwt = encode_jwt(
+            &self.operator,
+            json!({ "name": format!("device-{device}"), "sub": me, "nats": {
+                "limits": device_account_limits(),
+                "imports": self.imports_for(&me, &access::device_imports(device))?,
+                "default_permissions": { "pub": {}, "sub": {} },
+                "type": "account", "version": 2,
+            }}),
         )?;
-        let seed = user
-            .seed()
-            .map_err(|e| IdentityError::Sign(e.to_string()))?;
-        Ok(UserCredentials {
-            public_key: user.public_key(),
-            creds: creds_file(&jwt, &seed),
+        let user = user_creds(
+            &account,
+            None,
+            &format!("device-{device}"),
+            Some(&access::device(device)),
+        )?;
+        Ok(DeviceIdentity {
+            account: me,
+            account_jwt,
+            user,
         })
+    }
+
+    /// The request that deletes `accounts` from the servers' resolvers (signed by the
+    /// operator, as the servers require).
+    pub fn delete_accounts_request(&self, accounts: &[String]) -> Result<String, IdentityError> {
+        encode_jwt(
+            &self.operator,
+            json!({ "sub": self.operator.public_key(), "nats": { "accounts": accounts } }),
+        )
     }
 
     /// A user of the system account, which may update account JWTs on the server.
     pub fn system_user(&self) -> Result<String, IdentityError> {
-        let user = KeyPair::new_user();
-        let jwt = encode_jwt(
-            &self.system,
-            json!({ "name": "fleetlet-controller-system", "sub": user.public_key(),
-                    "nats": { "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
-                              "type": "user", "version": 2 } }),
-        )?;
-        let seed = user
-            .seed()
-            .map_err(|e| IdentityError::Sign(e.to_string()))?;
-        Ok(creds_file(&jwt, &seed))
+        Ok(user_creds(&self.system, None, "fleetlet-controller-system", None)?.creds)
     }
 }
 
-/// Sends the fleet account's JWT to the server (through the system account); the server
-/// stores it in its resolver and closes connections of users it now revokes.
-pub async fn push_account_jwt(sys: &async_nats::Client, jwt: String) -> Result<(), IdentityError> {
-    let reply = tokio::time::timeout(
-        Duration::from_secs(10),
-        sys.request("$SYS.REQ.CLAIMS.UPDATE", jwt.into()),
-    )
-    .await
-    .map_err(|_| IdentityError::Push("no answer within 10 s".into()))?
-    .map_err(|e| IdentityError::Push(e.to_string()))?;
+/// A request to the servers' account resolver (through the system account); Ok when the
+/// server answers 200.
+async fn claims_request(
+    sys: &async_nats::Client,
+    subject: &'static str,
+    jwt: String,
+) -> Result<(), IdentityError> {
+    let reply = tokio::time::timeout(Duration::from_secs(10), sys.request(subject, jwt.into()))
+        .await
+        .map_err(|_| IdentityError::Push(format!("no answer to {subject} within 10 s")))?
+        .map_err(|e| IdentityError::Push(e.to_string()))?;
     let answer: Value =
         serde_json::from_slice(&reply.payload).map_err(|e| IdentityError::Push(e.to_string()))?;
     if answer["data"]["code"] == json!(200) {
@@ -345,28 +525,46 @@ pub async fn push_account_jwt(sys: &async_nats::Client, jwt: String) -> Result<(
     Err(IdentityError::Push(
         answer["error"]["description"]
             .as_str()
-            .unwrap_or("the server refused the update")
+            .unwrap_or("the server refused the request")
             .to_string(),
     ))
 }
 
-/// The controller's record of issued and revoked keys.
+/// Sends an account JWT to the servers, which store it in their resolvers.
+pub async fn push_account_jwt(sys: &async_nats::Client, jwt: String) -> Result<(), IdentityError> {
+    claims_request(sys, "$SYS.REQ.CLAIMS.UPDATE", jwt).await
+}
+
+/// Deletes accounts from the servers' resolvers: their connections are closed and their
+/// users refused from then on. Deleting an account the servers do not have succeeds.
+pub async fn delete_accounts(
+    sys: &async_nats::Client,
+    authority: &Authority,
+    accounts: &[String],
+) -> Result<(), IdentityError> {
+    for batch in accounts.chunks(DELETE_BATCH) {
+        let request = authority.delete_accounts_request(batch)?;
+        claims_request(sys, "$SYS.REQ.CLAIMS.DELETE", request).await?;
+    }
+    Ok(())
+}
+
+/// The controller's record of which account each device has.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Ledger {
-    /// Device id → (namespace, public key).
+    /// Device id → (namespace, account public key).
     issued: BTreeMap<String, (String, String)>,
-    /// Public key → revoked at (unix seconds).
-    revoked: BTreeMap<String, i64>,
 }
 
 impl Ledger {
     fn from_config_map(cm: &ConfigMap) -> Self {
         let mut l = Ledger::default();
         for (k, v) in cm.data.iter().flatten() {
-            if let Some(key) = k.strip_prefix(REVOKED_PREFIX) {
-                l.revoked
-                    .insert(key.to_string(), v.parse().unwrap_or_else(|_| now()));
-            } else if let Some((ns, key)) = v.split_once('/') {
+            // Only `<device>: <namespace>/<account>`; an older controller's entries (users of
+            // the shared account, and their revocations) mean nothing with this authority.
+            if let (Ok(_), Some((ns, key))) = (DeviceId::new(k.as_str()), v.split_once('/'))
+                && key.starts_with('A')
+            {
                 l.issued.insert(k.clone(), (ns.into(), key.into()));
             }
         }
@@ -374,15 +572,10 @@ impl Ledger {
     }
 
     fn data(&self) -> BTreeMap<String, String> {
-        let issued = self
-            .issued
+        self.issued
             .iter()
-            .map(|(d, (ns, key))| (d.clone(), format!("{ns}/{key}")));
-        let revoked = self
-            .revoked
-            .iter()
-            .map(|(key, at)| (format!("{REVOKED_PREFIX}{key}"), at.to_string()));
-        issued.chain(revoked).collect()
+            .map(|(d, (ns, key))| (d.clone(), format!("{ns}/{key}")))
+            .collect()
     }
 }
 
@@ -403,8 +596,12 @@ pub struct Identities {
 struct State {
     /// The ConfigMap as last read or written (`None`: read it).
     ledger: Option<(Ledger, Option<String>)>,
-    /// Revocations the server has (`None`: push on the next pass).
-    pushed: Option<BTreeMap<String, i64>>,
+    /// Whether the fleet and bridge account JWTs went to the servers in this run (the
+    /// preloaded ones may be an older version's).
+    accounts_pushed: bool,
+    /// Whether the Secrets of recorded devices were checked in this run: an identity that
+    /// was recorded but never handed out (a crash in between) is replaced.
+    secrets_checked: bool,
 }
 
 /// What one pass did.
@@ -413,6 +610,26 @@ pub struct IdentityPass {
     pub issued: u32,
     pub revoked: u32,
 }
+
+/// Whether a credentials Secret is one this controller made for `device`.
+fn ours(secret: &Secret, device: &str) -> bool {
+    let labels = secret.metadata.labels.clone().unwrap_or_default();
+    labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY)
+        && labels.get(DEVICE_LABEL).map(String::as_str) == Some(device)
+}
+
+/// The NATS account a credentials Secret is for.
+fn account_of(secret: &Secret) -> Option<String> {
+    secret
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(ACCOUNT_ANNOTATION)
+        .cloned()
+}
+
+const ACCOUNT_ANNOTATION: &str = "fleetlet.dev/nats-account";
+const USER_ANNOTATION: &str = "fleetlet.dev/nats-user";
 
 impl Identities {
     pub fn new(
@@ -463,7 +680,7 @@ impl Identities {
                 namespace: Some(self.namespace.clone()),
                 resource_version: version.clone(),
                 labels: Some(BTreeMap::from([(
-                    "app.kubernetes.io/managed-by".into(),
+                    MANAGED_BY_LABEL.into(),
                     MANAGED_BY.into(),
                 )])),
                 ..Default::default()
@@ -498,52 +715,84 @@ impl Identities {
         text
     }
 
+    /// Writes `device`'s credentials Secret, replacing an older one of ours. A Secret of
+    /// that name that is not ours is left alone: Err with why.
     async fn create_secret(
         &self,
         d: &EdgeDevice,
         id: &DeviceId,
-        creds: &UserCredentials,
-    ) -> Result<(), IdentityError> {
+        identity: &DeviceIdentity,
+    ) -> Result<(), String> {
         let ns = d.namespace().unwrap_or_default();
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        let name = Self::secret_name(id.as_str());
+        match api.get_opt(&name).await {
+            Ok(Some(existing)) if !ours(&existing, id.as_str()) => {
+                return Err(format!(
+                    "Secret {ns}/{name} exists and is not managed by fleetlet-controller; \
+                     move it away to receive the device's credentials"
+                ));
+            }
+            Ok(Some(_)) => {
+                api.delete(&name, &DeleteParams::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
+        }
         let secret = Secret {
             metadata: ObjectMeta {
-                name: Some(Self::secret_name(id.as_str())),
+                name: Some(name),
                 namespace: Some(ns),
                 labels: Some(BTreeMap::from([
-                    ("app.kubernetes.io/managed-by".into(), MANAGED_BY.into()),
-                    ("fleetlet.dev/device".into(), id.as_str().into()),
+                    (MANAGED_BY_LABEL.into(), MANAGED_BY.into()),
+                    (DEVICE_LABEL.into(), id.as_str().into()),
                 ])),
-                annotations: Some(BTreeMap::from([(
-                    "fleetlet.dev/nats-user".into(),
-                    creds.public_key.clone(),
-                )])),
+                annotations: Some(BTreeMap::from([
+                    (USER_ANNOTATION.into(), identity.user.public_key.clone()),
+                    (ACCOUNT_ANNOTATION.into(), identity.account.clone()),
+                ])),
+                // Goes with its EdgeDevice (garbage collection), which the controller also
+                // does itself when it revokes.
+                owner_references: d.controller_owner_ref(&()).map(|r| vec![r]),
                 ..Default::default()
             },
             string_data: Some(BTreeMap::from([
-                (CREDS_KEY.into(), creds.creds.clone()),
+                (CREDS_KEY.into(), identity.user.creds.clone()),
                 (AGENT_CONFIG_KEY.into(), self.agent_config(id.as_str())),
             ])),
             type_: Some("Opaque".into()),
             ..Default::default()
         };
-        let name = Self::secret_name(id.as_str());
-        // A leftover Secret (a previous key) is replaced.
-        match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.is_not_found() => {}
-            Err(e) => return Err(e.into()),
-        }
-        api.create(&PostParams::default(), &secret).await?;
+        api.create(&PostParams::default(), &secret)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(())
     }
 
-    async fn delete_secret(&self, ns: &str, device: &str) {
+    /// Deletes the credentials Secret of `account` for `device`, if it is ours and still
+    /// that account's (a device enrolled again has a new one).
+    async fn delete_secret(&self, ns: &str, device: &str, account: &str) {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
-        match api
-            .delete(&Self::secret_name(device), &DeleteParams::default())
-            .await
-        {
+        let name = Self::secret_name(device);
+        let existing = match api.get_opt(&name).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(device, namespace = ns, error = %e, "reading a revoked device's credentials");
+                return;
+            }
+        };
+        if !ours(&existing, device) || account_of(&existing).as_deref() != Some(account) {
+            info!(
+                device,
+                namespace = ns,
+                "credentials Secret is not this account's; left alone"
+            );
+            return;
+        }
+        match api.delete(&name, &DeleteParams::default()).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.is_not_found() => {}
             Err(e) => {
@@ -572,24 +821,76 @@ impl Identities {
         }
     }
 
-    /// Issues credentials to devices without them, revokes those of deleted or revoked
-    /// devices, and makes sure the server knows every revocation.
+    /// Why `device`'s credentials Secret cannot be written: a Secret of that name that this
+    /// controller did not make (it is never replaced or deleted).
+    async fn secret_in_the_way(&self, d: &EdgeDevice, id: &DeviceId) -> Option<String> {
+        let ns = d.namespace().unwrap_or_default();
+        let name = Self::secret_name(id.as_str());
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        match api.get_opt(&name).await {
+            Ok(Some(existing)) if !ours(&existing, id.as_str()) => Some(format!(
+                "Secret {ns}/{name} exists and is not managed by fleetlet-controller; \
+                 move it away to receive the device's credentials"
+            )),
+            _ => None,
+        }
+    }
+
+    /// Recorded devices whose Secret is missing or holds another account: identities that
+    /// were recorded but never handed out.
+    async fn undelivered(&self, ledger: &Ledger) -> Result<Vec<String>, IdentityError> {
+        let api: Api<Secret> = Api::all(self.client.clone());
+        let params = kube::api::ListParams::default()
+            .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY},{DEVICE_LABEL}"));
+        let mut delivered = std::collections::BTreeSet::new();
+        for s in api.list_metadata(&params).await?.items {
+            let ns = s.metadata.namespace.clone().unwrap_or_default();
+            let labels = s.metadata.labels.clone().unwrap_or_default();
+            let account = s
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ACCOUNT_ANNOTATION))
+                .cloned();
+            if let (Some(d), Some(a)) = (labels.get(DEVICE_LABEL), account) {
+                delivered.insert((d.clone(), ns, a));
+            }
+        }
+        Ok(ledger
+            .issued
+            .iter()
+            .filter(|(d, (ns, a))| !delivered.contains(&((*d).clone(), ns.clone(), a.clone())))
+            .map(|(d, _)| d.clone())
+            .collect())
+    }
+
+    /// Issues identities to devices without them, revokes those of deleted or revoked
+    /// devices, and keeps the fleet and bridge accounts current on the servers.
     pub async fn reconcile(
         &self,
         devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>,
     ) -> Result<IdentityPass, IdentityError> {
         let mut state = self.state.lock().await;
+        if !state.accounts_pushed {
+            push_account_jwt(&self.sys, self.authority.account_jwt()?).await?;
+            push_account_jwt(&self.sys, self.authority.bridge_account_jwt()?).await?;
+            state.accounts_pushed = true;
+        }
         let (mut ledger, mut version) = match state.ledger.take() {
             Some(l) => l,
             None => self.load().await?,
         };
-        let before = ledger.clone();
         let mut pass = IdentityPass::default();
-        let revoke_at = now();
 
-        // Revoke first: a key is revoked on the server before its Secret goes.
-        let mut to_delete = Vec::new();
-        for (id, (ns, key)) in before.issued.iter() {
+        // Revoke first: an account is gone from the servers before its Secret goes and
+        // before the ledger forgets it (a crash in between deletes it again).
+        let undelivered = if state.secrets_checked {
+            Vec::new()
+        } else {
+            self.undelivered(&ledger).await?
+        };
+        let mut revoke = Vec::new();
+        for (id, (ns, account)) in &ledger.issued {
             let keep = DeviceId::new(id)
                 .ok()
                 .and_then(|id| devices.get(&id))
@@ -598,66 +899,67 @@ impl Identities {
                         && d.meta().deletion_timestamp.is_none()
                         && d.namespace().as_deref() == Some(ns.as_str())
                 });
-            if !keep {
-                ledger.issued.remove(id);
-                ledger.revoked.insert(key.clone(), revoke_at);
-                to_delete.push((ns.clone(), id.clone()));
-                pass.revoked += 1;
+            if !keep || undelivered.contains(id) {
+                revoke.push((id.clone(), ns.clone(), account.clone()));
             }
         }
-        if ledger != before {
+        if !revoke.is_empty() {
+            let accounts: Vec<String> = revoke.iter().map(|(_, _, a)| a.clone()).collect();
+            delete_accounts(&self.sys, &self.authority, &accounts).await?;
+            for (id, ns, account) in &revoke {
+                ledger.issued.remove(id);
+                info!(device = %id, namespace = %ns, account = %account, "device identity revoked");
+                self.delete_secret(ns, id, account).await;
+                pass.revoked += 1;
+            }
             version = self.store(&ledger, version).await?;
         }
-        if state.pushed.as_ref() != Some(&ledger.revoked) {
-            push_account_jwt(&self.sys, self.authority.account_jwt(&ledger.revoked)?).await?;
-            info!(
-                revoked = ledger.revoked.len(),
-                "fleet account JWT pushed to NATS"
-            );
-            state.pushed = Some(ledger.revoked.clone());
-        }
-        for (ns, id) in to_delete {
-            info!(device = %id, namespace = %ns, "device credentials revoked");
-            self.delete_secret(&ns, &id).await;
-        }
+        state.secrets_checked = true;
 
-        // New devices: mint every missing key, record them all in one write, then hand
-        // them out. A crash in between leaves recorded keys that are revoked later, never
-        // an unrecorded one.
+        // New devices: mint every missing identity, record them all in one write, then
+        // push and hand them out. A crash in between leaves recorded identities without a
+        // Secret, which the first pass of the next run replaces; never an unrecorded one.
         let mut minted = Vec::new();
+        let mut problems: BTreeMap<String, String> = BTreeMap::new();
         for (id, d) in devices {
             let wanted = d.meta().deletion_timestamp.is_none() && !d.spec.revoked;
             if wanted && !ledger.issued.contains_key(id.as_str()) {
-                let creds = self.authority.issue_user(
-                    &format!("device-{id}"),
-                    &fleetlet_protocol::permissions::device(id, &format!("_INBOX_{id}")),
-                )?;
+                if let Some(why) = self.secret_in_the_way(d, id).await {
+                    problems.insert(id.to_string(), why);
+                    continue;
+                }
+                let identity = self.authority.issue_device(id)?;
                 ledger.issued.insert(
                     id.to_string(),
-                    (d.namespace().unwrap_or_default(), creds.public_key.clone()),
+                    (d.namespace().unwrap_or_default(), identity.account.clone()),
                 );
-                minted.push((id, d, creds));
+                minted.push((id, d, identity));
             }
         }
         if !minted.is_empty() {
             version = self.store(&ledger, version).await?;
         }
-        let mut failed = None;
-        for (id, d, creds) in minted {
-            if let Err(e) = self.create_secret(d, id, &creds).await {
-                // Never handed out: revoke it, and the next pass issues another.
-                warn!(device = %id, error = %e, "writing the credentials Secret");
+        let mut failed = Vec::new();
+        for (id, d, identity) in minted {
+            let delivered = match push_account_jwt(&self.sys, identity.account_jwt.clone()).await {
+                Ok(()) => self.create_secret(d, id, &identity).await,
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(why) = delivered {
+                // Never handed out: forget it (and delete it, in case it reached the
+                // servers); the next pass issues another.
+                warn!(device = %id, error = %why, "device identity not delivered");
                 ledger.issued.remove(id.as_str());
-                ledger.revoked.insert(creds.public_key, now());
-                failed = Some(e);
+                failed.push(identity.account);
+                problems.insert(id.to_string(), why);
                 continue;
             }
-            info!(device = %id, user = %creds.public_key, "device credentials issued");
+            info!(device = %id, account = %identity.account, user = %identity.user.public_key, "device identity issued");
             pass.issued += 1;
         }
-        if let Some(e) = failed {
-            let _ = self.store(&ledger, version).await;
-            return Err(e);
+        if !failed.is_empty() {
+            delete_accounts(&self.sys, &self.authority, &failed).await?;
+            version = self.store(&ledger, version).await?;
         }
 
         for (id, d) in devices {
@@ -669,14 +971,19 @@ impl Identities {
                     revoked: true,
                     ..Default::default()
                 }
+            } else if let Some(why) = problems.get(id.as_str()) {
+                DeviceCredentials {
+                    message: Some(why.clone()),
+                    ..Default::default()
+                }
             } else {
-                let Some((_, key)) = ledger.issued.get(id.as_str()) else {
+                let Some((_, account)) = ledger.issued.get(id.as_str()) else {
                     continue;
                 };
                 DeviceCredentials {
                     secret_name: Some(Self::secret_name(id.as_str())),
-                    user: Some(key.clone()),
-                    revoked: false,
+                    account: Some(account.clone()),
+                    ..Default::default()
                 }
             };
             self.set_status(d, Some(want)).await;
@@ -701,40 +1008,66 @@ mod tests {
     }
 
     #[test]
-    fn users_are_signed_by_the_account_signing_key_with_their_permissions() {
+    fn a_device_gets_an_account_of_its_own_with_activated_imports_and_limits() {
         let a = Authority::generate();
         let d = DeviceId::new("pi-a").unwrap();
-        let u = a
-            .issue_user(
-                "pi-a",
-                &fleetlet_protocol::permissions::device(&d, "_INBOX_pi-a"),
-            )
-            .unwrap();
-        let jwt = u.creds.lines().nth(1).unwrap();
-        let c = decode_claims(jwt).unwrap();
-        assert_eq!(c["sub"], json!(u.public_key));
-        assert_eq!(c["iss"], json!(a.signing.public_key()));
-        assert_eq!(c["nats"]["issuer_account"], json!(a.account_public_key()));
-        assert!(verify(jwt, &a.signing.public_key()));
-        assert!(!verify(jwt, &a.account.public_key()));
-        assert_eq!(c["nats"]["sub"]["allow"][0], json!("_INBOX_pi-a.>"));
-        assert!(u.creds.contains("-----BEGIN USER NKEY SEED-----\nSU"));
+        let id = a.issue_device(&d).unwrap();
+        let account = decode_claims(&id.account_jwt).unwrap();
+        assert_eq!(account["sub"], json!(id.account));
+        assert!(verify(&id.account_jwt, &a.operator.public_key()));
+        assert_eq!(
+            account["nats"]["limits"]["conn"],
+            json!(DEVICE_LIMITS.connections)
+        );
+        assert_eq!(account["nats"]["limits"]["disk_storage"], json!(0));
+        let imports = account["nats"]["imports"].as_array().unwrap();
+        assert_eq!(imports.len(), access::device_imports(&d).len());
+        for i in imports {
+            assert!(i["subject"].as_str().unwrap().contains("pi-a"), "{i}");
+            // Each import carries a token from its exporter, for this account only.
+            let token = i["token"].as_str().unwrap();
+            let act = decode_claims(token).unwrap();
+            assert_eq!(act["sub"], json!(id.account));
+            assert_eq!(act["nats"]["subject"], i["subject"]);
+            assert!(verify(token, i["account"].as_str().unwrap()));
+        }
+        // The user is issued by the device's account, with that device's permissions.
+        let jwt = id.user.creds.lines().nth(1).unwrap();
+        let user = decode_claims(jwt).unwrap();
+        assert_eq!(user["iss"], json!(id.account));
+        assert!(verify(jwt, &id.account));
+        assert!(
+            user["nats"]["pub"]["allow"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| s.as_str().unwrap().contains("pi-a"))
+        );
+        // Another device gets another account.
+        assert_ne!(a.issue_device(&d).unwrap().account, id.account);
     }
 
     #[test]
-    fn the_account_jwt_lists_revocations_and_is_signed_by_the_operator() {
+    fn exports_need_activation_and_the_bridge_is_a_separate_account() {
         let a = Authority::generate();
-        let revoked = BTreeMap::from([("UABC".to_string(), 17)]);
-        let jwt = a.account_jwt(&revoked).unwrap();
-        assert!(verify(&jwt, &a.operator.public_key()));
-        let c = decode_claims(&jwt).unwrap();
-        assert_eq!(c["nats"]["revocations"]["UABC"], json!(17));
-        assert_eq!(c["nats"]["limits"]["disk_storage"], json!(-1));
-        assert!(
-            decode_claims(&a.account_jwt(&BTreeMap::new()).unwrap()).unwrap()["nats"]
-                .get("revocations")
-                .is_none()
+        let fleet = decode_claims(&a.account_jwt().unwrap()).unwrap();
+        let exports = fleet["nats"]["exports"].as_array().unwrap();
+        assert!(!exports.is_empty());
+        assert!(exports.iter().all(|e| e["token_req"] == json!(true)));
+        assert!(fleet["nats"].get("revocations").is_none());
+        let bridge = decode_claims(&a.bridge_account_jwt().unwrap()).unwrap();
+        assert_eq!(bridge["sub"], json!(a.bridge_public_key()));
+        assert_eq!(bridge["nats"]["limits"].get("disk_storage"), None);
+        let user = a.issue_bridge_user("b").unwrap();
+        let jwt = user.creds.lines().nth(1).unwrap();
+        assert_eq!(
+            decode_claims(jwt).unwrap()["iss"],
+            json!(a.bridge_public_key())
         );
+        let delete =
+            decode_claims(&a.delete_accounts_request(&["AABC".to_string()]).unwrap()).unwrap();
+        assert_eq!(delete["sub"], delete["iss"]);
+        assert_eq!(delete["nats"]["accounts"], json!(["AABC"]));
     }
 
     #[test]
@@ -746,6 +1079,7 @@ mod tests {
         assert!(matches!(a.write(&path), Err(IdentityError::Write { .. })));
         let b = Authority::from_file(&path).unwrap();
         assert_eq!(a.account_public_key(), b.account_public_key());
+        assert_eq!(a.bridge_public_key(), b.bridge_public_key());
         let mut f: AuthorityFile =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         f.operator = f.account.clone();
@@ -760,13 +1094,21 @@ mod tests {
     }
 
     #[test]
-    fn the_ledger_round_trips_through_a_config_map() {
+    fn the_ledger_round_trips_through_a_config_map_and_forgets_older_entries() {
         let l = Ledger {
-            issued: BTreeMap::from([("pi-a".into(), ("home".into(), "UKEY".into()))]),
-            revoked: BTreeMap::from([("UOLD".into(), 5)]),
+            issued: BTreeMap::from([("pi-a".into(), ("home".into(), "AKEY".into()))]),
         };
+        let mut data = l.data();
         let cm = ConfigMap {
-            data: Some(l.data()),
+            data: Some(data.clone()),
+            ..Default::default()
+        };
+        assert_eq!(Ledger::from_config_map(&cm), l);
+        // An older controller's users of the shared account and its revocations.
+        data.insert("pi-b".into(), "home/UOLDUSER".into());
+        data.insert("revoked.UOLD".into(), "5".into());
+        let cm = ConfigMap {
+            data: Some(data),
             ..Default::default()
         };
         assert_eq!(Ledger::from_config_map(&cm), l);

@@ -2,12 +2,15 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, RwLock},
+    sync::{Arc, RwLock, atomic::Ordering},
     time::Duration,
 };
 
 use async_nats::jetstream::{self, kv::Operation};
-use fleetlet_protocol::{DeviceId, Record, decode, kv::Bucket};
+use fleetlet_protocol::{
+    DeviceId, Record, decode,
+    kv::{Bucket, OPERATION_HEADER, SEQUENCE_HEADER},
+};
 use futures::StreamExt;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
@@ -154,6 +157,177 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
         had != has
     }
 
+    /// Clears everything and marks the cache not ready: a re-list starts from nothing (the
+    /// bucket may have been lost and recreated, and stale entries would make every
+    /// compare-and-set fail).
+    fn reset(&self) {
+        self.ready.send_replace(false);
+        if let (Ok(mut e), Ok(mut u)) = (self.entries.write(), self.undecodable.write()) {
+            e.clear();
+            u.clear();
+        }
+    }
+
+    /// Applies one message of the bucket (a direct get's answer or a republished record):
+    /// its key is the last token of `subject`. True when a key appeared or went away.
+    fn apply_message(&self, subject: &str, m: &async_nats::Message) -> bool {
+        let header = |name: &str| {
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        let Some(revision) = header(SEQUENCE_HEADER).and_then(|s| s.parse::<u64>().ok()) else {
+            debug!(
+                bucket = self.bucket.name,
+                subject, "message without a sequence; ignored"
+            );
+            return false;
+        };
+        let key = subject.rsplit('.').next().unwrap_or_default();
+        let op = match header(OPERATION_HEADER).as_deref() {
+            Some("DEL") => Operation::Delete,
+            Some("PURGE") => Operation::Purge,
+            _ => Operation::Put,
+        };
+        self.apply(key, op, revision, &m.payload)
+    }
+
+    /// Reads every record of the bucket with batched direct gets (no consumer), in stream
+    /// order. For buckets that keep one revision per key, that is the latest of each key.
+    async fn list_direct(&self, client: &async_nats::Client) -> Result<u64, String> {
+        const BATCH: u64 = 512;
+        let mut next = 1u64;
+        let mut count = 0u64;
+        loop {
+            let inbox = client.new_inbox();
+            let mut answers = client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            let request = serde_json::json!({
+                "seq": next, "batch": BATCH, "next_by_subj": self.bucket.all_subjects(),
+            });
+            client
+                .publish_with_reply(
+                    self.bucket.direct_get_api(),
+                    inbox,
+                    request.to_string().into(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut got = 0u64;
+            let more = loop {
+                let m = tokio::time::timeout(Duration::from_secs(10), answers.next())
+                    .await
+                    .map_err(|_| "no answer to a direct get within 10 s".to_string())?
+                    .ok_or("direct get subscription closed")?;
+                if let Some(status) = m.status {
+                    // 204: end of this batch (with what is pending); 404: nothing (more).
+                    let pending = m
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Nats-Num-Pending"))
+                        .and_then(|v| v.as_str().parse::<u64>().ok())
+                        .unwrap_or(0);
+                    match status.as_u16() {
+                        204 => break pending > 0,
+                        404 => break false,
+                        other => {
+                            return Err(format!(
+                                "direct get of {}: status {other} {}",
+                                self.bucket.name,
+                                m.description.unwrap_or_default()
+                            ));
+                        }
+                    }
+                }
+                let subject = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Nats-Subject"))
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default();
+                if let Some(seq) = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(SEQUENCE_HEADER))
+                    .and_then(|v| v.as_str().parse::<u64>().ok())
+                {
+                    next = seq + 1;
+                }
+                self.apply_message(&subject, &m);
+                got += 1;
+            };
+            count += got;
+            if !more || got == 0 {
+                return Ok(count);
+            }
+        }
+    }
+
+    /// Mirrors a bucket that keeps one revision per key without JetStream consumers, for
+    /// identities that may not create any (the bridge): the records as JetStream republishes
+    /// them once stored, after a listing by batched direct gets. It lists again after a
+    /// reconnect (republished records are not replayed) and every `relist` as a safety net.
+    pub async fn run_republished(
+        self: Arc<Self>,
+        client: async_nats::Client,
+        changed: Arc<Notify>,
+        relist: Duration,
+    ) {
+        let mut attempt = 0u32;
+        loop {
+            let result: Result<(), String> = async {
+                // Subscribe first: what is stored while listing arrives here as well, and
+                // older revisions are ignored when applied.
+                let mut changes = client
+                    .subscribe(self.bucket.all_changes())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let connects = client.statistics().connects.load(Ordering::Relaxed);
+                self.reset();
+                let listed = self.list_direct(&client).await?;
+                self.ready.send_replace(true);
+                changed.notify_one();
+                info!(
+                    bucket = self.bucket.name,
+                    listed, "following bucket changes"
+                );
+                attempt = 0;
+                let relist_at = tokio::time::Instant::now() + relist;
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        m = changes.next() => {
+                            let m = m.ok_or("changes subscription closed")?;
+                            let subject = m.subject.to_string();
+                            if self.apply_message(&subject, &m) || self.notify_updates {
+                                changed.notify_one();
+                            }
+                        }
+                        _ = tick.tick() => {
+                            if client.statistics().connects.load(Ordering::Relaxed) != connects {
+                                return Err("reconnected; listing again".into());
+                            }
+                            if tokio::time::Instant::now() >= relist_at {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+            }
+            .await;
+            if let Err(e) = result {
+                let delay = Duration::from_millis(250 * 2u64.pow(attempt.min(7)));
+                attempt += 1;
+                warn!(bucket = self.bucket.name, error = %e, retry_in_ms = delay.as_millis() as u64, "bucket changes interrupted");
+                tokio::time::sleep(delay).await;
+            }
+            debug!(bucket = self.bucket.name, "re-listing bucket");
+        }
+    }
+
     /// Mirrors the bucket forever, re-listing after every interruption. `changed` is
     /// notified on every update (see [`KvCache::new_quiet`]).
     pub async fn run(self: Arc<Self>, client: async_nats::Client, changed: Arc<Notify>) {
@@ -165,13 +339,7 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
                     .get_key_value(self.bucket.name)
                     .await
                     .map_err(|e| e.to_string())?;
-                // A re-list starts from nothing: the bucket may have been lost and recreated,
-                // and stale entries would make every compare-and-set fail.
-                self.ready.send_replace(false);
-                if let (Ok(mut e), Ok(mut u)) = (self.entries.write(), self.undecodable.write()) {
-                    e.clear();
-                    u.clear();
-                }
+                self.reset();
                 let empty = kv.status().await.map_err(|e| e.to_string())?.values() == 0;
                 let mut w = kv
                     .watch_with_history(">")

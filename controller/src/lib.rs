@@ -12,6 +12,7 @@ pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod pods;
+pub mod sealing;
 pub mod selector;
 pub mod signing;
 
@@ -28,7 +29,7 @@ use std::{
     time::Duration,
 };
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream;
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use fleetlet_crds::{
     EdgeDevice, EdgeManifest,
@@ -204,6 +205,16 @@ pub struct Args {
         requires = "manifest_signing_key"
     )]
     pub manifest_signing_key_id: Option<String>,
+    /// Sign every manifest with the key in this Secret of the controller's namespace
+    /// (`--lease-namespace`), creating it with a new key the first time (what the Helm
+    /// chart does). Agents list its public key (`public-key` in the Secret, and in every
+    /// device's enrolment Secret) in `[trust] manifest_keys`.
+    #[arg(
+        long,
+        env = "FLEETLET_MANIFEST_SIGNING_SECRET",
+        conflicts_with = "manifest_signing_key"
+    )]
+    pub manifest_signing_secret: Option<String>,
     /// Issue each device its own NATS identity with these keys (written by
     /// `fleetlet-controller nats-init`): credentials go to a Secret `<device>-nats` next to
     /// the EdgeDevice, and deleting or revoking the device revokes them on the server. The
@@ -237,6 +248,16 @@ pub enum Command {
         /// Where nats-server keeps account JWTs (default: DIR/jwt).
         #[arg(long)]
         resolver_dir: Option<PathBuf>,
+    },
+    /// Write a static nats-server configuration (no operator) in DIR: `accounts.conf`,
+    /// the fleet's accounts with one account per device (include it in nats-server's
+    /// configuration), and `passwords.txt` with the new random password of every user
+    /// (controller, bridge, each device). Both mode 0600; existing files are kept.
+    NatsAccounts {
+        dir: PathBuf,
+        /// Device ids, comma-separated or repeated.
+        #[arg(long = "device", value_delimiter = ',', required = true)]
+        devices: Vec<String>,
     },
 }
 
@@ -443,18 +464,59 @@ pub async fn serve(
 /// Creates (or updates the settings of) fleetlet's KV buckets; the controller owns them.
 pub async fn ensure_buckets(js: &jetstream::Context, replicas: usize) -> Result<(), Error> {
     for b in BUCKETS {
-        js.create_or_update_key_value(kv::Config {
-            bucket: b.name.into(),
-            description: b.description.into(),
-            history: b.history,
-            max_value_size: b.max_value_size,
-            num_replicas: replicas,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| Error::Kv(format!("creating bucket {}: {e}", b.name)))?;
+        js.create_or_update_stream(bucket_stream(b, replicas))
+            .await
+            .map_err(|e| Error::Kv(format!("creating bucket {}: {e}", b.name)))?;
     }
     Ok(())
+}
+
+/// Removes `key` from a bucket: a delete marker first, which readers see on the changes
+/// subject, then a purge of everything stored for the key (the marker too). The buckets
+/// refuse rollup headers, so a KV purge is not available.
+pub async fn remove_key(store: &jetstream::kv::Store, key: &str) -> Result<(), Error> {
+    store
+        .delete(key)
+        .await
+        .map_err(|e| Error::Kv(format!("deleting {key}: {e}")))?;
+    store
+        .stream
+        .purge()
+        .filter(format!("{}{key}", store.prefix))
+        .await
+        .map_err(|e| Error::Kv(format!("purging {key}: {e}")))?;
+    Ok(())
+}
+
+/// The stream behind bucket `b`: what a KV bucket is (one subject per key, direct gets,
+/// deletes as markers), with every stored record republished on its changes subject
+/// (readers subscribe there instead of creating consumers) and rollup headers refused (a
+/// rollup on one key would purge every device's key; the controller removes keys with a
+/// filtered purge instead).
+pub fn bucket_stream(
+    b: fleetlet_protocol::kv::Bucket,
+    replicas: usize,
+) -> jetstream::stream::Config {
+    use jetstream::stream::{Config, DiscardPolicy, Republish};
+    Config {
+        name: b.stream(),
+        description: Some(b.description.into()),
+        subjects: vec![b.all_subjects()],
+        max_messages_per_subject: b.history,
+        max_message_size: b.max_value_size,
+        num_replicas: replicas.max(1),
+        republish: Some(Republish {
+            source: b.all_subjects(),
+            destination: format!("{}.{}.>", fleetlet_protocol::kv::CHANGES_PREFIX, b.name),
+            headers_only: false,
+        }),
+        allow_rollup: false,
+        deny_delete: true,
+        deny_purge: false,
+        allow_direct: true,
+        discard: DiscardPolicy::New,
+        ..Default::default()
+    }
 }
 
 /// Runs the controller until `shutdown` resolves. `on_ready` receives the metrics address.
@@ -477,11 +539,17 @@ pub async fn run(
         .map_err(|e| Error::Config(e.to_string()))?
         .map(Arc::new);
     let client = Client::try_default().await?;
+    let signer = match (signer, &args.manifest_signing_secret) {
+        (None, Some(name)) => {
+            Some(signing::Signer::from_secret(&client, &args.lease_namespace, name).await?)
+        }
+        (signer, _) => signer,
+    };
     let own_creds = match &authority {
         Some(a) if args.nats.nats_creds.is_none() && args.nats.nats_user.is_none() => Some(
-            a.issue_user(
+            a.issue_fleet_user(
                 "fleetlet-controller",
-                &fleetlet_protocol::permissions::controller(),
+                Some(&fleetlet_protocol::access::controller()),
             )
             .map_err(|e| Error::Config(e.to_string()))?
             .creds,
@@ -575,7 +643,7 @@ pub async fn run(
     let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut fleet = Fleet::new(
         client.clone(),
-        devices,
+        devices.clone(),
         manifests,
         desired.clone(),
         actual.clone(),
@@ -587,12 +655,33 @@ pub async fn run(
         Duration::from_secs(args.progress_deadline_seconds),
         status_tx,
     );
+    let mut tasks = tokio::task::JoinSet::new();
     if let Some(signer) = signer {
         info!(key = %signer.id, "signing manifests");
-        fleet = fleet.with_signer(signer);
+        let signer = Arc::new(signer);
+        fleet = fleet.with_signer(signer.clone());
+        // The floor is the newest generation recorded in Kubernetes (which only the
+        // controller writes) or in desired state, whichever is higher: what is in the
+        // bucket alone could have been replaced with an older manifest.
+        let floor_of = {
+            let (devices, desired, ready) = (devices.clone(), desired.clone(), ready.clone());
+            move |id: &fleetlet_protocol::DeviceId| {
+                if !ready.load(Ordering::Relaxed) {
+                    return None;
+                }
+                let recorded = devices
+                    .state()
+                    .iter()
+                    .filter(|d| d.name_any() == id.as_str())
+                    .filter_map(|d| d.status.as_ref()?.desired_generation)
+                    .max()
+                    .unwrap_or(0);
+                Some(recorded.max(desired.get(id).map_or(0, |v| v.value.generation)))
+            }
+        };
+        tasks.spawn(signing::serve_floors(nats.clone(), signer, floor_of));
     }
 
-    let mut tasks = tokio::task::JoinSet::new();
     let pods_synced: Vec<Arc<AtomicBool>> = if args.pods {
         use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
         let flags: Vec<Arc<AtomicBool>> =

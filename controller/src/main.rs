@@ -34,6 +34,15 @@ async fn main() -> ExitCode {
             }
         };
     }
+    if let Some(fleetlet_controller::Command::NatsAccounts { dir, devices }) = &args.command {
+        return match nats_accounts(dir, devices) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fleetlet-controller: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if let Some(fleetlet_controller::Command::NatsInit { dir, resolver_dir }) = &args.command {
         return match nats_init(dir, resolver_dir.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
@@ -70,8 +79,7 @@ fn nats_init(dir: &std::path::Path, resolver_dir: Option<&std::path::Path>) -> a
     let conf = dir.join("nats-auth.conf");
     std::fs::write(&conf, authority.server_config(&resolver)?)
         .with_context(|| format!("writing {}", conf.display()))?;
-    let bridge =
-        authority.issue_user("fleetlet-bridge", &fleetlet_protocol::permissions::bridge())?;
+    let bridge = authority.issue_bridge_user("fleetlet-bridge")?;
     let bridge_path = dir.join("bridge.creds");
     {
         use std::{io::Write, os::unix::fs::OpenOptionsExt};
@@ -95,5 +103,56 @@ fn nats_init(dir: &std::path::Path, resolver_dir: Option<&std::path::Path>) -> a
         "wrote {} (the bridge's --nats-creds)",
         bridge_path.display()
     );
+    Ok(())
+}
+
+/// Writes a static nats-server configuration for `devices` with new random passwords.
+fn nats_accounts(dir: &std::path::Path, devices: &[String]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use fleetlet_protocol::{
+        DeviceId,
+        access::{StaticUsers, User, server_accounts},
+    };
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let password = || -> anyhow::Result<String> {
+        let mut raw = [0u8; 24];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+            .map_err(|_| anyhow::anyhow!("no randomness for passwords"))?;
+        Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
+    };
+    let user = |name: &str| -> anyhow::Result<User> { Ok(User::new(name, &password()?)) };
+    let mut devs = Vec::new();
+    for d in devices {
+        let id = DeviceId::new(d.trim()).with_context(|| format!("device id {d:?}"))?;
+        devs.push((id, user(d.trim())?));
+    }
+    let users = StaticUsers {
+        controller: user("controller")?,
+        admin: None,
+        bridge: user("bridge")?,
+        devices: devs,
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let write = |name: &str, text: &str| -> anyhow::Result<()> {
+        let path = dir.join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .with_context(|| format!("writing {} (existing files are kept)", path.display()))?;
+        println!("wrote {}", path.display());
+        Ok(())
+    };
+    let mut passwords = String::from("# user password (plain text: keep this file secret)\n");
+    for u in [&users.controller, &users.bridge]
+        .into_iter()
+        .chain(users.devices.iter().map(|(_, u)| u))
+    {
+        passwords.push_str(&format!("{} {}\n", u.name, u.password));
+    }
+    write("passwords.txt", &passwords)?;
+    write("accounts.conf", &server_accounts(&users))?;
     Ok(())
 }

@@ -55,6 +55,12 @@ pub trait Lookup {
     fn secret(&self, namespace: &str, name: &str) -> Option<Secret>;
 }
 
+/// Seals a Secret's bytes to the pod's device (its own key): `Err` (to wait) while the
+/// device's key is not known.
+pub trait Seal {
+    fn seal(&self, bytes: &[u8]) -> Result<String, Refusal>;
+}
+
 /// `p` and 8 hex digits naming the pod on its device (ids are DNS labels, pods are not).
 pub fn pod_tag(namespace: &str, name: &str) -> String {
     // FNV-1a: stable across versions and platforms, no extra dependency.
@@ -124,6 +130,39 @@ pub fn parse_quantity(s: &str) -> Option<f64> {
 struct Source {
     what: String,
     entries: BTreeMap<String, Vec<u8>>,
+    /// A Secret's: its bytes travel sealed to the device.
+    secret: bool,
+}
+
+impl Source {
+    /// The bytes of one entry as a file's content.
+    fn content(&self, bytes: &[u8], seal: &dyn Seal) -> Result<FileContent, Refusal> {
+        if self.secret {
+            return Ok(FileContent::Sealed(seal.seal(bytes)?));
+        }
+        Ok(file_content(bytes))
+    }
+
+    /// One entry as an environment variable.
+    fn env(&self, name: String, bytes: &[u8], seal: &dyn Seal) -> Result<EnvVar, Refusal> {
+        env_var(name, bytes, self.secret, seal)
+    }
+}
+
+fn env_var(name: String, bytes: &[u8], secret: bool, seal: &dyn Seal) -> Result<EnvVar, Refusal> {
+    Ok(if secret {
+        EnvVar {
+            name,
+            value: String::new(),
+            sealed_value: Some(seal.seal(bytes)?),
+        }
+    } else {
+        EnvVar {
+            name,
+            value: String::from_utf8_lossy(bytes).into_owned(),
+            sealed_value: None,
+        }
+    })
 }
 
 fn config_map_source(cm: &ConfigMap, name: &str) -> Source {
@@ -137,6 +176,7 @@ fn config_map_source(cm: &ConfigMap, name: &str) -> Source {
     Source {
         what: format!("ConfigMap {name}"),
         entries,
+        secret: false,
     }
 }
 
@@ -151,6 +191,7 @@ fn secret_source(s: &Secret, name: &str) -> Source {
     Source {
         what: format!("Secret {name}"),
         entries,
+        secret: true,
     }
 }
 
@@ -198,7 +239,12 @@ fn safe_relative(p: &str) -> bool {
 }
 
 /// Translates a pod bound to `node` into resources, or says why it cannot run there.
-pub fn translate(pod: &Pod, lookup: &dyn Lookup) -> Result<Vec<ManagedResource>, Refusal> {
+/// Secret contents are sealed with `seal`.
+pub fn translate(
+    pod: &Pod,
+    lookup: &dyn Lookup,
+    seal: &dyn Seal,
+) -> Result<Vec<ManagedResource>, Refusal> {
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let Some(spec) = &pod.spec else {
@@ -274,6 +320,7 @@ pub fn translate(pod: &Pod, lookup: &dyn Lookup) -> Result<Vec<ManagedResource>,
                 None if optional == Some(true) => Source {
                     what: String::new(),
                     entries: BTreeMap::new(),
+                    secret: false,
                 },
                 None => {
                     let reason = match kind {
@@ -286,7 +333,7 @@ pub fn translate(pod: &Pod, lookup: &dyn Lookup) -> Result<Vec<ManagedResource>,
                     ));
                 }
             };
-            project(&mut out, &mut add_file, &host, &source, items, mode)?;
+            project(&mut out, &mut add_file, &host, &source, items, mode, seal)?;
             volumes.insert(v.name.clone(), (host, true));
         } else if v.empty_dir.is_some() {
             // The marker file makes the agent create the directory.
@@ -333,7 +380,7 @@ pub fn translate(pod: &Pod, lookup: &dyn Lookup) -> Result<Vec<ManagedResource>,
                 format!("container {} has no usable id", c.name),
             )
         })?;
-        let spec = container(pod, &ns, c, &volumes, &skipped, restart, lookup)?;
+        let spec = container(pod, &ns, c, &volumes, &skipped, restart, lookup, seal)?;
         out.push(ManagedResource {
             id,
             owner: own.clone(),
@@ -356,6 +403,7 @@ fn project(
     source: &Source,
     items: Option<&[k8s_openapi::api::core::v1::KeyToPath]>,
     default_mode: Option<i32>,
+    seal: &dyn Seal,
 ) -> Result<(), Refusal> {
     let mut wrote = false;
     match items {
@@ -376,7 +424,7 @@ fn project(
                 add_file(
                     out,
                     format!("{host}/{}", it.path),
-                    file_content(bytes),
+                    source.content(bytes, seal)?,
                     it.mode.or(default_mode),
                 )?;
                 wrote = true;
@@ -390,7 +438,7 @@ fn project(
                 add_file(
                     out,
                     format!("{host}/{k}"),
-                    file_content(bytes),
+                    source.content(bytes, seal)?,
                     default_mode,
                 )?;
                 wrote = true;
@@ -408,15 +456,25 @@ fn project(
     Ok(())
 }
 
+/// A container's environment variable `e`, or `None` (an optional reference that is not
+/// there).
 fn env_value(
     pod: &Pod,
     ns: &str,
     c: &Container,
     e: &k8s_openapi::api::core::v1::EnvVar,
     lookup: &dyn Lookup,
-) -> Result<Option<String>, Refusal> {
+    seal: &dyn Seal,
+) -> Result<Option<EnvVar>, Refusal> {
+    let plain = |v: String| {
+        Some(EnvVar {
+            name: e.name.clone(),
+            value: v,
+            sealed_value: None,
+        })
+    };
     let Some(from) = &e.value_from else {
-        return Ok(Some(e.value.clone().unwrap_or_default()));
+        return Ok(plain(e.value.clone().unwrap_or_default()));
     };
     let key_ref = match (&from.config_map_key_ref, &from.secret_key_ref) {
         (Some(r), _) => Some((SourceKind::ConfigMap, &r.name, &r.key, r.optional)),
@@ -426,7 +484,12 @@ fn env_value(
     if let Some((kind, name, key, optional)) = key_ref {
         let v = fetch(lookup, ns, kind, name).and_then(|s| s.entries.get(key).cloned());
         return match v {
-            Some(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),
+            Some(b) => Ok(Some(env_var(
+                e.name.clone(),
+                &b,
+                kind == SourceKind::Secret,
+                seal,
+            )?)),
             None if optional == Some(true) => Ok(None),
             None => Err(wait(
                 "CreateContainerConfigError",
@@ -467,7 +530,7 @@ fn env_value(
                 ));
             }
         };
-        return Ok(Some(v.unwrap_or_default()));
+        return Ok(plain(v.unwrap_or_default()));
     }
     Err(refuse(
         "EnvSourceUnsupported",
@@ -518,6 +581,7 @@ fn probe_port(c: &Container, port: &IntOrString) -> Result<u16, Refusal> {
         })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn container(
     pod: &Pod,
     ns: &str,
@@ -526,6 +590,7 @@ fn container(
     skipped: &[String],
     restart_policy: RestartPolicy,
     lookup: &dyn Lookup,
+    seal: &dyn Seal,
 ) -> Result<ContainerSpec, Refusal> {
     let image = c
         .image
@@ -595,20 +660,16 @@ fn container(
                 }
             },
         };
-        for (k, v) in source.map(|s| s.entries).unwrap_or_default() {
-            env.push(EnvVar {
-                name: format!("{prefix}{k}"),
-                value: String::from_utf8_lossy(&v).into_owned(),
-            });
+        if let Some(source) = source {
+            for (k, v) in &source.entries {
+                env.push(source.env(format!("{prefix}{k}"), v, seal)?);
+            }
         }
     }
     for e in c.env.iter().flatten() {
-        if let Some(value) = env_value(pod, ns, c, e, lookup)? {
+        if let Some(var) = env_value(pod, ns, c, e, lookup, seal)? {
             env.retain(|x: &EnvVar| x.name != e.name);
-            env.push(EnvVar {
-                name: e.name.clone(),
-                value,
-            });
+            env.push(var);
         }
     }
     let mut ports = Vec::new();
@@ -820,6 +881,14 @@ mod tests {
         }
     }
 
+    /// Seals by marking the bytes: enough to see what was sealed and that plaintext is not.
+    struct TestSeal;
+    impl Seal for TestSeal {
+        fn seal(&self, bytes: &[u8]) -> Result<String, Refusal> {
+            Ok(format!("sealed:{}", bytes.len()))
+        }
+    }
+
     fn pod(spec: PodSpec) -> Pod {
         Pod {
             metadata: kube::api::ObjectMeta {
@@ -937,7 +1006,7 @@ mod tests {
             ]),
             ..Default::default()
         });
-        let rs = translate(&p, &Fake(vec![cm])).unwrap();
+        let rs = translate(&p, &Fake(vec![cm]), &TestSeal).unwrap();
         let tag = pod_tag("shop", "web-1");
         let ids: Vec<String> = rs.iter().map(|r| r.id.to_string()).collect();
         assert_eq!(
@@ -961,11 +1030,13 @@ mod tests {
             vec![
                 EnvVar {
                     name: "LEVEL".into(),
-                    value: "debug".into()
+                    value: "debug".into(),
+                    sealed_value: None,
                 },
                 EnvVar {
                     name: "POD".into(),
-                    value: "web-1".into()
+                    value: "web-1".into(),
+                    sealed_value: None,
                 }
             ]
         );
@@ -1009,7 +1080,7 @@ mod tests {
             }),
             ..Default::default()
         }]);
-        let r = translate(&p, &Fake(vec![])).unwrap_err();
+        let r = translate(&p, &Fake(vec![]), &TestSeal).unwrap_err();
         assert_eq!(r.reason, "PersistentVolumeClaimUnsupported");
         assert!(!r.transient);
 
@@ -1019,7 +1090,7 @@ mod tests {
         });
         p.spec.as_mut().unwrap().init_containers = Some(vec![web()]);
         assert_eq!(
-            translate(&p, &Fake(vec![])).unwrap_err().reason,
+            translate(&p, &Fake(vec![]), &TestSeal).unwrap_err().reason,
             "InitContainersUnsupported"
         );
 
@@ -1030,7 +1101,7 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(
-            translate(&p, &Fake(vec![])).unwrap_err().reason,
+            translate(&p, &Fake(vec![]), &TestSeal).unwrap_err().reason,
             "ProbeUnsupported"
         );
 
@@ -1046,8 +1117,104 @@ mod tests {
             }]),
             ..Default::default()
         });
-        let r = translate(&p, &Fake(vec![])).unwrap_err();
+        let r = translate(&p, &Fake(vec![]), &TestSeal).unwrap_err();
         assert!(r.transient, "{r:?}");
+    }
+
+    #[test]
+    fn secrets_travel_sealed_to_the_device_never_in_clear() {
+        use k8s_openapi::{
+            ByteString,
+            api::core::v1::{
+                EnvFromSource, SecretEnvSource, SecretKeySelector, SecretVolumeSource,
+            },
+        };
+        struct Secrets(Secret);
+        impl Lookup for Secrets {
+            fn config_map(&self, _: &str, _: &str) -> Option<ConfigMap> {
+                None
+            }
+            fn secret(&self, _: &str, name: &str) -> Option<Secret> {
+                (self.0.metadata.name.as_deref() == Some(name)).then(|| self.0.clone())
+            }
+        }
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some("db".into()),
+                ..Default::default()
+            },
+            data: Some([("password".to_string(), ByteString(b"hunter2".to_vec()))].into()),
+            ..Default::default()
+        };
+        let mut c = web();
+        c.volume_mounts = Some(vec![VolumeMount {
+            name: "creds".into(),
+            mount_path: "/creds".into(),
+            ..Default::default()
+        }]);
+        c.env = Some(vec![k8s_openapi::api::core::v1::EnvVar {
+            name: "DB_PASSWORD".into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: "db".into(),
+                    key: "password".into(),
+                    optional: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]);
+        c.env_from = Some(vec![EnvFromSource {
+            secret_ref: Some(SecretEnvSource {
+                name: "db".into(),
+                optional: None,
+            }),
+            prefix: Some("ALL_".into()),
+            ..Default::default()
+        }]);
+        let p = pod(PodSpec {
+            containers: vec![c],
+            volumes: Some(vec![Volume {
+                name: "creds".into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some("db".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        let rs = translate(&p, &Secrets(secret.clone()), &TestSeal).unwrap();
+        let wire = serde_json::to_string(&rs).unwrap();
+        assert!(!wire.contains("hunter2"), "{wire}");
+        let file = rs
+            .iter()
+            .find_map(|r| match &r.spec {
+                ResourceSpec::File(f) if f.path.ends_with("/creds/password") => Some(f),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(file.content, FileContent::Sealed("sealed:7".into()));
+        assert_eq!(file.mode, Some(0o600));
+        let ResourceSpec::Container(spec) = &rs.last().unwrap().spec else {
+            panic!("{rs:?}")
+        };
+        for name in ["DB_PASSWORD", "ALL_password"] {
+            let var = spec.env.iter().find(|e| e.name == name).unwrap();
+            assert_eq!(var.value, "");
+            assert_eq!(var.sealed_value.as_deref(), Some("sealed:7"));
+        }
+
+        // A device whose key is not known yet: the pod waits, nothing goes out in clear.
+        struct NoKeyYet;
+        impl Seal for NoKeyYet {
+            fn seal(&self, _: &[u8]) -> Result<String, Refusal> {
+                Err(wait("DeviceKeyUnknown", "no key"))
+            }
+        }
+        let r = translate(&p, &Secrets(secret), &NoKeyYet).unwrap_err();
+        assert_eq!(r.reason, "DeviceKeyUnknown");
+        assert!(r.transient);
     }
 
     #[test]

@@ -15,10 +15,18 @@ use crate::Error;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
+/// Keys of the signing key's Secret ([`Signer::from_secret`]).
+pub const SECRET_KEY: &str = "key.pem";
+pub const SECRET_KEY_ID: &str = "key-id";
+pub const SECRET_PUBLIC_KEY: &str = "public-key";
+
 /// The controller's manifest signing key and the id agents know it by.
 pub struct Signer {
     key: Ed25519KeyPair,
     pub id: String,
+    /// A digest of the private key: what replicas sharing the key derive shared secrets
+    /// from (see [`crate::sealing::Sealer`]).
+    secret_digest: [u8; 32],
 }
 
 impl std::fmt::Debug for Signer {
@@ -37,7 +45,12 @@ impl Signer {
     pub fn from_file(path: &Path, id: Option<String>) -> Result<Self, Error> {
         let raw = std::fs::read(path)
             .map_err(|e| config(format!("reading signing key {}: {e}", path.display())))?;
-        let der = match std::str::from_utf8(&raw) {
+        Self::from_bytes(&raw, id, &path.display().to_string())
+    }
+
+    /// A key from PKCS#8 bytes (PEM or DER); `what` names where they came from in errors.
+    pub fn from_bytes(raw: &[u8], id: Option<String>, what: &str) -> Result<Self, Error> {
+        let der = match std::str::from_utf8(raw) {
             Ok(text) if text.contains("-----BEGIN") => {
                 let body: String = text
                     .lines()
@@ -45,24 +58,24 @@ impl Signer {
                     .map(str::trim)
                     .collect();
                 B64.decode(body)
-                    .map_err(|e| config(format!("{}: not PEM: {e}", path.display())))?
+                    .map_err(|e| config(format!("{what}: not PEM: {e}")))?
             }
-            _ => raw,
+            _ => raw.to_vec(),
         };
-        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der).map_err(|e| {
-            config(format!(
-                "{}: not a PKCS#8 ed25519 private key: {e}",
-                path.display()
-            ))
-        })?;
+        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
+            .map_err(|e| config(format!("{what}: not a PKCS#8 ed25519 private key: {e}")))?;
         let id = id.unwrap_or_else(|| default_id(key.public_key().as_ref()));
-        Ok(Self { key, id })
+        let mut secret_digest = [0u8; 32];
+        secret_digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &der).as_ref());
+        Ok(Self {
+            key,
+            id,
+            secret_digest,
+        })
     }
 
-    /// Writes a new key to `path` (PEM, mode 0600) and returns it.
-    pub fn generate(path: &Path, id: Option<String>) -> Result<Self, Error> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
+    /// A new key and its PKCS#8 PEM text.
+    pub fn new_pem() -> Result<String, Error> {
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
             .map_err(|e| config(format!("generating a key: {e}")))?;
         let b64 = B64.encode(pkcs8.as_ref());
@@ -72,6 +85,95 @@ impl Signer {
             pem.push('\n');
         }
         pem.push_str("-----END PRIVATE KEY-----\n");
+        Ok(pem)
+    }
+
+    /// The key kept in Secret `name` of `namespace` (`key.pem`, and `key-id`), created with
+    /// a new key the first time: what the Helm chart uses, so a signing key exists without
+    /// a step by hand and survives reinstalls and GitOps re-renders. The public half is in
+    /// the Secret too (`public-key`) and in every device's enrolment Secret.
+    pub async fn from_secret(
+        client: &kube::Client,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Self, Error> {
+        use k8s_openapi::{ByteString, api::core::v1::Secret};
+        use kube::api::{Api, ObjectMeta, PostParams};
+        let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+        for _ in 0..3 {
+            if let Some(secret) = api.get_opt(name).await? {
+                let data = secret.data.unwrap_or_default();
+                let key = data.get(SECRET_KEY).ok_or_else(|| {
+                    config(format!("Secret {namespace}/{name} has no {SECRET_KEY}"))
+                })?;
+                let id = data
+                    .get(SECRET_KEY_ID)
+                    .map(|b| String::from_utf8_lossy(&b.0).trim().to_owned())
+                    .filter(|s| !s.is_empty());
+                return Self::from_bytes(&key.0, id, &format!("Secret {namespace}/{name}"));
+            }
+            let pem = Self::new_pem()?;
+            let signer = Self::from_bytes(pem.as_bytes(), None, "a new key")?;
+            let secret = Secret {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    namespace: Some(namespace.into()),
+                    labels: Some(
+                        [(
+                            crate::identity::MANAGED_BY_LABEL.to_owned(),
+                            "fleetlet-controller".to_owned(),
+                        )]
+                        .into(),
+                    ),
+                    ..Default::default()
+                },
+                data: Some(
+                    [
+                        (SECRET_KEY.to_owned(), ByteString(pem.into_bytes())),
+                        (
+                            SECRET_KEY_ID.to_owned(),
+                            ByteString(signer.id.clone().into_bytes()),
+                        ),
+                        (
+                            SECRET_PUBLIC_KEY.to_owned(),
+                            ByteString(signer.public_key_base64().into_bytes()),
+                        ),
+                    ]
+                    .into(),
+                ),
+                type_: Some("Opaque".into()),
+                ..Default::default()
+            };
+            match api.create(&PostParams::default(), &secret).await {
+                Ok(_) => {
+                    tracing::info!(secret = name, key = %signer.id, "created the manifest signing key");
+                    return Ok(signer);
+                }
+                // Another replica made it first: read theirs.
+                Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(config(format!(
+            "Secret {namespace}/{name}: could neither read nor create it"
+        )))
+    }
+
+    /// The sealer every replica with this key shares.
+    pub fn sealer(&self) -> crate::sealing::Sealer {
+        crate::sealing::Sealer::from_secret(&self.secret_digest)
+    }
+
+    /// Standard base64 of the signature of `bytes`.
+    pub fn sign_base64(&self, bytes: &[u8]) -> String {
+        B64.encode(self.key.sign(bytes))
+    }
+
+    /// Writes a new key to `path` (PEM, mode 0600) and returns it.
+    pub fn generate(path: &Path, id: Option<String>) -> Result<Self, Error> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let pem = Self::new_pem()?;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -97,6 +199,76 @@ impl Signer {
         let signature = B64.encode(self.key.sign(text.as_bytes()));
         serde_json::to_vec(&SignedManifest::new(text, signature))
             .map_err(|e| Error::Encode(e.to_string()))
+    }
+}
+
+/// Answers devices that ask for their freshness floor (a device that lost its state): the
+/// newest generation issued to the device (`floor_of`; `None` while the caches are not
+/// synced, and then no answer), signed, with the request's nonce. Every replica answers
+/// from its own view (one per request, as a queue group); a replica that is behind gives a
+/// lower floor, never a higher one.
+pub async fn serve_floors(
+    nats: async_nats::Client,
+    signer: std::sync::Arc<Signer>,
+    floor_of: impl Fn(&fleetlet_protocol::DeviceId) -> Option<u64> + Send + Sync + 'static,
+) {
+    use fleetlet_protocol::{
+        DeviceId,
+        signing::{FLOOR_KIND, Floor, FloorRequest, SignedFloor, valid_nonce},
+    };
+    use futures::StreamExt;
+    let wildcard = fleetlet_protocol::access::FLOOR_WILDCARD.to_owned();
+    loop {
+        let mut requests = match nats
+            .queue_subscribe(wildcard.clone(), "fleetlet-controller".into())
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "subscribing to freshness floor requests; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                continue;
+            }
+        };
+        while let Some(m) = requests.next().await {
+            let Some(reply) = m.reply.clone() else {
+                continue;
+            };
+            let device = m
+                .subject
+                .rsplit('.')
+                .next()
+                .and_then(|d| DeviceId::new(d).ok());
+            let request = serde_json::from_slice::<FloorRequest>(&m.payload)
+                .ok()
+                .filter(|r| valid_nonce(&r.nonce));
+            let (Some(device), Some(request)) = (device, request) else {
+                tracing::debug!(subject = %m.subject, "a malformed floor request; ignored");
+                continue;
+            };
+            let Some(generation) = floor_of(&device) else {
+                continue;
+            };
+            let floor = Floor {
+                api_version: fleetlet_protocol::API_VERSION.to_owned(),
+                generation,
+                device,
+                nonce: request.nonce,
+                signing_key: signer.id.clone(),
+            };
+            let Ok(text) = serde_json::to_string(&floor) else {
+                continue;
+            };
+            let signed = SignedFloor {
+                api_version: fleetlet_protocol::API_VERSION.to_owned(),
+                kind: FLOOR_KIND.to_owned(),
+                signature: signer.sign_base64(text.as_bytes()),
+                floor: text,
+            };
+            if let Ok(body) = serde_json::to_vec(&signed) {
+                let _ = nats.publish(reply, body.into()).await;
+            }
+        }
     }
 }
 

@@ -223,6 +223,7 @@ async fn simulate_agent(kv: &Kv, dev: &str, ready: bool) {
         capacity: Capacity::default(),
         free: Free::default(),
         addresses: vec![],
+        sealing_key: None,
     };
     kv.heartbeat
         .put(dev, encode(&hb).unwrap().into())
@@ -475,7 +476,9 @@ async fn a_desired_state_key_deleted_by_hand_is_rewritten_with_a_newer_generatio
     )
     .await;
     let (first, _) = wait_desired(&kv, "lk-a", "written", |m| m.resources.len() == 1).await;
-    kv.desired.purge("lk-a").await.unwrap();
+    fleetlet_controller::remove_key(&kv.desired, "lk-a")
+        .await
+        .unwrap();
     let (again, _) = wait_desired(&kv, "lk-a", "rewritten", |_| true).await;
     assert_eq!(again.resources, first.resources);
     assert!(
@@ -484,6 +487,102 @@ async fn a_desired_state_key_deleted_by_hand_is_rewritten_with_a_newer_generatio
         first.generation,
         again.generation
     );
+}
+
+#[tokio::test]
+async fn a_device_reporting_an_impossible_generation_stalls_nothing() {
+    let (env, c) = shared();
+    let ns = env.namespace("ctl-hostile").await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    let kv = kv(env).await;
+    let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), &ns);
+    let manifests: Api<EdgeManifest> = Api::namespaced(client.clone(), &ns);
+    apply(&devices, device("hg-evil", json!({ "site": "hg" }))).await;
+    apply(&devices, device("hg-good", json!({ "site": "hg" }))).await;
+    // The hostile device reports running the largest generation there is, before the
+    // controller has written it anything (the controller's next generation would be
+    // u64::MAX + 1).
+    let mut s = AgentStatus::new(DeviceId::new("hg-evil").unwrap());
+    s.manifest_generation = u64::MAX;
+    s.observed_generation = u64::MAX;
+    kv.actual
+        .put("hg-evil", encode(&s).unwrap().into())
+        .await
+        .unwrap();
+    apply(
+        &manifests,
+        manifest(
+            "m",
+            json!({ "selector": { "matchLabels": { "site": "hg" } },
+                    "resources": [file("f", "/etc/fleetlet/f", "one")] }),
+        ),
+    )
+    .await;
+    // Both get a manifest with a generation Kubernetes can store; the controller runs on.
+    for d in ["hg-good", "hg-evil"] {
+        let (m, _) = wait_desired(&kv, d, "a manifest", |m| m.resources.len() == 1).await;
+        assert!(m.generation <= i64::MAX as u64, "{d}: {}", m.generation);
+    }
+    wait_passes(c.metrics_port, 2).await;
+    // A change still reaches the well-behaved device.
+    apply(
+        &manifests,
+        manifest(
+            "m",
+            json!({ "selector": { "matchLabels": { "site": "hg" } },
+                    "resources": [file("f", "/etc/fleetlet/f", "two")] }),
+        ),
+    )
+    .await;
+    wait_desired(&kv, "hg-good", "the change", |m| {
+        matches!(&m.resources[0].spec, fleetlet_protocol::ResourceSpec::File(f)
+            if f.content == fleetlet_protocol::FileContent::Text("two".into()))
+    })
+    .await;
+    // The EdgeDevice says what happened.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client, &ns);
+    eventually(
+        "the GenerationOutOfRange event",
+        DEFAULT_TIMEOUT,
+        || async {
+            let list = events
+                .list(&Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            list.items
+                .iter()
+                .any(|e| e.reason.as_deref() == Some("GenerationOutOfRange"))
+                .then_some(())
+                .ok_or_else(|| {
+                    format!(
+                        "{:?}",
+                        list.items
+                            .iter()
+                            .map(|e| e.reason.clone())
+                            .collect::<Vec<_>>()
+                    )
+                })
+        },
+    )
+    .await;
+    // Recovery: the device's state is reset (it reports what it was sent); the condition
+    // goes, and nothing else of its status is lost.
+    let (m, _) = desired_of(&kv, "hg-evil").await.unwrap();
+    let mut s = AgentStatus::new(DeviceId::new("hg-evil").unwrap());
+    s.manifest_generation = m.generation;
+    s.observed_generation = m.generation;
+    kv.actual
+        .put("hg-evil", encode(&s).unwrap().into())
+        .await
+        .unwrap();
+    eventually("the condition cleared", DEFAULT_TIMEOUT, || async {
+        let d = devices.get("hg-evil").await.map_err(|e| e.to_string())?;
+        let conditions = d.status.map(|s| s.conditions).unwrap_or_default();
+        (!conditions.iter().any(|c| c.type_ == "GenerationOutOfRange"))
+            .then_some(())
+            .ok_or(format!("{conditions:?}"))
+    })
+    .await;
 }
 
 #[tokio::test]

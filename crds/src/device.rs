@@ -58,8 +58,11 @@ pub struct EdgeDeviceSpec {
 #[serde(rename_all = "camelCase")]
 pub struct EdgeDeviceStatus {
     /// Ready (heartbeat fresh), Converged (desired generation applied, every resource
-    /// Ready), Degraded (some resource failing).
+    /// Ready), Degraded (some resource failing), from the bridge; GenerationOutOfRange
+    /// (the device reports running a generation no manifest may have), from the controller.
+    /// One entry per type, each owned by the component that writes it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// `metadata.generation` of this EdgeDevice last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -82,6 +85,22 @@ pub struct EdgeDeviceStatus {
     pub credentials: Option<DeviceCredentials>,
 }
 
+/// The condition the controller sets while a device reports a generation beyond what a
+/// manifest may have (its value is ignored).
+pub const GENERATION_OUT_OF_RANGE: &str = "GenerationOutOfRange";
+
+impl EdgeDeviceStatus {
+    /// The fields the bridge writes: without the controller's (`desiredGeneration`,
+    /// `credentials`, its conditions). What the bridge compares its own view with.
+    pub fn bridge_part(&self) -> Self {
+        let mut s = self.clone();
+        s.desired_generation = None;
+        s.credentials = None;
+        s.conditions.retain(|c| c.type_ != GENERATION_OUT_OF_RANGE);
+        s
+    }
+}
+
 /// A device's NATS identity as issued by the controller.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -90,12 +109,16 @@ pub struct DeviceCredentials {
     /// fragment to install on the device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
-    /// The NATS user (NKey public key) the credentials are for.
+    /// The device's own NATS account (public key); its one user's credentials are in the
+    /// Secret. The account holds nothing but imports of the device's own subjects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
-    /// The device's credentials are revoked.
+    pub account: Option<String>,
+    /// The device's credentials are revoked (its account is deleted from the servers).
     #[serde(default)]
     pub revoked: bool,
+    /// Why the device has no credentials yet, when something is in the way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// Facts the device reports about itself.

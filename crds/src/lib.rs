@@ -11,7 +11,8 @@ mod device;
 mod manifest;
 
 pub use device::{
-    DeviceCredentials, DeviceInfo, EdgeDevice, EdgeDeviceSpec, EdgeDeviceStatus, ResourceSummary,
+    DeviceCredentials, DeviceInfo, EdgeDevice, EdgeDeviceSpec, EdgeDeviceStatus,
+    GENERATION_OUT_OF_RANGE, ResourceSummary,
 };
 pub use manifest::{
     EdgeManifest, EdgeManifestSpec, EdgeManifestStatus, ResourceTemplate, RolloutStrategy,

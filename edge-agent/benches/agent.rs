@@ -39,6 +39,7 @@ fn manifest(
     AgentManifest {
         api_version: API_VERSION.into(),
         signing_key: None,
+        issued_at: None,
         device: dev.clone(),
         generation,
         resources: (0..files)

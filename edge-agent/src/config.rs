@@ -100,6 +100,11 @@ pub struct TrustConfig {
     /// signed by one of them; list the old and the new key while rotating.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub manifest_keys: std::collections::BTreeMap<String, String>,
+    /// Accept manifests nobody signed, when no key is listed. Off by default: a device
+    /// that trusts no key refuses every manifest and says why, until its owner adds the
+    /// control plane's key or opts out here (a lab, a test bench).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_unsigned: bool,
 }
 
 /// Containers, through podman's REST API.
@@ -191,8 +196,9 @@ pub struct NatsConfig {
     pub tls_cert: Option<PathBuf>,
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
-    /// Reply subjects start with this; a per-device prefix lets NATS permissions keep one
-    /// device from reading another's replies. Default `_INBOX_<device>`.
+    /// Reply subjects start with this (default `_INBOX`). Each device has a NATS account
+    /// of its own, so no other device can see its replies; the identities the controller
+    /// issues allow `_INBOX.>` only.
     #[serde(default)]
     pub inbox_prefix: Option<String>,
 }
@@ -205,6 +211,11 @@ pub struct ReconcileConfig {
     pub drift_interval_seconds: u64,
     #[serde(default = "default_heartbeat")]
     pub heartbeat_interval_seconds: u32,
+    /// Seconds between reads of the desired state while connected. New manifests arrive as
+    /// they are stored, and the agent reads again after every reconnect; this read only
+    /// catches one dropped on the way.
+    #[serde(default = "default_manifest_resync")]
+    pub manifest_resync_seconds: u64,
     /// Resource kinds this device runs; others are reported Unsupported.
     /// `shellJob` runs commands as the agent: enable it only on purpose.
     #[serde(default = "default_kinds")]
@@ -246,6 +257,9 @@ fn default_drift() -> u64 {
 }
 fn default_heartbeat() -> u32 {
     30
+}
+fn default_manifest_resync() -> u64 {
+    900
 }
 fn default_kinds() -> Vec<String> {
     ["file", "container", "systemdUnit"]
@@ -347,6 +361,7 @@ impl Default for ReconcileConfig {
         Self {
             drift_interval_seconds: default_drift(),
             heartbeat_interval_seconds: default_heartbeat(),
+            manifest_resync_seconds: default_manifest_resync(),
             enabled_kinds: default_kinds(),
             max_manifest_bytes: default_max_manifest(),
             concurrency: default_concurrency(),
@@ -373,6 +388,7 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub nats: NatsConfig,
     pub drift_interval: Duration,
+    pub manifest_resync: Duration,
     pub heartbeat_interval: Duration,
     pub enabled_kinds: BTreeSet<ResourceKind>,
     pub max_manifest_bytes: usize,
@@ -385,9 +401,10 @@ pub struct Settings {
     pub container: ContainerConfig,
     pub systemd: SystemdConfig,
     pub shell_job: ShellJobConfig,
-    /// Trusted manifest signing keys (32-byte ed25519 public keys) by id; empty: signatures
-    /// are not required.
+    /// Trusted manifest signing keys (32-byte ed25519 public keys) by id.
     pub manifest_keys: std::collections::BTreeMap<String, Vec<u8>>,
+    /// With no key listed: accept unsigned manifests instead of refusing them.
+    pub allow_unsigned: bool,
 }
 
 impl Config {
@@ -608,6 +625,7 @@ impl Config {
             state_dir: self.state_dir,
             nats: self.nats,
             drift_interval: Duration::from_secs(r.drift_interval_seconds),
+            manifest_resync: Duration::from_secs(r.manifest_resync_seconds.max(1)),
             heartbeat_interval: Duration::from_secs(u64::from(r.heartbeat_interval_seconds)),
             enabled_kinds,
             max_manifest_bytes: r.max_manifest_bytes,
@@ -621,6 +639,7 @@ impl Config {
             systemd: self.systemd,
             shell_job: self.shell_job,
             manifest_keys,
+            allow_unsigned: self.trust.allow_unsigned,
         })
     }
 }
@@ -630,7 +649,7 @@ impl Settings {
         self.nats
             .inbox_prefix
             .clone()
-            .unwrap_or_else(|| format!("_INBOX_{}", self.device))
+            .unwrap_or_else(|| "_INBOX".to_owned())
     }
 }
 
@@ -659,7 +678,7 @@ mod tests {
             !s.enabled_kinds.contains(&ResourceKind::ShellJob),
             "ShellJob is off unless enabled"
         );
-        assert_eq!(s.inbox_prefix(), "_INBOX_pi-1");
+        assert_eq!(s.inbox_prefix(), "_INBOX");
     }
 
     #[test]

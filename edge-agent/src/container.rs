@@ -69,6 +69,8 @@ struct Inner {
     probes: Mutex<HashMap<ResourceId, ProbeState>>,
     /// `file.path_prefix`: host paths of mounts move with the files written there.
     host_prefix: Option<PathBuf>,
+    /// Opens sealed environment values (a Pod's Secret).
+    sealing: Option<Arc<crate::sealing::SealingKey>>,
 }
 
 /// Readiness of one container, as its probe last found it.
@@ -181,8 +183,39 @@ impl ContainerReconciler {
                 pulled: Mutex::new(pulled),
                 probes: Mutex::new(HashMap::new()),
                 host_prefix,
+                sealing: None,
             }),
         }
+    }
+
+    /// Opens sealed environment values with the device's key (at construction).
+    pub fn with_sealing(mut self, key: Arc<crate::sealing::SealingKey>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.sealing = Some(key);
+        }
+        self
+    }
+
+    /// The environment as the container gets it: sealed values opened.
+    fn environment(&self, spec: &ContainerSpec) -> Result<Vec<(String, String)>, ReconcileError> {
+        spec.env
+            .iter()
+            .map(|e| match &e.sealed_value {
+                None => Ok((e.name.clone(), e.value.clone())),
+                Some(sealed) => {
+                    let key = self.inner.sealing.as_ref().ok_or_else(|| {
+                        ReconcileError::Invalid(format!(
+                            "env {}: sealed, and no sealing key",
+                            e.name
+                        ))
+                    })?;
+                    let bytes = key
+                        .open(sealed)
+                        .map_err(|err| ReconcileError::Invalid(format!("env {}: {err}", e.name)))?;
+                    Ok((e.name.clone(), String::from_utf8_lossy(&bytes).into_owned()))
+                }
+            })
+            .collect()
     }
 
     /// The id of the container this agent created for resource `id`, if there is one.
@@ -416,7 +449,11 @@ impl ContainerReconciler {
         }
     }
 
-    fn create_opts(&self, id: &ResourceId, spec: &ContainerSpec) -> ContainerCreateOpts {
+    fn create_opts(
+        &self,
+        id: &ResourceId,
+        spec: &ContainerSpec,
+    ) -> Result<ContainerCreateOpts, ReconcileError> {
         let mut b = ContainerCreateOpts::builder()
             .name(self.container_name(id))
             .image(&spec.image)
@@ -438,7 +475,7 @@ impl ContainerReconciler {
             b = b.command(&spec.args);
         }
         if !spec.env.is_empty() {
-            b = b.env(spec.env.iter().map(|e| (e.name.as_str(), e.value.as_str())));
+            b = b.env(self.environment(spec)?);
         }
         if !spec.ports.is_empty() {
             b = b.portmappings(spec.ports.iter().map(|p| {
@@ -495,7 +532,7 @@ impl ContainerReconciler {
                 Err(e) => warn!(error = %e, "could not express resource limits for podman"),
             }
         }
-        b.build()
+        Ok(b.build())
     }
 
     /// Creates and starts a new container for `spec`.
@@ -508,7 +545,7 @@ impl ContainerReconciler {
             .inner
             .podman
             .containers()
-            .create(&self.create_opts(id, spec))
+            .create(&self.create_opts(id, spec)?)
             .await
             .map_err(|e| match &e {
                 // podman 4.3 answers 500 with this message; later versions 409.

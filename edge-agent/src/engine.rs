@@ -33,8 +33,18 @@ use crate::{
 /// A value seen on the device's desired-state key.
 #[derive(Debug, Clone)]
 pub enum Candidate {
-    Put { revision: u64, value: Bytes },
-    Deleted { revision: u64 },
+    Put {
+        revision: u64,
+        value: Bytes,
+    },
+    Deleted {
+        revision: u64,
+    },
+    /// The lowest generation the control plane says this device may run, checked against
+    /// the trusted keys (for a device that lost its state).
+    Floor {
+        generation: u64,
+    },
 }
 
 struct Backoff {
@@ -63,6 +73,10 @@ pub struct Engine {
     /// An accepted manifest the state directory could not take (full, read-only): it is
     /// not applied until it is on disk, and is tried again every drift interval.
     unpersisted: Option<(u64, bytes::Bytes)>,
+    /// The freshness floor the control plane sent, once it did.
+    floor: Option<u64>,
+    /// The newest manifest seen while waiting for the floor: offered again when it comes.
+    unverified: Option<(u64, bytes::Bytes)>,
 }
 
 /// The condition saying whether the state directory takes writes.
@@ -98,7 +112,16 @@ impl Engine {
             backoff: HashMap::new(),
             last_seen_revision,
             unpersisted: None,
+            floor: None,
+            unverified: None,
         })
+    }
+
+    /// Whether the engine waits for a freshness floor before accepting a manifest: it
+    /// checks signatures and remembers no manifest (first start, or its state was lost),
+    /// so an old signed manifest replayed now would look new to it.
+    pub fn needs_floor(&self) -> bool {
+        self.current.is_none() && !self.settings.manifest_keys.is_empty() && self.floor.is_none()
     }
 
     pub fn status(&self) -> &AgentStatus {
@@ -136,8 +159,33 @@ impl Engine {
                 );
                 false
             }
+            Candidate::Floor { generation } => {
+                info!(generation, "freshness floor set");
+                self.floor = Some(generation);
+                match self.unverified.take() {
+                    Some((revision, value)) => self.offer(Candidate::Put { revision, value }),
+                    None => false,
+                }
+            }
             Candidate::Put { revision, value } => {
                 self.last_seen_revision = revision;
+                if self.needs_floor() {
+                    let message = "the device remembers no manifest and waits for the control \
+                                   plane's freshness floor before accepting one"
+                        .to_string();
+                    if self.unverified.is_none() {
+                        warn!(revision, "{message}");
+                    }
+                    self.status.last_rejection = Some(Rejection {
+                        generation: None,
+                        revision,
+                        reason: "FreshnessUnverified".to_owned(),
+                        message,
+                        at: Timestamp::now(),
+                    });
+                    self.unverified = Some((revision, value));
+                    return false;
+                }
                 match self.check(&value) {
                     Ok(None) => false,
                     Ok(Some(manifest)) => {
@@ -248,8 +296,13 @@ impl Engine {
         }
         let m = decode::<AgentManifest>(value).map_err(|e| (e.reason(), e.to_string(), None))?;
         let generation = Some(m.generation);
-        crate::trust::verify(&self.settings.manifest_keys, value, &m)
-            .map_err(|(reason, message)| (reason, message, generation))?;
+        crate::trust::verify(
+            &self.settings.manifest_keys,
+            self.settings.allow_unsigned,
+            value,
+            &m,
+        )
+        .map_err(|(reason, message)| (reason, message, generation))?;
         if m.device != self.settings.device {
             return Err((
                 "WrongDevice",
@@ -257,6 +310,19 @@ impl Engine {
                     "manifest is for device {:?}, this is {:?}",
                     m.device.as_str(),
                     self.settings.device.as_str()
+                ),
+                generation,
+            ));
+        }
+        if let Some(floor) = self.floor
+            && self.current.is_none()
+            && m.generation < floor
+        {
+            return Err((
+                "StaleGeneration",
+                format!(
+                    "generation {} is older than generation {floor}, the newest the control plane issued this device",
+                    m.generation
                 ),
                 generation,
             ));

@@ -10,6 +10,7 @@ pub struct Facts {
     settings: Arc<Settings>,
     system: SystemInfo,
     sequence: u64,
+    sealing_key: Option<String>,
 }
 
 /// Kubernetes' name for this CPU architecture.
@@ -24,7 +25,8 @@ pub fn k8s_arch() -> &'static str {
 }
 
 impl Facts {
-    pub fn new(settings: Arc<Settings>) -> Self {
+    /// `sealing_key`: the device's public sealing key, which heartbeats carry.
+    pub fn new(settings: Arc<Settings>, sealing_key: Option<String>) -> Self {
         let uname = rustix::system::uname();
         let os_image = fs::read_to_string("/etc/os-release")
             .ok()
@@ -54,6 +56,7 @@ impl Facts {
             },
             settings,
             sequence: 0,
+            sealing_key,
         }
     }
 
@@ -111,6 +114,7 @@ impl Facts {
                 pids: pid_max.saturating_sub(running),
             },
             addresses,
+            sealing_key: self.sealing_key.clone(),
         }
     }
 }

@@ -30,6 +30,8 @@ struct Inner {
     roots: Vec<PathBuf>,
     max_bytes: u64,
     prefix: Option<PathBuf>,
+    /// Opens sealed content (a Pod's Secret); without it, sealed content fails.
+    sealing: Option<Arc<crate::sealing::SealingKey>>,
 }
 
 /// A File spec checked against policy and ready to act on.
@@ -72,8 +74,17 @@ impl FileReconciler {
                 roots,
                 max_bytes,
                 prefix,
+                sealing: None,
             }),
         }
+    }
+
+    /// Opens sealed content with the device's key (at construction, before it is shared).
+    pub fn with_sealing(mut self, key: Arc<crate::sealing::SealingKey>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.sealing = Some(key);
+        }
+        self
     }
 
     async fn blocking<T: Send + 'static>(
@@ -96,6 +107,14 @@ impl Inner {
             FileContent::Base64(b) => B64
                 .decode(b.trim())
                 .map_err(|e| ReconcileError::Invalid(format!("file.content.base64: {e}")))?,
+            FileContent::Sealed(b) => self
+                .sealing
+                .as_ref()
+                .ok_or_else(|| {
+                    ReconcileError::Invalid("sealed content, and no sealing key".into())
+                })?
+                .open(b)
+                .map_err(|e| ReconcileError::Invalid(format!("file.content.sealed: {e}")))?,
         };
         if bytes.len() as u64 > self.max_bytes {
             return Err(ReconcileError::Invalid(format!(

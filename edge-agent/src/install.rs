@@ -91,6 +91,10 @@ pub struct InstallOptions {
     pub nats_ca: Option<PathBuf>,
     /// Resource kinds the device runs (`file`, `container`, `systemdUnit`, `shellJob`).
     pub enabled_kinds: Vec<String>,
+    /// Trusted manifest signing keys, `ID=BASE64`.
+    pub manifest_keys: Vec<String>,
+    /// Accept unsigned manifests (no keys).
+    pub allow_unsigned: bool,
     /// Replace an existing config.
     pub force: bool,
     /// Enable and start the unit (otherwise only write files).
@@ -135,6 +139,17 @@ fn render_config(opts: &InstallOptions, layout: &Layout) -> Result<String, Insta
     }
     config.systemd.unit_dir.clone_from(&layout.unit_dir);
     config.systemd.bus_address = None;
+    for key in &opts.manifest_keys {
+        let (id, value) = key.split_once('=').ok_or_else(|| InstallError::Invalid {
+            field: "--manifest-key",
+            message: format!("{key:?} is not ID=BASE64"),
+        })?;
+        config
+            .trust
+            .manifest_keys
+            .insert(id.trim().to_owned(), value.trim().to_owned());
+    }
+    config.trust.allow_unsigned = opts.allow_unsigned;
     // Validated as the agent will read it, with the given files standing in for their
     // copies (which do not exist yet).
     let mut check = config.clone();
@@ -339,6 +354,10 @@ mod tests {
             nats_creds: Some(creds.path().to_path_buf()),
             nats_ca: None,
             enabled_kinds: vec!["file".into(), "systemdUnit".into()],
+            manifest_keys: vec![
+                "ed25519-0123456789ab=AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".into(),
+            ],
+            allow_unsigned: false,
             force: false,
             start: false,
         };
@@ -354,5 +373,8 @@ mod tests {
         let s = config.validate().unwrap();
         assert_eq!(s.device.as_str(), "pi-kitchen");
         assert_eq!(s.enabled_kinds.len(), 2);
+        // The signing key, padding and all, so the agent accepts signed manifests only.
+        assert_eq!(s.manifest_keys["ed25519-0123456789ab"].len(), 32);
+        assert!(!s.allow_unsigned);
     }
 }

@@ -17,6 +17,7 @@ pub mod nats;
 pub mod reconciler;
 pub mod registry;
 pub mod relay;
+pub mod sealing;
 pub mod shelljob;
 pub mod store;
 pub mod systemd;
@@ -24,7 +25,7 @@ pub mod trust;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use fleetlet_protocol::{AgentManifest, AgentStatus};
+use fleetlet_protocol::AgentStatus;
 use tokio::sync::{mpsc, watch};
 use tracing::info;
 
@@ -41,6 +42,8 @@ pub enum AgentError {
     Nats(#[from] nats::NatsError),
     #[error("manifest file: {0}")]
     Manifest(String),
+    #[error(transparent)]
+    Sealing(#[from] sealing::SealingError),
 }
 
 /// Resolves once `stop` holds true (or its sender is gone).
@@ -106,7 +109,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let store = StateStore::open(&settings.state_dir)?;
-    let registry = Registry::from_settings(&settings);
+    let sealing = sealing::SealingKey::load_or_create(&settings.state_dir)?;
+    let registry = Registry::from_settings(&settings, sealing.clone());
     let containers = registry.containers();
     let engine = Engine::new(settings.clone(), registry, store)?;
     info!(
@@ -119,10 +123,19 @@ pub async fn serve(
     let (status_tx, status_rx) = watch::channel(engine.status().clone());
     let (stop_tx, stop_rx) = watch::channel(false);
 
+    let floor = engine.needs_floor().then(|| {
+        tokio::spawn(nats::fetch_floor(
+            client.clone(),
+            settings.clone(),
+            candidate_tx.clone(),
+            stop_rx.clone(),
+        ))
+    });
     let watcher = tokio::spawn(nats::watch_manifest(
         client.clone(),
         settings.device.clone(),
         engine.last_seen_revision(),
+        settings.manifest_resync,
         candidate_tx,
         stop_rx.clone(),
     ));
@@ -141,6 +154,7 @@ pub async fn serve(
     let heartbeat = tokio::spawn(nats::heartbeat(
         client.clone(),
         settings.clone(),
+        sealing.public_base64(),
         stop_rx.clone(),
     ));
     let writer = tokio::spawn(nats::write_status(
@@ -165,6 +179,9 @@ pub async fn serve(
     let _ = engine.await;
     let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
     let _ = watcher.await;
+    if let Some(floor) = floor {
+        let _ = floor.await;
+    }
     let _ = heartbeat.await;
     if let Some(relay) = relay {
         let _ = relay.await;
@@ -174,20 +191,35 @@ pub async fn serve(
 }
 
 /// One pass over `manifest` (or the stored one), without NATS: for `fleetlet-agent --once`.
+/// `manifest` is what would be in the device's desired-state key, signed envelope and all:
+/// it passes the same checks (signature, device, generation) or the pass does not run.
 pub async fn once(
     settings: Settings,
-    manifest: Option<AgentManifest>,
+    manifest: Option<Vec<u8>>,
 ) -> Result<AgentStatus, AgentError> {
     let settings = Arc::new(settings);
     let store = StateStore::open(&settings.state_dir)?;
-    let mut engine = Engine::new(settings.clone(), Registry::from_settings(&settings), store)?;
-    if let Some(m) = manifest {
-        let bytes = serde_json::to_vec(&m).map_err(|e| AgentError::Manifest(e.to_string()))?;
+    let sealing = sealing::SealingKey::load_or_create(&settings.state_dir)?;
+    let mut engine = Engine::new(
+        settings.clone(),
+        Registry::from_settings(&settings, sealing),
+        store,
+    )?;
+    if let Some(bytes) = manifest {
+        // The device owner hands this manifest over in person: it is as fresh as they say,
+        // and needs no floor from the control plane (signatures are still checked).
+        engine.offer(Candidate::Floor { generation: 0 });
         let revision = engine.last_seen_revision();
+        let before = engine.status().last_rejection.clone();
         engine.offer(Candidate::Put {
             revision,
             value: bytes.into(),
         });
+        if let Some(r) = &engine.status().last_rejection
+            && Some(r) != before.as_ref()
+        {
+            return Err(AgentError::Manifest(format!("{}: {}", r.reason, r.message)));
+        }
     }
     engine.pass("once").await;
     let (tx, _rx) = watch::channel(AgentStatus::new(settings.device.clone()));

@@ -5,7 +5,6 @@ use std::{io::Write, path::PathBuf, process::ExitCode};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fleetlet_agent::{Config, Settings};
-use fleetlet_protocol::AgentManifest;
 
 /// Runs the workloads the fleetlet control plane assigns to this device, and reports on them.
 ///
@@ -90,6 +89,13 @@ struct InstallArgs {
     /// systemdUnit; add shellJob only if the device should run commands).
     #[arg(long, value_delimiter = ',')]
     enable_kinds: Vec<String>,
+    /// A trusted manifest signing key, `ID=BASE64` (the line the controller's signing key
+    /// Secret and each device's enrolment Secret give); repeat for a rotation.
+    #[arg(long = "manifest-key", value_name = "ID=BASE64")]
+    manifest_keys: Vec<String>,
+    /// Accept unsigned manifests (no key): for a lab or a test bench only.
+    #[arg(long, conflicts_with = "manifest_keys")]
+    allow_unsigned: bool,
     /// Replace an existing installation's config.
     #[arg(long)]
     force: bool,
@@ -139,6 +145,8 @@ fn setup(cmd: &Cmd) -> Option<ExitCode> {
                 nats_creds: a.nats_creds.clone(),
                 nats_ca: a.nats_ca.clone(),
                 enabled_kinds: a.enable_kinds.clone(),
+                manifest_keys: a.manifest_keys.clone(),
+                allow_unsigned: a.allow_unsigned,
                 force: a.force,
                 start: !a.no_start,
             };
@@ -264,12 +272,7 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
     if cli.once {
         let manifest = match &cli.manifest {
             Some(path) => {
-                let bytes =
-                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-                Some(
-                    fleetlet_protocol::decode::<AgentManifest>(&bytes)
-                        .with_context(|| format!("parsing {}", path.display()))?,
-                )
+                Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
             }
             None => None,
         };

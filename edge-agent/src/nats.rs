@@ -1,18 +1,23 @@
 //! The agent's side of NATS: connecting, watching its manifest, writing status with
 //! compare-and-set, and heartbeats. Every loop here survives the server going away.
+//!
+//! The agent uses only subjects that name its own keys (see `fleetlet_protocol::access`):
+//! direct gets of its manifest and status, publishes of its status and heartbeat (with
+//! compare-and-set in a header), and the changes subject where JetStream republishes each
+//! stored manifest. It never creates a consumer or asks about a stream.
 
-use std::{sync::Arc, time::Duration};
-
-use async_nats::{
-    ServerAddr,
-    jetstream::{
-        self,
-        kv::{CreateErrorKind, Operation, Store, UpdateErrorKind},
-    },
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
+
+use async_nats::ServerAddr;
 use fleetlet_protocol::{
     AgentStatus, DeviceId, decode, encode,
-    kv::{ACTUAL_STATE, Bucket, DESIRED_STATE, HEARTBEAT},
+    kv::{
+        ACTUAL_STATE, Bucket, DESIRED_STATE, EXPECTED_LAST_SUBJECT_SEQUENCE, HEARTBEAT,
+        OPERATION_HEADER, SEQUENCE_HEADER,
+    },
 };
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
@@ -97,139 +102,264 @@ pub async fn connect(s: &Settings) -> Result<async_nats::Client, NatsError> {
     Ok(opts.connect(addrs).await?)
 }
 
-async fn bind(js: &jetstream::Context, bucket: Bucket) -> Result<Store, NatsError> {
-    js.get_key_value(bucket.name)
-        .await
-        .map_err(|e| NatsError::Kv(format!("binding bucket {}: {e}", bucket.name)))
+/// One stored KV record of this device, as a direct get or a republished change returns it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// The KV revision (the stream sequence).
+    pub revision: u64,
+    /// Whether it is a value or a delete / purge marker.
+    pub deleted: bool,
+    pub value: bytes::Bytes,
 }
 
-/// Watches the device's desired-state key and forwards every value to the engine.
-/// Resumes after the last revision seen; re-reads the current value on every (re)connect
-/// so nothing is missed while away.
-#[instrument(skip_all, fields(device = %device))]
-pub async fn watch_manifest(
-    client: async_nats::Client,
-    device: DeviceId,
-    mut last_seen: u64,
-    tx: mpsc::Sender<Candidate>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let js = jetstream::new(client);
-    let key = DESIRED_STATE.key(&device).to_owned();
-    let mut attempt = 0u32;
-    loop {
-        let result = async {
-            let kv = bind(&js, DESIRED_STATE).await?;
-            let current = kv
-                .entry(key.as_str())
-                .await
-                .map_err(|e| NatsError::Kv(format!("reading desired state: {e}")))?;
-            if let Some(e) = current
-                && e.revision != last_seen
-            {
-                last_seen = e.revision;
-                let _ = tx.send(candidate(e.operation, e.revision, e.value)).await;
-            }
-            let mut w = watch_key(&js, &kv, &device, key.as_str(), last_seen + 1).await?;
-            info!(from_revision = last_seen + 1, "watching desired state");
-            attempt = 0;
-            while let Some(entry) = w.next().await {
-                let (operation, revision, value) = entry?;
-                if revision <= last_seen {
-                    continue;
-                }
-                last_seen = revision;
-                if tx
-                    .send(candidate(operation, revision, value))
-                    .await
-                    .is_err()
-                {
-                    return Ok(());
-                }
-            }
-            Err(NatsError::Kv("watch ended".into()))
-        };
-        let outcome = tokio::select! {
-            _ = crate::stopped(&mut stop) => return,
-            r = result => r,
-        };
-        if let Err(e) = outcome {
-            let delay = backoff_delay(attempt, Duration::from_millis(500), Duration::from_secs(30));
-            attempt = attempt.saturating_add(1);
-            warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "desired-state watch interrupted");
-            tokio::select! {
-                _ = crate::stopped(&mut stop) => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        } else {
-            return;
-        }
-    }
-}
-
-/// Watches one key from `from_revision` on, needing NATS permission for that key only.
-///
-/// It is an ordered push consumer created with a name and the key as its filter subject,
-/// so the JetStream API subject names the key
-/// (`$JS.API.CONSUMER.CREATE.KV_<bucket>.<name>.$KV.<bucket>.<key>`) and the server refuses
-/// a filter that differs from it. A device's permissions can therefore allow its own key and
-/// nothing else. (A KV watch creates its consumer on `$JS.API.CONSUMER.CREATE.KV_<bucket>`
-/// with the filter in the payload: allowing that would let a device read every key.)
-async fn watch_key(
-    js: &jetstream::Context,
-    kv: &Store,
-    device: &DeviceId,
-    key: &str,
-    from_revision: u64,
-) -> Result<impl futures::Stream<Item = Result<(Operation, u64, bytes::Bytes), NatsError>>, NatsError>
-{
-    use jetstream::consumer::{DeliverPolicy, ReplayPolicy, push::OrderedConfig};
-    let consumer = kv
-        .stream
-        .create_consumer(OrderedConfig {
-            name: Some(format!("fleetlet_{device}_{:016x}", fastrand::u64(..))),
-            deliver_subject: js.client().new_inbox(),
-            description: Some(format!("fleetlet agent {device}: desired state")),
-            filter_subject: format!("{}{key}", kv.prefix),
-            replay_policy: ReplayPolicy::Instant,
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: from_revision.max(1),
-            },
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| NatsError::Kv(format!("watching desired state: {e}")))?;
-    let messages = consumer
-        .messages()
-        .await
-        .map_err(|e| NatsError::Kv(format!("watching desired state: {e}")))?;
-    Ok(messages.map(|m| {
-        let m = m.map_err(|e| NatsError::Kv(format!("watch: {e}")))?;
-        let revision = m
-            .info()
-            .map_err(|e| NatsError::Kv(format!("watch: {e}")))?
-            .stream_sequence;
+impl Entry {
+    /// Reads an entry from a stored message's headers: `None` without a sequence.
+    fn from_message(m: &async_nats::Message) -> Option<Self> {
         let header = |name: &str| {
             m.headers
                 .as_ref()
                 .and_then(|h| h.get(name))
                 .map(|v| v.as_str().to_owned())
         };
-        let operation = match (header("KV-Operation"), header("Nats-Marker-Reason")) {
-            (Some(op), _) if op == "DEL" => Operation::Delete,
-            (Some(op), _) if op == "PURGE" => Operation::Purge,
-            (None, Some(r)) if r == "Remove" => Operation::Delete,
-            (None, Some(_)) => Operation::Purge,
-            _ => Operation::Put,
-        };
-        Ok((operation, revision, m.payload.clone()))
-    }))
+        let revision = header(SEQUENCE_HEADER)?.parse().ok()?;
+        let deleted = matches!(header(OPERATION_HEADER).as_deref(), Some("DEL" | "PURGE"));
+        Some(Self {
+            revision,
+            deleted,
+            value: m.payload.clone(),
+        })
+    }
 }
 
-fn candidate(op: Operation, revision: u64, value: bytes::Bytes) -> Candidate {
-    match op {
-        Operation::Put => Candidate::Put { revision, value },
-        Operation::Delete | Operation::Purge => Candidate::Deleted { revision },
+/// The device's latest record in `bucket`, by a direct get whose subject names the key (the
+/// only kind of read a device's NATS account imports).
+pub async fn get(
+    client: &async_nats::Client,
+    bucket: Bucket,
+    device: &DeviceId,
+) -> Result<Option<Entry>, NatsError> {
+    let m = client
+        .request(bucket.direct_get(device), bytes::Bytes::new())
+        .await
+        .map_err(|e| NatsError::Kv(format!("reading {}: {e}", bucket.name)))?;
+    match m.status.map(|s| s.as_u16()) {
+        Some(404) => Ok(None),
+        Some(code) if code >= 300 => Err(NatsError::Kv(format!(
+            "reading {}: status {code} {}",
+            bucket.name,
+            m.description.clone().unwrap_or_default()
+        ))),
+        _ => Entry::from_message(&m).map(Some).ok_or_else(|| {
+            NatsError::Kv(format!(
+                "reading {}: an answer without a sequence",
+                bucket.name
+            ))
+        }),
+    }
+}
+
+/// Why a write was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum PutError {
+    /// The key's revision was not the expected one (compare-and-set lost).
+    #[error("the stored revision changed")]
+    Conflict,
+    #[error("{0}")]
+    Nats(String),
+}
+
+/// Stores `value` as the device's record in `bucket` and returns its revision. With
+/// `expected`, only on top of that revision (`Some(0)`: only if the key has no value).
+pub async fn put(
+    client: &async_nats::Client,
+    bucket: Bucket,
+    device: &DeviceId,
+    value: bytes::Bytes,
+    expected: Option<u64>,
+) -> Result<u64, PutError> {
+    #[derive(serde::Deserialize)]
+    struct Ack {
+        seq: Option<u64>,
+        error: Option<AckError>,
+    }
+    #[derive(serde::Deserialize)]
+    struct AckError {
+        err_code: Option<u64>,
+        description: Option<String>,
+    }
+    /// JetStream's "wrong last sequence".
+    const WRONG_LAST_SEQUENCE: u64 = 10071;
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(n) = expected {
+        headers.insert(EXPECTED_LAST_SUBJECT_SEQUENCE, n.to_string().as_str());
+    }
+    let m = client
+        .request_with_headers(bucket.subject(device), headers, value)
+        .await
+        .map_err(|e| PutError::Nats(format!("writing {}: {e}", bucket.name)))?;
+    let ack: Ack = serde_json::from_slice(&m.payload).map_err(|e| {
+        PutError::Nats(format!(
+            "writing {}: unreadable acknowledgement: {e}",
+            bucket.name
+        ))
+    })?;
+    match (ack.seq, ack.error) {
+        (_, Some(e)) if e.err_code == Some(WRONG_LAST_SEQUENCE) => Err(PutError::Conflict),
+        (_, Some(e)) => Err(PutError::Nats(format!(
+            "writing {}: {}",
+            bucket.name,
+            e.description.unwrap_or_default()
+        ))),
+        (Some(seq), None) if seq > 0 => Ok(seq),
+        _ => Err(PutError::Nats(format!(
+            "writing {}: an acknowledgement without a sequence",
+            bucket.name
+        ))),
+    }
+}
+
+/// Watches the device's desired-state key and forwards every newer value to the engine.
+///
+/// JetStream republishes each stored manifest on the device's changes subject, which the
+/// agent subscribes to; nothing is created on the server. Republished messages are not
+/// replayed, so the current value is read with a direct get when the watch starts, after
+/// every reconnect, and every `resync` in case a message was dropped on the way.
+#[instrument(skip_all, fields(device = %device))]
+pub async fn watch_manifest(
+    client: async_nats::Client,
+    device: DeviceId,
+    mut last_seen: u64,
+    resync: Duration,
+    tx: mpsc::Sender<Candidate>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut attempt = 0u32;
+    loop {
+        let result = async {
+            let mut changes = client
+                .subscribe(DESIRED_STATE.changes(&device))
+                .await
+                .map_err(|e| NatsError::Kv(format!("watching desired state: {e}")))?;
+            let connects = client.statistics().connects.load(Ordering::Relaxed);
+            let offer = |e: Entry, last_seen: &mut u64| {
+                (e.revision > *last_seen).then(|| {
+                    *last_seen = e.revision;
+                    candidate(e)
+                })
+            };
+            if let Some(c) = get(&client, DESIRED_STATE, &device)
+                .await?
+                .and_then(|e| offer(e, &mut last_seen))
+                && tx.send(c).await.is_err()
+            {
+                return Ok(());
+            }
+            info!(after_revision = last_seen, "watching desired state");
+            attempt = 0;
+            let resync_at = tokio::time::Instant::now() + resync;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    m = changes.next() => {
+                        let m = m.ok_or_else(|| NatsError::Kv("watch ended".into()))?;
+                        let Some(e) = Entry::from_message(&m) else { continue };
+                        if let Some(c) = offer(e, &mut last_seen)
+                            && tx.send(c).await.is_err()
+                        {
+                            return Ok(());
+                        }
+                    }
+                    _ = tick.tick() => {
+                        let reconnected =
+                            client.statistics().connects.load(Ordering::Relaxed) != connects;
+                        if reconnected || tokio::time::Instant::now() >= resync_at {
+                            debug!(reconnected, "reading desired state again");
+                            return Err(NatsError::Kv(String::new()));
+                        }
+                    }
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            _ = crate::stopped(&mut stop) => return,
+            r = result => r,
+        };
+        match outcome {
+            Ok(()) => return,
+            // A planned re-read: no delay.
+            Err(NatsError::Kv(e)) if e.is_empty() => continue,
+            Err(e) => {
+                let delay =
+                    backoff_delay(attempt, Duration::from_millis(500), Duration::from_secs(30));
+                attempt = attempt.saturating_add(1);
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "desired-state watch interrupted");
+                tokio::select! {
+                    _ = crate::stopped(&mut stop) => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Asks the control plane for the device's freshness floor until a valid answer arrives
+/// (signed by a trusted key, for this device and this request), and hands it to the engine.
+#[instrument(skip_all, fields(device = %settings.device))]
+pub async fn fetch_floor(
+    client: async_nats::Client,
+    settings: Arc<Settings>,
+    tx: mpsc::Sender<Candidate>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let subject = fleetlet_protocol::access::floor_subject(&settings.device);
+    let mut attempt = 0u32;
+    loop {
+        let nonce = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        let body = serde_json::to_vec(&fleetlet_protocol::signing::FloorRequest {
+            nonce: nonce.clone(),
+        })
+        .unwrap_or_default();
+        let answer = tokio::select! {
+            _ = crate::stopped(&mut stop) => return,
+            r = client.request(subject.clone(), body.into()) => r,
+        };
+        let outcome = answer.map_err(|e| e.to_string()).and_then(|m| {
+            crate::trust::verify_floor(
+                &settings.manifest_keys,
+                &m.payload,
+                &settings.device,
+                &nonce,
+            )
+        });
+        match outcome {
+            Ok(generation) => {
+                let _ = tx.send(Candidate::Floor { generation }).await;
+                return;
+            }
+            Err(e) => {
+                let delay =
+                    backoff_delay(attempt, Duration::from_millis(500), Duration::from_secs(30));
+                attempt = attempt.saturating_add(1);
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "no freshness floor yet");
+                tokio::select! {
+                    _ = crate::stopped(&mut stop) => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+fn candidate(e: Entry) -> Candidate {
+    if e.deleted {
+        Candidate::Deleted {
+            revision: e.revision,
+        }
+    } else {
+        Candidate::Put {
+            revision: e.revision,
+            value: e.value,
+        }
     }
 }
 
@@ -244,51 +374,34 @@ pub enum CasError {
     Contended(u32),
 }
 
-/// Read-modify-write of a status key with compare-and-set: `next` computes the new value
-/// from the stored one (None when absent or unreadable), and the write only lands on top of
-/// the revision it was computed from. Conflicts re-read and retry, so concurrent writers
-/// never overwrite a value they have not seen.
+/// Read-modify-write of the device's status with compare-and-set: `next` computes the new
+/// value from the stored one (None when absent or unreadable), and the write only lands on
+/// top of the revision it was computed from. Conflicts re-read and retry, so concurrent
+/// writers never overwrite a value they have not seen.
 pub async fn cas_update_status(
-    kv: &Store,
-    key: &str,
+    client: &async_nats::Client,
+    device: &DeviceId,
     mut next: impl FnMut(Option<AgentStatus>) -> AgentStatus,
 ) -> Result<u64, CasError> {
     const ATTEMPTS: u32 = 32;
     for _ in 0..ATTEMPTS {
-        let entry = kv
-            .entry(key)
+        let entry = get(client, ACTUAL_STATE, device)
             .await
-            .map_err(|e| CasError::Nats(format!("reading {key}: {e}")))?;
+            .map_err(|e| CasError::Nats(e.to_string()))?;
         let (current, revision) = match entry {
-            Some(e) if e.operation == Operation::Put => {
-                (decode::<AgentStatus>(&e.value).ok(), Some(e.revision))
-            }
-            _ => (None, None),
+            Some(e) if !e.deleted => (decode::<AgentStatus>(&e.value).ok(), e.revision),
+            // No value (or a delete marker): write on top of whatever revision is there.
+            Some(e) => (None, e.revision),
+            None => (None, 0),
         };
         let bytes = encode(&next(current))?;
-        let result = match revision {
-            Some(rev) => kv.update(key, bytes.into(), rev).await.map_err(|e| {
-                if e.kind() == UpdateErrorKind::WrongLastRevision {
-                    None
-                } else {
-                    Some(e.to_string())
-                }
-            }),
-            None => kv.create(key, bytes.into()).await.map_err(|e| {
-                if e.kind() == CreateErrorKind::AlreadyExists {
-                    None
-                } else {
-                    Some(e.to_string())
-                }
-            }),
-        };
-        match result {
+        match put(client, ACTUAL_STATE, device, bytes.into(), Some(revision)).await {
             Ok(rev) => return Ok(rev),
-            Err(None) => {
-                debug!(key, "status write conflicted; re-reading");
+            Err(PutError::Conflict) => {
+                debug!(%device, "status write conflicted; re-reading");
                 tokio::time::sleep(Duration::from_millis(fastrand::u64(1..20))).await;
             }
-            Err(Some(e)) => return Err(CasError::Nats(e)),
+            Err(PutError::Nats(e)) => return Err(CasError::Nats(e)),
         }
     }
     Err(CasError::Contended(ATTEMPTS))
@@ -313,27 +426,14 @@ pub async fn write_status(
     mut rx: watch::Receiver<AgentStatus>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let js = jetstream::new(client);
-    let key = ACTUAL_STATE.key(&device).to_owned();
-    let mut kv: Option<Store> = None;
     let mut written: Option<AgentStatus> = None;
     let mut attempt = 0u32;
     loop {
         let pending = rx.borrow_and_update().clone();
         if written.as_ref() != Some(&pending) {
-            let result = async {
-                if kv.is_none() {
-                    kv = Some(
-                        bind(&js, ACTUAL_STATE)
-                            .await
-                            .map_err(|e| CasError::Nats(e.to_string()))?,
-                    );
-                }
-                let store = kv
-                    .as_ref()
-                    .ok_or_else(|| CasError::Nats("not bound".into()))?;
-                cas_update_status(store, &key, |stored| merge_own_status(&pending, stored)).await
-            };
+            let result = cas_update_status(&client, &device, |stored| {
+                merge_own_status(&pending, stored)
+            });
             let result = tokio::select! {
                 r = result => Some(r),
                 _ = crate::stopped(&mut stop), if written.is_some() || attempt > 0 => None,
@@ -365,11 +465,11 @@ pub async fn write_status(
         tokio::select! {
             _ = crate::stopped(&mut stop) => {
                 // A final status may have been published just before stop.
-                if rx.has_changed().unwrap_or(false) && let Some(store) = &kv {
+                if rx.has_changed().unwrap_or(false) {
                     let last = rx.borrow_and_update().clone();
                     let _ = tokio::time::timeout(
                         Duration::from_secs(5),
-                        cas_update_status(store, &key, |stored| merge_own_status(&last, stored)),
+                        cas_update_status(&client, &device, |stored| merge_own_status(&last, stored)),
                     )
                     .await;
                 }
@@ -385,12 +485,10 @@ pub async fn write_status(
 pub async fn heartbeat(
     client: async_nats::Client,
     settings: Arc<Settings>,
+    sealing_key: String,
     mut stop: watch::Receiver<bool>,
 ) {
-    let js = jetstream::new(client);
-    let key = HEARTBEAT.key(&settings.device).to_owned();
-    let mut facts = Facts::new(settings.clone());
-    let mut kv: Option<Store> = None;
+    let mut facts = Facts::new(settings.clone(), Some(sealing_key));
     let mut tick = tokio::time::interval(settings.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -406,15 +504,7 @@ pub async fn heartbeat(
                 continue;
             }
         };
-        if kv.is_none() {
-            kv = bind(&js, HEARTBEAT)
-                .await
-                .map_err(|e| debug!(error = %e, "heartbeat bucket not reachable"))
-                .ok();
-        }
-        if let Some(store) = &kv
-            && let Err(e) = store.put(key.as_str(), bytes.into()).await
-        {
+        if let Err(e) = put(&client, HEARTBEAT, &settings.device, bytes.into(), None).await {
             debug!(error = %e, sequence = hb.sequence, "heartbeat not delivered");
         }
     }

@@ -1,6 +1,6 @@
 //! Maps each resource kind to its reconciler, and says which kinds this device runs.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, sync::Arc};
 
 use fleetlet_protocol::{ResourceDetails, ResourceId, ResourceKind, ResourceSpec};
 use tokio::time::Instant;
@@ -10,6 +10,7 @@ use crate::{
     container::ContainerReconciler,
     file::FileReconciler,
     reconciler::{Deleted, Observation, ReconcileError, Reconciler},
+    sealing::SealingKey,
     shelljob::ShellJobReconciler,
     systemd::SystemdReconciler,
 };
@@ -26,20 +27,23 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn from_settings(s: &Settings) -> Self {
+    /// The reconcilers for `s`; sealed content (a Pod's Secret) opens with `sealing`.
+    pub fn from_settings(s: &Settings, sealing: Arc<SealingKey>) -> Self {
         Self {
             enabled: s.enabled_kinds.clone(),
             file: FileReconciler::with_prefix(
                 s.file_roots.clone(),
                 s.max_file_bytes,
                 s.file_prefix.clone(),
-            ),
+            )
+            .with_sealing(sealing.clone()),
             container: ContainerReconciler::with_host_prefix(
                 s.container.clone(),
                 s.device.clone(),
                 &s.state_dir,
                 s.file_prefix.clone(),
-            ),
+            )
+            .with_sealing(sealing),
             systemd: SystemdReconciler::new(s.systemd.clone(), s.device.clone()),
             shell_job: ShellJobReconciler::new(s.shell_job.clone(), s.device.clone(), &s.state_dir),
         }

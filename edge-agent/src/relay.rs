@@ -56,6 +56,7 @@ pub async fn serve(
     let exec = relay::exec_subject(&device);
     let attach = relay::attach_subject(&device);
     let control_prefix = relay::control_subject(&device, "");
+    let frames = relay::frames_subject(&device);
     loop {
         let msg = tokio::select! {
             _ = crate::stopped(&mut stop) => break,
@@ -70,10 +71,7 @@ pub async fn serve(
             }
             continue;
         }
-        let Some(reply) = msg.reply.clone() else {
-            continue;
-        };
-        let out = Output::new(client.clone(), reply.to_string());
+        let out = Output::new(client.clone(), frames.clone());
         let (c, ss) = (containers.clone(), sessions.clone());
         if subject == logs {
             start::<LogsRequest, _, _>(&msg.payload, out, ss, c, logs_session).await;
@@ -147,17 +145,33 @@ async fn start<R, F, Fut>(
         + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
+    let mut out = out;
     let req = match serde_json::from_slice::<R>(payload) {
         Ok(r) => r,
         Err(e) => {
+            // Answer on the session the request names, if it names a valid one.
+            let session = serde_json::from_slice::<serde_json::Value>(payload)
+                .ok()
+                .and_then(|v| v.get("session")?.as_str().map(str::to_owned))
+                .filter(|s| relay::valid_session(s));
+            let Some(session) = session else {
+                warn!(kind = R::KIND, error = %e, "relay request without a valid session; ignored");
+                return;
+            };
+            out.session = session;
             return out
                 .end(Some(&format!("malformed {} request: {e}", R::KIND)))
                 .await;
         }
     };
     if !relay::valid_session(req.session()) {
-        return out.end(Some("invalid session id")).await;
+        warn!(
+            kind = R::KIND,
+            "relay request with an invalid session id; ignored"
+        );
+        return;
     }
+    out.session = req.session().to_owned();
     if let Err(why) = req.check() {
         return out.end(Some(why)).await;
     }
@@ -193,7 +207,9 @@ fn unregister(sessions: &Sessions, id: &str) {
 /// The sending side of a session, with its flow-control window.
 struct Output {
     client: Client,
-    inbox: String,
+    /// The device's frames subject.
+    subject: String,
+    session: String,
     seq: u64,
     sent: u64,
     acked: u64,
@@ -209,10 +225,11 @@ enum Control {
 }
 
 impl Output {
-    fn new(client: Client, inbox: String) -> Self {
+    fn new(client: Client, subject: String) -> Self {
         Self {
             client,
-            inbox,
+            subject,
+            session: String::new(),
             seq: 0,
             sent: 0,
             acked: 0,
@@ -227,6 +244,7 @@ impl Output {
         extra: Option<(&str, String)>,
     ) -> bool {
         let mut h = HeaderMap::new();
+        h.insert(relay::SESSION, self.session.as_str());
         h.insert(FRAME, kind.as_str());
         h.insert(SEQ, self.seq.to_string().as_str());
         if let Some((k, v)) = extra {
@@ -235,7 +253,7 @@ impl Output {
         self.seq += 1;
         self.sent += payload.len() as u64;
         self.client
-            .publish_with_headers(self.inbox.clone(), h, payload)
+            .publish_with_headers(self.subject.clone(), h, payload)
             .await
             .is_ok()
     }
@@ -269,7 +287,7 @@ impl Output {
         match tokio::time::timeout_at(self.last_heard + idle, control.recv()).await {
             Ok(Some(m)) => self.handle(&m),
             Ok(None) | Err(_) => {
-                debug!(inbox = %self.inbox, "requester went quiet; ending the session");
+                debug!(session = %self.session, "requester went quiet; ending the session");
                 Control::Stop
             }
         }

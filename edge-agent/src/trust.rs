@@ -1,6 +1,7 @@
-//! Manifest signatures: with trusted keys configured (`[trust] manifest_keys`), the agent
-//! accepts only manifests the control plane signed with one of them. A refused manifest
-//! leaves the previous one in force, with the reason in `status.lastRejection`.
+//! Manifest signatures: the agent accepts only manifests the control plane signed with one
+//! of its trusted keys (`[trust] manifest_keys`), unless its owner lists none and opts out
+//! (`[trust] allow_unsigned`). A refused manifest leaves the previous one in force, with the
+//! reason in `status.lastRejection`.
 
 use std::collections::BTreeMap;
 
@@ -8,14 +9,25 @@ use base64::Engine;
 use fleetlet_protocol::{AgentManifest, signing};
 use ring::signature::{ED25519, UnparsedPublicKey};
 
-/// `Err((reason, message))`: `Unsigned`, `UnknownSigningKey` or `BadSignature`.
+/// `Err((reason, message))`: `Unsigned`, `UnknownSigningKey` or `BadSignature`. With no
+/// key listed, `allow_unsigned` says whether to accept manifests (they cannot be checked).
 pub fn verify(
     keys: &BTreeMap<String, Vec<u8>>,
+    allow_unsigned: bool,
     bytes: &[u8],
     manifest: &AgentManifest,
 ) -> Result<(), (&'static str, String)> {
     if keys.is_empty() {
-        return Ok(());
+        if allow_unsigned {
+            return Ok(());
+        }
+        return Err((
+            "Unsigned",
+            "this device accepts only signed manifests and trusts no signing key: add the \
+             control plane's key to [trust] manifest_keys (the device's enrolment Secret has \
+             it), or set [trust] allow_unsigned = true"
+                .to_string(),
+        ));
     }
     let trusted = || keys.keys().cloned().collect::<Vec<_>>().join(", ");
     let sealed = match signing::open(bytes) {
@@ -59,6 +71,39 @@ pub fn verify(
         })
 }
 
+/// The generation in a signed freshness floor, once it is signed by a trusted key, for this
+/// device and this request's nonce.
+pub fn verify_floor(
+    keys: &BTreeMap<String, Vec<u8>>,
+    bytes: &[u8],
+    device: &fleetlet_protocol::DeviceId,
+    nonce: &str,
+) -> Result<u64, String> {
+    let sealed: signing::SignedFloor =
+        serde_json::from_slice(bytes).map_err(|e| format!("not a signed floor: {e}"))?;
+    if sealed.kind != signing::FLOOR_KIND {
+        return Err(format!("not a signed floor but {:?}", sealed.kind));
+    }
+    let floor: signing::Floor =
+        serde_json::from_str(&sealed.floor).map_err(|e| format!("floor: {e}"))?;
+    let key = keys.get(&floor.signing_key).ok_or_else(|| {
+        format!(
+            "signed with key {:?}, which this device does not trust",
+            floor.signing_key
+        )
+    })?;
+    let signature = base64::engine::general_purpose::STANDARD
+        .decode(sealed.signature.as_bytes())
+        .map_err(|e| format!("signature is not base64: {e}"))?;
+    UnparsedPublicKey::new(&ED25519, key)
+        .verify(sealed.floor.as_bytes(), &signature)
+        .map_err(|_| "the signature does not match the floor".to_string())?;
+    if &floor.device != device || floor.nonce != nonce {
+        return Err("the floor is for another device or another request".into());
+    }
+    Ok(floor.generation)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -97,19 +142,32 @@ mod tests {
         for (k, id) in [(&k1, "k1"), (&k2, "k2")] {
             let (bytes, m) = sealed(k, id, 1);
             assert_eq!(decode::<AgentManifest>(&bytes).unwrap(), m);
-            assert_eq!(verify(&keys, &bytes, &m), Ok(()));
+            assert_eq!(verify(&keys, false, &bytes, &m), Ok(()));
         }
         let (bytes, m) = sealed(&stranger, "k1", 1);
-        assert_eq!(verify(&keys, &bytes, &m).unwrap_err().0, "BadSignature");
+        assert_eq!(
+            verify(&keys, false, &bytes, &m).unwrap_err().0,
+            "BadSignature"
+        );
         let (bytes, m) = sealed(&stranger, "k9", 1);
         assert_eq!(
-            verify(&keys, &bytes, &m).unwrap_err().0,
+            verify(&keys, false, &bytes, &m).unwrap_err().0,
             "UnknownSigningKey"
         );
         let plain = AgentManifest::new(DeviceId::new("pi-1").unwrap(), 1);
         let bytes = encode(&plain).unwrap();
-        assert_eq!(verify(&keys, &bytes, &plain).unwrap_err().0, "Unsigned");
-        assert_eq!(verify(&BTreeMap::new(), &bytes, &plain), Ok(()));
+        assert_eq!(
+            verify(&keys, false, &bytes, &plain).unwrap_err().0,
+            "Unsigned"
+        );
+        // No key: refused unless the owner opted out.
+        assert_eq!(
+            verify(&BTreeMap::new(), false, &bytes, &plain)
+                .unwrap_err()
+                .0,
+            "Unsigned"
+        );
+        assert_eq!(verify(&BTreeMap::new(), true, &bytes, &plain), Ok(()));
     }
 
     #[test]
@@ -123,6 +181,9 @@ mod tests {
         let bytes = serde_json::to_vec(&env).unwrap();
         let m = decode::<AgentManifest>(&bytes).unwrap();
         assert_eq!(m.generation, 2);
-        assert_eq!(verify(&keys, &bytes, &m).unwrap_err().0, "BadSignature");
+        assert_eq!(
+            verify(&keys, false, &bytes, &m).unwrap_err().0,
+            "BadSignature"
+        );
     }
 }

@@ -369,11 +369,13 @@ async fn concurrent_status_writers_do_not_lose_updates() {
     let (_, actual, _) = buckets(&env).await;
     let dev = DeviceId::new("pi-cas").unwrap();
     let writers = (0..2).map(|_| {
-        let kv = actual.clone();
+        let env_url = env.nats_url().unwrap().to_owned();
         let dev = dev.clone();
         tokio::spawn(async move {
+            // Each writer on a connection of its own, as two agents would be.
+            let client = async_nats::connect(env_url).await.unwrap();
             for _ in 0..25 {
-                fleetlet_agent::nats::cas_update_status(&kv, dev.as_str(), |stored| {
+                fleetlet_agent::nats::cas_update_status(&client, &dev, |stored| {
                     let mut s = stored.unwrap_or_else(|| AgentStatus::new(dev.clone()));
                     s.drift_repairs += 1;
                     s

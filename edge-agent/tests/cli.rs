@@ -89,7 +89,7 @@ fn once_applies_a_manifest_file_without_nats_and_prints_the_status() {
     let cfg = config(
         dir.path(),
         &format!(
-            "device_id = \"pi-once\"\nstate_dir = \"{}\"\n[nats]\nurls = [\"nats://127.0.0.1:1\"]\n[file]\nallowed_roots = [\"{}\"]\n",
+            "device_id = \"pi-once\"\nstate_dir = \"{}\"\n[nats]\nurls = [\"nats://127.0.0.1:1\"]\n[trust]\nallow_unsigned = true\n[file]\nallowed_roots = [\"{}\"]\n",
             dir.path().join("state").display(),
             root.display()
         ),
@@ -144,4 +144,75 @@ fn once_applies_a_manifest_file_without_nats_and_prints_the_status() {
         std::fs::read_to_string(root.join("hello.txt")).unwrap(),
         "hi\n"
     );
+}
+
+#[test]
+fn once_takes_a_signed_manifest_as_stored_and_refuses_a_forged_one() {
+    use fleetlet_controller::signing::Signer;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let signer = Signer::generate(&dir.path().join("key.pem"), None).unwrap();
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "device_id = \"pi-signed\"\nstate_dir = \"{}\"\n[nats]\nurls = [\"nats://127.0.0.1:1\"]\n\
+             [trust.manifest_keys]\n\"{}\" = \"{}\"\n[file]\nallowed_roots = [\"{}\"]\n",
+            dir.path().join("state").display(),
+            signer.id,
+            signer.public_key_base64(),
+            root.display()
+        ),
+    );
+    let file = root.join("signed.txt");
+    let mut m = fleetlet_protocol::AgentManifest::new(
+        fleetlet_protocol::DeviceId::new("pi-signed").unwrap(),
+        2,
+    );
+    m.resources.push(
+        serde_json::from_value(serde_json::json!({
+            "id": "signed", "owner": { "kind": "EdgeManifest", "namespace": "n", "name": "m" },
+            "file": { "path": file.display().to_string(), "content": { "text": "signed\n" } }
+        }))
+        .unwrap(),
+    );
+    let run = |bytes: &[u8]| {
+        let path = dir.path().join("manifest.json");
+        std::fs::write(&path, bytes).unwrap();
+        agent()
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--once")
+            .arg("--manifest")
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+
+    // A forged envelope (the text changed after signing) is refused, and nothing is written.
+    let sealed = signer.seal(&m).unwrap();
+    let forged = String::from_utf8(sealed.clone())
+        .unwrap()
+        .replace("signed\\\\n", "forged\\\\n");
+    assert_ne!(
+        forged.as_bytes(),
+        &sealed[..],
+        "the forgery changed something"
+    );
+    let out = run(forged.as_bytes());
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("BadSignature"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!file.exists(), "nothing is applied from a forged manifest");
+
+    // The signed manifest as the controller stores it, envelope and all, is applied.
+    let out = run(&sealed);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "signed\n");
 }

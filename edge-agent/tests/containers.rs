@@ -44,6 +44,7 @@ fn web(image: &str, port: u16) -> ContainerSpec {
         env: vec![fleetlet_protocol::EnvVar {
             name: "GREETING".into(),
             value: "hello from fleetlet".into(),
+            sealed_value: None,
         }],
         ports: vec![PortMapping {
             container_port: 8080,

@@ -411,6 +411,8 @@ async fn the_agent_installs_itself_as_a_systemd_service_and_uninstalls() {
         &format!("--nats-url={}", env.nats_url().unwrap()),
         &format!("--nats-creds={}", creds.display()),
         "--enable-kinds=file,systemdUnit",
+        // This test writes unsigned manifests (signed ones: tests/tests/signing.rs).
+        "--allow-unsigned",
     ]));
     // The given creds are copied privately and named in the config; this test's server
     // takes no credentials, so the line is dropped below before the agent connects.

@@ -22,6 +22,10 @@ pub struct Heartbeat {
     pub free: Free,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<Address>,
+    /// The device's X25519 public key (standard base64 of 32 bytes), which the controller
+    /// seals Secret contents to. The private half never leaves the device's state directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealing_key: Option<String>,
 }
 
 /// The device's operating system and hardware.

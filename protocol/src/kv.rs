@@ -80,7 +80,42 @@ impl Bucket {
     pub fn all_subjects(self) -> String {
         format!("$KV.{}.>", self.name)
     }
+
+    /// Where JetStream republishes each record of `device` once it is stored, with its
+    /// sequence (the KV revision) in the `Nats-Sequence` header: what readers subscribe to.
+    /// Only stored records appear here, in the order they were stored; a write JetStream
+    /// refused (a failed compare-and-set) never does.
+    pub fn changes(self, device: &DeviceId) -> String {
+        format!("{CHANGES_PREFIX}.{}.{}", self.name, device)
+    }
+
+    /// Every device's changes in this bucket.
+    pub fn all_changes(self) -> String {
+        format!("{CHANGES_PREFIX}.{}.>", self.name)
+    }
+
+    /// Direct get of `device`'s latest record: the request names the key in its subject, so
+    /// a grant of this subject is a grant of that one key (a body is refused).
+    pub fn direct_get(self, device: &DeviceId) -> String {
+        format!("{}.{}", self.direct_get_api(), self.subject(device))
+    }
+
+    /// Direct get with the query in the body (any key, batches): for readers of the whole
+    /// bucket only.
+    pub fn direct_get_api(self) -> String {
+        format!("$JS.API.DIRECT.GET.{}", self.stream())
+    }
 }
+
+/// First tokens of the subjects records are republished on ([`Bucket::changes`]).
+pub const CHANGES_PREFIX: &str = "fleetlet.kv";
+
+/// The JetStream message header with a stored message's sequence (a KV revision).
+pub const SEQUENCE_HEADER: &str = "Nats-Sequence";
+/// The header marking a KV delete (`DEL`) or purge (`PURGE`) instead of a value.
+pub const OPERATION_HEADER: &str = "KV-Operation";
+/// Compare-and-set on a write: the subject's last sequence must be this (0: no value yet).
+pub const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
 
 #[cfg(test)]
 mod tests {
@@ -93,6 +128,14 @@ mod tests {
         assert_eq!(ACTUAL_STATE.subject(&dev), "$KV.actual-state.pi-1");
         assert_eq!(HEARTBEAT.stream(), "KV_heartbeat");
         assert_eq!(HEARTBEAT.key(&dev), "pi-1");
+        assert_eq!(
+            DESIRED_STATE.direct_get(&dev),
+            "$JS.API.DIRECT.GET.KV_desired-state.$KV.desired-state.pi-1"
+        );
+        assert_eq!(
+            DESIRED_STATE.changes(&dev),
+            "fleetlet.kv.desired-state.pi-1"
+        );
     }
 
     #[test]

@@ -6,11 +6,11 @@
 //! Decoding goes through [`decode`], which checks size, syntax, `apiVersion` and names and
 //! returns a typed [`DecodeError`] instead of panicking on hostile input.
 
+pub mod access;
 pub mod heartbeat;
 pub mod kv;
 pub mod manifest;
 pub mod names;
-pub mod permissions;
 pub mod relay;
 pub mod signing;
 pub mod status;
@@ -198,6 +198,18 @@ pub fn json_schemas() -> Vec<(&'static str, schemars::Schema)> {
         (
             "signed-agent-manifest.schema.json",
             schemars::schema_for!(signing::SignedManifest),
+        ),
+        (
+            "manifest-floor-request.schema.json",
+            schemars::schema_for!(signing::FloorRequest),
+        ),
+        (
+            "signed-manifest-floor.schema.json",
+            schemars::schema_for!(signing::SignedFloor),
+        ),
+        (
+            "manifest-floor.schema.json",
+            schemars::schema_for!(signing::Floor),
         ),
         (
             "relay-logs-request.schema.json",

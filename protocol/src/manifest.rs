@@ -31,6 +31,10 @@ pub struct AgentManifest {
     /// [`crate::signing`]); part of what is signed, so it cannot be swapped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_key: Option<String>,
+    /// When the controller issued this generation. An agent refuses a manifest issued
+    /// before the one it runs (with the generation, inside what is signed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<crate::Timestamp>,
 }
 
 /// One resource on a device, with the object that asked for it.
@@ -324,10 +328,15 @@ pub enum RestartPolicy {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct EnvVar {
     pub name: String,
     #[serde(default)]
     pub value: String,
+    /// The value sealed to the device's own key (see [`FileContent::Sealed`]), in place of
+    /// `value`: a Pod's Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_value: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -546,6 +555,11 @@ pub enum FileContent {
     Text(String),
     /// Arbitrary bytes, base64-encoded (standard alphabet, padded).
     Base64(String),
+    /// Bytes sealed to the device's own key (an X25519 sealed box, standard base64; the key
+    /// is in the device's heartbeat): how the controller sends a Pod's Secret, so neither
+    /// the bucket, a backup of it, nor anyone between can read it. Only that device can
+    /// open it.
+    Sealed(String),
 }
 
 impl FileSpec {
@@ -610,6 +624,7 @@ impl AgentManifest {
             generation,
             resources: Vec::new(),
             signing_key: None,
+            issued_at: None,
         }
     }
 

@@ -2,10 +2,12 @@
 //! and exec, which is how `kubectl logs` and `kubectl exec` reach a container on a device.
 //!
 //! A session starts with a request (JSON, [`LogsRequest`] or [`ExecRequest`]) on
-//! [`logs_subject`] / [`exec_subject`] with a reply inbox. The agent answers on that inbox
-//! with output frames: raw bytes in the payload, what they are in headers ([`FRAME`]), a
-//! sequence number, and a last frame that says how the session ended. The requester sends
-//! control messages (acknowledgements, stdin, resize, cancel) to [`control_subject`].
+//! [`logs_subject`] / [`exec_subject`]. The agent answers on its own [`frames_subject`] with
+//! output frames: raw bytes in the payload, the session ([`SESSION`]) and what they are
+//! ([`FRAME`]) in headers, a sequence number, and a last frame that says how the session
+//! ended. The requester sends control messages (acknowledgements, stdin, resize, cancel) to
+//! [`control_subject`]. Frames never go to a reply subject: the subject they arrive on names
+//! the device that sent them, which NATS accounts enforce (see [`crate::access`]).
 //!
 //! Flow control: the agent keeps at most [`WINDOW_BYTES`] unacknowledged and stops a session
 //! whose requester has sent nothing for [`IDLE_TIMEOUT_SECS`] (acknowledgements double as
@@ -27,34 +29,55 @@ pub const ACK_INTERVAL_SECS: u64 = 5;
 
 /// Header naming what a message is: an output frame's stream, or a control message's kind.
 pub const FRAME: &str = "Fleetlet-Frame";
+/// Header with the session an output frame belongs to.
+pub const SESSION: &str = "Fleetlet-Session";
 /// Header with an output frame's sequence number (from 0), or an ack's byte count.
 pub const SEQ: &str = "Fleetlet-Seq";
 /// Header with the exit code on an [`FrameKind::Exit`] frame.
 pub const EXIT_CODE: &str = "Fleetlet-Exit-Code";
 
+/// First tokens of every subject the requester sends a device (requests, control).
+pub const SUBJECT_PREFIX: &str = "fleetlet.relay.";
+/// First tokens of a device's frames subject.
+pub const FRAMES_PREFIX: &str = "fleetlet.frames.";
+
 /// Subject for log sessions with `device`'s agent.
 pub fn logs_subject(device: &DeviceId) -> String {
-    format!("fleetlet.relay.{device}.logs")
+    format!("{SUBJECT_PREFIX}{device}.logs")
 }
 
 /// Subject for exec sessions with `device`'s agent.
 pub fn exec_subject(device: &DeviceId) -> String {
-    format!("fleetlet.relay.{device}.exec")
+    format!("{SUBJECT_PREFIX}{device}.exec")
 }
 
 /// Subject for attach sessions (to a container's main process) with `device`'s agent.
 pub fn attach_subject(device: &DeviceId) -> String {
-    format!("fleetlet.relay.{device}.attach")
+    format!("{SUBJECT_PREFIX}{device}.attach")
 }
 
 /// Every relay subject of `device` (what its agent subscribes to).
 pub fn device_wildcard(device: &DeviceId) -> String {
-    format!("fleetlet.relay.{device}.>")
+    format!("{SUBJECT_PREFIX}{device}.>")
+}
+
+/// Subject `device`'s agent sends output frames to, for every session; the session is in
+/// the [`SESSION`] header. One subject per device, so a device can only ever speak as itself.
+pub fn frames_subject(device: &DeviceId) -> String {
+    format!("{FRAMES_PREFIX}{device}")
+}
+
+/// Every device's frames (what the requester subscribes to).
+pub const ALL_FRAMES: &str = "fleetlet.frames.*";
+
+/// The device an output frame's subject names.
+pub fn frames_device(subject: &str) -> Option<&str> {
+    subject.strip_prefix(FRAMES_PREFIX)
 }
 
 /// Subject the requester sends control messages of `session` to.
 pub fn control_subject(device: &DeviceId, session: &str) -> String {
-    format!("fleetlet.relay.{device}.session.{session}")
+    format!("{SUBJECT_PREFIX}{device}.session.{session}")
 }
 
 /// A session id: what the requester picks, checked so it is one subject token.

@@ -37,6 +37,49 @@ impl SignedManifest {
     }
 }
 
+/// `kind` of a signed freshness floor.
+pub const FLOOR_KIND: &str = "SignedManifestFloor";
+
+/// What a device that lost its state asks the controller (on
+/// [`crate::access::floor_subject`]): a fresh random nonce, which the answer must carry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FloorRequest {
+    pub nonce: String,
+}
+
+/// The lowest manifest generation `device` may accept: the newest the controller has
+/// issued it. An old signed manifest replayed to a device that lost its state is refused
+/// against it. Bound to one request by its nonce, so an old answer cannot be replayed
+/// either.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Floor {
+    pub api_version: String,
+    pub device: crate::DeviceId,
+    pub generation: u64,
+    pub nonce: String,
+    /// Id of the key that signed it.
+    pub signing_key: String,
+}
+
+/// A [`Floor`] as the exact JSON text that was signed, and the signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SignedFloor {
+    pub api_version: String,
+    /// Always [`FLOOR_KIND`].
+    pub kind: String,
+    pub floor: String,
+    /// Standard base64 of the ed25519 signature over `floor`'s UTF-8 bytes.
+    pub signature: String,
+}
+
+/// Whether `s` is a nonce a device would send: 16 to 64 ASCII letters and digits.
+pub fn valid_nonce(s: &str) -> bool {
+    (16..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
 /// The envelope in `bytes`: `None` if they are not one (a plain manifest), `Some(Err)` if
 /// they claim to be one and are not valid.
 pub fn open(bytes: &[u8]) -> Option<Result<SignedManifest, serde_json::Error>> {

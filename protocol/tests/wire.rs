@@ -63,7 +63,11 @@ fn container_spec() -> impl Strategy<Value = ContainerSpec> {
                 args,
                 env: env
                     .into_iter()
-                    .map(|(name, value)| EnvVar { name, value })
+                    .map(|(name, value)| EnvVar {
+                        name,
+                        value,
+                        sealed_value: None,
+                    })
                     .collect(),
                 ports: ports
                     .into_iter()
@@ -144,6 +148,7 @@ fn manifest() -> impl Strategy<Value = AgentManifest> {
         .prop_map(|(device, generation, resources)| AgentManifest {
             api_version: API_VERSION.into(),
             signing_key: None,
+            issued_at: None,
             device,
             generation,
             resources: resources
@@ -252,6 +257,7 @@ fn heartbeat() -> impl Strategy<Value = Heartbeat> {
                 type_: "InternalIP".into(),
                 address: "127.0.0.1".into(),
             }],
+            sealing_key: None,
         }
     })
 }

@@ -139,6 +139,11 @@ pub fn start_agent(bin_dir: &Path, dir: &Path, config: &str) -> Result<Service, 
     )
 }
 
+/// What test agents that are sent unsigned manifests need in their config: a device owner
+/// opting out of signatures. (A `[trust.manifest_keys]` table in a test's extra config
+/// still makes the agent require signatures.)
+pub const UNSIGNED_OK: &str = "[trust]\nallow_unsigned = true\n";
+
 /// A files-only agent's config for `device` in `dir`: state in `dir/state`, files under
 /// `dir/root` (`file.path_prefix`) and only below `allowed_root`, quick heartbeats, drift
 /// checks and retries. `nats` is added to the `[nats]` table, `extra` at the end.
@@ -153,9 +158,39 @@ pub fn file_agent_config(
     format!(
         "device_id = \"{device}\"\nstate_dir = \"{state}\"\n[nats]\nurls = [\"{nats_url}\"]\n{nats}\n\
          [reconcile]\nenabled_kinds = [\"file\"]\nheartbeat_interval_seconds = 1\ndrift_interval_seconds = 2\n\
-         backoff_initial_ms = 200\nbackoff_max_ms = 1000\n\
+         backoff_initial_ms = 200\nbackoff_max_ms = 1000\n{UNSIGNED_OK}\
          [file]\nallowed_roots = [\"{allowed_root}\"]\npath_prefix = \"{root}\"\n{extra}",
         state = dir.join("state").display(),
         root = dir.join("root").display(),
     )
+}
+
+/// The `[trust.manifest_keys]` table an agent needs for the manifest signing key the
+/// controller keeps in Secret `name` of `namespace` (`--manifest-signing-secret`), once the
+/// controller has created it: what a device owner copies from the Secret.
+pub async fn manifest_trust(env: &TestEnv, namespace: &str, name: &str) -> Result<String, Error> {
+    use k8s_openapi::api::core::v1::Secret;
+    let api: kube::Api<Secret> = kube::Api::namespaced(env.kube_client().await?, namespace);
+    let secret = crate::eventually(
+        &format!("the manifest signing Secret {namespace}/{name}"),
+        crate::DEFAULT_TIMEOUT,
+        || async {
+            api.get_opt(name)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "not created yet".to_string())
+        },
+    )
+    .await;
+    let data = secret.data.unwrap_or_default();
+    let text = |k: &str| {
+        data.get(k)
+            .map(|b| String::from_utf8_lossy(&b.0).trim().to_owned())
+            .ok_or_else(|| Error::Setup(format!("Secret {namespace}/{name} has no {k}")))
+    };
+    Ok(format!(
+        "[trust.manifest_keys]\n\"{}\" = \"{}\"\n",
+        text(fleetlet_controller::signing::SECRET_KEY_ID)?,
+        text(fleetlet_controller::signing::SECRET_PUBLIC_KEY)?,
+    ))
 }

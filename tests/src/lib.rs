@@ -163,6 +163,30 @@ impl Builder {
         self
     }
 
+    /// nats-server with fleetlet's static accounts ([`fleetlet_protocol::access`]): the
+    /// fleet account (with the controller, `controller`, and an administrator, `admin`),
+    /// the bridge's (`bridge`), and one account per device in `devices` (its user named
+    /// after it). Passwords are [`nats::static_password`] of the user's name.
+    pub fn nats_accounts(self, devices: &[&str], tls: bool) -> Self {
+        use fleetlet_protocol::access::{StaticUsers, User, server_accounts};
+        let user = |name: &str| User::new(name, &nats::static_password(name));
+        let users = StaticUsers {
+            controller: user("controller"),
+            admin: Some(user("admin")),
+            bridge: user("bridge"),
+            devices: devices
+                .iter()
+                .filter_map(|d| Some((fleetlet_protocol::DeviceId::new(*d).ok()?, user(d))))
+                .collect(),
+        };
+        self.nats_secured(
+            &server_accounts(&users),
+            "admin",
+            &nats::static_password("admin"),
+            tls,
+        )
+    }
+
     pub async fn start(self) -> Result<TestEnv, Error> {
         TestEnv::start_with(self).await
     }

@@ -187,6 +187,11 @@ impl NatsServer {
     }
 }
 
+/// The password of `user` in [`crate::Builder::nats_accounts`] environments.
+pub fn static_password(user: &str) -> String {
+    format!("{user}-secret")
+}
+
 /// How the environment's admin client authenticates.
 #[derive(Debug, Clone)]
 pub enum NatsAuth {
@@ -217,4 +222,91 @@ pub async fn ensure_buckets(client: async_nats::Client) -> Result<jetstream::Con
         .await
         .map_err(|e| Error::Setup(e.to_string()))?;
     Ok(js)
+}
+
+/// Decentralized auth for a test server, as `fleetlet-controller nats-init` sets it up: the
+/// operator, system, fleet and bridge accounts, and an administrator of the fleet account
+/// allowed everything (what the environment creates the buckets with).
+pub struct Operator {
+    pub authority: fleetlet_controller::identity::Authority,
+    /// The server configuration (`nats-auth.conf`).
+    pub config: String,
+    /// The administrator's `.creds` text.
+    pub admin_creds: String,
+}
+
+impl Operator {
+    /// New keys; the resolver keeps account JWTs in `resolver_dir`.
+    pub fn generate(resolver_dir: &Path) -> Result<Self, Error> {
+        let authority = fleetlet_controller::identity::Authority::generate();
+        Self::from_authority(authority, resolver_dir)
+    }
+
+    /// The keys `fleetlet-controller nats-init` wrote to `keys` (`authority.json`,
+    /// `nats-auth.conf`).
+    pub fn from_dir(keys: &Path) -> Result<Self, Error> {
+        let authority =
+            fleetlet_controller::identity::Authority::from_file(&keys.join("authority.json"))
+                .map_err(|e| Error::Setup(e.to_string()))?;
+        let config = std::fs::read_to_string(keys.join("nats-auth.conf"))?;
+        let admin_creds = authority
+            .issue_fleet_user("admin", None)
+            .map_err(|e| Error::Setup(e.to_string()))?
+            .creds;
+        Ok(Self {
+            authority,
+            config,
+            admin_creds,
+        })
+    }
+
+    fn from_authority(
+        authority: fleetlet_controller::identity::Authority,
+        resolver_dir: &Path,
+    ) -> Result<Self, Error> {
+        let setup = |e: fleetlet_controller::identity::IdentityError| Error::Setup(e.to_string());
+        let config = authority.server_config(resolver_dir).map_err(setup)?;
+        let admin_creds = authority
+            .issue_fleet_user("admin", None)
+            .map_err(setup)?
+            .creds;
+        Ok(Self {
+            authority,
+            config,
+            admin_creds,
+        })
+    }
+
+    /// A connection of the system account to `server` (it may push account JWTs).
+    pub async fn system_client(&self, server: &NatsServer) -> Result<async_nats::Client, Error> {
+        let creds = self
+            .authority
+            .system_user()
+            .map_err(|e| Error::Setup(e.to_string()))?;
+        Ok(
+            connect_options(Some(NatsAuth::Creds(creds)), server.ca_file.clone())
+                .connect(&server.url)
+                .await?,
+        )
+    }
+
+    /// Enrols `device` as the controller does: a new account of its own, pushed through
+    /// `sys` (a [`Operator::system_client`]). Returns the device's identity (its `.creds`
+    /// in `user.creds`).
+    pub async fn enroll(
+        &self,
+        sys: &async_nats::Client,
+        device: &str,
+    ) -> Result<fleetlet_controller::identity::DeviceIdentity, Error> {
+        let id =
+            fleetlet_protocol::DeviceId::new(device).map_err(|e| Error::Setup(e.to_string()))?;
+        let identity = self
+            .authority
+            .issue_device(&id)
+            .map_err(|e| Error::Setup(e.to_string()))?;
+        fleetlet_controller::identity::push_account_jwt(sys, identity.account_jwt.clone())
+            .await
+            .map_err(|e| Error::Setup(e.to_string()))?;
+        Ok(identity)
+    }
 }

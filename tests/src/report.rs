@@ -382,3 +382,57 @@ pub fn performance(from: &Path, out: &Path) -> Result<(), Error> {
     println!("wrote {}", out.display());
     Ok(())
 }
+
+/// Which table of docs/reliability.md a recorded row belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    /// Fault scenarios (tests/tests/faults.rs).
+    Fault,
+    /// Attack classes of the adversarial suite (tests/tests/nats_security.rs).
+    Security,
+}
+
+impl Section {
+    fn key(self) -> &'static str {
+        match self {
+            Self::Fault => "fault",
+            Self::Security => "security",
+        }
+    }
+}
+
+/// Writes one row of docs/reliability.md (`scripts/reliability` renders them): what a
+/// scenario expected and what this run observed. Rows are only written for checks the
+/// test asserted, so the report shows asserted results.
+pub fn record(section: Section, scenario: &str, expected: &str, observed: &str) {
+    let dir = crate::repo_root()
+        .join("target")
+        .join("fleetlet-reliability");
+    let slug: String = scenario
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let row = serde_json::json!({
+        "section": section.key(),
+        "scenario": scenario, "expected": expected, "observed": observed,
+        "recorded": date,
+    });
+    // A report is a by-product: a test never fails because it could not write one.
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let _ = std::fs::write(
+            dir.join(format!("{}-{slug}.json", section.key())),
+            row.to_string(),
+        );
+    }
+}

@@ -107,7 +107,7 @@ fn agent_binaries_are_static_and_reconcile_on_each_device_architecture() {
             &config,
             format!(
                 "device_id = \"pi-{m}\"\nstate_dir = \"{state}\"\n[nats]\nurls = [\"nats://127.0.0.1:1\"]\n\
-                 [reconcile]\nenabled_kinds = [\"file\"]\n[file]\nallowed_roots = [\"/etc/fleetlet\"]\npath_prefix = \"{root}\"\n",
+                 [reconcile]\nenabled_kinds = [\"file\"]\n[trust]\nallow_unsigned = true\n[file]\nallowed_roots = [\"/etc/fleetlet\"]\npath_prefix = \"{root}\"\n",
                 state = dir.path().join("state").display(),
                 root = dir.path().join("root").display(),
             ),

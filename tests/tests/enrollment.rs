@@ -1,6 +1,7 @@
 //! Device enrollment and revocation with NATS decentralized auth on a real nats-server over
 //! TLS: `fleetlet-controller nats-init` writes the keys and the server configuration, the
-//! controller issues each EdgeDevice its own user in a Secret, agents run with nothing but
+//! controller issues each EdgeDevice an account of its own and its one user in a Secret,
+//! agents run with nothing but
 //! what that Secret holds, and revoking or deleting a device cuts its connection and its
 //! credentials, which stay refused after the server restarts. Re-enrolling issues new ones.
 
@@ -10,11 +11,14 @@ use std::{path::Path, process::Command, time::Duration};
 
 use async_nats::jetstream;
 use fleetlet_controller::identity::{
-    AGENT_CONFIG_KEY, Authority, CREDS_KEY, DEVICE_CREDS_PATH, decode_claims,
+    AGENT_CONFIG_KEY, CREDS_KEY, DEVICE_CREDS_PATH, decode_claims,
 };
 use fleetlet_crds::EdgeDevice;
-use fleetlet_protocol::permissions::Permissions;
-use fleetlet_testenv::{TestEnv, chart::checked, components, eventually};
+use fleetlet_protocol::{
+    DeviceId,
+    kv::{ACTUAL_STATE, DESIRED_STATE},
+};
+use fleetlet_testenv::{TestEnv, chart::checked, components, eventually, nats::Operator};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api,
@@ -22,12 +26,11 @@ use kube::{
 };
 
 /// Connects as a device with a `.creds` text over TLS, once (no retries): the server's
-/// answer. Devices have inboxes of their own.
-async fn connect(env: &TestEnv, creds: &str, device: &str) -> Result<async_nats::Client, String> {
+/// answer.
+async fn connect(env: &TestEnv, creds: &str) -> Result<async_nats::Client, String> {
     let nats = env.nats.as_ref().unwrap();
     async_nats::ConnectOptions::with_credentials(creds)
         .map_err(|e| e.to_string())?
-        .custom_inbox_prefix(format!("_INBOX_{device}"))
         .add_root_certificates(nats.ca_file.clone().unwrap())
         .require_tls(true)
         .connection_timeout(Duration::from_secs(3))
@@ -69,18 +72,12 @@ async fn devices_are_enrolled_with_their_own_identity_and_revoking_cuts_them_off
     let mut cmd = Command::new(bins.join("fleetlet-controller"));
     cmd.arg("nats-init").arg(keys.path());
     checked("nats-init", cmd).unwrap();
-    let config = std::fs::read_to_string(keys.path().join("nats-auth.conf")).unwrap();
-    let authority = Authority::from_file(&keys.path().join("authority.json")).unwrap();
     // The environment's own admin (it creates the buckets and reads them for the checks).
-    let everything = Permissions {
-        publish: vec![">".into()],
-        subscribe: vec![">".into()],
-        allow_responses: true,
-    };
-    let admin = authority.issue_user("admin", &everything).unwrap();
+    let operator = Operator::from_dir(keys.path()).unwrap();
+    let authority = &operator.authority;
     let mut env = TestEnv::builder()
         .kube()
-        .nats_operator(&config, &admin.creds, true)
+        .nats_operator(&operator.config, &operator.admin_creds, true)
         .start()
         .await
         .unwrap();
@@ -173,14 +170,14 @@ spec:
             Some(format!("{d}-nats").as_str())
         );
         assert!(!status.revoked);
-        // The creds are for the user the status names, a user of the fleet account.
+        // The creds are for a user of the device's own account, the one the status names,
+        // which is neither the fleet's nor the bridge's.
         let jwt = creds.lines().nth(1).unwrap();
         let claims = decode_claims(jwt).unwrap();
-        assert_eq!(claims["sub"].as_str(), status.user.as_deref());
-        assert_eq!(
-            claims["nats"]["issuer_account"].as_str(),
-            Some(authority.account_public_key().as_str())
-        );
+        let account = status.account.clone().unwrap();
+        assert_eq!(claims["iss"].as_str(), Some(account.as_str()));
+        assert_ne!(account, authority.account_public_key());
+        assert_ne!(account, authority.bridge_public_key());
 
         let agent_dir = dir.path().join(d);
         std::fs::create_dir_all(&agent_dir).unwrap();
@@ -199,7 +196,7 @@ spec:
             )
             .unwrap(),
         );
-        issued.push((creds, status.user.unwrap()));
+        issued.push((creds, status.account.unwrap()));
     }
     assert_ne!(issued[0].1, issued[1].1, "one identity per device");
     for d in ["pi-a", "pi-b"] {
@@ -213,21 +210,98 @@ spec:
         env.wait_node_ready(d).await;
     }
 
-    // pi-a's identity reaches its own keys only.
-    let a = connect(&env, &issued[0].0, "pi-a").await.unwrap();
-    let js_a = {
-        let mut js = jetstream::new(a);
-        js.set_timeout(Duration::from_secs(2));
-        js
+    // pi-a's identity reaches its own keys only (the adversarial suite in nats_security.rs
+    // tries everything else).
+    let a = connect(&env, &issued[0].0).await.unwrap();
+    let get = |device: &str| {
+        let a = a.clone();
+        let subject = DESIRED_STATE.direct_get(&DeviceId::new(device).unwrap());
+        async move { tokio::time::timeout(Duration::from_secs(2), a.request(subject, "".into())).await }
     };
-    let desired_a = js_a.get_key_value("desired-state").await.unwrap();
-    assert!(desired_a.entry("pi-a").await.unwrap().is_some());
-    assert!(!desired_a.entry("pi-b").await.is_ok_and(|e| e.is_some()));
-    let actual_a = js_a.get_key_value("actual-state").await.unwrap();
-    assert!(actual_a.put("pi-b", "{}".into()).await.is_err());
+    let own = get("pi-a").await.unwrap().unwrap();
+    assert!(own.payload.len() > 10, "{own:?}");
+    assert!(!matches!(get("pi-b").await, Ok(Ok(m)) if !m.payload.is_empty()));
+    let admin_js = env.jetstream().await.unwrap();
+    let b_status = admin_js.get_key_value("actual-state").await.unwrap();
+    let before = b_status.entry("pi-b").await.unwrap().map(|e| e.revision);
+    a.publish(
+        ACTUAL_STATE.subject(&DeviceId::new("pi-b").unwrap()),
+        "{}".into(),
+    )
+    .await
+    .unwrap();
+    // A write of its own to the same stream, acknowledged after the attempt was processed.
+    let ack = a
+        .request(
+            ACTUAL_STATE.subject(&DeviceId::new("pi-a").unwrap()),
+            "{\"own\":1}".into(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&ack.payload).contains("\"seq\""),
+        "{ack:?}"
+    );
+    let after = b_status.entry("pi-b").await.unwrap();
+    assert!(
+        after.as_ref().is_none_or(|e| &e.value[..] != b"{}"),
+        "pi-a wrote pi-b's status (revision {before:?} -> {:?})",
+        after.map(|e| e.revision)
+    );
+
+    // A Secret named like a device's credentials but not the controller's is never
+    // replaced or deleted: the device gets no credentials and its status says why.
+    let foreign: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "pi-c-nats", "namespace": ns },
+        "stringData": { "note": "someone else's" }
+    }))
+    .unwrap();
+    secrets
+        .create(&kube::api::PostParams::default(), &foreign)
+        .await
+        .unwrap();
+    let foreign_version = secrets
+        .get("pi-c-nats")
+        .await
+        .unwrap()
+        .metadata
+        .resource_version;
+    env.apply(&format!(
+        "apiVersion: fleetlet.dev/v1alpha1\nkind: EdgeDevice\nmetadata: {{ name: pi-c, namespace: {ns} }}\nspec: {{}}\n"
+    ))
+    .unwrap();
+    eventually(
+        "pi-c's status to name the Secret in the way",
+        Duration::from_secs(30),
+        || async {
+            let d = devices.get("pi-c").await.map_err(|e| e.to_string())?;
+            let c = d.status.and_then(|s| s.credentials);
+            c.as_ref()
+                .and_then(|c| c.message.as_deref())
+                .is_some_and(|m| m.contains("pi-c-nats") && m.contains("not managed"))
+                .then_some(())
+                .ok_or(format!("{c:?}"))
+        },
+    )
+    .await;
+    assert_eq!(
+        secrets
+            .get("pi-c-nats")
+            .await
+            .unwrap()
+            .metadata
+            .resource_version,
+        foreign_version,
+        "a Secret the controller does not own was replaced"
+    );
+    // Deleted too: the foreign Secret is checked again at the end, after the revocations
+    // below have shown many of the controller's passes.
+    devices
+        .delete("pi-c", &DeleteParams::default())
+        .await
+        .unwrap();
 
     // Revoke pi-b: its connection is closed, its credentials refused, its Secret deleted.
-    let admin_js = env.jetstream().await.unwrap();
     devices
         .patch(
             "pi-b",
@@ -240,7 +314,7 @@ spec:
         "pi-b's credentials refused",
         Duration::from_secs(30),
         || async {
-            match connect(&env, &issued[1].0, "pi-b").await {
+            match connect(&env, &issued[1].0).await {
                 Ok(_) => Err("still accepted".to_string()),
                 Err(e) if refused(&e) => Ok(e),
                 Err(e) => Err(e),
@@ -305,7 +379,7 @@ spec:
         "pi-a's credentials refused",
         Duration::from_secs(30),
         || async {
-            match connect(&env, &issued[0].0, "pi-a").await {
+            match connect(&env, &issued[0].0).await {
                 Ok(_) => Err("still accepted".to_string()),
                 Err(e) if refused(&e) => Ok(e),
                 Err(e) => Err(e),
@@ -320,7 +394,7 @@ spec:
     nats.stop();
     nats.start_again().await.unwrap();
     for (creds, _) in &issued {
-        let e = connect(&env, creds, "pi").await.err();
+        let e = connect(&env, creds).await.err();
         assert!(
             e.as_deref().is_some_and(refused),
             "a revoked identity after a restart: {e:?}"
@@ -342,9 +416,19 @@ spec:
     })
     .await;
     assert_ne!(creds, issued[1].0);
-    connect(&env, &creds, "pi-b").await.unwrap();
-    let e = connect(&env, &issued[1].0, "pi-b").await.err();
+    connect(&env, &creds).await.unwrap();
+    let e = connect(&env, &issued[1].0).await.err();
     assert!(e.as_deref().is_some_and(refused), "{e:?}");
+    assert_eq!(
+        secrets
+            .get("pi-c-nats")
+            .await
+            .unwrap()
+            .metadata
+            .resource_version,
+        foreign_version,
+        "a Secret the controller does not own was touched"
+    );
     drop(agents);
 }
 
@@ -369,4 +453,140 @@ fn nats_init_keeps_existing_keys() {
         std::fs::read(keys.path().join("authority.json")).unwrap(),
         before
     );
+}
+
+/// Revocation leaves nothing behind to grow: twenty thousand enrolled devices, each an
+/// account on the server, are revoked by deleting their accounts in batches; afterwards
+/// the resolver holds only the fleet's own accounts again and every revoked identity is
+/// refused. (Before per-device accounts, every revocation stayed in one account JWT for
+/// good, and twenty thousand of them passed NATS's 1 MiB message limit.)
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_thousand_revoked_devices_leave_nothing_behind() {
+    use fleetlet_controller::identity::{delete_accounts, push_account_jwt};
+    use futures::StreamExt;
+    let devices: usize = std::env::var("FLEETLET_REVOCATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let resolver = tempfile::tempdir().unwrap();
+    let operator = Operator::generate(resolver.path()).unwrap();
+    let env = TestEnv::builder()
+        .nats_operator(&operator.config, &operator.admin_creds, false)
+        .start()
+        .await
+        .unwrap();
+    let nats = env.nats.as_ref().unwrap();
+    let sys = operator.system_client(nats).await.unwrap();
+    let jwts = || {
+        std::fs::read_dir(resolver.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "jwt"))
+            })
+            .count()
+    };
+    let base = jwts();
+
+    let started = std::time::Instant::now();
+    // Minted on every core, as the signatures are the slow part.
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let identities: Vec<_> = std::thread::scope(|s| {
+        let authority = &operator.authority;
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    (t..devices)
+                        .step_by(threads)
+                        .map(|i| {
+                            authority
+                                .issue_device(&DeviceId::new(format!("d-{i}")).unwrap())
+                                .unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let minted = started.elapsed();
+    let pushed: Vec<_> = futures::stream::iter(identities.iter())
+        .map(|id| push_account_jwt(&sys, id.account_jwt.clone()))
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(
+        pushed.iter().all(Result::is_ok),
+        "{:?}",
+        pushed.iter().find(|r| r.is_err())
+    );
+    let enrolled = started.elapsed();
+    assert_eq!(
+        jwts(),
+        base + devices,
+        "one account per device on the server"
+    );
+    // Every tenth of them works before revocation.
+    let sample: Vec<_> = identities
+        .iter()
+        .step_by(devices.div_ceil(10).max(1))
+        .collect();
+    for id in &sample {
+        connect_plain(&env, &id.user.creds).await.unwrap();
+    }
+
+    let revoking = std::time::Instant::now();
+    let accounts: Vec<String> = identities.iter().map(|i| i.account.clone()).collect();
+    delete_accounts(&sys, &operator.authority, &accounts)
+        .await
+        .unwrap();
+    let revoked = revoking.elapsed();
+    assert_eq!(
+        jwts(),
+        base,
+        "the resolver keeps nothing of revoked devices"
+    );
+    for id in &sample {
+        let e = connect_plain(&env, &id.user.creds).await.err();
+        assert!(
+            e.as_deref().is_some_and(refused),
+            "a revoked identity: {e:?}"
+        );
+    }
+    // Still so after a server restart.
+    let mut env = env;
+    let nats = env.nats.as_mut().unwrap();
+    nats.stop();
+    nats.start_again().await.unwrap();
+    assert_eq!(jwts(), base);
+    for id in sample.iter().take(3) {
+        let e = connect_plain(&env, &id.user.creds).await.err();
+        assert!(e.as_deref().is_some_and(refused), "after a restart: {e:?}");
+    }
+    fleetlet_testenv::report::record(
+        fleetlet_testenv::report::Section::Security,
+        &format!("{devices} device identities revoked"),
+        "every revoked identity refused, also after a restart; nothing of them left on the server",
+        &format!(
+            "minted in {:.1} s, accounts pushed in {:.1} s; revoked in {:.2} s ({} delete requests); \
+             resolver back to {base} account JWTs; sampled identities refused, also after a restart",
+            minted.as_secs_f64(),
+            (enrolled - minted).as_secs_f64(),
+            revoked.as_secs_f64(),
+            devices.div_ceil(500),
+        ),
+    );
+}
+
+/// Connects with a `.creds` text without TLS, once.
+async fn connect_plain(env: &TestEnv, creds: &str) -> Result<async_nats::Client, String> {
+    async_nats::ConnectOptions::with_credentials(creds)
+        .map_err(|e| e.to_string())?
+        .connection_timeout(Duration::from_secs(3))
+        .connect(env.nats_url().unwrap())
+        .await
+        .map_err(|e| e.to_string())
 }

@@ -9,34 +9,18 @@
 use std::time::{Duration, Instant};
 
 use fleetlet_protocol::decode;
-use fleetlet_testenv::{TestEnv, components, eventually, process::Service, repo_root, wait};
+use fleetlet_testenv::{TestEnv, components, eventually, process::Service, wait};
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 
 /// Writes this scenario's row for the reliability report.
 fn record(scenario: &str, expected: &str, observed: &str) {
-    let dir = repo_root().join("target").join("fleetlet-reliability");
-    std::fs::create_dir_all(&dir).unwrap();
-    let slug: String = scenario
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let date = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let row = serde_json::json!({
-        "scenario": scenario, "expected": expected, "observed": observed,
-        "recorded": date,
-    });
-    std::fs::write(dir.join(format!("{slug}.json")), row.to_string()).unwrap();
+    fleetlet_testenv::report::record(
+        fleetlet_testenv::report::Section::Fault,
+        scenario,
+        expected,
+        observed,
+    );
 }
 
 fn device_yaml(name: &str) -> String {

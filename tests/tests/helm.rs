@@ -225,18 +225,25 @@ fn chart_lints_and_renders_least_privilege_rbac_and_hardened_pods() {
         );
     }
     // Namespaced: leader-election Leases by name, node Leases only in kube-node-lease.
-    for component in ["controller", "bridge"] {
+    // The controller also keeps the manifest signing key in a Secret it creates.
+    for (component, extra) in [
+        (
+            "controller",
+            &[":secrets:create", ":secrets/fleetlet-manifest-signing:get"][..],
+        ),
+        ("bridge", &[][..]),
+    ] {
         let name = format!("fleetlet-{component}-leader");
         let role = named(&objects, "Role", &name);
         assert_eq!(role["metadata"]["namespace"], "fleetlet-system");
-        assert_eq!(
-            grants(role),
-            set(&[
-                "coordination.k8s.io:leases:create",
-                &format!("coordination.k8s.io:leases/fleetlet-{component}:get"),
-                &format!("coordination.k8s.io:leases/fleetlet-{component}:update"),
-            ])
-        );
+        let mut want = vec![
+            "coordination.k8s.io:leases:create".to_string(),
+            format!("coordination.k8s.io:leases/fleetlet-{component}:get"),
+            format!("coordination.k8s.io:leases/fleetlet-{component}:update"),
+        ];
+        want.extend(extra.iter().map(|s| s.to_string()));
+        let want: Vec<&str> = want.iter().map(String::as_str).collect();
+        assert_eq!(grants(role), set(&want));
     }
     let node_leases = named(&objects, "Role", "fleetlet-bridge-node-leases");
     assert_eq!(node_leases["metadata"]["namespace"], "kube-node-lease");
@@ -455,9 +462,17 @@ async fn helm_install_upgrade_uninstall_and_the_charts_rbac_runs_the_control_pla
         &chart.controller_kubeconfig,
         &bins,
         dir.path(),
-        &["--resync-seconds=2"],
+        // As the chart's Deployment runs it (a signing key kept in a Secret it creates,
+        // which only the chart's RBAC lets it do).
+        &[
+            "--resync-seconds=2",
+            "--manifest-signing-secret=fleetlet-manifest-signing",
+        ],
     )
     .unwrap();
+    let trust = components::manifest_trust(&env, "fleetlet-system", "fleetlet-manifest-signing")
+        .await
+        .unwrap();
     let _bridge =
         components::start_bridge_as(&env, &chart.bridge_kubeconfig, &bins, dir.path(), &[])
             .unwrap();
@@ -471,7 +486,7 @@ async fn helm_install_upgrade_uninstall_and_the_charts_rbac_runs_the_control_pla
             "pi-helm",
             "/etc/fleetlet-helm",
             "",
-            "",
+            &trust,
         ),
     )
     .unwrap();

@@ -95,6 +95,7 @@ impl Fleet {
             format!(
                 "device_id = \"{device}\"\nstate_dir = \"{state}\"\n[nats]\nurls = [\"{url}\"]\n\
                  [reconcile]\ndrift_interval_seconds = 2\nheartbeat_interval_seconds = 1\nbackoff_initial_ms = 200\nbackoff_max_ms = 1000\n\
+                 [trust]\nallow_unsigned = true\n\
                  [file]\nallowed_roots = [\"/opt/fleetlet\"]\npath_prefix = \"{root}\"\n\
                  [container]\nsocket = \"{socket}\"\nname_prefix = \"{device}-\"\ninsecure_registries = [\"{registry}\"]\nstop_timeout_seconds = 1\n",
                 state = agent_dir.join("state").display(),
@@ -189,6 +190,19 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
     )
     .await
     .unwrap();
+    // A Secret, which must reach the device sealed to its key: never in clear in NATS.
+    const TOKEN: &str = "s3cr3t-token-7f3a";
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), "default")
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": { "name": "web-secret" },
+                "stringData": { "token": TOKEN }
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
     let port = free_port().unwrap();
     let web = pod(
         "web",
@@ -200,16 +214,19 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
                 "command": ["/bin/sh", "-c", "echo \"$GREETING from $POD\" | tee /tmp/who && exec httpd -f -v -p 8080 -h /www"],
                 "env": [
                     { "name": "GREETING", "valueFrom": { "configMapKeyRef": { "name": "web-content", "key": "greeting" } } },
-                    { "name": "POD", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }
+                    { "name": "POD", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
+                    { "name": "TOKEN", "valueFrom": { "secretKeyRef": { "name": "web-secret", "key": "token" } } }
                 ],
                 "ports": [{ "containerPort": 8080, "hostPort": port, "hostIP": "127.0.0.1" }],
-                "volumeMounts": [{ "name": "content", "mountPath": "/www" }, { "name": "scratch", "mountPath": "/scratch" }],
+                "volumeMounts": [{ "name": "content", "mountPath": "/www" }, { "name": "scratch", "mountPath": "/scratch" },
+                                 { "name": "secret", "mountPath": "/secret" }],
                 "readinessProbe": { "httpGet": { "port": 8080, "path": "/index.html" }, "periodSeconds": 1 },
                 "resources": { "limits": { "memory": "64Mi", "cpu": "500m" } }
             }],
             "volumes": [
                 { "name": "content", "configMap": { "name": "web-content" } },
-                { "name": "scratch", "emptyDir": {} }
+                { "name": "scratch", "emptyDir": {} },
+                { "name": "secret", "secret": { "secretName": "web-secret", "defaultMode": 256 } }
             ]
         }),
     );
@@ -271,6 +288,51 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
         .podman(&["inspect", name, "--format", "{{.HostConfig.Memory}}"])
         .unwrap();
     assert_eq!(memory.trim(), "67108864");
+    // The Secret arrived: in the container's environment and as a file with the volume's
+    // mode (0400) ...
+    assert_eq!(
+        pm.podman(&["exec", name, "sh", "-c", "echo \"$TOKEN\""])
+            .unwrap(),
+        format!("{TOKEN}\n")
+    );
+    assert_eq!(
+        pm.podman(&["exec", name, "cat", "/secret/token"]).unwrap(),
+        TOKEN
+    );
+    let listing = pm
+        .podman(&["exec", name, "ls", "-l", "/secret/token"])
+        .unwrap();
+    assert!(listing.starts_with("-r--------"), "{listing}");
+    // ... and what NATS holds for the device is sealed: the bytes never show the value.
+    let raw = env
+        .jetstream()
+        .await
+        .unwrap()
+        .get_key_value("desired-state")
+        .await
+        .unwrap()
+        .entry("pi-pods")
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.contains("\"sealed\""), "{raw}");
+    assert!(raw.contains("sealedValue"), "{raw}");
+    assert!(
+        !raw.contains(TOKEN),
+        "the Secret in clear in desired state: {raw}"
+    );
+    use base64::Engine;
+    for encoding in [
+        base64::engine::general_purpose::STANDARD.encode(TOKEN),
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(TOKEN),
+    ] {
+        assert!(
+            !raw.contains(&encoding),
+            "the Secret base64-encoded in desired state"
+        );
+    }
 
     // kubectl logs and exec, through the apiserver, the bridge's kubelet API and NATS.
     let kubectl = |args: &[&str]| {

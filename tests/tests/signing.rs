@@ -207,3 +207,143 @@ spec:
     );
     drop(controller);
 }
+
+/// Freshness: a device that lost its state directory would take any old signed manifest as
+/// new. It asks the controller for its floor (the newest generation issued to it, signed)
+/// and refuses a replayed older manifest; it applies nothing until the floor arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_that_lost_its_state_refuses_a_replayed_old_signed_manifest() {
+    let env = TestEnv::builder().kube().nats().start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bins = components::bin_dir().unwrap();
+    let (id, public) = signing_key(&bins, &dir.path().join("k.pem"));
+    let key_flag = format!(
+        "--manifest-signing-key={}",
+        dir.path().join("k.pem").display()
+    );
+    // A long leader lease: a controller killed without releasing it keeps its successor a
+    // standby for a while (standbys answer floors; only the leader writes).
+    let flags = [
+        "--resync-seconds=1",
+        "--lease-seconds=30",
+        key_flag.as_str(),
+    ];
+    let mut controller = components::start_controller(&env, &bins, dir.path(), &flags).unwrap();
+    let config = components::file_agent_config(
+        env.nats_url().unwrap(),
+        dir.path(),
+        "pi-fresh",
+        "/etc/fleetlet",
+        "",
+        &format!("[trust.manifest_keys]\n\"{id}\" = \"{public}\"\n"),
+    );
+    let mut agent = components::start_agent(&bins, dir.path(), &config).unwrap();
+    let manifest = |text: &str| {
+        format!(
+            r#"apiVersion: fleetlet.dev/v1alpha1
+kind: EdgeDevice
+metadata: {{ name: pi-fresh, namespace: default }}
+spec: {{}}
+---
+apiVersion: fleetlet.dev/v1alpha1
+kind: EdgeManifest
+metadata: {{ name: fresh, namespace: default }}
+spec:
+  devices: [pi-fresh]
+  resources:
+    - id: motd
+      file: {{ path: /etc/fleetlet/motd, content: {{ text: "{text}" }} }}
+"#
+        )
+    };
+    let motd = dir.path().join("root/etc/fleetlet/motd");
+    let desired = env
+        .jetstream()
+        .await
+        .unwrap()
+        .get_key_value("desired-state")
+        .await
+        .unwrap();
+    // Two generations, each applied; the first one's signed bytes are kept for the replay.
+    env.apply(&manifest("old")).unwrap();
+    fleetlet_testenv::wait::file_content(&motd, "old", Duration::from_secs(60)).await;
+    let old = desired.entry("pi-fresh").await.unwrap().unwrap().value;
+    env.apply(&manifest("new")).unwrap();
+    fleetlet_testenv::wait::file_content(&motd, "new", Duration::from_secs(60)).await;
+    let newest = decode::<AgentManifest>(&desired.entry("pi-fresh").await.unwrap().unwrap().value)
+        .unwrap()
+        .generation;
+    // The controller records what it issued in the EdgeDevice before we go on.
+    let devices: kube::Api<fleetlet_crds::EdgeDevice> =
+        kube::Api::namespaced(env.kube_client().await.unwrap(), "default");
+    eventually(
+        "desiredGeneration recorded",
+        Duration::from_secs(30),
+        || async {
+            let d = devices.get("pi-fresh").await.map_err(|e| e.to_string())?;
+            let g = d.status.and_then(|s| s.desired_generation);
+            (g == Some(newest)).then_some(()).ok_or(format!("{g:?}"))
+        },
+    )
+    .await;
+
+    // The device loses its state; meanwhile someone with write access to the bucket puts
+    // the old, validly signed manifest back.
+    agent.stop();
+    controller.kill_program().unwrap();
+    std::fs::remove_dir_all(dir.path().join("state")).unwrap();
+    // Watches the file closely from here on: the old content must never come back.
+    let watch = {
+        let motd = motd.clone();
+        tokio::spawn(async move {
+            loop {
+                if std::fs::read_to_string(&motd).is_ok_and(|t| t == "old") {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    desired.put("pi-fresh", old.clone()).await.unwrap();
+    let _agent = components::start_agent(&bins, dir.path(), &config).unwrap();
+    // Without the controller there is no floor: nothing is applied, and it says why.
+    let waiting = eventually("FreshnessUnverified", Duration::from_secs(30), || async {
+        let s = env.agent_status("pi-fresh").await.ok_or("no status")?;
+        let r = s.last_rejection.clone().ok_or("no rejection yet")?;
+        (r.reason == "FreshnessUnverified")
+            .then_some(s)
+            .ok_or(format!("{r:?}"))
+    })
+    .await;
+    assert_eq!(waiting.observed_generation, 0, "{waiting:?}");
+    // A controller answers the floor (as a standby: the killed leader's lease has not run
+    // out, so nothing repairs the bucket yet): the replayed manifest is refused as stale.
+    // Once it leads, it writes a newer generation, which is applied.
+    let _controller = components::start_controller(&env, &bins, dir.path(), &flags).unwrap();
+    let stale = eventually("the replay refused", Duration::from_secs(60), || async {
+        let s = env.agent_status("pi-fresh").await.ok_or("no status")?;
+        let r = s.last_rejection.clone().ok_or("no rejection yet")?;
+        if r.reason == "StaleGeneration" {
+            Ok(r)
+        } else {
+            Err(format!("{r:?}"))
+        }
+    })
+    .await;
+    assert!(stale.message.contains(&newest.to_string()), "{stale:?}");
+    eventually(
+        "a newer generation applied",
+        Duration::from_secs(60),
+        || async {
+            let s = env.agent_status("pi-fresh").await.ok_or("no status")?;
+            (s.observed_generation > newest)
+                .then_some(())
+                .ok_or(format!("observed {}", s.observed_generation))
+        },
+    )
+    .await;
+    assert_eq!(std::fs::read_to_string(&motd).unwrap(), "new");
+    // The old content never came back while the replay sat in the bucket.
+    assert!(!watch.is_finished(), "the replayed manifest was applied");
+    watch.abort();
+}

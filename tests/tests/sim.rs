@@ -11,9 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fleetlet_controller::identity::Authority;
-use fleetlet_protocol::{DeviceId, ResourceStatus, permissions};
-use fleetlet_testenv::{TestEnv, components, eventually};
+use fleetlet_protocol::ResourceStatus;
+use fleetlet_testenv::{TestEnv, components, eventually, nats::Operator};
 
 const DEVICES: usize = 10;
 
@@ -35,32 +34,26 @@ async fn simulated_devices_run_the_real_agent_with_their_own_identities_and_faul
     let mut cmd = Command::new(bins.join("fleetlet-controller"));
     cmd.arg("nats-init").arg(keys.path());
     fleetlet_testenv::chart::checked("nats-init", cmd).unwrap();
-    let authority = Authority::from_file(&keys.path().join("authority.json")).unwrap();
-    let everything = permissions::Permissions {
-        publish: vec![">".into()],
-        subscribe: vec![">".into()],
-        allow_responses: true,
-    };
-    let admin = authority.issue_user("admin", &everything).unwrap();
-    let config = std::fs::read_to_string(keys.path().join("nats-auth.conf")).unwrap();
+    let operator = Operator::from_dir(keys.path()).unwrap();
     let env = TestEnv::builder()
-        .nats_operator(&config, &admin.creds, false)
+        .nats_operator(&operator.config, &operator.admin_creds, false)
         .start()
         .await
         .unwrap();
 
-    // One identity per device, limited to its own keys.
+    // One identity per device: an account of its own, reaching its own keys only.
     let creds_dir = keys.path().join("devices");
     std::fs::create_dir_all(&creds_dir).unwrap();
     let js = env.jetstream().await.unwrap();
     let desired = js.get_key_value("desired-state").await.unwrap();
+    let sys = operator
+        .system_client(env.nats.as_ref().unwrap())
+        .await
+        .unwrap();
     for i in 0..DEVICES {
         let d = format!("sim-{i}");
-        let id = DeviceId::new(&d).unwrap();
-        let user = authority
-            .issue_user(&d, &permissions::device(&id, &format!("_INBOX_{d}")))
-            .unwrap();
-        std::fs::write(creds_dir.join(format!("{d}.creds")), user.creds).unwrap();
+        let identity = operator.enroll(&sys, &d).await.unwrap();
+        std::fs::write(creds_dir.join(format!("{d}.creds")), identity.user.creds).unwrap();
         desired.put(&d, manifest(&d).into()).await.unwrap();
     }
 

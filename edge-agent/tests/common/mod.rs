@@ -48,9 +48,11 @@ impl Device {
                 "device_id = \"{}\"\nstate_dir = \"{}\"\n[nats]\nurls = [\"{nats_url}\"]\n{nats_extra}\n\
                  [reconcile]\ndrift_interval_seconds = 1\nheartbeat_interval_seconds = 1\n\
                  backoff_initial_ms = 200\nbackoff_max_ms = 1000\n{extra}\n\
+                 {}\
                  [file]\nallowed_roots = [\"{}\"]\n{}\n",
                 self.id,
                 self.dir.path().join("state").display(),
+                fleetlet_testenv::components::UNSIGNED_OK,
                 self.root().display(),
                 self.sections,
             ),
@@ -96,6 +98,7 @@ impl Device {
             generation,
             resources,
             signing_key: None,
+            issued_at: None,
         }
     }
 }
