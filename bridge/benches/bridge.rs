@@ -71,6 +71,8 @@ fn heartbeat(dev: &str, seq: u64) -> Vec<u8> {
         },
         addresses: vec![],
         sealing_key: None,
+        limits: None,
+        container_runtime: None,
     })
     .unwrap()
 }

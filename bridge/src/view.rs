@@ -72,6 +72,21 @@ fn condition(
     }
 }
 
+/// The first few of `items`, and how many more there are: a condition message stays short.
+fn summarize(items: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut text = items
+        .iter()
+        .take(SHOWN)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if items.len() > SHOWN {
+        text.push_str(&format!("; and {} more", items.len() - SHOWN));
+    }
+    text
+}
+
 /// The EdgeDevice status fields the bridge owns. `desiredGeneration` is the controller's.
 pub fn device_status(
     dev: &EdgeDevice,
@@ -123,10 +138,19 @@ pub fn device_status(
                 .collect()
         })
         .unwrap_or_default();
-    let failed: Vec<&str> = resources
+    let failed: Vec<String> = st
         .iter()
-        .filter(|r| r.state == "Failed")
-        .map(|r| r.id.as_str())
+        .flat_map(|s| &s.resources)
+        .filter_map(|(id, r)| {
+            r.failure().map(|e| {
+                let permanent = if r.is_permanent_failure() {
+                    ", permanent"
+                } else {
+                    ""
+                };
+                format!("{id} ({}{permanent}: {e})", r.state_name())
+            })
+        })
         .collect();
     // What a device reports is untrusted: a generation Kubernetes cannot store (it keeps
     // integers signed) is shown as such instead of blocking every status write.
@@ -143,6 +167,25 @@ pub fn device_status(
             ),
         ),
         (Some(a), Some(d)) if a >= d && all_ready => ("True", "AllResourcesReady", String::new()),
+        (Some(a), Some(d))
+            if a < d
+                && st
+                    .and_then(|s| s.last_rejection.as_ref())
+                    .is_some_and(|r| r.generation.is_none_or(|g| g > a)) =>
+        {
+            let r = st.and_then(|s| s.last_rejection.as_ref());
+            (
+                "False",
+                "ManifestRejected",
+                format!(
+                    "device runs generation {a}, desired {d}; it refused {} ({}): {}",
+                    r.and_then(|r| r.generation)
+                        .map_or_else(|| "a manifest".into(), |g| format!("generation {g}")),
+                    r.map(|r| r.reason.as_str()).unwrap_or_default(),
+                    r.map(|r| r.message.as_str()).unwrap_or_default(),
+                ),
+            )
+        }
         (Some(a), Some(d)) if a < d => (
             "False",
             "Applying",
@@ -154,12 +197,15 @@ pub fn device_status(
             "the device has not reported a status".into(),
         ),
         _ if !all_ready => {
-            let waiting: Vec<&str> = resources
+            let waiting: Vec<String> = resources
                 .iter()
                 .filter(|r| r.state != "Ready")
-                .map(|r| r.id.as_str())
+                .map(|r| match &r.message {
+                    Some(m) => format!("{} ({}: {m})", r.id, r.state),
+                    None => format!("{} ({})", r.id, r.state),
+                })
                 .collect();
-            ("False", "ResourcesNotReady", waiting.join(", "))
+            ("False", "ResourcesNotReady", summarize(&waiting))
         }
         _ => (
             "Unknown",
@@ -170,7 +216,7 @@ pub fn device_status(
     let degraded = if failed.is_empty() {
         ("False", "NoFailures", String::new())
     } else {
-        ("True", "ResourcesFailed", failed.join(", "))
+        ("True", "ResourcesFailed", summarize(&failed))
     };
     let conditions = vec![
         condition(
@@ -402,7 +448,11 @@ pub fn node_status(
                 || "fleetlet-agent".into(),
                 |h| format!("fleetlet-agent/v{}", h.agent_version),
             ),
-            container_runtime_version: "podman".into(),
+            // What the device says it runs: nothing when it runs no containers.
+            container_runtime_version: h
+                .as_ref()
+                .and_then(|h| h.container_runtime.clone())
+                .unwrap_or_default(),
             ..Default::default()
         },
         addresses: h

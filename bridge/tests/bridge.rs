@@ -153,6 +153,8 @@ async fn beat(hb: &Store, dev: &str, seq: u64) {
             address: "127.0.0.2".into(),
         }],
         sealing_key: None,
+        limits: None,
+        container_runtime: None,
     };
     hb.put(dev, encode(&h).unwrap().into()).await.unwrap();
 }
@@ -420,6 +422,65 @@ async fn a_device_that_never_connected_is_not_ready_with_that_reason() {
 }
 
 #[tokio::test]
+async fn a_device_reporting_a_generation_kubernetes_cannot_store_still_gets_its_status() {
+    let env = shared();
+    let ns = env.namespace("br-hugegen").await.unwrap();
+    let (hb, actual) = buckets(env).await;
+    let devices = add_device(env, &ns, "bh-pi").await;
+    let _beats = keep_beating(hb, "bh-pi");
+    // The device claims to run generation 2^64 - 1: above what a Kubernetes integer holds.
+    let mut s = fleetlet_protocol::AgentStatus::new(DeviceId::new("bh-pi").unwrap());
+    s.manifest_generation = u64::MAX;
+    s.observed_generation = u64::MAX;
+    actual
+        .put("bh-pi", encode(&s).unwrap().into())
+        .await
+        .unwrap();
+    // Its status is still written: Ready from the heartbeats, Converged False saying why.
+    let converged = eventually("bh-pi's status", DEFAULT_TIMEOUT, || async {
+        let d = devices.get("bh-pi").await.map_err(|e| e.to_string())?;
+        let status = d.status.ok_or("no status")?;
+        let get = |t: &str| status.conditions.iter().find(|c| c.type_ == t).cloned();
+        match (get("Ready"), get("Converged")) {
+            (Some(r), Some(c)) if r.status == "True" && c.reason == "GenerationOutOfRange" => Ok(c),
+            (r, c) => Err(format!("Ready {r:?}, Converged {c:?}")),
+        }
+    })
+    .await;
+    assert_eq!(converged.status, "False");
+    assert!(
+        converged.message.contains(&u64::MAX.to_string()),
+        "{}",
+        converged.message
+    );
+    // A sane report afterwards replaces it.
+    let mut s = fleetlet_protocol::AgentStatus::new(DeviceId::new("bh-pi").unwrap());
+    s.manifest_generation = 0;
+    s.observed_generation = 0;
+    actual
+        .put("bh-pi", encode(&s).unwrap().into())
+        .await
+        .unwrap();
+    eventually(
+        "bh-pi's Converged reason to change",
+        DEFAULT_TIMEOUT,
+        || async {
+            let d = devices.get("bh-pi").await.map_err(|e| e.to_string())?;
+            let status = d.status.ok_or("no status")?;
+            let c = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Converged")
+                .ok_or("no Converged")?;
+            (c.reason != "GenerationOutOfRange")
+                .then_some(())
+                .ok_or(c.message.clone())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn deleting_a_device_removes_its_node_and_lease() {
     let env = shared();
     let ns = env.namespace("br-delete").await.unwrap();
@@ -492,6 +553,8 @@ fn sample(dev: &str) -> Heartbeat {
         free: Free::default(),
         addresses: vec![],
         sealing_key: None,
+        limits: None,
+        container_runtime: None,
     }
 }
 

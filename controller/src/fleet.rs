@@ -34,7 +34,8 @@ use crate::{
     kvcache::KvCache,
     metrics::Metrics,
     plan::{
-        Conflict, DeviceState, DeviceView, ManifestView, Plan, PodView, Progress, add_pods, plan,
+        Conflict, DeviceState, DeviceView, ManifestView, OverLimit, Plan, PodView, Progress,
+        add_pods, plan,
     },
     pods::{PodWatch, REFUSED_PREFIX, Refusal, translate},
 };
@@ -56,6 +57,8 @@ pub struct Fleet {
     pub kv_actual: Store,
     pub kv_heartbeat: Store,
     pub recorder: Recorder,
+    /// Rate-limited Events on devices and manifests.
+    events: crate::events::Events,
     pub metrics: Arc<Metrics>,
     /// A device whose last heartbeat is older than this is offline for rollouts.
     pub offline_after: Duration,
@@ -63,6 +66,9 @@ pub struct Fleet {
     pub progress_deadline: Duration,
     progress_clock: Mutex<HashMap<String, (i64, u32, Instant)>>,
     reported_conflicts: Mutex<BTreeSet<Conflict>>,
+    reported_over_limit: Mutex<BTreeSet<OverLimit>>,
+    /// What devices last reported, for Events on what changes.
+    reports: Mutex<crate::reports::Reports>,
     /// Generation last queued for each device's status, so a patch is sent once.
     queued_generations: Arc<Mutex<HashMap<DeviceId, u64>>>,
     status_queue: mpsc::UnboundedSender<(Arc<EdgeDevice>, u64)>,
@@ -115,12 +121,15 @@ impl Fleet {
             kv_desired: stores.0,
             kv_actual: stores.1,
             kv_heartbeat: stores.2,
+            events: crate::events::Events::new(recorder.clone()),
             recorder,
             metrics,
             offline_after,
             progress_deadline,
             progress_clock: Mutex::new(HashMap::new()),
             reported_conflicts: Mutex::new(BTreeSet::new()),
+            reported_over_limit: Mutex::new(BTreeSet::new()),
+            reports: Mutex::new(crate::reports::Reports::default()),
             queued_generations: Arc::new(Mutex::new(HashMap::new())),
             status_queue,
             pods: None,
@@ -187,40 +196,33 @@ impl Fleet {
         views
     }
 
-    /// Sets (with the generation the device reports) or clears the device's
-    /// GenerationOutOfRange condition, under a field manager of its own so the bridge's
-    /// conditions are left alone; setting it also records a Warning Event.
-    async fn set_generation_condition(&self, obj: &Arc<EdgeDevice>, reported: Option<u64>) {
+    /// Sets the controller's conditions on a device to `want` (type, reason, message; each
+    /// True while it lasts, absent otherwise), under a field manager of its own so the
+    /// bridge's conditions are left alone.
+    async fn set_device_conditions(&self, obj: &Arc<EdgeDevice>, want: &[DeviceProblem]) {
         let api: Api<EdgeDevice> =
             Api::namespaced(self.client.clone(), &obj.namespace().unwrap_or_default());
-        let conditions = match reported {
-            Some(g) => {
-                warn!(device = %obj.name_any(), reported = g, "device reports a generation out of range; ignored");
-                let message = format!(
-                    "the device reports running generation {g}, beyond the largest a manifest may have ({MAX_GENERATION}); \
-                     the value is ignored and the device is sent generations above what the control plane issued. \
-                     If the device really runs such a manifest, reset its agent's state directory"
-                );
-                let event = Event {
-                    type_: EventType::Warning,
-                    reason: fleetlet_crds::GENERATION_OUT_OF_RANGE.into(),
-                    note: Some(message.clone()),
-                    action: "Reconcile".into(),
-                    secondary: None,
-                };
-                if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
-                    warn!(error = %e, "publishing device event failed");
-                }
-                json!([{
-                    "type": fleetlet_crds::GENERATION_OUT_OF_RANGE,
+        let old = obj
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let conditions: Vec<serde_json::Value> = want
+            .iter()
+            .map(|p| {
+                let since = old
+                    .iter()
+                    .find(|c| c.type_ == p.type_ && c.status == "True")
+                    .map_or_else(|| Time(KTime::now()), |c| c.last_transition_time.clone());
+                json!({
+                    "type": p.type_,
                     "status": "True",
-                    "reason": "DeviceReportedGeneration",
-                    "message": message,
-                    "lastTransitionTime": Time(KTime::now()),
-                }])
-            }
-            None => json!([]),
-        };
+                    "reason": p.reason,
+                    "message": p.message,
+                    "lastTransitionTime": since,
+                })
+            })
+            .collect();
         let patch = json!({
             "apiVersion": "fleetlet.dev/v1alpha1",
             "kind": "EdgeDevice",
@@ -229,13 +231,71 @@ impl Fleet {
         if let Err(e) = api
             .patch_status(
                 &obj.name_any(),
-                &PatchParams::apply(GENERATION_FIELD_MANAGER).force(),
+                &PatchParams::apply(DEVICE_CONDITION_MANAGER).force(),
                 &Patch::Apply(&patch),
             )
             .await
         {
-            warn!(device = %obj.name_any(), error = %e, "recording the generation condition failed");
+            warn!(device = %obj.name_any(), error = %e, "recording the device's conditions failed");
         }
+    }
+
+    /// What the controller alone knows is wrong with a device: a generation out of range,
+    /// manifests left out for its limits.
+    fn device_problems(&self, id: &DeviceId, reported: u64, p: &Plan) -> Vec<DeviceProblem> {
+        let mut out = Vec::new();
+        if reported > MAX_GENERATION {
+            out.push(DeviceProblem {
+                type_: fleetlet_crds::GENERATION_OUT_OF_RANGE,
+                reason: "DeviceReportedGeneration",
+                message: format!(
+                    "the device reports running generation {reported}, beyond the largest a manifest may have ({MAX_GENERATION}); \
+                     the value is ignored and the device is sent generations above what the control plane issued. \
+                     If the device really runs such a manifest, reset its agent's state directory"
+                ),
+            });
+        }
+        let left: Vec<String> = p
+            .over_limit
+            .iter()
+            .filter(|o| o.device == *id)
+            .map(|o| {
+                format!(
+                    "{} ({}; {})",
+                    o.refused,
+                    o.limit,
+                    if o.kept_previous {
+                        "its previous version stays"
+                    } else {
+                        "nothing of it is sent"
+                    }
+                )
+            })
+            .collect();
+        if !left.is_empty() {
+            out.push(DeviceProblem {
+                type_: fleetlet_crds::LIMIT_EXCEEDED,
+                reason: "ManifestsLeftOut",
+                message: format!(
+                    "left out, newest first, to keep the device's manifest within its limits: {}",
+                    left.join("; ")
+                ),
+            });
+        }
+        out
+    }
+
+    /// A Warning Event on `object`, within its rate limit.
+    async fn warn_on(
+        &self,
+        object: &k8s_openapi::api::core::v1::ObjectReference,
+        reason: &str,
+        note: &str,
+        action: &str,
+    ) {
+        self.events
+            .publish(object, true, reason, note, action)
+            .await;
     }
 
     /// A refused pod: an Event, and (unless it may resolve by itself) phase Failed.
@@ -377,6 +437,11 @@ impl Fleet {
                         .saturating_sub(h.value.timestamp.as_millis())
                         < self.offline_after.as_millis() as u64
                 }),
+                limits: heartbeats
+                    .get(id)
+                    .and_then(|h| h.value.limits)
+                    .unwrap_or_default()
+                    .bounded(),
             })
             .collect();
         let manifests: Vec<Arc<EdgeManifest>> = self.manifests.state();
@@ -482,21 +547,38 @@ impl Fleet {
         for (obj, generation) in generations {
             self.queue_generation(&obj, generation);
         }
-        // A device reporting a generation out of range: a condition (and an Event) while it
-        // lasts, so `kubectl describe` says why its report is ignored.
+        // What only the controller knows about a device (a generation out of range, a
+        // manifest left out for its limits): a condition while it lasts, and a Warning Event
+        // when it appears, so `kubectl describe` says why.
         for (id, obj) in &devices {
             let reported = actual.get(id).map_or(0, |a| a.value.manifest_generation);
-            let out_of_range = reported > MAX_GENERATION;
-            let flagged = obj.status.as_ref().is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == fleetlet_crds::GENERATION_OUT_OF_RANGE)
-            });
-            if out_of_range != flagged {
-                self.set_generation_condition(obj, out_of_range.then_some(reported))
-                    .await;
-                summary.status_patches += 1;
+            let want = self.device_problems(id, reported, &p);
+            let have: Vec<(&str, &str, &str)> = obj
+                .status
+                .iter()
+                .flat_map(|s| &s.conditions)
+                .filter(|c| fleetlet_crds::CONTROLLER_CONDITIONS.contains(&c.type_.as_str()))
+                .map(|c| (c.type_.as_str(), c.reason.as_str(), c.message.as_str()))
+                .collect();
+            let wanted: Vec<(&str, &str, &str)> = want
+                .iter()
+                .map(|p| (p.type_, p.reason, p.message.as_str()))
+                .collect();
+            if have == wanted {
+                continue;
             }
+            for problem in want.iter().filter(|p| !have.iter().any(|h| h.0 == p.type_)) {
+                warn!(device = %id, condition = problem.type_, message = %problem.message, "device problem");
+                self.warn_on(
+                    &obj.object_ref(&()),
+                    problem.type_,
+                    &problem.message,
+                    "Reconcile",
+                )
+                .await;
+            }
+            self.set_device_conditions(obj, &want).await;
+            summary.status_patches += 1;
         }
         for (id, obj) in &devices {
             let written = desired.get(id).map(|c| c.value.generation);
@@ -511,6 +593,10 @@ impl Fleet {
         summary.kv_deletes += self.remove_orphans(&devices).await;
         summary.status_patches += self.finish_manifests(&manifests, &p).await;
         self.report_conflicts(&manifests, &p.conflicts).await;
+        self.report_over_limits(&manifests, &devices, &p.over_limit)
+            .await;
+        self.report_devices(&manifests, &devices, &actual, &desired)
+            .await;
 
         self.metrics
             .record_pass(devices.len(), manifests.len(), p.conflicts.len(), &summary);
@@ -635,7 +721,7 @@ impl Fleet {
             }
             let key = format!("{ns}/{name}");
             let progress = p.progress.get(&key).cloned().unwrap_or_default();
-            let status = self.manifest_status(m, &key, &progress, &p.conflicts);
+            let status = self.manifest_status(m, &key, &progress, &p.conflicts, &p.over_limit);
             if m.status.as_ref() != Some(&status) {
                 let patch = json!({ "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeManifest", "status": status });
                 match api
@@ -662,6 +748,7 @@ impl Fleet {
         key: &str,
         pr: &Progress,
         conflicts: &[Conflict],
+        over_limit: &[crate::plan::OverLimit],
     ) -> EdgeManifestStatus {
         let generation = m.metadata.generation.unwrap_or(0);
         let old = m.status.clone().unwrap_or_default();
@@ -699,6 +786,54 @@ impl Fleet {
             names.truncate(20);
             names.join(", ")
         };
+        // Failing resources, named: the first few, permanent ones first.
+        let mut failures: Vec<&crate::plan::Failure> = pr.failures.iter().collect();
+        failures.sort_by_key(|f| !f.permanent);
+        let name_failures = |fs: &[&crate::plan::Failure]| {
+            let devices: BTreeSet<&DeviceId> = fs.iter().map(|f| &f.device).collect();
+            let shown: Vec<String> = fs
+                .iter()
+                .take(5)
+                .map(|f| {
+                    format!(
+                        "{}/{}: {}{}",
+                        f.device,
+                        f.resource,
+                        f.error,
+                        if f.permanent { " (permanent)" } else { "" }
+                    )
+                })
+                .collect();
+            format!(
+                "{} resource(s) failing on {} device(s): {}{}",
+                fs.len(),
+                devices.len(),
+                shown.join("; "),
+                if fs.len() > shown.len() { "; …" } else { "" }
+            )
+        };
+        let permanent: Vec<&crate::plan::Failure> =
+            failures.iter().copied().filter(|f| f.permanent).collect();
+        let stuck_devices: BTreeSet<&DeviceId> = permanent.iter().map(|f| &f.device).collect();
+        // Nothing left that can move without a new spec: every device still waited on
+        // fails permanently.
+        let nothing_moves = !permanent.is_empty()
+            && pr.pending.is_empty()
+            && pr.waiting_on.iter().all(|d| stuck_devices.contains(d));
+        let mine_over: Vec<String> = over_limit
+            .iter()
+            .filter(|o| o.refused == key)
+            .map(|o| format!("{} ({})", o.device, o.limit))
+            .collect();
+        let over = (!mine_over.is_empty()).then(|| {
+            let n = mine_over.len();
+            let mut shown = mine_over.clone();
+            shown.truncate(10);
+            format!(
+                "left out on {n} device(s) it would take over their limits: {}",
+                shown.join(", ")
+            )
+        });
         let progressing = if complete {
             (
                 "True",
@@ -717,6 +852,13 @@ impl Fleet {
                     pr.updated, pr.targeted
                 ),
             )
+        } else if nothing_moves {
+            ("False", "PermanentFailure", name_failures(&permanent))
+        } else if let Some(msg) = over
+            .as_ref()
+            .filter(|_| pr.pending.is_empty() && pr.waiting_on.is_empty())
+        {
+            ("False", "DeviceLimitExceeded", msg.clone())
         } else if stalled_for > deadline {
             (
                 "False",
@@ -772,6 +914,11 @@ impl Fleet {
         // move without someone's help.
         let stalled = if progressing.1 == "ProgressDeadlineExceeded" {
             ("True", "ProgressDeadlineExceeded", progressing.2.clone())
+        } else if let Some(msg) = &over {
+            ("True", "DeviceLimitExceeded", msg.clone())
+        } else if !permanent.is_empty() {
+            // A resource that cannot succeed as written: waiting longer changes nothing.
+            ("True", "PermanentFailure", name_failures(&permanent))
         } else if conflicts.iter().any(|c| c.refused == key) {
             // Only the side that lost: the older manifest keeps its resources and works.
             ("True", "ResourceConflict", conflict.2.clone())
@@ -819,7 +966,93 @@ impl Fleet {
                 cond("Progressing", progressing),
                 cond("Available", available),
                 cond("Conflict", conflict),
+                cond(
+                    "Degraded",
+                    if failures.is_empty() {
+                        ("False", "NoFailures", String::new())
+                    } else {
+                        ("True", "ResourcesFailed", name_failures(&failures))
+                    },
+                ),
             ],
+        }
+    }
+
+    /// A Warning Event on the manifest and the device of each new [`OverLimit`].
+    async fn report_over_limits(
+        &self,
+        manifests: &[Arc<EdgeManifest>],
+        devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>,
+        over: &[OverLimit],
+    ) {
+        let fresh: Vec<OverLimit> = {
+            let mut seen = self
+                .reported_over_limit
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let now: BTreeSet<OverLimit> = over.iter().cloned().collect();
+            let fresh = now.difference(&seen).cloned().collect();
+            *seen = now;
+            fresh
+        };
+        for o in fresh {
+            let note = format!(
+                "{} is left out on device {}: {}; {}",
+                o.refused,
+                o.device,
+                o.limit,
+                if o.kept_previous {
+                    "the device keeps its previous version"
+                } else {
+                    "nothing of it is sent to the device"
+                }
+            );
+            warn!(device = %o.device, refused = %o.refused, limit = %o.limit, "left out for the device's limits");
+            if let Some(m) = find_manifest(manifests, &o.refused) {
+                self.warn_on(&m.object_ref(&()), "DeviceLimitExceeded", &note, "Plan")
+                    .await;
+            }
+            if let Some(d) = devices.get(&o.device) {
+                self.warn_on(&d.object_ref(&()), "DeviceLimitExceeded", &note, "Plan")
+                    .await;
+            }
+        }
+    }
+
+    /// Events for what devices report anew: refused manifests, failing resources, drift
+    /// repaired; on the EdgeDevice and on the EdgeManifest the resource belongs to.
+    async fn report_devices(
+        &self,
+        manifests: &[Arc<EdgeManifest>],
+        devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>,
+        actual: &HashMap<DeviceId, crate::kvcache::Versioned<AgentStatus>>,
+        desired: &HashMap<DeviceId, crate::kvcache::Versioned<AgentManifest>>,
+    ) {
+        let reports = {
+            let mut r = self.reports.lock().unwrap_or_else(|e| e.into_inner());
+            let found = r.changes(
+                actual
+                    .iter()
+                    .filter(|(id, _)| devices.contains_key(*id))
+                    .map(|(id, v)| (id, v.revision, &v.value)),
+                |id| desired.get(id).map(|v| &v.value),
+            );
+            r.retain(|id| devices.contains_key(id));
+            found
+        };
+        for r in reports {
+            if let Some(d) = devices.get(&r.device) {
+                self.events
+                    .publish(&d.object_ref(&()), r.warning, r.reason, &r.note, "Report")
+                    .await;
+            }
+            for key in &r.manifests {
+                if let Some(m) = find_manifest(manifests, key) {
+                    self.events
+                        .publish(&m.object_ref(&()), r.warning, r.reason, &r.note, "Report")
+                        .await;
+                }
+            }
         }
     }
 
@@ -859,6 +1092,17 @@ impl Fleet {
             }
         }
     }
+}
+
+/// The manifest `namespace/name` among `manifests`.
+fn find_manifest<'a>(
+    manifests: &'a [Arc<EdgeManifest>],
+    key: &str,
+) -> Option<&'a Arc<EdgeManifest>> {
+    let (ns, name) = key.split_once('/')?;
+    manifests
+        .iter()
+        .find(|m| m.namespace().as_deref() == Some(ns) && m.name_any() == name)
 }
 
 async fn patch_device_generation(
@@ -967,8 +1211,16 @@ pub fn next_generation(stored: u64, recorded: u64, reported: u64) -> Result<u64,
         .ok_or(GenerationError::Exhausted { floor })
 }
 
-/// The field manager of the controller's GenerationOutOfRange condition on EdgeDevices.
-const GENERATION_FIELD_MANAGER: &str = "fleetlet-controller-generation";
+/// One of the controller's conditions on an EdgeDevice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DeviceProblem {
+    type_: &'static str,
+    reason: &'static str,
+    message: String,
+}
+
+/// The field manager of the controller's conditions on EdgeDevices.
+const DEVICE_CONDITION_MANAGER: &str = "fleetlet-controller-conditions";
 
 #[cfg(test)]
 mod tests {

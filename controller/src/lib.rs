@@ -5,6 +5,7 @@
 //! differs, with compare-and-set. [`plan`] holds the rules (selection, conflicts, rollout)
 //! as pure code.
 
+pub mod events;
 pub mod fleet;
 pub mod identity;
 pub mod kvcache;
@@ -12,6 +13,7 @@ pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod pods;
+pub mod reports;
 pub mod sealing;
 pub mod selector;
 pub mod signing;

@@ -14,13 +14,17 @@
 //!    (they pick the manifest up when they return), so they cannot stall a rollout.
 //!    `paused` moves nobody. A device that never had the manifest gets it at once.
 //! 4. A paused EdgeDevice keeps whatever it has.
+//! 5. Limits: a device's manifest stays within what the device accepts (resources and
+//!    bytes, from its heartbeat). In age order, a manifest whose resources would take a
+//!    device over is left out there: the device keeps what it runs of that manifest if
+//!    that still fits, else nothing of it. Older manifests keep flowing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use fleetlet_crds::{IntOrString, LabelSelector, ResourceTemplate};
 use fleetlet_protocol::{
-    AgentManifest, AgentStatus, DeviceId, ManagedResource, Owner, OwnerKind, ResourceId,
-    ResourceSpec, ResourceStatus,
+    AgentManifest, AgentStatus, DeviceId, DeviceLimits, ManagedResource, Owner, OwnerKind,
+    ResourceId, ResourceSpec, ResourceStatus,
 };
 
 use crate::selector;
@@ -34,6 +38,8 @@ pub struct DeviceView {
     pub paused: bool,
     /// Heartbeat seen recently enough to count the device as online.
     pub online: bool,
+    /// What the device accepts (its heartbeat's, bounded; the defaults before it has one).
+    pub limits: DeviceLimits,
 }
 
 /// An EdgeManifest as the planner sees it.
@@ -126,6 +132,69 @@ pub struct Conflict {
     pub refused: String,
 }
 
+/// A manifest (or pod) left out on a device because it would take the device over its limits.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OverLimit {
+    pub device: DeviceId,
+    /// `namespace/name` of the manifest, or `pod namespace/name`.
+    pub refused: String,
+    /// Which limit, with the numbers: `513 resources, the device accepts 512`.
+    pub limit: String,
+    /// Whether the device keeps what it already ran of it.
+    pub kept_previous: bool,
+}
+
+/// One resource failing on one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub device: DeviceId,
+    pub resource: ResourceId,
+    pub error: String,
+    /// Only a new spec can change it.
+    pub permanent: bool,
+}
+
+/// What a device's manifest holds so far, against its limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub resources: usize,
+    pub bytes: u64,
+}
+
+/// Bytes the stored manifest spends besides its resources: the envelope, the signature,
+/// the device id, generation and times. Generous, so an estimate never exceeds the limit.
+pub const MANIFEST_OVERHEAD_BYTES: u64 = 2048;
+
+/// What `r` adds to the stored manifest, in bytes: its JSON, escaped as it is inside a
+/// signed envelope (a string holding the manifest's text), and a separator.
+pub fn cost(r: &ManagedResource) -> u64 {
+    let text = serde_json::to_string(r).unwrap_or_default();
+    let escaped = serde_json::to_string(&text).map_or(text.len() * 2, |e| e.len());
+    escaped as u64 + 1
+}
+
+impl Usage {
+    /// Whether `rs` fits beside what is there, or else which limit it breaks.
+    fn check(&self, rs: &[ManagedResource], limits: &DeviceLimits) -> Result<Usage, String> {
+        let resources = self.resources + rs.len();
+        let bytes = self.bytes + rs.iter().map(cost).sum::<u64>();
+        if resources > limits.max_resources as usize {
+            Err(format!(
+                "{resources} resources, the device accepts {}",
+                limits.max_resources
+            ))
+        } else if bytes + MANIFEST_OVERHEAD_BYTES > limits.max_manifest_bytes {
+            Err(format!(
+                "{} bytes of manifest, the device accepts {}",
+                bytes + MANIFEST_OVERHEAD_BYTES,
+                limits.max_manifest_bytes
+            ))
+        } else {
+            Ok(Usage { resources, bytes })
+        }
+    }
+}
+
 /// Rollout progress of one manifest.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Progress {
@@ -140,6 +209,10 @@ pub struct Progress {
     pub waiting_on: Vec<DeviceId>,
     /// Devices still at an older generation.
     pub pending: Vec<DeviceId>,
+    /// Devices where the manifest is left out: it would take them over their limits.
+    pub over_limit: Vec<DeviceId>,
+    /// Resources of this manifest failing on updated devices, by device then resource.
+    pub failures: Vec<Failure>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -147,7 +220,12 @@ pub struct Plan {
     /// Desired resources per device, sorted by id. Paused devices are absent (left as is).
     pub devices: BTreeMap<DeviceId, Vec<ManagedResource>>,
     pub conflicts: Vec<Conflict>,
+    pub over_limit: Vec<OverLimit>,
     pub progress: BTreeMap<String, Progress>,
+    /// What each device's manifest holds, against its limits.
+    pub usage: HashMap<DeviceId, Usage>,
+    /// Each device's limits, for what is added after the plan (pods).
+    pub limits: HashMap<DeviceId, DeviceLimits>,
 }
 
 fn identities(r: &ManagedResource) -> Vec<String> {
@@ -160,23 +238,40 @@ fn identities(r: &ManagedResource) -> Vec<String> {
     out
 }
 
-fn ready_on(state: Option<&DeviceState>, ids: &BTreeSet<ResourceId>) -> (bool, bool) {
+/// Whether the device reports every resource of `ids` Ready, and those it reports failing.
+fn ready_on(
+    device: &DeviceId,
+    state: Option<&DeviceState>,
+    ids: &BTreeSet<ResourceId>,
+) -> (bool, Vec<Failure>) {
     let Some(DeviceState {
         desired: Some(d),
         actual: Some(a),
     }) = state
     else {
-        return (false, false);
+        return (false, Vec::new());
     };
-    let failed = ids
+    if a.device != d.device {
+        return (false, Vec::new());
+    }
+    let failures = ids
         .iter()
-        .any(|id| matches!(a.resources.get(id), Some(ResourceStatus::Failed { .. })));
+        .filter_map(|id| {
+            let st = a.resources.get(id)?;
+            let error = st.failure()?;
+            Some(Failure {
+                device: device.clone(),
+                resource: id.clone(),
+                error: error.to_owned(),
+                permanent: st.is_permanent_failure(),
+            })
+        })
+        .collect();
     let ready = a.observed_generation >= d.generation
-        && a.device == d.device
         && ids
             .iter()
             .all(|id| a.resources.get(id).is_some_and(ResourceStatus::is_ready));
-    (ready, failed)
+    (ready, failures)
 }
 
 /// Computes every device's resources, the conflicts, and each manifest's rollout progress.
@@ -190,7 +285,10 @@ pub fn plan(
         (&a.created, &a.namespace, &a.name).cmp(&(&b.created, &b.namespace, &b.name))
     });
 
-    let mut out = Plan::default();
+    let mut out = Plan {
+        limits: devices.iter().map(|d| (d.id.clone(), d.limits)).collect(),
+        ..Plan::default()
+    };
     let mut per_device: BTreeMap<&DeviceId, Vec<ManagedResource>> =
         devices.iter().map(|d| (&d.id, Vec::new())).collect();
     let mut claims: HashMap<&DeviceId, HashMap<String, String>> = HashMap::new();
@@ -213,6 +311,8 @@ pub fn plan(
             new: Vec<ManagedResource>,
             old: Vec<ManagedResource>,
             updated: bool,
+            /// Left out for the device's limits; `new` holds what it keeps instead.
+            over: bool,
         }
         let mut rows = Vec::with_capacity(targets.len());
         for d in targets {
@@ -248,12 +348,32 @@ pub fn plan(
                 .into_iter()
                 .filter(|r| identities(r).iter().all(|i| !device_claims.contains_key(i)))
                 .collect();
-            let updated = sorted(new.clone()) == sorted(old.clone());
+            // Limits: what older manifests hold on the device is settled; this one gets
+            // the room that is left, or keeps what it had if that still fits.
+            let usage = out.usage.get(&d.id).copied().unwrap_or_default();
+            let mut over = false;
+            if let Err(limit) = usage.check(&new, &d.limits) {
+                over = true;
+                let kept_previous = !old.is_empty() && usage.check(&old, &d.limits).is_ok();
+                out.over_limit.push(OverLimit {
+                    device: d.id.clone(),
+                    refused: mkey.clone(),
+                    limit,
+                    kept_previous,
+                });
+                new = if kept_previous {
+                    old.clone()
+                } else {
+                    Vec::new()
+                };
+            }
+            let updated = !over && sorted(new.clone()) == sorted(old.clone());
             rows.push(Target {
                 device: d,
                 new,
                 old,
                 updated,
+                over,
             });
         }
 
@@ -262,10 +382,12 @@ pub fn plan(
             |rs: &[ManagedResource]| rs.iter().map(|r| r.id.clone()).collect::<BTreeSet<_>>();
         let mut unavailable = 0usize;
         for row in rows.iter().filter(|r| r.updated) {
-            let (ready, failed) = ready_on(state.get(&row.device.id), &ids_of(&row.new));
+            let (ready, failures) =
+                ready_on(&row.device.id, state.get(&row.device.id), &ids_of(&row.new));
             progress.updated += 1;
             progress.ready += u32::from(ready);
-            progress.failed += u32::from(failed);
+            progress.failed += u32::from(!failures.is_empty());
+            progress.failures.extend(failures);
             if !ready && row.device.online {
                 unavailable += 1;
                 progress.waiting_on.push(row.device.id.clone());
@@ -276,6 +398,9 @@ pub fn plan(
             .saturating_sub(unavailable);
         for row in rows {
             let chosen = if row.updated {
+                row.new
+            } else if row.over {
+                progress.over_limit.push(row.device.id.clone());
                 row.new
             } else if row.old.is_empty() && !m.paused {
                 // Nothing of this manifest there yet: adding it disrupts nothing.
@@ -305,6 +430,9 @@ pub fn plan(
                     device_claims.insert(i, mkey.clone());
                 }
             }
+            let usage = out.usage.entry(row.device.id.clone()).or_default();
+            usage.resources += chosen.len();
+            usage.bytes += chosen.iter().map(cost).sum::<u64>();
             if let Some(v) = per_device.get_mut(&row.device.id) {
                 v.extend(chosen);
             }
@@ -321,6 +449,7 @@ pub fn plan(
     }
     out.conflicts.sort();
     out.conflicts.dedup();
+    out.over_limit.sort();
     out
 }
 
@@ -347,6 +476,7 @@ pub fn add_pods(p: &mut Plan, pods: &[PodView]) {
                 identities(r).into_iter().map(move |i| (i, owner.clone()))
             })
             .collect();
+        let mut admitted = Vec::new();
         for r in &pod.resources {
             match identities(r)
                 .into_iter()
@@ -358,8 +488,23 @@ pub fn add_pods(p: &mut Plan, pods: &[PodView]) {
                     kept_by,
                     refused: format!("pod {}", pod.key),
                 }),
-                None => resources.push(r.clone()),
+                None => admitted.push(r.clone()),
             }
+        }
+        // A pod is all or nothing against the device's limits.
+        let limits = p.limits.get(&pod.device).copied().unwrap_or_default();
+        let usage = p.usage.entry(pod.device.clone()).or_default();
+        match usage.check(&admitted, &limits) {
+            Ok(u) => {
+                *usage = u;
+                resources.extend(admitted);
+            }
+            Err(limit) => p.over_limit.push(OverLimit {
+                device: pod.device.clone(),
+                refused: format!("pod {}", pod.key),
+                limit,
+                kept_previous: false,
+            }),
         }
         resources.sort_by(|a, b| a.id.cmp(&b.id));
     }
@@ -385,6 +530,7 @@ mod tests {
                 .collect(),
             paused: false,
             online: true,
+            limits: DeviceLimits::default(),
         }
     }
 
@@ -641,5 +787,136 @@ mod tests {
             &HashMap::new(),
         );
         assert!(!p.devices.contains_key(&d.id));
+    }
+
+    fn files(prefix: &str, n: usize) -> Vec<ResourceTemplate> {
+        (0..n)
+            .map(|i| file(&format!("{prefix}{i}"), &format!("/etc/{prefix}/{i}")))
+            .collect()
+    }
+
+    #[test]
+    fn the_manifest_that_takes_a_device_over_its_resource_limit_is_left_out_there_alone() {
+        let devices = [dev("a", &[("role", "s")]), dev("b", &[("role", "s")])];
+        // Five manifests of 128 files for a; b gets only the newest one.
+        let mut ms: Vec<ManifestView> = (0..5)
+            .map(|i| {
+                manifest(
+                    &format!("m{i}"),
+                    &format!("{i}"),
+                    None,
+                    &["a"],
+                    files(&format!("m{i}-"), 128),
+                )
+            })
+            .collect();
+        ms[4].devices.push("b".into());
+        let p = plan(&devices, &ms, &HashMap::new());
+        assert_eq!(ids(&p, "a").len(), 512, "the four oldest fit exactly");
+        assert!(ids(&p, "a").iter().all(|id| !id.starts_with("m4-")));
+        assert_eq!(ids(&p, "b").len(), 128, "the newest still reaches b");
+        assert_eq!(
+            p.over_limit,
+            [OverLimit {
+                device: DeviceId::new("a").unwrap(),
+                refused: "ns/m4".into(),
+                limit: "640 resources, the device accepts 512".into(),
+                kept_previous: false,
+            }]
+        );
+        let pr = &p.progress["ns/m4"];
+        assert_eq!((pr.targeted, pr.updated), (2, 1));
+        assert_eq!(pr.over_limit, [DeviceId::new("a").unwrap()]);
+        assert!(p.progress["ns/m0"].over_limit.is_empty());
+    }
+
+    #[test]
+    fn bytes_count_against_the_limit_a_device_advertises() {
+        let mut a = dev("a", &[]);
+        a.limits.max_manifest_bytes = 64 * 1024;
+        let big = |id: &str, n: usize| ResourceTemplate {
+            id: ResourceId::new(id).unwrap(),
+            spec: ResourceSpec::File(FileSpec {
+                path: format!("/etc/{id}"),
+                // Quotes double when escaped into the signed envelope.
+                content: FileContent::Text("\"".repeat(n)),
+                mode: None,
+                owner: None,
+                group: None,
+            }),
+        };
+        let ms = [
+            manifest("small", "1", None, &["a"], vec![big("s", 10_000)]),
+            manifest("large", "2", None, &["a"], vec![big("l", 20_000)]),
+        ];
+        let p = plan(&[a], &ms, &HashMap::new());
+        assert_eq!(ids(&p, "a"), ["s"]);
+        assert_eq!(p.over_limit.len(), 1);
+        assert!(
+            p.over_limit[0].limit.contains("the device accepts 65536"),
+            "{}",
+            p.over_limit[0].limit
+        );
+        // Every estimate bounds what is really stored.
+        let mut m = AgentManifest::new(DeviceId::new("a").unwrap(), u64::MAX);
+        m.resources = p.devices[&DeviceId::new("a").unwrap()].clone();
+        let text = serde_json::to_string(&m).unwrap();
+        let stored = serde_json::to_string(&text).unwrap().len() as u64 + 200;
+        assert!(stored <= p.usage[&DeviceId::new("a").unwrap()].bytes + MANIFEST_OVERHEAD_BYTES);
+    }
+
+    #[test]
+    fn a_manifest_that_grows_past_the_limit_keeps_its_previous_version_on_the_device() {
+        let a = dev("a", &[]);
+        let mut m = manifest("m", "1", None, &["a"], files("f", 500));
+        m.generation = 1;
+        let first = plan(
+            std::slice::from_ref(&a),
+            std::slice::from_ref(&m),
+            &HashMap::new(),
+        );
+        let mut am = AgentManifest::new(a.id.clone(), 1);
+        am.resources = first.devices[&a.id].clone();
+        let state = HashMap::from([(
+            a.id.clone(),
+            DeviceState {
+                desired: Some(am),
+                actual: None,
+            },
+        )]);
+        m.generation = 2;
+        m.resources = files("f", 600);
+        let p = plan(std::slice::from_ref(&a), &[m], &state);
+        assert_eq!(ids(&p, "a").len(), 500);
+        assert!(
+            p.devices[&a.id].iter().all(|r| r.owner.generation == 1),
+            "the previous generation stays"
+        );
+        assert!(p.over_limit[0].kept_previous);
+        assert_eq!(p.progress["ns/m"].updated, 0);
+    }
+
+    #[test]
+    fn a_pod_that_does_not_fit_is_left_out_whole() {
+        let a = dev("a", &[]);
+        let mut p = plan(
+            std::slice::from_ref(&a),
+            &[manifest("m", "1", None, &["a"], files("f", 510))],
+            &HashMap::new(),
+        );
+        let pod = |key: &str, n: usize| PodView {
+            device: a.id.clone(),
+            key: key.into(),
+            resources: (0..n)
+                .map(|i| {
+                    manifest("x", "9", None, &[], vec![])
+                        .managed(&file(&format!("{key}-{i}"), &format!("/etc/{key}/{i}")))
+                })
+                .collect(),
+        };
+        add_pods(&mut p, &[pod("small", 2), pod("big", 3)]);
+        assert_eq!(ids(&p, "a").len(), 512);
+        assert_eq!(p.over_limit.len(), 1);
+        assert_eq!(p.over_limit[0].refused, "pod big");
     }
 }

@@ -224,6 +224,8 @@ async fn simulate_agent(kv: &Kv, dev: &str, ready: bool) {
         free: Free::default(),
         addresses: vec![],
         sealing_key: None,
+        limits: None,
+        container_runtime: None,
     };
     kv.heartbeat
         .put(dev, encode(&hb).unwrap().into())

@@ -59,7 +59,8 @@ pub struct EdgeDeviceSpec {
 pub struct EdgeDeviceStatus {
     /// Ready (heartbeat fresh), Converged (desired generation applied, every resource
     /// Ready), Degraded (some resource failing), from the bridge; GenerationOutOfRange
-    /// (the device reports running a generation no manifest may have), from the controller.
+    /// (the device reports running a generation no manifest may have) and LimitExceeded (a
+    /// manifest is left out because the device could not take it), from the controller.
     /// One entry per type, each owned by the component that writes it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
@@ -89,6 +90,13 @@ pub struct EdgeDeviceStatus {
 /// manifest may have (its value is ignored).
 pub const GENERATION_OUT_OF_RANGE: &str = "GenerationOutOfRange";
 
+/// The condition the controller sets while a manifest (or pod) is left out on a device
+/// because it would take the device over its limits.
+pub const LIMIT_EXCEEDED: &str = "LimitExceeded";
+
+/// The condition types the controller owns on an EdgeDevice (the bridge owns the rest).
+pub const CONTROLLER_CONDITIONS: [&str; 2] = [GENERATION_OUT_OF_RANGE, LIMIT_EXCEEDED];
+
 impl EdgeDeviceStatus {
     /// The fields the bridge writes: without the controller's (`desiredGeneration`,
     /// `credentials`, its conditions). What the bridge compares its own view with.
@@ -96,7 +104,8 @@ impl EdgeDeviceStatus {
         let mut s = self.clone();
         s.desired_generation = None;
         s.credentials = None;
-        s.conditions.retain(|c| c.type_ != GENERATION_OUT_OF_RANGE);
+        s.conditions
+            .retain(|c| !CONTROLLER_CONDITIONS.contains(&c.type_.as_str()));
         s
     }
 }

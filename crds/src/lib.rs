@@ -11,8 +11,8 @@ mod device;
 mod manifest;
 
 pub use device::{
-    DeviceCredentials, DeviceInfo, EdgeDevice, EdgeDeviceSpec, EdgeDeviceStatus,
-    GENERATION_OUT_OF_RANGE, ResourceSummary,
+    CONTROLLER_CONDITIONS, DeviceCredentials, DeviceInfo, EdgeDevice, EdgeDeviceSpec,
+    EdgeDeviceStatus, GENERATION_OUT_OF_RANGE, LIMIT_EXCEEDED, ResourceSummary,
 };
 pub use manifest::{
     EdgeManifest, EdgeManifestSpec, EdgeManifestStatus, ResourceTemplate, RolloutStrategy,
@@ -26,7 +26,7 @@ pub use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 pub use kube;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-    CustomResourceDefinition, ValidationRule,
+    CustomResourceDefinition, JSONSchemaProps, ValidationRule,
 };
 use kube::CustomResourceExt;
 
@@ -61,16 +61,42 @@ pub fn crds() -> Result<Vec<CustomResourceDefinition>, CrdError> {
             ..Default::default()
         },
     )?;
+    optional_spec(&mut device, "EdgeDevice")?;
     Ok(vec![device, EdgeManifest::crd()])
 }
 
-fn add_root_rule(
-    crd: &mut CustomResourceDefinition,
+/// Makes `spec` optional: every field of it is, so `kubectl apply` of a bare EdgeDevice
+/// works. The API server defaults a missing spec to `{}`, so stored objects always have one.
+fn optional_spec(crd: &mut CustomResourceDefinition, name: &'static str) -> Result<(), CrdError> {
+    let schema = root_schema(crd, name)?;
+    if let Some(required) = schema.required.as_mut() {
+        required.retain(|r| r != "spec");
+        if required.is_empty() {
+            schema.required = None;
+        }
+    }
+    let spec = schema
+        .properties
+        .as_mut()
+        .and_then(|p| p.get_mut("spec"))
+        .ok_or(CrdError::MissingSchema {
+            crd: name,
+            path: "openAPIV3Schema.properties.spec",
+        })?;
+    spec.default = Some(
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSON(
+            serde_json::json!({}),
+        ),
+    );
+    Ok(())
+}
+
+/// The CRD's root schema (`spec.versions[0].schema.openAPIV3Schema`).
+fn root_schema<'a>(
+    crd: &'a mut CustomResourceDefinition,
     name: &'static str,
-    rule: ValidationRule,
-) -> Result<(), CrdError> {
-    let schema = crd
-        .spec
+) -> Result<&'a mut JSONSchemaProps, CrdError> {
+    crd.spec
         .versions
         .first_mut()
         .and_then(|v| v.schema.as_mut())
@@ -78,7 +104,15 @@ fn add_root_rule(
         .ok_or(CrdError::MissingSchema {
             crd: name,
             path: "spec.versions[0].schema.openAPIV3Schema",
-        })?;
+        })
+}
+
+fn add_root_rule(
+    crd: &mut CustomResourceDefinition,
+    name: &'static str,
+    rule: ValidationRule,
+) -> Result<(), CrdError> {
+    let schema = root_schema(crd, name)?;
     schema
         .x_kubernetes_validations
         .get_or_insert_with(Vec::new)

@@ -102,7 +102,9 @@ pub struct EdgeManifestStatus {
     #[serde(default)]
     pub failed: u32,
     /// Ready, Reconciling and Stalled (kstatus conventions, read by Flux and Argo CD), then
-    /// Progressing, Available and Conflict.
+    /// Progressing, Available, Conflict and Degraded (naming the first failing devices and
+    /// resources). Stalled is True at once for a permanent failure (a resource that cannot
+    /// succeed as written) and for devices the manifest would take over their limits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

@@ -130,6 +130,13 @@ pub struct ContainerConfig {
     /// Remove images the agent pulled once no container of its own uses them.
     #[serde(default = "default_true")]
     pub prune_images: bool,
+    /// Host paths a container may mount: at or below one of these (after following
+    /// symbolic links). Anything else, `/` included, is refused.
+    #[serde(default = "default_mount_roots")]
+    pub mount_roots: Vec<PathBuf>,
+    /// Of those, where a mount may be read-write; elsewhere mounts must be `readOnly`.
+    #[serde(default = "default_writable_mount_roots")]
+    pub writable_mount_roots: Vec<PathBuf>,
 }
 
 /// systemd units, through systemd's D-Bus API.
@@ -146,6 +153,18 @@ pub struct SystemdConfig {
     /// Longest wait for a start/stop/restart job to finish.
     #[serde(default = "default_job_timeout")]
     pub job_timeout_seconds: u32,
+    /// Units fleetlet did not write that manifests may still start, stop, enable or
+    /// replace, by name (a trailing `*` matches any rest: `mosquitto*`). Every other unit
+    /// fleetlet did not write is left alone.
+    #[serde(default)]
+    pub foreign_units: Vec<String>,
+    /// The agent's own unit, which no manifest may touch.
+    #[serde(default = "default_agent_unit")]
+    pub agent_unit: String,
+    /// Let `foreign_units` name login services (ssh, gettys, user sessions). Off: a manifest
+    /// can never lock the owner out of the device.
+    #[serde(default)]
+    pub allow_login_units: bool,
 }
 
 /// The ShellJob escape hatch. It runs only when the device owner adds `shellJob` to
@@ -285,7 +304,7 @@ fn default_roots() -> Vec<PathBuf> {
     ]
 }
 fn default_max_file() -> u64 {
-    512 * 1024
+    fleetlet_protocol::DEFAULT_MAX_FILE_BYTES
 }
 fn default_podman_socket() -> PathBuf {
     PathBuf::from("/run/podman/podman.sock")
@@ -304,6 +323,20 @@ fn default_true() -> bool {
 }
 fn default_unit_dir() -> PathBuf {
     PathBuf::from("/etc/systemd/system")
+}
+fn default_mount_roots() -> Vec<PathBuf> {
+    ["/etc/fleetlet", "/opt/fleetlet", "/srv/fleetlet"]
+        .map(PathBuf::from)
+        .to_vec()
+}
+fn default_writable_mount_roots() -> Vec<PathBuf> {
+    // Data directories, and the pods' emptyDir volumes.
+    ["/srv/fleetlet", "/opt/fleetlet/pods"]
+        .map(PathBuf::from)
+        .to_vec()
+}
+fn default_agent_unit() -> String {
+    "fleetlet-agent.service".into()
 }
 fn default_job_timeout() -> u32 {
     90
@@ -330,6 +363,8 @@ impl Default for ContainerConfig {
             stop_timeout_seconds: default_stop_timeout(),
             insecure_registries: Vec::new(),
             prune_images: true,
+            mount_roots: default_mount_roots(),
+            writable_mount_roots: default_writable_mount_roots(),
         }
     }
 }
@@ -340,6 +375,9 @@ impl Default for SystemdConfig {
             bus_address: None,
             unit_dir: default_unit_dir(),
             job_timeout_seconds: default_job_timeout(),
+            foreign_units: Vec::new(),
+            agent_unit: default_agent_unit(),
+            allow_login_units: false,
         }
     }
 }

@@ -7,14 +7,14 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use fleetlet_protocol::{
-    ContainerSpec, DeviceId, PortProtocol, ProbeAction, PullPolicy, ResourceDetails, ResourceId,
-    RestartPolicy, Timestamp,
+    ContainerSpec, DeviceId, HostPathMount, PortProtocol, ProbeAction, PullPolicy, ResourceDetails,
+    ResourceId, RestartPolicy, Timestamp,
 };
 use futures::StreamExt;
 use podman_api::{
@@ -224,6 +224,20 @@ impl ContainerReconciler {
     }
 
     /// The podman client (for logs and exec of owned containers).
+    /// podman's version as `podman://<version>`, if podman answers.
+    pub async fn runtime_version(&self) -> Option<String> {
+        match self.inner.podman.version().await {
+            Ok(v) => Some(format!(
+                "podman://{}",
+                v.version.unwrap_or_else(|| "unknown".into())
+            )),
+            Err(e) => {
+                debug!(error = %e, "podman does not answer its version");
+                None
+            }
+        }
+    }
+
     pub fn podman(&self) -> &Podman {
         &self.inner.podman
     }
@@ -449,6 +463,77 @@ impl ContainerReconciler {
         }
     }
 
+    /// Where the host side of `m` really is, if the device's policy allows mounting it:
+    /// at or below a `mount_roots` entry after following symbolic links, and read-write
+    /// only below a `writable_mount_roots` entry. Missing directories are created.
+    fn mount_source(&self, m: &HostPathMount) -> Result<String, ReconcileError> {
+        let config = &self.inner.config;
+        let host = Path::new(&m.host_path);
+        if !host.is_absolute()
+            || host
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(ReconcileError::Invalid(format!(
+                "mount host path {} must be absolute, without ..",
+                m.host_path
+            )));
+        }
+        let on_host = |p: &Path| match &self.inner.host_prefix {
+            Some(prefix) => prefix.join(p.strip_prefix("/").unwrap_or(p)),
+            None => p.to_path_buf(),
+        };
+        let shown = |roots: &[PathBuf]| {
+            roots
+                .iter()
+                .map(|r| r.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let under = |roots: &[PathBuf], real: &Path| {
+            roots.iter().any(|r| {
+                on_host(r)
+                    .canonicalize()
+                    .is_ok_and(|root| real.starts_with(root))
+            })
+        };
+        if !config.mount_roots.iter().any(|r| host.starts_with(r)) {
+            return Err(ReconcileError::Forbidden(format!(
+                "mounting {} is outside the roots containers may mount ({})",
+                m.host_path,
+                shown(&config.mount_roots)
+            )));
+        }
+        let path = on_host(host);
+        if !path.exists() {
+            std::fs::create_dir_all(&path)
+                .map_err(|e| ReconcileError::io(format!("creating {}", path.display()), e))?;
+        }
+        let real = path
+            .canonicalize()
+            .map_err(|e| ReconcileError::io(format!("resolving {}", path.display()), e))?;
+        if !under(&config.mount_roots, &real) {
+            return Err(ReconcileError::Forbidden(format!(
+                "mounting {} resolves to {} through a symbolic link, outside the roots containers may mount ({})",
+                m.host_path,
+                real.display(),
+                shown(&config.mount_roots)
+            )));
+        }
+        if !m.read_only && !under(&config.writable_mount_roots, &real) {
+            return Err(ReconcileError::Forbidden(format!(
+                "mounting {} read-write; the device allows that only below {} (set readOnly)",
+                m.host_path,
+                if config.writable_mount_roots.is_empty() {
+                    "no path".to_string()
+                } else {
+                    shown(&config.writable_mount_roots)
+                }
+            )));
+        }
+        Ok(real.display().to_string())
+    }
+
     fn create_opts(
         &self,
         id: &ResourceId,
@@ -495,25 +580,27 @@ impl ContainerReconciler {
             }));
         }
         if !spec.mounts.is_empty() {
-            b = b.mounts(spec.mounts.iter().map(|m| {
-                ContainerMount {
-                    destination: Some(m.container_path.clone()),
-                    source: Some(match &self.inner.host_prefix {
-                        Some(p) => p
-                            .join(m.host_path.trim_start_matches('/'))
-                            .display()
-                            .to_string(),
-                        None => m.host_path.clone(),
+            let sources = spec
+                .mounts
+                .iter()
+                .map(|m| self.mount_source(m))
+                .collect::<Result<Vec<String>, ReconcileError>>()?;
+            b = b.mounts(
+                spec.mounts
+                    .iter()
+                    .zip(sources)
+                    .map(|(m, source)| ContainerMount {
+                        destination: Some(m.container_path.clone()),
+                        source: Some(source),
+                        _type: Some("bind".into()),
+                        options: Some(vec![
+                            "rbind".into(),
+                            if m.read_only { "ro" } else { "rw" }.into(),
+                        ]),
+                        uid_mappings: None,
+                        gid_mappings: None,
                     }),
-                    _type: Some("bind".into()),
-                    options: Some(vec![
-                        "rbind".into(),
-                        if m.read_only { "ro" } else { "rw" }.into(),
-                    ]),
-                    uid_mappings: None,
-                    gid_mappings: None,
-                }
-            }));
+            );
         }
         if let Some(limits) = &spec.limits {
             // The generated models have no constructors; every field is optional.

@@ -402,6 +402,7 @@ impl Engine {
                             since: now,
                             error: format!("deleting: {e}"),
                             retry_after: None,
+                            permanent: false,
                         },
                     );
                 }
@@ -511,6 +512,7 @@ impl Engine {
                         since,
                         error,
                         retry_after: Some(now.after(delay)),
+                        permanent: false,
                     },
                     other => other,
                 }
@@ -662,7 +664,7 @@ fn failed(
     prev: Option<&ResourceStatus>,
     now: Timestamp,
     error: String,
-    retry_after: Option<Timestamp>,
+    permanent: bool,
 ) -> ResourceStatus {
     let since = match prev {
         Some(ResourceStatus::Failed {
@@ -673,7 +675,8 @@ fn failed(
     ResourceStatus::Failed {
         since,
         error,
-        retry_after,
+        retry_after: None,
+        permanent,
     }
 }
 
@@ -704,7 +707,7 @@ impl WorkItem {
         if let Some(error) = self.blocked {
             return Outcome {
                 id: self.resource.id,
-                status: failed(prev, now, error, None),
+                status: failed(prev, now, error, false),
                 drift: None,
                 retry: true,
             };
@@ -744,7 +747,7 @@ async fn work_on(
     if let Err(e) = r.spec.validate() {
         return Outcome {
             id,
-            status: failed(prev, now, format!("invalid: {e}"), None),
+            status: failed(prev, now, format!("invalid: {e}"), true),
             drift: None,
             retry: false,
         };
@@ -797,7 +800,7 @@ fn fail(
     debug!(resource = %id, category = e.category(), error = %e, "resource failed");
     Outcome {
         id,
-        status: failed(prev, now, e.to_string(), None),
+        status: failed(prev, now, e.to_string(), !retry),
         drift: None,
         retry,
     }

@@ -2,7 +2,10 @@
 
 use std::{fs, net::Ipv4Addr, sync::Arc};
 
-use fleetlet_protocol::{API_VERSION, Address, Capacity, Free, Heartbeat, SystemInfo, Timestamp};
+use fleetlet_protocol::{
+    API_VERSION, Address, Capacity, DeviceLimits, Free, Heartbeat, SystemInfo, Timestamp,
+    manifest::MAX_RESOURCES,
+};
 
 use crate::config::Settings;
 
@@ -115,6 +118,12 @@ impl Facts {
             },
             addresses,
             sealing_key: self.sealing_key.clone(),
+            limits: Some(DeviceLimits {
+                max_resources: MAX_RESOURCES as u32,
+                max_manifest_bytes: self.settings.max_manifest_bytes as u64,
+                max_file_bytes: self.settings.max_file_bytes,
+            }),
+            container_runtime: None,
         }
     }
 }

@@ -155,6 +155,10 @@ pub async fn serve(
         client.clone(),
         settings.clone(),
         sealing.public_base64(),
+        settings
+            .enabled_kinds
+            .contains(&fleetlet_protocol::ResourceKind::Container)
+            .then(|| containers.clone()),
         stop_rx.clone(),
     ));
     let writer = tokio::spawn(nats::write_status(

@@ -486,9 +486,14 @@ pub async fn heartbeat(
     client: async_nats::Client,
     settings: Arc<Settings>,
     sealing_key: String,
+    containers: Option<crate::container::ContainerReconciler>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut facts = Facts::new(settings.clone(), Some(sealing_key));
+    // The runtime's version, asked again every few minutes (podman may be upgraded or
+    // come up late); a heartbeat never waits long for it.
+    let mut runtime: Option<String> = None;
+    let mut runtime_asked: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(settings.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -496,7 +501,18 @@ pub async fn heartbeat(
             _ = crate::stopped(&mut stop) => return,
             _ = tick.tick() => {}
         }
-        let hb = facts.heartbeat();
+        if let Some(c) = &containers
+            && runtime_asked
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(300) || runtime.is_none())
+        {
+            runtime_asked = Some(tokio::time::Instant::now());
+            runtime = tokio::time::timeout(Duration::from_secs(2), c.runtime_version())
+                .await
+                .ok()
+                .flatten();
+        }
+        let mut hb = facts.heartbeat();
+        hb.container_runtime = runtime.clone();
         let bytes = match encode(&hb) {
             Ok(b) => b,
             Err(e) => {

@@ -69,6 +69,8 @@ trait Unit {
     fn load_error(&self) -> zbus::Result<(String, String)>;
     #[zbus(property)]
     fn need_daemon_reload(&self) -> zbus::Result<bool>;
+    #[zbus(property)]
+    fn fragment_path(&self) -> zbus::Result<String>;
 }
 
 #[zbus::proxy(
@@ -78,6 +80,78 @@ trait Unit {
 trait Service {
     #[zbus(property, name = "NRestarts")]
     fn n_restarts(&self) -> zbus::Result<u32>;
+}
+
+/// Units no manifest may touch, whatever the device's policy lists: the bus the agent
+/// talks to systemd over, systemd's own units and the system's core targets.
+const PROTECTED: [&str; 22] = [
+    "dbus.service",
+    "dbus.socket",
+    "dbus-broker.service",
+    "init.scope",
+    "-.mount",
+    "-.slice",
+    "system.slice",
+    "user.slice",
+    "basic.target",
+    "sysinit.target",
+    "sockets.target",
+    "local-fs.target",
+    "default.target",
+    "multi-user.target",
+    "graphical.target",
+    "rescue.target",
+    "emergency.target",
+    "shutdown.target",
+    "reboot.target",
+    "poweroff.target",
+    "halt.target",
+    "network.target",
+];
+
+/// Login services: touched only when the owner allows it (`allow_login_units`) and lists
+/// them, so a manifest cannot lock the owner out.
+const LOGIN: [&str; 8] = [
+    "ssh.service",
+    "ssh.socket",
+    "sshd.service",
+    "sshd.socket",
+    "dropbear.service",
+    "getty@*",
+    "serial-getty@*",
+    "user@*",
+];
+
+/// `name` against `pattern`: equal, or a prefix when the pattern ends with `*`.
+fn matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
+    }
+}
+
+/// Why the device's policy keeps a manifest off `name`, if it does (before looking at
+/// whether fleetlet wrote the unit).
+fn protected(config: &SystemdConfig, name: &str) -> Option<String> {
+    if name == config.agent_unit {
+        return Some(format!("{name} is the agent's own unit"));
+    }
+    if PROTECTED.contains(&name) || name.starts_with("systemd-") {
+        return Some(format!(
+            "{name} belongs to the system (D-Bus, systemd's own units and core targets are never managed)"
+        ));
+    }
+    if !config.allow_login_units && LOGIN.iter().any(|p| matches(p, name)) {
+        return Some(format!(
+            "{name} is a login service; the device owner allows those with [systemd] allow_login_units"
+        ));
+    }
+    None
+}
+
+/// Whether the owner lets manifests manage `name` although fleetlet did not write it.
+fn listed(config: &SystemdConfig, name: &str) -> bool {
+    config.foreign_units.iter().any(|p| matches(p, name))
 }
 
 /// The active states that count as started.
@@ -95,6 +169,8 @@ struct UnitView {
     file_state: String,
     restarts: Option<u32>,
     need_reload: bool,
+    /// The unit file systemd loaded it from (empty for units without one).
+    fragment: String,
 }
 
 impl UnitView {
@@ -118,6 +194,9 @@ struct Inner {
     config: SystemdConfig,
     device: DeviceId,
     conn: Mutex<Option<Connection>>,
+    /// Units this agent wrote (or found with its marker) since it started: an edit by hand
+    /// that dropped the marker is drift on one of these, not someone else's unit.
+    written: Mutex<std::collections::HashSet<String>>,
 }
 
 fn bus_err(context: &str, e: zbus::Error) -> ReconcileError {
@@ -138,6 +217,7 @@ impl SystemdReconciler {
                 config,
                 device,
                 conn: Mutex::new(None),
+                written: Mutex::new(std::collections::HashSet::new()),
             }),
         }
     }
@@ -296,6 +376,7 @@ impl SystemdReconciler {
                 .await
                 .map_err(|e| bus_err(&ctx("SubState"), e))?,
             need_reload: unit.need_daemon_reload().await.unwrap_or(false),
+            fragment: unit.fragment_path().await.unwrap_or_default(),
             file_state: m.get_unit_file_state(name).await.unwrap_or_default(),
             load_state,
             load_error,
@@ -366,11 +447,63 @@ impl SystemdReconciler {
         .map_err(|e| ReconcileError::io(format!("writing {shown}"), e))
     }
 
+    /// The device owner's policy for `spec`: protected units never, units fleetlet did not
+    /// write only when listed in `foreign_units`.
+    async fn check_policy(
+        &self,
+        id: &ResourceId,
+        spec: &SystemdUnitSpec,
+    ) -> Result<(), ReconcileError> {
+        let name = spec.name.as_str();
+        let config = &self.inner.config;
+        if let Some(why) = protected(config, name) {
+            return Err(ReconcileError::Forbidden(why));
+        }
+        if listed(config, name) {
+            return Ok(());
+        }
+        let unlisted = |what: &str| {
+            ReconcileError::Forbidden(format!(
+                "{name} {what}; the device owner lists the units manifests may manage anyway in [systemd] foreign_units"
+            ))
+        };
+        if spec.contents.is_none() {
+            return Err(unlisted("was not created by fleetlet"));
+        }
+        let known = self.inner.written.lock().await.contains(name);
+        match tokio::fs::read(self.unit_path(name)).await {
+            Ok(b) if b.starts_with(self.marker(id).as_bytes()) => {
+                self.inner.written.lock().await.insert(name.to_owned());
+                Ok(())
+            }
+            Ok(b) if b.starts_with(b"# Managed by fleetlet") => Err(ReconcileError::Forbidden(
+                format!("{name} is another fleetlet resource's unit"),
+            )),
+            // Ours, edited by hand since: drift, put back.
+            Ok(_) if known => Ok(()),
+            Ok(_) => Err(unlisted("exists and was not written by fleetlet")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Not in the unit directory: a unit systemd loads from elsewhere (a vendor
+                // unit in /usr/lib/systemd/system) would be overridden by writing it.
+                let m = self.manager().await?;
+                let v = self.view(&m, name).await?;
+                let ours = std::path::Path::new(&v.fragment) == self.unit_path(name);
+                if v.load_state == "loaded" && !v.fragment.is_empty() && !ours {
+                    Err(unlisted(&format!("is installed at {}", v.fragment)))
+                } else {
+                    Ok(())
+                }
+            }
+            Err(e) => Err(ReconcileError::io("reading unit file", e)),
+        }
+    }
+
     async fn observe_inner(
         &self,
         id: &ResourceId,
         spec: &SystemdUnitSpec,
     ) -> Result<Observation, ReconcileError> {
+        self.check_policy(id, spec).await?;
         if let Some(contents) = &spec.contents {
             match tokio::fs::read(self.unit_path(&spec.name)).await {
                 Ok(b) if b == self.file_bytes(id, contents) => {}
@@ -418,6 +551,7 @@ impl SystemdReconciler {
     ) -> Result<ResourceDetails, ReconcileError> {
         spec.validate()
             .map_err(|e| ReconcileError::Invalid(e.to_string()))?;
+        self.check_policy(id, spec).await?;
         let name = spec.name.as_str();
         let m = self.manager().await?;
         let mut changed = false;
@@ -427,6 +561,7 @@ impl SystemdReconciler {
             let have = tokio::fs::read(&path).await.ok();
             if have.as_deref() != Some(want.as_slice()) {
                 self.write_unit(path, want).await?;
+                self.inner.written.lock().await.insert(name.to_owned());
                 info!(resource = %id, unit = name, "unit file written");
                 changed = true;
             }

@@ -497,6 +497,7 @@ async fn a_failing_resource_is_retried_with_backoff_and_recovers_without_a_new_m
         since,
         retry_after: Some(retry),
         error,
+        permanent: false,
     } = &s.resources["inner"]
     else {
         unreachable!()

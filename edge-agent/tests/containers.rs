@@ -404,3 +404,103 @@ async fn foreign_containers_busy_ports_failing_probes_and_the_disk_guard() {
         images(&pm)
     );
 }
+
+/// The device owner's mount policy: a container mounts host paths only at or below the
+/// roots the owner allows (after following symbolic links), and read-write only below the
+/// writable ones. Refused mounts fail for good and no container is created for them.
+#[tokio::test]
+async fn container_mounts_stay_inside_the_roots_the_device_owner_allows() {
+    let env = TestEnv::builder().nats().start().await.unwrap();
+    let pm = PodmanSandbox::start().await.unwrap();
+    let (desired, actual, _) = buckets(&env).await;
+    let mut dev = device("pi-mounts", &pm, "");
+    let share = dev.root().join("share");
+    let data = dev.root().join("data");
+    dev.sections.push_str(&format!(
+        "mount_roots = [\"{}\", \"{}\"]\nwritable_mount_roots = [\"{}\"]\n",
+        share.display(),
+        data.display(),
+        data.display()
+    ));
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::write(share.join("in"), "from the host\n").unwrap();
+    std::os::unix::fs::symlink("/etc", share.join("escape")).unwrap();
+    let _agent = dev.start(env.nats_url().unwrap(), "");
+
+    let with_mounts = |mounts: Vec<(String, &str, bool)>| ContainerSpec {
+        image: pm.image_1.clone(),
+        command: vec!["/bin/sh".into(), "-c".into()],
+        args: vec!["cat /share/in > /data/out 2>/dev/null; exec sleep 3600".into()],
+        mounts: mounts
+            .into_iter()
+            .map(
+                |(host, inside, read_only)| fleetlet_protocol::HostPathMount {
+                    host_path: host,
+                    container_path: inside.into(),
+                    read_only,
+                },
+            )
+            .collect(),
+        ..Default::default()
+    };
+    let s = |p: &std::path::Path| p.display().to_string();
+    put(
+        &desired,
+        &dev.manifest(
+            1,
+            vec![
+                container("root", with_mounts(vec![("/".into(), "/host", false)])),
+                container("etc", with_mounts(vec![("/etc".into(), "/host-etc", true)])),
+                container("rwshare", with_mounts(vec![(s(&share), "/share", false)])),
+                container(
+                    "escape",
+                    with_mounts(vec![(s(&share.join("escape")), "/share", true)]),
+                ),
+                container(
+                    "ok",
+                    with_mounts(vec![
+                        (s(&share), "/share", true),
+                        (s(&data), "/data", false),
+                    ]),
+                ),
+            ],
+        ),
+    )
+    .await;
+    let status = wait_status(&actual, &dev.id, "settled", |s| s.observed_generation == 1).await;
+    for (id, why) in [
+        ("root", "outside the roots containers may mount"),
+        ("etc", "outside the roots containers may mount"),
+        ("rwshare", "read-write"),
+        ("escape", "through a symbolic link"),
+    ] {
+        match &status.resources[id] {
+            ResourceStatus::Failed {
+                error, permanent, ..
+            } => {
+                assert!(
+                    error.starts_with("forbidden:") && error.contains(why),
+                    "{id}: {error}"
+                );
+                assert!(permanent, "{id}");
+            }
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    assert!(
+        ready_container(&status, "ok"),
+        "{:?}",
+        status.resources["ok"]
+    );
+    // The allowed mounts work: the container copied the read-only file into the data root.
+    fleetlet_testenv::wait::file_content(
+        &data.join("out"),
+        "from the host\n",
+        fleetlet_testenv::DEFAULT_TIMEOUT,
+    )
+    .await;
+    // And nothing was created for the refused ones.
+    let names = ours(&pm, "pi-mounts");
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(names[0].starts_with("pi-mounts-ok "), "{names:?}");
+}

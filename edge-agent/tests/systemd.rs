@@ -296,7 +296,10 @@ async fn a_failing_unit_is_reported_and_units_fleetlet_did_not_write_are_never_r
     let env = TestEnv::builder().nats().start().await.unwrap();
     let sd = SystemdSandbox::start().await.unwrap();
     let (desired, actual, _) = buckets(&env).await;
-    let dev = device("pi-unit-own", &sd);
+    let mut dev = device("pi-unit-own", &sd);
+    // The owner lets manifests manage these two although fleetlet did not write them.
+    dev.sections
+        .push_str("foreign_units = [\"theirs.service\", \"ghost*\"]\n");
     let _agent = dev.start(env.nats_url().unwrap(), "");
     // A unit that was on the device before fleetlet: the manifest only asks it to run.
     let theirs = sd.unit_dir.join("theirs.service");
@@ -330,10 +333,14 @@ async fn a_failing_unit_is_reported_and_units_fleetlet_did_not_write_are_never_r
     let s = wait_status(&actual, &dev.id, "settled", |s| s.observed_generation == 1).await;
     match &s.resources["broken"] {
         ResourceStatus::Failed {
-            error, retry_after, ..
+            error,
+            retry_after,
+            permanent,
+            ..
         } => {
             assert!(error.contains("broken.service"), "{error}");
             assert!(retry_after.is_some(), "a failed start is retried");
+            assert!(!permanent, "a failed start is transient");
         }
         other => panic!("broken: {other:?}"),
     }
@@ -348,10 +355,14 @@ async fn a_failing_unit_is_reported_and_units_fleetlet_did_not_write_are_never_r
     }
     match &s.resources["static"] {
         ResourceStatus::Failed {
-            error, retry_after, ..
+            error,
+            retry_after,
+            permanent,
+            ..
         } => {
             assert!(error.contains("no [Install] section"), "{error}");
             assert!(retry_after.is_none(), "a spec error waits for a new spec");
+            assert!(permanent, "a spec error is reported permanent");
         }
         other => panic!("static: {other:?}"),
     }
@@ -368,6 +379,105 @@ async fn a_failing_unit_is_reported_and_units_fleetlet_did_not_write_are_never_r
     assert_eq!(orphans.status, ConditionStatus::True);
     assert!(orphans.message.contains("theirs"), "{}", orphans.message);
     assert!(!sd.unit_dir.join("broken.service").exists());
+}
+
+/// The device owner's policy: a manifest cannot stop D-Bus or systemd's own units, touch
+/// the agent's own unit or a login service, or manage (or overwrite) a unit fleetlet did not
+/// write unless the owner lists it. Each is refused for good, and the unit is untouched.
+#[tokio::test]
+async fn units_the_device_owner_did_not_hand_over_are_never_touched() {
+    let env = TestEnv::builder().nats().start().await.unwrap();
+    let sd = SystemdSandbox::start().await.unwrap();
+    let (desired, actual, _) = buckets(&env).await;
+    let dev = device("pi-unit-policy", &sd);
+    let _agent = dev.start(env.nats_url().unwrap(), "");
+    // A unit the owner runs, not written by fleetlet and not listed.
+    let theirs = sd.unit_dir.join("owners.service");
+    let original = "[Service]\nExecStart=/bin/sleep 4010\n";
+    std::fs::write(&theirs, original).unwrap();
+    // And one of theirs on disk only.
+    let theirs_too = sd.unit_dir.join("owners-too.service");
+    std::fs::write(&theirs_too, original).unwrap();
+    manager(&sd, "Reload", "", &[]);
+    manager(&sd, "StartUnit", "ss", &["owners.service", "replace"]);
+    wait_active_state(&sd, "owners.service", "s \"active\"").await;
+    wait_active_state(&sd, "dbus.service", "s \"active\"").await;
+
+    let stop = |id: &str, name: &str| unit(id, name, None, false, UnitState::Stopped);
+    put(
+        &desired,
+        &dev.manifest(
+            1,
+            vec![
+                stop("dbus", "dbus.service"),
+                stop("journal", "systemd-journald.service"),
+                stop("owners", "owners.service"),
+                unit(
+                    "replace",
+                    "owners-too.service",
+                    service("/bin/sleep 4011", ""),
+                    true,
+                    UnitState::Started,
+                ),
+                unit(
+                    "agent",
+                    "fleetlet-agent.service",
+                    service("/bin/false", ""),
+                    false,
+                    UnitState::Started,
+                ),
+                stop("ssh", "ssh.service"),
+                // Still allowed: a unit of fleetlet's own.
+                unit(
+                    "mine",
+                    "mine.service",
+                    service("/bin/sleep 4012", ""),
+                    false,
+                    UnitState::Started,
+                ),
+            ],
+        ),
+    )
+    .await;
+    let s = wait_status(&actual, &dev.id, "settled", |s| s.observed_generation == 1).await;
+    for (id, why) in [
+        ("dbus", "belongs to the system"),
+        ("journal", "belongs to the system"),
+        ("owners", "was not created by fleetlet"),
+        ("replace", "exists and was not written by fleetlet"),
+        ("agent", "the agent's own unit"),
+        ("ssh", "login service"),
+    ] {
+        match &s.resources[id] {
+            ResourceStatus::Failed {
+                error, permanent, ..
+            } => {
+                assert!(
+                    error.starts_with("forbidden:") && error.contains(why),
+                    "{id}: {error}"
+                );
+                assert!(permanent, "{id}: a policy refusal waits for a new spec");
+            }
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    assert!(s.resources["mine"].is_ready(), "{:?}", s.resources["mine"]);
+    // What was refused is untouched: D-Bus and the owner's unit run, its file is theirs.
+    assert_eq!(
+        prop(&sd, "dbus.service", "Unit", "ActiveState"),
+        "s \"active\""
+    );
+    assert_eq!(
+        prop(&sd, "systemd-journald.service", "Unit", "ActiveState"),
+        "s \"active\""
+    );
+    assert_eq!(
+        prop(&sd, "owners.service", "Unit", "ActiveState"),
+        "s \"active\""
+    );
+    assert_eq!(std::fs::read_to_string(&theirs).unwrap(), original);
+    assert_eq!(std::fs::read_to_string(&theirs_too).unwrap(), original);
+    assert!(!sd.unit_dir.join("fleetlet-agent.service").exists());
 }
 
 /// `fleetlet-agent install` under a real systemd: it copies the binary, writes the config

@@ -26,6 +26,60 @@ pub struct Heartbeat {
     /// seals Secret contents to. The private half never leaves the device's state directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealing_key: Option<String>,
+    /// What the device accepts, so the controller keeps each manifest within it. Absent
+    /// from older agents: [`DeviceLimits::default`] then applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<DeviceLimits>,
+    /// The container runtime the device runs, as `<name>://<version>` (`podman://4.9.3`);
+    /// absent when containers are disabled or the runtime does not answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_runtime: Option<String>,
+}
+
+/// The largest manifest a device accepts. A manifest over any of these is refused whole by
+/// the agent, so the controller leaves out the resources of the newest manifest that would
+/// push a device over them instead of writing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceLimits {
+    /// Resources per manifest; never above [`crate::manifest::MAX_RESOURCES`].
+    pub max_resources: u32,
+    /// Bytes of the stored manifest (signed envelope included); never above
+    /// [`crate::kv::MAX_MANIFEST_BYTES`].
+    pub max_manifest_bytes: u64,
+    /// Bytes of one File's content.
+    pub max_file_bytes: u64,
+}
+
+impl Default for DeviceLimits {
+    fn default() -> Self {
+        Self {
+            max_resources: crate::manifest::MAX_RESOURCES as u32,
+            max_manifest_bytes: crate::kv::MAX_MANIFEST_BYTES as u64,
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+        }
+    }
+}
+
+/// The agent's default largest File content.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 512 * 1024;
+
+impl DeviceLimits {
+    /// The limits with what no device may exceed applied: a device advertising more than
+    /// the protocol allows gets the protocol's bound, and zero is read as "not given".
+    pub fn bounded(self) -> Self {
+        let d = Self::default();
+        let pick = |v: u64, max: u64| if v == 0 { max } else { v.min(max) };
+        Self {
+            max_resources: pick(u64::from(self.max_resources), u64::from(d.max_resources)) as u32,
+            max_manifest_bytes: pick(self.max_manifest_bytes, d.max_manifest_bytes),
+            max_file_bytes: if self.max_file_bytes == 0 {
+                d.max_file_bytes
+            } else {
+                self.max_file_bytes
+            },
+        }
+    }
 }
 
 /// The device's operating system and hardware.

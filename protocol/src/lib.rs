@@ -16,7 +16,9 @@ pub mod signing;
 pub mod status;
 pub mod time;
 
-pub use heartbeat::{Address, Capacity, Free, Heartbeat, SystemInfo};
+pub use heartbeat::{
+    Address, Capacity, DEFAULT_MAX_FILE_BYTES, DeviceLimits, Free, Heartbeat, SystemInfo,
+};
 pub use manifest::{
     AgentManifest, ContainerLimits, ContainerSpec, EnvVar, FileContent, FileSpec, HostPathMount,
     ManagedResource, ManifestError, NetworkConfigSpec, Owner, OwnerKind, PortMapping, PortProtocol,

@@ -367,6 +367,8 @@ pub enum PortProtocol {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HostPathMount {
+    /// Absolute path on the device; must lie under one of the device's mount roots.
+    #[schemars(length(min = 1, max = 1024))]
     pub host_path: String,
     pub container_path: String,
     #[serde(default)]
@@ -479,6 +481,13 @@ impl ContainerSpec {
 #[serde(rename_all = "camelCase")]
 pub struct SystemdUnitSpec {
     /// Unit name with its type suffix, e.g. `hello.service`.
+    #[schemars(
+        length(min = 1, max = 255),
+        extend("x-kubernetes-validations" = [{
+            "rule": r"self.matches('^[A-Za-z0-9:_@\\\\-][A-Za-z0-9:_.@\\\\-]*[.](service|socket|timer|path|mount|target)$')",
+            "message": "systemdUnit.name must be a unit name: letters, digits and ':-_.\\@', no '/', ending in .service, .socket, .timer, .path, .mount or .target"
+        }])
+    )]
     pub name: String,
     /// Unit file contents; when unset the unit must already exist on the device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -533,6 +542,13 @@ impl SystemdUnitSpec {
 #[serde(rename_all = "camelCase")]
 pub struct FileSpec {
     /// Absolute path; must lie under one of the device's allowed roots.
+    #[schemars(
+        length(min = 2, max = 1024),
+        extend("x-kubernetes-validations" = [{
+            "rule": r"self.startsWith('/') && !self.endsWith('/') && !self.matches('(^|/)[.][.]?(/|$)')",
+            "message": "file.path must be an absolute path to a file, without '.' or '..' components"
+        }])
+    )]
     pub path: String,
     pub content: FileContent,
     /// Permission bits, e.g. 420 (0644). Defaults to 0644.

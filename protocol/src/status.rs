@@ -71,13 +71,17 @@ pub enum ResourceStatus {
         since: Timestamp,
         details: ResourceDetails,
     },
-    /// Could not be brought to its desired state; retried after `retryAfter`.
+    /// Could not be brought to its desired state. A transient failure (the runtime, I/O) is
+    /// retried after `retryAfter`; a `permanent` one (an invalid spec, a path or unit the
+    /// device's policy forbids, a run-once job that failed) waits for a new spec.
     #[serde(rename_all = "camelCase")]
     Failed {
         since: Timestamp,
         error: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         retry_after: Option<Timestamp>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        permanent: bool,
     },
     /// A kind this agent does not run (unknown, a placeholder, or disabled by the owner).
     Unsupported { kind: String, message: String },
@@ -95,6 +99,26 @@ impl ResourceStatus {
             self,
             Self::Ready { .. } | Self::Failed { .. } | Self::Unsupported { .. }
         )
+    }
+
+    /// Failed in a way only a new spec can change (or a kind this device does not run).
+    pub fn is_permanent_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::Failed {
+                permanent: true,
+                ..
+            } | Self::Unsupported { .. }
+        )
+    }
+
+    /// The failure's message, for a Failed or Unsupported resource.
+    pub fn failure(&self) -> Option<&str> {
+        match self {
+            Self::Failed { error, .. } => Some(error),
+            Self::Unsupported { message, .. } => Some(message),
+            _ => None,
+        }
     }
 
     /// A short name of the state, for summaries and metrics labels.

@@ -190,13 +190,20 @@ fn resource_status() -> impl Strategy<Value = ResourceStatus> {
                     },
                 }
             }),
-        (ts.clone(), any::<String>(), proptest::option::of(ts)).prop_map(
-            |(since, error, retry_after)| ResourceStatus::Failed {
-                since,
-                error,
-                retry_after,
-            }
-        ),
+        (
+            ts.clone(),
+            any::<String>(),
+            proptest::option::of(ts),
+            any::<bool>()
+        )
+            .prop_map(
+                |(since, error, retry_after, permanent)| ResourceStatus::Failed {
+                    since,
+                    error,
+                    retry_after,
+                    permanent,
+                }
+            ),
         ("[a-z]{1,10}", any::<String>())
             .prop_map(|(kind, message)| ResourceStatus::Unsupported { kind, message }),
     ]
@@ -258,6 +265,8 @@ fn heartbeat() -> impl Strategy<Value = Heartbeat> {
                 address: "127.0.0.1".into(),
             }],
             sealing_key: None,
+            limits: None,
+            container_runtime: None,
         }
     })
 }

@@ -567,14 +567,14 @@ spec:
     assert!(live.status.is_some());
 
     // A manifest the device refuses (a path outside its allowed roots): `kubectl describe`
-    // tells the operator why it is not converging, and Argo CD calls it Degraded.
+    // tells the operator why it is not converging, and Argo CD calls it Degraded. The
+    // failure is permanent, so the manifest is Stalled at once, long before its deadline.
     env.apply(
         r#"apiVersion: fleetlet.dev/v1alpha1
 kind: EdgeManifest
 metadata: { name: outside-roots, namespace: default }
 spec:
   devices: [pi-helm]
-  rollout: { progressDeadlineSeconds: 2 }
   resources:
     - id: sneaky
       file: { path: /etc/cron.d/sneaky, content: { text: "* * * * * root true\n" } }
@@ -588,15 +588,31 @@ spec:
     };
     let text = eventually("the manifest stalled", Duration::from_secs(60), || async {
         let text = describe("edgemanifest/outside-roots");
-        (text.contains("ProgressDeadlineExceeded") && text.contains("Stalled"))
+        (text.contains("PermanentFailure") && text.contains("Stalled"))
             .then_some(text.clone())
             .ok_or(text)
     })
     .await;
     assert!(
-        text.contains("pi-helm"),
-        "names the blocking device: {text}"
+        text.contains("pi-helm/sneaky") && text.contains("outside"),
+        "names the failing device and resource, and why: {text}"
     );
+    assert!(
+        !text.contains("ProgressDeadlineExceeded"),
+        "stalled by the failure, not by waiting out a deadline: {text}"
+    );
+    // And an Event on the manifest says the same, where `kubectl describe` lists them.
+    eventually(
+        "a ResourceFailed event on the manifest",
+        wait::DEFAULT_TIMEOUT,
+        || async {
+            let text = describe("edgemanifest/outside-roots");
+            (text.contains("ResourceFailed") && text.contains("sneaky on device pi-helm"))
+                .then_some(())
+                .ok_or(text)
+        },
+    )
+    .await;
     // The device's own report reaches its EdgeDevice independently of the deadline.
     eventually(
         "kubectl describe edgedevice to say which resource fails and why",

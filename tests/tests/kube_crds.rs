@@ -248,6 +248,38 @@ async fn invalid_edge_manifests_are_rejected_by_the_apiserver_with_readable_mess
             ),
             "Unsupported value: \"Sometimes\"",
         ),
+        (
+            "file path climbing out of its root",
+            manifest(
+                json!({ "devices": ["pi-1"], "resources": [{ "id": "a", "file": {
+                "path": "/etc/fleetlet/../../etc/shadow", "content": { "text": "" } } }] }),
+            ),
+            "file.path must be an absolute path to a file",
+        ),
+        (
+            "relative file path",
+            manifest(
+                json!({ "devices": ["pi-1"], "resources": [{ "id": "a", "file": {
+                "path": "../../etc/shadow", "content": { "text": "" } } }] }),
+            ),
+            "file.path must be an absolute path to a file",
+        ),
+        (
+            "unit name with a path in it",
+            manifest(
+                json!({ "devices": ["pi-1"], "resources": [{ "id": "a", "systemdUnit": {
+                "name": "../../x.service" } }] }),
+            ),
+            "systemdUnit.name must be a unit name",
+        ),
+        (
+            "unit name without a type",
+            manifest(
+                json!({ "devices": ["pi-1"], "resources": [{ "id": "a", "systemdUnit": {
+                "name": "sshd" } }] }),
+            ),
+            "systemdUnit.name must be a unit name",
+        ),
     ];
     for (what, body, expected) in cases {
         let err = create_raw_manifest(env, &ns, body).await.unwrap_err();
@@ -257,6 +289,32 @@ async fn invalid_edge_manifests_are_rejected_by_the_apiserver_with_readable_mess
             "{what}: expected {expected:?} in the rejection, got: {msg}"
         );
     }
+}
+
+#[tokio::test]
+async fn unit_names_and_paths_users_really_write_are_accepted_and_a_device_needs_no_spec() {
+    let env = TestEnv::shared();
+    let ns = env.namespace("crd-valid").await.unwrap();
+    let body = json!({
+        "apiVersion": "fleetlet.dev/v1alpha1",
+        "kind": "EdgeManifest",
+        "metadata": { "name": "fine" },
+        "spec": { "devices": ["pi-1"], "resources": [
+            { "id": "a", "systemdUnit": { "name": "mnt-data\\x2dstore.mount" } },
+            { "id": "b", "systemdUnit": { "name": "getty@tty1.service" } },
+            { "id": "c", "file": { "path": "/etc/fleetlet/..hidden/x.conf", "content": { "text": "" } } },
+        ] },
+    });
+    create_raw_manifest(env, &ns, body).await.unwrap();
+    // Every field of an EdgeDevice's spec is optional, so is the spec.
+    env.apply(&format!(
+        "apiVersion: fleetlet.dev/v1alpha1\nkind: EdgeDevice\nmetadata: {{ name: pi-nospec, namespace: {ns} }}\n"
+    ))
+    .unwrap();
+    let devices: kube::Api<fleetlet_crds::EdgeDevice> =
+        kube::Api::namespaced(env.kube_client().await.unwrap(), &ns);
+    let d = devices.get("pi-nospec").await.unwrap();
+    assert_eq!(d.spec, Default::default());
 }
 
 #[tokio::test]

@@ -250,14 +250,56 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     println!("  kubectl get edgedevices,edgemanifests");
     println!("  kubectl logs -f hello-edge            # a pod running in podman on pi-kitchen");
     println!("  kubectl exec hello-edge -- uname -a");
-    println!("Press Ctrl-C to stop and remove everything.");
+    println!(
+        "Press Ctrl-C to stop; the logs stay in {}.",
+        state_dir.display()
+    );
     tokio::signal::ctrl_c()
         .await
         .context("waiting for Ctrl-C")?;
     eprintln!("stopping ...");
+    let logs = state_dir.join("control-plane");
+    copy_logs(&env.dir, &logs);
     drop(env);
-    let _ = std::fs::remove_dir_all(&state_dir);
+    // What the agents wrote goes; every log (a panic's trace among them) stays.
+    keep_only_logs(&state_dir);
+    eprintln!("stopped; logs kept under {}", state_dir.display());
     Ok(())
+}
+
+/// Copies every `*.log` below `from` into `to` (etcd, kube-apiserver, nats-server).
+fn copy_logs(from: &Path, to: &Path) {
+    let Ok(entries) = std::fs::read_dir(from) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            copy_logs(&path, to);
+        } else if path.extension().is_some_and(|x| x == "log") {
+            let _ = std::fs::create_dir_all(to);
+            if let Some(name) = path.file_name() {
+                let _ = std::fs::copy(&path, to.join(name));
+            }
+        }
+    }
+}
+
+/// Removes everything under `dir` but `*.log` files and the directories holding them.
+fn keep_only_logs(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let Ok(kind) = e.file_type() else { continue };
+        if kind.is_dir() {
+            keep_only_logs(&path);
+            let _ = std::fs::remove_dir(&path); // only if nothing was kept in it
+        } else if path.extension().is_none_or(|x| x != "log") {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 /// docs/reliability.md: one table row per fault scenario, from the tests' records.
@@ -538,7 +580,11 @@ impl Runtimes {
         if !self.systemd.is_empty() {
             println!("Each device has its own systemd; for example:");
             for s in self.systemd.iter().take(1) {
-                println!("  busctl --address={} list-units", s.bus_address);
+                println!(
+                    "  busctl --address={} call org.freedesktop.systemd1 /org/freedesktop/systemd1 \
+                     org.freedesktop.systemd1.Manager ListUnitsByPatterns asas 0 1 'fleetlet-*'",
+                    s.bus_address
+                );
             }
         }
         for m in &self.missing {
