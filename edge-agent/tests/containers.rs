@@ -474,18 +474,7 @@ async fn container_mounts_stay_inside_the_roots_the_device_owner_allows() {
         ("rwshare", "read-write"),
         ("escape", "through a symbolic link"),
     ] {
-        match &status.resources[id] {
-            ResourceStatus::Failed {
-                error, permanent, ..
-            } => {
-                assert!(
-                    error.starts_with("forbidden:") && error.contains(why),
-                    "{id}: {error}"
-                );
-                assert!(permanent, "{id}");
-            }
-            other => panic!("{id}: {other:?}"),
-        }
+        assert_forbidden(&status, id, why);
     }
     assert!(
         ready_container(&status, "ok"),

@@ -448,18 +448,7 @@ async fn units_the_device_owner_did_not_hand_over_are_never_touched() {
         ("agent", "the agent's own unit"),
         ("ssh", "login service"),
     ] {
-        match &s.resources[id] {
-            ResourceStatus::Failed {
-                error, permanent, ..
-            } => {
-                assert!(
-                    error.starts_with("forbidden:") && error.contains(why),
-                    "{id}: {error}"
-                );
-                assert!(permanent, "{id}: a policy refusal waits for a new spec");
-            }
-            other => panic!("{id}: {other:?}"),
-        }
+        assert_forbidden(&s, id, why);
     }
     assert!(s.resources["mine"].is_ready(), "{:?}", s.resources["mine"]);
     // What was refused is untouched: D-Bus and the owner's unit run, its file is theirs.

@@ -179,3 +179,20 @@ pub fn all_ready(s: &AgentStatus, generation: u64, count: usize) -> bool {
 pub fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap()
 }
+
+/// Asserts that resource `id` failed for good with a `forbidden:` error mentioning `why`:
+/// what a device-owner policy refusal looks like.
+pub fn assert_forbidden(s: &AgentStatus, id: &str, why: &str) {
+    match &s.resources[id] {
+        ResourceStatus::Failed {
+            error, permanent, ..
+        } => {
+            assert!(
+                error.starts_with("forbidden:") && error.contains(why),
+                "{id}: {error}"
+            );
+            assert!(permanent, "{id}: a policy refusal waits for a new spec");
+        }
+        other => panic!("{id}: {other:?}"),
+    }
+}
