@@ -128,6 +128,7 @@ pub fn device_status(
                     message: match r {
                         ResourceStatus::Failed { error, .. } => Some(error.clone()),
                         ResourceStatus::Unsupported { message, .. } => Some(message.clone()),
+                        ResourceStatus::Reconciling { message, .. } => message.clone(),
                         ResourceStatus::Ready { details, .. } if !details.probe_ready() => {
                             Some("readiness probe failing".into())
                         }
@@ -468,5 +469,33 @@ pub fn node_status(
             .unwrap_or_default(),
         capacity,
         conditions,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fleetlet_crds::EdgeDeviceSpec;
+    use fleetlet_protocol::{DeviceId, ResourceId, ResourceStatus};
+
+    use super::*;
+
+    #[test]
+    fn a_download_in_progress_shows_its_progress_on_the_edge_device() {
+        let dev = EdgeDevice::new("pi", EdgeDeviceSpec::default());
+        let mut st = AgentStatus::new(DeviceId::new("pi").expect("valid"));
+        st.resources.insert(
+            ResourceId::new("model").expect("valid"),
+            ResourceStatus::Reconciling {
+                since: Timestamp(1),
+                message: Some("downloading: 12.0 MiB of 50.0 MiB (24%), 3.9 MiB/s".into()),
+            },
+        );
+        let s = device_status(&dev, None, Some(&st), Liveness::Alive, Timestamp(2), 1000);
+        let r = &s.resources[0];
+        assert_eq!((r.id.as_str(), r.state.as_str()), ("model", "Reconciling"));
+        assert_eq!(
+            r.message.as_deref(),
+            Some("downloading: 12.0 MiB of 50.0 MiB (24%), 3.9 MiB/s")
+        );
     }
 }

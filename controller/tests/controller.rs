@@ -255,6 +255,7 @@ async fn simulate_agent(kv: &Kv, dev: &str, ready: bool) {
             } else {
                 ResourceStatus::Reconciling {
                     since: Timestamp(1),
+                    message: None,
                 }
             },
         );

@@ -16,6 +16,7 @@
 //!
 //! [file]
 //! allowed_roots = ["/etc/fleetlet", "/opt/fleetlet"]
+//! fetch_ca_file = "/etc/fleetlet/fetch-ca.pem"   # besides the system's CAs
 //!
 //! [container]
 //! socket = "/run/podman/podman.sock"
@@ -266,6 +267,18 @@ pub struct FileConfig {
     /// demos, tests and the fleet simulator.
     #[serde(default)]
     pub path_prefix: Option<PathBuf>,
+    /// Largest File fetched by URL (`content.fetch`), in bytes.
+    #[serde(default = "default_max_fetch")]
+    pub max_fetch_bytes: u64,
+    /// Free space a download must leave on the filesystem it writes to, in bytes.
+    #[serde(default = "default_fetch_reserve")]
+    pub fetch_reserve_bytes: u64,
+    /// A download that receives nothing for this long is cut, and resumed on the next try.
+    #[serde(default = "default_fetch_stall")]
+    pub fetch_stall_seconds: u64,
+    /// PEM certificates trusted for fetched content besides the system's CAs.
+    #[serde(default)]
+    pub fetch_ca_file: Option<PathBuf>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -305,6 +318,15 @@ fn default_roots() -> Vec<PathBuf> {
 }
 fn default_max_file() -> u64 {
     fleetlet_protocol::DEFAULT_MAX_FILE_BYTES
+}
+fn default_max_fetch() -> u64 {
+    4 << 30
+}
+fn default_fetch_reserve() -> u64 {
+    64 << 20
+}
+fn default_fetch_stall() -> u64 {
+    60
 }
 fn default_podman_socket() -> PathBuf {
     PathBuf::from("/run/podman/podman.sock")
@@ -415,6 +437,10 @@ impl Default for FileConfig {
             allowed_roots: default_roots(),
             max_file_bytes: default_max_file(),
             path_prefix: None,
+            max_fetch_bytes: default_max_fetch(),
+            fetch_reserve_bytes: default_fetch_reserve(),
+            fetch_stall_seconds: default_fetch_stall(),
+            fetch_ca_file: None,
         }
     }
 }
@@ -436,6 +462,7 @@ pub struct Settings {
     pub file_roots: Vec<PathBuf>,
     pub max_file_bytes: u64,
     pub file_prefix: Option<PathBuf>,
+    pub fetch: crate::fetch::FetchSettings,
     pub container: ContainerConfig,
     pub systemd: SystemdConfig,
     pub shell_job: ShellJobConfig,
@@ -604,6 +631,14 @@ impl Config {
         {
             return Err(invalid("file.path_prefix", "must be an absolute path"));
         }
+        if self.file.fetch_stall_seconds == 0 {
+            return Err(invalid("file.fetch_stall_seconds", "must be at least 1"));
+        }
+        if let Some(ca) = &self.file.fetch_ca_file
+            && !ca.is_absolute()
+        {
+            return Err(invalid("file.fetch_ca_file", "must be an absolute path"));
+        }
         let c = &self.container;
         if !c.socket.is_absolute() {
             return Err(invalid("container.socket", "must be an absolute path"));
@@ -673,6 +708,12 @@ impl Config {
             file_roots: self.file.allowed_roots,
             max_file_bytes: self.file.max_file_bytes,
             file_prefix: self.file.path_prefix,
+            fetch: crate::fetch::FetchSettings {
+                max_bytes: self.file.max_fetch_bytes,
+                reserve_bytes: self.file.fetch_reserve_bytes,
+                stall: Duration::from_secs(self.file.fetch_stall_seconds),
+                ca_file: self.file.fetch_ca_file,
+            },
             container: self.container,
             systemd: self.systemd,
             shell_job: self.shell_job,

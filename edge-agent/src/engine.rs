@@ -796,6 +796,21 @@ fn fail(
     now: Timestamp,
     e: ReconcileError,
 ) -> Outcome {
+    if let ReconcileError::InProgress(message) = e {
+        let since = match prev {
+            Some(ResourceStatus::Reconciling { since, .. }) => *since,
+            _ => now,
+        };
+        return Outcome {
+            id,
+            status: ResourceStatus::Reconciling {
+                since,
+                message: Some(message),
+            },
+            drift: None,
+            retry: false,
+        };
+    }
     let retry = e.is_retryable();
     debug!(resource = %id, category = e.category(), error = %e, "resource failed");
     Outcome {

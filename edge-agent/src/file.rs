@@ -1,18 +1,21 @@
 //! The File reconciler: regular files with exact contents, under allowed roots only.
+//! Content is inline in the manifest, or fetched by the device ([`crate::fetch`]).
 
 use std::{
+    collections::HashMap,
     fs,
-    io::Read,
     os::unix::fs::MetadataExt,
     path::{Component, Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
-use fleetlet_protocol::{FileContent, FileSpec, ResourceDetails, ResourceId};
+use fleetlet_protocol::{FetchSource, FileContent, FileSpec, ResourceDetails, ResourceId};
 use sha2::{Digest, Sha256};
+use tokio::time::Instant;
 
 use crate::{
+    fetch::{FetchSettings, Fetcher, Poll, is_partial_of, partial_path, sha256_file},
     fsutil::{Ownership, write_atomic},
     reconciler::{Deleted, Observation, ReconcileError, Reconciler},
 };
@@ -32,13 +35,47 @@ struct Inner {
     prefix: Option<PathBuf>,
     /// Opens sealed content (a Pod's Secret); without it, sealed content fails.
     sealing: Option<Arc<crate::sealing::SealingKey>>,
+    fetcher: Fetcher,
+    /// Digests of files already read, by path, valid while the file's inode, size and
+    /// times are unchanged: a large fetched file is not read again on every pass.
+    digests: Mutex<HashMap<PathBuf, (Stamp, String)>>,
+}
+
+/// What identifies one version of a file's bytes without reading them (`ctime` changes on
+/// every write and cannot be set back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(md: &fs::Metadata) -> Self {
+        Self {
+            dev: md.dev(),
+            ino: md.ino(),
+            size: md.len(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+            ctime: (md.ctime(), md.ctime_nsec()),
+        }
+    }
+}
+
+/// Where a File's bytes come from.
+enum Content {
+    Inline(Vec<u8>),
+    Fetch(FetchSource),
 }
 
 /// A File spec checked against policy and ready to act on.
 struct Target {
     /// The path with every existing directory resolved (no symlinks left above the file).
     path: PathBuf,
-    bytes: Vec<u8>,
+    content: Content,
+    size: u64,
     sha256: String,
     mode: u32,
     owner: Ownership,
@@ -50,10 +87,15 @@ fn under(prefix: &Path, path: &Path) -> PathBuf {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    let mut s = String::with_capacity(64);
-    for b in digest.iter() {
-        s.push_str(&format!("{b:02x}"));
+    hex(&Sha256::digest(bytes))
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
     }
     s
 }
@@ -75,8 +117,23 @@ impl FileReconciler {
                 max_bytes,
                 prefix,
                 sealing: None,
+                fetcher: Fetcher::new(FetchSettings::default()),
+                digests: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// How fetched content is downloaded (at construction, before it is shared).
+    pub fn with_fetch(mut self, settings: FetchSettings) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.fetcher = Fetcher::new(settings);
+        }
+        self
+    }
+
+    /// When a download in progress wants the resources looked at again.
+    pub fn next_wake(&self) -> Option<Instant> {
+        self.inner.fetcher.next_wake()
     }
 
     /// Opens sealed content with the device's key (at construction, before it is shared).
@@ -103,6 +160,17 @@ impl Inner {
         spec.validate()
             .map_err(|e| ReconcileError::Invalid(e.to_string()))?;
         let bytes = match &spec.content {
+            FileContent::Fetch(src) => {
+                let max = self.fetcher.settings().max_bytes;
+                if src.size > max {
+                    return Err(ReconcileError::Forbidden(format!(
+                        "fetched file is {} bytes; this device fetches at most {max} \
+                         (file.max_fetch_bytes)",
+                        src.size
+                    )));
+                }
+                return self.finish_target(spec, Content::Fetch(src.clone()));
+            }
             FileContent::Text(t) => t.as_bytes().to_vec(),
             FileContent::Base64(b) => B64
                 .decode(b.trim())
@@ -123,13 +191,22 @@ impl Inner {
                 self.max_bytes
             )));
         }
+        self.finish_target(spec, Content::Inline(bytes))
+    }
+
+    fn finish_target(&self, spec: &FileSpec, content: Content) -> Result<Target, ReconcileError> {
         let path = match &self.prefix {
             Some(p) => self.resolve(&under(p, Path::new(&spec.path)))?,
             None => self.resolve(Path::new(&spec.path))?,
         };
+        let (size, sha256) = match &content {
+            Content::Inline(b) => (b.len() as u64, sha256_hex(b)),
+            Content::Fetch(src) => (src.size, src.sha256.clone()),
+        };
         Ok(Target {
-            sha256: sha256_hex(&bytes),
-            bytes,
+            sha256,
+            size,
+            content,
             path,
             mode: spec.mode.unwrap_or(DEFAULT_MODE),
             owner: Ownership {
@@ -224,15 +301,14 @@ impl Inner {
         if !md.is_file() {
             return Ok(Observation::Differs("is not a regular file".into()));
         }
-        if md.len() != t.bytes.len() as u64 {
+        if md.len() != t.size {
             return Ok(Observation::Differs(format!(
                 "size is {} bytes, want {}",
                 md.len(),
-                t.bytes.len()
+                t.size
             )));
         }
-        let sha = read_sha256(&t.path, self.max_bytes)?;
-        if sha != t.sha256 {
+        if self.digest(&t.path, &md)? != t.sha256 {
             return Ok(Observation::Differs("content changed".into()));
         }
         if md.mode() & 0o7777 != t.mode {
@@ -252,21 +328,101 @@ impl Inner {
         }
         Ok(Observation::InSync(details(t)))
     }
+
+    /// The SHA-256 of the file at `path` whose metadata is `md`, read again only when the
+    /// file changed since it was last read.
+    fn digest(&self, path: &Path, md: &fs::Metadata) -> Result<String, ReconcileError> {
+        let stamp = Stamp::of(md);
+        let mut digests = self.digests.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((s, d)) = digests.get(path)
+            && *s == stamp
+        {
+            return Ok(d.clone());
+        }
+        let d = sha256_file(path, stamp.size.saturating_add(1))
+            .map_err(|e| ReconcileError::io(format!("reading {}", path.display()), e))?;
+        digests.insert(path.to_path_buf(), (stamp, d.clone()));
+        Ok(d)
+    }
+
+    /// Checks what a download needs before it starts: its directory, no leftovers of an
+    /// older spec's download, and free space for the rest of it.
+    fn prepare_fetch(&self, t: &Target, part: &Path) -> Result<(), ReconcileError> {
+        let dir = t.path.parent().ok_or_else(|| {
+            ReconcileError::Invalid(format!("{} names no file", t.path.display()))
+        })?;
+        fs::create_dir_all(dir)
+            .map_err(|e| ReconcileError::io(format!("creating {}", dir.display()), e))?;
+        remove_partials(&t.path, Some(part));
+        let have = fs::metadata(part).map(|m| m.len()).unwrap_or(0).min(t.size);
+        let need = t.size - have;
+        let vfs = rustix::fs::statvfs(dir).map_err(|e| {
+            ReconcileError::io(format!("free space of {}", dir.display()), e.into())
+        })?;
+        let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+        let reserve = self.fetcher.settings().reserve_bytes;
+        if free < need.saturating_add(reserve) {
+            return Err(ReconcileError::Runtime(format!(
+                "not enough disk space for {}: {need} more bytes needed, {free} free on {}, \
+                 {reserve} kept in reserve (file.fetch_reserve_bytes)",
+                t.path.display(),
+                dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Moves a verified download into place with the spec's mode and owner.
+    fn install(&self, t: &Target, part: &Path) -> Result<ResourceDetails, ReconcileError> {
+        let io = |what: &str, e| ReconcileError::io(format!("{what} {}", part.display()), e);
+        let f = fs::File::open(part).map_err(|e| io("opening", e))?;
+        let md = f.metadata().map_err(|e| io("inspecting", e))?;
+        if md.len() != t.size {
+            let _ = fs::remove_file(part);
+            return Err(ReconcileError::Runtime(format!(
+                "{} changed after it was verified; downloading again",
+                part.display()
+            )));
+        }
+        if t.owner.uid.is_some() || t.owner.gid.is_some() {
+            std::os::unix::fs::fchown(&f, t.owner.uid, t.owner.gid).map_err(|e| io("chown", e))?;
+        }
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(t.mode))
+            .map_err(|e| io("chmod", e))?;
+        f.sync_all().map_err(|e| io("syncing", e))?;
+        fs::rename(part, &t.path).map_err(|e| io("installing", e))?;
+        if let Some(dir) = t.path.parent()
+            && let Ok(d) = fs::File::open(dir)
+        {
+            let _ = d.sync_all();
+        }
+        Ok(details(t))
+    }
+}
+
+/// Removes partial downloads of `target`, except `keep`.
+fn remove_partials(target: &Path, keep: Option<&Path>) {
+    let Some(dir) = target.parent() else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if Some(path.as_path()) != keep
+            && e.file_name()
+                .to_str()
+                .is_some_and(|n| is_partial_of(target, n))
+        {
+            let _ = fs::remove_file(&path);
+        }
+    }
 }
 
 fn details(t: &Target) -> ResourceDetails {
     ResourceDetails::File {
         sha256: t.sha256.clone(),
-        size: t.bytes.len() as u64,
+        size: t.size,
     }
-}
-
-fn read_sha256(path: &Path, max: u64) -> Result<String, ReconcileError> {
-    let mut buf = Vec::new();
-    fs::File::open(path)
-        .and_then(|f| f.take(max + 1).read_to_end(&mut buf))
-        .map_err(|e| ReconcileError::io(format!("reading {}", path.display()), e))?;
-    Ok(sha256_hex(&buf))
 }
 
 /// A user or group given by number or by name (looked up in `/etc/passwd` / `/etc/group`).
@@ -315,20 +471,49 @@ impl Reconciler for FileReconciler {
         spec: &FileSpec,
     ) -> Result<ResourceDetails, ReconcileError> {
         let spec = spec.clone();
-        self.blocking(move |inner| {
-            let t = inner.target(&spec)?;
-            if let Observation::InSync(d) = inner.observe(&t)? {
-                return Ok(d);
+        let t = self
+            .blocking(move |inner| {
+                let t = inner.target(&spec)?;
+                if let Observation::InSync(d) = inner.observe(&t)? {
+                    return Ok(Err(d));
+                }
+                let Content::Inline(bytes) = &t.content else {
+                    return Ok(Ok(t));
+                };
+                if let Some(dir) = t.path.parent() {
+                    fs::create_dir_all(dir).map_err(|e| {
+                        ReconcileError::io(format!("creating {}", dir.display()), e)
+                    })?;
+                }
+                write_atomic(&t.path, bytes, t.mode, t.owner)
+                    .map_err(|e| ReconcileError::io(format!("writing {}", t.path.display()), e))?;
+                Ok(Err(details(&t)))
+            })
+            .await?;
+        // Err: done (in sync or written); Ok: content to fetch.
+        let t = match t {
+            Err(done) => return Ok(done),
+            Ok(t) => t,
+        };
+        let Content::Fetch(src) = &t.content else {
+            return Ok(details(&t));
+        };
+        let part = partial_path(&t.path, &t.sha256);
+        match self.inner.fetcher.poll(&part) {
+            Poll::Running(progress) => Err(ReconcileError::InProgress(progress)),
+            Poll::Done => self.blocking(move |inner| inner.install(&t, &part)).await,
+            Poll::Failed(f) if f.permanent => Err(ReconcileError::Invalid(f.message)),
+            Poll::Failed(f) => Err(ReconcileError::Runtime(f.message)),
+            Poll::Idle => {
+                let src = src.clone();
+                let path = t.path.clone();
+                let check = part.clone();
+                self.blocking(move |inner| inner.prepare_fetch(&t, &check))
+                    .await?;
+                self.inner.fetcher.start(&path, part, src);
+                Err(ReconcileError::InProgress("download starting".into()))
             }
-            if let Some(dir) = t.path.parent() {
-                fs::create_dir_all(dir)
-                    .map_err(|e| ReconcileError::io(format!("creating {}", dir.display()), e))?;
-            }
-            write_atomic(&t.path, &t.bytes, t.mode, t.owner)
-                .map_err(|e| ReconcileError::io(format!("writing {}", t.path.display()), e))?;
-            Ok(details(&t))
-        })
-        .await
+        }
     }
 
     async fn delete(
@@ -343,6 +528,10 @@ impl Reconciler for FileReconciler {
                 // Never delete something policy would not let us write.
                 Err(e) => return Ok(Deleted::LeftInPlace(e.to_string())),
             };
+            if matches!(t.content, Content::Fetch(_)) {
+                inner.fetcher.cancel(&t.path);
+                remove_partials(&t.path, None);
+            }
             match fs::symlink_metadata(&t.path) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Ok(Deleted::AlreadyGone);
@@ -361,7 +550,9 @@ impl Reconciler for FileReconciler {
                 }
                 Ok(_) => {}
             }
-            if read_sha256(&t.path, inner.max_bytes)? != t.sha256 {
+            let md = fs::symlink_metadata(&t.path)
+                .map_err(|e| ReconcileError::io(format!("inspecting {}", t.path.display()), e))?;
+            if inner.digest(&t.path, &md)? != t.sha256 {
                 return Ok(Deleted::LeftInPlace(format!(
                     "{} was changed since fleetlet wrote it",
                     t.path.display()

@@ -10,6 +10,7 @@ pub mod config;
 pub mod container;
 pub mod engine;
 pub mod facts;
+pub mod fetch;
 pub mod file;
 pub mod fsutil;
 pub mod install;

@@ -45,6 +45,11 @@ pub enum ReconcileError {
     /// A run-once resource ran and failed; only a new spec runs it again.
     #[error("{0}")]
     Finished(String),
+    /// Not a failure: the work goes on in the background (a download) and the text says
+    /// how far. The resource is Reconciling; the reconciler asks for the next look through
+    /// its wake-up time.
+    #[error("{0}")]
+    InProgress(String),
 }
 
 impl ReconcileError {
@@ -62,6 +67,7 @@ impl ReconcileError {
             Self::Io { .. } => "io",
             Self::Runtime(_) => "runtime",
             Self::Finished(_) => "finished",
+            Self::InProgress(_) => "in_progress",
         }
     }
 

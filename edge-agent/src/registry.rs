@@ -36,6 +36,7 @@ impl Registry {
                 s.max_file_bytes,
                 s.file_prefix.clone(),
             )
+            .with_fetch(s.fetch.clone())
             .with_sealing(sealing.clone()),
             container: ContainerReconciler::with_host_prefix(
                 s.container.clone(),
@@ -81,7 +82,10 @@ impl Registry {
 
     /// When a reconciler wants the resources looked at again (a readiness probe is due).
     pub fn next_wake(&self) -> Option<Instant> {
-        self.container.next_probe()
+        match (self.container.next_probe(), self.file.next_wake()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     pub async fn observe(

@@ -20,10 +20,11 @@ pub use heartbeat::{
     Address, Capacity, DEFAULT_MAX_FILE_BYTES, DeviceLimits, Free, Heartbeat, SystemInfo,
 };
 pub use manifest::{
-    AgentManifest, ContainerLimits, ContainerSpec, EnvVar, FileContent, FileSpec, HostPathMount,
-    ManagedResource, ManifestError, NetworkConfigSpec, Owner, OwnerKind, PortMapping, PortProtocol,
-    Probe, ProbeAction, PullPolicy, ResourceKind, ResourceSpec, RestartPolicy, ShellJobSpec,
-    SpecError, SystemdUnitSpec, UnitState, UnsupportedSpec,
+    AgentManifest, ContainerLimits, ContainerSpec, EnvVar, FetchSource, FileContent, FileSpec,
+    HostPathMount, MAX_FETCH_BYTES, ManagedResource, ManifestError, NetworkConfigSpec, Owner,
+    OwnerKind, PortMapping, PortProtocol, Probe, ProbeAction, PullPolicy, ResourceKind,
+    ResourceSpec, RestartPolicy, ShellJobSpec, SpecError, SystemdUnitSpec, UnitState,
+    UnsupportedSpec,
 };
 pub use names::{DeviceId, NameError, ResourceId};
 pub use status::{

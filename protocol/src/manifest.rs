@@ -563,7 +563,7 @@ pub struct FileSpec {
     pub group: Option<String>,
 }
 
-/// File contents, inline.
+/// File contents: inline, or fetched by the device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum FileContent {
@@ -576,6 +576,80 @@ pub enum FileContent {
     /// the bucket, a backup of it, nor anyone between can read it. Only that device can
     /// open it.
     Sealed(String),
+    /// Downloaded by the device over HTTPS, for content too large for a manifest (models,
+    /// firmware, datasets). Written only once every byte matches `sha256`; an interrupted
+    /// download resumes where it stopped.
+    Fetch(FetchSource),
+}
+
+/// Where a fetched File's content comes from, and what it must be.
+///
+/// The manifest carries the digest and is signed, so the content is bound to the signing
+/// key even though the server that serves it is not trusted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FetchSource {
+    /// An `https://` URL. Redirects are followed (up to five), to HTTPS only.
+    #[schemars(
+        length(min = 9, max = 2048),
+        extend("x-kubernetes-validations" = [{
+            "rule": r"self.startsWith('https://') && !self.contains(' ')",
+            "message": "file.content.fetch.url must be an https:// URL"
+        }])
+    )]
+    pub url: String,
+    /// SHA-256 of the content: 64 lowercase hex digits.
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub sha256: String,
+    /// Size of the content in bytes: checked against the device's limit and its free disk
+    /// space before the download starts, and against what the server sends.
+    #[schemars(range(min = 1, max = MAX_FETCH_BYTES))]
+    pub size: u64,
+}
+
+/// Largest `size` of a fetched File a manifest may name (the device sets its own lower limit).
+pub const MAX_FETCH_BYTES: u64 = 1 << 40;
+
+impl FetchSource {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let rest = self.url.strip_prefix("https://").ok_or_else(|| {
+            invalid(
+                "file.content.fetch.url",
+                "must be an https:// URL (the content travels outside the signed manifest)",
+            )
+        })?;
+        let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        if host.is_empty()
+            || self.url.len() > 2048
+            || self
+                .url
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                "file.content.fetch.url",
+                "must name a host, be at most 2048 characters and hold no spaces",
+            ));
+        }
+        if self.sha256.len() != 64
+            || !self
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(invalid(
+                "file.content.fetch.sha256",
+                "must be 64 lowercase hex digits",
+            ));
+        }
+        if self.size == 0 || self.size > MAX_FETCH_BYTES {
+            return Err(invalid(
+                "file.content.fetch.size",
+                format!("must be between 1 and {MAX_FETCH_BYTES}"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl FileSpec {
@@ -588,6 +662,9 @@ impl FileSpec {
             && mode > 0o7777
         {
             return Err(invalid("file.mode", format!("{mode:#o} is above 0o7777")));
+        }
+        if let FileContent::Fetch(f) = &self.content {
+            f.validate()?;
         }
         Ok(())
     }

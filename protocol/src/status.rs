@@ -64,8 +64,12 @@ pub struct Rejection {
 pub enum ResourceStatus {
     /// Accepted, not yet worked on.
     Pending,
-    /// Being brought to its desired state.
-    Reconciling { since: Timestamp },
+    /// Being brought to its desired state; `message` says how far (a download's progress).
+    Reconciling {
+        since: Timestamp,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
     /// In its desired state.
     Ready {
         since: Timestamp,

@@ -4,10 +4,10 @@
 
 use fleetlet_protocol::{
     API_VERSION, Address, AgentManifest, AgentStatus, Capacity, ConditionStatus, ContainerLimits,
-    ContainerSpec, DecodeError, DeviceId, EnvVar, FileContent, FileSpec, Free, Heartbeat,
-    ManagedResource, ManifestError, Owner, OwnerKind, PortMapping, PortProtocol, ResourceDetails,
-    ResourceId, ResourceKind, ResourceSpec, ResourceStatus, RestartPolicy, SystemInfo,
-    SystemdUnitSpec, Timestamp, UnitState, UnsupportedSpec, decode, encode, kv,
+    ContainerSpec, DecodeError, DeviceId, EnvVar, FetchSource, FileContent, FileSpec, Free,
+    Heartbeat, ManagedResource, ManifestError, Owner, OwnerKind, PortMapping, PortProtocol,
+    ResourceDetails, ResourceId, ResourceKind, ResourceSpec, ResourceStatus, RestartPolicy,
+    SystemInfo, SystemdUnitSpec, Timestamp, UnitState, UnsupportedSpec, decode, encode, kv,
 };
 use proptest::prelude::*;
 use serde_json::json;
@@ -27,7 +27,17 @@ fn file_spec() -> impl Strategy<Value = FileSpec> {
         "(/[a-z0-9_-]{1,8}){1,4}",
         prop_oneof![
             any::<String>().prop_map(FileContent::Text),
-            "[A-Za-z0-9+/]{0,16}".prop_map(FileContent::Base64)
+            "[A-Za-z0-9+/]{0,16}".prop_map(FileContent::Base64),
+            (
+                "https://[a-z]{1,8}/[a-z0-9/]{0,16}",
+                "[0-9a-f]{64}",
+                1u64..=1 << 40
+            )
+                .prop_map(|(url, sha256, size)| FileContent::Fetch(FetchSource {
+                    url,
+                    sha256,
+                    size
+                }))
         ],
         proptest::option::of(0u32..=0o7777),
         proptest::option::of("[a-z]{1,8}"),
@@ -162,8 +172,8 @@ fn resource_status() -> impl Strategy<Value = ResourceStatus> {
     let ts = any::<u64>().prop_map(Timestamp);
     prop_oneof![
         Just(ResourceStatus::Pending),
-        ts.clone()
-            .prop_map(|since| ResourceStatus::Reconciling { since }),
+        (ts.clone(), proptest::option::of(".{0,40}"))
+            .prop_map(|(since, message)| ResourceStatus::Reconciling { since, message }),
         (ts.clone(), "[0-9a-f]{64}", any::<u64>()).prop_map(|(since, sha256, size)| {
             ResourceStatus::Ready {
                 since,
@@ -498,6 +508,52 @@ fn per_resource_validation_fails_only_that_resource() {
     ] {
         let err = file(bad).validate().unwrap_err().to_string();
         assert!(err.starts_with("file.path"), "{bad}: {err}");
+    }
+    let fetch = |url: &str, sha256: &str, size: u64| {
+        ResourceSpec::File(FileSpec {
+            path: "/opt/m.bin".into(),
+            content: FileContent::Fetch(FetchSource {
+                url: url.into(),
+                sha256: sha256.into(),
+                size,
+            }),
+            mode: None,
+            owner: None,
+            group: None,
+        })
+    };
+    let sha = "0f".repeat(32);
+    assert!(fetch("https://h.example/m.bin", &sha, 1).validate().is_ok());
+    assert!(
+        fetch(
+            "https://[::1]:8443/m",
+            &sha,
+            fleetlet_protocol::MAX_FETCH_BYTES
+        )
+        .validate()
+        .is_ok()
+    );
+    for (url, sha256, size, field) in [
+        ("http://h.example/m", sha.as_str(), 1, "fetch.url"),
+        ("https:///m", &sha, 1, "fetch.url"),
+        ("https://h.example/a b", &sha, 1, "fetch.url"),
+        ("https://h.example/m", &sha[..63], 1, "fetch.sha256"),
+        (
+            "https://h.example/m",
+            &sha.to_uppercase(),
+            1,
+            "fetch.sha256",
+        ),
+        ("https://h.example/m", &sha, 0, "fetch.size"),
+        (
+            "https://h.example/m",
+            &sha,
+            fleetlet_protocol::MAX_FETCH_BYTES + 1,
+            "fetch.size",
+        ),
+    ] {
+        let err = fetch(url, sha256, size).validate().unwrap_err().to_string();
+        assert!(err.contains(field), "{url} {sha256} {size}: {err}");
     }
     let unit = |name: &str| {
         ResourceSpec::SystemdUnit(SystemdUnitSpec {

@@ -20,6 +20,7 @@ pub mod bins;
 pub mod chart;
 pub mod components;
 pub mod gitops;
+pub mod https;
 pub mod kube;
 pub mod nats;
 pub mod pki;

@@ -38,11 +38,12 @@ fn dn(common_name: &str, organization: Option<&str>) -> DistinguishedName {
 }
 
 impl Pki {
-    pub fn generate() -> Result<Self, Error> {
+    /// A new certificate authority named `common_name`.
+    pub fn ca(common_name: &str) -> Result<(CertifiedIssuer<'static, KeyPair>, CertPair), Error> {
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name = dn("fleetlet-testenv-ca", None);
+        ca_params.distinguished_name = dn(common_name, None);
         ca_params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
             KeyUsagePurpose::CrlSign,
@@ -50,10 +51,15 @@ impl Pki {
         ];
         let ca_key_pem = ca_key.serialize_pem();
         let ca = CertifiedIssuer::self_signed(ca_params, ca_key)?;
-        let ca_pair = CertPair {
+        let pair = CertPair {
             cert_pem: ca.pem(),
             key_pem: ca_key_pem,
         };
+        Ok((ca, pair))
+    }
+
+    pub fn generate() -> Result<Self, Error> {
+        let (ca, ca_pair) = Self::ca("fleetlet-testenv-ca")?;
 
         let serving = Self::leaf(
             &ca,

@@ -265,6 +265,24 @@ async fn invalid_edge_manifests_are_rejected_by_the_apiserver_with_readable_mess
             "file.path must be an absolute path to a file",
         ),
         (
+            "fetched content over plain http",
+            manifest(
+                json!({ "devices": ["pi-1"], "resources": [{ "id": "a", "file": {
+                "path": "/opt/fleetlet/model.bin", "content": { "fetch": {
+                "url": "http://models.example/m.bin", "sha256": "a".repeat(64), "size": 10 } } } }] }),
+            ),
+            "file.content.fetch.url must be an https:// URL",
+        ),
+        (
+            "fetched content with a short digest",
+            manifest(
+                json!({ "devices": ["pi-1"], "resources": [{ "id": "a", "file": {
+                "path": "/opt/fleetlet/model.bin", "content": { "fetch": {
+                "url": "https://models.example/m.bin", "sha256": "abc", "size": 10 } } } }] }),
+            ),
+            "file.content.fetch.sha256",
+        ),
+        (
             "unit name with a path in it",
             manifest(
                 json!({ "devices": ["pi-1"], "resources": [{ "id": "a", "systemdUnit": {
@@ -303,6 +321,8 @@ async fn unit_names_and_paths_users_really_write_are_accepted_and_a_device_needs
             { "id": "a", "systemdUnit": { "name": "mnt-data\\x2dstore.mount" } },
             { "id": "b", "systemdUnit": { "name": "getty@tty1.service" } },
             { "id": "c", "file": { "path": "/etc/fleetlet/..hidden/x.conf", "content": { "text": "" } } },
+            { "id": "d", "file": { "path": "/opt/fleetlet/model.bin", "content": { "fetch": {
+                "url": "https://models.example:8443/v2/m.bin?sig=x", "sha256": "0a".repeat(32), "size": 52428800 } } } },
         ] },
     });
     create_raw_manifest(env, &ns, body).await.unwrap();

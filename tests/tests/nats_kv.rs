@@ -157,6 +157,7 @@ async fn status_compare_and_set_refuses_a_stale_revision_and_keeps_the_newer_val
         ResourceId::new("motd").unwrap(),
         ResourceStatus::Reconciling {
             since: Timestamp(1),
+            message: None,
         },
     );
     let rev2 = kv
