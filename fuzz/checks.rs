@@ -3,7 +3,7 @@
 
 use fleetlet_protocol::{
     AgentManifest, AgentStatus, Heartbeat, decode, encode,
-    relay::{AttachRequest, ExecRequest, LogsRequest},
+    relay::{AttachRequest, ExecRequest, LogsRequest, RequestError},
 };
 
 /// Bytes from the desired-state key, as an agent receives them (plain or signed envelope).
@@ -40,12 +40,65 @@ pub fn status(data: &[u8]) {
     }
 }
 
-/// A relay request (logs, exec, attach), as an agent receives it from the bridge.
-pub fn relay_request(data: &[u8]) {
+/// What the agent does with one relay request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relay {
+    /// Not a request of any kind.
+    Undecodable,
+    /// Decoded, then refused by validation.
+    Refused,
+    /// Decoded and valid: a session would start.
+    Accepted,
+}
+
+/// A relay request (logs, exec, attach), as an agent receives it from the bridge: decoded
+/// and validated as the agent does. A refusal must have its reason in the request, an
+/// accepted request must be one the agent can answer (a session id that is one subject
+/// token), and it survives a round trip.
+pub fn relay_request(data: &[u8]) -> Relay {
     if data.len() > fleetlet_protocol::kv::MAX_MANIFEST_BYTES {
-        return;
+        return Relay::Undecodable;
     }
-    let _ = serde_json::from_slice::<LogsRequest>(data);
-    let _ = serde_json::from_slice::<ExecRequest>(data);
-    let _ = serde_json::from_slice::<AttachRequest>(data);
+    let mut outcome = Relay::Undecodable;
+    let mut note = |r: Result<(), RequestError>, session: &str, empty_command: bool| match r {
+        Ok(()) => {
+            assert!(fleetlet_protocol::relay::valid_session(session));
+            assert!(!empty_command, "an empty command was accepted");
+            outcome = Relay::Accepted;
+        }
+        Err(RequestError::Session) => {
+            assert!(!fleetlet_protocol::relay::valid_session(session));
+            if outcome == Relay::Undecodable {
+                outcome = Relay::Refused;
+            }
+        }
+        Err(RequestError::EmptyCommand) => {
+            assert!(empty_command);
+            if outcome == Relay::Undecodable {
+                outcome = Relay::Refused;
+            }
+        }
+    };
+    if let Ok(r) = serde_json::from_slice::<LogsRequest>(data) {
+        note(r.validate(), &r.session, false);
+        round_trip(&r);
+    }
+    if let Ok(r) = serde_json::from_slice::<ExecRequest>(data) {
+        note(r.validate(), &r.session, r.command.is_empty());
+        round_trip(&r);
+    }
+    if let Ok(r) = serde_json::from_slice::<AttachRequest>(data) {
+        note(r.validate(), &r.session, false);
+        round_trip(&r);
+    }
+    outcome
+}
+
+fn round_trip<T>(r: &T)
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let bytes = serde_json::to_vec(r).expect("a decoded request encodes");
+    let again: T = serde_json::from_slice(&bytes).expect("a re-encoded request decodes");
+    assert_eq!(&again, r, "round trip");
 }

@@ -104,7 +104,14 @@ impl Mirror {
     /// Devices by id (the older EdgeDevice wins an id claimed in two namespaces).
     /// With `only`, just those devices: every object of the same name is kept, so the
     /// namespace tie-break is the same as in a full pass, without sorting the whole fleet.
-    fn device_objects(
+    /// The device's own grace period (spec.heartbeatGraceSeconds) or the bridge's.
+    pub(crate) fn grace_ms_of(&self, dev: &EdgeDevice) -> u64 {
+        dev.spec
+            .heartbeat_grace_seconds
+            .map_or(self.grace_ms, |s| u64::from(s) * 1000)
+    }
+
+    pub(crate) fn device_objects(
         &self,
         only: Option<&HashSet<DeviceId>>,
     ) -> BTreeMap<DeviceId, Arc<EdgeDevice>> {
@@ -200,11 +207,7 @@ impl Mirror {
         let mut w = Writes::default();
         let hb = self.heartbeats.get(id).map(|v| v.value);
         let st = self.actual.get(id).map(|v| v.value);
-        // The device's own grace period (spec.heartbeatGraceSeconds) or the bridge's.
-        let grace_ms = dev
-            .spec
-            .heartbeat_grace_seconds
-            .map_or(self.grace_ms, |s| u64::from(s) * 1000);
+        let grace_ms = self.grace_ms_of(dev);
         let live = view::liveness(hb.as_ref(), now, grace_ms);
         let ns = dev.namespace().unwrap_or_default();
 

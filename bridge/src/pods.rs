@@ -300,6 +300,7 @@ pub async fn pass(
             ))
         })
         .collect();
+    let objects = mirror.device_objects(None);
     let now = Timestamp::now().as_millis();
     let (mut written, mut deleted) = (0, 0);
     for pod in pods.state() {
@@ -325,11 +326,15 @@ pub async fn pass(
             continue;
         }
         let hb = mirror.heartbeats.get(device).map(|v| v.value);
+        // The same grace as the device's Node: its own, or the bridge's.
+        let grace_ms = objects
+            .get(device)
+            .map_or(mirror.grace_ms, |d| mirror.grace_ms_of(d));
         let side = DeviceSide {
             status: status.as_ref(),
             alive: hb
                 .as_ref()
-                .is_some_and(|h| now.saturating_sub(h.timestamp.as_millis()) < mirror.grace_ms),
+                .is_some_and(|h| now.saturating_sub(h.timestamp.as_millis()) < grace_ms),
             host_ip: hb
                 .as_ref()
                 .and_then(|h| h.addresses.iter().find(|a| a.type_ == "InternalIP"))

@@ -475,9 +475,215 @@ pub fn node_status(
 #[cfg(test)]
 mod tests {
     use fleetlet_crds::EdgeDeviceSpec;
-    use fleetlet_protocol::{DeviceId, ResourceId, ResourceStatus};
+    use fleetlet_protocol::{
+        API_VERSION, Capacity, DeviceId, Free, ResourceId, ResourceStatus, SystemInfo,
+    };
 
     use super::*;
+
+    /// 2023-11-14T22:13:20Z, in milliseconds.
+    const T0: u64 = 1_700_000_000_000;
+    const REPORT_EVERY_MS: u64 = 300_000;
+
+    /// A heartbeat at `at` from a device with 1 GB of memory, 1 TB of disk and 100000 PIDs,
+    /// of which the given percentages are free.
+    fn heartbeat(at: u64, mem_pct: u64, disk_pct: u64, pids_pct: u64) -> Heartbeat {
+        let capacity = Capacity {
+            cpu_cores: 4,
+            memory_bytes: 1_000_000_000,
+            disk_bytes: 1_000_000_000_000,
+            pids: 100_000,
+        };
+        Heartbeat {
+            api_version: API_VERSION.into(),
+            device: DeviceId::new("pi").expect("valid"),
+            sequence: 1,
+            timestamp: Timestamp(at),
+            interval_seconds: 10,
+            agent_version: "0.1.0".into(),
+            system: SystemInfo {
+                operating_system: "linux".into(),
+                architecture: "arm64".into(),
+                ..Default::default()
+            },
+            capacity,
+            free: Free {
+                memory_bytes: capacity.memory_bytes / 100 * mem_pct,
+                disk_bytes: capacity.disk_bytes / 100 * disk_pct,
+                pids: capacity.pids / 100 * pids_pct,
+            },
+            addresses: vec![],
+            sealing_key: None,
+            limits: None,
+            container_runtime: None,
+        }
+    }
+
+    /// (type, status, reason) of each pressure condition, in order.
+    fn pressures(v: &NodeStatusView) -> Vec<(String, String, String)> {
+        ["MemoryPressure", "DiskPressure", "PIDPressure"]
+            .iter()
+            .map(|t| {
+                let c = v
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == *t)
+                    .unwrap_or_else(|| panic!("no {t} condition"));
+                (
+                    c.type_.clone(),
+                    c.status.clone(),
+                    c.reason.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    fn rows(r: [(&str, &str, &str); 3]) -> Vec<(String, String, String)> {
+        r.iter()
+            .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn low_free_memory_disk_and_pids_show_as_node_pressure() {
+        let hb = heartbeat(T0, 1, 5, 1);
+        let v = node_status(
+            &[],
+            Some(&hb),
+            Liveness::Alive,
+            Timestamp(T0),
+            REPORT_EVERY_MS,
+        );
+        assert_eq!(
+            pressures(&v),
+            rows([
+                ("MemoryPressure", "True", "KubeletHasInsufficientMemory"),
+                ("DiskPressure", "True", "KubeletHasDiskPressure"),
+                ("PIDPressure", "True", "KubeletHasInsufficientPID"),
+            ])
+        );
+
+        // Exactly at the thresholds (5% memory, 10% disk, 5% PIDs) there is no pressure.
+        let hb = heartbeat(T0, 5, 10, 5);
+        let v = node_status(
+            &[],
+            Some(&hb),
+            Liveness::Alive,
+            Timestamp(T0),
+            REPORT_EVERY_MS,
+        );
+        assert_eq!(
+            pressures(&v),
+            rows([
+                ("MemoryPressure", "False", "KubeletHasSufficientMemory"),
+                ("DiskPressure", "False", "KubeletHasNoDiskPressure"),
+                ("PIDPressure", "False", "KubeletHasSufficientPID"),
+            ])
+        );
+
+        // A silent device's pressure is not known, whatever its last heartbeat said.
+        let hb = heartbeat(T0, 1, 5, 1);
+        let v = node_status(
+            &[],
+            Some(&hb),
+            Liveness::Silent,
+            Timestamp(T0),
+            REPORT_EVERY_MS,
+        );
+        assert_eq!(
+            pressures(&v),
+            rows([
+                ("MemoryPressure", "Unknown", "NodeStatusUnknown"),
+                ("DiskPressure", "Unknown", "NodeStatusUnknown"),
+                ("PIDPressure", "Unknown", "NodeStatusUnknown"),
+            ])
+        );
+    }
+
+    #[test]
+    fn heartbeat_times_are_written_at_most_every_report_interval() {
+        let first = heartbeat(T0, 50, 50, 50);
+        let mut dev = EdgeDevice::new("pi", EdgeDeviceSpec::default());
+        let s0 = device_status(
+            &dev,
+            Some(&first),
+            None,
+            Liveness::Alive,
+            Timestamp(T0),
+            REPORT_EVERY_MS,
+        );
+        assert_eq!(s0.last_heartbeat_time, Some(k8s_time(Timestamp(T0))));
+        dev.status = Some(s0);
+        let n0 = node_status(
+            &[],
+            Some(&first),
+            Liveness::Alive,
+            Timestamp(T0),
+            REPORT_EVERY_MS,
+        );
+        let node_times = |v: &NodeStatusView| {
+            v.conditions
+                .iter()
+                .map(|c| (c.type_.clone(), c.last_heartbeat_time.clone()))
+                .collect::<Vec<_>>()
+        };
+        let all_at = |t: u64| {
+            ["Ready", "MemoryPressure", "DiskPressure", "PIDPressure"]
+                .iter()
+                .map(|c| (c.to_string(), Some(k8s_time(Timestamp(t)))))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(node_times(&n0), all_at(T0));
+
+        // Ten seconds later, nothing else changed: the times stay.
+        let soon = T0 + 10_000;
+        let hb = heartbeat(soon, 50, 50, 50);
+        let s = device_status(
+            &dev,
+            Some(&hb),
+            None,
+            Liveness::Alive,
+            Timestamp(soon),
+            REPORT_EVERY_MS,
+        );
+        assert_eq!(s.last_heartbeat_time, Some(k8s_time(Timestamp(T0))));
+        assert_eq!(&s, dev.status.as_ref().unwrap(), "nothing to write");
+        let n = node_status(
+            &n0.conditions,
+            Some(&hb),
+            Liveness::Alive,
+            Timestamp(soon),
+            REPORT_EVERY_MS,
+        );
+        assert_eq!(node_times(&n), all_at(T0));
+
+        // Past the report interval, they move to the new heartbeat's time.
+        let later = T0 + 301_000;
+        let hb = heartbeat(later, 50, 50, 50);
+        let s = device_status(
+            &dev,
+            Some(&hb),
+            None,
+            Liveness::Alive,
+            Timestamp(later),
+            REPORT_EVERY_MS,
+        );
+        assert_eq!(s.last_heartbeat_time, Some(k8s_time(Timestamp(later))));
+        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(
+            ready.last_transition_time,
+            k8s_time(Timestamp(T0)),
+            "the Ready condition did not change"
+        );
+        let n = node_status(
+            &n0.conditions,
+            Some(&hb),
+            Liveness::Alive,
+            Timestamp(later),
+            REPORT_EVERY_MS,
+        );
+        assert_eq!(node_times(&n), all_at(later));
+    }
 
     #[test]
     fn a_download_in_progress_shows_its_progress_on_the_edge_device() {

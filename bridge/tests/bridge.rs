@@ -343,9 +343,38 @@ async fn a_silent_device_turns_unknown_after_the_grace_period_and_ready_when_it_
             .is_some(),
         "the node stays"
     );
+    // Its Lease is no longer renewed, while the bridge renews a live device's: watched
+    // until that one has moved twice.
+    let client = env.kube_client().await.unwrap();
+    add_device(env, &ns, "bg-live").await;
+    let live = keep_beating(hb.clone(), "bg-live");
+    wait_node(env, "bg-live", "True").await;
+    let silent_at = node_lease_renewed(&client, "bg-pi").await;
+    assert!(silent_at.is_some());
+    let seen = std::sync::Mutex::new(Vec::new());
+    eventually("bg-live's Lease renewed twice", DEFAULT_TIMEOUT, || async {
+        let t = node_lease_renewed(&client, "bg-live").await;
+        let mut seen = seen.lock().unwrap();
+        if seen.last() != Some(&t) {
+            seen.push(t);
+        }
+        (seen.len() > 2).then_some(()).ok_or(format!("{seen:?}"))
+    })
+    .await;
+    assert_eq!(
+        node_lease_renewed(&client, "bg-pi").await,
+        silent_at,
+        "a silent device's Lease is not renewed"
+    );
+    live.abort();
 
     let _beats = keep_beating(hb, "bg-pi");
     wait_node(env, "bg-pi", "True").await;
+    eventually("bg-pi's Lease renewed again", DEFAULT_TIMEOUT, || async {
+        let t = node_lease_renewed(&client, "bg-pi").await;
+        (t != silent_at).then_some(()).ok_or(format!("{t:?}"))
+    })
+    .await;
 }
 
 /// `spec.heartbeatGraceSeconds` gives one device a longer grace period than the bridge's
@@ -389,12 +418,90 @@ async fn a_device_with_its_own_grace_period_stays_ready_longer() {
 
     short.abort();
     long.abort();
+    let silent = std::time::Instant::now();
     wait_node(env, "bo-short", "Unknown").await;
     let (status, _) = node_ready(env, "bo-long").await.unwrap();
     assert_eq!(
         status, "True",
         "the device's own 20 s grace has not run out"
     );
+    // ... and then it does: the long grace ends like the short one.
+    eventually(
+        "bo-long Unknown after its 20 s",
+        Duration::from_secs(40),
+        || async {
+            let (status, _) = node_ready(env, "bo-long").await?;
+            (status == "Unknown").then_some(()).ok_or(status)
+        },
+    )
+    .await;
+    let waited = silent.elapsed();
+    assert!(
+        waited >= Duration::from_secs(15),
+        "Unknown {waited:?} after the last heartbeat, before its 20 s grace"
+    );
+}
+
+/// A Node fleetlet did not create already has the device's name: the device's Node is
+/// `fleetlet-<id>` (with its own Lease), and the other Node is never written to.
+#[tokio::test]
+async fn a_device_whose_name_a_node_already_has_gets_a_prefixed_node_and_the_other_is_left_alone() {
+    let env = shared();
+    let ns = env.namespace("br-taken").await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    let nodes: Api<Node> = Api::all(client.clone());
+    let foreign: Node = serde_json::from_value(json!({ "apiVersion": "v1", "kind": "Node",
+        "metadata": { "name": "bc-taken", "labels": { "owner": "someone-else" } } }))
+    .unwrap();
+    nodes
+        .create(&PostParams::default(), &foreign)
+        .await
+        .unwrap();
+    let version = nodes
+        .get("bc-taken")
+        .await
+        .unwrap()
+        .metadata
+        .resource_version;
+
+    let (hb, _) = buckets(env).await;
+    let devices = add_device(env, &ns, "bc-taken").await;
+    let beats = keep_beating(hb, "bc-taken");
+    wait_node(env, "fleetlet-bc-taken", "True").await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    lease_of(&leases, "fleetlet-bc-taken").await.unwrap();
+    assert!(leases.get_opt("bc-taken").await.unwrap().is_none());
+    assert_eq!(
+        nodes
+            .get("bc-taken")
+            .await
+            .unwrap()
+            .metadata
+            .resource_version,
+        version,
+        "the other Node is untouched"
+    );
+
+    beats.abort();
+    devices
+        .delete("bc-taken", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_gone(&nodes, "fleetlet-bc-taken").await;
+    assert_eq!(
+        nodes
+            .get("bc-taken")
+            .await
+            .unwrap()
+            .metadata
+            .resource_version,
+        version,
+        "deleting the device leaves the other Node alone"
+    );
+    nodes
+        .delete("bc-taken", &DeleteParams::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -508,6 +615,9 @@ async fn bad_payloads_are_ignored_with_a_logged_reason_and_the_bridge_keeps_work
     let ns = env.namespace("br-bad").await.unwrap();
     let (hb, actual) = buckets(env).await;
     add_device(env, &ns, "bb-bad").await;
+    // The device whose key it is, and the device its heartbeat claims to be.
+    add_device(env, &ns, "bb-other-name").await;
+    add_device(env, &ns, "bb-someone").await;
     hb.put("bb-bad", "{ not json".into()).await.unwrap();
     actual.put("bb-bad", vec![0xff; 64].into()).await.unwrap();
     hb.put(
@@ -533,6 +643,16 @@ async fn bad_payloads_are_ignored_with_a_logged_reason_and_the_bridge_keeps_work
         reason, "NeverConnected",
         "a garbled heartbeat is not a heartbeat"
     );
+    // bb-good's heartbeat, put after the spoofed one, made its Node Ready: the spoofed one
+    // has been read, and neither the key's owner nor the device it names is connected.
+    for d in ["bb-other-name", "bb-someone"] {
+        let (status, reason) = eventually(&format!("{d}'s Node"), DEFAULT_TIMEOUT, || {
+            node_ready(env, d)
+        })
+        .await;
+        assert_ne!(status, "True", "{d}");
+        assert_eq!(reason, "NeverConnected", "{d}");
+    }
     let log = std::fs::read_to_string(env.dir.join("bridge-shared.log")).unwrap();
     assert!(
         log.contains("undecodable record; ignored") && log.contains("bb-bad"),

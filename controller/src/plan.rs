@@ -655,6 +655,54 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_older_manifest_keeps_a_contested_unit_name() {
+        use fleetlet_protocol::{SystemdUnitSpec, UnitState};
+        let unit = |id: &str, contents: &str| ResourceTemplate {
+            id: ResourceId::new(id).unwrap(),
+            spec: ResourceSpec::SystemdUnit(SystemdUnitSpec {
+                name: "app.service".into(),
+                contents: Some(contents.into()),
+                enabled: true,
+                state: UnitState::Started,
+            }),
+        };
+        let devices = [dev("a", &[("role", "sensor")])];
+        let ms = [
+            manifest(
+                "young",
+                "2026-02",
+                Some("sensor"),
+                &[],
+                vec![unit("young-app", "[Service]\nExecStart=/young\n")],
+            ),
+            manifest(
+                "old",
+                "2026-01",
+                Some("sensor"),
+                &[],
+                vec![unit("old-app", "[Service]\nExecStart=/old\n")],
+            ),
+        ];
+        let p = plan(&devices, &ms, &HashMap::new());
+        assert_eq!(
+            p.conflicts,
+            [Conflict {
+                device: DeviceId::new("a").unwrap(),
+                identity: "unit app.service".into(),
+                kept_by: "ns/old".into(),
+                refused: "ns/young".into(),
+            }]
+        );
+        let a = &p.devices[&DeviceId::new("a").unwrap()];
+        assert_eq!(ids(&p, "a"), ["old-app"]);
+        let ResourceSpec::SystemdUnit(u) = &a[0].spec else {
+            panic!("{a:?}")
+        };
+        assert_eq!(u.contents.as_deref(), Some("[Service]\nExecStart=/old\n"));
+        assert_eq!(a[0].owner.name, "old");
+    }
+
     fn state_at(
         devices: &[&str],
         m: &ManifestView,

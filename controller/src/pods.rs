@@ -262,6 +262,21 @@ pub fn translate(
             "hostNetwork pods are not run on fleetlet devices",
         ));
     }
+    if let Some(sc) = &spec.security_context {
+        for (field, set) in [
+            ("runAsUser", sc.run_as_user.is_some()),
+            ("runAsGroup", sc.run_as_group.is_some()),
+        ] {
+            if set {
+                return Err(refuse(
+                    "RunAsUserUnsupported",
+                    format!(
+                        "spec.securityContext.{field} is not supported on fleetlet devices yet"
+                    ),
+                ));
+            }
+        }
+    }
     let tag = pod_tag(&ns, &name);
     let dir = pod_dir(&ns, &name);
     let own = owner(pod);
@@ -716,6 +731,15 @@ fn container(
                 format!(
                     "container {}: subPath mounts are not supported on fleetlet devices",
                     c.name
+                ),
+            ));
+        }
+        if m.sub_path_expr.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(refuse(
+                "SubPathUnsupported",
+                format!(
+                    "container {}: volumeMount {}: subPathExpr mounts are not supported on fleetlet devices",
+                    c.name, m.name
                 ),
             ));
         }
@@ -1215,6 +1239,199 @@ mod tests {
         let r = translate(&p, &Secrets(secret), &NoKeyYet).unwrap_err();
         assert_eq!(r.reason, "DeviceKeyUnknown");
         assert!(r.transient);
+    }
+
+    /// A `projected` volume with a serviceAccountToken source, as the apiserver injects.
+    fn projected_token(name: &str) -> Volume {
+        use k8s_openapi::api::core::v1::{
+            ProjectedVolumeSource, ServiceAccountTokenProjection, VolumeProjection,
+        };
+        Volume {
+            name: name.into(),
+            projected: Some(ProjectedVolumeSource {
+                default_mode: Some(0o644),
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        path: "token".into(),
+                        expiration_seconds: Some(3607),
+                        audience: None,
+                    }),
+                    ..Default::default()
+                }]),
+            }),
+            ..Default::default()
+        }
+    }
+
+    const SA_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+    #[test]
+    fn the_injected_service_account_token_volume_is_left_out_and_others_refused() {
+        let mut c = web();
+        c.volume_mounts = Some(vec![VolumeMount {
+            name: "kube-api-access-x7k2p".into(),
+            mount_path: SA_PATH.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]);
+        let p = pod(PodSpec {
+            containers: vec![c.clone()],
+            volumes: Some(vec![projected_token("kube-api-access-x7k2p")]),
+            ..Default::default()
+        });
+        let rs = translate(&p, &Fake(vec![]), &TestSeal).unwrap();
+        assert_eq!(rs.len(), 1, "{rs:?}");
+        let ResourceSpec::Container(spec) = &rs[0].spec else {
+            panic!("{rs:?}")
+        };
+        assert_eq!(spec.image, "r/web:1");
+        assert!(
+            spec.mounts.iter().all(|m| m.container_path != SA_PATH),
+            "{:?}",
+            spec.mounts
+        );
+        assert!(spec.mounts.is_empty(), "{:?}", spec.mounts);
+        assert!(
+            !rs.iter().any(|r| matches!(&r.spec, ResourceSpec::File(f)
+                if f.path.contains("serviceaccount") || f.path.contains("kube-api-access"))),
+            "{rs:?}"
+        );
+
+        // Any other projected volume is refused.
+        c.volume_mounts.as_mut().unwrap()[0].name = "creds".into();
+        let p = pod(PodSpec {
+            containers: vec![c],
+            volumes: Some(vec![projected_token("creds")]),
+            ..Default::default()
+        });
+        let r = translate(&p, &Fake(vec![]), &TestSeal).unwrap_err();
+        assert_eq!(r.reason, "VolumeTypeUnsupported");
+        assert!(!r.transient);
+        assert!(r.message.contains("creds"), "{}", r.message);
+    }
+
+    #[test]
+    fn unsupported_pod_and_container_settings_are_refused_for_good() {
+        use k8s_openapi::api::core::v1::{PodSecurityContext, SecurityContext};
+        let scratch = || {
+            vec![Volume {
+                name: "scratch".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Default::default()
+            }]
+        };
+        let with_container = |f: &dyn Fn(&mut Container)| {
+            let mut c = web();
+            f(&mut c);
+            pod(PodSpec {
+                containers: vec![c],
+                volumes: Some(scratch()),
+                ..Default::default()
+            })
+        };
+        let with_spec = |f: &dyn Fn(&mut PodSpec)| {
+            let mut spec = PodSpec {
+                containers: vec![web()],
+                volumes: Some(scratch()),
+                ..Default::default()
+            };
+            f(&mut spec);
+            pod(spec)
+        };
+        let mount = |f: &dyn Fn(&mut VolumeMount)| {
+            with_container(&|c: &mut Container| {
+                let mut m = VolumeMount {
+                    name: "scratch".into(),
+                    mount_path: "/data".into(),
+                    ..Default::default()
+                };
+                f(&mut m);
+                c.volume_mounts = Some(vec![m]);
+            })
+        };
+        let cases: Vec<(&str, Pod, &str, &str)> = vec![
+            (
+                "hostNetwork",
+                with_spec(&|s: &mut PodSpec| s.host_network = Some(true)),
+                "HostNetworkUnsupported",
+                "hostNetwork",
+            ),
+            (
+                "privileged",
+                with_container(&|c: &mut Container| {
+                    c.security_context = Some(SecurityContext {
+                        privileged: Some(true),
+                        ..Default::default()
+                    })
+                }),
+                "PrivilegedUnsupported",
+                "privileged",
+            ),
+            (
+                "container runAsUser",
+                with_container(&|c: &mut Container| {
+                    c.security_context = Some(SecurityContext {
+                        run_as_user: Some(1000),
+                        ..Default::default()
+                    })
+                }),
+                "RunAsUserUnsupported",
+                "runAsUser",
+            ),
+            (
+                "pod runAsUser",
+                with_spec(&|s: &mut PodSpec| {
+                    s.security_context = Some(PodSecurityContext {
+                        run_as_user: Some(1000),
+                        ..Default::default()
+                    })
+                }),
+                "RunAsUserUnsupported",
+                "spec.securityContext.runAsUser",
+            ),
+            (
+                "pod runAsGroup",
+                with_spec(&|s: &mut PodSpec| {
+                    s.security_context = Some(PodSecurityContext {
+                        run_as_group: Some(1000),
+                        ..Default::default()
+                    })
+                }),
+                "RunAsUserUnsupported",
+                "spec.securityContext.runAsGroup",
+            ),
+            (
+                "workingDir",
+                with_container(&|c: &mut Container| c.working_dir = Some("/srv".into())),
+                "WorkingDirUnsupported",
+                "workingDir",
+            ),
+            (
+                "subPath",
+                mount(&|m: &mut VolumeMount| m.sub_path = Some("a".into())),
+                "SubPathUnsupported",
+                "subPath",
+            ),
+            (
+                "subPathExpr",
+                mount(&|m: &mut VolumeMount| m.sub_path_expr = Some("$(POD_NAME)".into())),
+                "SubPathUnsupported",
+                "subPathExpr",
+            ),
+        ];
+        for (what, p, reason, field) in cases {
+            let r = translate(&p, &Fake(vec![]), &TestSeal).unwrap_err();
+            assert_eq!(r.reason, reason, "{what}: {r:?}");
+            assert!(!r.transient, "{what}: {r:?}");
+            assert!(r.message.contains(field), "{what}: {}", r.message);
+        }
+
+        // The same pods without the setting run: the refusals come from the setting alone.
+        assert!(translate(&with_spec(&|_| {}), &Fake(vec![]), &TestSeal).is_ok());
+        assert!(translate(&mount(&|_| {}), &Fake(vec![]), &TestSeal).is_ok());
+        // An empty pod-level securityContext is fine.
+        let p = with_spec(&|s: &mut PodSpec| s.security_context = Some(Default::default()));
+        assert!(translate(&p, &Fake(vec![]), &TestSeal).is_ok());
     }
 
     #[test]

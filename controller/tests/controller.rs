@@ -11,7 +11,10 @@ use std::{
     io::{Read, Write},
     net::TcpStream,
     path::Path,
-    sync::OnceLock,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -211,12 +214,17 @@ fn resource_ids(m: &AgentManifest) -> Vec<String> {
 
 /// Writes what an agent would: a heartbeat (online) and a status for its current manifest.
 async fn simulate_agent(kv: &Kv, dev: &str, ready: bool) {
+    simulate_agent_at(kv, dev, ready, Timestamp::now()).await;
+}
+
+/// Like [`simulate_agent`], with the heartbeat stamped `at` (a stale one: an offline device).
+async fn simulate_agent_at(kv: &Kv, dev: &str, ready: bool, at: Timestamp) {
     let id = DeviceId::new(dev).unwrap();
     let hb = Heartbeat {
         api_version: API_VERSION.into(),
         device: id.clone(),
         sequence: 1,
-        timestamp: Timestamp::now(),
+        timestamp: at,
         interval_seconds: 10,
         agent_version: "test".into(),
         system: SystemInfo::default(),
@@ -649,6 +657,204 @@ async fn deleting_a_manifest_removes_its_resources_from_devices_before_it_goes()
     .await;
 }
 
+/// A paused device gets no changes, but a deleted manifest's resources still leave it:
+/// deletion is not held back by the pause (and the finalizer is released).
+#[tokio::test]
+async fn deleting_a_manifest_reaches_a_paused_device() {
+    let (env, c) = shared();
+    let ns = env.namespace("ctl-pausedel").await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    let kv = kv(env).await;
+    let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), &ns);
+    let manifests: Api<EdgeManifest> = Api::namespaced(client, &ns);
+    apply(&devices, device("pd-a", json!({}))).await;
+    let keep = |text: &str| {
+        manifest(
+            "keep",
+            json!({ "devices": ["pd-a"], "resources": [file("k", "/etc/fleetlet/k", text)] }),
+        )
+    };
+    apply(&manifests, keep("v1")).await;
+    apply(
+        &manifests,
+        manifest(
+            "gone",
+            json!({ "devices": ["pd-a"], "resources": [file("g", "/etc/fleetlet/g", "g")] }),
+        ),
+    )
+    .await;
+    wait_desired(&kv, "pd-a", "both", |m| m.resources.len() == 2).await;
+    eventually("a finalizer on gone", DEFAULT_TIMEOUT, || async {
+        let m = manifests.get("gone").await.map_err(|e| e.to_string())?;
+        (!m.finalizers().is_empty())
+            .then_some(())
+            .ok_or("no finalizers".to_string())
+    })
+    .await;
+
+    apply(
+        &devices,
+        json!({ "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice",
+                "metadata": { "name": "pd-a" }, "spec": { "paused": true } }),
+    )
+    .await;
+    // The pause holds a change back (passes counted, so a dead controller cannot pass).
+    let (_, rev) = desired_of(&kv, "pd-a").await.unwrap();
+    apply(&manifests, keep("v2")).await;
+    wait_passes(c.metrics_port, 3).await;
+    let (m, rev_paused) = desired_of(&kv, "pd-a").await.unwrap();
+    assert_eq!(rev_paused, rev, "a paused device got a change");
+    let text_of_k = |m: &AgentManifest| {
+        m.resources
+            .iter()
+            .find(|r| r.id.as_str() == "k")
+            .map(|r| serde_json::to_string(&r.spec).unwrap())
+            .unwrap_or_default()
+    };
+    assert!(text_of_k(&m).contains("v1"), "{}", text_of_k(&m));
+
+    manifests
+        .delete("gone", &DeleteParams::default())
+        .await
+        .unwrap();
+    let (m, _) = wait_desired(&kv, "pd-a", "gone's resource removed", |m| {
+        m.resources.len() == 1
+    })
+    .await;
+    assert_eq!(resource_ids(&m), ["k"]);
+    assert!(
+        text_of_k(&m).contains("v1"),
+        "the held-back change stays held back: {}",
+        text_of_k(&m)
+    );
+    eventually("gone deleted", DEFAULT_TIMEOUT, || async {
+        match manifests.get_opt("gone").await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(m) => Err(format!("still there, finalizers {:?}", m.finalizers())),
+        }
+    })
+    .await;
+}
+
+/// The same device name in two namespaces: the older EdgeDevice is served, the younger is
+/// ignored with a warning, and takes over once the older is deleted.
+#[tokio::test]
+async fn one_device_name_in_two_namespaces_is_served_from_the_older_object() {
+    let (env, c) = shared();
+    let client = env.kube_client().await.unwrap();
+    let kv = kv(env).await;
+    let ns1 = env.namespace("ctl-dup-one").await.unwrap();
+    let ns2 = env.namespace("ctl-dup-two").await.unwrap();
+    let devices1: Api<EdgeDevice> = Api::namespaced(client.clone(), &ns1);
+    let devices2: Api<EdgeDevice> = Api::namespaced(client.clone(), &ns2);
+    apply(&devices1, device("dup-a", json!({}))).await;
+    apply(
+        &Api::<EdgeManifest>::namespaced(client.clone(), &ns1),
+        manifest(
+            "m1",
+            json!({ "devices": ["dup-a"], "resources": [file("one", "/etc/fleetlet/one", "1")] }),
+        ),
+    )
+    .await;
+    wait_desired(&kv, "dup-a", "ns1's manifest", |m| {
+        resource_ids(m) == ["one"]
+    })
+    .await;
+    // Creation timestamps have one-second resolution: make the second one clearly younger.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    apply(&devices2, device("dup-a", json!({}))).await;
+    apply(
+        &Api::<EdgeManifest>::namespaced(client, &ns2),
+        manifest(
+            "m2",
+            json!({ "devices": ["dup-a"], "resources": [file("two", "/etc/fleetlet/two", "2")] }),
+        ),
+    )
+    .await;
+    wait_passes(c.metrics_port, 3).await;
+    let (m, _) = desired_of(&kv, "dup-a").await.unwrap();
+    assert_eq!(resource_ids(&m), ["one"], "the younger object is ignored");
+    let log = std::fs::read_to_string(env.dir.join("controller-shared.log")).unwrap();
+    assert!(
+        log.contains("device id already used in another namespace"),
+        "the conflict is logged"
+    );
+
+    devices1
+        .delete("dup-a", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_desired(
+        &kv,
+        "dup-a",
+        "ns2's manifest after ns1's device left",
+        |m| resource_ids(m) == ["two"],
+    )
+    .await;
+}
+
+/// A device whose last heartbeat is older than `--offline-after-seconds` (30 s here)
+/// counts as offline from that age alone: it gets a new version at once, outside the
+/// rollout's budget, while online devices move one at a time.
+#[tokio::test]
+async fn a_device_with_a_stale_heartbeat_is_offline_and_moves_outside_the_budget() {
+    let (env, _c) = shared();
+    let ns = env.namespace("ctl-stale").await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    let kv = kv(env).await;
+    let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), &ns);
+    let manifests: Api<EdgeManifest> = Api::namespaced(client, &ns);
+    let names = ["os-a", "os-b", "os-stale"];
+    for n in names {
+        apply(&devices, device(n, json!({ "app": "os" }))).await;
+    }
+    let spec = |text: &str| {
+        json!({ "selector": { "matchLabels": { "app": "os" } },
+        "rollout": { "maxUnavailable": 1 },
+        "resources": [file("f", "/etc/fleetlet/f", text)] })
+    };
+    apply(&manifests, manifest("app", spec("v1"))).await;
+    for n in names {
+        wait_desired(&kv, n, "v1", |m| m.resources.len() == 1).await;
+    }
+    simulate_agent(&kv, "os-a", true).await;
+    simulate_agent(&kv, "os-b", true).await;
+    // Ready on v1, but its last heartbeat is a minute old.
+    simulate_agent_at(
+        &kv,
+        "os-stale",
+        true,
+        Timestamp(Timestamp::now().0.saturating_sub(60_000)),
+    )
+    .await;
+    wait_manifest_status(&manifests, "app", "all ready", |s| s.ready == 3).await;
+
+    apply(&manifests, manifest("app", spec("v2"))).await;
+    let on_v2 = async |n: &str| {
+        desired_of(&kv, n)
+            .await
+            .is_some_and(|(m, _)| m.resources[0].owner.generation == 2)
+    };
+    eventually("the first step", DEFAULT_TIMEOUT, || async {
+        let mut moved = Vec::new();
+        for n in names {
+            if on_v2(n).await {
+                moved.push(n);
+            }
+        }
+        // Both moves land in one pass; wait for two before judging which.
+        (moved.len() >= 2).then_some(()).ok_or(format!("{moved:?}"))
+    })
+    .await;
+    assert!(on_v2("os-stale").await, "the offline device moved at once");
+    let online_moved = [on_v2("os-a").await, on_v2("os-b").await];
+    assert_eq!(
+        online_moved.iter().filter(|m| **m).count(),
+        1,
+        "one online device within maxUnavailable 1: {online_moved:?}"
+    );
+}
+
 #[tokio::test]
 async fn deleting_a_device_removes_its_kv_keys() {
     let (env, _c) = shared();
@@ -717,6 +923,24 @@ async fn max_unavailable_moves_one_device_at_a_time_and_a_stuck_rollout_is_repor
     }
     wait_manifest_status(&manifests, "app", "all ready", |s| s.ready == 3).await;
 
+    // Sampled all through the rollout, not only at its first step: never more than one
+    // device whose newest manifest it has not reported Ready.
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = tokio::spawn({
+        let (desired, actual, on) = (kv.desired.clone(), kv.actual.clone(), sampling.clone());
+        async move {
+            let (mut samples, mut worst) = (0u32, Vec::new());
+            while on.load(Ordering::SeqCst) {
+                let now = unavailable(&desired, &actual, &names).await;
+                if now.len() > worst.len() {
+                    worst = now;
+                }
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (samples, worst)
+        }
+    });
     apply(&manifests, manifest("app", spec("v2"))).await;
     let owner_gen = async |n: &str| {
         desired_of(&kv, n)
@@ -774,6 +998,44 @@ async fn max_unavailable_moves_one_device_at_a_time_and_a_stuck_rollout_is_repor
         (p.status.as_str(), p.reason.as_str()),
         ("True", "RolloutComplete")
     );
+    sampling.store(false, Ordering::SeqCst);
+    let (samples, worst) = sampler.await.unwrap();
+    assert!(samples > 10, "{samples} samples");
+    assert_eq!(
+        worst.len(),
+        1,
+        "at most one device unavailable at any sample, and the sampler saw one: {worst:?}"
+    );
+}
+
+/// The devices among `names` whose newest manifest they have not reported Ready.
+async fn unavailable(desired: &Store, actual: &Store, names: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    for n in names {
+        let Some(m) = desired
+            .entry(*n)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|e| decode::<AgentManifest>(&e.value).ok())
+        else {
+            continue;
+        };
+        let ready = actual
+            .entry(*n)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|e| decode::<AgentStatus>(&e.value).ok())
+            .is_some_and(|s| {
+                s.observed_generation >= m.generation
+                    && s.resources.values().all(ResourceStatus::is_ready)
+            });
+        if !ready {
+            out.push(n.to_string());
+        }
+    }
+    out
 }
 
 fn http_get(port: u16, path: &str) -> std::io::Result<String> {

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::{
     fetch::{FetchSettings, Fetcher, Poll, is_partial_of, partial_path, sha256_file},
-    fsutil::{Ownership, write_atomic},
+    fsutil::{Ownership, remove_stale_temps, write_atomic},
     reconciler::{Deleted, Observation, ReconcileError, Reconciler},
 };
 
@@ -485,6 +485,10 @@ impl Reconciler for FileReconciler {
                         ReconcileError::io(format!("creating {}", dir.display()), e)
                     })?;
                 }
+                let stale = remove_stale_temps(&t.path);
+                if stale > 0 {
+                    tracing::info!(path = %t.path.display(), stale, "removed an interrupted write's temp file");
+                }
                 write_atomic(&t.path, bytes, t.mode, t.owner)
                     .map_err(|e| ReconcileError::io(format!("writing {}", t.path.display()), e))?;
                 Ok(Err(details(&t)))
@@ -669,6 +673,55 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_temp_file_left_by_a_killed_write_is_removed_when_the_file_is_written() {
+        let root = tempfile::tempdir().unwrap();
+        let stale = root.path().join(".f.fleetlet-0123456789abcdef");
+        let other = root.path().join(".g.fleetlet-0123456789abcdef");
+        fs::write(&stale, "half").unwrap();
+        fs::write(&other, "another file's").unwrap();
+        let r = FileReconciler::new(vec![root.path().to_path_buf()], 1 << 20);
+        r.reconcile(&id(), &spec(&root.path().join("f"), "whole"))
+            .await
+            .unwrap();
+        assert_eq!(fs::read_to_string(root.path().join("f")).unwrap(), "whole");
+        assert!(!stale.exists());
+        assert!(other.exists(), "only the written file's temp files go");
+    }
+
+    #[tokio::test]
+    async fn owner_and_group_are_applied_by_name_and_kept() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: changing a file's owner needs root");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let r = FileReconciler::new(vec![root.path().to_path_buf()], 1 << 20);
+        let path = root.path().join("owned");
+        let mut s = spec(&path, "x");
+        s.owner = Some("nobody".into());
+        s.group = Some("65534".into());
+        r.reconcile(&id(), &s).await.unwrap();
+        let md = fs::metadata(&path).unwrap();
+        assert_eq!((md.uid(), md.gid()), (65534, 65534));
+        // Changed by hand: seen as drift, and put back.
+        std::os::unix::fs::chown(&path, Some(0), Some(0)).unwrap();
+        match r.observe(&id(), &s).await.unwrap() {
+            Observation::Differs(why) => assert_eq!(why, "owner is 0:0"),
+            other => panic!("{other:?}"),
+        }
+        r.reconcile(&id(), &s).await.unwrap();
+        let md = fs::metadata(&path).unwrap();
+        assert_eq!((md.uid(), md.gid()), (65534, 65534));
+        // A user the device does not have fails, and leaves the file alone.
+        s.owner = Some("no-such-user-here".into());
+        assert!(matches!(
+            r.reconcile(&id(), &s).await,
+            Err(ReconcileError::Invalid(m)) if m.contains("no such user")
+        ));
+        assert_eq!(fs::metadata(&path).unwrap().uid(), 65534);
+    }
+
+    #[tokio::test]
     async fn deletes_only_what_it_wrote() {
         let root = tempfile::tempdir().unwrap();
         let r = FileReconciler::new(vec![root.path().to_path_buf()], 1 << 20);
@@ -725,10 +778,16 @@ mod tests {
             r.reconcile(&id(), &s).await,
             Err(ReconcileError::Invalid(_))
         ));
+        assert_eq!(fs::read(root.path().join("bin")).unwrap(), [0, 1, 2, 255]);
         s.content = FileContent::Text("12345".into());
         assert!(matches!(
             r.reconcile(&id(), &s).await,
             Err(ReconcileError::Invalid(_))
         ));
+        assert_eq!(
+            fs::read(root.path().join("bin")).unwrap(),
+            [0, 1, 2, 255],
+            "refused content leaves the file as it was"
+        );
     }
 }

@@ -16,6 +16,28 @@ pub struct Ownership {
 
 /// Replaces `path` with `bytes` atomically: readers see the old or the new file, never a
 /// partial one, and a power cut leaves one of the two.
+/// Removes the temp files [`write_atomic`] left beside `path` when it was killed before
+/// the rename (`.<name>.fleetlet-<16 hex digits>`); returns how many.
+pub fn remove_stale_temps(path: &Path) -> usize {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return 0;
+    };
+    let prefix = format!(".{}.fleetlet-", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name().to_str().is_some_and(|n| {
+                n.strip_prefix(&prefix)
+                    .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            })
+        })
+        .filter(|e| fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, owner: Ownership) -> std::io::Result<()> {
     let dir = path.parent().ok_or_else(|| {
         std::io::Error::new(

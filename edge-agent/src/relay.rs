@@ -88,9 +88,7 @@ trait SessionRequest: serde::de::DeserializeOwned + Send + 'static {
     const KIND: &'static str;
     fn session(&self) -> &str;
     fn resource(&self) -> &fleetlet_protocol::ResourceId;
-    fn check(&self) -> Result<(), &'static str> {
-        Ok(())
-    }
+    fn check(&self) -> Result<(), relay::RequestError>;
 }
 
 impl SessionRequest for LogsRequest {
@@ -100,6 +98,9 @@ impl SessionRequest for LogsRequest {
     }
     fn resource(&self) -> &fleetlet_protocol::ResourceId {
         &self.resource
+    }
+    fn check(&self) -> Result<(), relay::RequestError> {
+        self.validate()
     }
 }
 
@@ -111,6 +112,9 @@ impl SessionRequest for AttachRequest {
     fn resource(&self) -> &fleetlet_protocol::ResourceId {
         &self.resource
     }
+    fn check(&self) -> Result<(), relay::RequestError> {
+        self.validate()
+    }
 }
 
 impl SessionRequest for ExecRequest {
@@ -121,12 +125,8 @@ impl SessionRequest for ExecRequest {
     fn resource(&self) -> &fleetlet_protocol::ResourceId {
         &self.resource
     }
-    fn check(&self) -> Result<(), &'static str> {
-        if self.command.is_empty() {
-            Err("empty command")
-        } else {
-            Ok(())
-        }
+    fn check(&self) -> Result<(), relay::RequestError> {
+        self.validate()
     }
 }
 
@@ -173,7 +173,7 @@ async fn start<R, F, Fut>(
     }
     out.session = req.session().to_owned();
     if let Err(why) = req.check() {
-        return out.end(Some(why)).await;
+        return out.end(Some(&why.to_string())).await;
     }
     let session = req.session().to_owned();
     let rx = register(&sessions, &session);

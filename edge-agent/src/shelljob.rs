@@ -437,11 +437,34 @@ mod tests {
             "a failed run stays failed"
         );
 
-        let slow = job(&["/bin/sh", "-c", "sleep 30 & sleep 30"], Some(1));
+        // The whole process group is killed: the shell and the child it left running.
+        let pidfile = dir.path().join("bg.pid");
+        let script = format!("sleep 30 & echo $! > {}; sleep 30", pidfile.display());
+        let slow = job(&["/bin/sh", "-c", &script], Some(1));
         let started = std::time::Instant::now();
         let e = r.reconcile(&id, &slow).await.unwrap_err();
         assert!(e.to_string().contains("timed out"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(10));
+        let pid: u32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // Gone, or a zombie waiting for whoever adopted it to reap it: not running.
+        let running = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let state = s.rsplit_once(") ")?.1.chars().next()?;
+                    Some(state != 'Z' && state != 'X')
+                })
+                .unwrap_or(false)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while running() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!running(), "the background child {pid} still runs");
 
         let too_long = job(&["/bin/true"], Some(3600));
         assert!(matches!(
@@ -458,7 +481,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = reconciler(dir.path(), 64);
         let id = ResourceId::new("j").unwrap();
-        let spec = job(&["/bin/true"], None);
+        let counter = dir.path().join("runs");
+        let script = format!("echo run >> {}", counter.display());
+        let spec = job(&["/bin/sh", "-c", &script], None);
         let half = RunRecord {
             spec_hash: spec_hash(&spec),
             started_at: Timestamp::now(),
@@ -471,5 +496,11 @@ mod tests {
         r.save(&id, &half).unwrap();
         let e = r.reconcile(&id, &spec).await.unwrap_err();
         assert!(e.to_string().contains("outcome is unknown"), "{e}");
+        r.reconcile(&id, &spec).await.unwrap_err();
+        assert!(!counter.exists(), "the command did not run again");
+        // The same command under a new spec runs, once: the side effect is visible.
+        let spec2 = job(&["/bin/sh", "-c", &format!("{script}; true")], None);
+        r.reconcile(&id, &spec2).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&counter).unwrap(), "run\n");
     }
 }

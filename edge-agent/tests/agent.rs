@@ -52,6 +52,37 @@ async fn files_are_written_changed_and_garbage_collected_across_generations() {
     assert!(!s.resources.contains_key("c"));
     assert_eq!(s.drift_repairs, 0, "no drift in an ordinary update");
 
+    // The desired-state key deleted: the device keeps running what it has and says so.
+    desired.delete(dev.id.as_str()).await.unwrap();
+    let s = wait_status(&actual, &dev.id, "DesiredStateDeleted", |s| {
+        s.condition("DesiredStateDeleted")
+            .is_some_and(|c| c.status == fleetlet_protocol::ConditionStatus::True)
+    })
+    .await;
+    assert_eq!(
+        s.condition("DesiredStateDeleted").unwrap().reason,
+        "KeyDeleted"
+    );
+    assert_eq!(s.manifest_generation, 2, "the manifest stays in force");
+    assert_eq!(read(&dev.file("a.conf")), "a=1\n");
+    assert_eq!(read(&dev.file("sub/b.conf")), "b=2\n");
+    // The next manifest clears it.
+    let gen3 = dev.manifest(
+        3,
+        vec![
+            dev.file_resource("a", "a.conf", "a=1\n"),
+            dev.file_resource("b", "sub/b.conf", "b=2\n"),
+        ],
+    );
+    put(&desired, &gen3).await;
+    let s = wait_status(&actual, &dev.id, "gen 3 ready", |s| all_ready(s, 3, 2)).await;
+    assert!(
+        s.condition("DesiredStateDeleted")
+            .is_none_or(|c| c.status != fleetlet_protocol::ConditionStatus::True),
+        "{:?}",
+        s.conditions
+    );
+
     // SIGTERM: the agent exits cleanly and leaves what it manages in place.
     agent.stop();
     assert!(dev.file("a.conf").exists() && dev.file("sub/b.conf").exists());

@@ -281,21 +281,33 @@ async fn containers_stopped_or_removed_by_hand_come_back_and_the_drift_is_counte
     assert_eq!(s.last_drift.unwrap().reason, "absent");
 
     // An agent restart keeps the container: ownership is on the container's labels.
+    let started_at = || {
+        pm.podman(&[
+            "inspect",
+            "--format",
+            "{{.State.StartedAt}}",
+            "pi-drift-app",
+        ])
+        .unwrap()
+    };
+    let started_before = started_at();
     agent.stop();
-    let agent = dev.start(env.nats_url().unwrap(), "");
-    // Compare what the restarted agent saw in its first pass, not the status it left.
-    fleetlet_testenv::wait::file_contains(
-        &agent.log,
-        "pass done trigger=\"start\"",
-        fleetlet_testenv::DEFAULT_TIMEOUT,
-    )
-    .await;
-    let s = wait_status(&actual, &dev.id, "after restart", |s| {
-        ready_container(s, "app")
+    let _agent = dev.start(env.nats_url().unwrap(), "");
+    // A new generation with the same container: its status can only come from the
+    // restarted agent, after it has looked at the container.
+    let sleeper = ContainerSpec {
+        image: pm.image_1.clone(),
+        image_pull_policy: PullPolicy::Always,
+        ..Default::default()
+    };
+    put(&desired, &dev.manifest(2, vec![container("app", sleeper)])).await;
+    let s = wait_status(&actual, &dev.id, "generation 2 after the restart", |s| {
+        all_ready(s, 2, 1)
     })
     .await;
     assert_eq!(seen(&s, "app").id, second);
     assert_eq!(seen(&s, "app").restarts, 0);
+    assert_eq!(started_at(), started_before, "not restarted");
     assert_eq!(ours(&pm, "pi-drift").len(), 1);
 }
 
@@ -308,8 +320,11 @@ async fn foreign_containers_busy_ports_failing_probes_and_the_disk_guard() {
     // A container the agent did not create, under the name it would use.
     pm.podman(&["pull", "--tls-verify=false", &pm.image_1])
         .unwrap();
-    pm.podman(&["run", "-d", "--name", "pi-guard-taken", &pm.image_1])
-        .unwrap();
+    let foreign_id = pm
+        .podman(&["run", "-d", "--name", "pi-guard-taken", &pm.image_1])
+        .unwrap()
+        .trim()
+        .to_owned();
     // A host port someone else holds.
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy_port = busy.local_addr().unwrap().port();
@@ -372,8 +387,18 @@ async fn foreign_containers_busy_ports_failing_probes_and_the_disk_guard() {
     // The foreign container is untouched, even after the manifest drops everything.
     put(&desired, &dev.manifest(2, vec![])).await;
     wait_status(&actual, &dev.id, "dropped", |s| s.observed_generation == 2).await;
-    let foreign = pm.podman(&["ps", "--format", "{{.Names}}"]).unwrap();
-    assert_eq!(foreign.trim(), "pi-guard-taken");
+    let all = pm
+        .podman(&["ps", "-a", "--no-trunc", "--format", "{{.ID}} {{.Names}}"])
+        .unwrap();
+    assert_eq!(
+        all.trim(),
+        format!("{foreign_id} pi-guard-taken"),
+        "the same container, and nothing else"
+    );
+    let running = pm
+        .podman(&["inspect", "--format", "{{.State.Running}}", &foreign_id])
+        .unwrap();
+    assert_eq!(running.trim(), "true", "still running");
     drop(busy);
 
     // The disk guard: a floor above the free space refuses to pull and says why.
@@ -492,4 +517,182 @@ async fn container_mounts_stay_inside_the_roots_the_device_owner_allows() {
     let names = ours(&pm, "pi-mounts");
     assert_eq!(names.len(), 1, "{names:?}");
     assert!(names[0].starts_with("pi-mounts-ok "), "{names:?}");
+}
+
+/// What one relay session sent back: its output bytes and how it ended.
+#[derive(Debug, Default)]
+struct Session {
+    output: Vec<u8>,
+    ended: Option<String>,
+}
+
+/// Reads `session`'s frames from `frames` until it ends or nothing comes for `quiet`.
+async fn read_session(
+    frames: &mut async_nats::Subscriber,
+    session: &str,
+    quiet: Duration,
+    into: &mut Session,
+) {
+    use fleetlet_protocol::relay::{FRAME, SESSION};
+    use futures::StreamExt;
+    while into.ended.is_none() {
+        let Ok(Some(m)) = tokio::time::timeout(quiet, frames.next()).await else {
+            return;
+        };
+        let h = |k: &str| {
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get(k))
+                .map(|v| v.as_str().to_owned())
+        };
+        if h(SESSION).as_deref() != Some(session) {
+            continue;
+        }
+        match h(FRAME).as_deref() {
+            Some("stdout") | Some("stderr") => into.output.extend_from_slice(&m.payload),
+            Some("end") => into.ended = Some(String::from_utf8_lossy(&m.payload).into_owned()),
+            _ => {}
+        }
+    }
+}
+
+/// The relay (what `kubectl logs/exec/attach` reach through the bridge) serves only the
+/// containers this agent created, found by its labels, and never sends more than its
+/// 256 KiB window (plus one 32 KiB chunk) ahead of what the requester acknowledged.
+#[tokio::test]
+async fn relay_sessions_reach_only_the_devices_own_containers_and_wait_for_acks() {
+    use fleetlet_protocol::relay::{self, FRAME, MAX_CHUNK_BYTES, SEQ, WINDOW_BYTES};
+    let env = TestEnv::builder().nats().start().await.unwrap();
+    let pm = PodmanSandbox::start().await.unwrap();
+    let (desired, actual, _) = buckets(&env).await;
+    // A container under the name the agent would use, which it did not create.
+    pm.podman(&["pull", "--tls-verify=false", &pm.image_1])
+        .unwrap();
+    pm.podman(&[
+        "run",
+        "-d",
+        "--name",
+        "pi-relay-taken",
+        &pm.image_1,
+        "sh",
+        "-c",
+        "echo foreign-output; exec sleep 3600",
+    ])
+    .unwrap();
+    let dev = device("pi-relay", &pm, "");
+    let _agent = dev.start(env.nats_url().unwrap(), "");
+    const MIB: usize = 1 << 20;
+    let chatty = ContainerSpec {
+        image: pm.image_1.clone(),
+        command: vec!["/bin/sh".into(), "-c".into()],
+        args: vec![format!(
+            "head -c {MIB} /dev/zero | tr '\\0' x; exec sleep 3600"
+        )],
+        ..Default::default()
+    };
+    put(
+        &desired,
+        &dev.manifest(
+            1,
+            vec![
+                container(
+                    "taken",
+                    ContainerSpec {
+                        image: pm.image_1.clone(),
+                        ..Default::default()
+                    },
+                ),
+                container("chatty", chatty),
+            ],
+        ),
+    )
+    .await;
+    wait_status(&actual, &dev.id, "chatty running, taken refused", |s| {
+        ready_container(s, "chatty")
+            && matches!(
+                s.resources.get("taken"),
+                Some(ResourceStatus::Failed { .. })
+            )
+    })
+    .await;
+    let client = env.nats_client().await.unwrap();
+    let mut frames = client
+        .subscribe(relay::frames_subject(&dev.id))
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let ask = async |resource: &str, session: &str| {
+        let req = serde_json::json!({ "resource": resource, "session": session });
+        client
+            .publish(
+                relay::logs_subject(&dev.id),
+                serde_json::to_vec(&req).unwrap().into(),
+            )
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+    };
+
+    // The foreign container's logs are not served.
+    ask("taken", "foreign").await;
+    let mut s = Session::default();
+    read_session(&mut frames, "foreign", Duration::from_secs(10), &mut s).await;
+    let why = s.ended.expect("the session ended");
+    assert!(why.contains("no container of resource taken"), "{why}");
+    assert!(
+        s.output.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&s.output)
+    );
+
+    // The window: without acknowledgements the agent stops at 256 KiB (+ one chunk).
+    let want = MIB;
+    eventually_output(&pm, "pi-relay-chatty", want).await;
+    ask("chatty", "window").await;
+    let mut s = Session::default();
+    read_session(&mut frames, "window", Duration::from_secs(2), &mut s).await;
+    let held = s.output.len();
+    assert!(
+        s.ended.is_none(),
+        "ended before the window was acknowledged"
+    );
+    assert!(
+        held as u64 >= WINDOW_BYTES && held as u64 <= WINDOW_BYTES + MAX_CHUNK_BYTES as u64,
+        "{held} bytes sent without an acknowledgement"
+    );
+    // Acknowledged as it arrives, the rest comes, and the session ends.
+    while s.ended.is_none() {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(FRAME, "ack");
+        h.insert(SEQ, s.output.len().to_string().as_str());
+        client
+            .publish_with_headers(relay::control_subject(&dev.id, "window"), h, "".into())
+            .await
+            .unwrap();
+        let before = s.output.len();
+        read_session(&mut frames, "window", Duration::from_secs(2), &mut s).await;
+        assert!(
+            s.output.len() > before || s.ended.is_some(),
+            "an acknowledgement released nothing at {before} bytes"
+        );
+    }
+    let xs = s.output.iter().filter(|b| **b == b'x').count();
+    assert_eq!(xs, want, "every byte, once");
+    assert!(s.output.iter().all(|b| *b == b'x' || *b == b'\n'));
+}
+
+/// Waits until podman has `bytes` of output in `name`'s log.
+async fn eventually_output(pm: &PodmanSandbox, name: &str, bytes: usize) {
+    fleetlet_testenv::eventually(
+        &format!("{bytes} bytes of {name}'s output"),
+        fleetlet_testenv::DEFAULT_TIMEOUT,
+        || async {
+            let n = pm
+                .podman(&["logs", name])
+                .map(|o| o.bytes().filter(|b| *b == b'x').count())
+                .unwrap_or(0);
+            (n >= bytes).then_some(()).ok_or(format!("{n} bytes"))
+        },
+    )
+    .await;
 }

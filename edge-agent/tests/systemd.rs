@@ -546,11 +546,28 @@ async fn the_agent_installs_itself_as_a_systemd_service_and_uninstalls() {
     assert_eq!(again.status.code(), Some(2), "{again:?}");
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
     assert_eq!(read(&config), before);
-    // A bad device id is refused before anything is written.
-    let mut bad = install.clone();
-    bad[1] = "--device-id=Not_A_Name".into();
+    // A bad device id is refused before anything is written, even with --force (which
+    // would replace this installation's config and unit).
+    let unit_file = sd.unit_dir.join("fleetlet-agent.service");
+    let unit_before = read(&unit_file);
+    let bad: Vec<String> = install
+        .iter()
+        .map(|a| {
+            if a.starts_with("--device-id=") {
+                "--device-id=Not_A_Name".to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .chain(["--force".to_string()])
+        .collect();
+    assert_ne!(bad, install, "the device id argument was replaced");
     let out = agent(bad);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("device id"), "{stderr}");
+    assert_eq!(read(&config), before, "config untouched");
+    assert_eq!(read(&unit_file), unit_before, "unit untouched");
 
     // The installed agent runs; without the creds line it connects to this open server.
     let text = read(&config).replace(&format!("creds_file = \"{}\"\n", copied.display()), "");

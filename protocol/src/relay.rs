@@ -188,6 +188,47 @@ fn yes() -> bool {
     true
 }
 
+/// Why an agent refuses a relay request it could decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Not one subject token of at most 64 letters, digits and '-': no answer can be
+    /// addressed, so the request is dropped.
+    #[error("invalid session id")]
+    Session,
+    #[error("empty command")]
+    EmptyCommand,
+}
+
+fn check_session(s: &str) -> Result<(), RequestError> {
+    if valid_session(s) {
+        Ok(())
+    } else {
+        Err(RequestError::Session)
+    }
+}
+
+impl LogsRequest {
+    pub fn validate(&self) -> Result<(), RequestError> {
+        check_session(&self.session)
+    }
+}
+
+impl AttachRequest {
+    pub fn validate(&self) -> Result<(), RequestError> {
+        check_session(&self.session)
+    }
+}
+
+impl ExecRequest {
+    pub fn validate(&self) -> Result<(), RequestError> {
+        check_session(&self.session)?;
+        if self.command.is_empty() {
+            return Err(RequestError::EmptyCommand);
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@
 #[path = "../../fuzz/checks.rs"]
 mod checks;
 
-fn replay(target: &str, check: fn(&[u8])) {
+fn replay(target: &str, check: impl Fn(&[u8]) + std::panic::RefUnwindSafe) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../fuzz/corpus")
         .join(target);
@@ -32,6 +32,15 @@ fn the_status_corpus_passes() {
 }
 
 #[test]
-fn the_relay_request_corpus_passes() {
-    replay("relay_request", checks::relay_request);
+fn the_relay_request_corpus_passes_and_holds_refused_and_accepted_requests() {
+    let outcomes = std::sync::Mutex::new(Vec::new());
+    replay("relay_request", |bytes| {
+        let o = checks::relay_request(bytes);
+        outcomes.lock().unwrap().push(o);
+    });
+    let outcomes = outcomes.into_inner().unwrap();
+    let count = |o| outcomes.iter().filter(|x| **x == o).count();
+    // The checks ran on both sides: requests the agent refuses and ones it serves.
+    assert!(count(checks::Relay::Refused) > 0, "{outcomes:?}");
+    assert!(count(checks::Relay::Accepted) > 0, "{outcomes:?}");
 }

@@ -30,3 +30,35 @@ pub fn argocd_health(object: &serde_json::Value) -> Result<(String, String), Err
     let message: Option<String> = verdict.get("message").map_err(lua_err)?;
     Ok((status, message.unwrap_or_default()))
 }
+
+/// What Flux's `wait: true` and `healthChecks` see: kstatus's verdict on an object of a
+/// custom kind, computed as kstatus does (sigs.k8s.io/cli-utils `pkg/kstatus/status`, the
+/// generic rules; Flux uses the same): `Terminating` while being deleted, `InProgress`
+/// while `status.observedGeneration` is behind `metadata.generation` or `Reconciling` is
+/// True, `Failed` when `Stalled` is True, otherwise `Current`. Ready is not read.
+pub fn kstatus(object: &serde_json::Value) -> &'static str {
+    if !object["metadata"]["deletionTimestamp"].is_null() {
+        return "Terminating";
+    }
+    if let (Some(generation), Some(observed)) = (
+        object["metadata"]["generation"].as_i64(),
+        object["status"]["observedGeneration"].as_i64(),
+    ) && generation != observed
+    {
+        return "InProgress";
+    }
+    let is_true = |type_: &str| {
+        object["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == type_ && c["status"] == "True")
+    };
+    if is_true("Reconciling") {
+        "InProgress"
+    } else if is_true("Stalled") {
+        "Failed"
+    } else {
+        "Current"
+    }
+}

@@ -25,6 +25,7 @@ pub mod kube;
 pub mod nats;
 pub mod pki;
 pub mod process;
+pub mod proxy;
 pub mod report;
 pub mod sandbox;
 pub mod wait;
@@ -340,6 +341,36 @@ impl TestEnv {
     /// A JetStream context on a new connection.
     pub async fn jetstream(&self) -> Result<async_nats::jetstream::Context, Error> {
         Ok(async_nats::jetstream::new(self.nats_client().await?))
+    }
+
+    /// The manifest stored for `device` in desired-state (opened from its signed envelope
+    /// without checking the signature), or None when there is none.
+    pub async fn desired_manifest(
+        &self,
+        device: &str,
+    ) -> Result<Option<fleetlet_protocol::AgentManifest>, String> {
+        let kv = self
+            .jetstream()
+            .await
+            .map_err(|e| e.to_string())?
+            .get_key_value(fleetlet_protocol::kv::DESIRED_STATE.name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(entry) = kv.entry(device).await.map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        if entry.value.is_empty() {
+            return Ok(None);
+        }
+        let text = match serde_json::from_slice::<fleetlet_protocol::signing::SignedManifest>(
+            &entry.value,
+        ) {
+            Ok(env) => env.manifest.into_bytes(),
+            Err(_) => entry.value.to_vec(),
+        };
+        serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|e| format!("desired-state.{device} is not a manifest: {e}"))
     }
 
     /// `kubectl` pointed at this environment (it must be on PATH).

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use fleetlet_protocol::decode;
-use fleetlet_testenv::{TestEnv, components, eventually, process::Service, wait};
+use fleetlet_testenv::{TestEnv, components, eventually, process::Service, proxy::TcpProxy, wait};
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 
@@ -118,6 +118,14 @@ async fn nats_restarted_in_the_middle_of_a_rollout() {
     env.nats.as_mut().unwrap().stop();
     let written_before = first;
     let updated_before = devices.iter().filter(|d| content(d) == "v2").count();
+    assert!(
+        !written_before.is_empty(),
+        "a v2 manifest was written before the stop"
+    );
+    assert!(
+        updated_before < 3,
+        "NATS stopped in the middle of the rollout: {updated_before} of 3 on v2"
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     env.nats.as_mut().unwrap().start_again().await.unwrap();
     let restarted = Instant::now();
@@ -167,54 +175,121 @@ async fn nats_restarted_in_the_middle_of_a_rollout() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_agent_killed_in_the_middle_of_a_reconcile() {
-    let env = TestEnv::builder().kube().nats().start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let bins = components::bin_dir().unwrap();
-    let _controller =
-        components::start_controller(&env, &bins, dir.path(), &["--resync-seconds=1"]).unwrap();
-    let ddir = dir.path().join("agent");
-    std::fs::create_dir_all(&ddir).unwrap();
-    let config = components::file_agent_config(
-        env.nats_url().unwrap(),
-        &ddir,
-        "kill-1",
-        "/etc/fleetlet",
-        "",
-        "",
-    );
-    let mut agent = components::start_agent(&bins, &ddir, &config).unwrap();
-    // Three manifests of 100 files (an EdgeManifest holds at most 128 resources).
-    const N: usize = 300;
-    let files: Vec<(String, String)> = (0..N)
-        .map(|i| (format!("/etc/fleetlet/many/f{i}"), format!("file {i}")))
-        .collect();
-    let manifests = |parts: &[usize]| {
-        parts
-            .iter()
-            .map(|&p| {
-                file_manifest(&format!("many-{p}"), &files[p * 100..(p + 1) * 100], "")
+/// Files in one device's first pass: three manifests of 100 (an EdgeManifest holds at most
+/// 128 resources).
+const BIG_PASS: usize = 300;
+
+/// A controller, and device `device` whose three manifests (`many-0..2`) hold 300 files,
+/// all in desired state before its agent starts, so the agent's first pass writes them all.
+struct BigPass {
+    env: TestEnv,
+    _dir: tempfile::TempDir,
+    _controller: Service,
+    bins: std::path::PathBuf,
+    ddir: std::path::PathBuf,
+    config: String,
+    many: std::path::PathBuf,
+}
+
+impl BigPass {
+    async fn start(device: &str) -> Self {
+        let env = TestEnv::builder().kube().nats().start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let bins = components::bin_dir().unwrap();
+        let controller =
+            components::start_controller(&env, &bins, dir.path(), &["--resync-seconds=1"]).unwrap();
+        let ddir = dir.path().join("agent");
+        std::fs::create_dir_all(&ddir).unwrap();
+        let config = components::file_agent_config(
+            env.nats_url().unwrap(),
+            &ddir,
+            device,
+            "/etc/fleetlet",
+            "",
+            "",
+        );
+        let yaml: String = (0..3)
+            .map(|p| {
+                let files: Vec<(String, String)> = (p * 100..(p + 1) * 100)
+                    .map(|i| (format!("/etc/fleetlet/many/f{i}"), format!("file {i}")))
+                    .collect();
+                file_manifest(&format!("many-{p}"), &files, "")
                     .replace("id: f", &format!("id: p{p}f"))
                     + "---\n"
             })
-            .collect::<String>()
-    };
-    let many = ddir.join("root/etc/fleetlet/many");
-    let count = || std::fs::read_dir(&many).map(|d| d.count()).unwrap_or(0);
-    env.apply(&(device_yaml("kill-1") + &manifests(&[0, 1, 2])))
+            .collect();
+        env.apply(&(device_yaml(device) + &yaml)).unwrap();
+        eventually(
+            "all 300 files in desired state",
+            Duration::from_secs(60),
+            || async {
+                let m = env.desired_manifest(device).await?.ok_or("no manifest")?;
+                (m.resources.len() == BIG_PASS)
+                    .then_some(())
+                    .ok_or(format!("{} resources", m.resources.len()))
+            },
+        )
+        .await;
+        let many = ddir.join("root/etc/fleetlet/many");
+        Self {
+            env,
+            _dir: dir,
+            _controller: controller,
+            bins,
+            ddir,
+            config,
+            many,
+        }
+    }
+
+    /// Files in place (not the temp files a write goes through).
+    fn count(&self) -> usize {
+        std::fs::read_dir(&self.many)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with('f'))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Starts the agent (with `env` added) and returns as soon as its first file is there.
+    fn start_agent(&self, env: &[(&str, String)]) -> Service {
+        let config_path = self.ddir.join("agent.toml");
+        std::fs::write(&config_path, &self.config).unwrap();
+        let agent = Service::spawn_with_env(
+            "fleetlet-agent",
+            &self.bins.join("fleetlet-agent"),
+            &["--config".into(), config_path.display().to_string()],
+            env,
+            self.ddir.join("agent.log"),
+        )
         .unwrap();
-    eventually("the reconcile started", Duration::from_secs(60), || async {
-        (count() > 0).then_some(()).ok_or("no file yet".to_string())
-    })
-    .await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.count() == 0 {
+            assert!(Instant::now() < deadline, "no file written in 60 s");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        agent
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_killed_in_the_middle_of_a_reconcile() {
+    let big = BigPass::start("kill-1").await;
+    let (env, many) = (&big.env, &big.many);
+    let mut agent = big.start_agent(&[]);
     agent.kill_program().unwrap();
-    let at_kill = count();
-    let _agent = components::start_agent(&bins, &ddir, &config).unwrap();
+    let at_kill = big.count();
+    assert!(
+        0 < at_kill && at_kill < BIG_PASS,
+        "the kill landed inside the pass: {at_kill} of {BIG_PASS} files written"
+    );
+    let _agent = big.start_agent(&[]);
     let restarted = Instant::now();
     eventually("every file written", Duration::from_secs(60), || async {
         let s = env.agent_status("kill-1").await.ok_or("no status")?;
-        let ready = s.resources.len() == N && s.resources.values().all(|r| r.is_ready());
+        let ready = s.resources.len() == BIG_PASS && s.resources.values().all(|r| r.is_ready());
         ready
             .then_some(())
             .ok_or(format!("{} resources reported", s.resources.len()))
@@ -223,13 +298,13 @@ async fn an_agent_killed_in_the_middle_of_a_reconcile() {
     let converged = restarted.elapsed();
     // Exactly the manifest's files, with their contents: nothing duplicated or half-written
     // left behind.
-    let mut names: Vec<String> = std::fs::read_dir(&many)
+    let mut names: Vec<String> = std::fs::read_dir(many)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names.len(), N, "stray files: {names:?}");
-    for (i, _) in files.iter().enumerate() {
+    assert_eq!(names.len(), BIG_PASS, "stray files: {names:?}");
+    for i in 0..BIG_PASS {
         assert_eq!(
             std::fs::read_to_string(many.join(format!("f{i}"))).unwrap(),
             format!("file {i}")
@@ -243,9 +318,8 @@ async fn an_agent_killed_in_the_middle_of_a_reconcile() {
         "the dropped files removed",
         Duration::from_secs(60),
         || async {
-            (count() == 200)
-                .then_some(())
-                .ok_or(format!("{} files", count()))
+            let n = big.count();
+            (n == 200).then_some(()).ok_or(format!("{n} files"))
         },
     )
     .await;
@@ -262,6 +336,37 @@ async fn an_agent_killed_in_the_middle_of_a_reconcile() {
     );
 }
 
+/// SIGTERM in the middle of a pass: the agent finishes the pass, publishes its status, and
+/// only then exits (workloads left running).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_stopped_in_the_middle_of_a_reconcile_finishes_the_pass() {
+    let big = BigPass::start("term-1").await;
+    let mut agent =
+        big.start_agent(&[("FLEETLET_LOG", "info,fleetlet_agent::engine=debug".into())]);
+    // SIGTERM (SIGKILL only if it has not exited 5 s later).
+    agent.stop();
+    let text = std::fs::read_to_string(big.ddir.join("agent.log")).unwrap();
+    let stopping = text
+        .find("shutting down")
+        .expect("the agent logged the SIGTERM");
+    let pass = text
+        .find("pass done trigger=\"manifest\"")
+        .expect("the pass was logged done");
+    assert!(
+        stopping < pass,
+        "SIGTERM arrived inside the pass, which was then finished:\n{text}"
+    );
+    assert_eq!(
+        big.count(),
+        BIG_PASS,
+        "every file of the pass in flight written"
+    );
+    let status: fleetlet_protocol::AgentStatus =
+        decode(&std::fs::read(big.ddir.join("state/status.json")).unwrap()).unwrap();
+    assert_eq!(status.resources.len(), BIG_PASS);
+    assert!(status.resources.values().all(|r| r.is_ready()));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_device_offline_for_longer_than_the_grace_period() {
     let env = TestEnv::builder().kube().nats().start().await.unwrap();
@@ -271,33 +376,41 @@ async fn a_device_offline_for_longer_than_the_grace_period() {
         components::start_controller(&env, &bins, dir.path(), &["--resync-seconds=1"]).unwrap();
     let _bridge =
         components::start_bridge(&env, &bins, dir.path(), &["--grace-seconds=3"]).unwrap();
+    // The device reaches NATS through a proxy the test cuts: its network goes away while
+    // its agent keeps running.
+    let upstream = env
+        .nats_url()
+        .unwrap()
+        .trim_start_matches("nats://")
+        .to_owned();
+    let link = TcpProxy::start(&upstream).await.unwrap();
     let ddir = dir.path().join("agent");
     std::fs::create_dir_all(&ddir).unwrap();
-    let config = components::file_agent_config(
-        env.nats_url().unwrap(),
-        &ddir,
-        "off-1",
-        "/etc/fleetlet",
-        "",
-        "",
-    );
-    let mut agent: Service = components::start_agent(&bins, &ddir, &config).unwrap();
+    let config =
+        components::file_agent_config(&link.nats_url(), &ddir, "off-1", "/etc/fleetlet", "", "");
+    let _agent: Service = components::start_agent(&bins, &ddir, &config).unwrap();
     env.apply(
         &(device_yaml("off-1")
-            + &file_manifest("keep", &[("/etc/fleetlet/keep".into(), "kept".into())], "")),
+            + &file_manifest(
+                "keep",
+                &[
+                    ("/etc/fleetlet/keep".into(), "kept".into()),
+                    ("/etc/fleetlet/probe".into(), "as specified".into()),
+                ],
+                "",
+            )),
     )
     .unwrap();
     let file = ddir.join("root/etc/fleetlet/keep");
-    eventually("the file", Duration::from_secs(60), || async {
-        std::fs::metadata(&file).map_err(|e| e.to_string())
-    })
-    .await;
+    let probe = ddir.join("root/etc/fleetlet/probe");
+    wait::file_content(&file, "kept", Duration::from_secs(60)).await;
+    wait::file_content(&probe, "as specified", Duration::from_secs(60)).await;
     env.wait_node_ready("off-1").await;
     let before = std::fs::metadata(&file).unwrap().modified().unwrap();
     let repairs_before = env.agent_status("off-1").await.unwrap().drift_repairs;
 
-    agent.stop();
-    let stopped = Instant::now();
+    link.cut();
+    let cut = Instant::now();
     let nodes: Api<Node> = Api::all(env.kube_client().await.unwrap());
     let ready = |n: Node| {
         n.status
@@ -314,44 +427,87 @@ async fn a_device_offline_for_longer_than_the_grace_period() {
         (s == "Unknown").then_some(()).ok_or(s)
     })
     .await;
-    let unknown_after = stopped.elapsed();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let unknown_after = cut.elapsed();
+    // Offline, the agent goes on running its last manifest: a file edited by hand is put
+    // back (so the agent is alive and reconciling), and the other is left as it is.
+    std::fs::write(&probe, "edited while offline").unwrap();
+    wait::file_content(&probe, "as specified", wait::DEFAULT_TIMEOUT).await;
+    let repaired_offline = cut.elapsed();
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "kept");
     assert_eq!(
-        std::fs::read_to_string(&file).unwrap(),
-        "kept",
-        "workloads untouched"
+        std::fs::metadata(&file).unwrap().modified().unwrap(),
+        before,
+        "not rewritten while offline"
     );
+    let last_beat = heartbeat_sequence(&env, "off-1").await;
 
-    let _agent = components::start_agent(&bins, &ddir, &config).unwrap();
+    link.heal();
     let back = Instant::now();
     env.wait_node_ready("off-1").await;
     let ready_after = back.elapsed();
-    // The restarted agent has looked at the file (its first pass) before anything is compared.
-    wait::file_contains(
-        &ddir.join("agent.log"),
-        "pass done trigger=\"start\"",
+    // A heartbeat sent after the link came back, and the status that says what the agent
+    // did while it was away, before anything is compared.
+    eventually(
+        "a heartbeat after the link is back",
         wait::DEFAULT_TIMEOUT,
+        || async {
+            let seq = heartbeat_sequence(&env, "off-1").await;
+            (seq > last_beat).then_some(()).ok_or(format!(
+                "sequence {seq}, {last_beat} before the outage ended"
+            ))
+        },
     )
     .await;
-    let s = env.agent_status("off-1").await.unwrap();
+    let s = eventually(
+        "the offline repair reported",
+        wait::DEFAULT_TIMEOUT,
+        || async {
+            let s = env.agent_status("off-1").await.ok_or("no status")?;
+            (s.drift_repairs > repairs_before)
+                .then_some(s.clone())
+                .ok_or(format!("{} drift repairs", s.drift_repairs))
+        },
+    )
+    .await;
+    assert_eq!(s.drift_repairs, repairs_before + 1, "only the edited file");
+    assert_eq!(
+        s.last_drift.as_ref().map(|d| d.resource.as_str()),
+        Some("f1"),
+        "{:?}",
+        s.last_drift
+    );
     assert_eq!(
         std::fs::metadata(&file).unwrap().modified().unwrap(),
         before,
         "the file was not rewritten"
     );
-    assert_eq!(
-        s.drift_repairs, repairs_before,
-        "nothing had to be repaired"
-    );
     record(
-        "device offline longer than the grace period (3 s), then back",
-        "node NotReady/Unknown; workloads untouched; Ready again on return with no redeploy",
+        "device cut off from NATS (agent running) longer than the grace period (3 s), then back",
+        "node NotReady/Unknown; workloads kept and repaired offline; Ready again on return with no redeploy",
         &format!(
-            "node Ready=Unknown {:.1} s after the agent stopped; the file untouched; node Ready {:.1} s after the agent restarted; file not rewritten, 0 drift repairs",
+            "node Ready=Unknown {:.1} s after the cut; a file edited by hand repaired {:.1} s after the cut, offline; the other file untouched; node Ready {:.1} s after the link came back; 1 drift repair reported, nothing rewritten",
             unknown_after.as_secs_f64(),
+            repaired_offline.as_secs_f64(),
             ready_after.as_secs_f64()
         ),
     );
+}
+
+/// The sequence number of the device's latest heartbeat (0 when there is none).
+async fn heartbeat_sequence(env: &TestEnv, device: &str) -> u64 {
+    let kv = env
+        .jetstream()
+        .await
+        .unwrap()
+        .get_key_value(fleetlet_protocol::kv::HEARTBEAT.name)
+        .await
+        .unwrap();
+    match kv.entry(device).await.unwrap() {
+        Some(e) => decode::<fleetlet_protocol::Heartbeat>(&e.value)
+            .map(|h| h.sequence)
+            .unwrap_or(0),
+        None => 0,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
-use fleetlet_testenv::gitops::argocd_health;
+use fleetlet_testenv::gitops::{argocd_health, kstatus};
 use serde_json::{Value, json};
 
 fn cond(type_: &str, status: &str, reason: &str, message: &str) -> Value {
@@ -34,6 +34,9 @@ fn verdict(obj: &Value) -> String {
 fn edge_manifest_health_follows_its_conditions() {
     // No status yet, or a status for an older generation: the controller has not caught up.
     assert_eq!(verdict(&manifest(2, None, false, vec![])), "Progressing");
+    // kstatus (Flux) reads no Ready condition and has nothing to go on without a status:
+    // it counts such an object as Current (docs/gitops.md says so).
+    assert_eq!(kstatus(&manifest(2, None, false, vec![])), "Current");
     let done = vec![
         cond(
             "Ready",
@@ -47,6 +50,14 @@ fn edge_manifest_health_follows_its_conditions() {
     assert_eq!(
         verdict(&manifest(2, Some(1), false, done.clone())),
         "Progressing"
+    );
+    assert_eq!(
+        kstatus(&manifest(2, Some(1), false, done.clone())),
+        "InProgress"
+    );
+    assert_eq!(
+        kstatus(&manifest(2, Some(2), false, done.clone())),
+        "Current"
     );
     assert_eq!(verdict(&manifest(2, Some(2), false, done)), "Healthy");
 
@@ -65,6 +76,10 @@ fn edge_manifest_health_follows_its_conditions() {
         ),
         cond("Stalled", "False", "NotStalled", ""),
     ];
+    assert_eq!(
+        kstatus(&manifest(2, Some(2), false, rolling.clone())),
+        "InProgress"
+    );
     let (status, message) = argocd_health(&manifest(2, Some(2), false, rolling)).unwrap();
     assert_eq!(status, "Progressing");
     assert!(message.contains("1 of 3 devices updated"), "{message}");
@@ -84,6 +99,10 @@ fn edge_manifest_health_follows_its_conditions() {
             "no device became Ready for 601s; waiting on: pi-office",
         ),
     ];
+    assert_eq!(
+        kstatus(&manifest(2, Some(2), false, stuck.clone())),
+        "Failed"
+    );
     let (status, message) = argocd_health(&manifest(2, Some(2), false, stuck)).unwrap();
     assert_eq!(status, "Degraded");
     assert!(message.contains("pi-office"), "{message}");
@@ -103,6 +122,10 @@ fn edge_manifest_health_follows_its_conditions() {
             "1 conflict(s): file /etc/x on pi-office",
         ),
     ];
+    assert_eq!(
+        kstatus(&manifest(2, Some(2), false, lost.clone())),
+        "Failed"
+    );
     assert_eq!(verdict(&manifest(2, Some(2), false, lost)), "Degraded");
 
     let paused = vec![
@@ -115,6 +138,12 @@ fn edge_manifest_health_follows_its_conditions() {
         cond("Reconciling", "False", "RolloutPaused", ""),
         cond("Stalled", "False", "NotStalled", ""),
     ];
+    // A paused rollout is neither reconciling nor stalled: Current to Flux, which does not
+    // wait for it (docs/gitops.md says so).
+    assert_eq!(
+        kstatus(&manifest(2, Some(2), true, paused.clone())),
+        "Current"
+    );
     assert_eq!(verdict(&manifest(2, Some(2), true, paused)), "Suspended");
 }
 

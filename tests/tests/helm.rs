@@ -16,7 +16,7 @@ use fleetlet_testenv::{
     TestEnv,
     chart::{chart_dir, checked, helm_command},
     components, eventually,
-    gitops::argocd_health,
+    gitops::{argocd_health, kstatus},
     wait,
 };
 use k8s_openapi::{
@@ -542,6 +542,7 @@ spec:
     wait::file_content(&greeting, "installed with helm\n", wait::DEFAULT_TIMEOUT).await;
     let live: Value = serde_json::to_value(manifests.get("helm-check").await.unwrap()).unwrap();
     assert_eq!(argocd_health(&live).unwrap().0, "Healthy", "{live}");
+    assert_eq!(kstatus(&live), "Current", "{live}");
     let nodes: Api<Node> = Api::all(client.clone());
     env.wait_node_ready("pi-helm").await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
@@ -629,6 +630,12 @@ spec:
     .await;
     let live: Value = serde_json::to_value(manifests.get("outside-roots").await.unwrap()).unwrap();
     assert_eq!(argocd_health(&live).unwrap().0, "Degraded", "{live}");
+    assert_eq!(kstatus(&live), "Failed", "Flux fails fast on it: {live}");
+    // And the file is not there: not where this agent writes /etc (its path prefix, where
+    // the greeting landed) and not in the machine's own /etc.
+    assert!(greeting.exists());
+    assert!(!root.join("etc/cron.d/sneaky").exists());
+    assert!(!std::path::Path::new("/etc/cron.d/sneaky").exists());
     manifests
         .delete("outside-roots", &DeleteParams::default())
         .await

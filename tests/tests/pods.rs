@@ -159,10 +159,6 @@ fn output_of(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<Strin
     rx
 }
 
-fn seen_404s(text: &str) -> usize {
-    text.matches("response:404").count()
-}
-
 fn pod(name: &str, node: &str, spec: serde_json::Value) -> Pod {
     let mut spec = spec;
     spec["nodeName"] = json!(node);
@@ -211,7 +207,7 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
             "containers": [{
                 "name": "httpd",
                 "image": pm.image_1,
-                "command": ["/bin/sh", "-c", "echo \"$GREETING from $POD\" | tee /tmp/who && exec httpd -f -v -p 8080 -h /www"],
+                "command": ["/bin/sh", "-c", "echo \"$GREETING from $POD\" | tee /tmp/who && exec httpd -f -vv -p 8080 -h /www"],
                 "env": [
                     { "name": "GREETING", "valueFrom": { "configMapKeyRef": { "name": "web-content", "key": "greeting" } } },
                     { "name": "POD", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
@@ -386,18 +382,18 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
     let rx = output_of(&mut attached);
     let mut seen = String::new();
     let deadline = Instant::now() + Duration::from_secs(20);
-    let before = seen_404s(&kubectl(&["logs", "web"]).1);
-    while seen_404s(&seen) == 0 {
+    // httpd -vv logs each request's path: one no other step requests must come through.
+    let path = format!("/attached-{}", std::process::id());
+    while !seen.contains(&format!("url:{path}\n")) {
         assert!(
             Instant::now() < deadline,
-            "nothing through attach: {seen:?}"
+            "{path} not seen through attach: {seen:?}"
         );
-        let _ = http_get(port, "/attached");
+        let _ = http_get(port, &path);
         while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(300)) {
             seen.push_str(&chunk);
         }
     }
-    assert!(before > 0, "the follow test made 404s before attaching");
     let _ = attached.kill();
     let _ = attached.wait();
     let (code, out, err) = kubectl(&["exec", "web", "--", "echo", "hi"]);
@@ -451,6 +447,102 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
     assert_eq!(curl(&[]), "401");
     assert_eq!(curl(&cert("nobody")), "403");
     assert_eq!(curl(&cert("admin")), "200");
+    // `get` on nodes/proxy reads logs; exec takes `create` too, as documented.
+    env.apply(
+        r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: { name: fleetlet-test-proxy-get }
+rules: [{ apiGroups: [""], resources: ["nodes/proxy"], verbs: ["get"] }]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: { name: fleetlet-test-proxy-get }
+roleRef: { apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: fleetlet-test-proxy-get }
+subjects: [{ apiGroup: rbac.authorization.k8s.io, kind: User, name: fleetlet-nobody }]
+"#,
+    )
+    .unwrap();
+    eventually(
+        "logs with get on nodes/proxy",
+        Duration::from_secs(20),
+        || async {
+            let code = curl(&cert("nobody"));
+            (code == "200").then_some(()).ok_or(code)
+        },
+    )
+    .await;
+    let exec_url =
+        format!("https://127.0.0.1:{kport}/exec/default/web/httpd?command=true&output=1");
+    let curl_at = |url: &str, extra: &[String]| {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(pki.join("ca.crt"))
+            .args(extra)
+            .arg(url)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(
+        curl_at(&exec_url, &cert("nobody")),
+        "403",
+        "exec without create"
+    );
+    let admin = curl_at(&exec_url, &cert("admin"));
+    assert!(
+        admin != "401" && admin != "403",
+        "the admin passes authorization (then needs a stream upgrade): {admin}"
+    );
+
+    // Logs options and a terminal, as kubectl sends them.
+    let (code, five, err) = kubectl(&["logs", "web", "--limit-bytes=5"]);
+    assert_eq!((code, five.as_str()), (Some(0), "hello"), "{err}");
+    std::thread::sleep(Duration::from_millis(1100));
+    let since = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .unwrap();
+    let since = String::from_utf8_lossy(&since.stdout).trim().to_owned();
+    std::thread::sleep(Duration::from_millis(1100));
+    let marker = format!("/after-{}", std::process::id());
+    let _ = http_get(port, &marker);
+    let recent = eventually(
+        "a line after --since-time",
+        Duration::from_secs(20),
+        || async {
+            let (_, out, _) = kubectl(&["logs", "web", &format!("--since-time={since}")]);
+            out.contains(&marker).then_some(out.clone()).ok_or(out)
+        },
+    )
+    .await;
+    assert!(!recent.contains("hello from web"), "{recent}");
+    let (_, recent, _) = kubectl(&["logs", "web", "--since=2s"]);
+    assert!(!recent.contains("hello from web"), "{recent}");
+    let kubectl_bin = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let terminal = |flags: &str| {
+        let out = std::process::Command::new("script")
+            .args([
+                "-qec",
+                &format!(
+                    "{kubectl_bin} exec {flags} web -- sh -c '[ -t 1 ] && echo is-a-tty || echo not-a-tty'"
+                ),
+                "/dev/null",
+            ])
+            .env("KUBECONFIG", env.kubeconfig().unwrap())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(terminal("-it").contains("is-a-tty"), "{}", terminal("-it"));
+    assert!(terminal("-i").contains("not-a-tty"), "{}", terminal("-i"));
+    // Every exec and attach is in the device's audit log.
+    let agent_log = std::fs::read_to_string(fleet._dir.path().join("agent/agent.log")).unwrap();
+    assert!(
+        agent_log.lines().any(|l| l.contains("fleetlet::audit")
+            && l.contains("exec session")
+            && l.contains("is-a-tty")),
+        "no audit line for the exec"
+    );
 
     // A pod the device cannot run: refused with a reason and an Event, nothing started.
     let pvc = pod(
@@ -494,10 +586,99 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
             .ok_or_else(|| format!("{} events", list.items.len()))
     })
     .await;
+    // Nothing of it reached the device: no resource in its manifest (where web's are) and
+    // no container in podman (where web's is).
+    let m = env.desired_manifest("pi-pods").await.unwrap().unwrap();
+    let owners: Vec<&str> = m.resources.iter().map(|r| r.owner.name.as_str()).collect();
+    assert!(owners.contains(&"web"), "{owners:?}");
+    assert!(!owners.contains(&"needs-pvc"), "{owners:?}");
+    // Every container on the device belongs to a resource of that manifest.
+    let resources: Vec<String> = m.resources.iter().map(|r| r.id.to_string()).collect();
+    let containers = pm
+        .podman(&[
+            "ps",
+            "-a",
+            "--filter",
+            "label=dev.fleetlet.device=pi-pods",
+            "--format",
+            "{{index .Labels \"dev.fleetlet.resource\"}}",
+        ])
+        .unwrap();
+    assert!(!containers.trim().is_empty(), "web's container is there");
+    for c in containers.lines() {
+        assert!(resources.iter().any(|r| r == c), "{c} not in {resources:?}");
+    }
 
-    // Deleting with the default grace period: the device removes the container, then the
-    // bridge removes the pod object.
+    // The device goes silent (its own grace: 10 s): its Pod turns Ready=False and stays
+    // Running there; deleted, it stays Terminating until the device has removed it.
+    Api::<fleetlet_crds::EdgeDevice>::namespaced(client.clone(), "default")
+        .patch(
+            "pi-pods",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({ "spec": { "heartbeatGraceSeconds": 10 } })),
+        )
+        .await
+        .unwrap();
+    let mut fleet = fleet;
+    fleet._services[0].stop();
+    let unready = eventually("web Ready=False", Duration::from_secs(30), || async {
+        let p = pods.get("web").await.map_err(|e| e.to_string())?;
+        let st = p.status.clone().unwrap_or_default();
+        let cond = st
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| c.status.clone());
+        (cond.as_deref() == Some("False"))
+            .then_some(st)
+            .ok_or(format!("{cond:?}"))
+    })
+    .await;
+    assert_eq!(unready.phase.as_deref(), Some("Running"));
+    let running = pm
+        .podman(&[
+            "ps",
+            "-q",
+            "--filter",
+            "label=dev.fleetlet.device=pi-pods",
+            "--filter",
+            "status=running",
+        ])
+        .unwrap();
+    assert!(!running.trim().is_empty(), "the container runs on");
     pods.delete("web", &Default::default()).await.unwrap();
+    // The bridge keeps working meanwhile (it wrote Ready=False above, and the Node's
+    // Unknown); the Pod waits for the device.
+    eventually("the Node Unknown", Duration::from_secs(30), || async {
+        let n = nodes.get("pi-pods").await.map_err(|e| e.to_string())?;
+        let ready = n
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| c.status)
+            .unwrap_or_default();
+        (ready == "Unknown").then_some(()).ok_or(ready)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let waiting = pods.get("web").await.unwrap();
+    assert!(waiting.metadata.deletion_timestamp.is_some(), "Terminating");
+    let agent_dir = fleet._dir.path().join("agent");
+    let _agent = Service::spawn(
+        "fleetlet-agent",
+        &components::bin_dir().unwrap().join("fleetlet-agent"),
+        &[
+            "--config".into(),
+            agent_dir.join("agent.toml").display().to_string(),
+        ],
+        agent_dir.join("agent-restarted.log"),
+    )
+    .unwrap();
+
+    // Back, the device removes the container, then the bridge removes the pod object.
     eventually(
         "the pod gone from the apiserver",
         Duration::from_secs(60),

@@ -82,7 +82,25 @@ async fn simulated_devices_run_the_real_agent_with_their_own_identities_and_faul
     assert_eq!(report["running"], serde_json::json!(8), "{report}");
     assert_eq!(report["offline"], serde_json::json!(2), "{report}");
 
-    // Everyone but the offline devices reports; failing ones report the file Failed.
+    let names = |key: &str| -> Vec<String> {
+        let mut v: Vec<String> = serde_json::from_value(report[key].clone()).unwrap();
+        v.sort();
+        v
+    };
+    let (slow, failing, offline) = (
+        names("slowDevices"),
+        names("failingDevices"),
+        names("offlineDevices"),
+    );
+    assert_eq!(
+        (slow.len(), failing.len(), offline.len()),
+        (2, 2, 2),
+        "{report}"
+    );
+
+    // Everyone but the offline devices reports; failing ones report the file Failed. Each
+    // device's first Ready is timed when a poll first sees it.
+    let first_ready = std::sync::Mutex::new(std::collections::BTreeMap::new());
     let statuses = eventually(
         "every online device reports",
         Duration::from_secs(60),
@@ -95,7 +113,14 @@ async fn simulated_devices_run_the_real_agent_with_their_own_identities_and_faul
                     continue;
                 };
                 match s.resources.values().next() {
-                    Some(ResourceStatus::Ready { .. }) => ready.push((d, started.elapsed())),
+                    Some(ResourceStatus::Ready { .. }) => {
+                        first_ready
+                            .lock()
+                            .unwrap()
+                            .entry(d.clone())
+                            .or_insert_with(|| started.elapsed());
+                        ready.push(d);
+                    }
                     Some(ResourceStatus::Failed { .. }) => failed.push(d),
                     _ => {}
                 }
@@ -108,18 +133,23 @@ async fn simulated_devices_run_the_real_agent_with_their_own_identities_and_faul
         },
     )
     .await;
-    let (ready, failed) = statuses;
+    let (ready, mut failed) = statuses;
+    failed.sort();
     assert_eq!(ready.len(), 6, "{ready:?}");
-    assert_eq!(failed.len(), 2, "{failed:?}");
-    for (d, _) in &ready {
+    assert_eq!(failed, failing, "exactly the failing devices report Failed");
+    for d in &ready {
         let file = dir.path().join(d).join("root/etc/fleetlet/motd");
         assert_eq!(std::fs::read_to_string(file).unwrap(), "simulated\n");
     }
-    // The slow devices saw their manifest at least 3 s late.
-    assert!(
-        ready.iter().any(|(_, t)| *t >= Duration::from_secs(3)),
-        "{ready:?}"
-    );
+    // Every slow device applied its manifest at least 3 s after the simulator started.
+    let first_ready = first_ready.into_inner().unwrap();
+    for d in &slow {
+        let t = first_ready[d];
+        assert!(
+            t >= Duration::from_secs(3),
+            "{d} ready after {t:?}: {first_ready:?}"
+        );
+    }
     // Offline devices never connected: no status, no heartbeat.
     let heartbeats = js.get_key_value("heartbeat").await.unwrap();
     let mut silent = 0;
@@ -131,6 +161,9 @@ async fn simulated_devices_run_the_real_agent_with_their_own_identities_and_faul
         }
     }
     assert_eq!(silent, 2);
+    for d in &offline {
+        assert!(env.agent_status(d).await.is_none(), "{d}");
+    }
     let _ = sim.kill();
     let _ = sim.wait();
 }

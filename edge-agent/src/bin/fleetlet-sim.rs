@@ -143,15 +143,17 @@ async fn simulate(args: Args) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut devices = tokio::task::JoinSet::new();
     let mut counts = [0usize; 4];
+    let mut named: [Vec<String>; 4] = Default::default();
     let gate = Arc::new(tokio::sync::Semaphore::new(args.connect_parallel.max(1)));
     let mut connected = tokio::task::JoinSet::new();
     for i in args.first..args.first + args.devices {
         let r = role(&args, i - args.first);
         counts[r as usize] += 1;
+        let device = format!("{}{i}", args.prefix);
+        named[r as usize].push(device.clone());
         if r == Role::Offline {
             continue;
         }
-        let device = format!("{}{i}", args.prefix);
         let dir = args.dir.join(&device);
         std::fs::create_dir_all(dir.join("root"))?;
         if r == Role::Failing {
@@ -196,6 +198,9 @@ async fn simulate(args: Args) -> anyhow::Result<()> {
             "offline": counts[Role::Offline as usize],
             "slow": counts[Role::Slow as usize],
             "failing": counts[Role::Failing as usize],
+            "offlineDevices": named[Role::Offline as usize],
+            "slowDevices": named[Role::Slow as usize],
+            "failingDevices": named[Role::Failing as usize],
             "startSeconds": started.elapsed().as_secs_f64(),
         })
     );
