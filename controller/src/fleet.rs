@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use async_nats::jetstream::kv::{CreateErrorKind, Store, UpdateErrorKind};
@@ -64,7 +64,6 @@ pub struct Fleet {
     pub offline_after: Duration,
     /// Default progress deadline when a manifest sets none.
     pub progress_deadline: Duration,
-    progress_clock: Mutex<HashMap<String, (i64, u32, Instant)>>,
     reported_conflicts: Mutex<BTreeSet<Conflict>>,
     reported_over_limit: Mutex<BTreeSet<OverLimit>>,
     /// What devices last reported, for Events on what changes.
@@ -126,7 +125,6 @@ impl Fleet {
             metrics,
             offline_after,
             progress_deadline,
-            progress_clock: Mutex::new(HashMap::new()),
             reported_conflicts: Mutex::new(BTreeSet::new()),
             reported_over_limit: Mutex::new(BTreeSet::new()),
             reports: Mutex::new(crate::reports::Reports::default()),
@@ -761,20 +759,15 @@ impl Fleet {
             .map_or(self.progress_deadline, |s| {
                 Duration::from_secs(u64::from(s))
             });
-        let stalled_for = {
-            let mut clock = self
-                .progress_clock
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let entry =
-                clock
-                    .entry(key.to_owned())
-                    .or_insert((generation, pr.ready, Instant::now()));
-            if entry.0 != generation || entry.1 != pr.ready {
-                *entry = (generation, pr.ready, Instant::now());
-            }
-            entry.2.elapsed()
+        // The progress clock lives in the status (lastProgressTime), so it survives a
+        // controller restart or a change of leader: it restarts only when the generation or
+        // the number of Ready devices changes.
+        let now = KTime::now();
+        let last_progress = match &old.last_progress_time {
+            Some(t) if old.observed_generation == Some(generation) && old.ready == pr.ready => t.0,
+            _ => now,
         };
+        let stalled_for = Duration::try_from(now.duration_since(last_progress)).unwrap_or_default();
         let paused = m.spec.rollout.as_ref().is_some_and(|r| r.paused);
         let blocking = || {
             let mut names: Vec<&str> = pr
@@ -864,8 +857,8 @@ impl Fleet {
                 "False",
                 "ProgressDeadlineExceeded",
                 format!(
-                    "no device became Ready for {}s; waiting on: {}",
-                    stalled_for.as_secs(),
+                    "no device became Ready for more than {}s; waiting on: {}",
+                    deadline.as_secs(),
                     blocking()
                 ),
             )
@@ -937,6 +930,21 @@ impl Fleet {
         } else {
             ("False", progressing.1, progressing.2.clone())
         };
+        // Nothing selected (a new manifest before its devices, or a selector with a typo):
+        // not Ready, and said so, rather than "complete" across zero devices.
+        let (ready, reconciling) = if pr.targeted == 0 && stalled.0 != "True" {
+            (
+                (
+                    "False",
+                    "NoDevicesSelected",
+                    "no EdgeDevice in this namespace matches spec.selector or spec.devices"
+                        .to_string(),
+                ),
+                ("False", "NoDevicesSelected", String::new()),
+            )
+        } else {
+            (ready, reconciling)
+        };
         let cond = |type_: &str, (status, reason, message): (&str, &str, String)| {
             let keep = old
                 .conditions
@@ -955,6 +963,7 @@ impl Fleet {
         };
         EdgeManifestStatus {
             observed_generation: Some(generation),
+            last_progress_time: Some(Time(last_progress)),
             targeted: pr.targeted,
             updated: pr.updated,
             ready: pr.ready,

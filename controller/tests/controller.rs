@@ -657,6 +657,41 @@ async fn deleting_a_manifest_removes_its_resources_from_devices_before_it_goes()
     .await;
 }
 
+/// A manifest whose selector matches no device is not "rolled out": Ready=False with its
+/// own reason, until a device matches; then it rolls out as usual.
+#[tokio::test]
+async fn a_manifest_that_selects_no_device_says_so_instead_of_ready() {
+    let (env, _c) = shared();
+    let ns = env.namespace("ctl-nodevice").await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    let kv = kv(env).await;
+    let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), &ns);
+    let manifests: Api<EdgeManifest> = Api::namespaced(client, &ns);
+    apply(
+        &manifests,
+        manifest(
+            "typo",
+            json!({ "selector": { "matchLabels": { "role": "sensr" } },
+                    "resources": [file("f", "/etc/fleetlet/f", "f")] }),
+        ),
+    )
+    .await;
+    let ready = wait_condition(&manifests, "typo", "Ready", "False").await;
+    assert_eq!(ready.reason, "NoDevicesSelected", "{ready:?}");
+    let st = manifests.get("typo").await.unwrap().status.unwrap();
+    assert_eq!(st.targeted, 0);
+    assert!(
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "Reconciling" && c.status == "False")
+    );
+    apply(&devices, device("nd-a", json!({ "role": "sensr" }))).await;
+    wait_desired(&kv, "nd-a", "written", |m| m.resources.len() == 1).await;
+    simulate_agent(&kv, "nd-a", true).await;
+    let ready = wait_condition(&manifests, "typo", "Ready", "True").await;
+    assert_ne!(ready.reason, "NoDevicesSelected");
+}
+
 /// A paused device gets no changes, but a deleted manifest's resources still leave it:
 /// deletion is not held back by the pause (and the finalizer is released).
 #[tokio::test]
@@ -1187,6 +1222,21 @@ async fn leadership_moves_to_the_standby_and_a_restart_rewrites_nothing() {
     )
     .await;
     let (m1, rev1) = wait_desired(&kv, "le-a", "written", |m| m.resources.len() == 1).await;
+    // A rollout waiting on a silent device: its progress clock is in its status.
+    apply(&devices, device("le-quiet", json!({}))).await;
+    apply(
+        &manifests,
+        manifest(
+            "waiting",
+            json!({ "devices": ["le-quiet"], "resources": [file("w", "/etc/fleetlet/w", "1")] }),
+        ),
+    )
+    .await;
+    let clock = wait_manifest_status(&manifests, "waiting", "a progress clock", |s| {
+        s.targeted == 1 && s.last_progress_time.is_some()
+    })
+    .await
+    .last_progress_time;
     // The standby does not take over a live lease: the leader renews it twice more while
     // the standby runs, and holds it throughout.
     let renewals = RefCell::new(vec![renewed_from]);
@@ -1211,6 +1261,12 @@ async fn leadership_moves_to_the_standby_and_a_restart_rewrites_nothing() {
     wait_passes(second.metrics_port, 2).await;
     let (_, rev_after) = desired_of(&kv, "le-a").await.unwrap();
     assert_eq!(rev_after, rev1, "the new leader rewrote a correct key");
+    // ... and the waiting rollout's deadline is still measured from where it was.
+    let after = manifests.get("waiting").await.unwrap().status.unwrap();
+    assert_eq!(
+        after.last_progress_time, clock,
+        "the progress clock restarted with the new leader"
+    );
 
     apply(
         &manifests,

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Converged","type":"string","jsonPath":".status.conditions[?(@.type==\"Converged\")].status"}"#,
     printcolumn = r#"{"name":"Applied","type":"integer","jsonPath":".status.appliedGeneration","description":"Manifest generation the device has applied"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","priority":1,"description":"Why the device is or is not Ready"}"#,
     printcolumn = r#"{"name":"Arch","type":"string","jsonPath":".status.device.architecture","priority":1}"#,
     printcolumn = r#"{"name":"Agent","type":"string","jsonPath":".status.device.agentVersion","priority":1}"#,
     printcolumn = r#"{"name":"Last-Heartbeat","type":"date","jsonPath":".status.lastHeartbeatTime","priority":1}"#,
@@ -74,6 +75,8 @@ pub struct EdgeDeviceStatus {
     /// Manifest generation the device reports as applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_generation: Option<u64>,
+    /// When the device's latest heartbeat was sent (refreshed with any other change, or
+    /// every `--status-report-seconds` of the bridge).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -134,11 +137,17 @@ pub struct DeviceCredentials {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceInfo {
+    /// CPU architecture, e.g. `arm64`.
     pub architecture: String,
+    /// Operating system, e.g. `linux`.
     pub operating_system: String,
+    /// Distribution and version, e.g. `Debian GNU/Linux 12 (bookworm)`.
     pub os_image: String,
+    /// Kernel release.
     pub kernel_version: String,
+    /// Version of fleetlet-agent on the device.
     pub agent_version: String,
+    /// The device's IP addresses, as it reports them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
 }
@@ -147,10 +156,13 @@ pub struct DeviceInfo {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ResourceSummary {
+    /// The resource's id in the device's manifest.
     pub id: String,
+    /// Its kind (`file`, `container`, ...), when the device reported it.
     pub kind: String,
     /// Pending, Reconciling, Ready, Failed or Unsupported.
     pub state: String,
+    /// Why it is not Ready (the error, or a download's progress).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// `namespace/name` of the EdgeManifest or Pod that asked for it.

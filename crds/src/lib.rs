@@ -62,7 +62,47 @@ pub fn crds() -> Result<Vec<CustomResourceDefinition>, CrdError> {
         },
     )?;
     optional_spec(&mut device, "EdgeDevice")?;
-    Ok(vec![device, EdgeManifest::crd()])
+    let mut manifest = EdgeManifest::crd();
+    for (crd, name, text) in [
+        (
+            &mut device,
+            "EdgeDevice",
+            "One device of the fleet. Its name is the device id (also its NATS key and its \
+             Node's name); its labels are what EdgeManifests select. The bridge mirrors its \
+             heartbeats and status here and keeps a virtual Node for it.",
+        ),
+        (
+            &mut manifest,
+            "EdgeManifest",
+            "Resources (files, containers, systemd units, ...) to run on the EdgeDevices it \
+             selects in its namespace, rolled out generation by generation. Its status \
+             follows kstatus conventions (Ready, Reconciling, Stalled) for GitOps tools.",
+        ),
+    ] {
+        root_schema(crd, name)?.description = Some(text.into());
+        status_default(crd, name)?;
+    }
+    Ok(vec![device, manifest])
+}
+
+/// New objects read back with `status.observedGeneration: -1` until their controller writes
+/// a status, so GitOps tools (kstatus: observedGeneration behind generation) see them as in
+/// progress, never as done before anything acted on them.
+fn status_default(crd: &mut CustomResourceDefinition, name: &'static str) -> Result<(), CrdError> {
+    let status = root_schema(crd, name)?
+        .properties
+        .as_mut()
+        .and_then(|p| p.get_mut("status"))
+        .ok_or(CrdError::MissingSchema {
+            crd: name,
+            path: "openAPIV3Schema.properties.status",
+        })?;
+    status.default = Some(
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSON(
+            serde_json::json!({ "observedGeneration": -1 }),
+        ),
+    );
+    Ok(())
 }
 
 /// Makes `spec` optional: every field of it is, so `kubectl apply` of a bare EdgeDevice
@@ -130,4 +170,50 @@ pub fn crds_yaml() -> Result<String, CrdError> {
         out.push_str(&serde_norway::to_string(&crd)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every field a user sets or reads has a description (what `kubectl explain` shows),
+    /// its own rather than its type's.
+    #[test]
+    fn every_field_is_described() {
+        fn walk(s: &JSONSchemaProps, path: &str, missing: &mut Vec<String>) {
+            let alts = s.one_of.iter().chain(s.any_of.iter()).flatten();
+            for (k, v) in s.properties.iter().flatten() {
+                let p = format!("{path}.{k}");
+                if v.description.as_deref().is_none_or(str::is_empty)
+                    && !p.starts_with(".metadata")
+                    && p != ".apiVersion"
+                    && p != ".kind"
+                {
+                    missing.push(p.clone());
+                }
+                walk(v, &p, missing);
+                if let Some(
+                    k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(items),
+                ) = &v.items
+                {
+                    walk(items, &format!("{p}[]"), missing);
+                }
+            }
+            for a in alts {
+                walk(a, path, missing);
+            }
+        }
+        for mut crd in crds().expect("crds") {
+            let name = crd.spec.names.kind.clone();
+            let root = root_schema(&mut crd, "crd").expect("schema").clone();
+            let text = root.description.clone().unwrap_or_default();
+            assert!(!text.starts_with("Auto-generated"), "{name}: {text}");
+            let mut missing = Vec::new();
+            walk(&root, "", &mut missing);
+            assert!(
+                missing.is_empty(),
+                "{name}: fields without a description: {missing:?}"
+            );
+        }
+    }
 }

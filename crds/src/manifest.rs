@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.failed"}"#,
     printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Paused","type":"boolean","jsonPath":".spec.rollout.paused","priority":1}"#,
+    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].message","priority":1,"description":"What the rollout waits on, or why it is stalled"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -41,6 +42,10 @@ use serde::{Deserialize, Serialize};
 pub struct EdgeManifestSpec {
     /// Devices (EdgeDevices in this namespace) whose labels match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!has(self.matchExpressions) || self.matchExpressions.all(e, e.operator in ['In', 'NotIn', 'Exists', 'DoesNotExist'])",
+        "message": "selector.matchExpressions operator must be In, NotIn, Exists or DoesNotExist (case matters)"
+    }]))]
     pub selector: Option<LabelSelector>,
     /// Devices selected by name, in addition to the selector.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -73,6 +78,10 @@ pub struct RolloutStrategy {
     /// Most devices updating at once: a count or a percentage of the targeted devices.
     /// Default: all at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "type(self) == int ? self >= 1 : self.matches('^[0-9]+%$') && int(self.replace('%', '')) >= 1 && int(self.replace('%', '')) <= 100",
+        "message": "rollout.maxUnavailable must be a count of at least 1 or a percentage such as \"25%\" (1% to 100%)"
+    }]))]
     pub max_unavailable: Option<IntOrString>,
     /// Stop moving devices to new generations.
     #[serde(default)]
@@ -87,6 +96,7 @@ pub struct RolloutStrategy {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EdgeManifestStatus {
+    /// `metadata.generation` the controller last acted on (-1 until it first writes a status).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// Devices selected.
@@ -101,6 +111,11 @@ pub struct EdgeManifestStatus {
     /// Devices reporting a resource of this manifest Failed.
     #[serde(default)]
     pub failed: u32,
+    /// When the rollout last made progress (a new generation, or a change in the number of
+    /// Ready devices): what `progressDeadlineSeconds` is measured from, across controller
+    /// restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     /// Ready, Reconciling and Stalled (kstatus conventions, read by Flux and Argo CD), then
     /// Progressing, Available, Conflict and Degraded (naming the first failing devices and
     /// resources). Stalled is True at once for a permanent failure (a resource that cannot

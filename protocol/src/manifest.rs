@@ -290,6 +290,7 @@ fn check_absolute_path(field: &str, path: &str) -> Result<(), SpecError> {
 pub struct ContainerSpec {
     /// Image reference, e.g. `registry.local:5000/app:1.2`.
     pub image: String,
+    /// When to pull the image: `IfNotPresent` (default) or `Always`.
     #[serde(default)]
     pub image_pull_policy: PullPolicy,
     /// Replaces the image's entrypoint.
@@ -298,14 +299,19 @@ pub struct ContainerSpec {
     /// Replaces the image's default arguments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
+    /// Environment variables of the container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
+    /// Container ports published on the device.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortMapping>,
+    /// Host directories mounted into the container (only under the device owner's `[container] mount_roots`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<HostPathMount>,
+    /// `Always` (default), `OnFailure` or `Never`.
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// Memory and CPU limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<ContainerLimits>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -330,7 +336,9 @@ pub enum RestartPolicy {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EnvVar {
+    /// The variable's name.
     pub name: String,
+    /// Its value, as is.
     #[serde(default)]
     pub value: String,
     /// The value sealed to the device's own key (see [`FileContent::Sealed`]), in place of
@@ -349,6 +357,7 @@ pub struct PortMapping {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub host_port: Option<u16>,
+    /// `TCP` (default) or `UDP`.
     #[serde(default)]
     pub protocol: PortProtocol,
     /// Device address to bind; all addresses when unset.
@@ -370,7 +379,9 @@ pub struct HostPathMount {
     /// Absolute path on the device; must lie under one of the device's mount roots.
     #[schemars(length(min = 1, max = 1024))]
     pub host_path: String,
+    /// Absolute path inside the container.
     pub container_path: String,
+    /// Mount read-only (read-write needs `[container] writable_mount_roots` on the device).
     #[serde(default)]
     pub read_only: bool,
 }
@@ -390,6 +401,7 @@ pub struct ContainerLimits {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Probe {
+    /// What to check: `exec`, `http` or `tcp`.
     pub action: ProbeAction,
     /// Seconds between checks.
     #[serde(default = "default_probe_period")]
@@ -410,11 +422,24 @@ fn default_probe_failures() -> u32 {
 #[serde(rename_all = "camelCase")]
 pub enum ProbeAction {
     /// Run a command in the container; exit status 0 means ready.
-    Exec { command: Vec<String> },
+    Exec {
+        /// argv, run without a shell unless argv[0] is one.
+        command: Vec<String>,
+    },
     /// HTTP GET on the device's published port; 2xx/3xx means ready.
-    Http { port: u16, path: String },
+    Http {
+        /// The published (host) port.
+        #[schemars(range(min = 1))]
+        port: u16,
+        /// The path to GET, e.g. `/healthz`.
+        path: String,
+    },
     /// A TCP connect to the device's published port.
-    Tcp { port: u16 },
+    Tcp {
+        /// The published (host) port.
+        #[schemars(range(min = 1))]
+        port: u16,
+    },
 }
 
 impl ContainerSpec {
@@ -676,13 +701,18 @@ impl FileSpec {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkConfigSpec {
+    /// Network interface name, e.g. `eth0`.
     pub interface: String,
+    /// Get an address by DHCP.
     #[serde(default)]
     pub dhcp: bool,
+    /// Static addresses with prefix length, e.g. `192.168.1.20/24`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
+    /// Default gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
+    /// DNS servers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns: Vec<String>,
 }
@@ -693,6 +723,7 @@ pub struct NetworkConfigSpec {
 pub struct ShellJobSpec {
     /// argv; no shell is involved unless argv[0] is one.
     pub command: Vec<String>,
+    /// Seconds before the command is killed (default and maximum: the device owner's `[shell_job]` settings).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<u32>,
 }

@@ -89,14 +89,14 @@ fn edge_manifest_health_follows_its_conditions() {
             "Ready",
             "False",
             "ProgressDeadlineExceeded",
-            "no device became Ready for 601s; waiting on: pi-office",
+            "no device became Ready for more than 600s; waiting on: pi-office",
         ),
         cond("Reconciling", "False", "ProgressDeadlineExceeded", ""),
         cond(
             "Stalled",
             "True",
             "ProgressDeadlineExceeded",
-            "no device became Ready for 601s; waiting on: pi-office",
+            "no device became Ready for more than 600s; waiting on: pi-office",
         ),
     ];
     assert_eq!(
@@ -203,5 +203,59 @@ fn edge_device_health_follows_heartbeats_and_convergence() {
         ),
         cond("Converged", "True", "AllResourcesReady", ""),
     ];
-    assert_eq!(verdict(&device(Some(silent))), "Degraded");
+    assert_eq!(verdict(&device(Some(silent.clone()))), "Degraded");
+
+    // A status for an older spec (the bridge has not caught up), and a new object with the
+    // CRD's status default: not yet judged.
+    let mut stale = device(Some(silent.clone()));
+    stale["metadata"]["generation"] = json!(2);
+    let (status, message) = argocd_health(&stale).unwrap();
+    assert_eq!(status, "Progressing", "{message}");
+    let mut fresh = device(None);
+    fresh["status"] = json!({ "observedGeneration": -1 });
+    assert_eq!(verdict(&fresh), "Progressing");
+    // Paused or revoked by its owner: Suspended, whatever its heartbeats say.
+    for (field, word) in [("paused", "paused"), ("revoked", "revoked")] {
+        let mut d = device(Some(silent.clone()));
+        d["spec"][field] = json!(true);
+        let (status, message) = argocd_health(&d).unwrap();
+        assert_eq!(status, "Suspended", "{field}");
+        assert!(message.contains(word), "{message}");
+    }
+    // Conditions without a reason (another writer, an older bridge) do not break the check.
+    let bare = vec![json!({ "type": "Ready", "status": "False" })];
+    assert_eq!(verdict(&device(Some(bare))), "Degraded");
+}
+
+#[test]
+fn new_empty_and_reasonless_manifests_are_judged_without_errors() {
+    // The CRD's status default: kstatus and Argo CD both see work not yet done.
+    let fresh = manifest(1, Some(-1), false, vec![]);
+    assert_eq!(kstatus(&fresh), "InProgress");
+    assert_eq!(verdict(&fresh), "Progressing");
+    // Selecting no device is not "rolled out".
+    let none = vec![
+        cond(
+            "Ready",
+            "False",
+            "NoDevicesSelected",
+            "no EdgeDevice in this namespace matches spec.selector or spec.devices",
+        ),
+        cond("Reconciling", "False", "NoDevicesSelected", ""),
+        cond("Stalled", "False", "NotStalled", ""),
+    ];
+    let (status, message) = argocd_health(&manifest(1, Some(1), false, none.clone())).unwrap();
+    assert_eq!(status, "Degraded");
+    assert!(message.contains("NoDevicesSelected"), "{message}");
+    assert_eq!(kstatus(&manifest(1, Some(1), false, none)), "Current");
+    // A Stalled or Ready condition without a reason.
+    let stalled = vec![json!({ "type": "Stalled", "status": "True", "message": "stuck" })];
+    let (status, message) = argocd_health(&manifest(1, Some(1), false, stalled)).unwrap();
+    assert_eq!(status, "Degraded");
+    assert!(message.contains("stuck"), "{message}");
+    let waiting = vec![json!({ "type": "Ready", "status": "False" })];
+    assert_eq!(
+        verdict(&manifest(1, Some(1), false, waiting)),
+        "Progressing"
+    );
 }

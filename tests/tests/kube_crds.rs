@@ -265,6 +265,37 @@ async fn invalid_edge_manifests_are_rejected_by_the_apiserver_with_readable_mess
             "file.path must be an absolute path to a file",
         ),
         (
+            "maxUnavailable that is neither a count nor a percentage",
+            manifest(
+                json!({ "devices": ["pi-1"], "rollout": { "maxUnavailable": "abc" },
+                "resources": [file("a")] }),
+            ),
+            "rollout.maxUnavailable must be a count of at least 1 or a percentage",
+        ),
+        (
+            "maxUnavailable above 100%",
+            manifest(
+                json!({ "devices": ["pi-1"], "rollout": { "maxUnavailable": "150%" },
+                "resources": [file("a")] }),
+            ),
+            "rollout.maxUnavailable must be a count of at least 1 or a percentage",
+        ),
+        (
+            "selector operator in the wrong case",
+            manifest(json!({ "selector": { "matchExpressions": [
+                { "key": "role", "operator": "in", "values": ["sensor"] }] },
+                "resources": [file("a")] })),
+            "operator must be In, NotIn, Exists or DoesNotExist",
+        ),
+        (
+            "probe on port 0",
+            manifest(
+                json!({ "devices": ["pi-1"], "resources": [{ "id": "a", "container": {
+                "image": "x", "probe": { "action": { "tcp": { "port": 0 } } } } }] }),
+            ),
+            "port",
+        ),
+        (
             "fetched content over plain http",
             manifest(
                 json!({ "devices": ["pi-1"], "resources": [{ "id": "a", "file": {
@@ -335,6 +366,38 @@ async fn unit_names_and_paths_users_really_write_are_accepted_and_a_device_needs
         kube::Api::namespaced(env.kube_client().await.unwrap(), &ns);
     let d = devices.get("pi-nospec").await.unwrap();
     assert_eq!(d.spec, Default::default());
+    // No controller or bridge runs here: new objects read back with the status default,
+    // which GitOps tools read as not yet acted on.
+    assert_eq!(d.status.unwrap().observed_generation, Some(-1));
+    let manifests: kube::Api<EdgeManifest> =
+        kube::Api::namespaced(env.kube_client().await.unwrap(), &ns);
+    let m = manifests.get("fine").await.unwrap();
+    assert_eq!(m.status.unwrap().observed_generation, Some(-1));
+    assert_eq!(
+        fleetlet_testenv::gitops::kstatus(
+            &serde_json::to_value(manifests.get("fine").await.unwrap()).unwrap()
+        ),
+        "InProgress"
+    );
+    // `kubectl explain` describes both kinds and the fields users read.
+    for (what, expected) in [
+        ("edgedevice", "One device of the fleet"),
+        (
+            "edgemanifest",
+            "Resources (files, containers, systemd units",
+        ),
+        ("edgedevice.status.lastHeartbeatTime", "latest heartbeat"),
+    ] {
+        let out = env
+            .kubectl()
+            .unwrap()
+            .args(["explain", what])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(expected), "{what}: {text}");
+        assert!(!text.contains("Auto-generated"), "{what}: {text}");
+    }
 }
 
 #[tokio::test]
