@@ -105,8 +105,12 @@ async fn nats_restarted_in_the_middle_of_a_rollout() {
     let first = tokio::time::timeout(Duration::from_secs(30), async {
         use futures::StreamExt;
         while let Some(Ok(e)) = watch.next().await {
+            // The first manifest that holds v2 (not merely a newer generation: a device's
+            // manifest may be past generation 1 already with v1 in it).
             if let Ok(m) = decode::<fleetlet_protocol::AgentManifest>(&e.value)
-                && m.generation >= 2
+                && m.resources
+                    .iter()
+                    .any(|r| serde_json::to_string(&r.spec).is_ok_and(|s| s.contains("\"v2\"")))
             {
                 return e.key;
             }
