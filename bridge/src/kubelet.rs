@@ -7,7 +7,7 @@
 //! device's agent over NATS ([`fleetlet_protocol::relay`]), which serves it from podman for a
 //! container it created, and nothing else.
 
-use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use async_nats::HeaderMap;
 use axum::{
@@ -19,7 +19,7 @@ use axum::{
     routing::get,
 };
 use bytes::Bytes;
-use fleetlet_controller::pods::container_id;
+use fleetlet_crds::naming::container_id;
 use fleetlet_protocol::{
     DeviceId,
     relay::{self, ACK_INTERVAL_SECS, ControlKind, FRAME, FrameKind, LogsRequest, SEQ},
@@ -29,7 +29,7 @@ use k8s_openapi::api::{
     authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
     core::v1::{Node, Pod},
 };
-use kube::{Api, Client, ResourceExt, api::PostParams, runtime::reflector::Store};
+use kube::{Api, Client, api::PostParams, runtime::reflector::Store};
 use rustls::{
     RootCertStore, ServerConfig,
     pki_types::{CertificateDer, pem::PemObject},
@@ -285,15 +285,7 @@ async fn target(
         .as_ref()
         .and_then(|s| s.node_name.clone())
         .ok_or_else(|| text(StatusCode::NOT_FOUND, "the pod is not bound to a node"))?;
-    let device: HashMap<String, DeviceId> = ctx
-        .nodes
-        .state()
-        .iter()
-        .filter_map(|n| {
-            let id = n.labels().get(crate::view::DEVICE_LABEL)?;
-            Some((n.name_any(), DeviceId::new(id.clone()).ok()?))
-        })
-        .collect();
+    let device = fleetlet_crds::naming::node_devices(ctx.nodes.state().iter().map(|n| n.as_ref()));
     let device = device.get(&node).cloned().ok_or_else(|| {
         text(
             StatusCode::NOT_FOUND,

@@ -25,7 +25,6 @@ use std::{
     time::Duration,
 };
 
-use fleetlet_controller::{HttpState, KvCache, NatsArgs, leader::Election};
 use fleetlet_crds::{
     EdgeDevice,
     k8s_openapi::api::core::v1::Node,
@@ -34,6 +33,7 @@ use fleetlet_crds::{
         runtime::{WatchStreamExt, reflector, watcher},
     },
 };
+use fleetlet_plumbing::{HttpState, KvCache, NatsArgs, leader::Election};
 use fleetlet_protocol::{
     DeviceId,
     kv::{ACTUAL_STATE, HEARTBEAT},
@@ -123,12 +123,25 @@ pub struct Args {
     pub kubelet_client_ca_file: Option<std::path::PathBuf>,
 }
 
+/// Why the bridge stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Plumbing(#[from] fleetlet_plumbing::Error),
+    #[error("kubelet API: {0}")]
+    Kubelet(#[from] kubelet::KubeletError),
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
 /// Runs the bridge until `shutdown` resolves; `on_ready` gets the metrics address.
 pub async fn run(
     args: Args,
     shutdown: impl Future<Output = ()>,
     on_ready: impl FnOnce(SocketAddr),
-) -> Result<(), fleetlet_controller::Error> {
+) -> Result<(), Error> {
     let client = Client::try_default().await?;
     let nats = args.nats.connect("fleetlet-bridge").await?;
     let changed = Arc::new(Notify::new());
@@ -151,7 +164,7 @@ pub async fn run(
             while let Some(ev) = device_stream.next().await {
                 match ev {
                     Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                        let fp = fleetlet_controller::fingerprint(&o);
+                        let fp = fleetlet_plumbing::fingerprint(&o);
                         let name = o.meta().name.clone().unwrap_or_default();
                         if seen.insert(name.clone(), fp) != Some(fp) {
                             if let (Ok(id), Ok(mut d)) = (DeviceId::new(name), dirty.lock()) {
@@ -181,7 +194,7 @@ pub async fn run(
         watcher::Config::default().labels(view::DEVICE_LABEL),
     )
     .default_backoff()
-    .modify(fleetlet_controller::slim)
+    .modify(fleetlet_plumbing::slim)
     .reflect(node_writer)
     .for_each(|_| futures::future::ready(()));
 
@@ -209,7 +222,7 @@ pub async fn run(
         let m = metrics.clone();
         Arc::new(move || m.encode())
     };
-    let (addr, server) = fleetlet_controller::serve(
+    let (addr, server) = fleetlet_plumbing::serve(
         args.metrics_addr,
         HttpState {
             metrics: metrics_text,
@@ -243,13 +256,13 @@ pub async fn run(
                 },
                 (false, Some(cert), Some(key)) => serving::ServingCert::Files { cert, key },
                 _ => {
-                    return Err(fleetlet_controller::Error::Config(
+                    return Err(Error::Config(
                         "--kubelet-listen needs --kubelet-tls-cert-file and --kubelet-tls-key-file, or --kubelet-serving-csr".into(),
                     ));
                 }
             };
             let Some(client_ca_file) = args.kubelet_client_ca_file.clone() else {
-                return Err(fleetlet_controller::Error::Config(
+                return Err(Error::Config(
                     "--kubelet-listen needs --kubelet-client-ca-file (the CA of the apiserver's kubelet client certificate)".into(),
                 ));
             };
@@ -259,9 +272,7 @@ pub async fn run(
                 client_ca_file,
             };
             let (addr, server) =
-                kubelet::serve(config, client.clone(), nats.clone(), mirror.nodes.clone())
-                    .await
-                    .map_err(|e| fleetlet_controller::Error::Config(e.to_string()))?;
+                kubelet::serve(config, client.clone(), nats.clone(), mirror.nodes.clone()).await?;
             let advertise =
                 args.kubelet_advertise_address
                     .unwrap_or(if advertise.is_unspecified() {
@@ -276,7 +287,7 @@ pub async fn run(
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let (leader_tx, mut leader_rx) = watch::channel(false);
-    let identity = fleetlet_controller::default_identity(args.identity.as_deref());
+    let identity = fleetlet_plumbing::default_identity(args.identity.as_deref());
     let election = Election {
         namespace: args.lease_namespace.clone(),
         name: args.lease_name.clone(),

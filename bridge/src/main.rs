@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use fleetlet_bridge::{Args, run};
-use fleetlet_controller::{init_tracing, shutdown_signal};
+use fleetlet_plumbing::{init_tracing, shutdown_signal};
 
 // jemalloc returns freed memory to the OS far better than glibc's malloc after the burst of
 // a full pass over a large fleet, which keeps resident memory close to what is live.

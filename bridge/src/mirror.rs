@@ -6,7 +6,6 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use fleetlet_controller::KvCache;
 use fleetlet_crds::{
     EdgeDevice,
     k8s_openapi::{
@@ -22,6 +21,7 @@ use fleetlet_crds::{
         runtime::reflector::{ObjectRef, Store as Reflector},
     },
 };
+use fleetlet_plumbing::KvCache;
 use fleetlet_protocol::{AgentStatus, DeviceId, Heartbeat, Timestamp};
 use futures::StreamExt;
 use serde_json::json;

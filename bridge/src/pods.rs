@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use fleetlet_controller::pods::{REFUSED_PREFIX, container_id, pod_tag};
+use fleetlet_crds::naming::{REFUSED_PREFIX, container_id, pod_tag};
 use fleetlet_protocol::{AgentStatus, ResourceDetails, ResourceStatus, Timestamp};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
@@ -288,18 +288,8 @@ pub async fn pass(
     mirror: &crate::mirror::Mirror,
     pods: &kube::runtime::reflector::Store<Pod>,
 ) -> (u32, u32) {
-    let nodes: std::collections::HashMap<String, fleetlet_protocol::DeviceId> = mirror
-        .nodes
-        .state()
-        .iter()
-        .filter_map(|n| {
-            let id = n.labels().get(crate::view::DEVICE_LABEL)?;
-            Some((
-                n.name_any(),
-                fleetlet_protocol::DeviceId::new(id.clone()).ok()?,
-            ))
-        })
-        .collect();
+    let nodes =
+        fleetlet_crds::naming::node_devices(mirror.nodes.state().iter().map(|n| n.as_ref()));
     let objects = mirror.device_objects(None);
     let now = Timestamp::now().as_millis();
     let (mut written, mut deleted) = (0, 0);

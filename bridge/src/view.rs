@@ -14,7 +14,7 @@ use fleetlet_crds::{
 use fleetlet_protocol::{AgentStatus, Heartbeat, ResourceStatus, Timestamp};
 
 /// Label on every Node the bridge manages, holding the device id.
-pub const DEVICE_LABEL: &str = "fleetlet.dev/device";
+pub use fleetlet_crds::naming::DEVICE_LABEL;
 /// Prefix for the device's own labels copied onto its Node.
 pub const DEVICE_LABEL_PREFIX: &str = "device.fleetlet.dev/";
 /// The taint keeping ordinary Pods and DaemonSets off device nodes.

@@ -51,7 +51,7 @@ pub const DEVICE_CREDS_PATH: &str = "/etc/fleetlet/nats.creds";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 const MANAGED_BY: &str = "fleetlet-controller";
 /// Label naming the device a credentials Secret is for.
-const DEVICE_LABEL: &str = "fleetlet.dev/device";
+use fleetlet_crds::naming::DEVICE_LABEL;
 /// Accounts deleted from the resolvers with one request.
 const DELETE_BATCH: usize = 500;
 

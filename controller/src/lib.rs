@@ -8,8 +8,6 @@
 pub mod events;
 pub mod fleet;
 pub mod identity;
-pub mod kvcache;
-pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod pods;
@@ -19,9 +17,7 @@ pub mod selector;
 pub mod signing;
 
 use std::{
-    collections::HashMap,
     future::Future,
-    hash::{DefaultHasher, Hash, Hasher},
     net::SocketAddr,
     path::PathBuf,
     sync::{
@@ -32,25 +28,26 @@ use std::{
 };
 
 use async_nats::jetstream;
-use axum::{Router, extract::State, http::StatusCode, routing::get};
 use fleetlet_crds::{
     EdgeDevice, EdgeManifest,
     kube::{
-        self, Api, Client, Resource, ResourceExt,
+        self, Api, Client, ResourceExt,
         runtime::{
-            WatchStreamExt,
             events::{Recorder, Reporter},
-            reflector, watcher,
+            watcher,
         },
     },
 };
 use fleetlet_protocol::kv::{ACTUAL_STATE, BUCKETS, DESIRED_STATE, HEARTBEAT};
-use futures::StreamExt;
 use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
 pub use fleet::{Fleet, PassSummary};
-pub use kvcache::KvCache;
+// The shared plumbing, under the names the controller's modules use.
+pub use fleetlet_plumbing::{
+    HttpState, KvCache, NatsArgs, any_change, default_identity, fingerprint, init_tracing, kvcache,
+    leader, serve, shutdown_signal, slim, stopped, watch_crd, watch_objects,
+};
 pub use metrics::Metrics;
 
 /// Field manager for every server-side apply the controller makes.
@@ -78,6 +75,16 @@ pub enum Error {
     },
 }
 
+impl From<fleetlet_plumbing::Error> for Error {
+    fn from(e: fleetlet_plumbing::Error) -> Self {
+        match e {
+            fleetlet_plumbing::Error::NatsConnect(e) => Self::NatsConnect(e),
+            fleetlet_plumbing::Error::Credentials(m) => Self::Config(m),
+            fleetlet_plumbing::Error::Http { addr, source } => Self::Http { addr, source },
+        }
+    }
+}
+
 impl Error {
     /// A bounded label for metrics.
     pub fn category(&self) -> &'static str {
@@ -88,65 +95,6 @@ impl Error {
             Self::Http { .. } => "http",
             Self::Config(_) => "config",
         }
-    }
-}
-
-/// How to reach NATS (shared by the controller and the bridge).
-#[derive(Debug, Clone, clap::Args)]
-pub struct NatsArgs {
-    /// NATS server URL(s), comma-separated.
-    #[arg(
-        long,
-        env = "FLEETLET_NATS_URL",
-        value_delimiter = ',',
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    pub nats_url: Vec<String>,
-    /// NATS credentials file (.creds).
-    #[arg(long, env = "FLEETLET_NATS_CREDS")]
-    pub nats_creds: Option<PathBuf>,
-    #[arg(long, env = "FLEETLET_NATS_USER")]
-    pub nats_user: Option<String>,
-    #[arg(long, env = "FLEETLET_NATS_PASSWORD", hide_env_values = true)]
-    pub nats_password: Option<String>,
-    /// CA bundle to verify the NATS server (implies TLS).
-    #[arg(long, env = "FLEETLET_NATS_CA")]
-    pub nats_ca: Option<PathBuf>,
-}
-
-impl NatsArgs {
-    /// Connects, retrying in the background until the server is reachable.
-    pub async fn connect(&self, name: &str) -> Result<async_nats::Client, Error> {
-        self.connect_with(name, None).await
-    }
-
-    /// Connects with these `.creds` (text) instead of the configured credentials.
-    pub async fn connect_with(
-        &self,
-        name: &str,
-        creds: Option<&str>,
-    ) -> Result<async_nats::Client, Error> {
-        let mut opts = async_nats::ConnectOptions::new()
-            .name(name)
-            .retry_on_initial_connect()
-            .max_reconnects(None);
-        if let (Some(u), Some(p)) = (&self.nats_user, &self.nats_password) {
-            opts = opts.user_and_password(u.clone(), p.clone());
-        }
-        if let Some(creds) = creds {
-            opts = opts
-                .credentials(creds)
-                .map_err(|e| Error::Config(format!("NATS credentials: {e}")))?;
-        } else if let Some(c) = &self.nats_creds {
-            opts = opts
-                .credentials_file(c)
-                .await
-                .map_err(|e| Error::Kv(format!("reading {}: {e}", c.display())))?;
-        }
-        if let Some(ca) = &self.nats_ca {
-            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
-        }
-        Ok(opts.connect(self.nats_url.join(",")).await?)
     }
 }
 
@@ -271,196 +219,6 @@ impl Args {
             format!("{}-{}", host.trim(), std::process::id())
         })
     }
-}
-
-/// `given`, or the pod name / hostname plus pid, for leader election.
-pub fn default_identity(given: Option<&str>) -> String {
-    given.map(str::to_owned).unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .unwrap_or_else(|_| "fleetlet".into());
-        format!("{}-{}", host.trim(), std::process::id())
-    })
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-/// Logs to stderr with a `RUST_LOG`-style filter (default `info`).
-pub fn init_tracing() {
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
-}
-
-/// Resolves once `stop` holds true (or its sender is gone).
-pub async fn stopped(stop: &mut watch::Receiver<bool>) {
-    loop {
-        if *stop.borrow_and_update() {
-            return;
-        }
-        if stop.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Drops what no pass reads before an object enters a store: managed fields and the
-/// last-applied annotation are most of an object's size at fleet scale.
-pub fn slim<K: Resource>(o: &mut K) {
-    o.meta_mut().managed_fields = None;
-    if let Some(a) = o.meta_mut().annotations.as_mut() {
-        a.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
-}
-
-/// What makes an object worth a new pass: not its status (our own writes land there).
-pub fn fingerprint<K: Resource>(o: &K) -> u64 {
-    let mut h = DefaultHasher::new();
-    o.meta().generation.hash(&mut h);
-    o.meta().labels.hash(&mut h);
-    o.meta().deletion_timestamp.is_some().hash(&mut h);
-    o.meta().finalizers.hash(&mut h);
-    h.finish()
-}
-
-/// Mirrors one CRD into a reflector store and pokes `changed` when something that matters
-/// changes (spec, labels, deletion), never for status-only updates.
-fn watch_crd<K>(
-    api: Api<K>,
-    changed: Arc<Notify>,
-    synced: Arc<AtomicBool>,
-) -> (reflector::Store<K>, impl Future<Output = ()>)
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    watch_objects(
-        api,
-        watcher::Config::default(),
-        changed,
-        synced,
-        fingerprint,
-    )
-}
-
-/// Any change at all (objects without a generation: ConfigMaps, Secrets, Nodes, Pods).
-fn any_change<K: Resource>(o: &K) -> u64 {
-    let mut h = DefaultHasher::new();
-    o.meta().resource_version.hash(&mut h);
-    o.meta().deletion_timestamp.is_some().hash(&mut h);
-    h.finish()
-}
-
-/// Mirrors objects into a reflector store and pokes `changed` when `fp` changes.
-pub fn watch_objects<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    changed: Arc<Notify>,
-    synced: Arc<AtomicBool>,
-    fp: fn(&K) -> u64,
-) -> (reflector::Store<K>, impl Future<Output = ()>)
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream = watcher(api, config).default_backoff().reflect(writer);
-    let task = async move {
-        let mut seen: HashMap<String, u64> = HashMap::new();
-        futures::pin_mut!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                    let key = o.meta().uid.clone().unwrap_or_else(|| o.name_any());
-                    let fp = fp(&o);
-                    if seen.insert(key, fp) != Some(fp) && synced.load(Ordering::Relaxed) {
-                        changed.notify_one();
-                    }
-                }
-                Ok(watcher::Event::Delete(o)) => {
-                    seen.remove(&o.meta().uid.clone().unwrap_or_else(|| o.name_any()));
-                    changed.notify_one();
-                }
-                Ok(watcher::Event::InitDone) => {
-                    synced.store(true, Ordering::Relaxed);
-                    changed.notify_one();
-                }
-                Ok(watcher::Event::Init) => {}
-                Err(e) => warn!(error = %e, "watch error; retrying"),
-            }
-        }
-    };
-    (reader, task)
-}
-
-/// What the HTTP endpoints read: the metrics text and whether the component is ready.
-#[derive(Clone)]
-pub struct HttpState {
-    pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
-    pub ready: Arc<AtomicBool>,
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz`; returns the bound address and the server.
-pub async fn serve(
-    addr: SocketAddr,
-    state: HttpState,
-) -> Result<(SocketAddr, impl Future<Output = ()>), Error> {
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(|State(s): State<HttpState>| async move { (s.metrics)() }),
-        )
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(|State(s): State<HttpState>| async move {
-                if s.ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "syncing")
-                }
-            }),
-        )
-        .with_state(state);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Http { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| Error::Http { addr, source })?;
-    Ok((bound, async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            warn!(error = %e, "metrics server stopped");
-        }
-    }))
 }
 
 /// Creates (or updates the settings of) fleetlet's KV buckets; the controller owns them.

@@ -61,24 +61,7 @@ pub trait Seal {
     fn seal(&self, bytes: &[u8]) -> Result<String, Refusal>;
 }
 
-/// `p` and 8 hex digits naming the pod on its device (ids are DNS labels, pods are not).
-pub fn pod_tag(namespace: &str, name: &str) -> String {
-    // FNV-1a: stable across versions and platforms, no extra dependency.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in namespace.bytes().chain([b'/']).chain(name.bytes()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("p{:08x}", (h >> 32) as u32 ^ (h as u32))
-}
-
-/// The resource id of container `index` (`name`) of a pod.
-pub fn container_id(namespace: &str, pod: &str, index: usize, name: &str) -> Option<ResourceId> {
-    let tag = pod_tag(namespace, pod);
-    ResourceId::new(format!("{tag}-{name}"))
-        .or_else(|_| ResourceId::new(format!("{tag}-c{index}")))
-        .ok()
-}
+pub use fleetlet_crds::naming::{DEVICE_LABEL, REFUSED_PREFIX, container_id, pod_tag};
 
 /// The pod's directory on the device.
 pub fn pod_dir(namespace: &str, name: &str) -> String {
@@ -818,12 +801,6 @@ fn container(
     })
 }
 
-/// The label the bridge puts on each virtual Node, naming its device.
-pub const DEVICE_LABEL: &str = "fleetlet.dev/device";
-
-/// Prefix of `status.message` on pods refused by the controller; the bridge leaves them be.
-pub const REFUSED_PREFIX: &str = "fleetlet: ";
-
 /// Pods and what they need, as the controller watches them.
 #[derive(Clone)]
 pub struct PodWatch {
@@ -851,18 +828,7 @@ impl Lookup for PodWatch {
 impl PodWatch {
     /// Node name → device, for the virtual nodes.
     pub fn node_devices(&self) -> BTreeMap<String, fleetlet_protocol::DeviceId> {
-        use kube::ResourceExt;
-        self.nodes
-            .state()
-            .iter()
-            .filter_map(|n| {
-                let id = n.labels().get(DEVICE_LABEL)?;
-                Some((
-                    n.name_any(),
-                    fleetlet_protocol::DeviceId::new(id.clone()).ok()?,
-                ))
-            })
-            .collect()
+        fleetlet_crds::naming::node_devices(self.nodes.state().iter().map(|n| n.as_ref()))
     }
 
     /// Every pod bound to a virtual node and not being deleted, with its device.

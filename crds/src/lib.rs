@@ -9,6 +9,7 @@
 
 mod device;
 mod manifest;
+pub mod naming;
 
 pub use device::{
     CONTROLLER_CONDITIONS, DeviceCredentials, DeviceInfo, EdgeDevice, EdgeDeviceSpec,

@@ -1,4 +1,5 @@
-//! The edge agent runs on a Pi Zero: it must never link the Kubernetes client stack.
+//! Dependency rules the code must keep: the edge agent runs on a Pi Zero and never links the
+//! Kubernetes client stack, and the control plane crates share plumbing, not each other.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
@@ -6,13 +7,13 @@ use std::process::Command;
 
 use fleetlet_testenv::repo_root;
 
-#[test]
-fn edge_agent_does_not_depend_on_kube_or_k8s_openapi() {
+/// `cargo tree` of `package`: one `name version` line per crate (normal and build deps).
+fn tree(package: &str) -> String {
     let out = Command::new(env!("CARGO"))
         .args([
             "tree",
             "-p",
-            "fleetlet-agent",
+            package,
             "-e",
             "normal,build",
             "--prefix",
@@ -28,7 +29,12 @@ fn edge_agent_does_not_depend_on_kube_or_k8s_openapi() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let tree = String::from_utf8_lossy(&out.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn edge_agent_does_not_depend_on_kube_or_k8s_openapi() {
+    let tree = tree("fleetlet-agent");
     assert!(
         tree.contains("fleetlet-protocol"),
         "unexpected tree:\n{tree}"
@@ -43,5 +49,51 @@ fn edge_agent_does_not_depend_on_kube_or_k8s_openapi() {
     assert!(
         forbidden.is_empty(),
         "fleetlet-agent pulls in {forbidden:?}"
+    );
+}
+
+/// The workspace's crates that `package` depends on (normal and build dependencies).
+fn fleetlet_dependencies(package: &str) -> Vec<String> {
+    let mut names: Vec<String> = tree(package)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with("fleetlet-") && *n != package)
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The control plane's graph: protocol ← crds ← plumbing ← {controller, bridge}; neither
+/// the controller nor the bridge uses the other (docs/architecture.md).
+#[test]
+fn controller_and_bridge_share_plumbing_not_each_other() {
+    assert_eq!(
+        fleetlet_dependencies("fleetlet-protocol"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        fleetlet_dependencies("fleetlet-crds"),
+        ["fleetlet-protocol"]
+    );
+    assert_eq!(
+        fleetlet_dependencies("fleetlet-plumbing"),
+        ["fleetlet-crds", "fleetlet-protocol"]
+    );
+    for (package, other) in [
+        ("fleetlet-controller", "fleetlet-bridge"),
+        ("fleetlet-bridge", "fleetlet-controller"),
+    ] {
+        let deps = fleetlet_dependencies(package);
+        assert_eq!(
+            deps,
+            ["fleetlet-crds", "fleetlet-plumbing", "fleetlet-protocol"],
+            "{package} depends on {deps:?}, not {other}"
+        );
+    }
+    assert_eq!(
+        fleetlet_dependencies("fleetlet-agent"),
+        ["fleetlet-protocol"]
     );
 }

@@ -1,0 +1,68 @@
+//! How devices map onto Kubernetes objects: the virtual Node's device label, and the
+//! resource ids a Pod's containers get on its device. Shared by the controller (which
+//! writes them) and the bridge (which reads them back to answer the kubelet API).
+
+use std::collections::BTreeMap;
+
+use fleetlet_protocol::{DeviceId, ResourceId};
+use k8s_openapi::api::core::v1::Node;
+
+/// Label on every virtual Node: the device id it stands for.
+pub const DEVICE_LABEL: &str = "fleetlet.dev/device";
+
+/// Prefix of `status.message` on Pods the controller refuses; the bridge leaves them be.
+pub const REFUSED_PREFIX: &str = "fleetlet: ";
+
+/// A short, stable tag for a pod (namespace/name), used in its resource ids.
+pub fn pod_tag(namespace: &str, name: &str) -> String {
+    // FNV-1a: stable across versions and platforms, no extra dependency.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in namespace.bytes().chain([b'/']).chain(name.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("p{:08x}", (h >> 32) as u32 ^ (h as u32))
+}
+
+/// The resource id of container `index` (`name`) of a pod.
+pub fn container_id(namespace: &str, pod: &str, index: usize, name: &str) -> Option<ResourceId> {
+    let tag = pod_tag(namespace, pod);
+    ResourceId::new(format!("{tag}-{name}"))
+        .or_else(|_| ResourceId::new(format!("{tag}-c{index}")))
+        .ok()
+}
+
+/// The device a Node stands for, if it is one of fleetlet's virtual Nodes.
+pub fn node_device(node: &Node) -> Option<DeviceId> {
+    let id = node.metadata.labels.as_ref()?.get(DEVICE_LABEL)?;
+    DeviceId::new(id.clone()).ok()
+}
+
+/// Node name → device, over `nodes` (fleetlet's virtual Nodes; others are left out).
+pub fn node_devices<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> BTreeMap<String, DeviceId> {
+    nodes
+        .into_iter()
+        .filter_map(|n| Some((n.metadata.name.clone()?, node_device(n)?)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_tags_are_stable_and_container_ids_fall_back_to_the_index() {
+        // Written into devices' manifests: a change would recreate every Pod's containers.
+        assert_eq!(pod_tag("default", "web"), pod_tag("default", "web"));
+        assert_ne!(pod_tag("default", "web"), pod_tag("other", "web"));
+        let tag = pod_tag("default", "web");
+        assert_eq!(
+            container_id("default", "web", 0, "httpd").map(|r| r.to_string()),
+            Some(format!("{tag}-httpd"))
+        );
+        assert_eq!(
+            container_id("default", "web", 2, "Not_A_Label").map(|r| r.to_string()),
+            Some(format!("{tag}-c2"))
+        );
+    }
+}
