@@ -6,8 +6,8 @@
 //!
 //! [nats]
 //! urls = ["tls://nats.example.net:4222"]
-//! creds_file = "/etc/fleetlet/device.creds"
-//! tls_ca = "/etc/fleetlet/ca.pem"
+//! creds_file = "/etc/fleetlet/nats.creds"
+//! tls_ca = "/etc/fleetlet/nats-ca.pem"
 //!
 //! [reconcile]
 //! drift_interval_seconds = 30
