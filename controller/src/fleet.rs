@@ -9,7 +9,7 @@ use std::{
 
 use async_nats::jetstream::kv::{CreateErrorKind, Store, UpdateErrorKind};
 use fleetlet_crds::{
-    Condition, EdgeDevice, EdgeManifest, EdgeManifestStatus, Time,
+    EdgeDevice, EdgeManifest, Time,
     k8s_openapi::jiff::Timestamp as KTime,
     kube::{
         Api, Client, Resource, ResourceExt,
@@ -34,8 +34,7 @@ use crate::{
     kvcache::KvCache,
     metrics::Metrics,
     plan::{
-        Conflict, DeviceState, DeviceView, ManifestView, OverLimit, Plan, PodView, Progress,
-        add_pods, plan,
+        Conflict, DeviceState, DeviceView, ManifestView, OverLimit, Plan, PodView, add_pods, plan,
     },
     pods::{PodWatch, REFUSED_PREFIX, Refusal, translate},
 };
@@ -719,7 +718,15 @@ impl Fleet {
             }
             let key = format!("{ns}/{name}");
             let progress = p.progress.get(&key).cloned().unwrap_or_default();
-            let status = self.manifest_status(m, &key, &progress, &p.conflicts, &p.over_limit);
+            let status = crate::status::manifest_status(&crate::status::Inputs {
+                manifest: m,
+                key: &key,
+                progress: &progress,
+                conflicts: &p.conflicts,
+                over_limit: &p.over_limit,
+                default_deadline: self.progress_deadline,
+                now: KTime::now(),
+            });
             if m.status.as_ref() != Some(&status) {
                 let patch = json!({ "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeManifest", "status": status });
                 match api
@@ -738,253 +745,6 @@ impl Fleet {
             }
         }
         patches
-    }
-
-    fn manifest_status(
-        &self,
-        m: &EdgeManifest,
-        key: &str,
-        pr: &Progress,
-        conflicts: &[Conflict],
-        over_limit: &[crate::plan::OverLimit],
-    ) -> EdgeManifestStatus {
-        let generation = m.metadata.generation.unwrap_or(0);
-        let old = m.status.clone().unwrap_or_default();
-        let complete = pr.updated == pr.targeted && pr.ready == pr.targeted;
-        let deadline = m
-            .spec
-            .rollout
-            .as_ref()
-            .and_then(|r| r.progress_deadline_seconds)
-            .map_or(self.progress_deadline, |s| {
-                Duration::from_secs(u64::from(s))
-            });
-        // The progress clock lives in the status (lastProgressTime), so it survives a
-        // controller restart or a change of leader: it restarts only when the generation or
-        // the number of Ready devices changes.
-        let now = KTime::now();
-        let last_progress = match &old.last_progress_time {
-            Some(t) if old.observed_generation == Some(generation) && old.ready == pr.ready => t.0,
-            _ => now,
-        };
-        let stalled_for = Duration::try_from(now.duration_since(last_progress)).unwrap_or_default();
-        let paused = m.spec.rollout.as_ref().is_some_and(|r| r.paused);
-        let blocking = || {
-            let mut names: Vec<&str> = pr
-                .waiting_on
-                .iter()
-                .chain(&pr.pending)
-                .map(|d| d.as_str())
-                .collect();
-            names.truncate(20);
-            names.join(", ")
-        };
-        // Failing resources, named: the first few, permanent ones first.
-        let mut failures: Vec<&crate::plan::Failure> = pr.failures.iter().collect();
-        failures.sort_by_key(|f| !f.permanent);
-        let name_failures = |fs: &[&crate::plan::Failure]| {
-            let devices: BTreeSet<&DeviceId> = fs.iter().map(|f| &f.device).collect();
-            let shown: Vec<String> = fs
-                .iter()
-                .take(5)
-                .map(|f| {
-                    format!(
-                        "{}/{}: {}{}",
-                        f.device,
-                        f.resource,
-                        f.error,
-                        if f.permanent { " (permanent)" } else { "" }
-                    )
-                })
-                .collect();
-            format!(
-                "{} resource(s) failing on {} device(s): {}{}",
-                fs.len(),
-                devices.len(),
-                shown.join("; "),
-                if fs.len() > shown.len() { "; …" } else { "" }
-            )
-        };
-        let permanent: Vec<&crate::plan::Failure> =
-            failures.iter().copied().filter(|f| f.permanent).collect();
-        let stuck_devices: BTreeSet<&DeviceId> = permanent.iter().map(|f| &f.device).collect();
-        // Nothing left that can move without a new spec: every device still waited on
-        // fails permanently.
-        let nothing_moves = !permanent.is_empty()
-            && pr.pending.is_empty()
-            && pr.waiting_on.iter().all(|d| stuck_devices.contains(d));
-        let mine_over: Vec<String> = over_limit
-            .iter()
-            .filter(|o| o.refused == key)
-            .map(|o| format!("{} ({})", o.device, o.limit))
-            .collect();
-        let over = (!mine_over.is_empty()).then(|| {
-            let n = mine_over.len();
-            let mut shown = mine_over.clone();
-            shown.truncate(10);
-            format!(
-                "left out on {n} device(s) it would take over their limits: {}",
-                shown.join(", ")
-            )
-        });
-        let progressing = if complete {
-            (
-                "True",
-                "RolloutComplete",
-                format!(
-                    "all {} devices run generation {generation} and are Ready",
-                    pr.targeted
-                ),
-            )
-        } else if paused {
-            (
-                "Unknown",
-                "RolloutPaused",
-                format!(
-                    "paused with {} of {} devices updated",
-                    pr.updated, pr.targeted
-                ),
-            )
-        } else if nothing_moves {
-            ("False", "PermanentFailure", name_failures(&permanent))
-        } else if let Some(msg) = over
-            .as_ref()
-            .filter(|_| pr.pending.is_empty() && pr.waiting_on.is_empty())
-        {
-            ("False", "DeviceLimitExceeded", msg.clone())
-        } else if stalled_for > deadline {
-            (
-                "False",
-                "ProgressDeadlineExceeded",
-                format!(
-                    "no device became Ready for more than {}s; waiting on: {}",
-                    deadline.as_secs(),
-                    blocking()
-                ),
-            )
-        } else {
-            (
-                "True",
-                "RollingOut",
-                format!(
-                    "{} of {} devices updated, {} Ready",
-                    pr.updated, pr.targeted, pr.ready
-                ),
-            )
-        };
-        let mine: Vec<String> = conflicts
-            .iter()
-            .filter(|c| c.kept_by == key || c.refused == key)
-            .map(|c| {
-                format!(
-                    "{} on {}: kept by {}, refused for {}",
-                    c.identity, c.device, c.kept_by, c.refused
-                )
-            })
-            .collect();
-        let conflict = if mine.is_empty() {
-            ("False", "NoConflicts", String::new())
-        } else {
-            let mut msg = mine.clone();
-            msg.truncate(10);
-            (
-                "True",
-                "ResourceConflict",
-                format!("{} conflict(s): {}", mine.len(), msg.join("; ")),
-            )
-        };
-        let available = if pr.ready == pr.targeted {
-            ("True", "AllDevicesReady", String::new())
-        } else {
-            (
-                "False",
-                "DevicesNotReady",
-                format!("{} of {} devices Ready", pr.ready, pr.targeted),
-            )
-        };
-        // kstatus's conditions (what Flux and Argo CD read): Ready once the rollout is
-        // complete without conflicts, Reconciling while it moves, Stalled when it cannot
-        // move without someone's help.
-        let stalled = if progressing.1 == "ProgressDeadlineExceeded" {
-            ("True", "ProgressDeadlineExceeded", progressing.2.clone())
-        } else if let Some(msg) = &over {
-            ("True", "DeviceLimitExceeded", msg.clone())
-        } else if !permanent.is_empty() {
-            // A resource that cannot succeed as written: waiting longer changes nothing.
-            ("True", "PermanentFailure", name_failures(&permanent))
-        } else if conflicts.iter().any(|c| c.refused == key) {
-            // Only the side that lost: the older manifest keeps its resources and works.
-            ("True", "ResourceConflict", conflict.2.clone())
-        } else {
-            ("False", "NotStalled", String::new())
-        };
-        let reconciling = if complete || paused || stalled.0 == "True" {
-            ("False", progressing.1, String::new())
-        } else {
-            ("True", progressing.1, progressing.2.clone())
-        };
-        let ready = if stalled.0 == "True" {
-            ("False", stalled.1, stalled.2.clone())
-        } else if complete {
-            ("True", progressing.1, progressing.2.clone())
-        } else {
-            ("False", progressing.1, progressing.2.clone())
-        };
-        // Nothing selected (a new manifest before its devices, or a selector with a typo):
-        // not Ready, and said so, rather than "complete" across zero devices.
-        let (ready, reconciling) = if pr.targeted == 0 && stalled.0 != "True" {
-            (
-                (
-                    "False",
-                    "NoDevicesSelected",
-                    "no EdgeDevice in this namespace matches spec.selector or spec.devices"
-                        .to_string(),
-                ),
-                ("False", "NoDevicesSelected", String::new()),
-            )
-        } else {
-            (ready, reconciling)
-        };
-        let cond = |type_: &str, (status, reason, message): (&str, &str, String)| {
-            let keep = old
-                .conditions
-                .iter()
-                .find(|c| c.type_ == type_ && c.status == status);
-            Condition {
-                type_: type_.into(),
-                status: status.into(),
-                reason: reason.into(),
-                message,
-                observed_generation: Some(generation),
-                last_transition_time: keep
-                    .map(|c| c.last_transition_time.clone())
-                    .unwrap_or(Time(KTime::now())),
-            }
-        };
-        EdgeManifestStatus {
-            observed_generation: Some(generation),
-            last_progress_time: Some(Time(last_progress)),
-            targeted: pr.targeted,
-            updated: pr.updated,
-            ready: pr.ready,
-            failed: pr.failed,
-            conditions: vec![
-                cond("Ready", ready),
-                cond("Reconciling", reconciling),
-                cond("Stalled", stalled),
-                cond("Progressing", progressing),
-                cond("Available", available),
-                cond("Conflict", conflict),
-                cond(
-                    "Degraded",
-                    if failures.is_empty() {
-                        ("False", "NoFailures", String::new())
-                    } else {
-                        ("True", "ResourcesFailed", name_failures(&failures))
-                    },
-                ),
-            ],
-        }
     }
 
     /// A Warning Event on the manifest and the device of each new [`OverLimit`].

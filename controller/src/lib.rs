@@ -15,6 +15,7 @@ pub mod reports;
 pub mod sealing;
 pub mod selector;
 pub mod signing;
+pub mod status;
 
 use std::{
     future::Future,
