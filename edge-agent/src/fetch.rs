@@ -478,9 +478,11 @@ impl Download {
         )))
     }
 
-    /// One GET from `offset`.
-    async fn request(&self, url: &Uri, offset: u64) -> Result<Response, Failure> {
-        let size = self.src.size;
+    /// An HTTP/1.1 connection over TLS to `url`'s server.
+    async fn connect(
+        &self,
+        url: &Uri,
+    ) -> Result<(http1::SendRequest<Body>, hyper::http::uri::Authority), Failure> {
         if url.scheme_str() != Some("https") {
             return Err(Failure::permanent(format!(
                 "{url}: only https:// is fetched"
@@ -508,7 +510,7 @@ impl Download {
         .await
         .map_err(|_| Failure::transient(format!("TLS with {authority}: timed out")))?
         .map_err(|e| Failure::transient(format!("TLS with {authority}: {e}")))?;
-        let (mut sender, conn) = http1::handshake::<_, Body>(tls)
+        let (sender, conn) = http1::handshake::<_, Body>(tls)
             .await
             .map_err(|e| Failure::transient(format!("HTTP with {authority}: {e}")))?;
         tokio::spawn(async move {
@@ -516,6 +518,13 @@ impl Download {
                 debug!(error = %e, "download connection ended");
             }
         });
+        Ok((sender, authority))
+    }
+
+    /// One GET from `offset`.
+    async fn request(&self, url: &Uri, offset: u64) -> Result<Response, Failure> {
+        let size = self.src.size;
+        let (mut sender, authority) = self.connect(url).await?;
         let path = url.path_and_query().map_or("/", |p| p.as_str());
         let mut req = Request::get(path)
             .header(header::HOST, authority.as_str())
