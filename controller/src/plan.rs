@@ -230,10 +230,13 @@ pub struct Plan {
 
 fn identities(r: &ManagedResource) -> Vec<String> {
     let mut out = vec![format!("id {}", r.id)];
+    // Every kind is listed, so a new kind has to say what two manifests can collide on.
     match &r.spec {
         ResourceSpec::File(f) => out.push(format!("file {}", f.path)),
         ResourceSpec::SystemdUnit(u) => out.push(format!("unit {}", u.name)),
-        _ => {}
+        ResourceSpec::NetworkConfig(n) => out.push(format!("interface {}", n.interface)),
+        // A container is named after its id (covered above); a job only runs.
+        ResourceSpec::Container(_) | ResourceSpec::ShellJob(_) | ResourceSpec::Unsupported(_) => {}
     }
     out
 }
@@ -653,6 +656,40 @@ mod tests {
                 ("id cfg", "ns/old", "ns/young")
             ]
         );
+    }
+
+    #[test]
+    fn the_older_manifest_keeps_a_contested_network_interface() {
+        let net = |id: &str, address: &str| ResourceTemplate {
+            id: ResourceId::new(id).unwrap(),
+            spec: ResourceSpec::NetworkConfig(fleetlet_protocol::NetworkConfigSpec {
+                interface: "eth0".into(),
+                addresses: vec![address.into()],
+                ..Default::default()
+            }),
+        };
+        let devices = [dev("a", &[("role", "sensor")])];
+        let ms = [
+            manifest(
+                "young",
+                "2026-02",
+                Some("sensor"),
+                &[],
+                vec![net("young-net", "10.0.0.2/24")],
+            ),
+            manifest(
+                "old",
+                "2026-01",
+                Some("sensor"),
+                &[],
+                vec![net("old-net", "10.0.0.1/24")],
+            ),
+        ];
+        let p = plan(&devices, &ms, &HashMap::new());
+        assert_eq!(p.conflicts.len(), 1, "{:?}", p.conflicts);
+        assert_eq!(p.conflicts[0].identity, "interface eth0");
+        assert_eq!(p.conflicts[0].kept_by, "ns/old");
+        assert_eq!(ids(&p, "a"), ["old-net"]);
     }
 
     #[test]
