@@ -444,11 +444,28 @@ async fn attack(
             .await
             .unwrap();
         if let Some(own) = &attacker.barrier {
-            let ack = attacker
-                .client
-                .request(own.clone(), "{}".into())
-                .await
-                .unwrap();
+            // The attacker's own write, acknowledged: everything it sent before has been
+            // handled. Retried on a timeout (a loaded machine), never on a refusal.
+            let mut attempt = 0;
+            let ack = loop {
+                attempt += 1;
+                match attacker.client.request(own.clone(), "{}".into()).await {
+                    Ok(ack) => break ack,
+                    Err(e)
+                        if attempt < 4
+                            && e.kind() == async_nats::client::RequestErrorKind::TimedOut =>
+                    {
+                        eprintln!(
+                            "{}: own write after {} ({}) timed out; asking again",
+                            attacker.name, case.class, case.subject
+                        );
+                    }
+                    Err(e) => panic!(
+                        "{}'s own write after {} ({}) got no answer in {attempt} tries: {e}",
+                        attacker.name, case.class, case.subject
+                    ),
+                }
+            };
             assert!(
                 String::from_utf8_lossy(&ack.payload).contains("\"seq\""),
                 "{}'s own write is refused: {ack:?}",
