@@ -12,7 +12,7 @@
 
 use std::{
     collections::BTreeMap,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -21,26 +21,17 @@ use fleetlet_protocol::{
     API_VERSION, AgentStatus, Capacity, DeviceId, Free, Heartbeat, SystemInfo, Timestamp, encode,
     kv::{ACTUAL_STATE, HEARTBEAT},
 };
-use fleetlet_testenv::bench::{apiserver_writes, proc_stat};
+use fleetlet_testenv::bench::{Proc, apiserver_writes, proc_stat};
 use fleetlet_testenv::{TestEnv, process::free_port};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use kube::{
     Api,
-    api::PostParams,
     runtime::{WatchStreamExt, watcher},
 };
 use serde_json::json;
 
 const LEASE_HIST: &str = "fleetlet_bridge_heartbeat_to_lease_ms";
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn heartbeat(dev: &str, seq: u64) -> Vec<u8> {
     encode(&Heartbeat {
@@ -132,32 +123,15 @@ async fn run(n: usize, window: u64) -> serde_json::Value {
     eprintln!("== {n} devices");
     let env = TestEnv::builder().kube().nats().start().await.unwrap();
     let client = env.kube_client().await.unwrap();
-    let ns_api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-    for ns in ["fleet", "fleetlet-system"] {
-        ns_api
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({ "metadata": { "name": ns } })).unwrap(),
-            )
-            .await
-            .unwrap();
-    }
+    fleetlet_testenv::bench::create_namespaces(&client, &["fleet", "fleetlet-system"]).await;
     let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), "fleet");
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let devices = devices.clone();
-            async move {
-                let d: EdgeDevice = serde_json::from_value(
-                    json!({ "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice",
-                    "metadata": { "name": format!("dev-{i:05}") }, "spec": {} }),
-                )
-                .unwrap();
-                devices.create(&PostParams::default(), &d).await.unwrap();
-            }
-        })
-        .buffer_unordered(32)
-        .collect::<Vec<_>>()
-        .await;
+    fleetlet_testenv::bench::create_devices(
+        &client,
+        "fleet",
+        n,
+        |i| json!({ "name": format!("dev-{i:05}") }),
+    )
+    .await;
 
     // Heartbeats: every device every 10 s, spread evenly.
     let js = env.jetstream().await.unwrap();

@@ -12,13 +12,13 @@
 
 use std::{
     collections::HashSet,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use fleetlet_crds::{EdgeDevice, EdgeManifest};
+use fleetlet_crds::EdgeManifest;
 use fleetlet_protocol::{AgentManifest, decode, kv::DESIRED_STATE};
-use fleetlet_testenv::bench::proc_stat;
+use fleetlet_testenv::bench::{Proc, proc_stat};
 use fleetlet_testenv::{TestEnv, process::free_port};
 use futures::StreamExt;
 use kube::{
@@ -26,14 +26,6 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
 };
 use serde_json::json;
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn manifest(name: &str, selector: serde_json::Value, text: &str) -> EdgeManifest {
     serde_json::from_value(json!({
@@ -75,35 +67,13 @@ async fn run(n: usize) -> serde_json::Value {
     eprintln!("== {n} devices");
     let env = TestEnv::builder().kube().nats().start().await.unwrap();
     let client = env.kube_client().await.unwrap();
-    let ns_api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-    for ns in ["fleet", "fleetlet-system"] {
-        ns_api
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({ "metadata": { "name": ns } })).unwrap(),
-            )
-            .await
-            .unwrap();
-    }
-    let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), "fleet");
+    fleetlet_testenv::bench::create_namespaces(&client, &["fleet", "fleetlet-system"]).await;
     let manifests: Api<EdgeManifest> = Api::namespaced(client.clone(), "fleet");
     let t = Instant::now();
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let devices = devices.clone();
-            async move {
-                let d: EdgeDevice = serde_json::from_value(json!({
-                    "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice",
-                    "metadata": { "name": format!("dev-{i:05}"), "labels": { "group": format!("g{}", i % 100), "fleet": "all" } },
-                    "spec": {}
-                }))
-                .unwrap();
-                devices.create(&PostParams::default(), &d).await.unwrap();
-            }
-        })
-        .buffer_unordered(32)
-        .collect::<Vec<_>>()
-        .await;
+    fleetlet_testenv::bench::create_devices(&client, "fleet", n, |i| {
+        json!({ "name": format!("dev-{i:05}"), "labels": { "group": format!("g{}", i % 100), "fleet": "all" } })
+    })
+    .await;
     for g in 0..100 {
         manifests
             .create(

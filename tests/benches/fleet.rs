@@ -26,41 +26,26 @@ use std::{
     collections::HashMap,
     io::BufRead,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use async_nats::jetstream::kv::Operation;
-use fleetlet_crds::{EdgeDevice, EdgeManifest};
+use fleetlet_crds::EdgeManifest;
 use fleetlet_protocol::{AgentManifest, AgentStatus, ResourceStatus, decode};
 use fleetlet_testenv::{
     TestEnv,
     bench::{
-        apiserver_writes, delta, nats_connection_bytes, nats_traffic, proc_stat, pss_mib, quantile,
+        Proc, apiserver_writes, delta, nats_connection_bytes, nats_traffic, proc_stat, pss_mib,
+        quantile,
     },
     process::free_port,
     repo_root,
 };
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
-use kube::{
-    Api,
-    api::{ListParams, PostParams},
-};
+use kube::{Api, api::ListParams};
 use serde_json::{Value, json};
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
 
 fn bin(name: &str) -> PathBuf {
     std::env::var_os("FLEETLET_BENCH_BIN_DIR")
@@ -285,38 +270,12 @@ async fn fleet_phase(n: usize, window: u64, vk: usize, profile: bool) -> Value {
     let client = env.kube_client().await.unwrap();
     let kubeconfig = env.kubeconfig().unwrap().display().to_string();
     let monitor = env.nats.as_ref().unwrap().monitor_port;
-    let ns_api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-    for ns in ["bench", "fleetlet-system"] {
-        ns_api
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({ "metadata": { "name": ns } })).unwrap(),
-            )
-            .await
-            .unwrap();
-    }
-    let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), "bench");
-    let created = Instant::now();
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let devices = devices.clone();
-            async move {
-                let d: EdgeDevice = serde_json::from_value(json!({
-                    "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice",
-                    "metadata": { "name": format!("sim-{i}"), "labels": { "fleet": "bench", "group": format!("g{}", i % 100) } },
-                    "spec": {}
-                }))
-                .unwrap();
-                devices.create(&PostParams::default(), &d).await.unwrap();
-            }
-        })
-        .buffer_unordered(32)
-        .collect::<Vec<_>>()
-        .await;
-    eprintln!(
-        "   {n} EdgeDevices in {:.1}s",
-        created.elapsed().as_secs_f64()
-    );
+    fleetlet_testenv::bench::create_namespaces(&client, &["bench", "fleetlet-system"]).await;
+    let created = fleetlet_testenv::bench::create_devices(&client, "bench", n, |i| {
+        json!({ "name": format!("sim-{i}"), "labels": { "fleet": "bench", "group": format!("g{}", i % 100) } })
+    })
+    .await;
+    eprintln!("   {n} EdgeDevices in {created:.1}s");
 
     // The simulated devices' state and files live in memory when it can: each real device
     // syncs its own storage, while thousands of simulated ones syncing one disk would

@@ -127,6 +127,71 @@ pub fn quantile(values: &[f64], q: f64) -> Option<f64> {
     v.get(rank - 1).copied()
 }
 
+/// A server process a benchmark started, killed and reaped when dropped.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+/// Creates each of `names` (benchmarks start from an empty apiserver). Panics on failure:
+/// a benchmark cannot go on without them.
+pub async fn create_namespaces(client: &kube::Client, names: &[&str]) {
+    let api: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
+    for name in names {
+        let ns = serde_json::from_value(serde_json::json!({ "metadata": { "name": name } }))
+            .expect("a namespace object");
+        api.create(&kube::api::PostParams::default(), &ns)
+            .await
+            .expect("creating a namespace");
+    }
+}
+
+/// Creates `n` EdgeDevices in `namespace`, device `i` with `metadata` (name, labels) from
+/// `metadata(i)`, 32 requests at a time; returns the seconds it took.
+pub async fn create_devices(
+    client: &kube::Client,
+    namespace: &str,
+    n: usize,
+    metadata: impl Fn(usize) -> serde_json::Value,
+) -> f64 {
+    use futures::StreamExt;
+    let api: kube::Api<fleetlet_crds::EdgeDevice> =
+        kube::Api::namespaced(client.clone(), namespace);
+    let started = std::time::Instant::now();
+    let objects: Vec<fleetlet_crds::EdgeDevice> = (0..n)
+        .map(|i| {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice",
+                "metadata": metadata(i), "spec": {}
+            }))
+            .expect("an EdgeDevice")
+        })
+        .collect();
+    futures::stream::iter(objects)
+        .map(|d| {
+            let api = api.clone();
+            async move {
+                api.create(&kube::api::PostParams::default(), &d)
+                    .await
+                    .expect("creating an EdgeDevice");
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    started.elapsed().as_secs_f64()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
