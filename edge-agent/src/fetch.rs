@@ -201,16 +201,10 @@ impl Fetcher {
     }
 
     /// Starts downloading `src` into `part` for `target`, stopping any other download for
-    /// the same target (an older spec's).
-    pub fn start(&self, target: &Path, part: PathBuf, src: FetchSource) {
+    /// the same target (an older spec's). Err: no TLS configuration to download with.
+    pub fn start(&self, target: &Path, part: PathBuf, src: FetchSource) -> Result<(), String> {
         self.cancel(target);
-        let tls = match self.tls_config() {
-            Ok(c) => c,
-            Err(e) => {
-                self.finished(target, part, src.size, Err(Failure::transient(e)));
-                return;
-            }
-        };
+        let tls = self.tls_config()?;
         let state = Arc::new(Mutex::new(JobState::default()));
         let run = Download {
             tls,
@@ -239,24 +233,7 @@ impl Fetcher {
                 task: task.abort_handle(),
             },
         );
-    }
-
-    fn finished(&self, target: &Path, part: PathBuf, total: u64, outcome: Result<(), Failure>) {
-        let state = JobState {
-            outcome: Some(outcome),
-            ..JobState::default()
-        };
-        let task = tokio::spawn(async {}).abort_handle();
-        self.jobs().insert(
-            part,
-            Job {
-                target: target.to_path_buf(),
-                total,
-                started: Instant::now(),
-                state: Arc::new(Mutex::new(state)),
-                task,
-            },
-        );
+        Ok(())
     }
 
     fn refused(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (PathBuf, Failure)>> {

@@ -153,6 +153,37 @@ impl FileReconciler {
             .await
             .map_err(|e| ReconcileError::Runtime(format!("file task failed: {e}")))?
     }
+
+    /// Brings fetched content in: starts its download, reports its progress, or installs
+    /// it once verified.
+    async fn fetch(&self, t: Target, src: FetchSource) -> Result<ResourceDetails, ReconcileError> {
+        let part = partial_path(&t.path, &t.sha256);
+        match self.inner.fetcher.poll(&part) {
+            Poll::Running(progress) => Err(ReconcileError::InProgress(progress)),
+            Poll::Done => self.blocking(move |inner| inner.install(&t, &part)).await,
+            Poll::Failed(f) if f.permanent => Err(ReconcileError::Invalid(f.message)),
+            Poll::Failed(f) => Err(ReconcileError::Runtime(f.message)),
+            Poll::Idle => {
+                let path = t.path.clone();
+                let check = part.clone();
+                self.blocking(move |inner| inner.prepare_fetch(&t, &check))
+                    .await?;
+                self.inner
+                    .fetcher
+                    .start(&path, part, src)
+                    .map_err(ReconcileError::Runtime)?;
+                Err(ReconcileError::InProgress("download starting".into()))
+            }
+        }
+    }
+}
+
+/// What reconciling a File leaves to do after looking at it.
+enum Next {
+    /// In sync, or written: nothing more.
+    Done(ResourceDetails),
+    /// Content to download.
+    Fetch(Target, FetchSource),
 }
 
 impl Inner {
@@ -471,14 +502,18 @@ impl Reconciler for FileReconciler {
         spec: &FileSpec,
     ) -> Result<ResourceDetails, ReconcileError> {
         let spec = spec.clone();
-        let t = self
+        let next = self
             .blocking(move |inner| {
                 let t = inner.target(&spec)?;
                 if let Observation::InSync(d) = inner.observe(&t)? {
-                    return Ok(Err(d));
+                    return Ok(Next::Done(d));
                 }
-                let Content::Inline(bytes) = &t.content else {
-                    return Ok(Ok(t));
+                let bytes = match &t.content {
+                    Content::Fetch(src) => {
+                        let src = src.clone();
+                        return Ok(Next::Fetch(t, src));
+                    }
+                    Content::Inline(bytes) => bytes,
                 };
                 if let Some(dir) = t.path.parent() {
                     fs::create_dir_all(dir).map_err(|e| {
@@ -491,32 +526,12 @@ impl Reconciler for FileReconciler {
                 }
                 write_atomic(&t.path, bytes, t.mode, t.owner)
                     .map_err(|e| ReconcileError::io(format!("writing {}", t.path.display()), e))?;
-                Ok(Err(details(&t)))
+                Ok(Next::Done(details(&t)))
             })
             .await?;
-        // Err: done (in sync or written); Ok: content to fetch.
-        let t = match t {
-            Err(done) => return Ok(done),
-            Ok(t) => t,
-        };
-        let Content::Fetch(src) = &t.content else {
-            return Ok(details(&t));
-        };
-        let part = partial_path(&t.path, &t.sha256);
-        match self.inner.fetcher.poll(&part) {
-            Poll::Running(progress) => Err(ReconcileError::InProgress(progress)),
-            Poll::Done => self.blocking(move |inner| inner.install(&t, &part)).await,
-            Poll::Failed(f) if f.permanent => Err(ReconcileError::Invalid(f.message)),
-            Poll::Failed(f) => Err(ReconcileError::Runtime(f.message)),
-            Poll::Idle => {
-                let src = src.clone();
-                let path = t.path.clone();
-                let check = part.clone();
-                self.blocking(move |inner| inner.prepare_fetch(&t, &check))
-                    .await?;
-                self.inner.fetcher.start(&path, part, src);
-                Err(ReconcileError::InProgress("download starting".into()))
-            }
+        match next {
+            Next::Done(d) => Ok(d),
+            Next::Fetch(t, src) => self.fetch(t, src).await,
         }
     }
 
