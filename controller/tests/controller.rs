@@ -552,30 +552,7 @@ async fn a_device_reporting_an_impossible_generation_stalls_nothing() {
     .await;
     // The EdgeDevice says what happened.
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client, &ns);
-    eventually(
-        "the GenerationOutOfRange event",
-        DEFAULT_TIMEOUT,
-        || async {
-            let list = events
-                .list(&Default::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            list.items
-                .iter()
-                .any(|e| e.reason.as_deref() == Some("GenerationOutOfRange"))
-                .then_some(())
-                .ok_or_else(|| {
-                    format!(
-                        "{:?}",
-                        list.items
-                            .iter()
-                            .map(|e| e.reason.clone())
-                            .collect::<Vec<_>>()
-                    )
-                })
-        },
-    )
-    .await;
+    fleetlet_testenv::wait::event(&events, "EdgeDevice", "hg-evil", "GenerationOutOfRange").await;
     // Recovery: the device's state is reset (it reports what it was sent); the condition
     // goes, and nothing else of its status is lost.
     let (m, _) = desired_of(&kv, "hg-evil").await.unwrap();

@@ -108,6 +108,48 @@ pub async fn file_contains(path: &Path, needle: &str, timeout: Duration) -> Stri
     .await
 }
 
+/// Waits for an Event (events.k8s.io) with `reason` on the object of `kind` and `name`,
+/// and returns its note; on timeout, says which events there were.
+pub async fn event(
+    events: &kube::Api<k8s_openapi::api::events::v1::Event>,
+    kind: &str,
+    name: &str,
+    reason: &str,
+) -> String {
+    eventually(
+        &format!("a {reason} event on {kind} {name}"),
+        DEFAULT_TIMEOUT,
+        || async {
+            let list = events
+                .list(&Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            list.items
+                .iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some(reason)
+                        && e.regarding.as_ref().is_some_and(|r| {
+                            r.kind.as_deref() == Some(kind) && r.name.as_deref() == Some(name)
+                        })
+                })
+                .map(|e| e.note.clone().unwrap_or_default())
+                .ok_or_else(|| {
+                    format!(
+                        "events: {:?}",
+                        list.items
+                            .iter()
+                            .map(|e| (
+                                e.reason.clone(),
+                                e.regarding.as_ref().and_then(|r| r.name.clone())
+                            ))
+                            .collect::<Vec<_>>()
+                    )
+                })
+        },
+    )
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

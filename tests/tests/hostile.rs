@@ -135,42 +135,6 @@ async fn device_condition(
     wait_condition(api, name, get, (type_, status, reason)).await
 }
 
-/// Waits for an Event with `reason` on the object of `kind` and `name`; its note.
-async fn event(events: &Api<Event>, kind: &str, name: &str, reason: &str) -> String {
-    eventually(
-        &format!("a {reason} event on {kind} {name}"),
-        DEFAULT_TIMEOUT,
-        || async {
-            let list = events
-                .list(&Default::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            list.items
-                .iter()
-                .find(|e| {
-                    e.reason.as_deref() == Some(reason)
-                        && e.regarding.as_ref().is_some_and(|r| {
-                            r.kind.as_deref() == Some(kind) && r.name.as_deref() == Some(name)
-                        })
-                })
-                .map(|e| e.note.clone().unwrap_or_default())
-                .ok_or_else(|| {
-                    format!(
-                        "events: {:?}",
-                        list.items
-                            .iter()
-                            .map(|e| (
-                                e.reason.clone(),
-                                e.regarding.as_ref().and_then(|r| r.name.clone())
-                            ))
-                            .collect::<Vec<_>>()
-                    )
-                })
-        },
-    )
-    .await
-}
-
 /// `n` small files for manifest `m`: ids `<m>-<i>`, under /etc/fleetlet/<m>/.
 fn files(m: &str, n: usize) -> Vec<(String, String, String)> {
     (0..n)
@@ -272,9 +236,9 @@ async fn a_manifest_that_would_take_a_device_over_its_limits_is_left_out_there_a
     .await;
     assert!(msg.contains(&format!("{ns}/m4")), "{msg}");
     let events: Api<Event> = Api::namespaced(client, &ns);
-    let note = event(&events, "EdgeManifest", "m4", "DeviceLimitExceeded").await;
+    let note = wait::event(&events, "EdgeManifest", "m4", "DeviceLimitExceeded").await;
     assert!(note.contains("lim-a"), "{note}");
-    event(&events, "EdgeDevice", "lim-a", "DeviceLimitExceeded").await;
+    wait::event(&events, "EdgeDevice", "lim-a", "DeviceLimitExceeded").await;
 
     // Room made: m4 follows on lim-a and the condition goes.
     manifests.delete("m0", &Default::default()).await.unwrap();
@@ -404,19 +368,19 @@ async fn what_fails_on_a_device_shows_in_kubectl() {
     let msg = device_condition(&devices, "vis-a", "Degraded", "True", "ResourcesFailed").await;
     assert!(msg.contains("bad (Failed, permanent"), "{msg}");
     // Events on both.
-    let note = event(&events, "EdgeManifest", "mixed", "ResourceFailed").await;
+    let note = wait::event(&events, "EdgeManifest", "mixed", "ResourceFailed").await;
     assert!(
         note.contains("bad on device vis-a") && note.contains("permanent"),
         "{note}"
     );
-    event(&events, "EdgeDevice", "vis-a", "ResourceFailed").await;
+    wait::event(&events, "EdgeDevice", "vis-a", "ResourceFailed").await;
 
     // Drift: the good file changed behind the agent's back is put back, and said so.
     std::fs::write(root.join("etc/fleetlet/good"), "tampered").unwrap();
     wait::file_content(&root.join("etc/fleetlet/good"), "good", DEFAULT_TIMEOUT).await;
-    let note = event(&events, "EdgeDevice", "vis-a", "DriftRepaired").await;
+    let note = wait::event(&events, "EdgeDevice", "vis-a", "DriftRepaired").await;
     assert!(note.contains("good on device vis-a"), "{note}");
-    event(&events, "EdgeManifest", "mixed", "DriftRepaired").await;
+    wait::event(&events, "EdgeManifest", "mixed", "DriftRepaired").await;
 
     // A manifest the agent refuses, written straight into NATS: an Event on the device.
     let kv = env
@@ -430,7 +394,7 @@ async fn what_fails_on_a_device_shows_in_kubectl() {
     kv.put("vis-a", encode(&forged).unwrap().into())
         .await
         .unwrap();
-    let note = event(&events, "EdgeDevice", "vis-a", "ManifestRejected").await;
+    let note = wait::event(&events, "EdgeDevice", "vis-a", "ManifestRejected").await;
     assert!(note.contains("WrongDevice"), "{note}");
     // The controller rewrites the device's manifest; the good file never went away.
     tokio::time::sleep(Duration::from_secs(2)).await;
