@@ -503,196 +503,24 @@ impl Config {
         }
     }
 
-    /// Checks everything that can be checked before starting.
+    /// Checks everything that can be checked before starting, section by section.
     pub fn validate(mut self) -> Result<Settings, ConfigError> {
         let device = DeviceId::new(self.device_id.clone())?;
         if !self.state_dir.is_absolute() {
             return Err(invalid("state_dir", "must be an absolute path"));
         }
-        if self.nats.urls.is_empty() {
-            return Err(invalid("nats.urls", "at least one server URL is required"));
+        self.nats.check()?;
+        self.reconcile.check()?;
+        let enabled_kinds = self.reconcile.kinds()?;
+        self.file.check()?;
+        self.container.check()?;
+        self.systemd.check()?;
+        self.shell_job.check()?;
+        if self.shell_job.audit_log.is_none() {
+            self.shell_job.audit_log = Some(self.state_dir.join("shell-jobs.log"));
         }
-        for url in &self.nats.urls {
-            let ok = ["nats://", "tls://", "ws://", "wss://"]
-                .iter()
-                .any(|s| url.starts_with(s) && url.len() > s.len());
-            if !ok {
-                return Err(invalid(
-                    "nats.urls",
-                    format!("{url:?} is not a nats://, tls://, ws:// or wss:// URL"),
-                ));
-            }
-        }
-        let n = &self.nats;
-        let methods = [
-            n.user.is_some() || n.password.is_some(),
-            n.token.is_some(),
-            n.nkey_seed_file.is_some(),
-            n.creds_file.is_some(),
-        ];
-        if methods.iter().filter(|m| **m).count() > 1 {
-            return Err(invalid(
-                "nats",
-                "choose one of user/password, token, nkey_seed_file, creds_file",
-            ));
-        }
-        if n.user.is_some() != n.password.is_some() {
-            return Err(invalid("nats", "user and password go together"));
-        }
-        if n.tls_cert.is_some() != n.tls_key.is_some() {
-            return Err(invalid("nats", "tls_cert and tls_key go together"));
-        }
-        for (field, path) in [
-            ("nats.nkey_seed_file", &n.nkey_seed_file),
-            ("nats.creds_file", &n.creds_file),
-            ("nats.tls_ca", &n.tls_ca),
-            ("nats.tls_cert", &n.tls_cert),
-            ("nats.tls_key", &n.tls_key),
-        ] {
-            if let Some(p) = path
-                && let Err(e) = std::fs::File::open(p)
-            {
-                return Err(invalid(field, format!("cannot read {}: {e}", p.display())));
-            }
-        }
-        if let Some(prefix) = &n.inbox_prefix
-            && (prefix.is_empty() || prefix.contains(['*', '>', ' ']))
-        {
-            return Err(invalid(
-                "nats.inbox_prefix",
-                "must be a plain subject prefix",
-            ));
-        }
-
+        let manifest_keys = self.trust.keys()?;
         let r = &self.reconcile;
-        if r.drift_interval_seconds == 0 {
-            return Err(invalid(
-                "reconcile.drift_interval_seconds",
-                "must be at least 1",
-            ));
-        }
-        if r.heartbeat_interval_seconds == 0 {
-            return Err(invalid(
-                "reconcile.heartbeat_interval_seconds",
-                "must be at least 1",
-            ));
-        }
-        if r.concurrency == 0 {
-            return Err(invalid("reconcile.concurrency", "must be at least 1"));
-        }
-        if r.max_manifest_bytes == 0 || r.max_manifest_bytes > MAX_MANIFEST_BYTES {
-            return Err(invalid(
-                "reconcile.max_manifest_bytes",
-                format!("must be between 1 and {MAX_MANIFEST_BYTES}"),
-            ));
-        }
-        if r.backoff_initial_ms == 0 || r.backoff_max_ms < r.backoff_initial_ms {
-            return Err(invalid(
-                "reconcile.backoff_initial_ms",
-                "must be at least 1 and at most backoff_max_ms",
-            ));
-        }
-        let mut enabled_kinds = BTreeSet::new();
-        for k in &r.enabled_kinds {
-            let kind = ResourceKind::KNOWN
-                .into_iter()
-                .find(|known| known.key() == k)
-                .ok_or_else(|| {
-                    invalid(
-                        "reconcile.enabled_kinds",
-                        format!(
-                            "unknown kind {k:?}; known: {}",
-                            ResourceKind::KNOWN.map(|k| k.key()).join(", ")
-                        ),
-                    )
-                })?;
-            enabled_kinds.insert(kind);
-        }
-        for root in &self.file.allowed_roots {
-            if !root.is_absolute()
-                || root
-                    .components()
-                    .any(|c| matches!(c, std::path::Component::ParentDir))
-            {
-                return Err(invalid(
-                    "file.allowed_roots",
-                    format!("{} must be an absolute path without '..'", root.display()),
-                ));
-            }
-            if root == Path::new("/") {
-                return Err(invalid(
-                    "file.allowed_roots",
-                    "'/' would let manifests overwrite any file; name specific directories",
-                ));
-            }
-        }
-        if let Some(p) = &self.file.path_prefix
-            && !p.is_absolute()
-        {
-            return Err(invalid("file.path_prefix", "must be an absolute path"));
-        }
-        if self.file.fetch_stall_seconds == 0 {
-            return Err(invalid("file.fetch_stall_seconds", "must be at least 1"));
-        }
-        if let Some(ca) = &self.file.fetch_ca_file
-            && !ca.is_absolute()
-        {
-            return Err(invalid("file.fetch_ca_file", "must be an absolute path"));
-        }
-        let c = &self.container;
-        if !c.socket.is_absolute() {
-            return Err(invalid("container.socket", "must be an absolute path"));
-        }
-        if !c
-            .name_prefix
-            .chars()
-            .all(|ch| ch.is_ascii_alphanumeric() || "_.-".contains(ch))
-        {
-            return Err(invalid(
-                "container.name_prefix",
-                "letters, digits, '_', '.' and '-' only",
-            ));
-        }
-        if !self.systemd.unit_dir.is_absolute() {
-            return Err(invalid("systemd.unit_dir", "must be an absolute path"));
-        }
-        if self.systemd.job_timeout_seconds == 0 {
-            return Err(invalid("systemd.job_timeout_seconds", "must be at least 1"));
-        }
-        let j = &mut self.shell_job;
-        if j.default_timeout_seconds == 0 || j.max_timeout_seconds < j.default_timeout_seconds {
-            return Err(invalid(
-                "shell_job.default_timeout_seconds",
-                "must be at least 1 and at most max_timeout_seconds",
-            ));
-        }
-        if j.max_output_bytes > 16 * 1024 {
-            return Err(invalid(
-                "shell_job.max_output_bytes",
-                "at most 16384: output travels in the device's status",
-            ));
-        }
-        if !j.working_dir.is_absolute() {
-            return Err(invalid("shell_job.working_dir", "must be an absolute path"));
-        }
-        if j.audit_log.is_none() {
-            j.audit_log = Some(self.state_dir.join("shell-jobs.log"));
-        }
-        let mut manifest_keys = std::collections::BTreeMap::new();
-        for (id, key) in &self.trust.manifest_keys {
-            use base64::Engine;
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(key.trim())
-                .ok()
-                .filter(|b| b.len() == 32)
-                .ok_or_else(|| {
-                    invalid(
-                        "trust.manifest_keys",
-                        format!("key {id:?} is not the base64 of a 32-byte ed25519 public key"),
-                    )
-                })?;
-            manifest_keys.insert(id.clone(), bytes);
-        }
         Ok(Settings {
             device,
             state_dir: self.state_dir,
@@ -720,6 +548,250 @@ impl Config {
             manifest_keys,
             allow_unsigned: self.trust.allow_unsigned,
         })
+    }
+}
+
+impl NatsConfig {
+    /// Server URLs, then authentication, then the files it names, then the inbox prefix.
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.urls.is_empty() {
+            return Err(invalid("nats.urls", "at least one server URL is required"));
+        }
+        for url in &self.urls {
+            let ok = ["nats://", "tls://", "ws://", "wss://"]
+                .iter()
+                .any(|s| url.starts_with(s) && url.len() > s.len());
+            if !ok {
+                return Err(invalid(
+                    "nats.urls",
+                    format!("{url:?} is not a nats://, tls://, ws:// or wss:// URL"),
+                ));
+            }
+        }
+        self.check_auth()?;
+        self.check_files()?;
+        if let Some(prefix) = &self.inbox_prefix
+            && (prefix.is_empty() || prefix.contains(['*', '>', ' ']))
+        {
+            return Err(invalid(
+                "nats.inbox_prefix",
+                "must be a plain subject prefix",
+            ));
+        }
+        Ok(())
+    }
+
+    /// At most one authentication method, and the settings that go in pairs, paired.
+    fn check_auth(&self) -> Result<(), ConfigError> {
+        let methods = [
+            self.user.is_some() || self.password.is_some(),
+            self.token.is_some(),
+            self.nkey_seed_file.is_some(),
+            self.creds_file.is_some(),
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            return Err(invalid(
+                "nats",
+                "choose one of user/password, token, nkey_seed_file, creds_file",
+            ));
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return Err(invalid("nats", "user and password go together"));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(invalid("nats", "tls_cert and tls_key go together"));
+        }
+        Ok(())
+    }
+
+    /// Every credential and TLS file named can be opened now, not at the first connection.
+    fn check_files(&self) -> Result<(), ConfigError> {
+        for (field, path) in [
+            ("nats.nkey_seed_file", &self.nkey_seed_file),
+            ("nats.creds_file", &self.creds_file),
+            ("nats.tls_ca", &self.tls_ca),
+            ("nats.tls_cert", &self.tls_cert),
+            ("nats.tls_key", &self.tls_key),
+        ] {
+            if let Some(p) = path
+                && let Err(e) = std::fs::File::open(p)
+            {
+                return Err(invalid(field, format!("cannot read {}: {e}", p.display())));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ReconcileConfig {
+    /// Intervals, concurrency, the manifest size limit and backoff are usable.
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.drift_interval_seconds == 0 {
+            return Err(invalid(
+                "reconcile.drift_interval_seconds",
+                "must be at least 1",
+            ));
+        }
+        if self.heartbeat_interval_seconds == 0 {
+            return Err(invalid(
+                "reconcile.heartbeat_interval_seconds",
+                "must be at least 1",
+            ));
+        }
+        if self.concurrency == 0 {
+            return Err(invalid("reconcile.concurrency", "must be at least 1"));
+        }
+        if self.max_manifest_bytes == 0 || self.max_manifest_bytes > MAX_MANIFEST_BYTES {
+            return Err(invalid(
+                "reconcile.max_manifest_bytes",
+                format!("must be between 1 and {MAX_MANIFEST_BYTES}"),
+            ));
+        }
+        if self.backoff_initial_ms == 0 || self.backoff_max_ms < self.backoff_initial_ms {
+            return Err(invalid(
+                "reconcile.backoff_initial_ms",
+                "must be at least 1 and at most backoff_max_ms",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The enabled kinds, each a kind this agent knows.
+    fn kinds(&self) -> Result<BTreeSet<ResourceKind>, ConfigError> {
+        let mut enabled_kinds = BTreeSet::new();
+        for k in &self.enabled_kinds {
+            let kind = ResourceKind::KNOWN
+                .into_iter()
+                .find(|known| known.key() == k)
+                .ok_or_else(|| {
+                    invalid(
+                        "reconcile.enabled_kinds",
+                        format!(
+                            "unknown kind {k:?}; known: {}",
+                            ResourceKind::KNOWN.map(|k| k.key()).join(", ")
+                        ),
+                    )
+                })?;
+            enabled_kinds.insert(kind);
+        }
+        Ok(enabled_kinds)
+    }
+}
+
+impl FileConfig {
+    /// Allowed roots are specific absolute directories; paths are absolute.
+    fn check(&self) -> Result<(), ConfigError> {
+        for root in &self.allowed_roots {
+            if !root.is_absolute()
+                || root
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(invalid(
+                    "file.allowed_roots",
+                    format!("{} must be an absolute path without '..'", root.display()),
+                ));
+            }
+            if root == Path::new("/") {
+                return Err(invalid(
+                    "file.allowed_roots",
+                    "'/' would let manifests overwrite any file; name specific directories",
+                ));
+            }
+        }
+        if let Some(p) = &self.path_prefix
+            && !p.is_absolute()
+        {
+            return Err(invalid("file.path_prefix", "must be an absolute path"));
+        }
+        if self.fetch_stall_seconds == 0 {
+            return Err(invalid("file.fetch_stall_seconds", "must be at least 1"));
+        }
+        if let Some(ca) = &self.fetch_ca_file
+            && !ca.is_absolute()
+        {
+            return Err(invalid("file.fetch_ca_file", "must be an absolute path"));
+        }
+        Ok(())
+    }
+}
+
+impl ContainerConfig {
+    /// The socket path is absolute; the name prefix is valid in a container name.
+    fn check(&self) -> Result<(), ConfigError> {
+        if !self.socket.is_absolute() {
+            return Err(invalid("container.socket", "must be an absolute path"));
+        }
+        if !self
+            .name_prefix
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "_.-".contains(ch))
+        {
+            return Err(invalid(
+                "container.name_prefix",
+                "letters, digits, '_', '.' and '-' only",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl SystemdConfig {
+    /// The unit directory is absolute; jobs get some time to finish.
+    fn check(&self) -> Result<(), ConfigError> {
+        if !self.unit_dir.is_absolute() {
+            return Err(invalid("systemd.unit_dir", "must be an absolute path"));
+        }
+        if self.job_timeout_seconds == 0 {
+            return Err(invalid("systemd.job_timeout_seconds", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+impl ShellJobConfig {
+    /// Timeouts are ordered, output fits in a status, the working directory is absolute.
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.default_timeout_seconds == 0
+            || self.max_timeout_seconds < self.default_timeout_seconds
+        {
+            return Err(invalid(
+                "shell_job.default_timeout_seconds",
+                "must be at least 1 and at most max_timeout_seconds",
+            ));
+        }
+        if self.max_output_bytes > 16 * 1024 {
+            return Err(invalid(
+                "shell_job.max_output_bytes",
+                "at most 16384: output travels in the device's status",
+            ));
+        }
+        if !self.working_dir.is_absolute() {
+            return Err(invalid("shell_job.working_dir", "must be an absolute path"));
+        }
+        Ok(())
+    }
+}
+
+impl TrustConfig {
+    /// The manifest signing keys, decoded: each the base64 of a 32-byte ed25519 key.
+    fn keys(&self) -> Result<std::collections::BTreeMap<String, Vec<u8>>, ConfigError> {
+        use base64::Engine;
+        let mut manifest_keys = std::collections::BTreeMap::new();
+        for (id, key) in &self.manifest_keys {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(key.trim())
+                .ok()
+                .filter(|b| b.len() == 32)
+                .ok_or_else(|| {
+                    invalid(
+                        "trust.manifest_keys",
+                        format!("key {id:?} is not the base64 of a 32-byte ed25519 public key"),
+                    )
+                })?;
+            manifest_keys.insert(id.clone(), bytes);
+        }
+        Ok(manifest_keys)
     }
 }
 

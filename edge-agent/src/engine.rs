@@ -61,6 +61,121 @@ struct Outcome {
     retry: bool,
 }
 
+/// Why a manifest is refused: what `status.lastRejection` says.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {message}")]
+struct Refusal {
+    /// A CamelCase word for machines (`WrongDevice`, `StaleGeneration`, ...).
+    reason: &'static str,
+    message: String,
+    /// The refused manifest's generation, once it decoded.
+    generation: Option<u64>,
+}
+
+impl Refusal {
+    fn new(reason: &'static str, message: String, generation: Option<u64>) -> Self {
+        Self {
+            reason,
+            message,
+            generation,
+        }
+    }
+
+    /// The rejection to report for the value seen at `revision`, dated now.
+    fn rejection(self, revision: u64) -> Rejection {
+        Rejection {
+            generation: self.generation,
+            revision,
+            reason: self.reason.to_owned(),
+            message: self.message,
+            at: Timestamp::now(),
+        }
+    }
+}
+
+/// A manifest that passed the checks.
+#[derive(Debug, Clone, PartialEq)]
+enum Checked {
+    /// The manifest in force, sent again: nothing to do.
+    InForce,
+    /// A newer manifest, to store and put in force.
+    New(AgentManifest),
+}
+
+/// What a pass does with each resource, worked out from the manifest and the ownership
+/// records alone, before anything on the device is touched.
+#[derive(Debug, Clone, PartialEq)]
+struct Plan<'m> {
+    /// Every resource of the manifest, in its order, with what to do with it.
+    apply: Vec<Entry<'m>>,
+    /// What this agent applied and the manifest no longer holds, in id order: deleted.
+    remove: Vec<Removal>,
+}
+
+/// One resource of the manifest and what the pass does with it.
+#[derive(Debug, Clone, PartialEq)]
+struct Entry<'m> {
+    resource: &'m ManagedResource,
+    step: Step,
+}
+
+/// What a pass does with one resource of the manifest.
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    /// Never applied (or its ownership record was lost): applied.
+    Add,
+    /// Applied with another spec for the same object: applied over it.
+    Change,
+    /// Applied with another spec that addresses another object (a File's new path, a kind
+    /// change): the previous object, `applied`, is deleted first, then the new one applied.
+    Move { applied: Box<ResourceSpec> },
+    /// Applied exactly as specified: observed again, and repaired if it drifted.
+    Keep,
+}
+
+/// A resource to delete, with the spec this agent applied for it.
+#[derive(Debug, Clone, PartialEq)]
+struct Removal {
+    id: ResourceId,
+    applied: ResourceSpec,
+}
+
+impl<'m> Plan<'m> {
+    /// The plan to go from `owned` (what this agent applied) to `manifest`. `moves(old, new)`
+    /// says whether `new` addresses another object than `old` ([`Registry::moves`]).
+    fn new(
+        manifest: &'m AgentManifest,
+        owned: &Owned,
+        moves: impl Fn(&ResourceSpec, &ResourceSpec) -> bool,
+    ) -> Self {
+        let desired: HashSet<&ResourceId> = manifest.resources.iter().map(|r| &r.id).collect();
+        let remove = owned
+            .iter()
+            .filter(|(id, _)| !desired.contains(id))
+            .map(|(id, applied)| Removal {
+                id: id.clone(),
+                applied: applied.clone(),
+            })
+            .collect();
+        let apply = manifest
+            .resources
+            .iter()
+            .map(|resource| {
+                let step = match owned.get(&resource.id) {
+                    None => Step::Add,
+                    Some(applied) if *applied == resource.spec => Step::Keep,
+                    Some(applied) if moves(applied, &resource.spec) => Step::Move {
+                        applied: Box::new(applied.clone()),
+                    },
+                    Some(_) => Step::Change,
+                };
+                Entry { resource, step }
+            })
+            .collect();
+        Self { apply, remove }
+    }
+}
+
 pub struct Engine {
     settings: Arc<Settings>,
     registry: Registry,
@@ -143,100 +258,104 @@ impl Engine {
     pub fn offer(&mut self, candidate: Candidate) -> bool {
         match candidate {
             Candidate::Deleted { revision } => {
-                self.last_seen_revision = revision;
-                // Removing a device from the fleet is not an instruction to destroy its
-                // workloads: keep running the last manifest and say so.
-                warn!(
-                    revision,
-                    "desired state was deleted; keeping the last manifest in force"
-                );
-                self.status.set_condition(
-                    "DesiredStateDeleted",
-                    ConditionStatus::True,
-                    "KeyDeleted",
-                    "the desired-state key was deleted; the last manifest stays in force",
-                    Timestamp::now(),
-                );
+                self.desired_state_deleted(revision);
                 false
             }
-            Candidate::Floor { generation } => {
-                info!(generation, "freshness floor set");
-                self.floor = Some(generation);
-                match self.unverified.take() {
-                    Some((revision, value)) => self.offer(Candidate::Put { revision, value }),
-                    None => false,
-                }
-            }
-            Candidate::Put { revision, value } => {
-                self.last_seen_revision = revision;
-                if self.needs_floor() {
-                    let message = "the device remembers no manifest and waits for the control \
-                                   plane's freshness floor before accepting one"
-                        .to_string();
-                    if self.unverified.is_none() {
-                        warn!(revision, "{message}");
-                    }
-                    self.status.last_rejection = Some(Rejection {
-                        generation: None,
-                        revision,
-                        reason: "FreshnessUnverified".to_owned(),
-                        message,
-                        at: Timestamp::now(),
-                    });
-                    self.unverified = Some((revision, value));
-                    return false;
-                }
-                match self.check(&value) {
-                    Ok(None) => false,
-                    Ok(Some(manifest)) => {
-                        info!(
-                            generation = manifest.generation,
-                            revision,
-                            resources = manifest.resources.len(),
-                            "manifest accepted"
-                        );
-                        let generation = manifest.generation;
-                        let stored = StoredManifest { revision, manifest };
-                        // What runs is what is on disk: a manifest that cannot be stored
-                        // is not applied (a restart would bring back the old one while
-                        // its resources stayed), and the last good state stays in force.
-                        if let Err(e) = self.store.save_manifest(&stored) {
-                            let message = format!("the manifest could not be stored: {e}");
-                            warn!(generation, revision, error = %e, "state directory refused the manifest; keeping the last one");
-                            self.state_unwritable(&e);
-                            self.status.last_rejection = Some(Rejection {
-                                generation: Some(generation),
-                                revision,
-                                reason: "StateNotWritable".to_owned(),
-                                message,
-                                at: Timestamp::now(),
-                            });
-                            self.unpersisted = Some((revision, value));
-                            return false;
-                        }
-                        self.unpersisted = None;
-                        self.state_writable();
-                        self.status.manifest_generation = stored.manifest.generation;
-                        self.status.conditions.retain(|c| {
-                            c.type_ != "DesiredStateDeleted" && c.type_ != "OrphansLeft"
-                        });
-                        self.current = Some(stored);
-                        true
-                    }
-                    Err((reason, message, generation)) => {
-                        warn!(revision, reason, %message, "manifest refused");
-                        self.status.last_rejection = Some(Rejection {
-                            generation,
-                            revision,
-                            reason: reason.to_owned(),
-                            message,
-                            at: Timestamp::now(),
-                        });
-                        false
-                    }
-                }
+            Candidate::Floor { generation } => self.floor_set(generation),
+            Candidate::Put { revision, value } => self.offer_value(revision, value),
+        }
+    }
+
+    /// Keeps the manifest in force when the desired-state key is deleted, and says so:
+    /// removing a device from the fleet is not an instruction to destroy its workloads.
+    fn desired_state_deleted(&mut self, revision: u64) {
+        self.last_seen_revision = revision;
+        warn!(
+            revision,
+            "desired state was deleted; keeping the last manifest in force"
+        );
+        self.status.set_condition(
+            "DesiredStateDeleted",
+            ConditionStatus::True,
+            "KeyDeleted",
+            "the desired-state key was deleted; the last manifest stays in force",
+            Timestamp::now(),
+        );
+    }
+
+    /// Records the freshness floor and offers the manifest that waited for it.
+    fn floor_set(&mut self, generation: u64) -> bool {
+        info!(generation, "freshness floor set");
+        self.floor = Some(generation);
+        match self.unverified.take() {
+            Some((revision, value)) => self.offer(Candidate::Put { revision, value }),
+            None => false,
+        }
+    }
+
+    /// Checks a new value of the desired-state key and, if it passes, puts it in force.
+    fn offer_value(&mut self, revision: u64, value: Bytes) -> bool {
+        self.last_seen_revision = revision;
+        if self.needs_floor() {
+            self.wait_for_floor(revision, value);
+            return false;
+        }
+        match self.check(&value) {
+            Ok(Checked::InForce) => false,
+            Ok(Checked::New(manifest)) => self.put_in_force(revision, value, manifest),
+            Err(refusal) => {
+                let Refusal {
+                    reason, message, ..
+                } = &refusal;
+                warn!(revision, reason, %message, "manifest refused");
+                self.status.last_rejection = Some(refusal.rejection(revision));
+                false
             }
         }
+    }
+
+    /// Holds a value until the freshness floor comes, and says why it is not applied yet.
+    fn wait_for_floor(&mut self, revision: u64, value: Bytes) {
+        let message = "the device remembers no manifest and waits for the control \
+                       plane's freshness floor before accepting one"
+            .to_string();
+        if self.unverified.is_none() {
+            warn!(revision, "{message}");
+        }
+        let refusal = Refusal::new("FreshnessUnverified", message, None);
+        self.status.last_rejection = Some(refusal.rejection(revision));
+        self.unverified = Some((revision, value));
+    }
+
+    /// Stores an accepted manifest and makes it the one in force. What runs is what is on
+    /// disk: a manifest that cannot be stored is not applied (a restart would bring back the
+    /// old one while its resources stayed), and the last good state stays in force.
+    fn put_in_force(&mut self, revision: u64, value: Bytes, manifest: AgentManifest) -> bool {
+        info!(
+            generation = manifest.generation,
+            revision,
+            resources = manifest.resources.len(),
+            "manifest accepted"
+        );
+        let generation = manifest.generation;
+        let stored = StoredManifest { revision, manifest };
+        if let Err(e) = self.store.save_manifest(&stored) {
+            let message = format!("the manifest could not be stored: {e}");
+            warn!(generation, revision, error = %e, "state directory refused the manifest; keeping the last one");
+            self.state_unwritable(&e);
+            let refusal = Refusal::new("StateNotWritable", message, Some(generation));
+            self.status.last_rejection = Some(refusal.rejection(revision));
+            self.unpersisted = Some((revision, value));
+            return false;
+        }
+        self.unpersisted = None;
+        self.state_writable();
+        self.status.manifest_generation = stored.manifest.generation;
+        self.status
+            .conditions
+            .retain(|c| c.type_ != "DesiredStateDeleted" && c.type_ != "OrphansLeft");
+        self.current = Some(stored);
+        true
     }
 
     /// Records that the state directory refused a write.
@@ -280,21 +399,19 @@ impl Engine {
         }
     }
 
-    /// `Ok(None)`: already in force. `Err((reason, message, generation))`: refused.
-    #[allow(clippy::type_complexity)]
-    fn check(
-        &self,
-        value: &[u8],
-    ) -> Result<Option<AgentManifest>, (&'static str, String, Option<u64>)> {
+    /// Whether `value` may become the manifest in force: size, encoding, signature, device,
+    /// then generation.
+    fn check(&self, value: &[u8]) -> Result<Checked, Refusal> {
         if value.len() > self.settings.max_manifest_bytes {
             let e = DecodeError::TooLarge {
                 what: "AgentManifest",
                 size: value.len(),
                 limit: self.settings.max_manifest_bytes,
             };
-            return Err((e.reason(), e.to_string(), None));
+            return Err(Refusal::new(e.reason(), e.to_string(), None));
         }
-        let m = decode::<AgentManifest>(value).map_err(|e| (e.reason(), e.to_string(), None))?;
+        let m = decode::<AgentManifest>(value)
+            .map_err(|e| Refusal::new(e.reason(), e.to_string(), None))?;
         let generation = Some(m.generation);
         crate::trust::verify(
             &self.settings.manifest_keys,
@@ -302,9 +419,9 @@ impl Engine {
             value,
             &m,
         )
-        .map_err(|(reason, message)| (reason, message, generation))?;
+        .map_err(|(reason, message)| Refusal::new(reason, message, generation))?;
         if m.device != self.settings.device {
-            return Err((
+            return Err(Refusal::new(
                 "WrongDevice",
                 format!(
                     "manifest is for device {:?}, this is {:?}",
@@ -314,11 +431,18 @@ impl Engine {
                 generation,
             ));
         }
+        self.check_generation(m)
+    }
+
+    /// Refuses a generation older than the floor or the manifest in force, or one already in
+    /// force with other contents.
+    fn check_generation(&self, m: AgentManifest) -> Result<Checked, Refusal> {
+        let generation = Some(m.generation);
         if let Some(floor) = self.floor
             && self.current.is_none()
             && m.generation < floor
         {
-            return Err((
+            return Err(Refusal::new(
                 "StaleGeneration",
                 format!(
                     "generation {} is older than generation {floor}, the newest the control plane issued this device",
@@ -330,7 +454,7 @@ impl Engine {
         if let Some(cur) = &self.current {
             let have = cur.manifest.generation;
             if m.generation < have {
-                return Err((
+                return Err(Refusal::new(
                     "StaleGeneration",
                     format!(
                         "generation {} is older than generation {have} in force",
@@ -341,16 +465,16 @@ impl Engine {
             }
             if m.generation == have {
                 if m == cur.manifest {
-                    return Ok(None);
+                    return Ok(Checked::InForce);
                 }
-                return Err((
+                return Err(Refusal::new(
                     "GenerationReused",
                     format!("generation {have} is already in force with different contents"),
                     generation,
                 ));
             }
         }
-        Ok(Some(m))
+        Ok(Checked::New(m))
     }
 
     /// Earliest time a backed-off resource may be retried.
@@ -358,7 +482,8 @@ impl Engine {
         self.backoff.values().map(|b| b.until).min()
     }
 
-    /// One full pass over every resource.
+    /// One full pass over every resource: work out the plan, delete what is gone, move,
+    /// record ownership, work on every resource, then report.
     #[instrument(skip(self), fields(device = %self.settings.device, generation = self.status.manifest_generation))]
     pub async fn pass(&mut self, trigger: &'static str) {
         let started = std::time::Instant::now();
@@ -368,19 +493,36 @@ impl Engine {
         };
         let manifest = &current.manifest;
         let now = Timestamp::now();
+        let plan = Plan::new(manifest, &self.owned, |old, new| {
+            self.registry.moves(old, new)
+        });
         let mut resources: BTreeMap<ResourceId, ResourceStatus> = BTreeMap::new();
         let mut orphans = Vec::new();
+        self.remove_gone(&plan.remove, now, &mut resources, &mut orphans)
+            .await;
+        let blocked = self.move_out(&plan, &mut orphans).await;
+        self.record_ownership(&plan, &blocked);
+        let instant_now = Instant::now();
+        for o in self.work(&plan, &blocked, now, instant_now).await {
+            let (id, status) = self.settle(o, now, instant_now);
+            resources.insert(id, status);
+        }
+        self.update_status(manifest, resources, orphans, now);
+        log_pass_done(trigger, started, manifest);
+    }
 
-        // Garbage collection: what this agent applied and the manifest no longer holds.
-        let desired_ids: HashSet<&ResourceId> = manifest.resources.iter().map(|r| &r.id).collect();
-        let gone: Vec<(ResourceId, ResourceSpec)> = self
-            .owned
-            .iter()
-            .filter(|(id, _)| !desired_ids.contains(id))
-            .map(|(id, s)| (id.clone(), s.clone()))
-            .collect();
-        for (id, applied) in gone {
-            match self.registry.delete(&id, &applied).await {
+    /// Deletes what this agent applied and the manifest no longer holds. What was changed
+    /// outside fleetlet is left in place and listed in `orphans`; a failed delete is
+    /// reported in `resources`.
+    async fn remove_gone(
+        &mut self,
+        gone: &[Removal],
+        now: Timestamp,
+        resources: &mut BTreeMap<ResourceId, ResourceStatus>,
+        orphans: &mut Vec<String>,
+    ) {
+        for Removal { id, applied } in gone {
+            match self.registry.delete(id, applied).await {
                 Ok(outcome) => {
                     match &outcome {
                         Deleted::LeftInPlace(why) => {
@@ -391,13 +533,13 @@ impl Engine {
                             info!(resource = %id, ?outcome, "deleted resource no longer in the manifest")
                         }
                     }
-                    self.owned.remove(&id);
-                    self.backoff.remove(&id);
+                    self.owned.remove(id);
+                    self.backoff.remove(id);
                 }
                 Err(e) => {
                     warn!(resource = %id, error = %e, "could not delete resource no longer in the manifest");
                     resources.insert(
-                        id,
+                        id.clone(),
                         ResourceStatus::Failed {
                             since: now,
                             error: format!("deleting: {e}"),
@@ -408,36 +550,44 @@ impl Engine {
                 }
             }
         }
+    }
 
-        // Moves (a File's new path, a kind change): the old object goes first.
-        let mut blocked: HashMap<ResourceId, String> = HashMap::new();
-        for r in &manifest.resources {
-            let Some(old) = self.owned.get(&r.id).cloned() else {
+    /// Deletes the previous object of every moved resource, first. Returns the resources
+    /// whose previous object could not be deleted, with why: they are not applied this pass.
+    async fn move_out(
+        &mut self,
+        plan: &Plan<'_>,
+        orphans: &mut Vec<String>,
+    ) -> HashMap<ResourceId, String> {
+        let mut blocked = HashMap::new();
+        for entry in &plan.apply {
+            let Step::Move { applied } = &entry.step else {
                 continue;
             };
-            if old == r.spec || !self.registry.moves(&old, &r.spec) {
-                continue;
-            }
-            match self.registry.delete(&r.id, &old).await {
+            let id = &entry.resource.id;
+            match self.registry.delete(id, applied).await {
                 Ok(d) => {
                     if let Deleted::LeftInPlace(why) = d {
-                        orphans.push(format!("{}: {why}", r.id));
+                        orphans.push(format!("{id}: {why}"));
                     }
-                    self.owned.remove(&r.id);
+                    self.owned.remove(id);
                 }
                 Err(e) => {
-                    blocked.insert(r.id.clone(), format!("removing the previous version: {e}"));
+                    blocked.insert(id.clone(), format!("removing the previous version: {e}"));
                 }
             }
         }
+        blocked
+    }
 
-        // Record ownership before acting, so a crash mid-apply still lets GC find it.
-        let mut unchanged: HashSet<ResourceId> = HashSet::new();
+    /// Records ownership of every resource about to be applied before acting, so a crash
+    /// mid-apply still lets garbage collection find it.
+    fn record_ownership(&mut self, plan: &Plan<'_>, blocked: &HashMap<ResourceId, String>) {
         let mut owned_changed = false;
-        for r in &manifest.resources {
-            if self.owned.get(&r.id) == Some(&r.spec) {
-                unchanged.insert(r.id.clone());
-            } else if self.registry.supports(&r.spec).is_ok()
+        for entry in &plan.apply {
+            let r = entry.resource;
+            if entry.step != Step::Keep
+                && self.registry.supports(&r.spec).is_ok()
                 && r.spec.validate().is_ok()
                 && !blocked.contains_key(&r.id)
             {
@@ -455,13 +605,23 @@ impl Engine {
                 }
             }
         }
+    }
 
-        let instant_now = Instant::now();
-        let items: Vec<WorkItem> = manifest
-            .resources
+    /// Works on every resource of the manifest, `concurrency` at a time: kept ones are
+    /// observed (unless backing off), the others applied, blocked ones reported failed.
+    async fn work(
+        &self,
+        plan: &Plan<'_>,
+        blocked: &HashMap<ResourceId, String>,
+        now: Timestamp,
+        instant_now: Instant,
+    ) -> Vec<Outcome> {
+        let items: Vec<WorkItem> = plan
+            .apply
             .iter()
-            .map(|r| {
-                let unchanged = unchanged.contains(&r.id);
+            .map(|entry| {
+                let r = entry.resource;
+                let unchanged = entry.step == Step::Keep;
                 WorkItem {
                     resource: r.clone(),
                     prev: self.status.resources.get(&r.id).cloned(),
@@ -476,68 +636,72 @@ impl Engine {
             })
             .collect();
         let registry = self.registry.clone();
-        let outcomes: Vec<Outcome> = futures::stream::iter(items)
+        futures::stream::iter(items)
             .map(move |item| {
                 let registry = registry.clone();
                 async move { item.run(&registry, now).await }
             })
             .buffer_unordered(self.settings.concurrency)
             .collect()
-            .await;
+            .await
+    }
 
-        for o in outcomes {
-            if let Some(reason) = &o.drift {
-                warn!(resource = %o.id, %reason, "drift repaired");
-                self.status.drift_repairs += 1;
-                self.status.last_drift = Some(DriftEvent {
-                    resource: o.id.clone(),
-                    reason: reason.clone(),
-                    at: now,
-                });
-            }
-            let status = if o.retry {
-                let b = self.backoff.entry(o.id.clone()).or_insert(Backoff {
-                    attempts: 0,
-                    until: instant_now,
-                });
-                let delay = backoff_delay(
-                    b.attempts,
-                    self.settings.backoff_initial,
-                    self.settings.backoff_max,
-                );
-                b.attempts = b.attempts.saturating_add(1);
-                b.until = instant_now + delay;
-                match o.status {
-                    ResourceStatus::Failed { since, error, .. } => ResourceStatus::Failed {
-                        since,
-                        error,
-                        retry_after: Some(now.after(delay)),
-                        permanent: false,
-                    },
-                    other => other,
-                }
-            } else {
-                if matches!(o.status, ResourceStatus::Ready { .. }) {
-                    self.backoff.remove(&o.id);
-                }
-                o.status
-            };
-            resources.insert(o.id, status);
+    /// Turns one resource's outcome into the status to report: counts a repaired drift,
+    /// backs off a retryable failure, and forgets the backoff of a resource now Ready.
+    fn settle(
+        &mut self,
+        o: Outcome,
+        now: Timestamp,
+        instant_now: Instant,
+    ) -> (ResourceId, ResourceStatus) {
+        if let Some(reason) = &o.drift {
+            warn!(resource = %o.id, %reason, "drift repaired");
+            self.status.drift_repairs += 1;
+            self.status.last_drift = Some(DriftEvent {
+                resource: o.id.clone(),
+                reason: reason.clone(),
+                at: now,
+            });
         }
-
-        self.update_status(manifest, resources, orphans, now);
-        let elapsed_ms = started.elapsed().as_millis() as u64;
-        if trigger == START_TRIGGER {
-            // Once per start: the device has looked at everything it runs.
-            info!(
-                trigger,
-                elapsed_ms,
-                generation = manifest.generation,
-                resources = manifest.resources.len(),
-                "pass done"
-            );
+        let status = if o.retry {
+            self.back_off(&o.id, o.status, now, instant_now)
         } else {
-            debug!(trigger, elapsed_ms, "pass done");
+            if matches!(o.status, ResourceStatus::Ready { .. }) {
+                self.backoff.remove(&o.id);
+            }
+            o.status
+        };
+        (o.id, status)
+    }
+
+    /// Delays the next try of a failed resource, longer after each failure, and puts when
+    /// in its status.
+    fn back_off(
+        &mut self,
+        id: &ResourceId,
+        status: ResourceStatus,
+        now: Timestamp,
+        instant_now: Instant,
+    ) -> ResourceStatus {
+        let b = self.backoff.entry(id.clone()).or_insert(Backoff {
+            attempts: 0,
+            until: instant_now,
+        });
+        let delay = backoff_delay(
+            b.attempts,
+            self.settings.backoff_initial,
+            self.settings.backoff_max,
+        );
+        b.attempts = b.attempts.saturating_add(1);
+        b.until = instant_now + delay;
+        match status {
+            ResourceStatus::Failed { since, error, .. } => ResourceStatus::Failed {
+                since,
+                error,
+                retry_after: Some(now.after(delay)),
+                permanent: false,
+            },
+            other => other,
         }
     }
 
@@ -657,6 +821,23 @@ impl Engine {
             self.publish(&status);
         }
         self
+    }
+}
+
+/// Logs the end of a pass: at info once per start (the device has looked at everything it
+/// runs), at debug otherwise.
+fn log_pass_done(trigger: &'static str, started: std::time::Instant, manifest: &AgentManifest) {
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    if trigger == START_TRIGGER {
+        info!(
+            trigger,
+            elapsed_ms,
+            generation = manifest.generation,
+            resources = manifest.resources.len(),
+            "pass done"
+        );
+    } else {
+        debug!(trigger, elapsed_ms, "pass done");
     }
 }
 
@@ -830,7 +1011,233 @@ pub fn backoff_delay(attempts: u32, initial: Duration, max: Duration) -> Duratio
 
 #[cfg(test)]
 mod tests {
+    use fleetlet_protocol::{
+        DeviceId, FileContent, FileSpec, Owner, OwnerKind, ShellJobSpec, encode,
+    };
+
     use super::*;
+    use crate::config::Config;
+
+    fn file(path: &str, text: &str) -> ResourceSpec {
+        ResourceSpec::File(FileSpec {
+            path: path.into(),
+            content: FileContent::Text(text.into()),
+            mode: None,
+            owner: None,
+            group: None,
+        })
+    }
+
+    fn resource(id: &str, spec: ResourceSpec) -> ManagedResource {
+        ManagedResource {
+            id: ResourceId::new(id).unwrap(),
+            owner: Owner {
+                kind: OwnerKind::EdgeManifest,
+                namespace: "default".into(),
+                name: "m".into(),
+                generation: 1,
+                uid: None,
+            },
+            spec,
+        }
+    }
+
+    fn manifest(device: &str, generation: u64, resources: Vec<ManagedResource>) -> AgentManifest {
+        let mut m = AgentManifest::new(DeviceId::new(device).unwrap(), generation);
+        m.resources = resources;
+        m
+    }
+
+    fn owned(entries: &[(&str, ResourceSpec)]) -> Owned {
+        entries
+            .iter()
+            .map(|(id, spec)| (ResourceId::new(*id).unwrap(), spec.clone()))
+            .collect()
+    }
+
+    /// As the reconcilers decide: a File moves with its path, and any kind change moves.
+    fn moves(old: &ResourceSpec, new: &ResourceSpec) -> bool {
+        match (old, new) {
+            (ResourceSpec::File(a), ResourceSpec::File(b)) => a.path != b.path,
+            (a, b) => a.kind() != b.kind(),
+        }
+    }
+
+    fn steps<'p>(plan: &'p Plan<'_>) -> Vec<(&'p str, &'p Step)> {
+        plan.apply
+            .iter()
+            .map(|e| (e.resource.id.as_str(), &e.step))
+            .collect()
+    }
+
+    fn removed<'p>(plan: &'p Plan<'_>) -> Vec<(&'p str, &'p ResourceSpec)> {
+        plan.remove
+            .iter()
+            .map(|r| (r.id.as_str(), &r.applied))
+            .collect()
+    }
+
+    #[test]
+    fn the_plan_adds_changes_moves_keeps_and_removes() {
+        let applied = owned(&[
+            ("zz-gone", file("/etc/fleetlet/zz", "1")),
+            ("keep", file("/etc/fleetlet/keep", "1")),
+            ("change", file("/etc/fleetlet/change", "1")),
+            ("moved", file("/etc/fleetlet/old", "1")),
+            ("a-gone", file("/etc/fleetlet/a", "1")),
+        ]);
+        let m = manifest(
+            "pi-1",
+            2,
+            vec![
+                resource("moved", file("/etc/fleetlet/new", "1")),
+                resource("add", file("/etc/fleetlet/add", "1")),
+                resource("keep", file("/etc/fleetlet/keep", "1")),
+                resource("change", file("/etc/fleetlet/change", "2")),
+            ],
+        );
+        let plan = Plan::new(&m, &applied, moves);
+        // In the manifest's order.
+        assert_eq!(
+            steps(&plan),
+            [
+                (
+                    "moved",
+                    &Step::Move {
+                        applied: Box::new(file("/etc/fleetlet/old", "1"))
+                    }
+                ),
+                ("add", &Step::Add),
+                ("keep", &Step::Keep),
+                ("change", &Step::Change),
+            ]
+        );
+        // In id order, each with the spec to delete.
+        assert_eq!(
+            removed(&plan),
+            [
+                ("a-gone", &file("/etc/fleetlet/a", "1")),
+                ("zz-gone", &file("/etc/fleetlet/zz", "1")),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_kind_change_under_the_same_id_is_a_move() {
+        let applied = owned(&[("job", file("/etc/fleetlet/job", "1"))]);
+        let job = ResourceSpec::ShellJob(ShellJobSpec {
+            command: vec!["/bin/true".into()],
+            timeout_seconds: None,
+        });
+        let m = manifest("pi-1", 2, vec![resource("job", job)]);
+        let plan = Plan::new(&m, &applied, moves);
+        assert_eq!(
+            steps(&plan),
+            [(
+                "job",
+                &Step::Move {
+                    applied: Box::new(file("/etc/fleetlet/job", "1"))
+                }
+            )]
+        );
+        assert!(plan.remove.is_empty());
+    }
+
+    #[test]
+    fn only_a_changed_spec_asks_whether_it_moves() {
+        let applied = owned(&[
+            ("same", file("/etc/fleetlet/same", "1")),
+            ("other", file("/etc/fleetlet/other", "1")),
+        ]);
+        let m = manifest(
+            "pi-1",
+            2,
+            vec![
+                resource("same", file("/etc/fleetlet/same", "1")),
+                resource("other", file("/etc/fleetlet/other", "2")),
+            ],
+        );
+        let always = Plan::new(&m, &applied, |_, _| true);
+        assert_eq!(
+            steps(&always),
+            [
+                ("same", &Step::Keep),
+                (
+                    "other",
+                    &Step::Move {
+                        applied: Box::new(file("/etc/fleetlet/other", "1"))
+                    }
+                ),
+            ]
+        );
+        let never = Plan::new(&m, &applied, |_, _| false);
+        assert_eq!(
+            steps(&never),
+            [("same", &Step::Keep), ("other", &Step::Change)]
+        );
+    }
+
+    #[test]
+    fn an_empty_manifest_removes_all_and_nothing_owned_adds_all() {
+        let applied = owned(&[("a", file("/etc/fleetlet/a", "1"))]);
+        let empty = manifest("pi-1", 2, Vec::new());
+        let plan = Plan::new(&empty, &applied, moves);
+        assert!(plan.apply.is_empty());
+        assert_eq!(removed(&plan), [("a", &file("/etc/fleetlet/a", "1"))]);
+
+        let m = manifest("pi-1", 2, vec![resource("a", file("/etc/fleetlet/a", "1"))]);
+        let plan = Plan::new(&m, &Owned::new(), moves);
+        assert_eq!(steps(&plan), [("a", &Step::Add)]);
+        assert!(plan.remove.is_empty());
+    }
+
+    fn engine(dir: &std::path::Path) -> Engine {
+        let mut c = Config::new("pi-1", vec!["nats://127.0.0.1:4222".into()]);
+        c.state_dir = dir.to_path_buf();
+        c.trust.allow_unsigned = true;
+        let settings = Arc::new(c.validate().unwrap());
+        let sealing = crate::sealing::SealingKey::load_or_create(dir).unwrap();
+        let registry = Registry::from_settings(&settings, sealing);
+        Engine::new(settings, registry, StateStore::open(dir).unwrap()).unwrap()
+    }
+
+    fn refusal(e: &Engine, m: &AgentManifest) -> (&'static str, Option<u64>) {
+        let err = e.check(&encode(m).unwrap()).unwrap_err();
+        (err.reason, err.generation)
+    }
+
+    #[test]
+    fn check_says_why_a_manifest_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = engine(dir.path());
+        let err = e.check(b"{not json").unwrap_err();
+        assert_eq!(err.generation, None, "{err}");
+        let (reason, generation) = refusal(&e, &manifest("pi-2", 3, Vec::new()));
+        assert_eq!((reason, generation), ("WrongDevice", Some(3)));
+
+        let m = manifest("pi-1", 3, vec![resource("a", file("/etc/fleetlet/a", "1"))]);
+        let value = Bytes::from(encode(&m).unwrap());
+        assert_eq!(e.check(&value).unwrap(), Checked::New(m.clone()));
+        assert!(e.offer(Candidate::Put { revision: 1, value }));
+        assert_eq!(e.check(&encode(&m).unwrap()).unwrap(), Checked::InForce);
+        let reused = manifest("pi-1", 3, Vec::new());
+        assert_eq!(refusal(&e, &reused), ("GenerationReused", Some(3)));
+        let stale = manifest("pi-1", 2, Vec::new());
+        assert_eq!(refusal(&e, &stale), ("StaleGeneration", Some(2)));
+        assert!(!e.offer(Candidate::Put {
+            revision: 2,
+            value: encode(&stale).unwrap().into(),
+        }));
+        let rejection = e.status().last_rejection.clone().unwrap();
+        assert_eq!(
+            (
+                rejection.reason.as_str(),
+                rejection.generation,
+                rejection.revision
+            ),
+            ("StaleGeneration", Some(2), 2)
+        );
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

@@ -10,14 +10,19 @@ use std::{
     io::Write,
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
-    process::Stdio,
+    process::{ExitStatus, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use fleetlet_protocol::{DeviceId, ResourceDetails, ResourceId, ShellJobSpec, Timestamp};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt},
+    process::Child,
+    task::JoinHandle,
+    time::error::Elapsed,
+};
 use tracing::{info, warn};
 
 use crate::{
@@ -42,6 +47,18 @@ struct RunRecord {
 }
 
 impl RunRecord {
+    /// A run starting now.
+    fn starting(spec_hash: String) -> Self {
+        Self {
+            spec_hash,
+            started_at: Timestamp::now(),
+            finished_at: None,
+            exit_code: None,
+            timed_out: false,
+            output: String::new(),
+            output_truncated: false,
+        }
+    }
     fn details(&self) -> ResourceDetails {
         ResourceDetails::ShellJob {
             spec_hash: self.spec_hash.clone(),
@@ -195,6 +212,8 @@ impl ShellJobReconciler {
         Ok(Duration::from_secs(u64::from(secs)))
     }
 
+    /// Runs the job once, recording the run before it starts and its outcome after, and
+    /// auditing both.
     async fn run(
         &self,
         id: &ResourceId,
@@ -202,23 +221,8 @@ impl ShellJobReconciler {
         hash: String,
     ) -> Result<RunRecord, ReconcileError> {
         let timeout = self.timeout(spec)?;
-        let Some((program, args)) = spec.command.split_first() else {
-            return Err(ReconcileError::Invalid("shellJob.command is empty".into()));
-        };
-        if program.is_empty() || spec.command.iter().any(|a| a.contains('\0')) {
-            return Err(ReconcileError::Invalid(
-                "shellJob.command has an empty program or a NUL byte".into(),
-            ));
-        }
-        let mut record = RunRecord {
-            spec_hash: hash,
-            started_at: Timestamp::now(),
-            finished_at: None,
-            exit_code: None,
-            timed_out: false,
-            output: String::new(),
-            output_truncated: false,
-        };
+        let (program, args) = argv(spec)?;
+        let mut record = RunRecord::starting(hash);
         // Recorded before it starts: at most once, even across a crash.
         self.save(id, &record)?;
         info!(
@@ -230,7 +234,24 @@ impl ShellJobReconciler {
             "shell job starting"
         );
         let started = std::time::Instant::now();
-        let mut child = tokio::process::Command::new(program)
+        let status = self.execute(program, args, timeout, &mut record).await;
+        record.exit_code = status.and_then(|s| s.code());
+        record.finished_at = Some(Timestamp::now());
+        self.save(id, &record)?;
+        self.report(id, spec, &record, started);
+        Ok(record)
+    }
+
+    /// Runs the command in a process group of its own, its output going to `record`.
+    /// `None` when it could not start, timed out or could not be waited for.
+    async fn execute(
+        &self,
+        program: &str,
+        args: &[String],
+        timeout: Duration,
+        record: &mut RunRecord,
+    ) -> Option<ExitStatus> {
+        let spawned = tokio::process::Command::new(program)
             .args(args)
             .current_dir(&self.inner.config.working_dir)
             .stdin(Stdio::null())
@@ -239,53 +260,33 @@ impl ShellJobReconciler {
             .kill_on_drop(true)
             .process_group(0)
             .spawn();
-        let outcome = match &mut child {
+        let mut child = match spawned {
+            Ok(child) => child,
             Err(e) => {
                 record.output = format!("could not start {program:?}: {e}");
-                None
-            }
-            Ok(child) => {
-                let buf = Arc::new(Mutex::new((Vec::new(), false)));
-                let limit = self.inner.config.max_output_bytes;
-                let out = child
-                    .stdout
-                    .take()
-                    .map(|r| tokio::spawn(drain(r, buf.clone(), limit)));
-                let err = child
-                    .stderr
-                    .take()
-                    .map(|r| tokio::spawn(drain(r, buf.clone(), limit)));
-                let status = match tokio::time::timeout(timeout, child.wait()).await {
-                    Ok(s) => s.ok(),
-                    Err(_) => {
-                        record.timed_out = true;
-                        if let Some(pid) = child
-                            .id()
-                            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
-                        {
-                            let _ = rustix::process::kill_process_group(
-                                pid,
-                                rustix::process::Signal::KILL,
-                            );
-                        }
-                        let _ = child.kill().await;
-                        None
-                    }
-                };
-                // Output readers end when every process holding the pipes has gone.
-                for t in [out, err].into_iter().flatten() {
-                    let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
-                }
-                if let Ok(b) = buf.lock() {
-                    record.output = String::from_utf8_lossy(&b.0).into_owned();
-                    record.output_truncated = b.1;
-                }
-                status
+                return None;
             }
         };
-        record.exit_code = outcome.and_then(|s| s.code());
-        record.finished_at = Some(Timestamp::now());
-        self.save(id, &record)?;
+        let output = OutputReaders::start(&mut child, self.inner.config.max_output_bytes);
+        let status = match wait_or_kill(&mut child, timeout).await {
+            Ok(status) => status,
+            Err(_) => {
+                record.timed_out = true;
+                None
+            }
+        };
+        output.finish(record).await;
+        status
+    }
+
+    /// Logs the finished run under `fleetlet::audit` and appends it to the audit log.
+    fn report(
+        &self,
+        id: &ResourceId,
+        spec: &ShellJobSpec,
+        record: &RunRecord,
+        started: std::time::Instant,
+    ) {
         let elapsed_ms = started.elapsed().as_millis() as u64;
         info!(
             target: "fleetlet::audit",
@@ -308,7 +309,73 @@ impl ShellJobReconciler {
             "outputBytes": record.output.len(),
             "outputTruncated": record.output_truncated,
         }));
-        Ok(record)
+    }
+}
+
+/// The program to run and its arguments; an empty program or a NUL byte is refused.
+fn argv(spec: &ShellJobSpec) -> Result<(&String, &[String]), ReconcileError> {
+    let Some((program, args)) = spec.command.split_first() else {
+        return Err(ReconcileError::Invalid("shellJob.command is empty".into()));
+    };
+    if program.is_empty() || spec.command.iter().any(|a| a.contains('\0')) {
+        return Err(ReconcileError::Invalid(
+            "shellJob.command has an empty program or a NUL byte".into(),
+        ));
+    }
+    Ok((program, args))
+}
+
+/// Waits for `child` up to `timeout`; past it, kills its whole process group (the children
+/// it left running too). `Ok(None)` when waiting failed.
+async fn wait_or_kill(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>, Elapsed> {
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(s) => Ok(s.ok()),
+        Err(elapsed) => {
+            if let Some(pid) = child
+                .id()
+                .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+            {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            }
+            let _ = child.kill().await;
+            Err(elapsed)
+        }
+    }
+}
+
+/// A job's stdout and stderr, read together into one buffer of at most `limit` bytes.
+struct OutputReaders {
+    buf: Arc<Mutex<(Vec<u8>, bool)>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl OutputReaders {
+    fn start(child: &mut Child, limit: usize) -> Self {
+        let buf = Arc::new(Mutex::new((Vec::new(), false)));
+        let out = child
+            .stdout
+            .take()
+            .map(|r| tokio::spawn(drain(r, buf.clone(), limit)));
+        let err = child
+            .stderr
+            .take()
+            .map(|r| tokio::spawn(drain(r, buf.clone(), limit)));
+        Self {
+            buf,
+            readers: [out, err].into_iter().flatten().collect(),
+        }
+    }
+
+    /// Puts what was read in `record`, once the readers end: when every process holding
+    /// the pipes has gone, or after 2 seconds each.
+    async fn finish(self, record: &mut RunRecord) {
+        for t in self.readers {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+        if let Ok(b) = self.buf.lock() {
+            record.output = String::from_utf8_lossy(&b.0).into_owned();
+            record.output_truncated = b.1;
+        }
     }
 }
 
