@@ -27,20 +27,20 @@ use std::{
 
 use fleetlet_crds::{
     EdgeDevice,
-    k8s_openapi::api::core::v1::Node,
+    k8s_openapi::api::core::v1::{Node, Pod},
     kube::{
-        Api, Client, Resource,
+        Api, Client, ResourceExt,
         runtime::{WatchStreamExt, reflector, watcher},
     },
 };
-use fleetlet_plumbing::{HttpState, KvCache, NatsArgs, leader::Election};
+use fleetlet_plumbing::{HttpState, KvCache, LeaderGated, NatsArgs, leader::Election};
 use fleetlet_protocol::{
     DeviceId,
     kv::{ACTUAL_STATE, HEARTBEAT},
 };
 use futures::StreamExt;
-use tokio::sync::{Notify, watch};
-use tracing::{info, warn};
+use tokio::{sync::Notify, time::Instant};
+use tracing::info;
 
 pub use metrics::Metrics;
 pub use mirror::{Mirror, Writes};
@@ -145,160 +145,10 @@ pub async fn run(
     let client = Client::try_default().await?;
     let nats = args.nats.connect("fleetlet-bridge").await?;
     let changed = Arc::new(Notify::new());
-    let dirty_devices: Arc<Mutex<HashSet<DeviceId>>> = Arc::default();
-    let synced = Arc::new(AtomicBool::new(false));
-
-    // EdgeDevices: spec/label changes and deletions mark the device dirty.
-    let (devices, writer) = reflector::store::<EdgeDevice>();
-    let device_stream = watcher(
-        Api::<EdgeDevice>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(writer);
-    let device_task = {
-        let (changed, dirty, synced) = (changed.clone(), dirty_devices.clone(), synced.clone());
-        async move {
-            let mut seen = std::collections::HashMap::new();
-            futures::pin_mut!(device_stream);
-            while let Some(ev) = device_stream.next().await {
-                match ev {
-                    Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                        let fp = fleetlet_plumbing::fingerprint(&o);
-                        let name = o.meta().name.clone().unwrap_or_default();
-                        if seen.insert(name.clone(), fp) != Some(fp) {
-                            if let (Ok(id), Ok(mut d)) = (DeviceId::new(name), dirty.lock()) {
-                                d.insert(id);
-                            }
-                            changed.notify_one();
-                        }
-                    }
-                    Ok(watcher::Event::Delete(o)) => {
-                        seen.remove(&o.meta().name.clone().unwrap_or_default());
-                        changed.notify_one();
-                    }
-                    Ok(watcher::Event::InitDone) => {
-                        synced.store(true, Ordering::Relaxed);
-                        changed.notify_one();
-                    }
-                    Ok(watcher::Event::Init) => {}
-                    Err(e) => warn!(error = %e, "EdgeDevice watch error; retrying"),
-                }
-            }
-        }
-    };
-    // Our own Nodes only.
-    let (nodes, node_writer) = reflector::store::<Node>();
-    let node_stream = watcher(
-        Api::<Node>::all(client.clone()),
-        watcher::Config::default().labels(view::DEVICE_LABEL),
-    )
-    .default_backoff()
-    .modify(fleetlet_plumbing::slim)
-    .reflect(node_writer)
-    .for_each(|_| futures::future::ready(()));
-
-    // Pods bound to any node; the pass keeps those on ours.
-    let (pods, pod_writer) = reflector::store::<k8s_openapi::api::core::v1::Pod>();
-    let pod_stream = {
-        let changed = changed.clone();
-        watcher(
-            Api::<k8s_openapi::api::core::v1::Pod>::all(client.clone()),
-            watcher::Config::default().fields("spec.nodeName!="),
-        )
-        .default_backoff()
-        .reflect(pod_writer)
-        .for_each(move |_| {
-            changed.notify_one();
-            futures::future::ready(())
-        })
-    };
-
+    let mut tasks = tokio::task::JoinSet::new();
+    let watches = Watches::start(&client, &changed, &mut tasks);
     let actual = KvCache::new(ACTUAL_STATE);
     let heartbeats = KvCache::new(HEARTBEAT);
-    let metrics = Arc::new(Metrics::default());
-    let ready = Arc::new(AtomicBool::new(false));
-    let metrics_text: Arc<dyn Fn() -> String + Send + Sync> = {
-        let m = metrics.clone();
-        Arc::new(move || m.encode())
-    };
-    let (addr, server) = fleetlet_plumbing::serve(
-        args.metrics_addr,
-        HttpState {
-            metrics: metrics_text,
-            ready: ready.clone(),
-        },
-    )
-    .await?;
-    let mut mirror = Mirror::new(
-        client.clone(),
-        devices,
-        nodes,
-        actual.clone(),
-        heartbeats.clone(),
-        metrics.clone(),
-        args.grace_seconds * 1000,
-        args.status_report_seconds * 1000,
-        args.lease_renew_seconds * 1000,
-    );
-    let kubelet_server = match args.kubelet_listen {
-        Some(listen) => {
-            let advertise = args.kubelet_advertise_address.unwrap_or(listen.ip());
-            let serving = match (
-                args.kubelet_serving_csr,
-                args.kubelet_tls_cert_file.clone(),
-                args.kubelet_tls_key_file.clone(),
-            ) {
-                (true, _, _) => serving::ServingCert::Csr {
-                    name: args.lease_name.clone(),
-                    ips: vec![advertise],
-                    dns: args.kubelet_serving_dns.clone(),
-                },
-                (false, Some(cert), Some(key)) => serving::ServingCert::Files { cert, key },
-                _ => {
-                    return Err(Error::Config(
-                        "--kubelet-listen needs --kubelet-tls-cert-file and --kubelet-tls-key-file, or --kubelet-serving-csr".into(),
-                    ));
-                }
-            };
-            let Some(client_ca_file) = args.kubelet_client_ca_file.clone() else {
-                return Err(Error::Config(
-                    "--kubelet-listen needs --kubelet-client-ca-file (the CA of the apiserver's kubelet client certificate)".into(),
-                ));
-            };
-            let config = kubelet::KubeletConfig {
-                listen,
-                serving,
-                client_ca_file,
-            };
-            let (addr, server) =
-                kubelet::serve(config, client.clone(), nats.clone(), mirror.nodes.clone()).await?;
-            let advertise =
-                args.kubelet_advertise_address
-                    .unwrap_or(if advertise.is_unspecified() {
-                        addr.ip()
-                    } else {
-                        advertise
-                    });
-            mirror.kubelet_endpoint = Some((advertise.to_string(), addr.port()));
-            Some(server)
-        }
-        None => None,
-    };
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (leader_tx, mut leader_rx) = watch::channel(false);
-    let identity = fleetlet_plumbing::default_identity(args.identity.as_deref());
-    let election = Election {
-        namespace: args.lease_namespace.clone(),
-        name: args.lease_name.clone(),
-        identity: identity.clone(),
-        lease_duration: Duration::from_secs(args.lease_seconds),
-        renew_every: Duration::from_secs((args.lease_seconds / 3).max(1)),
-    };
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(device_task);
-    tasks.spawn(node_stream);
-    tasks.spawn(pod_stream);
     // The bridge reads buckets without consumers (its NATS account may not create any):
     // the records JetStream republishes, after a listing by direct gets.
     const RELIST: Duration = Duration::from_secs(600);
@@ -312,62 +162,204 @@ pub async fn run(
             .clone()
             .run_republished(nats.clone(), changed.clone(), RELIST),
     );
+    let metrics = Arc::new(Metrics::default());
+    let http = HttpState::new({
+        let m = metrics.clone();
+        move || m.encode()
+    });
+    let ready = http.ready.clone();
+    let (addr, server) = fleetlet_plumbing::serve(args.metrics_addr, http).await?;
     tasks.spawn(server);
-    if let Some(k) = kubelet_server {
-        tasks.spawn(k);
+    let mut mirror = Mirror::new(
+        mirror::Context {
+            client: client.clone(),
+            devices: watches.devices.clone(),
+            nodes: watches.nodes.clone(),
+            actual: actual.clone(),
+            heartbeats: heartbeats.clone(),
+            metrics: metrics.clone(),
+        },
+        mirror::Timing {
+            grace_ms: args.grace_seconds * 1000,
+            report_every_ms: args.status_report_seconds * 1000,
+            lease_renew_ms: args.lease_renew_seconds * 1000,
+        },
+    );
+    if let Some(listen) = args.kubelet_listen {
+        let (endpoint, server) =
+            start_kubelet(&args, listen, &client, &nats, mirror.nodes.clone()).await?;
+        mirror.kubelet_endpoint = Some(endpoint);
+        tasks.spawn(server);
     }
-    let election_task = tokio::spawn(election.run(client.clone(), leader_tx, stop_rx));
+    let identity = fleetlet_plumbing::default_identity(args.identity.as_deref());
+    let gate = LeaderGated {
+        client,
+        election: Election::new(
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+            args.lease_seconds,
+        ),
+        changed,
+        settle: Duration::from_millis(20),
+    };
     info!(%identity, %addr, "bridge started");
     on_ready(addr);
 
     let resync = Duration::from_secs(args.resync_seconds.max(1));
-    let main_loop = async {
-        let mut next_full = tokio::time::Instant::now();
-        loop {
-            tokio::select! {
-                _ = changed.notified() => {}
-                _ = tokio::time::sleep_until(next_full) => {}
-                _ = leader_rx.changed() => {}
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            let leader = *leader_rx.borrow();
-            metrics.set_leader(leader);
-            let is_synced = synced.load(Ordering::Relaxed) && mirror.synced();
-            ready.store(is_synced, Ordering::Relaxed);
-            if !leader || !is_synced {
-                continue;
-            }
-            let (pod_status, pod_deletes) = pods::pass(&mirror, &pods).await;
+    let mut next_full = Instant::now();
+    gate.run(shutdown, async |leader| {
+        metrics.set_leader(leader);
+        let is_synced = watches.synced.load(Ordering::Relaxed) && mirror.synced();
+        ready.store(is_synced, Ordering::Relaxed);
+        if leader && is_synced {
+            let (pod_status, pod_deletes) = pods::pass(&mirror, &watches.pods).await;
             if pod_status + pod_deletes > 0 {
                 tracing::debug!(pod_status, pod_deletes, "pods mirrored");
             }
-            if tokio::time::Instant::now() >= next_full {
-                // Drop what is marked: the full pass covers it.
-                let _ = (actual.take_dirty(), heartbeats.take_dirty());
-                if let Ok(mut d) = dirty_devices.lock() {
-                    d.clear();
-                }
+            let dirty = [
+                actual.take_dirty(),
+                heartbeats.take_dirty(),
+                watches.take_dirty(),
+            ];
+            if Instant::now() >= next_full {
+                // What is marked is covered by the full pass.
                 mirror.pass(None).await;
                 metrics.set_devices(mirror.devices.state().len());
-                next_full = tokio::time::Instant::now() + resync;
+                next_full = Instant::now() + resync;
             } else {
-                let mut only = actual.take_dirty();
-                only.extend(heartbeats.take_dirty());
-                if let Ok(mut d) = dirty_devices.lock() {
-                    only.extend(d.drain());
-                }
+                let only: HashSet<DeviceId> = dirty.into_iter().flatten().collect();
                 if !only.is_empty() {
                     mirror.pass(Some(only)).await;
                 }
             }
         }
-    };
-    tokio::select! {
-        _ = main_loop => {}
-        _ = shutdown => info!("shutting down"),
-    }
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), election_task).await;
+        next_full
+    })
+    .await;
     tasks.abort_all();
     Ok(())
+}
+
+/// The bridge's reflectors: EdgeDevices (spec, label and deletion changes mark the device
+/// for the next pass), its own Nodes, and Pods bound to any node (the pass keeps those on
+/// its Nodes).
+struct Watches {
+    devices: reflector::Store<EdgeDevice>,
+    nodes: reflector::Store<Node>,
+    pods: reflector::Store<Pod>,
+    dirty: Arc<Mutex<HashSet<DeviceId>>>,
+    synced: Arc<AtomicBool>,
+}
+
+impl Watches {
+    fn start(client: &Client, changed: &Arc<Notify>, tasks: &mut tokio::task::JoinSet<()>) -> Self {
+        let dirty: Arc<Mutex<HashSet<DeviceId>>> = Arc::default();
+        let synced = Arc::new(AtomicBool::new(false));
+        let mark = {
+            let dirty = dirty.clone();
+            move |d: &EdgeDevice| {
+                if let (Ok(id), Ok(mut set)) = (DeviceId::new(d.name_any()), dirty.lock()) {
+                    set.insert(id);
+                }
+            }
+        };
+        let (devices, device_task) = fleetlet_plumbing::watch_crd_with(
+            Api::<EdgeDevice>::all(client.clone()),
+            changed.clone(),
+            synced.clone(),
+            mark,
+        );
+        let (nodes, node_writer) = reflector::store::<Node>();
+        let node_stream = watcher(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default().labels(view::DEVICE_LABEL),
+        )
+        .default_backoff()
+        .modify(fleetlet_plumbing::slim)
+        .reflect(node_writer)
+        .for_each(|_| futures::future::ready(()));
+        let (pods, pod_writer) = reflector::store::<Pod>();
+        let pod_stream = {
+            let changed = changed.clone();
+            watcher(
+                Api::<Pod>::all(client.clone()),
+                watcher::Config::default().fields("spec.nodeName!="),
+            )
+            .default_backoff()
+            .reflect(pod_writer)
+            .for_each(move |_| {
+                changed.notify_one();
+                futures::future::ready(())
+            })
+        };
+        tasks.spawn(device_task);
+        tasks.spawn(node_stream);
+        tasks.spawn(pod_stream);
+        Self {
+            devices,
+            nodes,
+            pods,
+            dirty,
+            synced,
+        }
+    }
+
+    /// Devices whose EdgeDevice changed since the last call.
+    fn take_dirty(&self) -> HashSet<DeviceId> {
+        self.dirty
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default()
+    }
+}
+
+/// Starts the kubelet API every virtual node points at; returns the endpoint the Nodes
+/// advertise and the server.
+async fn start_kubelet(
+    args: &Args,
+    listen: SocketAddr,
+    client: &Client,
+    nats: &async_nats::Client,
+    nodes: reflector::Store<Node>,
+) -> Result<(view::KubeletEndpoint, impl Future<Output = ()> + use<>), Error> {
+    let advertise = args.kubelet_advertise_address.unwrap_or(listen.ip());
+    let serving = match (
+        args.kubelet_serving_csr,
+        args.kubelet_tls_cert_file.clone(),
+        args.kubelet_tls_key_file.clone(),
+    ) {
+        (true, _, _) => serving::ServingCert::Csr {
+            name: args.lease_name.clone(),
+            ips: vec![advertise],
+            dns: args.kubelet_serving_dns.clone(),
+        },
+        (false, Some(cert), Some(key)) => serving::ServingCert::Files { cert, key },
+        _ => {
+            return Err(Error::Config(
+                "--kubelet-listen needs --kubelet-tls-cert-file and --kubelet-tls-key-file, or --kubelet-serving-csr".into(),
+            ));
+        }
+    };
+    let Some(client_ca_file) = args.kubelet_client_ca_file.clone() else {
+        return Err(Error::Config(
+            "--kubelet-listen needs --kubelet-client-ca-file (the CA of the apiserver's kubelet client certificate)".into(),
+        ));
+    };
+    let config = kubelet::KubeletConfig {
+        listen,
+        serving,
+        client_ca_file,
+    };
+    let (addr, server) = kubelet::serve(config, client.clone(), nats.clone(), nodes).await?;
+    let advertise = if advertise.is_unspecified() {
+        addr.ip()
+    } else {
+        advertise
+    };
+    let endpoint = view::KubeletEndpoint {
+        address: advertise.to_string(),
+        port: addr.port(),
+    };
+    Ok((endpoint, server))
 }

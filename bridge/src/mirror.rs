@@ -7,13 +7,10 @@ use std::{
 };
 
 use fleetlet_crds::{
-    EdgeDevice,
-    k8s_openapi::{
-        api::{
-            coordination::v1::Lease,
-            core::v1::{Node, NodeStatus},
-        },
-        apimachinery::pkg::apis::meta::v1::MicroTime,
+    EdgeDevice, EdgeDeviceStatus,
+    k8s_openapi::api::{
+        coordination::v1::Lease,
+        core::v1::{Node, NodeStatus},
     },
     kube::{
         Api, Client, ResourceExt,
@@ -53,7 +50,7 @@ pub struct Mirror {
     /// Devices whose id is taken by a Node fleetlet does not manage.
     collisions: Mutex<HashSet<DeviceId>>,
     /// The kubelet API every virtual node points at (advertised address, port), if served.
-    pub kubelet_endpoint: Option<(String, u16)>,
+    pub kubelet_endpoint: Option<view::KubeletEndpoint>,
 }
 
 /// Writes made by one pass.
@@ -68,29 +65,39 @@ pub struct Writes {
 
 const CONCURRENCY: usize = 16;
 
+/// What the mirror reads and writes through.
+pub struct Context {
+    pub client: Client,
+    pub devices: Reflector<EdgeDevice>,
+    pub nodes: Reflector<Node>,
+    pub actual: Arc<KvCache<AgentStatus>>,
+    pub heartbeats: Arc<KvCache<Heartbeat>>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The mirror's clocks, in milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// No heartbeat for this long: Ready=Unknown (a device may set its own).
+    pub grace_ms: u64,
+    /// Refresh unchanged status (heartbeat times) this often.
+    pub report_every_ms: u64,
+    /// Renew a Lease at most this often.
+    pub lease_renew_ms: u64,
+}
+
 impl Mirror {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        client: Client,
-        devices: Reflector<EdgeDevice>,
-        nodes: Reflector<Node>,
-        actual: Arc<KvCache<AgentStatus>>,
-        heartbeats: Arc<KvCache<Heartbeat>>,
-        metrics: Arc<Metrics>,
-        grace_ms: u64,
-        report_every_ms: u64,
-        lease_renew_ms: u64,
-    ) -> Self {
+    pub fn new(ctx: Context, timing: Timing) -> Self {
         Self {
-            client,
-            devices,
-            nodes,
-            actual,
-            heartbeats,
-            metrics,
-            grace_ms,
-            report_every_ms,
-            lease_renew_ms,
+            client: ctx.client,
+            devices: ctx.devices,
+            nodes: ctx.nodes,
+            actual: ctx.actual,
+            heartbeats: ctx.heartbeats,
+            metrics: ctx.metrics,
+            grace_ms: timing.grace_ms,
+            report_every_ms: timing.report_every_ms,
+            lease_renew_ms: timing.lease_renew_ms,
             renewed: Mutex::new(HashMap::new()),
             collisions: Mutex::new(HashSet::new()),
             kubelet_endpoint: None,
@@ -197,6 +204,7 @@ impl Mirror {
         total
     }
 
+    /// One device: its EdgeDevice status, its Node, the Node's status and its Lease.
     async fn mirror_device(
         &self,
         id: &DeviceId,
@@ -209,9 +217,6 @@ impl Mirror {
         let st = self.actual.get(id).map(|v| v.value);
         let grace_ms = self.grace_ms_of(dev);
         let live = view::liveness(hb.as_ref(), now, grace_ms);
-        let ns = dev.namespace().unwrap_or_default();
-
-        // EdgeDevice status (the bridge's fields only).
         let status = view::device_status(
             dev,
             hb.as_ref(),
@@ -220,184 +225,178 @@ impl Mirror {
             now,
             self.report_every_ms,
         );
-        let current = dev.status.clone().unwrap_or_default().bridge_part();
-        if current != status {
-            let api: Api<EdgeDevice> = Api::namespaced(self.client.clone(), &ns);
-            let mut body = serde_json::to_value(&status).unwrap_or_default();
-            if let Some(o) = body.as_object_mut() {
-                o.remove("desiredGeneration");
-            }
-            let patch = json!({ "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice", "status": body });
-            match api
-                .patch_status(
-                    &dev.name_any(),
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&patch),
-                )
-                .await
-            {
-                Ok(_) => w.device_status += 1,
-                Err(e) => warn!(device = %id, error = %e, "patching EdgeDevice status failed"),
-            }
-        }
-
-        // The Node: identity and taint, then status.
+        w.device_status = self.write_device_status(id, dev, status).await;
         let node = match node {
             None if self.node_name(id) == id.as_str() && self.check_collision(id).await => None,
             n => n,
         };
         let name = self.node_name(id);
-        let nodes: Api<Node> = Api::all(self.client.clone());
-        let labels = view::node_labels(dev, id.as_str(), hb.as_ref());
-        let taints = view::node_taints();
-        let has_spec = node.is_some_and(|n| {
-            labels.iter().all(|(k, v)| n.labels().get(k) == Some(v))
-                && n.spec.as_ref().and_then(|s| s.taints.as_ref()) == Some(&taints)
-        });
-        let mut node_uid = node.and_then(|n| n.uid());
-        if !has_spec {
-            let body = json!({
-                "apiVersion": "v1", "kind": "Node",
-                "metadata": {
-                    "name": name,
-                    "labels": labels,
-                    "annotations": { "fleetlet.dev/edgedevice": format!("{ns}/{}", dev.name_any()) },
-                },
-                "spec": { "taints": taints, "providerID": format!("fleetlet://{ns}/{id}") },
-            });
-            match nodes
-                .patch(
-                    &name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&body),
-                )
-                .await
-            {
-                Ok(n) => {
-                    w.nodes += 1;
-                    node_uid = n.uid();
-                    info!(device = %id, node = %name, "node applied");
-                }
-                Err(e) => {
-                    warn!(device = %id, error = %e, "applying node failed");
-                    return w;
-                }
-            }
-        }
+        let Some(node_uid) = self
+            .apply_node(id, &name, dev, node, hb.as_ref(), &mut w)
+            .await
+        else {
+            return w;
+        };
         let old_conditions = node
             .and_then(|n| n.status.as_ref())
-            .and_then(|s| s.conditions.clone())
+            .and_then(|s| s.conditions.as_deref())
             .unwrap_or_default();
-        let ns_view = view::node_status(
-            &old_conditions,
-            hb.as_ref(),
-            live,
-            now,
-            self.report_every_ms,
-        );
-        let mut want = NodeStatus {
-            node_info: Some(ns_view.node_info),
-            capacity: Some(ns_view.capacity.clone()),
-            allocatable: Some(ns_view.capacity),
-            addresses: Some(ns_view.addresses),
-            conditions: Some(ns_view.conditions),
-            ..Default::default()
-        };
-        if let Some((address, port)) = &self.kubelet_endpoint {
-            // The apiserver reaches "the kubelet" (the bridge) at InternalIP; the device's
-            // own addresses stay in its EdgeDevice status and its pods' hostIP.
-            want.addresses = Some(vec![
-                k8s_openapi::api::core::v1::NodeAddress {
-                    type_: "InternalIP".into(),
-                    address: address.clone(),
-                },
-                k8s_openapi::api::core::v1::NodeAddress {
-                    type_: "Hostname".into(),
-                    address: id.to_string(),
-                },
-            ]);
-            want.daemon_endpoints = Some(k8s_openapi::api::core::v1::NodeDaemonEndpoints {
-                kubelet_endpoint: Some(k8s_openapi::api::core::v1::DaemonEndpoint {
-                    port: i32::from(*port),
-                }),
-            });
-            want.declared_features = Some(vec!["ExtendWebSocketsToKubelet".into()]);
-        }
-        let have = node.and_then(|n| n.status.clone()).map(|s| NodeStatus {
-            node_info: s.node_info,
-            capacity: s.capacity,
-            allocatable: s.allocatable,
-            addresses: s.addresses.filter(|a| !a.is_empty()).or(Some(Vec::new())),
-            conditions: s.conditions,
-            daemon_endpoints: s
-                .daemon_endpoints
-                .filter(|d| d.kubelet_endpoint.as_ref().is_some_and(|k| k.port != 0)),
-            declared_features: s.declared_features.filter(|f| !f.is_empty()),
-            ..Default::default()
-        });
-        if have.as_ref() != Some(&want) {
-            debug!(device = %id, have = ?have, want = ?want, "node status differs");
-            let patch = json!({ "apiVersion": "v1", "kind": "Node", "status": want });
-            match nodes
-                .patch_status(
-                    &name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&patch),
-                )
-                .await
-            {
-                Ok(_) => w.node_status += 1,
-                Err(e) => warn!(device = %id, error = %e, "patching node status failed"),
-            }
-        }
-
+        let want = view::node_status(old_conditions, hb.as_ref(), live, now, self.report_every_ms)
+            .into_status(self.kubelet_endpoint.as_ref(), id.as_str());
+        w.node_status = self.write_node_status(id, &name, node, want).await;
         // The Lease, renewed from the heartbeat itself: a silent device's Lease expires.
         if let (Some(h), Liveness::Alive, Some(uid)) = (&hb, live, node_uid) {
-            let beat = h.timestamp.as_millis();
-            let last = self
-                .renewed
-                .lock()
-                .map(|r| r.get(id).copied())
-                .unwrap_or(None);
-            // Renewals follow heartbeats: one up to half a heartbeat interval early still
-            // counts, so a 30 s heartbeat renews a 30 s Lease on every beat, not every other.
-            let early = u64::from(h.interval_seconds) * 500;
-            if last.is_none_or(|l| beat.saturating_sub(l) + early >= self.lease_renew_ms) {
-                let leases: Api<Lease> = Api::namespaced(self.client.clone(), LEASE_NAMESPACE);
-                let renew = MicroTime(view::k8s_time(h.timestamp).0);
-                let body = json!({
-                    "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                    "metadata": {
-                        "name": name,
-                        "ownerReferences": [{ "apiVersion": "v1", "kind": "Node", "name": name, "uid": uid }],
-                    },
-                    "spec": {
-                        "holderIdentity": name,
-                        "leaseDurationSeconds": (grace_ms / 1000).max(1),
-                        "renewTime": renew,
-                    },
-                });
-                match leases
-                    .patch(
-                        &name,
-                        &PatchParams::apply(FIELD_MANAGER).force(),
-                        &Patch::Apply(&body),
-                    )
-                    .await
-                {
-                    Ok(_) => {
-                        w.leases += 1;
-                        if let Ok(mut r) = self.renewed.lock() {
-                            r.insert(id.clone(), beat);
-                        }
-                        self.metrics
-                            .lease_latency(Timestamp::now().as_millis().saturating_sub(beat));
-                    }
-                    Err(e) => warn!(device = %id, error = %e, "renewing lease failed"),
-                }
-            }
+            w.leases = self.renew_lease(id, &name, &uid, grace_ms, h).await;
         }
         w
+    }
+
+    /// Applies the bridge's part of the EdgeDevice status when it differs; 1 if written.
+    async fn write_device_status(
+        &self,
+        id: &DeviceId,
+        dev: &EdgeDevice,
+        status: EdgeDeviceStatus,
+    ) -> u32 {
+        let current = dev.status.clone().unwrap_or_default().bridge_part();
+        if current == status {
+            return 0;
+        }
+        let ns = dev.namespace().unwrap_or_default();
+        let api: Api<EdgeDevice> = Api::namespaced(self.client.clone(), &ns);
+        let mut body = serde_json::to_value(&status).unwrap_or_default();
+        if let Some(o) = body.as_object_mut() {
+            o.remove("desiredGeneration");
+        }
+        let patch =
+            json!({ "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice", "status": body });
+        match api
+            .patch_status(
+                &dev.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            Ok(_) => 1,
+            Err(e) => {
+                warn!(device = %id, error = %e, "patching EdgeDevice status failed");
+                0
+            }
+        }
+    }
+
+    /// Applies the Node (identity, labels, taint) unless it is current. `None` when the
+    /// apply failed (nothing more to do for the device this pass), else the Node's uid.
+    async fn apply_node(
+        &self,
+        id: &DeviceId,
+        name: &str,
+        dev: &EdgeDevice,
+        node: Option<&Node>,
+        hb: Option<&Heartbeat>,
+        w: &mut Writes,
+    ) -> Option<Option<String>> {
+        let want = view::node(name, dev, id.as_str(), hb);
+        if let Some(n) = node.filter(|n| view::node_is_current(n, &want)) {
+            return Some(n.uid());
+        }
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        match nodes
+            .patch(
+                name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&want),
+            )
+            .await
+        {
+            Ok(n) => {
+                w.nodes += 1;
+                info!(device = %id, node = %name, "node applied");
+                Some(n.uid())
+            }
+            Err(e) => {
+                warn!(device = %id, error = %e, "applying node failed");
+                None
+            }
+        }
+    }
+
+    /// Applies the Node's status when it differs from `want`; 1 if written.
+    async fn write_node_status(
+        &self,
+        id: &DeviceId,
+        name: &str,
+        node: Option<&Node>,
+        want: NodeStatus,
+    ) -> u32 {
+        let have = node.and_then(view::owned_node_status);
+        if have.as_ref() == Some(&want) {
+            return 0;
+        }
+        debug!(device = %id, have = ?have, want = ?want, "node status differs");
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let patch = json!({ "apiVersion": "v1", "kind": "Node", "status": want });
+        match nodes
+            .patch_status(
+                name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            Ok(_) => 1,
+            Err(e) => {
+                warn!(device = %id, error = %e, "patching node status failed");
+                0
+            }
+        }
+    }
+
+    /// Renews the Node's Lease from heartbeat `h` when due; 1 if written.
+    async fn renew_lease(
+        &self,
+        id: &DeviceId,
+        name: &str,
+        node_uid: &str,
+        grace_ms: u64,
+        h: &Heartbeat,
+    ) -> u32 {
+        let beat = h.timestamp.as_millis();
+        let last = self
+            .renewed
+            .lock()
+            .map(|r| r.get(id).copied())
+            .unwrap_or(None);
+        // Renewals follow heartbeats: one up to half a heartbeat interval early still
+        // counts, so a 30 s heartbeat renews a 30 s Lease on every beat, not every other.
+        let early = u64::from(h.interval_seconds) * 500;
+        if last.is_some_and(|l| beat.saturating_sub(l) + early < self.lease_renew_ms) {
+            return 0;
+        }
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), LEASE_NAMESPACE);
+        let body = view::lease(name, node_uid, grace_ms, h);
+        match leases
+            .patch(
+                name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+        {
+            Ok(_) => {
+                if let Ok(mut r) = self.renewed.lock() {
+                    r.insert(id.clone(), beat);
+                }
+                self.metrics
+                    .lease_latency(Timestamp::now().as_millis().saturating_sub(beat));
+                1
+            }
+            Err(e) => {
+                warn!(device = %id, error = %e, "renewing lease failed");
+                0
+            }
+        }
     }
 
     /// Nodes (and their Leases) of devices that no longer exist. Workloads are the agent's

@@ -6,8 +6,17 @@ use std::collections::BTreeMap;
 use fleetlet_crds::{
     Condition, DeviceInfo, EdgeDevice, EdgeDeviceStatus, ResourceSummary, Time,
     k8s_openapi::{
-        api::core::v1::{NodeAddress, NodeCondition, NodeSystemInfo, Taint},
-        apimachinery::pkg::api::resource::Quantity,
+        api::{
+            coordination::v1::{Lease, LeaseSpec},
+            core::v1::{
+                DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeSpec,
+                NodeStatus, NodeSystemInfo, Taint,
+            },
+        },
+        apimachinery::pkg::{
+            api::resource::Quantity,
+            apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference},
+        },
         jiff::Timestamp as KTime,
     },
 };
@@ -87,58 +96,90 @@ fn summarize(items: &[String]) -> String {
     text
 }
 
-/// The EdgeDevice status fields the bridge owns. `desiredGeneration` is the controller's.
-pub fn device_status(
-    dev: &EdgeDevice,
-    hb: Option<&Heartbeat>,
-    st: Option<&AgentStatus>,
-    live: Liveness,
-    now: Timestamp,
-    report_every_ms: u64,
-) -> EdgeDeviceStatus {
-    let old = dev.status.clone().unwrap_or_default();
-    let now_k = k8s_time(now);
-    let generation = dev.metadata.generation;
-    let desired = old.desired_generation;
-    let ready = match live {
-        Liveness::Alive => ("True", "HeartbeatFresh", String::new()),
-        Liveness::Silent => (
+/// One condition's verdict: status, reason and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Verdict {
+    status: &'static str,
+    reason: &'static str,
+    message: String,
+}
+
+impl Verdict {
+    fn new(status: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    fn condition(
+        self,
+        old: &[Condition],
+        type_: &str,
+        generation: Option<i64>,
+        now: &Time,
+    ) -> Condition {
+        condition(
+            old,
+            type_,
+            self.status,
+            self.reason,
+            self.message,
+            generation,
+            now,
+        )
+    }
+}
+
+/// Ready, from liveness alone.
+fn ready_verdict(live: Liveness) -> Verdict {
+    match live {
+        Liveness::Alive => Verdict::new("True", "HeartbeatFresh", ""),
+        Liveness::Silent => Verdict::new(
             "Unknown",
             "HeartbeatMissed",
-            "no heartbeat within the grace period".into(),
+            "no heartbeat within the grace period",
         ),
-        Liveness::NeverConnected => (
+        Liveness::NeverConnected => Verdict::new(
             "False",
             "NeverConnected",
-            "the device's agent has never connected".into(),
+            "the device's agent has never connected",
         ),
+    }
+}
+
+/// One summary row per resource the device reports.
+fn resource_summaries(st: Option<&AgentStatus>) -> Vec<ResourceSummary> {
+    let Some(s) = st else {
+        return Vec::new();
     };
-    let resources: Vec<ResourceSummary> = st
-        .map(|s| {
-            s.resources
-                .iter()
-                .map(|(id, r)| ResourceSummary {
-                    id: id.to_string(),
-                    kind: match r {
-                        ResourceStatus::Ready { details, .. } => details.kind().key().into(),
-                        ResourceStatus::Unsupported { kind, .. } => kind.clone(),
-                        _ => String::new(),
-                    },
-                    state: r.state_name().into(),
-                    message: match r {
-                        ResourceStatus::Failed { error, .. } => Some(error.clone()),
-                        ResourceStatus::Unsupported { message, .. } => Some(message.clone()),
-                        ResourceStatus::Reconciling { message, .. } => message.clone(),
-                        ResourceStatus::Ready { details, .. } if !details.probe_ready() => {
-                            Some("readiness probe failing".into())
-                        }
-                        _ => None,
-                    },
-                    owner: None,
-                })
-                .collect()
+    s.resources
+        .iter()
+        .map(|(id, r)| ResourceSummary {
+            id: id.to_string(),
+            kind: match r {
+                ResourceStatus::Ready { details, .. } => details.kind().key().into(),
+                ResourceStatus::Unsupported { kind, .. } => kind.clone(),
+                _ => String::new(),
+            },
+            state: r.state_name().into(),
+            message: match r {
+                ResourceStatus::Failed { error, .. } => Some(error.clone()),
+                ResourceStatus::Unsupported { message, .. } => Some(message.clone()),
+                ResourceStatus::Reconciling { message, .. } => message.clone(),
+                ResourceStatus::Ready { details, .. } if !details.probe_ready() => {
+                    Some("readiness probe failing".into())
+                }
+                _ => None,
+            },
+            owner: None,
         })
-        .unwrap_or_default();
+        .collect()
+}
+
+/// Degraded: the failed resources, permanent ones marked.
+fn degraded_verdict(st: Option<&AgentStatus>) -> Verdict {
     let failed: Vec<String> = st
         .iter()
         .flat_map(|s| &s.resources)
@@ -153,13 +194,27 @@ pub fn device_status(
             })
         })
         .collect();
-    // What a device reports is untrusted: a generation Kubernetes cannot store (it keeps
-    // integers signed) is shown as such instead of blocking every status write.
-    let reported = st.map(|s| s.observed_generation);
-    let applied = reported.filter(|g| *g <= MAX_STORED_GENERATION);
+    if failed.is_empty() {
+        Verdict::new("False", "NoFailures", "")
+    } else {
+        Verdict::new("True", "ResourcesFailed", summarize(&failed))
+    }
+}
+
+/// Converged: the device runs the desired generation and every resource is ready.
+/// `reported` is what the device says it runs (untrusted), `applied` the same when
+/// Kubernetes can store it.
+fn converged_verdict(
+    st: Option<&AgentStatus>,
+    reported: Option<u64>,
+    applied: Option<u64>,
+    desired: Option<u64>,
+    resources: &[ResourceSummary],
+) -> Verdict {
     let all_ready = st.is_some_and(|s| s.resources.values().all(ResourceStatus::is_ready));
-    let converged = match (applied, desired) {
-        (None, _) if reported.is_some() => (
+    let rejection = st.and_then(|s| s.last_rejection.as_ref());
+    match (applied, desired) {
+        (None, _) if reported.is_some() => Verdict::new(
             "False",
             "GenerationOutOfRange",
             format!(
@@ -167,36 +222,26 @@ pub fn device_status(
                 reported.unwrap_or_default()
             ),
         ),
-        (Some(a), Some(d)) if a >= d && all_ready => ("True", "AllResourcesReady", String::new()),
-        (Some(a), Some(d))
-            if a < d
-                && st
-                    .and_then(|s| s.last_rejection.as_ref())
-                    .is_some_and(|r| r.generation.is_none_or(|g| g > a)) =>
-        {
-            let r = st.and_then(|s| s.last_rejection.as_ref());
-            (
+        (Some(a), Some(d)) if a >= d && all_ready => Verdict::new("True", "AllResourcesReady", ""),
+        (Some(a), Some(d)) if a < d => match rejection {
+            Some(r) if r.generation.is_none_or(|g| g > a) => Verdict::new(
                 "False",
                 "ManifestRejected",
                 format!(
                     "device runs generation {a}, desired {d}; it refused {} ({}): {}",
-                    r.and_then(|r| r.generation)
+                    r.generation
                         .map_or_else(|| "a manifest".into(), |g| format!("generation {g}")),
-                    r.map(|r| r.reason.as_str()).unwrap_or_default(),
-                    r.map(|r| r.message.as_str()).unwrap_or_default(),
+                    r.reason,
+                    r.message,
                 ),
-            )
-        }
-        (Some(a), Some(d)) if a < d => (
-            "False",
-            "Applying",
-            format!("device runs generation {a}, desired {d}"),
-        ),
-        (None, _) => (
-            "False",
-            "NoStatus",
-            "the device has not reported a status".into(),
-        ),
+            ),
+            _ => Verdict::new(
+                "False",
+                "Applying",
+                format!("device runs generation {a}, desired {d}"),
+            ),
+        },
+        (None, _) => Verdict::new("False", "NoStatus", "the device has not reported a status"),
         _ if !all_ready => {
             let waiting: Vec<String> = resources
                 .iter()
@@ -206,63 +251,58 @@ pub fn device_status(
                     None => format!("{} ({})", r.id, r.state),
                 })
                 .collect();
-            ("False", "ResourcesNotReady", summarize(&waiting))
+            Verdict::new("False", "ResourcesNotReady", summarize(&waiting))
         }
-        _ => (
+        _ => Verdict::new(
             "Unknown",
             "NoDesiredState",
-            "the controller has not written a manifest yet".into(),
+            "the controller has not written a manifest yet",
         ),
-    };
-    let degraded = if failed.is_empty() {
-        ("False", "NoFailures", String::new())
-    } else {
-        ("True", "ResourcesFailed", summarize(&failed))
-    };
-    let conditions = vec![
-        condition(
-            &old.conditions,
-            "Ready",
-            ready.0,
-            ready.1,
-            ready.2,
-            generation,
-            &now_k,
-        ),
-        condition(
-            &old.conditions,
-            "Converged",
-            converged.0,
-            converged.1,
-            converged.2,
-            generation,
-            &now_k,
-        ),
-        condition(
-            &old.conditions,
-            "Degraded",
-            degraded.0,
-            degraded.1,
-            degraded.2,
-            generation,
-            &now_k,
-        ),
-    ];
-    let device = hb.map(|h| DeviceInfo {
+    }
+}
+
+/// The device's facts, from its heartbeat.
+fn device_info(h: &Heartbeat) -> DeviceInfo {
+    DeviceInfo {
         architecture: h.system.architecture.clone(),
         operating_system: h.system.operating_system.clone(),
         os_image: h.system.os_image.clone(),
         kernel_version: h.system.kernel_version.clone(),
         agent_version: h.agent_version.clone(),
         addresses: h.addresses.iter().map(|a| a.address.clone()).collect(),
-    });
+    }
+}
+
+/// The EdgeDevice status fields the bridge owns. `desiredGeneration` is the controller's.
+pub fn device_status(
+    dev: &EdgeDevice,
+    hb: Option<&Heartbeat>,
+    st: Option<&AgentStatus>,
+    live: Liveness,
+    now: Timestamp,
+    report_every_ms: u64,
+) -> EdgeDeviceStatus {
+    let old = dev.status.clone().unwrap_or_default();
+    let now_k = k8s_time(now);
+    let generation = dev.metadata.generation;
+    let resources = resource_summaries(st);
+    // What a device reports is untrusted: a generation Kubernetes cannot store (it keeps
+    // integers signed) is shown as such instead of blocking every status write.
+    let reported = st.map(|s| s.observed_generation);
+    let applied = reported.filter(|g| *g <= MAX_STORED_GENERATION);
+    let converged = converged_verdict(st, reported, applied, old.desired_generation, &resources);
+    let conditions = vec![
+        ready_verdict(live).condition(&old.conditions, "Ready", generation, &now_k),
+        converged.condition(&old.conditions, "Converged", generation, &now_k),
+        degraded_verdict(st).condition(&old.conditions, "Degraded", generation, &now_k),
+    ];
     let mut out = EdgeDeviceStatus {
         conditions,
         observed_generation: generation,
         desired_generation: None,
         applied_generation: applied,
         last_heartbeat_time: old.last_heartbeat_time.clone(),
-        device,
+        device: hb.map(device_info),
         resources,
         // The controller's field, not the bridge's.
         credentials: None,
@@ -334,22 +374,144 @@ pub struct NodeStatusView {
     pub conditions: Vec<NodeCondition>,
 }
 
-pub fn node_status(
-    old: &[NodeCondition],
-    hb: Option<&Heartbeat>,
-    live: Liveness,
-    now: Timestamp,
-    report_every_ms: u64,
-) -> NodeStatusView {
-    let now_k = k8s_time(now);
-    let h = hb.cloned();
-    let cap = h.as_ref().map(|h| h.capacity).unwrap_or_default();
-    let free = h.as_ref().map(|h| h.free).unwrap_or_default();
-    let mut capacity = BTreeMap::new();
-    capacity.insert("cpu".into(), quantity(u64::from(cap.cpu_cores)));
-    capacity.insert("memory".into(), quantity(cap.memory_bytes));
-    capacity.insert("ephemeral-storage".into(), quantity(cap.disk_bytes));
-    capacity.insert("pods".into(), quantity(110));
+/// Where the apiserver reaches the kubelet API the bridge serves for every virtual node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeletEndpoint {
+    /// The advertised address (the Nodes' InternalIP).
+    pub address: String,
+    pub port: u16,
+}
+
+impl NodeStatusView {
+    /// The Node status to apply. With the kubelet API served, the apiserver reaches "the
+    /// kubelet" (the bridge) at InternalIP; the device's own addresses stay in its
+    /// EdgeDevice status and its pods' hostIP.
+    pub fn into_status(self, kubelet: Option<&KubeletEndpoint>, device: &str) -> NodeStatus {
+        let mut status = NodeStatus {
+            node_info: Some(self.node_info),
+            allocatable: Some(self.capacity.clone()),
+            capacity: Some(self.capacity),
+            addresses: Some(self.addresses),
+            conditions: Some(self.conditions),
+            ..Default::default()
+        };
+        if let Some(k) = kubelet {
+            status.addresses = Some(vec![
+                NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: k.address.clone(),
+                },
+                NodeAddress {
+                    type_: "Hostname".into(),
+                    address: device.into(),
+                },
+            ]);
+            status.daemon_endpoints = Some(NodeDaemonEndpoints {
+                kubelet_endpoint: Some(DaemonEndpoint {
+                    port: i32::from(k.port),
+                }),
+            });
+            status.declared_features = Some(vec!["ExtendWebSocketsToKubelet".into()]);
+        }
+        status
+    }
+}
+
+/// The part of a stored Node's status the bridge owns, in the shape
+/// [`NodeStatusView::into_status`] builds, so the two compare equal when nothing changed.
+pub fn owned_node_status(node: &Node) -> Option<NodeStatus> {
+    node.status.clone().map(|s| NodeStatus {
+        node_info: s.node_info,
+        capacity: s.capacity,
+        allocatable: s.allocatable,
+        addresses: s.addresses.filter(|a| !a.is_empty()).or(Some(Vec::new())),
+        conditions: s.conditions,
+        daemon_endpoints: s
+            .daemon_endpoints
+            .filter(|d| d.kubelet_endpoint.as_ref().is_some_and(|k| k.port != 0)),
+        declared_features: s.declared_features.filter(|f| !f.is_empty()),
+        ..Default::default()
+    })
+}
+
+/// The Node the bridge applies for a device (everything but its status): labels, the
+/// taint, the providerID and a pointer back to the EdgeDevice.
+pub fn node(name: &str, dev: &EdgeDevice, device_id: &str, hb: Option<&Heartbeat>) -> Node {
+    let ns = dev.metadata.namespace.clone().unwrap_or_default();
+    let dev_name = dev.metadata.name.clone().unwrap_or_default();
+    Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(node_labels(dev, device_id, hb)),
+            annotations: Some(BTreeMap::from([(
+                "fleetlet.dev/edgedevice".to_string(),
+                format!("{ns}/{dev_name}"),
+            )])),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            taints: Some(node_taints()),
+            provider_id: Some(format!("fleetlet://{ns}/{device_id}")),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// Whether `have` already carries what [`node`] would apply (labels and taints; the rest
+/// never changes for a device).
+pub fn node_is_current(have: &Node, want: &Node) -> bool {
+    let labels = have.metadata.labels.as_ref();
+    want.metadata
+        .labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+        && have.spec.as_ref().and_then(|s| s.taints.as_ref())
+            == want.spec.as_ref().and_then(|s| s.taints.as_ref())
+}
+
+/// A Node's Lease, renewed at the heartbeat's own time and owned by the Node (deleting
+/// the Node deletes it).
+pub fn lease(name: &str, node_uid: &str, grace_ms: u64, hb: &Heartbeat) -> Lease {
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "v1".into(),
+                kind: "Node".into(),
+                name: name.into(),
+                uid: node_uid.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(name.into()),
+            lease_duration_seconds: Some(
+                i32::try_from((grace_ms / 1000).max(1)).unwrap_or(i32::MAX),
+            ),
+            renew_time: Some(MicroTime(k8s_time(hb.timestamp).0)),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Node capacity (and allocatable) from the heartbeat.
+fn capacity(h: Option<&Heartbeat>) -> BTreeMap<String, Quantity> {
+    let cap = h.map(|h| h.capacity).unwrap_or_default();
+    BTreeMap::from([
+        ("cpu".into(), quantity(u64::from(cap.cpu_cores))),
+        ("memory".into(), quantity(cap.memory_bytes)),
+        ("ephemeral-storage".into(), quantity(cap.disk_bytes)),
+        ("pods".into(), quantity(110)),
+    ])
+}
+
+/// (type, status, reason) of Ready and the three pressure conditions.
+fn node_condition_rows(h: Option<&Heartbeat>, live: Liveness) -> [(String, String, String); 4] {
+    let cap = h.map(|h| h.capacity).unwrap_or_default();
+    let free = h.map(|h| h.free).unwrap_or_default();
     let pct = |free: u64, total: u64| free.saturating_mul(100).checked_div(total).unwrap_or(100);
     let pressure =
         |low: bool, type_: &str, reason_ok: &str, reason_low: &str| -> (String, String, String) {
@@ -360,15 +522,11 @@ pub fn node_status(
             }
         };
     let ready = match live {
-        Liveness::Alive => (
-            "Ready".to_string(),
-            "True".to_string(),
-            "KubeletReady".to_string(),
-        ),
+        Liveness::Alive => ("Ready".into(), "True".into(), "KubeletReady".into()),
         Liveness::Silent => ("Ready".into(), "Unknown".into(), "NodeStatusUnknown".into()),
         Liveness::NeverConnected => ("Ready".into(), "False".into(), "NeverConnected".into()),
     };
-    let rows = [
+    [
         ready,
         pressure(
             cap.memory_bytes > 0 && pct(free.memory_bytes, cap.memory_bytes) < 5,
@@ -388,75 +546,88 @@ pub fn node_status(
             "KubeletHasSufficientPID",
             "KubeletHasInsufficientPID",
         ),
-    ];
-    let hb_time = h.as_ref().map(|h| k8s_time(h.timestamp));
-    let conditions = rows
+    ]
+}
+
+/// One Node condition, keeping its times from `old` while it does not change (and the
+/// heartbeat time until `report_every_ms` has passed).
+fn node_condition(
+    old: &[NodeCondition],
+    (type_, status, reason): (String, String, String),
+    hb_time: Option<&Time>,
+    now: &Time,
+    report_every_ms: u64,
+) -> NodeCondition {
+    let prev = old.iter().find(|c| c.type_ == type_);
+    let same =
+        prev.is_some_and(|p| p.status == status && p.reason.as_deref() == Some(reason.as_str()));
+    let message = match (type_.as_str(), status.as_str()) {
+        ("Ready", "True") => "fleetlet agent is posting heartbeats",
+        ("Ready", "Unknown") | (_, "Unknown") => "Kubelet stopped posting node status.",
+        ("Ready", _) => "the device's agent has never connected",
+        _ => "",
+    };
+    let stale = prev
+        .and_then(|p| p.last_heartbeat_time.as_ref())
+        .zip(hb_time)
+        .is_none_or(|(p, h)| {
+            h.0.as_millisecond().saturating_sub(p.0.as_millisecond()) >= report_every_ms as i64
+        });
+    NodeCondition {
+        last_heartbeat_time: if same && !stale {
+            prev.and_then(|p| p.last_heartbeat_time.clone())
+        } else {
+            hb_time.cloned().or(Some(now.clone()))
+        },
+        last_transition_time: if same {
+            prev.and_then(|p| p.last_transition_time.clone())
+        } else {
+            Some(now.clone())
+        },
+        message: (!message.is_empty()).then(|| message.to_string()),
+        reason: Some(reason),
+        status,
+        type_,
+    }
+}
+
+/// What the device runs, as a kubelet reports it.
+fn node_info(h: Option<&Heartbeat>) -> NodeSystemInfo {
+    let Some(h) = h else {
+        return NodeSystemInfo {
+            operating_system: "linux".into(),
+            kubelet_version: "fleetlet-agent".into(),
+            ..Default::default()
+        };
+    };
+    NodeSystemInfo {
+        architecture: h.system.architecture.clone(),
+        operating_system: "linux".into(),
+        os_image: h.system.os_image.clone(),
+        kernel_version: h.system.kernel_version.clone(),
+        kubelet_version: format!("fleetlet-agent/v{}", h.agent_version),
+        // What the device says it runs: nothing when it runs no containers.
+        container_runtime_version: h.container_runtime.clone().unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+pub fn node_status(
+    old: &[NodeCondition],
+    hb: Option<&Heartbeat>,
+    live: Liveness,
+    now: Timestamp,
+    report_every_ms: u64,
+) -> NodeStatusView {
+    let now_k = k8s_time(now);
+    let hb_time = hb.map(|h| k8s_time(h.timestamp));
+    let conditions = node_condition_rows(hb, live)
         .into_iter()
-        .map(|(type_, status, reason)| {
-            let prev = old.iter().find(|c| c.type_ == type_);
-            let same = prev.is_some_and(|p| {
-                p.status == status && p.reason.as_deref() == Some(reason.as_str())
-            });
-            let message = match (type_.as_str(), status.as_str()) {
-                ("Ready", "True") => "fleetlet agent is posting heartbeats".to_string(),
-                ("Ready", "Unknown") | (_, "Unknown") => {
-                    "Kubelet stopped posting node status.".to_string()
-                }
-                ("Ready", _) => "the device's agent has never connected".to_string(),
-                _ => String::new(),
-            };
-            let stale = prev
-                .and_then(|p| p.last_heartbeat_time.as_ref())
-                .zip(hb_time.as_ref())
-                .is_none_or(|(p, h)| {
-                    h.0.as_millisecond().saturating_sub(p.0.as_millisecond())
-                        >= report_every_ms as i64
-                });
-            NodeCondition {
-                last_heartbeat_time: if same && !stale {
-                    prev.and_then(|p| p.last_heartbeat_time.clone())
-                } else {
-                    hb_time.clone().or(Some(now_k.clone()))
-                },
-                last_transition_time: if same {
-                    prev.and_then(|p| p.last_transition_time.clone())
-                } else {
-                    Some(now_k.clone())
-                },
-                message: (!message.is_empty()).then_some(message),
-                reason: Some(reason),
-                status,
-                type_,
-            }
-        })
+        .map(|row| node_condition(old, row, hb_time.as_ref(), &now_k, report_every_ms))
         .collect();
     NodeStatusView {
-        node_info: NodeSystemInfo {
-            architecture: h
-                .as_ref()
-                .map(|h| h.system.architecture.clone())
-                .unwrap_or_default(),
-            operating_system: "linux".into(),
-            os_image: h
-                .as_ref()
-                .map(|h| h.system.os_image.clone())
-                .unwrap_or_default(),
-            kernel_version: h
-                .as_ref()
-                .map(|h| h.system.kernel_version.clone())
-                .unwrap_or_default(),
-            kubelet_version: h.as_ref().map_or_else(
-                || "fleetlet-agent".into(),
-                |h| format!("fleetlet-agent/v{}", h.agent_version),
-            ),
-            // What the device says it runs: nothing when it runs no containers.
-            container_runtime_version: h
-                .as_ref()
-                .and_then(|h| h.container_runtime.clone())
-                .unwrap_or_default(),
-            ..Default::default()
-        },
-        addresses: h
+        node_info: node_info(hb),
+        addresses: hb
             .map(|h| {
                 h.addresses
                     .iter()
@@ -467,7 +638,7 @@ pub fn node_status(
                     .collect()
             })
             .unwrap_or_default(),
-        capacity,
+        capacity: capacity(hb),
         conditions,
     }
 }

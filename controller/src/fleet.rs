@@ -44,6 +44,35 @@ const KV_WRITE_CONCURRENCY: usize = 64;
 /// Status patches in flight at once: enough to keep up, few enough to be a polite client.
 const STATUS_PATCH_CONCURRENCY: usize = 16;
 
+/// The KV buckets a pass writes, bound once.
+pub struct Buckets {
+    pub desired: Store,
+    pub actual: Store,
+    pub heartbeat: Store,
+}
+
+/// What the fleet loop reads and writes through.
+pub struct Context {
+    pub client: Client,
+    pub devices: Reflector<EdgeDevice>,
+    pub manifests: Reflector<EdgeManifest>,
+    pub desired: Arc<KvCache<AgentManifest>>,
+    pub actual: Arc<KvCache<AgentStatus>>,
+    pub heartbeats: Arc<KvCache<Heartbeat>>,
+    pub stores: Buckets,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The fleet loop's clocks.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// A device whose last heartbeat is older than this is offline for rollouts.
+    pub offline_after: Duration,
+    /// Default progress deadline when a manifest sets none.
+    pub progress_deadline: Duration,
+}
+
 /// Everything a pass reads and writes.
 pub struct Fleet {
     pub client: Client,
@@ -96,34 +125,25 @@ fn rfc3339(t: Option<&Time>) -> String {
 impl Fleet {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        client: Client,
-        devices: Reflector<EdgeDevice>,
-        manifests: Reflector<EdgeManifest>,
-        desired: Arc<KvCache<AgentManifest>>,
-        actual: Arc<KvCache<AgentStatus>>,
-        heartbeats: Arc<KvCache<Heartbeat>>,
-        stores: (Store, Store, Store),
-        recorder: Recorder,
-        metrics: Arc<Metrics>,
-        offline_after: Duration,
-        progress_deadline: Duration,
+        ctx: Context,
+        deadlines: Deadlines,
         status_queue: mpsc::UnboundedSender<(Arc<EdgeDevice>, u64)>,
     ) -> Self {
         Self {
-            client,
-            devices,
-            manifests,
-            desired,
-            actual,
-            heartbeats,
-            kv_desired: stores.0,
-            kv_actual: stores.1,
-            kv_heartbeat: stores.2,
-            events: crate::events::Events::new(recorder.clone()),
-            recorder,
-            metrics,
-            offline_after,
-            progress_deadline,
+            client: ctx.client,
+            devices: ctx.devices,
+            manifests: ctx.manifests,
+            desired: ctx.desired,
+            actual: ctx.actual,
+            heartbeats: ctx.heartbeats,
+            kv_desired: ctx.stores.desired,
+            kv_actual: ctx.stores.actual,
+            kv_heartbeat: ctx.stores.heartbeat,
+            events: crate::events::Events::new(ctx.recorder.clone()),
+            recorder: ctx.recorder,
+            metrics: ctx.metrics,
+            offline_after: deadlines.offline_after,
+            progress_deadline: deadlines.progress_deadline,
             reported_conflicts: Mutex::new(BTreeSet::new()),
             reported_over_limit: Mutex::new(BTreeSet::new()),
             reports: Mutex::new(crate::reports::Reports::default()),

@@ -40,14 +40,14 @@ use fleetlet_crds::{
     },
 };
 use fleetlet_protocol::kv::{ACTUAL_STATE, BUCKETS, DESIRED_STATE, HEARTBEAT};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tracing::{info, warn};
 
 pub use fleet::{Fleet, PassSummary};
 // The shared plumbing, under the names the controller's modules use.
 pub use fleetlet_plumbing::{
-    HttpState, KvCache, NatsArgs, any_change, default_identity, fingerprint, init_tracing, kvcache,
-    leader, serve, shutdown_signal, slim, stopped, watch_crd, watch_objects,
+    HttpState, KvCache, LeaderGated, NatsArgs, any_change, default_identity, fingerprint,
+    init_tracing, kvcache, leader, serve, shutdown_signal, slim, stopped, watch_crd, watch_objects,
 };
 pub use metrics::Metrics;
 
@@ -286,63 +286,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), Error> {
-    // Read the signing key before anything else: a bad key is a configuration error.
-    let signer = args
-        .manifest_signing_key
-        .as_deref()
-        .map(|path| signing::Signer::from_file(path, args.manifest_signing_key_id.clone()))
-        .transpose()?;
-    let authority = args
-        .nats_authority
-        .as_deref()
-        .map(identity::Authority::from_file)
-        .transpose()
-        .map_err(|e| Error::Config(e.to_string()))?
-        .map(Arc::new);
-    let client = Client::try_default().await?;
-    let signer = match (signer, &args.manifest_signing_secret) {
-        (None, Some(name)) => {
-            Some(signing::Signer::from_secret(&client, &args.lease_namespace, name).await?)
-        }
-        (signer, _) => signer,
-    };
-    let own_creds = match &authority {
-        Some(a) if args.nats.nats_creds.is_none() && args.nats.nats_user.is_none() => Some(
-            a.issue_fleet_user(
-                "fleetlet-controller",
-                Some(&fleetlet_protocol::access::controller()),
-            )
-            .map_err(|e| Error::Config(e.to_string()))?
-            .creds,
-        ),
-        _ => None,
-    };
-    let nats = args
-        .nats
-        .connect_with("fleetlet-controller", own_creds.as_deref())
-        .await?;
-    let identities = match &authority {
-        Some(a) => {
-            let creds = a.system_user().map_err(|e| Error::Config(e.to_string()))?;
-            let sys = args
-                .nats
-                .connect_with("fleetlet-controller-system", Some(&creds))
-                .await?;
-            let trust = signer
-                .as_ref()
-                .map(|s| (s.id.clone(), s.public_key_base64()));
-            Some(
-                identity::Identities::new(
-                    a.clone(),
-                    client.clone(),
-                    args.lease_namespace.clone(),
-                    sys,
-                )
-                .with_enrollment(args.device_nats_url.clone(), trust),
-            )
-        }
-        None => None,
-    };
+    let wiring = Wiring::connect(&args).await?;
+    let (client, nats) = (wiring.client.clone(), wiring.nats.clone());
     let js = jetstream::new(nats.clone());
     ensure_buckets(&js, args.kv_replicas).await?;
     let bind = async |name: &str| {
@@ -350,196 +295,91 @@ pub async fn run(
             .await
             .map_err(|e| Error::Kv(e.to_string()))
     };
-    let stores = (
-        bind(DESIRED_STATE.name).await?,
-        bind(ACTUAL_STATE.name).await?,
-        bind(HEARTBEAT.name).await?,
-    );
-
+    let stores = fleet::Buckets {
+        desired: bind(DESIRED_STATE.name).await?,
+        actual: bind(ACTUAL_STATE.name).await?,
+        heartbeat: bind(HEARTBEAT.name).await?,
+    };
     let changed = Arc::new(Notify::new());
-    let devices_synced = Arc::new(AtomicBool::new(false));
-    let manifests_synced = Arc::new(AtomicBool::new(false));
-    let (devices, devices_task) = watch_crd(
-        Api::<EdgeDevice>::all(client.clone()),
-        changed.clone(),
-        devices_synced.clone(),
-    );
-    let (manifests, manifests_task) = watch_crd(
-        Api::<EdgeManifest>::all(client.clone()),
-        changed.clone(),
-        manifests_synced.clone(),
-    );
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut watches = Watches::start(&client, &changed, args.pods, &mut tasks);
     let desired = KvCache::new(DESIRED_STATE);
     let actual = KvCache::new(ACTUAL_STATE);
     let heartbeats = KvCache::new_quiet(HEARTBEAT);
+    tasks.spawn(desired.clone().run(nats.clone(), changed.clone()));
+    tasks.spawn(actual.clone().run(nats.clone(), changed.clone()));
+    tasks.spawn(heartbeats.clone().run(nats.clone(), changed.clone()));
     let metrics = Arc::new(Metrics::default());
-    let ready = Arc::new(AtomicBool::new(false));
-
-    let metrics_text: Arc<dyn Fn() -> String + Send + Sync> = {
+    let http = HttpState::new({
         let m = metrics.clone();
-        Arc::new(move || m.encode())
-    };
-    let (metrics_addr, server) = serve(
-        args.metrics_addr,
-        HttpState {
-            metrics: metrics_text,
-            ready: ready.clone(),
-        },
-    )
-    .await?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (leader_tx, leader_rx) = watch::channel(false);
+        move || m.encode()
+    });
+    let ready = http.ready.clone();
+    let (metrics_addr, server) = serve(args.metrics_addr, http).await?;
+    tasks.spawn(server);
     let identity = args.identity();
-    let election = leader::Election {
-        namespace: args.lease_namespace.clone(),
-        name: args.lease_name.clone(),
-        identity: identity.clone(),
-        lease_duration: Duration::from_secs(args.lease_seconds),
-        renew_every: Duration::from_secs((args.lease_seconds / 3).max(1)),
-    };
     let reporter = Reporter {
         controller: FIELD_MANAGER.into(),
         instance: Some(identity.clone()),
     };
     let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut fleet = Fleet::new(
-        client.clone(),
-        devices.clone(),
-        manifests,
-        desired.clone(),
-        actual.clone(),
-        heartbeats.clone(),
-        stores,
-        Recorder::new(client.clone(), reporter),
-        metrics.clone(),
-        Duration::from_secs(args.offline_after_seconds),
-        Duration::from_secs(args.progress_deadline_seconds),
+        fleet::Context {
+            client: client.clone(),
+            devices: watches.devices.clone(),
+            manifests: watches.manifests.clone(),
+            desired: desired.clone(),
+            actual,
+            heartbeats,
+            stores,
+            recorder: Recorder::new(client.clone(), reporter),
+            metrics: metrics.clone(),
+        },
+        fleet::Deadlines {
+            offline_after: Duration::from_secs(args.offline_after_seconds),
+            progress_deadline: Duration::from_secs(args.progress_deadline_seconds),
+        },
         status_tx,
     );
-    let mut tasks = tokio::task::JoinSet::new();
-    if let Some(signer) = signer {
+    if let Some(pods) = watches.pods.take() {
+        fleet = fleet.with_pods(pods);
+    }
+    if let Some(signer) = wiring.signer {
         info!(key = %signer.id, "signing manifests");
         let signer = Arc::new(signer);
         fleet = fleet.with_signer(signer.clone());
-        // The floor is the newest generation recorded in Kubernetes (which only the
-        // controller writes) or in desired state, whichever is higher: what is in the
-        // bucket alone could have been replaced with an older manifest.
-        let floor_of = {
-            let (devices, desired, ready) = (devices.clone(), desired.clone(), ready.clone());
-            move |id: &fleetlet_protocol::DeviceId| {
-                if !ready.load(Ordering::Relaxed) {
-                    return None;
-                }
-                let recorded = devices
-                    .state()
-                    .iter()
-                    .filter(|d| d.name_any() == id.as_str())
-                    .filter_map(|d| d.status.as_ref()?.desired_generation)
-                    .max()
-                    .unwrap_or(0);
-                Some(recorded.max(desired.get(id).map_or(0, |v| v.value.generation)))
-            }
-        };
+        let floor_of = generation_floor(watches.devices.clone(), desired, ready.clone());
         tasks.spawn(signing::serve_floors(nats.clone(), signer, floor_of));
     }
-
-    let pods_synced: Vec<Arc<AtomicBool>> = if args.pods {
-        use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
-        let flags: Vec<Arc<AtomicBool>> =
-            (0..4).map(|_| Arc::new(AtomicBool::new(false))).collect();
-        let (pods, t1) = watch_objects(
-            Api::<Pod>::all(client.clone()),
-            watcher::Config::default().fields("spec.nodeName!="),
-            changed.clone(),
-            flags[0].clone(),
-            any_change,
-        );
-        let (nodes, t2) = watch_objects(
-            Api::<Node>::all(client.clone()),
-            watcher::Config::default().labels(pods::DEVICE_LABEL),
-            changed.clone(),
-            flags[1].clone(),
-            any_change,
-        );
-        let (config_maps, t3) = watch_objects(
-            Api::<ConfigMap>::all(client.clone()),
-            watcher::Config::default(),
-            changed.clone(),
-            flags[2].clone(),
-            any_change,
-        );
-        let (secrets, t4) = watch_objects(
-            Api::<Secret>::all(client.clone()),
-            watcher::Config::default(),
-            changed.clone(),
-            flags[3].clone(),
-            any_change,
-        );
-        tasks.spawn(t1);
-        tasks.spawn(t2);
-        tasks.spawn(t3);
-        tasks.spawn(t4);
-        fleet = fleet.with_pods(pods::PodWatch {
-            pods,
-            nodes,
-            config_maps,
-            secrets,
-        });
-        flags
-    } else {
-        Vec::new()
-    };
-    tasks.spawn(devices_task);
-    tasks.spawn(manifests_task);
-    tasks.spawn(desired.clone().run(nats.clone(), changed.clone()));
-    tasks.spawn(actual.clone().run(nats.clone(), changed.clone()));
-    tasks.spawn(heartbeats.clone().run(nats.clone(), changed.clone()));
-    tasks.spawn(server);
-    // Buckets can disappear (a NATS restart without persistence, an operator's mistake):
-    // recreate them, and the mirrors re-list and the passes rewrite every key.
-    tasks.spawn({
-        let js = js.clone();
-        let replicas = args.kv_replicas;
-        async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                if let Err(e) = ensure_buckets(&js, replicas).await {
-                    warn!(error = %e, "ensuring buckets");
-                }
-            }
-        }
-    });
+    tasks.spawn(keep_buckets(js.clone(), args.kv_replicas));
     tasks.spawn(Fleet::write_device_statuses(
         client.clone(),
         fleet.queued_generations(),
         status_rx,
         metrics.clone(),
     ));
-    let election_task = tokio::spawn(election.run(client.clone(), leader_tx, stop_rx.clone()));
+    let gate = LeaderGated {
+        client,
+        election: leader::Election::new(
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+            args.lease_seconds,
+        ),
+        changed,
+        // Let a burst of changes settle into one pass.
+        settle: Duration::from_millis(50),
+    };
     info!(%identity, %metrics_addr, "controller started");
     on_ready(metrics_addr);
 
     let resync = Duration::from_secs(args.resync_seconds.max(1));
-    let mut leader_rx = leader_rx;
-    let main_loop = async {
-        loop {
-            tokio::select! {
-                _ = changed.notified() => {}
-                _ = tokio::time::sleep(resync) => {}
-                _ = leader_rx.changed() => {}
-            }
-            // Let a burst of changes settle into one pass.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let is_leader = *leader_rx.borrow();
-            metrics.set_leader(is_leader);
-            let synced = devices_synced.load(Ordering::Relaxed)
-                && manifests_synced.load(Ordering::Relaxed)
-                && pods_synced.iter().all(|f| f.load(Ordering::Relaxed))
-                && fleet.synced();
-            ready.store(synced, Ordering::Relaxed);
-            if !is_leader || !synced {
-                continue;
-            }
+    let identities = wiring.identities;
+    gate.run(shutdown, async |is_leader| {
+        metrics.set_leader(is_leader);
+        let synced = watches.synced() && fleet.synced();
+        ready.store(synced, Ordering::Relaxed);
+        if is_leader && synced {
             if let Some(ids) = &identities {
                 // Revocations go first: a deleted device loses access before anything else.
                 if let Err(e) = ids.reconcile(&fleet.device_objects()).await {
@@ -552,13 +392,214 @@ pub async fn run(
                 warn!(error = %e, category = e.category(), "pass failed");
             }
         }
-    };
-    tokio::select! {
-        _ = main_loop => {}
-        _ = shutdown => info!("shutting down"),
-    }
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), election_task).await;
+        tokio::time::Instant::now() + resync
+    })
+    .await;
     tasks.abort_all();
     Ok(())
+}
+
+/// The controller's connections and keys, made before anything runs: a bad key or
+/// authority file is a configuration error at start.
+struct Wiring {
+    client: Client,
+    nats: async_nats::Client,
+    signer: Option<signing::Signer>,
+    /// Per-device NATS identities, when the controller holds the authority's keys.
+    identities: Option<identity::Identities>,
+}
+
+impl Wiring {
+    async fn connect(args: &Args) -> Result<Self, Error> {
+        let signer = args
+            .manifest_signing_key
+            .as_deref()
+            .map(|path| signing::Signer::from_file(path, args.manifest_signing_key_id.clone()))
+            .transpose()?;
+        let authority = args
+            .nats_authority
+            .as_deref()
+            .map(identity::Authority::from_file)
+            .transpose()
+            .map_err(|e| Error::Config(e.to_string()))?
+            .map(Arc::new);
+        let client = Client::try_default().await?;
+        let signer = match (signer, &args.manifest_signing_secret) {
+            (None, Some(name)) => {
+                Some(signing::Signer::from_secret(&client, &args.lease_namespace, name).await?)
+            }
+            (signer, _) => signer,
+        };
+        let own_creds = match &authority {
+            Some(a) if args.nats.nats_creds.is_none() && args.nats.nats_user.is_none() => Some(
+                a.issue_fleet_user(
+                    "fleetlet-controller",
+                    Some(&fleetlet_protocol::access::controller()),
+                )
+                .map_err(|e| Error::Config(e.to_string()))?
+                .creds,
+            ),
+            _ => None,
+        };
+        let nats = args
+            .nats
+            .connect_with("fleetlet-controller", own_creds.as_deref())
+            .await?;
+        let identities = match &authority {
+            Some(a) => Some(Self::identities(args, a, &client, signer.as_ref()).await?),
+            None => None,
+        };
+        Ok(Self {
+            client,
+            nats,
+            signer,
+            identities,
+        })
+    }
+
+    /// Device identities issued from `authority`, revoked through a system-account
+    /// connection, with enrolment Secrets that carry the manifest key to trust.
+    async fn identities(
+        args: &Args,
+        authority: &Arc<identity::Authority>,
+        client: &Client,
+        signer: Option<&signing::Signer>,
+    ) -> Result<identity::Identities, Error> {
+        let creds = authority
+            .system_user()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let sys = args
+            .nats
+            .connect_with("fleetlet-controller-system", Some(&creds))
+            .await?;
+        let trust = signer.map(|s| (s.id.clone(), s.public_key_base64()));
+        Ok(identity::Identities::new(
+            authority.clone(),
+            client.clone(),
+            args.lease_namespace.clone(),
+            sys,
+        )
+        .with_enrollment(args.device_nats_url.clone(), trust))
+    }
+}
+
+/// The controller's reflectors: EdgeDevices and EdgeManifests, and with the kubelet
+/// facade on, Pods bound to nodes, the virtual Nodes, ConfigMaps and Secrets.
+struct Watches {
+    devices: kube::runtime::reflector::Store<EdgeDevice>,
+    manifests: kube::runtime::reflector::Store<EdgeManifest>,
+    pods: Option<pods::PodWatch>,
+    synced: Vec<Arc<AtomicBool>>,
+}
+
+impl Watches {
+    fn start(
+        client: &Client,
+        changed: &Arc<Notify>,
+        with_pods: bool,
+        tasks: &mut tokio::task::JoinSet<()>,
+    ) -> Self {
+        let mut synced = Vec::new();
+        let mut flag = || {
+            let f = Arc::new(AtomicBool::new(false));
+            synced.push(f.clone());
+            f
+        };
+        let (devices, t) = watch_crd(Api::all(client.clone()), changed.clone(), flag());
+        tasks.spawn(t);
+        let (manifests, t) = watch_crd(Api::all(client.clone()), changed.clone(), flag());
+        tasks.spawn(t);
+        let pods = with_pods.then(|| pods::PodWatch {
+            pods: spawn_watch(
+                client,
+                watcher::Config::default().fields("spec.nodeName!="),
+                changed,
+                flag(),
+                tasks,
+            ),
+            nodes: spawn_watch(
+                client,
+                watcher::Config::default().labels(pods::DEVICE_LABEL),
+                changed,
+                flag(),
+                tasks,
+            ),
+            config_maps: spawn_watch(client, watcher::Config::default(), changed, flag(), tasks),
+            secrets: spawn_watch(client, watcher::Config::default(), changed, flag(), tasks),
+        });
+        Self {
+            devices,
+            manifests,
+            pods,
+            synced,
+        }
+    }
+
+    /// Every reflector has listed once.
+    fn synced(&self) -> bool {
+        self.synced.iter().all(|f| f.load(Ordering::Relaxed))
+    }
+}
+
+/// Watches every `K` matching `config` into a store (any change wakes a pass).
+fn spawn_watch<K>(
+    client: &Client,
+    config: watcher::Config,
+    changed: &Arc<Notify>,
+    synced: Arc<AtomicBool>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> kube::runtime::reflector::Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, task) = watch_objects(
+        Api::all(client.clone()),
+        config,
+        changed.clone(),
+        synced,
+        any_change,
+    );
+    tasks.spawn(task);
+    store
+}
+
+/// The lowest generation a device may be sent, for signed floors: the newest generation
+/// recorded in Kubernetes (which only the controller writes) or in desired state,
+/// whichever is higher; what is in the bucket alone could have been replaced with an
+/// older manifest. Nothing until the controller has synced.
+fn generation_floor(
+    devices: kube::runtime::reflector::Store<EdgeDevice>,
+    desired: Arc<KvCache<fleetlet_protocol::AgentManifest>>,
+    ready: Arc<AtomicBool>,
+) -> impl Fn(&fleetlet_protocol::DeviceId) -> Option<u64> + Send + Sync + 'static {
+    move |id| {
+        if !ready.load(Ordering::Relaxed) {
+            return None;
+        }
+        let recorded = devices
+            .state()
+            .iter()
+            .filter(|d| d.name_any() == id.as_str())
+            .filter_map(|d| d.status.as_ref()?.desired_generation)
+            .max()
+            .unwrap_or(0);
+        Some(recorded.max(desired.get(id).map_or(0, |v| v.value.generation)))
+    }
+}
+
+/// Buckets can disappear (a NATS restart without persistence, an operator's mistake):
+/// recreate them, and the mirrors re-list and the passes rewrite every key.
+async fn keep_buckets(js: jetstream::Context, replicas: usize) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        if let Err(e) = ensure_buckets(&js, replicas).await {
+            warn!(error = %e, "ensuring buckets");
+        }
+    }
 }

@@ -233,6 +233,87 @@ pub fn translate(
     let Some(spec) = &pod.spec else {
         return Err(refuse("InvalidPod", "the pod has no spec"));
     };
+    check_pod_spec(spec)?;
+    let cx = PodContext {
+        pod,
+        ns: &ns,
+        lookup,
+        seal,
+    };
+    let mut files = Files {
+        tag: pod_tag(&ns, &name),
+        owner: owner(pod),
+        next: 0,
+        out: Vec::new(),
+    };
+    let volumes = pod_volumes(&cx, spec, &pod_dir(&ns, &name), &mut files)?;
+    let restart = match spec.restart_policy.as_deref() {
+        Some("OnFailure") => RestartPolicy::OnFailure,
+        Some("Never") => RestartPolicy::Never,
+        _ => RestartPolicy::Always,
+    };
+    let mut out = files.out;
+    for (i, c) in spec.containers.iter().enumerate() {
+        let id = container_id(&ns, &name, i, &c.name).ok_or_else(|| {
+            refuse(
+                "InvalidPod",
+                format!("container {} has no usable id", c.name),
+            )
+        })?;
+        let spec = container(&cx, c, &volumes, restart)?;
+        out.push(ManagedResource {
+            id,
+            owner: files.owner.clone(),
+            spec: ResourceSpec::Container(spec),
+        });
+    }
+    Ok(out)
+}
+
+/// What translating one pod reads: the pod, its namespace, the objects it references
+/// and the key its Secrets are sealed with.
+struct PodContext<'a> {
+    pod: &'a Pod,
+    ns: &'a str,
+    lookup: &'a dyn Lookup,
+    seal: &'a dyn Seal,
+}
+
+/// The File resources of a pod's volumes, numbered in order.
+struct Files {
+    tag: String,
+    owner: Owner,
+    next: usize,
+    out: Vec<ManagedResource>,
+}
+
+impl Files {
+    fn add(
+        &mut self,
+        path: String,
+        content: FileContent,
+        mode: Option<i32>,
+    ) -> Result<(), Refusal> {
+        let id = ResourceId::new(format!("{}-f{}", self.tag, self.next))
+            .map_err(|e| refuse("InvalidPod", e.to_string()))?;
+        self.next += 1;
+        self.out.push(ManagedResource {
+            id,
+            owner: self.owner.clone(),
+            spec: ResourceSpec::File(FileSpec {
+                path,
+                content,
+                mode: mode.and_then(|m| u32::try_from(m).ok()).map(|m| m & 0o7777),
+                owner: None,
+                group: None,
+            }),
+        });
+        Ok(())
+    }
+}
+
+/// Pod-level features a device does not offer.
+fn check_pod_spec(spec: &k8s_openapi::api::core::v1::PodSpec) -> Result<(), Refusal> {
     if spec.init_containers.as_ref().is_some_and(|c| !c.is_empty()) {
         return Err(refuse(
             "InitContainersUnsupported",
@@ -260,60 +341,63 @@ pub fn translate(
             }
         }
     }
-    let tag = pod_tag(&ns, &name);
-    let dir = pod_dir(&ns, &name);
-    let own = owner(pod);
-    let mut out: Vec<ManagedResource> = Vec::new();
-    let mut file_index = 0usize;
-    let mut add_file = |out: &mut Vec<ManagedResource>,
-                        path: String,
-                        content: FileContent,
-                        mode: Option<i32>|
-     -> Result<(), Refusal> {
-        let id = ResourceId::new(format!("{tag}-f{file_index}"))
-            .map_err(|e| refuse("InvalidPod", e.to_string()))?;
-        file_index += 1;
-        out.push(ManagedResource {
-            id,
-            owner: own.clone(),
-            spec: ResourceSpec::File(FileSpec {
-                path,
-                content,
-                mode: mode.and_then(|m| u32::try_from(m).ok()).map(|m| m & 0o7777),
-                owner: None,
-                group: None,
-            }),
-        });
-        Ok(())
-    };
+    Ok(())
+}
 
-    // Volumes: name → host directory.
-    let mut volumes: BTreeMap<String, (String, bool)> = BTreeMap::new();
-    let mut skipped: Vec<String> = Vec::new();
+/// Where each volume lives on the device: volume name → (host directory, read-only).
+/// Volumes every pod gets but a device does not need (the service account token) are
+/// absent, and listed in `skipped`.
+struct Volumes {
+    hosts: BTreeMap<String, (String, bool)>,
+    skipped: Vec<String>,
+}
+
+/// A ConfigMap or Secret volume: which object, whether optional, which items, file mode.
+type KeyedVolume<'a> = (
+    SourceKind,
+    String,
+    Option<bool>,
+    Option<&'a [k8s_openapi::api::core::v1::KeyToPath]>,
+    Option<i32>,
+);
+
+fn keyed_volume(v: &k8s_openapi::api::core::v1::Volume) -> Option<KeyedVolume<'_>> {
+    if let Some(cm) = &v.config_map {
+        return Some((
+            SourceKind::ConfigMap,
+            cm.name.clone(),
+            cm.optional,
+            cm.items.as_deref(),
+            cm.default_mode,
+        ));
+    }
+    v.secret.as_ref().map(|sv| {
+        (
+            SourceKind::Secret,
+            sv.secret_name.clone().unwrap_or_default(),
+            sv.optional,
+            sv.items.as_deref(),
+            sv.default_mode.or(Some(0o600)),
+        )
+    })
+}
+
+/// The pod's volumes: ConfigMaps and Secrets become files under `dir`, emptyDirs a
+/// directory there, hostPaths stay where they are.
+fn pod_volumes(
+    cx: &PodContext<'_>,
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+    dir: &str,
+    files: &mut Files,
+) -> Result<Volumes, Refusal> {
+    let mut volumes = Volumes {
+        hosts: BTreeMap::new(),
+        skipped: Vec::new(),
+    };
     for v in spec.volumes.iter().flatten() {
         let host = format!("{dir}/{}", v.name);
-        let keyed = if let Some(cm) = &v.config_map {
-            Some((
-                SourceKind::ConfigMap,
-                cm.name.clone(),
-                cm.optional,
-                cm.items.as_deref(),
-                cm.default_mode,
-            ))
-        } else {
-            v.secret.as_ref().map(|sv| {
-                let mode = sv.default_mode.or(Some(0o600));
-                (
-                    SourceKind::Secret,
-                    sv.secret_name.clone().unwrap_or_default(),
-                    sv.optional,
-                    sv.items.as_deref(),
-                    mode,
-                )
-            })
-        };
-        if let Some((kind, name, optional, items, mode)) = keyed {
-            let source = match fetch(lookup, &ns, kind, &name) {
+        if let Some((kind, name, optional, items, mode)) = keyed_volume(v) {
+            let source = match fetch(cx.lookup, cx.ns, kind, &name) {
                 Some(source) => source,
                 None if optional == Some(true) => Source {
                     what: String::new(),
@@ -331,22 +415,23 @@ pub fn translate(
                     ));
                 }
             };
-            project(&mut out, &mut add_file, &host, &source, items, mode, seal)?;
-            volumes.insert(v.name.clone(), (host, true));
+            project(files, &host, &source, items, mode, cx.seal)?;
+            volumes.hosts.insert(v.name.clone(), (host, true));
         } else if v.empty_dir.is_some() {
             // The marker file makes the agent create the directory.
-            add_file(
-                &mut out,
+            files.add(
                 format!("{host}/.fleetlet-emptydir"),
                 FileContent::Text(String::new()),
                 Some(0o644),
             )?;
-            volumes.insert(v.name.clone(), (host, false));
+            volumes.hosts.insert(v.name.clone(), (host, false));
         } else if let Some(hp) = &v.host_path {
-            volumes.insert(v.name.clone(), (hp.path.clone(), false));
+            volumes
+                .hosts
+                .insert(v.name.clone(), (hp.path.clone(), false));
         } else if v.projected.is_some() && v.name.starts_with("kube-api-access-") {
             // The service account token every pod gets: devices do not call the apiserver.
-            skipped.push(v.name.clone());
+            volumes.skipped.push(v.name.clone());
         } else if v.persistent_volume_claim.is_some() {
             return Err(refuse(
                 "PersistentVolumeClaimUnsupported",
@@ -365,38 +450,12 @@ pub fn translate(
             ));
         }
     }
-
-    let restart = match spec.restart_policy.as_deref() {
-        Some("OnFailure") => RestartPolicy::OnFailure,
-        Some("Never") => RestartPolicy::Never,
-        _ => RestartPolicy::Always,
-    };
-    for (i, c) in spec.containers.iter().enumerate() {
-        let id = container_id(&ns, &name, i, &c.name).ok_or_else(|| {
-            refuse(
-                "InvalidPod",
-                format!("container {} has no usable id", c.name),
-            )
-        })?;
-        let spec = container(pod, &ns, c, &volumes, &skipped, restart, lookup, seal)?;
-        out.push(ManagedResource {
-            id,
-            owner: own.clone(),
-            spec: ResourceSpec::Container(spec),
-        });
-    }
-    Ok(out)
+    Ok(volumes)
 }
 
 /// Files for a ConfigMap/Secret volume: every key, or the listed items.
 fn project(
-    out: &mut Vec<ManagedResource>,
-    add_file: &mut impl FnMut(
-        &mut Vec<ManagedResource>,
-        String,
-        FileContent,
-        Option<i32>,
-    ) -> Result<(), Refusal>,
+    files: &mut Files,
     host: &str,
     source: &Source,
     items: Option<&[k8s_openapi::api::core::v1::KeyToPath]>,
@@ -419,8 +478,7 @@ fn project(
                         format!("item path {:?} must be relative, without '..'", it.path),
                     ));
                 }
-                add_file(
-                    out,
+                files.add(
                     format!("{host}/{}", it.path),
                     source.content(bytes, seal)?,
                     it.mode.or(default_mode),
@@ -433,8 +491,7 @@ fn project(
                 if !safe_relative(k) {
                     continue;
                 }
-                add_file(
-                    out,
+                files.add(
                     format!("{host}/{k}"),
                     source.content(bytes, seal)?,
                     default_mode,
@@ -444,8 +501,7 @@ fn project(
         }
     }
     if !wrote {
-        add_file(
-            out,
+        files.add(
             format!("{host}/.fleetlet-emptydir"),
             FileContent::Text(String::new()),
             Some(0o644),
@@ -579,22 +635,56 @@ fn probe_port(c: &Container, port: &IntOrString) -> Result<u16, Refusal> {
         })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One container as the agent runs it.
 fn container(
-    pod: &Pod,
-    ns: &str,
+    cx: &PodContext<'_>,
     c: &Container,
-    volumes: &BTreeMap<String, (String, bool)>,
-    skipped: &[String],
+    volumes: &Volumes,
     restart_policy: RestartPolicy,
-    lookup: &dyn Lookup,
-    seal: &dyn Seal,
 ) -> Result<ContainerSpec, Refusal> {
     let image = c
         .image
         .clone()
         .filter(|i| !i.is_empty())
         .ok_or_else(|| refuse("InvalidPod", format!("container {} has no image", c.name)))?;
+    check_container(c)?;
+    let limits = c
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
+        .map(|l| ContainerLimits {
+            memory_bytes: l
+                .get("memory")
+                .and_then(|q| parse_quantity(&q.0))
+                .map(|v| v as u64),
+            cpu_millis: l
+                .get("cpu")
+                .and_then(|q| parse_quantity(&q.0))
+                .map(|v| (v * 1000.0).ceil() as u32),
+        });
+    Ok(ContainerSpec {
+        image,
+        image_pull_policy: match c.image_pull_policy.as_deref() {
+            Some("Always") => PullPolicy::Always,
+            _ => PullPolicy::IfNotPresent,
+        },
+        command: c.command.clone().unwrap_or_default(),
+        args: c.args.clone().unwrap_or_default(),
+        env: container_env(cx, c)?,
+        ports: container_ports(c)?,
+        mounts: container_mounts(c, volumes)?,
+        restart_policy,
+        limits: limits.filter(|l| l.memory_bytes.is_some() || l.cpu_millis.is_some()),
+        probe: c
+            .readiness_probe
+            .as_ref()
+            .map(|p| readiness_probe(c, p))
+            .transpose()?,
+    })
+}
+
+/// Container features a device does not offer.
+fn check_container(c: &Container) -> Result<(), Refusal> {
     if c.liveness_probe.is_some() || c.startup_probe.is_some() {
         return Err(refuse(
             "ProbeUnsupported",
@@ -633,6 +723,11 @@ fn container(
             ),
         ));
     }
+    Ok(())
+}
+
+/// The container's environment: `envFrom` sources first, then `env` (which wins).
+fn container_env(cx: &PodContext<'_>, c: &Container) -> Result<Vec<EnvVar>, Refusal> {
     let mut env = Vec::new();
     for from in c.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
@@ -643,7 +738,7 @@ fn container(
         };
         let source = match named {
             None => None,
-            Some((kind, name, optional)) => match fetch(lookup, ns, kind, name) {
+            Some((kind, name, optional)) => match fetch(cx.lookup, cx.ns, kind, name) {
                 Some(source) => Some(source),
                 None if optional == Some(true) => None,
                 None => {
@@ -660,16 +755,20 @@ fn container(
         };
         if let Some(source) = source {
             for (k, v) in &source.entries {
-                env.push(source.env(format!("{prefix}{k}"), v, seal)?);
+                env.push(source.env(format!("{prefix}{k}"), v, cx.seal)?);
             }
         }
     }
     for e in c.env.iter().flatten() {
-        if let Some(var) = env_value(pod, ns, c, e, lookup, seal)? {
+        if let Some(var) = env_value(cx.pod, cx.ns, c, e, cx.lookup, cx.seal)? {
             env.retain(|x: &EnvVar| x.name != e.name);
             env.push(var);
         }
     }
+    Ok(env)
+}
+
+fn container_ports(c: &Container) -> Result<Vec<PortMapping>, Refusal> {
     let mut ports = Vec::new();
     for p in c.ports.iter().flatten() {
         let container_port = u16::try_from(p.container_port).map_err(|_| {
@@ -694,12 +793,16 @@ fn container(
             host_ip: p.host_ip.clone().filter(|h| !h.is_empty()),
         });
     }
+    Ok(ports)
+}
+
+fn container_mounts(c: &Container, volumes: &Volumes) -> Result<Vec<HostPathMount>, Refusal> {
     let mut mounts = Vec::new();
     for m in c.volume_mounts.iter().flatten() {
-        if skipped.contains(&m.name) {
+        if volumes.skipped.contains(&m.name) {
             continue;
         }
-        let Some((host, read_only)) = volumes.get(&m.name) else {
+        let Some((host, read_only)) = volumes.hosts.get(&m.name) else {
             return Err(refuse(
                 "InvalidPod",
                 format!(
@@ -732,72 +835,42 @@ fn container(
             read_only: *read_only || m.read_only == Some(true),
         });
     }
-    let limits = c
-        .resources
-        .as_ref()
-        .and_then(|r| r.limits.as_ref())
-        .map(|l| ContainerLimits {
-            memory_bytes: l
-                .get("memory")
-                .and_then(|q| parse_quantity(&q.0))
-                .map(|v| v as u64),
-            cpu_millis: l
-                .get("cpu")
-                .and_then(|q| parse_quantity(&q.0))
-                .map(|v| (v * 1000.0).ceil() as u32),
-        });
-    let probe = match &c.readiness_probe {
-        None => None,
-        Some(p) => {
-            let action = if let Some(e) = &p.exec {
-                ProbeAction::Exec {
-                    command: e.command.clone().unwrap_or_default(),
-                }
-            } else if let Some(h) = &p.http_get {
-                ProbeAction::Http {
-                    port: probe_port(c, &h.port)?,
-                    path: h.path.clone().unwrap_or_else(|| "/".into()),
-                }
-            } else if let Some(t) = &p.tcp_socket {
-                ProbeAction::Tcp {
-                    port: probe_port(c, &t.port)?,
-                }
-            } else {
-                return Err(refuse(
-                    "ProbeUnsupported",
-                    format!(
-                        "container {}: only exec, httpGet and tcpSocket readiness probes are supported",
-                        c.name
-                    ),
-                ));
-            };
-            Some(Probe {
-                action,
-                period_seconds: p
-                    .period_seconds
-                    .and_then(|s| u32::try_from(s).ok())
-                    .unwrap_or(10),
-                failure_threshold: p
-                    .failure_threshold
-                    .and_then(|s| u32::try_from(s).ok())
-                    .unwrap_or(3),
-            })
+    Ok(mounts)
+}
+
+fn readiness_probe(c: &Container, p: &k8s_openapi::api::core::v1::Probe) -> Result<Probe, Refusal> {
+    let action = if let Some(e) = &p.exec {
+        ProbeAction::Exec {
+            command: e.command.clone().unwrap_or_default(),
         }
+    } else if let Some(h) = &p.http_get {
+        ProbeAction::Http {
+            port: probe_port(c, &h.port)?,
+            path: h.path.clone().unwrap_or_else(|| "/".into()),
+        }
+    } else if let Some(t) = &p.tcp_socket {
+        ProbeAction::Tcp {
+            port: probe_port(c, &t.port)?,
+        }
+    } else {
+        return Err(refuse(
+            "ProbeUnsupported",
+            format!(
+                "container {}: only exec, httpGet and tcpSocket readiness probes are supported",
+                c.name
+            ),
+        ));
     };
-    Ok(ContainerSpec {
-        image,
-        image_pull_policy: match c.image_pull_policy.as_deref() {
-            Some("Always") => PullPolicy::Always,
-            _ => PullPolicy::IfNotPresent,
-        },
-        command: c.command.clone().unwrap_or_default(),
-        args: c.args.clone().unwrap_or_default(),
-        env,
-        ports,
-        mounts,
-        restart_policy,
-        limits: limits.filter(|l| l.memory_bytes.is_some() || l.cpu_millis.is_some()),
-        probe,
+    Ok(Probe {
+        action,
+        period_seconds: p
+            .period_seconds
+            .and_then(|s| u32::try_from(s).ok())
+            .unwrap_or(10),
+        failure_threshold: p
+            .failure_threshold
+            .and_then(|s| u32::try_from(s).ok())
+            .unwrap_or(3),
     })
 }
 

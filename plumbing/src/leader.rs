@@ -23,6 +23,18 @@ pub struct Election {
 }
 
 impl Election {
+    /// An election for Lease `namespace/name`, held for `lease_seconds` and renewed three
+    /// times in that span.
+    pub fn new(namespace: &str, name: &str, identity: &str, lease_seconds: u64) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            identity: identity.into(),
+            lease_duration: Duration::from_secs(lease_seconds),
+            renew_every: Duration::from_secs((lease_seconds / 3).max(1)),
+        }
+    }
+
     /// Keeps trying to hold the lease; `leader` says whether we do. Releases it on stop.
     pub async fn run(
         self,

@@ -19,16 +19,20 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use fleetlet_crds::kube::{
-    Api, Resource, ResourceExt,
+    Api, Client, Resource, ResourceExt,
     runtime::{WatchStreamExt, reflector, watcher},
 };
 use futures::StreamExt;
-use tokio::sync::{Notify, watch};
-use tracing::warn;
+use tokio::{
+    sync::{Notify, watch},
+    time::Instant,
+};
+use tracing::{info, warn};
 
 pub use kvcache::KvCache;
 
@@ -224,6 +228,53 @@ where
         + Sync
         + 'static,
 {
+    watch_objects_with(api, config, changed, synced, fp, |_: &K| {})
+}
+
+/// Like [`watch_crd`], and calls `on_change` with each object whose fingerprint changed
+/// (the bridge marks that device for its next partial pass).
+pub fn watch_crd_with<K>(
+    api: Api<K>,
+    changed: Arc<Notify>,
+    synced: Arc<AtomicBool>,
+    on_change: impl FnMut(&K) + Send + 'static,
+) -> (reflector::Store<K>, impl Future<Output = ()>)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    watch_objects_with(
+        api,
+        watcher::Config::default(),
+        changed,
+        synced,
+        fingerprint,
+        on_change,
+    )
+}
+
+fn watch_objects_with<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: Arc<Notify>,
+    synced: Arc<AtomicBool>,
+    fp: fn(&K) -> u64,
+    mut on_change: impl FnMut(&K) + Send + 'static,
+) -> (reflector::Store<K>, impl Future<Output = ()>)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
     let (reader, writer) = reflector::store();
     let stream = watcher(api, config).default_backoff().reflect(writer);
     let task = async move {
@@ -234,8 +285,11 @@ where
                 Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
                     let key = o.meta().uid.clone().unwrap_or_else(|| o.name_any());
                     let fp = fp(&o);
-                    if seen.insert(key, fp) != Some(fp) && synced.load(Ordering::Relaxed) {
-                        changed.notify_one();
+                    if seen.insert(key, fp) != Some(fp) {
+                        on_change(&o);
+                        if synced.load(Ordering::Relaxed) {
+                            changed.notify_one();
+                        }
                     }
                 }
                 Ok(watcher::Event::Delete(o)) => {
@@ -254,11 +308,65 @@ where
     (reader, task)
 }
 
+/// The main loop both binaries run: wake on a change, at the deadline the last step gave,
+/// or when leadership changes; let a burst of changes settle; run one step with whether
+/// this instance leads. Ends on `shutdown`, releasing the Lease.
+pub struct LeaderGated {
+    pub client: Client,
+    pub election: leader::Election,
+    pub changed: Arc<Notify>,
+    /// How long a burst of changes may settle into one step.
+    pub settle: Duration,
+}
+
+impl LeaderGated {
+    /// Runs `step(is_leader)` on every wake-up until `shutdown`; each step returns when the
+    /// next one is due if nothing changes before.
+    pub async fn run<F>(self, shutdown: impl Future<Output = ()>, mut step: F)
+    where
+        F: AsyncFnMut(bool) -> Instant,
+    {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (leader_tx, mut leader_rx) = watch::channel(false);
+        let election = tokio::spawn(self.election.run(self.client, leader_tx, stop_rx));
+        let changed = self.changed;
+        let main_loop = async {
+            let mut next = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = changed.notified() => {}
+                    _ = tokio::time::sleep_until(next) => {}
+                    Ok(()) = leader_rx.changed() => {}
+                }
+                tokio::time::sleep(self.settle).await;
+                let leader = *leader_rx.borrow();
+                next = step(leader).await;
+            }
+        };
+        tokio::select! {
+            _ = main_loop => {}
+            _ = shutdown => info!("shutting down"),
+        }
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), election).await;
+    }
+}
+
 /// What the HTTP endpoints read: the metrics text and whether the component is ready.
 #[derive(Clone)]
 pub struct HttpState {
     pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
     pub ready: Arc<AtomicBool>,
+}
+
+impl HttpState {
+    /// Serves `encode()` as the metrics text; `ready` starts false.
+    pub fn new(encode: impl Fn() -> String + Send + Sync + 'static) -> Self {
+        Self {
+            metrics: Arc::new(encode),
+            ready: Arc::new(AtomicBool::new(false)),
+        }
+    }
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz`; returns the bound address and the server.
