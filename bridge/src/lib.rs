@@ -33,7 +33,7 @@ use fleetlet_crds::{
         runtime::{WatchStreamExt, reflector, watcher},
     },
 };
-use fleetlet_plumbing::{HttpState, KvCache, LeaderGated, NatsArgs, leader::Election};
+use fleetlet_plumbing::{KvCache, LeaderGated, NatsArgs, leader::Election};
 use fleetlet_protocol::{
     DeviceId,
     kv::{ACTUAL_STATE, HEARTBEAT},
@@ -163,13 +163,8 @@ pub async fn run(
             .run_republished(nats.clone(), changed.clone(), RELIST),
     );
     let metrics = Arc::new(Metrics::default());
-    let http = HttpState::new({
-        let m = metrics.clone();
-        move || m.encode()
-    });
-    let ready = http.ready.clone();
-    let (addr, server) = fleetlet_plumbing::serve(args.metrics_addr, http).await?;
-    tasks.spawn(server);
+    let (addr, ready) =
+        fleetlet_plumbing::serve_metrics(args.metrics_addr, metrics.clone(), &mut tasks).await?;
     let mut mirror = Mirror::new(
         mirror::Context {
             client: client.clone(),
@@ -213,32 +208,44 @@ pub async fn run(
         let is_synced = watches.synced.load(Ordering::Relaxed) && mirror.synced();
         ready.store(is_synced, Ordering::Relaxed);
         if leader && is_synced {
-            let (pod_status, pod_deletes) = pods::pass(&mirror, &watches.pods).await;
-            if pod_status + pod_deletes > 0 {
-                tracing::debug!(pod_status, pod_deletes, "pods mirrored");
-            }
             let dirty = [
                 actual.take_dirty(),
                 heartbeats.take_dirty(),
                 watches.take_dirty(),
             ];
-            if Instant::now() >= next_full {
-                // What is marked is covered by the full pass.
-                mirror.pass(None).await;
-                metrics.set_devices(mirror.devices.state().len());
-                next_full = Instant::now() + resync;
-            } else {
-                let only: HashSet<DeviceId> = dirty.into_iter().flatten().collect();
-                if !only.is_empty() {
-                    mirror.pass(Some(only)).await;
-                }
-            }
+            next_full = step(&mirror, &watches.pods, dirty, next_full, resync).await;
         }
         next_full
     })
     .await;
     tasks.abort_all();
     Ok(())
+}
+
+/// One leader pass: Pods on virtual nodes, then every device when the full pass is due
+/// (at `next_full`), else the devices marked `dirty`. Returns when the next full pass is.
+async fn step(
+    mirror: &Mirror,
+    pods: &reflector::Store<Pod>,
+    dirty: [HashSet<DeviceId>; 3],
+    next_full: Instant,
+    resync: Duration,
+) -> Instant {
+    let (pod_status, pod_deletes) = pods::pass(mirror, pods).await;
+    if pod_status + pod_deletes > 0 {
+        tracing::debug!(pod_status, pod_deletes, "pods mirrored");
+    }
+    if Instant::now() >= next_full {
+        // What is marked is covered by the full pass.
+        mirror.pass(None).await;
+        mirror.metrics.set_devices(mirror.devices.state().len());
+        return Instant::now() + resync;
+    }
+    let only: HashSet<DeviceId> = dirty.into_iter().flatten().collect();
+    if !only.is_empty() {
+        mirror.pass(Some(only)).await;
+    }
+    next_full
 }
 
 /// The bridge's reflectors: EdgeDevices (spec, label and deletion changes mark the device

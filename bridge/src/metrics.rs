@@ -96,3 +96,9 @@ impl Metrics {
         out
     }
 }
+
+impl fleetlet_plumbing::Encode for Metrics {
+    fn encode(&self) -> String {
+        Metrics::encode(self)
+    }
+}

@@ -270,20 +270,7 @@ impl Mirror {
         }
         let patch =
             json!({ "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice", "status": body });
-        match api
-            .patch_status(
-                &dev.name_any(),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-        {
-            Ok(_) => 1,
-            Err(e) => {
-                warn!(device = %id, error = %e, "patching EdgeDevice status failed");
-                0
-            }
-        }
+        apply_status(&api, &dev.name_any(), &patch, id, "EdgeDevice").await
     }
 
     /// Applies the Node (identity, labels, taint) unless it is current. `None` when the
@@ -337,20 +324,7 @@ impl Mirror {
         debug!(device = %id, have = ?have, want = ?want, "node status differs");
         let nodes: Api<Node> = Api::all(self.client.clone());
         let patch = json!({ "apiVersion": "v1", "kind": "Node", "status": want });
-        match nodes
-            .patch_status(
-                name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-        {
-            Ok(_) => 1,
-            Err(e) => {
-                warn!(device = %id, error = %e, "patching node status failed");
-                0
-            }
-        }
+        apply_status(&nodes, name, &patch, id, "node").await
     }
 
     /// Renews the Node's Lease from heartbeat `h` when due; 1 if written.
@@ -433,5 +407,33 @@ impl Mirror {
             }
         }
         deleted
+    }
+}
+
+/// Server-side applies `patch` to the status of `name` as the bridge; 1 if written (a
+/// failure is logged and retried by a later pass).
+async fn apply_status<K>(
+    api: &Api<K>,
+    name: &str,
+    patch: &serde_json::Value,
+    device: &DeviceId,
+    what: &str,
+) -> u32
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api
+        .patch_status(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await
+    {
+        Ok(_) => 1,
+        Err(e) => {
+            warn!(device = %device, error = %e, "patching {what} status failed");
+            0
+        }
     }
 }

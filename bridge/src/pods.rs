@@ -27,6 +27,138 @@ pub struct DeviceSide<'a> {
     pub host_ip: Option<String>,
 }
 
+/// How a container runs, as the pod's phase counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    /// Not started by the device: being created, failing to be, or unsupported.
+    Waiting,
+    Running,
+    /// Stopped; `failed` with a non-zero exit code.
+    Exited {
+        failed: bool,
+    },
+}
+
+/// One container as its pod's status shows it, from what the device reports of it.
+struct ContainerView {
+    /// `running`, `terminated` or `waiting`, with their details.
+    state: Value,
+    ready: bool,
+    restarts: u32,
+    image_id: Option<String>,
+    container_id: Option<String>,
+    started: bool,
+    run: Run,
+    /// Since when the device has the container; `None` when it has none (yet).
+    since: Option<Timestamp>,
+}
+
+impl ContainerView {
+    /// A container the device does not run, with `state` saying why.
+    fn waiting(state: Value) -> Self {
+        Self {
+            state,
+            ready: false,
+            restarts: 0,
+            image_id: None,
+            container_id: None,
+            started: false,
+            run: Run::Waiting,
+            since: None,
+        }
+    }
+}
+
+/// What the pod status says of a container, from the device's report of it (`None`: not
+/// reported yet). `image` is the spec's, which `imageID` pins to the digest that runs.
+fn container_view(reported: Option<&ResourceStatus>, image: &str) -> ContainerView {
+    match reported {
+        Some(ResourceStatus::Ready {
+            since,
+            details:
+                ResourceDetails::Container {
+                    container_id,
+                    image_digest,
+                    state,
+                    restart_count,
+                    started_at,
+                    exit_code,
+                    probe_ready,
+                },
+        }) => {
+            let (st, run) = if state == "running" {
+                (
+                    json!({ "running": { "startedAt": started_at.map(rfc3339) } }),
+                    Run::Running,
+                )
+            } else {
+                let code = exit_code.unwrap_or(0);
+                (
+                    json!({ "terminated": { "exitCode": code,
+                        "reason": if code == 0 { "Completed" } else { "Error" },
+                        "startedAt": started_at.map(rfc3339) } }),
+                    Run::Exited { failed: code != 0 },
+                )
+            };
+            ContainerView {
+                state: st,
+                ready: state == "running" && probe_ready.unwrap_or(true),
+                restarts: *restart_count,
+                image_id: image_digest.clone().map(|d| format!("{image}@{d}")),
+                container_id: Some(format!("podman://{container_id}")),
+                started: state == "running",
+                run,
+                since: Some(*since),
+            }
+        }
+        Some(ResourceStatus::Failed { error, .. }) => {
+            let reason = if error.contains("pulling") || error.contains("image not found") {
+                "ErrImagePull"
+            } else {
+                "CreateContainerError"
+            };
+            ContainerView::waiting(json!({ "waiting": { "reason": reason, "message": error } }))
+        }
+        Some(ResourceStatus::Unsupported { message, .. }) => ContainerView::waiting(
+            json!({ "waiting": { "reason": "Unsupported", "message": message } }),
+        ),
+        _ => ContainerView::waiting(json!({ "waiting": { "reason": "ContainerCreating" } })),
+    }
+}
+
+/// A container's entry in `containerStatuses`.
+fn container_status(name: &str, image: String, view: ContainerView) -> Value {
+    let mut s = json!({
+        "name": name, "image": image, "imageID": view.image_id.unwrap_or_default(),
+        "ready": view.ready, "started": view.started, "restartCount": view.restarts,
+        "state": view.state,
+    });
+    if let Some(cid) = view.container_id {
+        s["containerID"] = json!(cid);
+    }
+    s
+}
+
+/// The pod's phase from how its containers run: done (Succeeded, or Failed if one exited
+/// non-zero) only when all have stopped and none is restarted, as a kubelet would have it.
+fn pod_phase(runs: &[Run], restart_always: bool) -> &'static str {
+    let terminated = runs
+        .iter()
+        .filter(|r| matches!(r, Run::Exited { .. }))
+        .count();
+    if !runs.is_empty() && terminated == runs.len() && !restart_always {
+        if runs.contains(&Run::Exited { failed: true }) {
+            "Failed"
+        } else {
+            "Succeeded"
+        }
+    } else if runs.contains(&Run::Running) {
+        "Running"
+    } else {
+        "Pending"
+    }
+}
+
 /// `status` for a pod from its device's report; `None` when there is nothing to say yet.
 pub fn pod_status(pod: &Pod, device: &DeviceSide<'_>) -> Option<Value> {
     let ns = pod.namespace().unwrap_or_default();
@@ -34,104 +166,22 @@ pub fn pod_status(pod: &Pod, device: &DeviceSide<'_>) -> Option<Value> {
     let spec = pod.spec.as_ref()?;
     let restart_always = spec.restart_policy.as_deref().unwrap_or("Always") == "Always";
     let mut statuses = Vec::new();
-    let (mut running, mut terminated, mut failed_exit, mut all_ready) = (0, 0, 0, true);
+    let mut runs = Vec::new();
+    let mut all_ready = true;
     let mut start: Option<Timestamp> = None;
     for (i, c) in spec.containers.iter().enumerate() {
         let id = container_id(&ns, &name, i, &c.name)?;
         let reported = device.status.and_then(|s| s.resources.get(&id));
         let image = c.image.clone().unwrap_or_default();
-        let (state, ready, restarts, image_id, cid, started) = match reported {
-            Some(ResourceStatus::Ready {
-                since,
-                details:
-                    ResourceDetails::Container {
-                        container_id,
-                        image_digest,
-                        state,
-                        restart_count,
-                        started_at,
-                        exit_code,
-                        probe_ready,
-                    },
-            }) => {
-                start = Some(start.map_or(*since, |s| s.min(*since)));
-                let st = if state == "running" {
-                    running += 1;
-                    json!({ "running": { "startedAt": started_at.map(rfc3339) } })
-                } else {
-                    terminated += 1;
-                    let code = exit_code.unwrap_or(0);
-                    if code != 0 {
-                        failed_exit += 1;
-                    }
-                    json!({ "terminated": { "exitCode": code,
-                        "reason": if code == 0 { "Completed" } else { "Error" },
-                        "startedAt": started_at.map(rfc3339) } })
-                };
-                let ready = state == "running" && probe_ready.unwrap_or(true);
-                (
-                    st,
-                    ready,
-                    *restart_count,
-                    image_digest.clone().map(|d| format!("{image}@{d}")),
-                    Some(format!("podman://{container_id}")),
-                    state == "running",
-                )
-            }
-            Some(ResourceStatus::Failed { error, .. }) => {
-                let reason = if error.contains("pulling") || error.contains("image not found") {
-                    "ErrImagePull"
-                } else {
-                    "CreateContainerError"
-                };
-                (
-                    json!({ "waiting": { "reason": reason, "message": error } }),
-                    false,
-                    0,
-                    None,
-                    None,
-                    false,
-                )
-            }
-            Some(ResourceStatus::Unsupported { message, .. }) => (
-                json!({ "waiting": { "reason": "Unsupported", "message": message } }),
-                false,
-                0,
-                None,
-                None,
-                false,
-            ),
-            _ => (
-                json!({ "waiting": { "reason": "ContainerCreating" } }),
-                false,
-                0,
-                None,
-                None,
-                false,
-            ),
-        };
-        all_ready &= ready;
-        let mut s = json!({
-            "name": c.name, "image": image, "imageID": image_id.unwrap_or_default(),
-            "ready": ready, "started": started, "restartCount": restarts, "state": state,
-        });
-        if let Some(cid) = cid {
-            s["containerID"] = json!(cid);
+        let view = container_view(reported, &image);
+        if let Some(since) = view.since {
+            start = Some(start.map_or(since, |s| s.min(since)));
         }
-        statuses.push(s);
+        all_ready &= view.ready;
+        runs.push(view.run);
+        statuses.push(container_status(&c.name, image, view));
     }
-    let n = spec.containers.len();
-    let phase = if n > 0 && terminated == n && !restart_always {
-        if failed_exit == 0 {
-            "Succeeded"
-        } else {
-            "Failed"
-        }
-    } else if running > 0 {
-        "Running"
-    } else {
-        "Pending"
-    };
+    let phase = pod_phase(&runs, restart_always);
     let ready = all_ready && device.alive && phase == "Running";
     let cond =
         |t: &str, ok: bool| json!({ "type": t, "status": if ok { "True" } else { "False" } });

@@ -31,7 +31,7 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::{
     Error, FIELD_MANAGER, FINALIZER,
-    kvcache::KvCache,
+    kvcache::{KvCache, Versioned},
     metrics::Metrics,
     plan::{
         Conflict, DeviceState, DeviceView, ManifestView, OverLimit, Plan, PodView, add_pods, plan,
@@ -75,23 +75,10 @@ pub struct Deadlines {
 
 /// Everything a pass reads and writes.
 pub struct Fleet {
-    pub client: Client,
-    pub devices: Reflector<EdgeDevice>,
-    pub manifests: Reflector<EdgeManifest>,
-    pub desired: Arc<KvCache<AgentManifest>>,
-    pub actual: Arc<KvCache<AgentStatus>>,
-    pub heartbeats: Arc<KvCache<Heartbeat>>,
-    pub kv_desired: Store,
-    pub kv_actual: Store,
-    pub kv_heartbeat: Store,
-    pub recorder: Recorder,
+    pub ctx: Context,
+    pub deadlines: Deadlines,
     /// Rate-limited Events on devices and manifests.
     events: crate::events::Events,
-    pub metrics: Arc<Metrics>,
-    /// A device whose last heartbeat is older than this is offline for rollouts.
-    pub offline_after: Duration,
-    /// Default progress deadline when a manifest sets none.
-    pub progress_deadline: Duration,
     reported_conflicts: Mutex<BTreeSet<Conflict>>,
     reported_over_limit: Mutex<BTreeSet<OverLimit>>,
     /// What devices last reported, for Events on what changes.
@@ -130,20 +117,9 @@ impl Fleet {
         status_queue: mpsc::UnboundedSender<(Arc<EdgeDevice>, u64)>,
     ) -> Self {
         Self {
-            client: ctx.client,
-            devices: ctx.devices,
-            manifests: ctx.manifests,
-            desired: ctx.desired,
-            actual: ctx.actual,
-            heartbeats: ctx.heartbeats,
-            kv_desired: ctx.stores.desired,
-            kv_actual: ctx.stores.actual,
-            kv_heartbeat: ctx.stores.heartbeat,
             events: crate::events::Events::new(ctx.recorder.clone()),
-            recorder: ctx.recorder,
-            metrics: ctx.metrics,
-            offline_after: deadlines.offline_after,
-            progress_deadline: deadlines.progress_deadline,
+            ctx,
+            deadlines,
             reported_conflicts: Mutex::new(BTreeSet::new()),
             reported_over_limit: Mutex::new(BTreeSet::new()),
             reports: Mutex::new(crate::reports::Reports::default()),
@@ -194,6 +170,7 @@ impl Fleet {
             let seal = DeviceSeal {
                 sealer: &self.sealer,
                 key: self
+                    .ctx
                     .heartbeats
                     .get(&device)
                     .and_then(|h| h.value.sealing_key),
@@ -217,8 +194,10 @@ impl Fleet {
     /// True while it lasts, absent otherwise), under a field manager of its own so the
     /// bridge's conditions are left alone.
     async fn set_device_conditions(&self, obj: &Arc<EdgeDevice>, want: &[DeviceProblem]) {
-        let api: Api<EdgeDevice> =
-            Api::namespaced(self.client.clone(), &obj.namespace().unwrap_or_default());
+        let api: Api<EdgeDevice> = Api::namespaced(
+            self.ctx.client.clone(),
+            &obj.namespace().unwrap_or_default(),
+        );
         let old = obj
             .status
             .as_ref()
@@ -333,11 +312,17 @@ impl Fleet {
             action: "Admit".into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &pod.object_ref(&())).await {
+        if let Err(e) = self
+            .ctx
+            .recorder
+            .publish(&event, &pod.object_ref(&()))
+            .await
+        {
             warn!(error = %e, "publishing pod event failed");
         }
         let ns = pod.namespace().unwrap_or_default();
-        let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), &ns);
+        let api: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(self.ctx.client.clone(), &ns);
         let status = if r.transient {
             json!({ "status": { "phase": "Pending", "conditions": [{
                 "type": "PodScheduled", "status": "True" }, {
@@ -408,12 +393,12 @@ impl Fleet {
 
     /// Whether every input has been listed once (acting earlier could delete real state).
     pub fn synced(&self) -> bool {
-        self.desired.is_ready() && self.actual.is_ready() && self.heartbeats.is_ready()
+        self.ctx.desired.is_ready() && self.ctx.actual.is_ready() && self.ctx.heartbeats.is_ready()
     }
 
     /// Devices by id; when two namespaces claim one id, the older EdgeDevice has it.
     pub fn device_objects(&self) -> BTreeMap<DeviceId, Arc<EdgeDevice>> {
-        let mut all: Vec<Arc<EdgeDevice>> = self.devices.state();
+        let mut all: Vec<Arc<EdgeDevice>> = self.ctx.devices.state();
         all.sort_by_key(|d| {
             (
                 rfc3339(d.metadata.creation_timestamp.as_ref()),
@@ -439,51 +424,17 @@ impl Fleet {
     #[instrument(skip(self))]
     pub async fn reconcile(&self) -> Result<PassSummary, Error> {
         let mut summary = PassSummary::default();
-        let now = Timestamp::now();
         let devices = self.device_objects();
-        let heartbeats = self.heartbeats.snapshot();
-        let views: Vec<DeviceView> = devices
-            .iter()
-            .map(|(id, d)| DeviceView {
-                id: id.clone(),
-                namespace: d.namespace().unwrap_or_default(),
-                labels: d.labels().clone(),
-                paused: d.spec.paused,
-                online: heartbeats.get(id).is_some_and(|h| {
-                    now.as_millis()
-                        .saturating_sub(h.value.timestamp.as_millis())
-                        < self.offline_after.as_millis() as u64
-                }),
-                limits: heartbeats
-                    .get(id)
-                    .and_then(|h| h.value.limits)
-                    .unwrap_or_default()
-                    .bounded(),
-            })
-            .collect();
-        let manifests: Vec<Arc<EdgeManifest>> = self.manifests.state();
-        let mviews: Vec<ManifestView> = manifests
-            .iter()
-            .map(|m| ManifestView {
-                namespace: m.namespace().unwrap_or_default(),
-                name: m.name_any(),
-                uid: m.uid(),
-                generation: m.metadata.generation.unwrap_or(0),
-                created: rfc3339(m.metadata.creation_timestamp.as_ref()),
-                selector: m.spec.selector.clone(),
-                devices: m.spec.devices.clone(),
-                resources: m.spec.resources.clone(),
-                deleting: m.metadata.deletion_timestamp.is_some(),
-                max_unavailable: m
-                    .spec
-                    .rollout
-                    .as_ref()
-                    .and_then(|r| r.max_unavailable.clone()),
-                paused: m.spec.rollout.as_ref().is_some_and(|r| r.paused),
-            })
-            .collect();
-        let desired = self.desired.snapshot();
-        let actual = self.actual.snapshot();
+        let views = device_views(
+            &devices,
+            &self.ctx.heartbeats.snapshot(),
+            Timestamp::now(),
+            self.deadlines.offline_after,
+        );
+        let manifests: Vec<Arc<EdgeManifest>> = self.ctx.manifests.state();
+        let mviews: Vec<ManifestView> = manifests.iter().map(|m| manifest_view(m)).collect();
+        let desired = self.ctx.desired.snapshot();
+        let actual = self.ctx.actual.snapshot();
         let state: HashMap<DeviceId, DeviceState> = devices
             .keys()
             .map(|id| {
@@ -504,14 +455,57 @@ impl Fleet {
         let mut p = plan(&views, &mviews, &state);
         add_pods(&mut p, &self.pod_views().await);
 
-        // Desired state, device by device: write only what differs, many at a time.
+        let writes = self.manifests_to_write(
+            device_resources(&p, &state, &views, &deleting),
+            &devices,
+            &desired,
+            &actual,
+        );
+        self.write_manifests(writes, &mut summary).await;
+        summary.status_patches += self.mark_device_problems(&devices, &actual, &p).await;
+        for (id, obj) in &devices {
+            let written = desired.get(id).map(|c| c.value.generation);
+            let recorded = obj.status.as_ref().and_then(|s| s.desired_generation);
+            if let Some(g) = written
+                && recorded != Some(g)
+            {
+                self.queue_generation(obj, g);
+            }
+        }
+
+        summary.kv_deletes += self.remove_orphans(&devices).await;
+        summary.status_patches += self.finish_manifests(&manifests, &p).await;
+        self.report_conflicts(&manifests, &p.conflicts).await;
+        self.report_over_limits(&manifests, &devices, &p.over_limit)
+            .await;
+        self.report_devices(&manifests, &devices, &actual, &desired)
+            .await;
+
+        self.ctx
+            .metrics
+            .record_pass(devices.len(), manifests.len(), p.conflicts.len(), &summary);
+        if summary != PassSummary::default() {
+            info!(?summary, "pass wrote changes");
+        }
+        Ok(summary)
+    }
+
+    /// The manifests to write: for each device whose resources (or signing key) differ
+    /// from what desired state holds, the next generation with the new resources.
+    fn manifests_to_write(
+        &self,
+        wanted: Vec<(DeviceId, Vec<fleetlet_protocol::ManagedResource>)>,
+        devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>,
+        desired: &HashMap<DeviceId, Versioned<AgentManifest>>,
+        actual: &HashMap<DeviceId, Versioned<AgentStatus>>,
+    ) -> Vec<(Arc<EdgeDevice>, AgentManifest)> {
+        let key = self.signer.as_ref().map(|s| s.id.clone());
         let mut writes = Vec::new();
-        for (id, resources) in device_resources(&p, &state, &views, &deleting) {
+        for (id, resources) in wanted {
             let Some(obj) = devices.get(&id) else {
                 continue;
             };
             let current = desired.get(&id);
-            let key = self.signer.as_ref().map(|s| s.id.clone());
             if current.is_some_and(|c| c.value.resources == resources && c.value.signing_key == key)
             {
                 continue;
@@ -533,10 +527,20 @@ impl Fleet {
             };
             let mut m = AgentManifest::new(id.clone(), generation);
             m.resources = resources;
-            m.signing_key = key;
+            m.signing_key = key.clone();
             m.issued_at = Some(fleetlet_protocol::Timestamp::now());
             writes.push((obj.clone(), m));
         }
+        writes
+    }
+
+    /// Writes desired state, many devices at a time, and queues the generations written
+    /// for EdgeDevice status.
+    async fn write_manifests(
+        &self,
+        writes: Vec<(Arc<EdgeDevice>, AgentManifest)>,
+        summary: &mut PassSummary,
+    ) {
         let results: Vec<(Arc<EdgeDevice>, u64, Result<bool, Error>)> =
             futures::stream::iter(writes)
                 .map(|(obj, m)| async move {
@@ -564,12 +568,21 @@ impl Fleet {
         for (obj, generation) in generations {
             self.queue_generation(&obj, generation);
         }
-        // What only the controller knows about a device (a generation out of range, a
-        // manifest left out for its limits): a condition while it lasts, and a Warning Event
-        // when it appears, so `kubectl describe` says why.
-        for (id, obj) in &devices {
+    }
+
+    /// What only the controller knows about a device (a generation out of range, a
+    /// manifest left out for its limits): a condition while it lasts, and a Warning Event
+    /// when it appears, so `kubectl describe` says why. Returns the status patches made.
+    async fn mark_device_problems(
+        &self,
+        devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>,
+        actual: &HashMap<DeviceId, Versioned<AgentStatus>>,
+        p: &Plan,
+    ) -> u32 {
+        let mut patches = 0;
+        for (id, obj) in devices {
             let reported = actual.get(id).map_or(0, |a| a.value.manifest_generation);
-            let want = self.device_problems(id, reported, &p);
+            let want = self.device_problems(id, reported, p);
             let have: Vec<(&str, &str, &str)> = obj
                 .status
                 .iter()
@@ -595,32 +608,9 @@ impl Fleet {
                 .await;
             }
             self.set_device_conditions(obj, &want).await;
-            summary.status_patches += 1;
+            patches += 1;
         }
-        for (id, obj) in &devices {
-            let written = desired.get(id).map(|c| c.value.generation);
-            let recorded = obj.status.as_ref().and_then(|s| s.desired_generation);
-            if let Some(g) = written
-                && recorded != Some(g)
-            {
-                self.queue_generation(obj, g);
-            }
-        }
-
-        summary.kv_deletes += self.remove_orphans(&devices).await;
-        summary.status_patches += self.finish_manifests(&manifests, &p).await;
-        self.report_conflicts(&manifests, &p.conflicts).await;
-        self.report_over_limits(&manifests, &devices, &p.over_limit)
-            .await;
-        self.report_devices(&manifests, &devices, &actual, &desired)
-            .await;
-
-        self.metrics
-            .record_pass(devices.len(), manifests.len(), p.conflicts.len(), &summary);
-        if summary != PassSummary::default() {
-            info!(?summary, "pass wrote changes");
-        }
-        Ok(summary)
+        patches
     }
 
     /// Compare-and-set write; Ok(false) when someone else wrote first (the next pass sees it).
@@ -630,9 +620,11 @@ impl Fleet {
             None => encode(m).map_err(|e| Error::Encode(e.to_string()))?,
         };
         let key = DESIRED_STATE.key(id);
-        let result = match self.desired.revision(id) {
+        let result = match self.ctx.desired.revision(id) {
             Some(rev) => self
-                .kv_desired
+                .ctx
+                .stores
+                .desired
                 .update(key, bytes.into(), rev)
                 .await
                 .map_err(|e| {
@@ -642,7 +634,9 @@ impl Fleet {
                     )
                 }),
             None => self
-                .kv_desired
+                .ctx
+                .stores
+                .desired
                 .create(key, bytes.into())
                 .await
                 .map_err(|e| (e.kind() == CreateErrorKind::AlreadyExists, e.to_string())),
@@ -650,16 +644,16 @@ impl Fleet {
         match result {
             Ok(revision) => {
                 debug!(device = %id, generation = m.generation, revision, "desired state written");
-                self.desired.remember(id.clone(), m.clone(), revision);
-                self.metrics.kv_write("ok");
+                self.ctx.desired.remember(id.clone(), m.clone(), revision);
+                self.ctx.metrics.kv_write("ok");
                 Ok(true)
             }
             Err((true, _)) => {
-                self.metrics.kv_write("conflict");
+                self.ctx.metrics.kv_write("conflict");
                 Ok(false)
             }
             Err((false, e)) => {
-                self.metrics.kv_write("error");
+                self.ctx.metrics.kv_write("error");
                 Err(Error::Kv(e))
             }
         }
@@ -669,11 +663,19 @@ impl Fleet {
     async fn remove_orphans(&self, devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>) -> u32 {
         let mut deleted = 0;
         let buckets: [(&Store, Vec<DeviceId>, &str); 3] = [
-            (&self.kv_desired, self.desired.devices(), DESIRED_STATE.name),
-            (&self.kv_actual, self.actual.devices(), ACTUAL_STATE.name),
             (
-                &self.kv_heartbeat,
-                self.heartbeats.devices(),
+                &self.ctx.stores.desired,
+                self.ctx.desired.devices(),
+                DESIRED_STATE.name,
+            ),
+            (
+                &self.ctx.stores.actual,
+                self.ctx.actual.devices(),
+                ACTUAL_STATE.name,
+            ),
+            (
+                &self.ctx.stores.heartbeat,
+                self.ctx.heartbeats.devices(),
                 HEARTBEAT.name,
             ),
         ];
@@ -694,10 +696,10 @@ impl Fleet {
     /// Finalizers and status for every manifest.
     async fn finish_manifests(&self, manifests: &[Arc<EdgeManifest>], p: &Plan) -> u32 {
         let mut patches = 0;
-        let desired = self.desired.snapshot();
+        let desired = self.ctx.desired.snapshot();
         for m in manifests {
             let (ns, name) = (m.namespace().unwrap_or_default(), m.name_any());
-            let api: Api<EdgeManifest> = Api::namespaced(self.client.clone(), &ns);
+            let api: Api<EdgeManifest> = Api::namespaced(self.ctx.client.clone(), &ns);
             let has_finalizer = m.finalizers().iter().any(|f| f == FINALIZER);
             if m.metadata.deletion_timestamp.is_some() {
                 let still_on_devices = desired.values().any(|d| {
@@ -744,7 +746,7 @@ impl Fleet {
                 progress: &progress,
                 conflicts: &p.conflicts,
                 over_limit: &p.over_limit,
-                default_deadline: self.progress_deadline,
+                default_deadline: self.deadlines.progress_deadline,
                 now: KTime::now(),
             });
             if m.status.as_ref() != Some(&status) {
@@ -875,7 +877,7 @@ impl Fleet {
                     action: "Plan".into(),
                     secondary: None,
                 };
-                if let Err(e) = self.recorder.publish(&event, &m.object_ref(&())).await {
+                if let Err(e) = self.ctx.recorder.publish(&event, &m.object_ref(&())).await {
                     warn!(error = %e, "publishing conflict event failed");
                 }
             }
@@ -1010,6 +1012,56 @@ struct DeviceProblem {
 
 /// The field manager of the controller's conditions on EdgeDevices.
 const DEVICE_CONDITION_MANAGER: &str = "fleetlet-controller-conditions";
+
+/// What the planner needs of each device: identity, labels, pause, whether it is online
+/// (a heartbeat within `offline_after`) and the limits it reported.
+fn device_views(
+    devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>,
+    heartbeats: &HashMap<DeviceId, Versioned<Heartbeat>>,
+    now: Timestamp,
+    offline_after: Duration,
+) -> Vec<DeviceView> {
+    devices
+        .iter()
+        .map(|(id, d)| DeviceView {
+            id: id.clone(),
+            namespace: d.namespace().unwrap_or_default(),
+            labels: d.labels().clone(),
+            paused: d.spec.paused,
+            online: heartbeats.get(id).is_some_and(|h| {
+                now.as_millis()
+                    .saturating_sub(h.value.timestamp.as_millis())
+                    < offline_after.as_millis() as u64
+            }),
+            limits: heartbeats
+                .get(id)
+                .and_then(|h| h.value.limits)
+                .unwrap_or_default()
+                .bounded(),
+        })
+        .collect()
+}
+
+/// What the planner needs of an EdgeManifest.
+fn manifest_view(m: &EdgeManifest) -> ManifestView {
+    ManifestView {
+        namespace: m.namespace().unwrap_or_default(),
+        name: m.name_any(),
+        uid: m.uid(),
+        generation: m.metadata.generation.unwrap_or(0),
+        created: rfc3339(m.metadata.creation_timestamp.as_ref()),
+        selector: m.spec.selector.clone(),
+        devices: m.spec.devices.clone(),
+        resources: m.spec.resources.clone(),
+        deleting: m.metadata.deletion_timestamp.is_some(),
+        max_unavailable: m
+            .spec
+            .rollout
+            .as_ref()
+            .and_then(|r| r.max_unavailable.clone()),
+        paused: m.spec.rollout.as_ref().is_some_and(|r| r.paused),
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -864,6 +864,83 @@ impl Identities {
             .collect())
     }
 
+    /// Revokes the identities in `revoke` (device, namespace, account): their accounts
+    /// go from the servers first, then each leaves the ledger and loses its Secret.
+    async fn revoke(
+        &self,
+        ledger: &mut Ledger,
+        revoke: &[(String, String, String)],
+        pass: &mut IdentityPass,
+    ) -> Result<(), IdentityError> {
+        let accounts: Vec<String> = revoke.iter().map(|(_, _, a)| a.clone()).collect();
+        delete_accounts(&self.sys, &self.authority, &accounts).await?;
+        for (id, ns, account) in revoke {
+            ledger.issued.remove(id);
+            info!(device = %id, namespace = %ns, account = %account, "device identity revoked");
+            self.delete_secret(ns, id, account).await;
+            pass.revoked += 1;
+        }
+        Ok(())
+    }
+
+    /// Mints an identity for each device that should have one and has none, recording it
+    /// in `ledger`; a device whose Secret name is taken gets a problem instead.
+    async fn mint<'d>(
+        &self,
+        devices: &'d BTreeMap<DeviceId, Arc<EdgeDevice>>,
+        ledger: &mut Ledger,
+        problems: &mut BTreeMap<String, String>,
+    ) -> Result<Vec<Minted<'d>>, IdentityError> {
+        let mut minted = Vec::new();
+        for (id, d) in devices {
+            let wanted = d.meta().deletion_timestamp.is_none() && !d.spec.revoked;
+            if wanted && !ledger.issued.contains_key(id.as_str()) {
+                if let Some(why) = self.secret_in_the_way(d, id).await {
+                    problems.insert(id.to_string(), why);
+                    continue;
+                }
+                let identity = self.authority.issue_device(id)?;
+                ledger.issued.insert(
+                    id.to_string(),
+                    (d.namespace().unwrap_or_default(), identity.account.clone()),
+                );
+                minted.push((id, d, identity));
+            }
+        }
+        Ok(minted)
+    }
+
+    /// Pushes each minted account and hands out its Secret. One not delivered is forgotten
+    /// (the next pass issues another), with why in `problems`; returns their accounts, to
+    /// delete in case they reached the servers.
+    async fn deliver(
+        &self,
+        minted: Vec<Minted<'_>>,
+        ledger: &mut Ledger,
+        problems: &mut BTreeMap<String, String>,
+        pass: &mut IdentityPass,
+    ) -> Vec<String> {
+        let mut failed = Vec::new();
+        for (id, d, identity) in minted {
+            let delivered = match push_account_jwt(&self.sys, identity.account_jwt.clone()).await {
+                Ok(()) => self.create_secret(d, id, &identity).await,
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(why) = delivered {
+                // Never handed out: forget it (and delete it, in case it reached the
+                // servers); the next pass issues another.
+                warn!(device = %id, error = %why, "device identity not delivered");
+                ledger.issued.remove(id.as_str());
+                failed.push(identity.account);
+                problems.insert(id.to_string(), why);
+                continue;
+            }
+            info!(device = %id, account = %identity.account, user = %identity.user.public_key, "device identity issued");
+            pass.issued += 1;
+        }
+        failed
+    }
+
     /// Issues identities to devices without them, revokes those of deleted or revoked
     /// devices, and keeps the fleet and bridge accounts current on the servers.
     pub async fn reconcile(
@@ -889,29 +966,9 @@ impl Identities {
         } else {
             self.undelivered(&ledger).await?
         };
-        let mut revoke = Vec::new();
-        for (id, (ns, account)) in &ledger.issued {
-            let keep = DeviceId::new(id)
-                .ok()
-                .and_then(|id| devices.get(&id))
-                .is_some_and(|d| {
-                    !d.spec.revoked
-                        && d.meta().deletion_timestamp.is_none()
-                        && d.namespace().as_deref() == Some(ns.as_str())
-                });
-            if !keep || undelivered.contains(id) {
-                revoke.push((id.clone(), ns.clone(), account.clone()));
-            }
-        }
+        let revoke = revocations(&ledger, devices, &undelivered);
         if !revoke.is_empty() {
-            let accounts: Vec<String> = revoke.iter().map(|(_, _, a)| a.clone()).collect();
-            delete_accounts(&self.sys, &self.authority, &accounts).await?;
-            for (id, ns, account) in &revoke {
-                ledger.issued.remove(id);
-                info!(device = %id, namespace = %ns, account = %account, "device identity revoked");
-                self.delete_secret(ns, id, account).await;
-                pass.revoked += 1;
-            }
+            self.revoke(&mut ledger, &revoke, &mut pass).await?;
             version = self.store(&ledger, version).await?;
         }
         state.secrets_checked = true;
@@ -919,78 +976,87 @@ impl Identities {
         // New devices: mint every missing identity, record them all in one write, then
         // push and hand them out. A crash in between leaves recorded identities without a
         // Secret, which the first pass of the next run replaces; never an unrecorded one.
-        let mut minted = Vec::new();
         let mut problems: BTreeMap<String, String> = BTreeMap::new();
-        for (id, d) in devices {
-            let wanted = d.meta().deletion_timestamp.is_none() && !d.spec.revoked;
-            if wanted && !ledger.issued.contains_key(id.as_str()) {
-                if let Some(why) = self.secret_in_the_way(d, id).await {
-                    problems.insert(id.to_string(), why);
-                    continue;
-                }
-                let identity = self.authority.issue_device(id)?;
-                ledger.issued.insert(
-                    id.to_string(),
-                    (d.namespace().unwrap_or_default(), identity.account.clone()),
-                );
-                minted.push((id, d, identity));
-            }
-        }
+        let minted = self.mint(devices, &mut ledger, &mut problems).await?;
         if !minted.is_empty() {
             version = self.store(&ledger, version).await?;
         }
-        let mut failed = Vec::new();
-        for (id, d, identity) in minted {
-            let delivered = match push_account_jwt(&self.sys, identity.account_jwt.clone()).await {
-                Ok(()) => self.create_secret(d, id, &identity).await,
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(why) = delivered {
-                // Never handed out: forget it (and delete it, in case it reached the
-                // servers); the next pass issues another.
-                warn!(device = %id, error = %why, "device identity not delivered");
-                ledger.issued.remove(id.as_str());
-                failed.push(identity.account);
-                problems.insert(id.to_string(), why);
-                continue;
-            }
-            info!(device = %id, account = %identity.account, user = %identity.user.public_key, "device identity issued");
-            pass.issued += 1;
-        }
+        let failed = self
+            .deliver(minted, &mut ledger, &mut problems, &mut pass)
+            .await;
         if !failed.is_empty() {
             delete_accounts(&self.sys, &self.authority, &failed).await?;
             version = self.store(&ledger, version).await?;
         }
 
         for (id, d) in devices {
-            if d.meta().deletion_timestamp.is_some() {
-                continue;
+            if let Some(want) = credentials_status(id, d, &ledger, &problems) {
+                self.set_status(d, Some(want)).await;
             }
-            let want = if d.spec.revoked {
-                DeviceCredentials {
-                    revoked: true,
-                    ..Default::default()
-                }
-            } else if let Some(why) = problems.get(id.as_str()) {
-                DeviceCredentials {
-                    message: Some(why.clone()),
-                    ..Default::default()
-                }
-            } else {
-                let Some((_, account)) = ledger.issued.get(id.as_str()) else {
-                    continue;
-                };
-                DeviceCredentials {
-                    secret_name: Some(Self::secret_name(id.as_str())),
-                    account: Some(account.clone()),
-                    ..Default::default()
-                }
-            };
-            self.set_status(d, Some(want)).await;
         }
         state.ledger = Some((ledger, version));
         Ok(pass)
     }
+}
+
+/// A device minted an identity in this pass, to be handed out.
+type Minted<'d> = (&'d DeviceId, &'d Arc<EdgeDevice>, DeviceIdentity);
+
+/// The recorded identities to revoke, as (device, namespace, account) in ledger order:
+/// those of devices gone, revoked, being deleted or moved to another namespace, and the
+/// `undelivered` ones.
+fn revocations(
+    ledger: &Ledger,
+    devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>,
+    undelivered: &[String],
+) -> Vec<(String, String, String)> {
+    let mut revoke = Vec::new();
+    for (id, (ns, account)) in &ledger.issued {
+        let keep = DeviceId::new(id)
+            .ok()
+            .and_then(|id| devices.get(&id))
+            .is_some_and(|d| {
+                !d.spec.revoked
+                    && d.meta().deletion_timestamp.is_none()
+                    && d.namespace().as_deref() == Some(ns.as_str())
+            });
+        if !keep || undelivered.contains(id) {
+            revoke.push((id.clone(), ns.clone(), account.clone()));
+        }
+    }
+    revoke
+}
+
+/// What `status.credentials` of device `id` should say after a pass: revoked, why it has
+/// none (`problems`), or where its credentials are (`ledger`); `None` to leave it as is
+/// (the device is being deleted, or has no identity yet).
+fn credentials_status(
+    id: &DeviceId,
+    d: &EdgeDevice,
+    ledger: &Ledger,
+    problems: &BTreeMap<String, String>,
+) -> Option<DeviceCredentials> {
+    if d.meta().deletion_timestamp.is_some() {
+        return None;
+    }
+    Some(if d.spec.revoked {
+        DeviceCredentials {
+            revoked: true,
+            ..Default::default()
+        }
+    } else if let Some(why) = problems.get(id.as_str()) {
+        DeviceCredentials {
+            message: Some(why.clone()),
+            ..Default::default()
+        }
+    } else {
+        let (_, account) = ledger.issued.get(id.as_str())?;
+        DeviceCredentials {
+            secret_name: Some(Identities::secret_name(id.as_str())),
+            account: Some(account.clone()),
+            ..Default::default()
+        }
+    })
 }
 
 #[cfg(test)]
@@ -1112,5 +1178,86 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(Ledger::from_config_map(&cm), l);
+    }
+
+    fn device(name: &str, ns: &str) -> Arc<EdgeDevice> {
+        let mut d = EdgeDevice::new(name, Default::default());
+        d.metadata.namespace = Some(ns.into());
+        Arc::new(d)
+    }
+
+    fn deleting(mut d: Arc<EdgeDevice>) -> Arc<EdgeDevice> {
+        Arc::make_mut(&mut d).metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        d
+    }
+
+    fn revoked(mut d: Arc<EdgeDevice>) -> Arc<EdgeDevice> {
+        Arc::make_mut(&mut d).spec.revoked = true;
+        d
+    }
+
+    #[test]
+    fn identities_of_devices_gone_revoked_moved_or_undelivered_are_revoked() {
+        let issued = ["kept", "gone", "revoked", "deleting", "moved", "lost"]
+            .map(|d| (d.to_string(), ("home".to_string(), format!("A{d}"))));
+        let ledger = Ledger {
+            issued: BTreeMap::from(issued),
+        };
+        let devices = BTreeMap::from(
+            [
+                device("kept", "home"),
+                revoked(device("revoked", "home")),
+                deleting(device("deleting", "home")),
+                device("moved", "away"),
+                device("lost", "home"),
+            ]
+            .map(|d| (DeviceId::new(d.name_any()).unwrap(), d)),
+        );
+        let got = revocations(&ledger, &devices, &["lost".to_string()]);
+        let got: Vec<&str> = got.iter().map(|(d, _, _)| d.as_str()).collect();
+        // In ledger (name) order.
+        assert_eq!(got, ["deleting", "gone", "lost", "moved", "revoked"]);
+        assert_eq!(
+            revocations(&ledger, &devices, &[])[0],
+            ("deleting".into(), "home".into(), "Adeleting".into())
+        );
+    }
+
+    #[test]
+    fn the_credentials_status_says_revoked_why_not_or_where() {
+        let ledger = Ledger {
+            issued: BTreeMap::from([("pi-a".into(), ("home".into(), "AKEY".into()))]),
+        };
+        let problems = BTreeMap::from([("pi-b".to_string(), "in the way".to_string())]);
+        let status = |name: &str, d: Arc<EdgeDevice>| {
+            credentials_status(&DeviceId::new(name).unwrap(), &d, &ledger, &problems)
+        };
+        assert_eq!(
+            status("pi-a", device("pi-a", "home")),
+            Some(DeviceCredentials {
+                secret_name: Some("pi-a-nats".into()),
+                account: Some("AKEY".into()),
+                ..Default::default()
+            })
+        );
+        assert_eq!(
+            status("pi-a", revoked(device("pi-a", "home"))),
+            Some(DeviceCredentials {
+                revoked: true,
+                ..Default::default()
+            })
+        );
+        assert_eq!(
+            status("pi-b", device("pi-b", "home")),
+            Some(DeviceCredentials {
+                message: Some("in the way".into()),
+                ..Default::default()
+            })
+        );
+        assert_eq!(status("pi-a", deleting(device("pi-a", "home"))), None);
+        assert_eq!(status("pi-c", device("pi-c", "home")), None);
     }
 }

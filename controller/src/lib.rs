@@ -47,7 +47,8 @@ pub use fleet::{Fleet, PassSummary};
 // The shared plumbing, under the names the controller's modules use.
 pub use fleetlet_plumbing::{
     HttpState, KvCache, LeaderGated, NatsArgs, any_change, default_identity, fingerprint,
-    init_tracing, kvcache, leader, serve, shutdown_signal, slim, stopped, watch_crd, watch_objects,
+    init_tracing, kvcache, leader, serve, serve_metrics, shutdown_signal, slim, stopped, watch_crd,
+    watch_objects,
 };
 pub use metrics::Metrics;
 
@@ -290,16 +291,7 @@ pub async fn run(
     let (client, nats) = (wiring.client.clone(), wiring.nats.clone());
     let js = jetstream::new(nats.clone());
     ensure_buckets(&js, args.kv_replicas).await?;
-    let bind = async |name: &str| {
-        js.get_key_value(name)
-            .await
-            .map_err(|e| Error::Kv(e.to_string()))
-    };
-    let stores = fleet::Buckets {
-        desired: bind(DESIRED_STATE.name).await?,
-        actual: bind(ACTUAL_STATE.name).await?,
-        heartbeat: bind(HEARTBEAT.name).await?,
-    };
+    let stores = bind_buckets(&js).await?;
     let changed = Arc::new(Notify::new());
     let mut tasks = tokio::task::JoinSet::new();
     let mut watches = Watches::start(&client, &changed, args.pods, &mut tasks);
@@ -310,13 +302,8 @@ pub async fn run(
     tasks.spawn(actual.clone().run(nats.clone(), changed.clone()));
     tasks.spawn(heartbeats.clone().run(nats.clone(), changed.clone()));
     let metrics = Arc::new(Metrics::default());
-    let http = HttpState::new({
-        let m = metrics.clone();
-        move || m.encode()
-    });
-    let ready = http.ready.clone();
-    let (metrics_addr, server) = serve(args.metrics_addr, http).await?;
-    tasks.spawn(server);
+    let (metrics_addr, ready) =
+        serve_metrics(args.metrics_addr, metrics.clone(), &mut tasks).await?;
     let identity = args.identity();
     let reporter = Reporter {
         controller: FIELD_MANAGER.into(),
@@ -380,23 +367,42 @@ pub async fn run(
         let synced = watches.synced() && fleet.synced();
         ready.store(synced, Ordering::Relaxed);
         if is_leader && synced {
-            if let Some(ids) = &identities {
-                // Revocations go first: a deleted device loses access before anything else.
-                if let Err(e) = ids.reconcile(&fleet.device_objects()).await {
-                    metrics.error("identity");
-                    warn!(error = %e, "device identities");
-                }
-            }
-            if let Err(e) = fleet.reconcile().await {
-                metrics.error(e.category());
-                warn!(error = %e, category = e.category(), "pass failed");
-            }
+            pass(&fleet, identities.as_ref()).await;
         }
         tokio::time::Instant::now() + resync
     })
     .await;
     tasks.abort_all();
     Ok(())
+}
+
+/// One leader pass: device identities first (a deleted device loses access before
+/// anything else), then the fleet.
+async fn pass(fleet: &Fleet, identities: Option<&identity::Identities>) {
+    if let Some(ids) = identities
+        && let Err(e) = ids.reconcile(&fleet.device_objects()).await
+    {
+        fleet.ctx.metrics.error("identity");
+        warn!(error = %e, "device identities");
+    }
+    if let Err(e) = fleet.reconcile().await {
+        fleet.ctx.metrics.error(e.category());
+        warn!(error = %e, category = e.category(), "pass failed");
+    }
+}
+
+/// The KV buckets the fleet loop writes.
+async fn bind_buckets(js: &jetstream::Context) -> Result<fleet::Buckets, Error> {
+    let bind = async |name: &str| {
+        js.get_key_value(name)
+            .await
+            .map_err(|e| Error::Kv(e.to_string()))
+    };
+    Ok(fleet::Buckets {
+        desired: bind(DESIRED_STATE.name).await?,
+        actual: bind(ACTUAL_STATE.name).await?,
+        heartbeat: bind(HEARTBEAT.name).await?,
+    })
 }
 
 /// The controller's connections and keys, made before anything runs: a bad key or
@@ -550,13 +556,7 @@ fn spawn_watch<K>(
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> kube::runtime::reflector::Store<K>
 where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: fleetlet_plumbing::Watched,
 {
     let (store, task) = watch_objects(
         Api::all(client.clone()),

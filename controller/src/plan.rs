@@ -294,149 +294,44 @@ pub fn plan(
     };
     let mut per_device: BTreeMap<&DeviceId, Vec<ManagedResource>> =
         devices.iter().map(|d| (&d.id, Vec::new())).collect();
+    // Identity → the manifest that holds it, per device: older manifests claim first.
     let mut claims: HashMap<&DeviceId, HashMap<String, String>> = HashMap::new();
+    let no_claims = HashMap::new();
 
-    for m in &ranked {
+    for m in ranked.into_iter().filter(|m| !m.deleting) {
         let mkey = m.key();
         let mut targets: Vec<&DeviceView> = devices.iter().filter(|d| m.selects(d)).collect();
         targets.sort_by(|a, b| a.id.cmp(&b.id));
-        if m.deleting {
-            continue;
-        }
         let mut progress = Progress {
             targeted: targets.len() as u32,
             ..Default::default()
         };
-
-        // First pass: where each target stands.
-        struct Target<'a> {
-            device: &'a DeviceView,
-            new: Vec<ManagedResource>,
-            old: Vec<ManagedResource>,
-            updated: bool,
-            /// Left out for the device's limits; `new` holds what it keeps instead.
-            over: bool,
-        }
-        let mut rows = Vec::with_capacity(targets.len());
-        for d in targets {
-            let device_claims = claims.entry(&d.id).or_default();
-            let mut new = Vec::new();
-            for t in &m.resources {
-                let r = m.managed(t);
-                let clash = identities(&r)
-                    .into_iter()
-                    .find_map(|i| device_claims.get(&i).map(|owner| (i, owner.clone())));
-                match clash {
-                    Some((identity, kept_by)) => out.conflicts.push(Conflict {
-                        device: d.id.clone(),
-                        identity,
-                        kept_by,
-                        refused: mkey.clone(),
-                    }),
-                    None => new.push(r),
-                }
-            }
-            let old: Vec<ManagedResource> = state
-                .get(&d.id)
-                .and_then(|s| s.desired.as_ref())
-                .map(|cur| {
-                    cur.resources
-                        .iter()
-                        .filter(|r| m.owns(&r.owner))
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default();
-            let old: Vec<ManagedResource> = old
-                .into_iter()
-                .filter(|r| identities(r).iter().all(|i| !device_claims.contains_key(i)))
-                .collect();
-            // Limits: what older manifests hold on the device is settled; this one gets
-            // the room that is left, or keeps what it had if that still fits.
-            let usage = out.usage.get(&d.id).copied().unwrap_or_default();
-            let mut over = false;
-            if let Err(limit) = usage.check(&new, &d.limits) {
-                over = true;
-                let kept_previous = !old.is_empty() && usage.check(&old, &d.limits).is_ok();
-                out.over_limit.push(OverLimit {
-                    device: d.id.clone(),
-                    refused: mkey.clone(),
-                    limit,
-                    kept_previous,
-                });
-                new = if kept_previous {
-                    old.clone()
-                } else {
-                    Vec::new()
-                };
-            }
-            let updated = !over && sorted(new.clone()) == sorted(old.clone());
-            rows.push(Target {
-                device: d,
-                new,
-                old,
-                updated,
-                over,
-            });
-        }
-
-        // Second pass: spend the rollout budget.
-        let ids_of =
-            |rs: &[ManagedResource]| rs.iter().map(|r| r.id.clone()).collect::<BTreeSet<_>>();
-        let mut unavailable = 0usize;
-        for row in rows.iter().filter(|r| r.updated) {
-            let (ready, failures) =
-                ready_on(&row.device.id, state.get(&row.device.id), &ids_of(&row.new));
-            progress.updated += 1;
-            progress.ready += u32::from(ready);
-            progress.failed += u32::from(!failures.is_empty());
-            progress.failures.extend(failures);
-            if !ready && row.device.online {
-                unavailable += 1;
-                progress.waiting_on.push(row.device.id.clone());
-            }
-        }
+        // First: where each target stands.
+        let rows: Vec<Target<'_>> = targets
+            .into_iter()
+            .map(|d| {
+                let held = claims.get(&d.id).unwrap_or(&no_claims);
+                target(m, &mkey, d, held, state, &mut out)
+            })
+            .collect();
+        // Then: spend the rollout budget.
+        let unavailable = count_updated(&rows, state, &mut progress);
         let mut budget = m
             .budget(progress.targeted as usize)
             .saturating_sub(unavailable);
         for row in rows {
-            let chosen = if row.updated {
-                row.new
-            } else if row.over {
-                progress.over_limit.push(row.device.id.clone());
-                row.new
-            } else if row.old.is_empty() && !m.paused {
-                // Nothing of this manifest there yet: adding it disrupts nothing.
-                progress.updated += 1;
-                if row.device.online {
-                    progress.waiting_on.push(row.device.id.clone());
-                }
-                row.new
-            } else if m.paused {
-                progress.pending.push(row.device.id.clone());
-                row.old
-            } else if !row.device.online {
-                progress.updated += 1;
-                row.new
-            } else if budget > 0 {
-                budget -= 1;
-                progress.updated += 1;
-                progress.waiting_on.push(row.device.id.clone());
-                row.new
-            } else {
-                progress.pending.push(row.device.id.clone());
-                row.old
-            };
-            let device_claims = claims.entry(&row.device.id).or_default();
+            let id = &row.device.id;
+            let chosen = choose(row, m, &mut budget, &mut progress);
+            let device_claims = claims.entry(id).or_default();
             for r in &chosen {
                 for i in identities(r) {
                     device_claims.insert(i, mkey.clone());
                 }
             }
-            let usage = out.usage.entry(row.device.id.clone()).or_default();
+            let usage = out.usage.entry(id.clone()).or_default();
             usage.resources += chosen.len();
             usage.bytes += chosen.iter().map(cost).sum::<u64>();
-            if let Some(v) = per_device.get_mut(&row.device.id) {
+            if let Some(v) = per_device.get_mut(id) {
                 v.extend(chosen);
             }
         }
@@ -454,6 +349,148 @@ pub fn plan(
     out.conflicts.dedup();
     out.over_limit.sort();
     out
+}
+
+/// Where one targeted device stands for one manifest.
+struct Target<'a> {
+    device: &'a DeviceView,
+    /// What the manifest wants there now (less what older manifests hold).
+    new: Vec<ManagedResource>,
+    /// What the device's desired state holds of the manifest today.
+    old: Vec<ManagedResource>,
+    /// `new` is already what the device has.
+    updated: bool,
+    /// Left out for the device's limits; `new` holds what it keeps instead.
+    over: bool,
+}
+
+/// Manifest `m` on device `d`, given the identities older manifests hold there (`held`):
+/// conflicts and limit refusals are recorded in `out`.
+fn target<'a>(
+    m: &ManifestView,
+    mkey: &str,
+    d: &'a DeviceView,
+    held: &HashMap<String, String>,
+    state: &HashMap<DeviceId, DeviceState>,
+    out: &mut Plan,
+) -> Target<'a> {
+    let mut new = Vec::new();
+    for t in &m.resources {
+        let r = m.managed(t);
+        let clash = identities(&r)
+            .into_iter()
+            .find_map(|i| held.get(&i).map(|owner| (i, owner.clone())));
+        match clash {
+            Some((identity, kept_by)) => out.conflicts.push(Conflict {
+                device: d.id.clone(),
+                identity,
+                kept_by,
+                refused: mkey.to_string(),
+            }),
+            None => new.push(r),
+        }
+    }
+    let old: Vec<ManagedResource> = state
+        .get(&d.id)
+        .and_then(|s| s.desired.as_ref())
+        .map(|cur| {
+            cur.resources
+                .iter()
+                .filter(|r| m.owns(&r.owner))
+                .filter(|r| identities(r).iter().all(|i| !held.contains_key(i)))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    // Limits: what older manifests hold on the device is settled; this one gets the room
+    // that is left, or keeps what it had if that still fits.
+    let usage = out.usage.get(&d.id).copied().unwrap_or_default();
+    let mut over = false;
+    if let Err(limit) = usage.check(&new, &d.limits) {
+        over = true;
+        let kept_previous = !old.is_empty() && usage.check(&old, &d.limits).is_ok();
+        out.over_limit.push(OverLimit {
+            device: d.id.clone(),
+            refused: mkey.to_string(),
+            limit,
+            kept_previous,
+        });
+        new = if kept_previous {
+            old.clone()
+        } else {
+            Vec::new()
+        };
+    }
+    let updated = !over && sorted(new.clone()) == sorted(old.clone());
+    Target {
+        device: d,
+        new,
+        old,
+        updated,
+        over,
+    }
+}
+
+/// Counts the devices that already run the manifest's current resources into `progress`;
+/// returns how many of them are online and not ready (they use the rollout budget).
+fn count_updated(
+    rows: &[Target<'_>],
+    state: &HashMap<DeviceId, DeviceState>,
+    progress: &mut Progress,
+) -> usize {
+    let ids_of = |rs: &[ManagedResource]| rs.iter().map(|r| r.id.clone()).collect::<BTreeSet<_>>();
+    let mut unavailable = 0usize;
+    for row in rows.iter().filter(|r| r.updated) {
+        let (ready, failures) =
+            ready_on(&row.device.id, state.get(&row.device.id), &ids_of(&row.new));
+        progress.updated += 1;
+        progress.ready += u32::from(ready);
+        progress.failed += u32::from(!failures.is_empty());
+        progress.failures.extend(failures);
+        if !ready && row.device.online {
+            unavailable += 1;
+            progress.waiting_on.push(row.device.id.clone());
+        }
+    }
+    unavailable
+}
+
+/// What one device gets of manifest `m` this pass: the new resources, or the old ones
+/// while the rollout is paused or out of budget.
+fn choose(
+    row: Target<'_>,
+    m: &ManifestView,
+    budget: &mut usize,
+    progress: &mut Progress,
+) -> Vec<ManagedResource> {
+    let id = row.device.id.clone();
+    if row.updated {
+        row.new
+    } else if row.over {
+        progress.over_limit.push(id);
+        row.new
+    } else if row.old.is_empty() && !m.paused {
+        // Nothing of this manifest there yet: adding it disrupts nothing.
+        progress.updated += 1;
+        if row.device.online {
+            progress.waiting_on.push(id);
+        }
+        row.new
+    } else if m.paused {
+        progress.pending.push(id);
+        row.old
+    } else if !row.device.online {
+        progress.updated += 1;
+        row.new
+    } else if *budget > 0 {
+        *budget -= 1;
+        progress.updated += 1;
+        progress.waiting_on.push(id);
+        row.new
+    } else {
+        progress.pending.push(id);
+        row.old
+    }
 }
 
 /// A Pod bound to a device's virtual node, already translated into resources.

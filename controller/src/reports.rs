@@ -38,12 +38,136 @@ pub struct Reports {
     primed: bool,
 }
 
+impl Seen {
+    /// What is compared from one pass to the next of a device's status `s`.
+    fn of(revision: u64, s: &AgentStatus) -> Self {
+        Seen {
+            revision,
+            rejection: s
+                .last_rejection
+                .as_ref()
+                .map(|r| (r.revision, r.reason.clone())),
+            drift_repairs: s.drift_repairs,
+            failing: s
+                .resources
+                .iter()
+                .filter_map(|(id, st)| st.failure().map(|e| (id.clone(), e.to_owned())))
+                .collect(),
+        }
+    }
+}
+
 fn owner_of(desired: Option<&AgentManifest>, id: &ResourceId) -> Vec<String> {
     desired
         .and_then(|m| m.resource(id.as_str()))
         .filter(|r| r.owner.kind == OwnerKind::EdgeManifest)
         .map(|r| vec![format!("{}/{}", r.owner.namespace, r.owner.name)])
         .unwrap_or_default()
+}
+
+/// Every EdgeManifest (`namespace/name`, sorted, once each) with a resource in `desired`:
+/// a refused manifest concerns them all.
+fn manifests_of(desired: Option<&AgentManifest>) -> Vec<String> {
+    desired
+        .map(|m| {
+            let mut v: Vec<String> = m
+                .resources
+                .iter()
+                .filter(|r| r.owner.kind == OwnerKind::EdgeManifest)
+                .map(|r| format!("{}/{}", r.owner.namespace, r.owner.name))
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        })
+        .unwrap_or_default()
+}
+
+/// `ManifestRejected` when `s` carries a refusal other than the one seen `before`.
+fn rejection_report(
+    device: &DeviceId,
+    s: &AgentStatus,
+    before: &Seen,
+    now: &Seen,
+    desired: Option<&AgentManifest>,
+) -> Option<Report> {
+    let r = s.last_rejection.as_ref()?;
+    if before.rejection == now.rejection {
+        return None;
+    }
+    Some(Report {
+        device: device.clone(),
+        manifests: manifests_of(desired),
+        reason: "ManifestRejected",
+        warning: true,
+        note: format!(
+            "device {device} refused manifest{} ({}): {}; it keeps running what it had",
+            r.generation
+                .map(|g| format!(" generation {g}"))
+                .unwrap_or_default(),
+            r.reason,
+            r.message
+        ),
+    })
+}
+
+/// `ResourceFailed` for each resource failing `now` that was not, or with another error,
+/// `before`.
+fn failure_reports(
+    device: &DeviceId,
+    s: &AgentStatus,
+    before: &Seen,
+    now: &Seen,
+    desired: Option<&AgentManifest>,
+) -> Vec<Report> {
+    now.failing
+        .iter()
+        .filter(|(id, error)| before.failing.get(*id) != Some(*error))
+        .map(|(id, error)| {
+            let permanent = s
+                .resources
+                .get(id)
+                .is_some_and(|st| st.is_permanent_failure());
+            Report {
+                device: device.clone(),
+                manifests: owner_of(desired, id),
+                reason: "ResourceFailed",
+                warning: true,
+                note: format!(
+                    "{id} on device {device}: {error} ({})",
+                    if permanent {
+                        "permanent: waits for a new spec"
+                    } else {
+                        "retried"
+                    }
+                ),
+            }
+        })
+        .collect()
+}
+
+/// `DriftRepaired` when the device repaired drift since `before`, naming the last one.
+fn drift_report(
+    device: &DeviceId,
+    s: &AgentStatus,
+    before: &Seen,
+    now: &Seen,
+    desired: Option<&AgentManifest>,
+) -> Option<Report> {
+    let drift = s.last_drift.as_ref()?;
+    if now.drift_repairs <= before.drift_repairs {
+        return None;
+    }
+    Some(Report {
+        device: device.clone(),
+        manifests: owner_of(desired, &drift.resource),
+        reason: "DriftRepaired",
+        warning: false,
+        note: format!(
+            "{} on device {device} was changed outside fleetlet ({}) and put back; {} repair(s) in all",
+            drift.resource, drift.reason, now.drift_repairs
+        ),
+    })
 }
 
 impl Reports {
@@ -56,19 +180,7 @@ impl Reports {
         let mut out = Vec::new();
         let primed = std::mem::replace(&mut self.primed, true);
         for (device, revision, s) in statuses {
-            let now = Seen {
-                revision,
-                rejection: s
-                    .last_rejection
-                    .as_ref()
-                    .map(|r| (r.revision, r.reason.clone())),
-                drift_repairs: s.drift_repairs,
-                failing: s
-                    .resources
-                    .iter()
-                    .filter_map(|(id, st)| st.failure().map(|e| (id.clone(), e.to_owned())))
-                    .collect(),
-            };
+            let now = Seen::of(revision, s);
             let before = self.seen.get(device);
             if before.is_some_and(|b| b.revision == revision) {
                 continue;
@@ -79,74 +191,9 @@ impl Reports {
             }
             let before = before.cloned().unwrap_or_default();
             let d = desired(device);
-            if let Some(r) = &s.last_rejection
-                && before.rejection != now.rejection
-            {
-                let manifests: Vec<String> = d
-                    .map(|m| {
-                        let mut v: Vec<String> = m
-                            .resources
-                            .iter()
-                            .filter(|r| r.owner.kind == OwnerKind::EdgeManifest)
-                            .map(|r| format!("{}/{}", r.owner.namespace, r.owner.name))
-                            .collect();
-                        v.sort();
-                        v.dedup();
-                        v
-                    })
-                    .unwrap_or_default();
-                out.push(Report {
-                    device: device.clone(),
-                    manifests,
-                    reason: "ManifestRejected",
-                    warning: true,
-                    note: format!(
-                        "device {device} refused manifest{} ({}): {}; it keeps running what it had",
-                        r.generation
-                            .map(|g| format!(" generation {g}"))
-                            .unwrap_or_default(),
-                        r.reason,
-                        r.message
-                    ),
-                });
-            }
-            for (id, error) in &now.failing {
-                if before.failing.get(id) == Some(error) {
-                    continue;
-                }
-                let permanent = s
-                    .resources
-                    .get(id)
-                    .is_some_and(|st| st.is_permanent_failure());
-                out.push(Report {
-                    device: device.clone(),
-                    manifests: owner_of(d, id),
-                    reason: "ResourceFailed",
-                    warning: true,
-                    note: format!(
-                        "{id} on device {device}: {error} ({})",
-                        if permanent {
-                            "permanent: waits for a new spec"
-                        } else {
-                            "retried"
-                        }
-                    ),
-                });
-            }
-            if now.drift_repairs > before.drift_repairs
-                && let Some(drift) = &s.last_drift
-            {
-                out.push(Report {
-                    device: device.clone(),
-                    manifests: owner_of(d, &drift.resource),
-                    reason: "DriftRepaired",
-                    warning: false,
-                    note: format!(
-                        "{} on device {device} was changed outside fleetlet ({}) and put back; {} repair(s) in all",
-                        drift.resource, drift.reason, now.drift_repairs
-                    ),
-                });
-            }
+            out.extend(rejection_report(device, s, &before, &now, d));
+            out.extend(failure_reports(device, s, &before, &now, d));
+            out.extend(drift_report(device, s, &before, &now, d));
             self.seen.insert(device.clone(), now);
         }
         out
@@ -256,5 +303,73 @@ mod tests {
             r.changes([(&a, 4, &s)].into_iter(), |x| d.get(x))
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_refusal_concerns_each_edge_manifest_of_the_device_once() {
+        let mut d = desired().remove(&id("a")).unwrap();
+        let mut other = d.resources[0].clone();
+        other.owner.namespace = "alpha".into();
+        d.resources.push(other.clone());
+        d.resources.push(other.clone());
+        other.owner.kind = OwnerKind::Pod;
+        other.owner.namespace = "pods".into();
+        d.resources.push(other);
+        assert_eq!(manifests_of(Some(&d)), ["alpha/m", "ns/m"]);
+        assert!(manifests_of(None).is_empty());
+    }
+
+    #[test]
+    fn each_report_says_what_is_new_and_nothing_once_seen() {
+        let d = desired();
+        let a = id("a");
+        let mut s = AgentStatus::new(a.clone());
+        s.resources.insert(
+            ResourceId::new("f").unwrap(),
+            ResourceStatus::Failed {
+                since: Timestamp::now(),
+                error: "forbidden".into(),
+                retry_after: None,
+                permanent: true,
+            },
+        );
+        s.last_rejection = Some(Rejection {
+            generation: None,
+            revision: 7,
+            reason: "Malformed".into(),
+            message: "bad json".into(),
+            at: Timestamp::now(),
+        });
+        s.drift_repairs = 2;
+        s.last_drift = Some(DriftEvent {
+            resource: ResourceId::new("f").unwrap(),
+            reason: "content changed".into(),
+            at: Timestamp::now(),
+        });
+        let now = Seen::of(5, &s);
+        assert_eq!(now.rejection, Some((7, "Malformed".to_string())));
+        let before = Seen::default();
+        let m = d.get(&a);
+        let r = rejection_report(&a, &s, &before, &now, m).unwrap();
+        assert_eq!(
+            r.note,
+            "device a refused manifest (Malformed): bad json; it keeps running what it had"
+        );
+        assert_eq!(r.manifests, ["ns/m"]);
+        let f = failure_reports(&a, &s, &before, &now, m);
+        assert_eq!(f.len(), 1);
+        assert_eq!(
+            f[0].note,
+            "f on device a: forbidden (permanent: waits for a new spec)"
+        );
+        let r = drift_report(&a, &s, &before, &now, m).unwrap();
+        assert_eq!(
+            r.note,
+            "f on device a was changed outside fleetlet (content changed) and put back; 2 repair(s) in all"
+        );
+        assert!(!r.warning);
+        assert!(rejection_report(&a, &s, &now, &now, m).is_none());
+        assert!(failure_reports(&a, &s, &now, &now, m).is_empty());
+        assert!(drift_report(&a, &s, &now, &now, m).is_none());
     }
 }

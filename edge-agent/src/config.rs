@@ -38,6 +38,11 @@ use std::{
 use fleetlet_protocol::{DeviceId, ResourceKind, kv::MAX_MANIFEST_BYTES};
 use serde::{Deserialize, Serialize};
 
+// Each kind's section lives next to its reconciler.
+pub use crate::{
+    container::ContainerConfig, file::FileConfig, shelljob::ShellJobConfig, systemd::SystemdConfig,
+};
+
 /// Why the configuration cannot be used. The agent exits before touching anything.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -62,7 +67,7 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field,
         message: message.into(),
@@ -106,88 +111,6 @@ pub struct TrustConfig {
     /// control plane's key or opts out here (a lab, a test bench).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_unsigned: bool,
-}
-
-/// Containers, through podman's REST API.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ContainerConfig {
-    /// podman's API socket: `/run/podman/podman.sock` for rootful podman (enable
-    /// `podman.socket`), `$XDG_RUNTIME_DIR/podman/podman.sock` for rootless.
-    #[serde(default = "default_podman_socket")]
-    pub socket: PathBuf,
-    /// Container names are this prefix plus the resource id.
-    #[serde(default = "default_name_prefix")]
-    pub name_prefix: String,
-    /// No image is pulled while podman's storage has less free space than this.
-    #[serde(default = "default_min_free_disk")]
-    pub min_free_disk_mib: u64,
-    /// Seconds a container gets to stop before it is killed.
-    #[serde(default = "default_stop_timeout")]
-    pub stop_timeout_seconds: u32,
-    /// Registries reached without TLS verification (`host:port`), e.g. a LAN mirror.
-    #[serde(default)]
-    pub insecure_registries: Vec<String>,
-    /// Remove images the agent pulled once no container of its own uses them.
-    #[serde(default = "default_true")]
-    pub prune_images: bool,
-    /// Host paths a container may mount: at or below one of these (after following
-    /// symbolic links). Anything else, `/` included, is refused.
-    #[serde(default = "default_mount_roots")]
-    pub mount_roots: Vec<PathBuf>,
-    /// Of those, where a mount may be read-write; elsewhere mounts must be `readOnly`.
-    #[serde(default = "default_writable_mount_roots")]
-    pub writable_mount_roots: Vec<PathBuf>,
-}
-
-/// systemd units, through systemd's D-Bus API.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SystemdConfig {
-    /// D-Bus address of the system bus; default `$DBUS_SYSTEM_BUS_ADDRESS`, else the
-    /// standard system bus socket.
-    #[serde(default)]
-    pub bus_address: Option<String>,
-    /// Where unit files from manifests are written.
-    #[serde(default = "default_unit_dir")]
-    pub unit_dir: PathBuf,
-    /// Longest wait for a start/stop/restart job to finish.
-    #[serde(default = "default_job_timeout")]
-    pub job_timeout_seconds: u32,
-    /// Units fleetlet did not write that manifests may still start, stop, enable or
-    /// replace, by name (a trailing `*` matches any rest: `mosquitto*`). Every other unit
-    /// fleetlet did not write is left alone.
-    #[serde(default)]
-    pub foreign_units: Vec<String>,
-    /// The agent's own unit, which no manifest may touch.
-    #[serde(default = "default_agent_unit")]
-    pub agent_unit: String,
-    /// Let `foreign_units` name login services (ssh, gettys, user sessions). Off: a manifest
-    /// can never lock the owner out of the device.
-    #[serde(default)]
-    pub allow_login_units: bool,
-}
-
-/// The ShellJob escape hatch. It runs only when the device owner adds `shellJob` to
-/// `reconcile.enabled_kinds`; nothing the control plane sends can turn it on.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ShellJobConfig {
-    /// Used when a job sets no timeout.
-    #[serde(default = "default_job_run_timeout")]
-    pub default_timeout_seconds: u32,
-    /// A job asking for more is refused.
-    #[serde(default = "default_job_max_timeout")]
-    pub max_timeout_seconds: u32,
-    /// Output kept in status (stdout and stderr together); the rest is cut.
-    #[serde(default = "default_job_output")]
-    pub max_output_bytes: usize,
-    /// Working directory of jobs.
-    #[serde(default = "default_job_dir")]
-    pub working_dir: PathBuf,
-    /// Append-only audit log, one JSON line per run; default `<state_dir>/shell-jobs.log`.
-    #[serde(default)]
-    pub audit_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -253,34 +176,6 @@ pub struct ReconcileConfig {
     pub backoff_max_ms: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    /// File resources may only be written under these directories.
-    #[serde(default = "default_roots")]
-    pub allowed_roots: Vec<PathBuf>,
-    /// Largest file a File resource may hold, in bytes.
-    #[serde(default = "default_max_file")]
-    pub max_file_bytes: u64,
-    /// Write every File resource under this directory instead of `/` (its path and the
-    /// allowed roots are taken relative to it). For running several agents on one machine:
-    /// demos, tests and the fleet simulator.
-    #[serde(default)]
-    pub path_prefix: Option<PathBuf>,
-    /// Largest File fetched by URL (`content.fetch`), in bytes.
-    #[serde(default = "default_max_fetch")]
-    pub max_fetch_bytes: u64,
-    /// Free space a download must leave on the filesystem it writes to, in bytes.
-    #[serde(default = "default_fetch_reserve")]
-    pub fetch_reserve_bytes: u64,
-    /// A download that receives nothing for this long is cut, and resumed on the next try.
-    #[serde(default = "default_fetch_stall")]
-    pub fetch_stall_seconds: u64,
-    /// PEM certificates trusted for fetched content besides the system's CAs.
-    #[serde(default)]
-    pub fetch_ca_file: Option<PathBuf>,
-}
-
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/fleetlet")
 }
@@ -310,111 +205,6 @@ fn default_backoff_initial() -> u64 {
 fn default_backoff_max() -> u64 {
     300_000
 }
-fn default_roots() -> Vec<PathBuf> {
-    vec![
-        PathBuf::from("/etc/fleetlet"),
-        PathBuf::from("/opt/fleetlet"),
-    ]
-}
-fn default_max_file() -> u64 {
-    fleetlet_protocol::DEFAULT_MAX_FILE_BYTES
-}
-fn default_max_fetch() -> u64 {
-    4 << 30
-}
-fn default_fetch_reserve() -> u64 {
-    64 << 20
-}
-fn default_fetch_stall() -> u64 {
-    60
-}
-fn default_podman_socket() -> PathBuf {
-    PathBuf::from("/run/podman/podman.sock")
-}
-fn default_name_prefix() -> String {
-    "fleetlet-".into()
-}
-fn default_min_free_disk() -> u64 {
-    256
-}
-fn default_stop_timeout() -> u32 {
-    10
-}
-fn default_true() -> bool {
-    true
-}
-fn default_unit_dir() -> PathBuf {
-    PathBuf::from("/etc/systemd/system")
-}
-fn default_mount_roots() -> Vec<PathBuf> {
-    ["/etc/fleetlet", "/opt/fleetlet", "/srv/fleetlet"]
-        .map(PathBuf::from)
-        .to_vec()
-}
-fn default_writable_mount_roots() -> Vec<PathBuf> {
-    // Data directories, and the pods' emptyDir volumes.
-    ["/srv/fleetlet", "/opt/fleetlet/pods"]
-        .map(PathBuf::from)
-        .to_vec()
-}
-fn default_agent_unit() -> String {
-    "fleetlet-agent.service".into()
-}
-fn default_job_timeout() -> u32 {
-    90
-}
-fn default_job_run_timeout() -> u32 {
-    300
-}
-fn default_job_max_timeout() -> u32 {
-    3600
-}
-fn default_job_output() -> usize {
-    2048
-}
-fn default_job_dir() -> PathBuf {
-    PathBuf::from("/")
-}
-
-impl Default for ContainerConfig {
-    fn default() -> Self {
-        Self {
-            socket: default_podman_socket(),
-            name_prefix: default_name_prefix(),
-            min_free_disk_mib: default_min_free_disk(),
-            stop_timeout_seconds: default_stop_timeout(),
-            insecure_registries: Vec::new(),
-            prune_images: true,
-            mount_roots: default_mount_roots(),
-            writable_mount_roots: default_writable_mount_roots(),
-        }
-    }
-}
-
-impl Default for SystemdConfig {
-    fn default() -> Self {
-        Self {
-            bus_address: None,
-            unit_dir: default_unit_dir(),
-            job_timeout_seconds: default_job_timeout(),
-            foreign_units: Vec::new(),
-            agent_unit: default_agent_unit(),
-            allow_login_units: false,
-        }
-    }
-}
-
-impl Default for ShellJobConfig {
-    fn default() -> Self {
-        Self {
-            default_timeout_seconds: default_job_run_timeout(),
-            max_timeout_seconds: default_job_max_timeout(),
-            max_output_bytes: default_job_output(),
-            working_dir: default_job_dir(),
-            audit_log: None,
-        }
-    }
-}
 
 impl Default for ReconcileConfig {
     fn default() -> Self {
@@ -427,20 +217,6 @@ impl Default for ReconcileConfig {
             concurrency: default_concurrency(),
             backoff_initial_ms: default_backoff_initial(),
             backoff_max_ms: default_backoff_max(),
-        }
-    }
-}
-
-impl Default for FileConfig {
-    fn default() -> Self {
-        Self {
-            allowed_roots: default_roots(),
-            max_file_bytes: default_max_file(),
-            path_prefix: None,
-            max_fetch_bytes: default_max_fetch(),
-            fetch_reserve_bytes: default_fetch_reserve(),
-            fetch_stall_seconds: default_fetch_stall(),
-            fetch_ca_file: None,
         }
     }
 }
@@ -660,116 +436,15 @@ impl ReconcileConfig {
     fn kinds(&self) -> Result<BTreeSet<ResourceKind>, ConfigError> {
         let mut enabled_kinds = BTreeSet::new();
         for k in &self.enabled_kinds {
-            let kind = ResourceKind::KNOWN
-                .into_iter()
-                .find(|known| known.key() == k)
-                .ok_or_else(|| {
-                    invalid(
-                        "reconcile.enabled_kinds",
-                        format!(
-                            "unknown kind {k:?}; known: {}",
-                            ResourceKind::KNOWN.map(|k| k.key()).join(", ")
-                        ),
-                    )
-                })?;
+            let kind = ResourceKind::from_key(k).ok_or_else(|| {
+                invalid(
+                    "reconcile.enabled_kinds",
+                    format!("unknown kind {k:?}; known: {}", ResourceKind::known_keys()),
+                )
+            })?;
             enabled_kinds.insert(kind);
         }
         Ok(enabled_kinds)
-    }
-}
-
-impl FileConfig {
-    /// Allowed roots are specific absolute directories; paths are absolute.
-    fn check(&self) -> Result<(), ConfigError> {
-        for root in &self.allowed_roots {
-            if !root.is_absolute()
-                || root
-                    .components()
-                    .any(|c| matches!(c, std::path::Component::ParentDir))
-            {
-                return Err(invalid(
-                    "file.allowed_roots",
-                    format!("{} must be an absolute path without '..'", root.display()),
-                ));
-            }
-            if root == Path::new("/") {
-                return Err(invalid(
-                    "file.allowed_roots",
-                    "'/' would let manifests overwrite any file; name specific directories",
-                ));
-            }
-        }
-        if let Some(p) = &self.path_prefix
-            && !p.is_absolute()
-        {
-            return Err(invalid("file.path_prefix", "must be an absolute path"));
-        }
-        if self.fetch_stall_seconds == 0 {
-            return Err(invalid("file.fetch_stall_seconds", "must be at least 1"));
-        }
-        if let Some(ca) = &self.fetch_ca_file
-            && !ca.is_absolute()
-        {
-            return Err(invalid("file.fetch_ca_file", "must be an absolute path"));
-        }
-        Ok(())
-    }
-}
-
-impl ContainerConfig {
-    /// The socket path is absolute; the name prefix is valid in a container name.
-    fn check(&self) -> Result<(), ConfigError> {
-        if !self.socket.is_absolute() {
-            return Err(invalid("container.socket", "must be an absolute path"));
-        }
-        if !self
-            .name_prefix
-            .chars()
-            .all(|ch| ch.is_ascii_alphanumeric() || "_.-".contains(ch))
-        {
-            return Err(invalid(
-                "container.name_prefix",
-                "letters, digits, '_', '.' and '-' only",
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl SystemdConfig {
-    /// The unit directory is absolute; jobs get some time to finish.
-    fn check(&self) -> Result<(), ConfigError> {
-        if !self.unit_dir.is_absolute() {
-            return Err(invalid("systemd.unit_dir", "must be an absolute path"));
-        }
-        if self.job_timeout_seconds == 0 {
-            return Err(invalid("systemd.job_timeout_seconds", "must be at least 1"));
-        }
-        Ok(())
-    }
-}
-
-impl ShellJobConfig {
-    /// Timeouts are ordered, output fits in a status, the working directory is absolute.
-    fn check(&self) -> Result<(), ConfigError> {
-        if self.default_timeout_seconds == 0
-            || self.max_timeout_seconds < self.default_timeout_seconds
-        {
-            return Err(invalid(
-                "shell_job.default_timeout_seconds",
-                "must be at least 1 and at most max_timeout_seconds",
-            ));
-        }
-        if self.max_output_bytes > 16 * 1024 {
-            return Err(invalid(
-                "shell_job.max_output_bytes",
-                "at most 16384: output travels in the device's status",
-            ));
-        }
-        if !self.working_dir.is_absolute() {
-            return Err(invalid("shell_job.working_dir", "must be an absolute path"));
-        }
-        Ok(())
     }
 }
 

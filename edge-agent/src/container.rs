@@ -13,8 +13,8 @@ use std::{
 };
 
 use fleetlet_protocol::{
-    ContainerSpec, DeviceId, HostPathMount, PortProtocol, ProbeAction, PullPolicy, ResourceDetails,
-    ResourceId, RestartPolicy, Timestamp,
+    ContainerLimits, ContainerSpec, DeviceId, HostPathMount, PortProtocol, ProbeAction, PullPolicy,
+    ResourceDetails, ResourceId, RestartPolicy, Timestamp,
 };
 use futures::StreamExt;
 use podman_api::{
@@ -33,7 +33,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::ContainerConfig,
+    config::{ConfigError, invalid},
     file::sha256_hex,
     fsutil::{Ownership, write_atomic},
     reconciler::{Deleted, Observation, ReconcileError, Reconciler},
@@ -479,20 +479,10 @@ impl ContainerReconciler {
                 m.host_path
             )));
         }
-        let on_host = |p: &Path| match &self.inner.host_prefix {
-            Some(prefix) => prefix.join(p.strip_prefix("/").unwrap_or(p)),
-            None => p.to_path_buf(),
-        };
-        let shown = |roots: &[PathBuf]| {
-            roots
-                .iter()
-                .map(|r| r.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let prefix = self.inner.host_prefix.as_deref();
         let under = |roots: &[PathBuf], real: &Path| {
             roots.iter().any(|r| {
-                on_host(r)
+                on_host(prefix, r)
                     .canonicalize()
                     .is_ok_and(|root| real.starts_with(root))
             })
@@ -504,7 +494,7 @@ impl ContainerReconciler {
                 shown(&config.mount_roots)
             )));
         }
-        let path = on_host(host);
+        let path = on_host(prefix, host);
         if !path.exists() {
             std::fs::create_dir_all(&path)
                 .map_err(|e| ReconcileError::io(format!("creating {}", path.display()), e))?;
@@ -548,11 +538,7 @@ impl ContainerReconciler {
                 (LABEL_SPEC, spec_hash(spec)),
             ])
             .stop_timeout(u64::from(self.inner.config.stop_timeout_seconds))
-            .restart_policy(match spec.restart_policy {
-                RestartPolicy::Always => ContainerRestartPolicy::Always,
-                RestartPolicy::OnFailure => ContainerRestartPolicy::OnFailure,
-                RestartPolicy::Never => ContainerRestartPolicy::No,
-            });
+            .restart_policy(restart_policy(spec.restart_policy));
         if !spec.command.is_empty() {
             b = b.entrypoint(&spec.command);
         }
@@ -563,21 +549,7 @@ impl ContainerReconciler {
             b = b.env(self.environment(spec)?);
         }
         if !spec.ports.is_empty() {
-            b = b.portmappings(spec.ports.iter().map(|p| {
-                PortMapping {
-                    container_port: Some(p.container_port),
-                    host_port: Some(p.host_port.unwrap_or(p.container_port)),
-                    host_ip: p.host_ip.clone(),
-                    protocol: Some(
-                        match p.protocol {
-                            PortProtocol::TCP => "tcp",
-                            PortProtocol::UDP => "udp",
-                        }
-                        .into(),
-                    ),
-                    range: None,
-                }
-            }));
+            b = b.portmappings(spec.ports.iter().map(port_mapping));
         }
         if !spec.mounts.is_empty() {
             let sources = spec
@@ -589,32 +561,12 @@ impl ContainerReconciler {
                 spec.mounts
                     .iter()
                     .zip(sources)
-                    .map(|(m, source)| ContainerMount {
-                        destination: Some(m.container_path.clone()),
-                        source: Some(source),
-                        _type: Some("bind".into()),
-                        options: Some(vec![
-                            "rbind".into(),
-                            if m.read_only { "ro" } else { "rw" }.into(),
-                        ]),
-                        uid_mappings: None,
-                        gid_mappings: None,
-                    }),
+                    .map(|(m, source)| bind_mount(m, source)),
             );
         }
         if let Some(limits) = &spec.limits {
             // The generated models have no constructors; every field is optional.
-            let mut resources = serde_json::Map::new();
-            if let Some(bytes) = limits.memory_bytes {
-                resources.insert("memory".into(), serde_json::json!({ "limit": bytes }));
-            }
-            if let Some(millis) = limits.cpu_millis {
-                resources.insert(
-                    "cpu".into(),
-                    serde_json::json!({ "period": 100_000u64, "quota": u64::from(millis) * 100 }),
-                );
-            }
-            match serde_json::from_value(serde_json::Value::Object(resources)) {
+            match serde_json::from_value(resource_limits(limits)) {
                 Ok(r) => b = b.resource_limits(r),
                 Err(e) => warn!(error = %e, "could not express resource limits for podman"),
             }
@@ -767,68 +719,154 @@ impl ContainerReconciler {
         cid: &str,
     ) -> Result<(), String> {
         match action {
-            ProbeAction::Exec { command } => {
-                let container = self.inner.podman.containers().get(cid);
-                let exec = container
-                    .create_exec(
-                        &ExecCreateOpts::builder()
-                            .command(command)
-                            .attach_stdout(true)
-                            .attach_stderr(true)
-                            .build(),
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if let Some(mut out) = exec
-                    .start(&ExecStartOpts::builder().build())
-                    .await
-                    .map_err(|e| e.to_string())?
-                {
-                    while out.next().await.is_some() {}
-                }
-                let info = exec.inspect().await.map_err(|e| e.to_string())?;
-                match info.get("ExitCode").and_then(serde_json::Value::as_i64) {
-                    Some(0) => Ok(()),
-                    Some(code) => Err(format!("exited with {code}")),
-                    None => Err("no exit code".into()),
-                }
-            }
-            ProbeAction::Http { port, path } => {
-                let mut stream = TcpStream::connect(probe_addr(spec, *port))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let path = if path.starts_with('/') {
-                    path.clone()
-                } else {
-                    format!("/{path}")
-                };
-                let request = format!(
-                    "GET {path} HTTP/1.0\r\nHost: localhost\r\nUser-Agent: fleetlet-probe\r\n\r\n"
-                );
-                stream
-                    .write_all(request.as_bytes())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let mut head = [0u8; 64];
-                let n = stream.read(&mut head).await.map_err(|e| e.to_string())?;
-                let line = String::from_utf8_lossy(&head[..n]);
-                let code: u16 = line
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|c| c.parse().ok())
-                    .ok_or_else(|| format!("not an HTTP response: {line:?}"))?;
-                if (200..400).contains(&code) {
-                    Ok(())
-                } else {
-                    Err(format!("HTTP {code}"))
-                }
-            }
+            ProbeAction::Exec { command } => self.exec_probe(command, cid).await,
+            ProbeAction::Http { port, path } => http_probe(probe_addr(spec, *port), path).await,
             ProbeAction::Tcp { port } => TcpStream::connect(probe_addr(spec, *port))
                 .await
                 .map(drop)
                 .map_err(|e| e.to_string()),
         }
     }
+
+    /// Runs `command` in container `cid`; passes when it exits with 0.
+    async fn exec_probe(&self, command: &[String], cid: &str) -> Result<(), String> {
+        let container = self.inner.podman.containers().get(cid);
+        let exec = container
+            .create_exec(
+                &ExecCreateOpts::builder()
+                    .command(command)
+                    .attach_stdout(true)
+                    .attach_stderr(true)
+                    .build(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(mut out) = exec
+            .start(&ExecStartOpts::builder().build())
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            while out.next().await.is_some() {}
+        }
+        let info = exec.inspect().await.map_err(|e| e.to_string())?;
+        match info.get("ExitCode").and_then(serde_json::Value::as_i64) {
+            Some(0) => Ok(()),
+            Some(code) => Err(format!("exited with {code}")),
+            None => Err("no exit code".into()),
+        }
+    }
+}
+
+/// GETs `path` from `addr`; passes on a 2xx or 3xx status.
+async fn http_probe(addr: (String, u16), path: &str) -> Result<(), String> {
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    stream
+        .write_all(probe_request(path).as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 64];
+    let n = stream.read(&mut head).await.map_err(|e| e.to_string())?;
+    http_verdict(&String::from_utf8_lossy(&head[..n]))
+}
+
+/// The request an HTTP probe sends for `path` (made absolute if it is not).
+fn probe_request(path: &str) -> String {
+    let path = if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        format!("/{path}")
+    };
+    format!("GET {path} HTTP/1.0\r\nHost: localhost\r\nUser-Agent: fleetlet-probe\r\n\r\n")
+}
+
+/// An HTTP probe's verdict on the start of the response (`line`, its status line first):
+/// 2xx and 3xx pass.
+fn http_verdict(line: &str) -> Result<(), String> {
+    let code: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {line:?}"))?;
+    if (200..400).contains(&code) {
+        Ok(())
+    } else {
+        Err(format!("HTTP {code}"))
+    }
+}
+
+/// podman's restart policy for `policy`.
+fn restart_policy(policy: RestartPolicy) -> ContainerRestartPolicy {
+    match policy {
+        RestartPolicy::Always => ContainerRestartPolicy::Always,
+        RestartPolicy::OnFailure => ContainerRestartPolicy::OnFailure,
+        RestartPolicy::Never => ContainerRestartPolicy::No,
+    }
+}
+
+/// podman's port mapping for `p`: the host port defaults to the container port.
+fn port_mapping(p: &fleetlet_protocol::PortMapping) -> PortMapping {
+    PortMapping {
+        container_port: Some(p.container_port),
+        host_port: Some(p.host_port.unwrap_or(p.container_port)),
+        host_ip: p.host_ip.clone(),
+        protocol: Some(
+            match p.protocol {
+                PortProtocol::TCP => "tcp",
+                PortProtocol::UDP => "udp",
+            }
+            .into(),
+        ),
+        range: None,
+    }
+}
+
+/// Where `path` is on this machine: re-rooted under `prefix` (the agent's
+/// `file.path_prefix`) when there is one.
+fn on_host(prefix: Option<&Path>, path: &Path) -> PathBuf {
+    match prefix {
+        Some(prefix) => prefix.join(path.strip_prefix("/").unwrap_or(path)),
+        None => path.to_path_buf(),
+    }
+}
+
+/// `roots` as a list for a message.
+fn shown(roots: &[PathBuf]) -> String {
+    roots
+        .iter()
+        .map(|r| r.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// podman's bind mount of `source` (the checked host path) for `m`.
+fn bind_mount(m: &HostPathMount, source: String) -> ContainerMount {
+    ContainerMount {
+        destination: Some(m.container_path.clone()),
+        source: Some(source),
+        _type: Some("bind".into()),
+        options: Some(vec![
+            "rbind".into(),
+            if m.read_only { "ro" } else { "rw" }.into(),
+        ]),
+        uid_mappings: None,
+        gid_mappings: None,
+    }
+}
+
+/// `limits` as podman's `resource_limits` JSON: a memory limit in bytes, and CPU as a
+/// quota per 100 ms period (a millicore is 100 µs of it).
+fn resource_limits(limits: &ContainerLimits) -> serde_json::Value {
+    let mut resources = serde_json::Map::new();
+    if let Some(bytes) = limits.memory_bytes {
+        resources.insert("memory".into(), serde_json::json!({ "limit": bytes }));
+    }
+    if let Some(millis) = limits.cpu_millis {
+        resources.insert(
+            "cpu".into(),
+            serde_json::json!({ "period": 100_000u64, "quota": u64::from(millis) * 100 }),
+        );
+    }
+    serde_json::Value::Object(resources)
 }
 
 /// Where the device reaches a published port: its host IP if the spec binds one.
@@ -970,6 +1008,108 @@ impl Reconciler for ContainerReconciler {
     }
 }
 
+// ---------------------------------------------------------------- configuration
+
+/// Containers, through podman's REST API.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerConfig {
+    /// podman's API socket: `/run/podman/podman.sock` for rootful podman (enable
+    /// `podman.socket`), `$XDG_RUNTIME_DIR/podman/podman.sock` for rootless.
+    #[serde(default = "default_podman_socket")]
+    pub socket: PathBuf,
+    /// Container names are this prefix plus the resource id.
+    #[serde(default = "default_name_prefix")]
+    pub name_prefix: String,
+    /// No image is pulled while podman's storage has less free space than this.
+    #[serde(default = "default_min_free_disk")]
+    pub min_free_disk_mib: u64,
+    /// Seconds a container gets to stop before it is killed.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_seconds: u32,
+    /// Registries reached without TLS verification (`host:port`), e.g. a LAN mirror.
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+    /// Remove images the agent pulled once no container of its own uses them.
+    #[serde(default = "default_true")]
+    pub prune_images: bool,
+    /// Host paths a container may mount: at or below one of these (after following
+    /// symbolic links). Anything else, `/` included, is refused.
+    #[serde(default = "default_mount_roots")]
+    pub mount_roots: Vec<PathBuf>,
+    /// Of those, where a mount may be read-write; elsewhere mounts must be `readOnly`.
+    #[serde(default = "default_writable_mount_roots")]
+    pub writable_mount_roots: Vec<PathBuf>,
+}
+
+fn default_podman_socket() -> PathBuf {
+    PathBuf::from("/run/podman/podman.sock")
+}
+
+fn default_name_prefix() -> String {
+    "fleetlet-".into()
+}
+
+fn default_min_free_disk() -> u64 {
+    256
+}
+
+fn default_stop_timeout() -> u32 {
+    10
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_mount_roots() -> Vec<PathBuf> {
+    ["/etc/fleetlet", "/opt/fleetlet", "/srv/fleetlet"]
+        .map(PathBuf::from)
+        .to_vec()
+}
+
+fn default_writable_mount_roots() -> Vec<PathBuf> {
+    // Data directories, and the pods' emptyDir volumes.
+    ["/srv/fleetlet", "/opt/fleetlet/pods"]
+        .map(PathBuf::from)
+        .to_vec()
+}
+
+impl Default for ContainerConfig {
+    fn default() -> Self {
+        Self {
+            socket: default_podman_socket(),
+            name_prefix: default_name_prefix(),
+            min_free_disk_mib: default_min_free_disk(),
+            stop_timeout_seconds: default_stop_timeout(),
+            insecure_registries: Vec::new(),
+            prune_images: true,
+            mount_roots: default_mount_roots(),
+            writable_mount_roots: default_writable_mount_roots(),
+        }
+    }
+}
+
+impl ContainerConfig {
+    /// The socket path is absolute; the name prefix is valid in a container name.
+    pub(crate) fn check(&self) -> Result<(), ConfigError> {
+        if !self.socket.is_absolute() {
+            return Err(invalid("container.socket", "must be an absolute path"));
+        }
+        if !self
+            .name_prefix
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "_.-".contains(ch))
+        {
+            return Err(invalid(
+                "container.name_prefix",
+                "letters, digits, '_', '.' and '-' only",
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1015,6 +1155,79 @@ mod tests {
         let r = short_reason("rootlessport listen tcp 0.0.0.0:8080: bind: address already in use");
         assert!(r.starts_with("host port already in use"), "{r}");
         assert_eq!(short_reason("something else"), "something else");
+    }
+
+    #[test]
+    fn http_probe_sends_an_absolute_path_and_passes_2xx_and_3xx() {
+        assert_eq!(
+            probe_request("healthz"),
+            "GET /healthz HTTP/1.0\r\nHost: localhost\r\nUser-Agent: fleetlet-probe\r\n\r\n"
+        );
+        assert!(probe_request("/ready?x=1").starts_with("GET /ready?x=1 HTTP/1.0\r\n"));
+        assert_eq!(http_verdict("HTTP/1.1 204 No Content\r\n"), Ok(()));
+        assert_eq!(http_verdict("HTTP/1.0 302 Found\r\n"), Ok(()));
+        assert_eq!(
+            http_verdict("HTTP/1.1 503 Service Unavailable"),
+            Err("HTTP 503".into())
+        );
+        assert_eq!(
+            http_verdict("SSH-2.0-OpenSSH_9.6"),
+            Err("not an HTTP response: \"SSH-2.0-OpenSSH_9.6\"".into())
+        );
+    }
+
+    #[test]
+    fn ports_mounts_and_limits_map_to_podman() {
+        let port = port_mapping(&fleetlet_protocol::PortMapping {
+            container_port: 53,
+            host_port: None,
+            protocol: PortProtocol::UDP,
+            host_ip: Some("10.0.0.2".into()),
+        });
+        assert_eq!(port.host_port, Some(53));
+        assert_eq!(port.protocol.as_deref(), Some("udp"));
+        assert_eq!(port.host_ip.as_deref(), Some("10.0.0.2"));
+        let mount = HostPathMount {
+            host_path: "/srv/data".into(),
+            container_path: "/data".into(),
+            read_only: true,
+        };
+        let bind = bind_mount(&mount, "/real/srv/data".into());
+        assert_eq!(bind.source.as_deref(), Some("/real/srv/data"));
+        assert_eq!(bind.destination.as_deref(), Some("/data"));
+        assert_eq!(bind.options, Some(vec!["rbind".into(), "ro".into()]));
+        let limits = ContainerLimits {
+            memory_bytes: Some(64 << 20),
+            cpu_millis: Some(250),
+        };
+        assert_eq!(
+            resource_limits(&limits),
+            serde_json::json!({
+                "memory": { "limit": 64u64 << 20 },
+                "cpu": { "period": 100_000, "quota": 25_000 },
+            })
+        );
+        assert_eq!(
+            resource_limits(&ContainerLimits::default()),
+            serde_json::json!({})
+        );
+    }
+
+    #[test]
+    fn mount_paths_move_under_the_host_prefix() {
+        let prefix = Path::new("/tmp/dev-1");
+        assert_eq!(
+            on_host(Some(prefix), Path::new("/srv/data")),
+            Path::new("/tmp/dev-1/srv/data")
+        );
+        assert_eq!(
+            on_host(None, Path::new("/srv/data")),
+            Path::new("/srv/data")
+        );
+        assert_eq!(
+            shown(&[PathBuf::from("/srv"), PathBuf::from("/var/lib/app")]),
+            "/srv, /var/lib/app"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::{
+    config::{ConfigError, invalid},
     fetch::{FetchSettings, Fetcher, Poll, is_partial_of, partial_path, sha256_file},
     fsutil::{Ownership, remove_stale_temps, write_atomic},
     reconciler::{Deleted, Observation, ReconcileError, Reconciler},
@@ -591,6 +592,111 @@ impl Reconciler for FileReconciler {
 
     fn moves(&self, old: &FileSpec, new: &FileSpec) -> bool {
         old.path != new.path
+    }
+}
+
+// ---------------------------------------------------------------- configuration
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// File resources may only be written under these directories.
+    #[serde(default = "default_roots")]
+    pub allowed_roots: Vec<PathBuf>,
+    /// Largest file a File resource may hold, in bytes.
+    #[serde(default = "default_max_file")]
+    pub max_file_bytes: u64,
+    /// Write every File resource under this directory instead of `/` (its path and the
+    /// allowed roots are taken relative to it). For running several agents on one machine:
+    /// demos, tests and the fleet simulator.
+    #[serde(default)]
+    pub path_prefix: Option<PathBuf>,
+    /// Largest File fetched by URL (`content.fetch`), in bytes.
+    #[serde(default = "default_max_fetch")]
+    pub max_fetch_bytes: u64,
+    /// Free space a download must leave on the filesystem it writes to, in bytes.
+    #[serde(default = "default_fetch_reserve")]
+    pub fetch_reserve_bytes: u64,
+    /// A download that receives nothing for this long is cut, and resumed on the next try.
+    #[serde(default = "default_fetch_stall")]
+    pub fetch_stall_seconds: u64,
+    /// PEM certificates trusted for fetched content besides the system's CAs.
+    #[serde(default)]
+    pub fetch_ca_file: Option<PathBuf>,
+}
+
+fn default_roots() -> Vec<PathBuf> {
+    vec![
+        PathBuf::from("/etc/fleetlet"),
+        PathBuf::from("/opt/fleetlet"),
+    ]
+}
+
+fn default_max_file() -> u64 {
+    fleetlet_protocol::DEFAULT_MAX_FILE_BYTES
+}
+
+fn default_max_fetch() -> u64 {
+    4 << 30
+}
+
+fn default_fetch_reserve() -> u64 {
+    64 << 20
+}
+
+fn default_fetch_stall() -> u64 {
+    60
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        Self {
+            allowed_roots: default_roots(),
+            max_file_bytes: default_max_file(),
+            path_prefix: None,
+            max_fetch_bytes: default_max_fetch(),
+            fetch_reserve_bytes: default_fetch_reserve(),
+            fetch_stall_seconds: default_fetch_stall(),
+            fetch_ca_file: None,
+        }
+    }
+}
+
+impl FileConfig {
+    /// Allowed roots are specific absolute directories; paths are absolute.
+    pub(crate) fn check(&self) -> Result<(), ConfigError> {
+        for root in &self.allowed_roots {
+            if !root.is_absolute()
+                || root
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(invalid(
+                    "file.allowed_roots",
+                    format!("{} must be an absolute path without '..'", root.display()),
+                ));
+            }
+            if root == Path::new("/") {
+                return Err(invalid(
+                    "file.allowed_roots",
+                    "'/' would let manifests overwrite any file; name specific directories",
+                ));
+            }
+        }
+        if let Some(p) = &self.path_prefix
+            && !p.is_absolute()
+        {
+            return Err(invalid("file.path_prefix", "must be an absolute path"));
+        }
+        if self.fetch_stall_seconds == 0 {
+            return Err(invalid("file.fetch_stall_seconds", "must be at least 1"));
+        }
+        if let Some(ca) = &self.fetch_ca_file
+            && !ca.is_absolute()
+        {
+            return Err(invalid("file.fetch_ca_file", "must be an absolute path"));
+        }
+        Ok(())
     }
 }
 

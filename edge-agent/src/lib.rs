@@ -27,8 +27,14 @@ pub mod trust;
 use std::{future::Future, sync::Arc, time::Duration};
 
 use fleetlet_protocol::AgentStatus;
-use tokio::sync::{mpsc, watch};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
 use tracing::info;
+
+use container::ContainerReconciler;
+use sealing::SealingKey;
 
 pub use config::{Config, ConfigError, Settings};
 pub use engine::{Candidate, Engine};
@@ -109,57 +115,21 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let store = StateStore::open(&settings.state_dir)?;
-    let sealing = sealing::SealingKey::load_or_create(&settings.state_dir)?;
-    let registry = Registry::from_settings(&settings, sealing.clone());
-    let containers = registry.containers();
-    let engine = Engine::new(settings.clone(), registry, store)?;
-    info!(
-        device = %settings.device,
-        generation = engine.manifest().map(|m| m.generation),
-        "agent starting"
-    );
+    let (engine, sealing, containers) = open_engine(&settings)?;
 
     let (candidate_tx, mut candidate_rx) = mpsc::channel(16);
     let (status_tx, status_rx) = watch::channel(engine.status().clone());
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    let floor = engine.needs_floor().then(|| {
-        tokio::spawn(nats::fetch_floor(
-            client.clone(),
-            settings.clone(),
-            candidate_tx.clone(),
-            stop_rx.clone(),
-        ))
-    });
-    let watcher = tokio::spawn(nats::watch_manifest(
-        client.clone(),
-        settings.device.clone(),
-        engine.last_seen_revision(),
-        settings.manifest_resync,
-        candidate_tx,
-        stop_rx.clone(),
-    ));
+    let (floor, watcher) = spawn_feed(&client, &settings, &engine, candidate_tx, &stop_rx);
     if let Some(delay) = options.manifest_delay {
-        let (delayed_tx, delayed_rx) = mpsc::channel(16);
-        tokio::spawn(async move {
-            while let Some(c) = candidate_rx.recv().await {
-                tokio::time::sleep(delay).await;
-                if delayed_tx.send(c).await.is_err() {
-                    return;
-                }
-            }
-        });
-        candidate_rx = delayed_rx;
+        candidate_rx = delay_candidates(candidate_rx, delay);
     }
     let heartbeat = tokio::spawn(nats::heartbeat(
         client.clone(),
         settings.clone(),
         sealing.public_base64(),
-        settings
-            .enabled_kinds
-            .contains(&fleetlet_protocol::ResourceKind::Container)
-            .then(|| containers.clone()),
+        heartbeat_containers(&settings, &containers),
         stop_rx.clone(),
     ));
     let writer = tokio::spawn(nats::write_status(
@@ -193,6 +163,83 @@ pub async fn serve(
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     Ok(())
+}
+
+/// Opens the device's state directory and sealing key and builds its engine over them,
+/// logging the start; the key and the container reconciler are returned too, for the
+/// heartbeat and the relay.
+fn open_engine(
+    settings: &Arc<Settings>,
+) -> Result<(Engine, Arc<SealingKey>, ContainerReconciler), AgentError> {
+    let store = StateStore::open(&settings.state_dir)?;
+    let sealing = sealing::SealingKey::load_or_create(&settings.state_dir)?;
+    let registry = Registry::from_settings(settings, sealing.clone());
+    let containers = registry.containers();
+    let engine = Engine::new(settings.clone(), registry, store)?;
+    info!(
+        device = %settings.device,
+        generation = engine.manifest().map(|m| m.generation),
+        "agent starting"
+    );
+    Ok((engine, sealing, containers))
+}
+
+/// Starts the tasks that bring the engine its manifests: the fetch of the generation floor
+/// (only while the engine has none) and the watch on the device's manifest key.
+fn spawn_feed(
+    client: &async_nats::Client,
+    settings: &Arc<Settings>,
+    engine: &Engine,
+    candidates: mpsc::Sender<Candidate>,
+    stop: &watch::Receiver<bool>,
+) -> (Option<JoinHandle<()>>, JoinHandle<()>) {
+    let floor = engine.needs_floor().then(|| {
+        tokio::spawn(nats::fetch_floor(
+            client.clone(),
+            settings.clone(),
+            candidates.clone(),
+            stop.clone(),
+        ))
+    });
+    let watcher = tokio::spawn(nats::watch_manifest(
+        client.clone(),
+        settings.device.clone(),
+        engine.last_seen_revision(),
+        settings.manifest_resync,
+        candidates,
+        stop.clone(),
+    ));
+    (floor, watcher)
+}
+
+/// Holds every candidate `delay` before passing it on (the fleet simulator's slow devices);
+/// the returned receiver is what the engine reads.
+fn delay_candidates(
+    mut candidates: mpsc::Receiver<Candidate>,
+    delay: Duration,
+) -> mpsc::Receiver<Candidate> {
+    let (delayed_tx, delayed_rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Some(c) = candidates.recv().await {
+            tokio::time::sleep(delay).await;
+            if delayed_tx.send(c).await.is_err() {
+                return;
+            }
+        }
+    });
+    delayed_rx
+}
+
+/// The container reconciler the heartbeat asks for the runtime's version: only when the
+/// device runs containers at all.
+fn heartbeat_containers(
+    settings: &Settings,
+    containers: &ContainerReconciler,
+) -> Option<ContainerReconciler> {
+    settings
+        .enabled_kinds
+        .contains(&fleetlet_protocol::ResourceKind::Container)
+        .then(|| containers.clone())
 }
 
 /// One pass over `manifest` (or the stored one), without NATS: for `fleetlet-agent --once`.

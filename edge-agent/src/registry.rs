@@ -52,26 +52,28 @@ impl Registry {
 
     /// `Err(message)` when this agent will not run `spec`'s kind.
     pub fn supports(&self, spec: &ResourceSpec) -> Result<(), String> {
+        use ResourceKind::{Container, File, NetworkConfig, ShellJob, SystemdUnit, Unsupported};
         let kind = spec.kind();
+        let enabled = self.enabled.contains(&kind);
         match kind {
-            ResourceKind::Unsupported => Err(format!(
+            Unsupported => Err(format!(
                 "resource kind {:?} is unknown to agent {}",
                 spec.kind_key(),
                 env!("CARGO_PKG_VERSION")
             )),
-            ResourceKind::NetworkConfig => Err(format!(
+            NetworkConfig => Err(format!(
                 "{kind} resources are not supported by agent {} yet",
                 env!("CARGO_PKG_VERSION")
             )),
-            ResourceKind::ShellJob if !self.enabled.contains(&kind) => Err(
+            ShellJob if !enabled => Err(
                 "shellJob resources are disabled on this device; only its owner can enable them, \
                  by adding \"shellJob\" to reconcile.enabled_kinds in the agent's config file"
                     .into(),
             ),
-            _ if !self.enabled.contains(&kind) => Err(format!(
+            Container | SystemdUnit | File if !enabled => Err(format!(
                 "{kind} resources are disabled on this device (reconcile.enabled_kinds)"
             )),
-            _ => Ok(()),
+            Container | SystemdUnit | File | ShellJob => Ok(()),
         }
     }
 
@@ -98,7 +100,7 @@ impl Registry {
             ResourceSpec::Container(s) => self.container.observe(id, s).await,
             ResourceSpec::SystemdUnit(s) => self.systemd.observe(id, s).await,
             ResourceSpec::ShellJob(s) => self.shell_job.observe(id, s).await,
-            other => Err(unsupported(other)),
+            ResourceSpec::NetworkConfig(_) | ResourceSpec::Unsupported(_) => Err(unsupported(spec)),
         }
     }
 
@@ -112,7 +114,7 @@ impl Registry {
             ResourceSpec::Container(s) => self.container.reconcile(id, s).await,
             ResourceSpec::SystemdUnit(s) => self.systemd.reconcile(id, s).await,
             ResourceSpec::ShellJob(s) => self.shell_job.reconcile(id, s).await,
-            other => Err(unsupported(other)),
+            ResourceSpec::NetworkConfig(_) | ResourceSpec::Unsupported(_) => Err(unsupported(spec)),
         }
     }
 
@@ -126,7 +128,9 @@ impl Registry {
             ResourceSpec::Container(s) => self.container.delete(id, s).await,
             ResourceSpec::SystemdUnit(s) => self.systemd.delete(id, s).await,
             ResourceSpec::ShellJob(s) => self.shell_job.delete(id, s).await,
-            other => Err(unsupported(other)),
+            ResourceSpec::NetworkConfig(_) | ResourceSpec::Unsupported(_) => {
+                Err(unsupported(applied))
+            }
         }
     }
 
@@ -139,7 +143,17 @@ impl Registry {
                 self.systemd.moves(a, b)
             }
             (ResourceSpec::ShellJob(a), ResourceSpec::ShellJob(b)) => self.shell_job.moves(a, b),
-            (a, b) => a.kind() != b.kind(),
+            // Another kind under the same id always moves; kinds without a reconciler
+            // never reach a device, so they address nothing.
+            (
+                ResourceSpec::File(_)
+                | ResourceSpec::Container(_)
+                | ResourceSpec::SystemdUnit(_)
+                | ResourceSpec::ShellJob(_)
+                | ResourceSpec::NetworkConfig(_)
+                | ResourceSpec::Unsupported(_),
+                _,
+            ) => old.kind() != new.kind(),
         }
     }
 }

@@ -26,7 +26,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    config::ShellJobConfig,
+    config::{ConfigError, invalid},
     file::sha256_hex,
     fsutil::{Ownership, write_atomic},
     reconciler::{Deleted, Observation, ReconcileError, Reconciler},
@@ -421,6 +421,82 @@ impl Reconciler for ShellJobReconciler {
 
     fn moves(&self, _old: &ShellJobSpec, _new: &ShellJobSpec) -> bool {
         false
+    }
+}
+
+// ---------------------------------------------------------------- configuration
+
+/// The ShellJob escape hatch. It runs only when the device owner adds `shellJob` to
+/// `reconcile.enabled_kinds`; nothing the control plane sends can turn it on.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShellJobConfig {
+    /// Used when a job sets no timeout.
+    #[serde(default = "default_job_run_timeout")]
+    pub default_timeout_seconds: u32,
+    /// A job asking for more is refused.
+    #[serde(default = "default_job_max_timeout")]
+    pub max_timeout_seconds: u32,
+    /// Output kept in status (stdout and stderr together); the rest is cut.
+    #[serde(default = "default_job_output")]
+    pub max_output_bytes: usize,
+    /// Working directory of jobs.
+    #[serde(default = "default_job_dir")]
+    pub working_dir: PathBuf,
+    /// Append-only audit log, one JSON line per run; default `<state_dir>/shell-jobs.log`.
+    #[serde(default)]
+    pub audit_log: Option<PathBuf>,
+}
+
+fn default_job_run_timeout() -> u32 {
+    300
+}
+
+fn default_job_max_timeout() -> u32 {
+    3600
+}
+
+fn default_job_output() -> usize {
+    2048
+}
+
+fn default_job_dir() -> PathBuf {
+    PathBuf::from("/")
+}
+
+impl Default for ShellJobConfig {
+    fn default() -> Self {
+        Self {
+            default_timeout_seconds: default_job_run_timeout(),
+            max_timeout_seconds: default_job_max_timeout(),
+            max_output_bytes: default_job_output(),
+            working_dir: default_job_dir(),
+            audit_log: None,
+        }
+    }
+}
+
+impl ShellJobConfig {
+    /// Timeouts are ordered, output fits in a status, the working directory is absolute.
+    pub(crate) fn check(&self) -> Result<(), ConfigError> {
+        if self.default_timeout_seconds == 0
+            || self.max_timeout_seconds < self.default_timeout_seconds
+        {
+            return Err(invalid(
+                "shell_job.default_timeout_seconds",
+                "must be at least 1 and at most max_timeout_seconds",
+            ));
+        }
+        if self.max_output_bytes > 16 * 1024 {
+            return Err(invalid(
+                "shell_job.max_output_bytes",
+                "at most 16384: output travels in the device's status",
+            ));
+        }
+        if !self.working_dir.is_absolute() {
+            return Err(invalid("shell_job.working_dir", "must be an absolute path"));
+        }
+        Ok(())
     }
 }
 

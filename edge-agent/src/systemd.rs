@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use zbus::{Connection, OwnedObjectPath, proxy::CacheProperties};
 
 use crate::{
-    config::SystemdConfig,
+    config::{ConfigError, invalid},
     fsutil::{Ownership, write_atomic},
     reconciler::{Deleted, Observation, ReconcileError, Reconciler},
 };
@@ -157,6 +157,62 @@ fn listed(config: &SystemdConfig, name: &str) -> bool {
 /// The active states that count as started.
 fn is_up(active: &str) -> bool {
     matches!(active, "active" | "reloading")
+}
+
+/// Whether `spec` wants the unit's enablement changed, given its unit file state:
+/// `Some(true)` to enable, `Some(false)` to disable. Only units fleetlet wrote are ever
+/// disabled; a foreign unit left enabled stays so.
+fn enablement_change(spec: &SystemdUnitSpec, file_state: &str) -> Option<bool> {
+    let enabled = file_state.starts_with("enabled");
+    if spec.enabled && !enabled {
+        Some(true)
+    } else if !spec.enabled && enabled && spec.contents.is_some() {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// The job (a [`SystemdReconciler::job`] verb) that takes a unit in `active` to `want`, if
+/// one is needed: a started unit whose file just `changed` is restarted to run the new file.
+fn job_for(want: UnitState, active: &str, changed: bool) -> Option<&'static str> {
+    let up_or_coming = is_up(active) || active == "activating";
+    match want {
+        UnitState::Started if changed && up_or_coming => Some("restart"),
+        UnitState::Started if !is_up(active) => Some("start"),
+        UnitState::Stopped if up_or_coming => Some("stop"),
+        _ => None,
+    }
+}
+
+/// Why systemd could not load `name`, if it did not: its load state and load error.
+fn load_failure(name: &str, v: &UnitView) -> Option<String> {
+    (v.load_state != "loaded").then(|| {
+        format!(
+            "{name} is {}{}",
+            v.load_state,
+            v.load_error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        )
+    })
+}
+
+/// Why `name` is not up after it was started, if it is not; its restart count, when not
+/// zero, tells a crash loop apart from a unit that never came up.
+fn not_started(name: &str, v: &UnitView) -> Option<String> {
+    (!is_up(&v.active)).then(|| {
+        format!(
+            "{name} is {} ({}) after starting{}",
+            v.active,
+            v.sub,
+            v.restarts
+                .filter(|n| *n > 0)
+                .map(|n| format!(", {n} restarts"))
+                .unwrap_or_default()
+        )
+    })
 }
 
 /// What one unit looks like to systemd right now.
@@ -554,86 +610,108 @@ impl SystemdReconciler {
         self.check_policy(id, spec).await?;
         let name = spec.name.as_str();
         let m = self.manager().await?;
-        let mut changed = false;
-        if let Some(contents) = &spec.contents {
-            let path = self.unit_path(name);
-            let want = self.file_bytes(id, contents);
-            let have = tokio::fs::read(&path).await.ok();
-            if have.as_deref() != Some(want.as_slice()) {
-                self.write_unit(path, want).await?;
-                self.inner.written.lock().await.insert(name.to_owned());
-                info!(resource = %id, unit = name, "unit file written");
-                changed = true;
-            }
-        }
+        let changed = self.put_unit_file(id, spec).await?;
         let mut v = self.view(&m, name).await?;
         if changed || v.need_reload {
             self.reload(&m).await?;
             v = self.view(&m, name).await?;
         }
-        if v.load_state != "loaded" {
-            return Err(ReconcileError::Runtime(format!(
-                "{name} is {}{}",
-                v.load_state,
-                v.load_error
-                    .as_ref()
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default()
-            )));
+        if let Some(why) = load_failure(name, &v) {
+            return Err(ReconcileError::Runtime(why));
         }
-        let enabled = v.file_state.starts_with("enabled");
-        if spec.enabled && !enabled {
-            let (has_install, _) = m
-                .enable_unit_files(&[name], false, true)
-                .await
-                .map_err(|e| bus_err(&format!("enabling {name}"), e))?;
-            if !has_install {
-                return Err(ReconcileError::Invalid(format!(
-                    "{name} has no [Install] section, so it cannot be enabled"
-                )));
-            }
-            self.reload(&m).await?;
-            info!(resource = %id, unit = name, "unit enabled");
-        } else if !spec.enabled && enabled && spec.contents.is_some() {
-            m.disable_unit_files(&[name], false)
-                .await
-                .map_err(|e| bus_err(&format!("disabling {name}"), e))?;
-            self.reload(&m).await?;
-            info!(resource = %id, unit = name, "unit disabled");
-        }
-        match spec.state {
-            UnitState::Started => {
-                if v.active == "failed" {
-                    let _ = m.reset_failed_unit(name).await;
-                }
-                if changed && (is_up(&v.active) || v.active == "activating") {
-                    self.job(&m, "restart", name).await?;
-                    info!(resource = %id, unit = name, "unit restarted for its new file");
-                } else if !is_up(&v.active) {
-                    self.job(&m, "start", name).await?;
-                    info!(resource = %id, unit = name, "unit started");
-                }
-            }
-            UnitState::Stopped => {
-                if is_up(&v.active) || v.active == "activating" {
-                    self.job(&m, "stop", name).await?;
-                    info!(resource = %id, unit = name, "unit stopped");
-                }
-            }
-        }
+        self.converge_enablement(&m, id, spec, &v).await?;
+        self.converge_state(&m, id, spec, &v, changed).await?;
         let v = self.view(&m, name).await?;
-        if spec.state == UnitState::Started && !is_up(&v.active) {
-            return Err(ReconcileError::Runtime(format!(
-                "{name} is {} ({}) after starting{}",
-                v.active,
-                v.sub,
-                v.restarts
-                    .filter(|n| *n > 0)
-                    .map(|n| format!(", {n} restarts"))
-                    .unwrap_or_default()
-            )));
+        if spec.state == UnitState::Started
+            && let Some(why) = not_started(name, &v)
+        {
+            return Err(ReconcileError::Runtime(why));
         }
         Ok(v.details())
+    }
+
+    /// Writes `spec`'s unit file when the one on disk differs (or is missing); whether it
+    /// wrote, since a new file means a reload and a restart of a running unit.
+    async fn put_unit_file(
+        &self,
+        id: &ResourceId,
+        spec: &SystemdUnitSpec,
+    ) -> Result<bool, ReconcileError> {
+        let Some(contents) = &spec.contents else {
+            return Ok(false);
+        };
+        let name = spec.name.as_str();
+        let path = self.unit_path(name);
+        let want = self.file_bytes(id, contents);
+        let have = tokio::fs::read(&path).await.ok();
+        if have.as_deref() == Some(want.as_slice()) {
+            return Ok(false);
+        }
+        self.write_unit(path, want).await?;
+        self.inner.written.lock().await.insert(name.to_owned());
+        info!(resource = %id, unit = name, "unit file written");
+        Ok(true)
+    }
+
+    /// Enables or disables the unit as `spec` says, given what systemd reported in `v`.
+    async fn converge_enablement(
+        &self,
+        m: &ManagerProxy<'_>,
+        id: &ResourceId,
+        spec: &SystemdUnitSpec,
+        v: &UnitView,
+    ) -> Result<(), ReconcileError> {
+        let name = spec.name.as_str();
+        match enablement_change(spec, &v.file_state) {
+            Some(true) => {
+                let (has_install, _) = m
+                    .enable_unit_files(&[name], false, true)
+                    .await
+                    .map_err(|e| bus_err(&format!("enabling {name}"), e))?;
+                if !has_install {
+                    return Err(ReconcileError::Invalid(format!(
+                        "{name} has no [Install] section, so it cannot be enabled"
+                    )));
+                }
+                self.reload(m).await?;
+                info!(resource = %id, unit = name, "unit enabled");
+            }
+            Some(false) => {
+                m.disable_unit_files(&[name], false)
+                    .await
+                    .map_err(|e| bus_err(&format!("disabling {name}"), e))?;
+                self.reload(m).await?;
+                info!(resource = %id, unit = name, "unit disabled");
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Starts, restarts or stops the unit as `spec` says, given what systemd reported in
+    /// `v` (before any enabling) and whether its unit file was just `changed`.
+    async fn converge_state(
+        &self,
+        m: &ManagerProxy<'_>,
+        id: &ResourceId,
+        spec: &SystemdUnitSpec,
+        v: &UnitView,
+        changed: bool,
+    ) -> Result<(), ReconcileError> {
+        let name = spec.name.as_str();
+        if spec.state == UnitState::Started && v.active == "failed" {
+            let _ = m.reset_failed_unit(name).await;
+        }
+        let Some(verb) = job_for(spec.state, &v.active, changed) else {
+            return Ok(());
+        };
+        self.job(m, verb, name).await?;
+        match verb {
+            "restart" => info!(resource = %id, unit = name, "unit restarted for its new file"),
+            "start" => info!(resource = %id, unit = name, "unit started"),
+            _ => info!(resource = %id, unit = name, "unit stopped"),
+        }
+        Ok(())
     }
 
     async fn delete_inner(
@@ -726,5 +804,73 @@ impl Reconciler for SystemdReconciler {
 
     fn moves(&self, old: &SystemdUnitSpec, new: &SystemdUnitSpec) -> bool {
         old.name != new.name
+    }
+}
+
+// ---------------------------------------------------------------- configuration
+
+/// systemd units, through systemd's D-Bus API.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemdConfig {
+    /// D-Bus address of the system bus; default `$DBUS_SYSTEM_BUS_ADDRESS`, else the
+    /// standard system bus socket.
+    #[serde(default)]
+    pub bus_address: Option<String>,
+    /// Where unit files from manifests are written.
+    #[serde(default = "default_unit_dir")]
+    pub unit_dir: PathBuf,
+    /// Longest wait for a start/stop/restart job to finish.
+    #[serde(default = "default_job_timeout")]
+    pub job_timeout_seconds: u32,
+    /// Units fleetlet did not write that manifests may still start, stop, enable or
+    /// replace, by name (a trailing `*` matches any rest: `mosquitto*`). Every other unit
+    /// fleetlet did not write is left alone.
+    #[serde(default)]
+    pub foreign_units: Vec<String>,
+    /// The agent's own unit, which no manifest may touch.
+    #[serde(default = "default_agent_unit")]
+    pub agent_unit: String,
+    /// Let `foreign_units` name login services (ssh, gettys, user sessions). Off: a manifest
+    /// can never lock the owner out of the device.
+    #[serde(default)]
+    pub allow_login_units: bool,
+}
+
+fn default_unit_dir() -> PathBuf {
+    PathBuf::from("/etc/systemd/system")
+}
+
+fn default_job_timeout() -> u32 {
+    90
+}
+
+fn default_agent_unit() -> String {
+    "fleetlet-agent.service".into()
+}
+
+impl Default for SystemdConfig {
+    fn default() -> Self {
+        Self {
+            bus_address: None,
+            unit_dir: default_unit_dir(),
+            job_timeout_seconds: default_job_timeout(),
+            foreign_units: Vec::new(),
+            agent_unit: default_agent_unit(),
+            allow_login_units: false,
+        }
+    }
+}
+
+impl SystemdConfig {
+    /// The unit directory is absolute; jobs get some time to finish.
+    pub(crate) fn check(&self) -> Result<(), ConfigError> {
+        if !self.unit_dir.is_absolute() {
+            return Err(invalid("systemd.unit_dir", "must be an absolute path"));
+        }
+        if self.job_timeout_seconds == 0 {
+            return Err(invalid("systemd.job_timeout_seconds", "must be at least 1"));
+        }
+        Ok(())
     }
 }

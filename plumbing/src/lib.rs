@@ -178,6 +178,29 @@ pub fn fingerprint<K: Resource>(o: &K) -> u64 {
     h.finish()
 }
 
+/// What a reflector watch can hold: a typed Kubernetes object.
+pub trait Watched:
+    Resource<DynamicType = ()>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Mirrors one CRD into a reflector store and pokes `changed` when something that matters
 /// changes (spec, labels, deletion), never for status-only updates.
 pub fn watch_crd<K>(
@@ -186,13 +209,7 @@ pub fn watch_crd<K>(
     synced: Arc<AtomicBool>,
 ) -> (reflector::Store<K>, impl Future<Output = ()>)
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     watch_objects(
         api,
@@ -220,13 +237,7 @@ pub fn watch_objects<K>(
     fp: fn(&K) -> u64,
 ) -> (reflector::Store<K>, impl Future<Output = ()>)
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     watch_objects_with(api, config, changed, synced, fp, |_: &K| {})
 }
@@ -240,13 +251,7 @@ pub fn watch_crd_with<K>(
     on_change: impl FnMut(&K) + Send + 'static,
 ) -> (reflector::Store<K>, impl Future<Output = ()>)
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     watch_objects_with(
         api,
@@ -267,13 +272,7 @@ fn watch_objects_with<K>(
     mut on_change: impl FnMut(&K) + Send + 'static,
 ) -> (reflector::Store<K>, impl Future<Output = ()>)
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     let (reader, writer) = reflector::store();
     let stream = watcher(api, config).default_backoff().reflect(writer);
@@ -367,6 +366,25 @@ impl HttpState {
             ready: Arc::new(AtomicBool::new(false)),
         }
     }
+}
+
+/// What can be served as Prometheus text.
+pub trait Encode: Send + Sync + 'static {
+    fn encode(&self) -> String;
+}
+
+/// Serves `/metrics` (from `metrics`), `/healthz` and `/readyz` on a task of `tasks`;
+/// returns the bound address and the readiness flag `/readyz` reports.
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    metrics: Arc<impl Encode>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> Result<(SocketAddr, Arc<AtomicBool>), Error> {
+    let http = HttpState::new(move || metrics.encode());
+    let ready = http.ready.clone();
+    let (bound, server) = serve(addr, http).await?;
+    tasks.spawn(server);
+    Ok((bound, ready))
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz`; returns the bound address and the server.

@@ -143,6 +143,7 @@ impl ResourceKind {
         }
     }
 
+    /// Every kind a manifest may hold, in the order messages list them.
     pub const KNOWN: [ResourceKind; 5] = [
         Self::Container,
         Self::SystemdUnit,
@@ -150,6 +151,16 @@ impl ResourceKind {
         Self::NetworkConfig,
         Self::ShellJob,
     ];
+
+    /// The known kind named `key` (None for a key this version does not know).
+    pub fn from_key(key: &str) -> Option<Self> {
+        Self::KNOWN.into_iter().find(|k| k.key() == key)
+    }
+
+    /// The known kind keys, comma-separated, for messages.
+    pub fn known_keys() -> String {
+        Self::KNOWN.map(Self::key).join(", ")
+    }
 }
 
 impl fmt::Display for ResourceKind {
@@ -194,11 +205,11 @@ impl Serialize for ResourceSpec {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(Some(1))?;
         match self {
-            Self::Container(s) => map.serialize_entry("container", s)?,
-            Self::SystemdUnit(s) => map.serialize_entry("systemdUnit", s)?,
-            Self::File(s) => map.serialize_entry("file", s)?,
-            Self::NetworkConfig(s) => map.serialize_entry("networkConfig", s)?,
-            Self::ShellJob(s) => map.serialize_entry("shellJob", s)?,
+            Self::Container(s) => map.serialize_entry(self.kind_key(), s)?,
+            Self::SystemdUnit(s) => map.serialize_entry(self.kind_key(), s)?,
+            Self::File(s) => map.serialize_entry(self.kind_key(), s)?,
+            Self::NetworkConfig(s) => map.serialize_entry(self.kind_key(), s)?,
+            Self::ShellJob(s) => map.serialize_entry(self.kind_key(), s)?,
             Self::Unsupported(u) => map.serialize_entry(&u.kind, &u.spec)?,
         }
         map.end()
@@ -213,25 +224,34 @@ impl<'de> Deserialize<'de> for ResourceSpec {
             type Value = ResourceSpec;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a resource with exactly one kind key (container, systemdUnit, file, networkConfig, shellJob)")
+                write!(
+                    f,
+                    "a resource with exactly one kind key ({})",
+                    ResourceKind::known_keys()
+                )
             }
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ResourceSpec, A::Error> {
                 let Some(kind) = map.next_key::<String>()? else {
-                    return Err(de::Error::custom(
-                        "resource has no kind: expected one of container, systemdUnit, file, networkConfig, shellJob",
-                    ));
+                    return Err(de::Error::custom(format_args!(
+                        "resource has no kind: expected one of {}",
+                        ResourceKind::known_keys()
+                    )));
                 };
-                let spec = match kind.as_str() {
-                    "container" => ResourceSpec::Container(map.next_value()?),
-                    "systemdUnit" => ResourceSpec::SystemdUnit(map.next_value()?),
-                    "file" => ResourceSpec::File(map.next_value()?),
-                    "networkConfig" => ResourceSpec::NetworkConfig(map.next_value()?),
-                    "shellJob" => ResourceSpec::ShellJob(map.next_value()?),
-                    _ => ResourceSpec::Unsupported(UnsupportedSpec {
-                        spec: map.next_value()?,
-                        kind,
-                    }),
+                let spec = match ResourceKind::from_key(&kind) {
+                    Some(ResourceKind::Container) => ResourceSpec::Container(map.next_value()?),
+                    Some(ResourceKind::SystemdUnit) => ResourceSpec::SystemdUnit(map.next_value()?),
+                    Some(ResourceKind::File) => ResourceSpec::File(map.next_value()?),
+                    Some(ResourceKind::NetworkConfig) => {
+                        ResourceSpec::NetworkConfig(map.next_value()?)
+                    }
+                    Some(ResourceKind::ShellJob) => ResourceSpec::ShellJob(map.next_value()?),
+                    Some(ResourceKind::Unsupported) | None => {
+                        ResourceSpec::Unsupported(UnsupportedSpec {
+                            spec: map.next_value()?,
+                            kind,
+                        })
+                    }
                 };
                 if let Some(second) = map.next_key::<String>()? {
                     return Err(de::Error::custom(format_args!(
@@ -771,5 +791,46 @@ impl AgentManifest {
 
     pub fn resource(&self, id: &str) -> Option<&ManagedResource> {
         self.resources.iter().find(|r| r.id.as_str() == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_known_kind_is_named_by_one_key_both_ways() {
+        for kind in ResourceKind::KNOWN {
+            assert_eq!(ResourceKind::from_key(kind.key()), Some(kind));
+        }
+        assert_eq!(ResourceKind::from_key("unsupported"), None);
+        assert_eq!(ResourceKind::from_key("Container"), None, "keys are exact");
+    }
+
+    #[test]
+    fn the_schema_and_the_wire_use_the_same_kind_keys() {
+        // The schema is derived from the enum; the wire format is written by hand from
+        // ResourceKind::key. A kind added to one and not the other fails here.
+        let schema = serde_json::to_value(schemars::schema_for!(ResourceSpec)).unwrap();
+        let mut in_schema: Vec<String> = schema["oneOf"]
+            .as_array()
+            .expect("one schema per kind")
+            .iter()
+            .flat_map(|v| v["required"].as_array().cloned().unwrap_or_default())
+            .filter_map(|k| k.as_str().map(str::to_owned))
+            .collect();
+        in_schema.sort();
+        let mut known: Vec<String> = ResourceKind::KNOWN.map(|k| k.key().to_owned()).to_vec();
+        known.sort();
+        assert_eq!(in_schema, known);
+
+        let spec: ResourceSpec =
+            serde_json::from_str(r#"{"systemdUnit":{"name":"a.service"}}"#).unwrap();
+        assert_eq!(spec.kind(), ResourceKind::SystemdUnit);
+        let written = serde_json::to_value(&spec).unwrap();
+        assert!(
+            written.get(ResourceKind::SystemdUnit.key()).is_some(),
+            "{written}"
+        );
     }
 }

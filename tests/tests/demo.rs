@@ -2,17 +2,67 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
-use std::process::Command;
+use std::{path::Path, process::Command};
+
+/// The shell blocks of a Markdown document marked runnable (an HTML comment starting
+/// `<!-- runnable` on the line before the fence).
+fn runnable_blocks(doc: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(doc).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut blocks = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if !line.trim_start().starts_with("<!-- runnable") {
+            continue;
+        }
+        let fence = lines.get(i + 1).copied().unwrap_or_default();
+        assert_eq!(
+            fence.trim(),
+            "```sh",
+            "{}:{}: a runnable marker must precede a sh block",
+            doc.display(),
+            i + 1
+        );
+        let body: Vec<&str> = lines[i + 2..]
+            .iter()
+            .take_while(|l| l.trim() != "```")
+            .copied()
+            .collect();
+        blocks.push(body.join("\n") + "\n");
+    }
+    blocks
+}
 
 #[test]
 fn demo_brings_up_the_control_plane_and_shows_the_example_fleet() {
-    let state = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_fleetlet-dev"))
-        .args(["up", "--exit", "--state-dir"])
-        .arg(state.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The guides' runnable blocks run against the demo as a reader would run them, from
+    // the directory holding `.fleetlet-dev`; so do the "what to try next" lines it prints.
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join(".fleetlet-dev");
+    std::fs::create_dir(&state).unwrap();
+    let state = state.as_path();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut scripts = Vec::new();
+    for doc in ["docs/getting-started.md", "README.md"] {
+        let blocks = runnable_blocks(&root.join(doc));
+        assert!(!blocks.is_empty(), "{doc} has no runnable block");
+        for (i, block) in blocks.iter().enumerate() {
+            let file = work
+                .path()
+                .join(format!("{}-{i}.sh", doc.replace('/', "-")));
+            std::fs::write(&file, block).unwrap();
+            scripts.push(file);
+        }
+    }
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_fleetlet-dev"));
+    demo.args(["up", "--exit", "--check-try-next", "--state-dir"])
+        .arg(state);
+    for s in &scripts {
+        demo.arg("--then").arg(s);
+    }
+    let out = demo.output().unwrap();
+    let all = String::from_utf8_lossy(&out.stdout);
+    // What the demo shows, before the scripts that run after it (they change the fleet).
+    let stdout = all.split("$ bash -e ").next().unwrap_or_default();
     assert!(
         out.status.success(),
         "demo failed:\n{stdout}\n{}",
@@ -85,21 +135,33 @@ fn demo_brings_up_the_control_plane_and_shows_the_example_fleet() {
         .find(|l| l.starts_with("pi-kitchen "))
         .unwrap_or_default();
     assert!(kitchen.contains("sensor-config=Ready"), "{stdout}");
-    let motd = state
-        .path()
-        .join("agents/pi-garage/root/etc/fleetlet-demo/motd");
-    assert_eq!(
-        std::fs::read_to_string(&motd).unwrap(),
-        "Managed by fleetlet. Edits here are reverted.\n"
+    // Every runnable block and the printed "what to try next" ran (and passed: a failing
+    // one fails the demo).
+    for s in &scripts {
+        assert!(
+            all.contains(&format!("$ bash -e {}", s.display())),
+            "{} did not run: {all}",
+            s.display()
+        );
+    }
+    assert!(all.contains("try-next.sh"), "{all}");
+    // The guide's block printed the file the agent wrote (before editing it by hand), and
+    // the Pod answered `kubectl exec`.
+    assert!(
+        all.contains("Managed by fleetlet. Edits here are reverted."),
+        "{all}"
+    );
+    assert!(
+        all.contains(&format!("{} GNU/Linux", std::env::consts::ARCH)),
+        "{all}"
     );
     assert!(
         !state
-            .path()
             .join("agents/pi-kitchen/root/etc/fleetlet-demo/motd")
             .exists(),
         "pi-kitchen is not selected by garage-motd"
     );
-    let env_file = std::fs::read_to_string(state.path().join("env")).unwrap();
+    let env_file = std::fs::read_to_string(state.join("env")).unwrap();
     assert!(env_file.contains("KUBECONFIG=") && env_file.contains("NATS_URL=nats://127.0.0.1:"));
     // The demo changes sensor-stack and shows the rollout reach both sensors.
     assert!(stdout.contains("rollout complete"), "{stdout}");

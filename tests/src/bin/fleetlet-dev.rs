@@ -47,6 +47,14 @@ enum Cmd {
         /// YAML files to apply; defaults to the examples.
         #[arg(long = "apply")]
         files: Vec<PathBuf>,
+        /// After the rollout, run this shell script (`bash -e`) from the directory holding
+        /// the state directory, as a user would in another shell; its failure fails the
+        /// demo. Repeatable (the docs check runs the guides' runnable blocks this way).
+        #[arg(long = "then")]
+        then: Vec<PathBuf>,
+        /// Also run the "what to try next" commands the demo prints, as printed.
+        #[arg(long)]
+        check_try_next: bool,
     },
     /// Write docs/reliability.md from the records the fault tests left in
     /// target/fleetlet-reliability/ (run by scripts/reliability).
@@ -84,12 +92,14 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let (exit, state_dir, files) = match cli.command {
+    let (exit, state_dir, files, then, check_try_next) = match cli.command {
         Cmd::Up {
             exit,
             state_dir,
             files,
-        } => (exit, state_dir, files),
+            then,
+            check_try_next,
+        } => (exit, state_dir, files, then, check_try_next),
         Cmd::ReliabilityReport { from, out } => return reliability_report(&from, &out),
         Cmd::PerformanceReport { from, out } => {
             return Ok(fleetlet_testenv::report::performance(&from, &out)?);
@@ -241,15 +251,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     settled(show_rollout(&env, &client, &state_dir).await)?;
 
+    let try_next = try_next(&state_dir, runtimes.podman.is_some());
+    if check_try_next {
+        let script = state_dir.join("try-next.sh");
+        std::fs::write(&script, try_next.join("\n") + "\n")?;
+        run_script(&script, &state_dir)?;
+    }
+    for script in &then {
+        run_script(script, &state_dir)?;
+    }
     if exit {
         return Ok(());
     }
     println!();
-    println!("The fleet is up. In another shell:");
-    println!("  export KUBECONFIG={}", kubeconfig.display());
-    println!("  kubectl get edgedevices,edgemanifests");
-    println!("  kubectl logs -f hello-edge            # a pod running in podman on pi-kitchen");
-    println!("  kubectl exec hello-edge -- uname -a");
+    println!("The fleet is up. What to try next, in another shell:");
+    for line in &try_next {
+        println!("  {line}");
+    }
     println!(
         "Press Ctrl-C to stop; the logs stay in {}.",
         state_dir.display()
@@ -264,6 +282,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // What the agents wrote goes; every log (a panic's trace among them) stays.
     keep_only_logs(&state_dir);
     eprintln!("stopped; logs kept under {}", state_dir.display());
+    Ok(())
+}
+
+/// What the demo suggests trying next, as shell lines that work as printed (the demo test
+/// runs them). The Pod's commands need podman on this machine.
+fn try_next(state_dir: &Path, podman: bool) -> Vec<String> {
+    let mut lines = vec![
+        format!("source {}/env", state_dir.display()),
+        "kubectl get nodes".into(),
+        "kubectl get edgedevices,edgemanifests -o wide".into(),
+        "kubectl describe edgemanifest sensor-stack".into(),
+    ];
+    if podman {
+        lines.push("kubectl logs hello-edge             # a Pod running in podman on pi-kitchen; -f follows".into());
+        lines.push("kubectl exec hello-edge -- uname -a".into());
+    }
+    lines.push(format!(
+        "cat {}/agents/pi-garage/root/etc/fleetlet-demo/motd   # edit it: the agent puts it back",
+        state_dir.display()
+    ));
+    lines
+}
+
+/// Runs `script` with `bash -e` from the directory that holds `state_dir` (so the guides'
+/// `.fleetlet-dev/...` paths resolve), printing what it prints.
+fn run_script(script: &Path, state_dir: &Path) -> anyhow::Result<()> {
+    let cwd = state_dir.parent().unwrap_or(state_dir);
+    println!();
+    println!("$ bash -e {}", script.display());
+    let status = std::process::Command::new("bash")
+        .arg("-e")
+        .arg(script)
+        .current_dir(cwd)
+        .env_remove("KUBECONFIG")
+        .status()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !status.success() {
+        bail!("{} failed ({status})", script.display());
+    }
     Ok(())
 }
 
