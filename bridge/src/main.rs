@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use fleetlet_bridge::{Args, run};
-use fleetlet_plumbing::{init_tracing, shutdown_signal};
+use fleetlet_plumbing::{exit_code, init_tracing, log_serving, shutdown_signal};
 
 // jemalloc returns freed memory to the OS far better than glibc's malloc after the burst of
 // a full pass over a large fleet, which keeps resident memory close to what is live.
@@ -15,17 +15,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 async fn main() -> ExitCode {
     init_tracing();
     let args = Args::parse();
-    match run(
-        args,
-        shutdown_signal(),
-        |addr| tracing::info!(%addr, "serving /metrics, /healthz, /readyz"),
+    exit_code(
+        "fleetlet-bridge",
+        run(args, shutdown_signal(), log_serving).await,
     )
-    .await
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("fleetlet-bridge: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }

@@ -89,16 +89,10 @@ impl Metrics {
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(i64::from(leader));
     }
-
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
-    }
 }
 
-impl fleetlet_plumbing::Encode for Metrics {
-    fn encode(&self) -> String {
-        Metrics::encode(self)
+impl fleetlet_plumbing::Registered for Metrics {
+    fn registry(&self) -> &prometheus_client::registry::Registry {
+        &self.registry
     }
 }

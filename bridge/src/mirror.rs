@@ -289,14 +289,7 @@ impl Mirror {
             return Some(n.uid());
         }
         let nodes: Api<Node> = Api::all(self.client.clone());
-        match nodes
-            .patch(
-                name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&want),
-            )
-            .await
-        {
+        match apply(&nodes, name, &want).await {
             Ok(n) => {
                 w.nodes += 1;
                 info!(device = %id, node = %name, "node applied");
@@ -350,14 +343,7 @@ impl Mirror {
         }
         let leases: Api<Lease> = Api::namespaced(self.client.clone(), LEASE_NAMESPACE);
         let body = view::lease(name, node_uid, grace_ms, h);
-        match leases
-            .patch(
-                name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&body),
-            )
-            .await
-        {
+        match apply(&leases, name, &body).await {
             Ok(_) => {
                 if let Ok(mut r) = self.renewed.lock() {
                     r.insert(id.clone(), beat);
@@ -408,6 +394,19 @@ impl Mirror {
         }
         deleted
     }
+}
+
+/// Server-side applies `body` to `name` as the bridge, taking over fields another manager set.
+async fn apply<K>(api: &Api<K>, name: &str, body: &K) -> Result<K, kube::Error>
+where
+    K: Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await
 }
 
 /// Server-side applies `patch` to the status of `name` as the bridge; 1 if written (a

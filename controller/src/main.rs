@@ -52,19 +52,10 @@ async fn main() -> ExitCode {
             }
         };
     }
-    match run(
-        args,
-        shutdown_signal(),
-        |addr| tracing::info!(%addr, "serving /metrics, /healthz, /readyz"),
+    fleetlet_plumbing::exit_code(
+        "fleetlet-controller",
+        run(args, shutdown_signal(), fleetlet_plumbing::log_serving).await,
     )
-    .await
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("fleetlet-controller: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 /// Writes a new NATS authority, the server configuration for it and the bridge's credentials.

@@ -91,44 +91,25 @@ trait SessionRequest: serde::de::DeserializeOwned + Send + 'static {
     fn check(&self) -> Result<(), relay::RequestError>;
 }
 
-impl SessionRequest for LogsRequest {
-    const KIND: &'static str = "logs";
-    fn session(&self) -> &str {
-        &self.session
-    }
-    fn resource(&self) -> &fleetlet_protocol::ResourceId {
-        &self.resource
-    }
-    fn check(&self) -> Result<(), relay::RequestError> {
-        self.validate()
-    }
+/// The three session requests share their shape: a session, a resource, a validation.
+macro_rules! session_requests {
+    ($($request:ty => $kind:literal),* $(,)?) => {$(
+        impl SessionRequest for $request {
+            const KIND: &'static str = $kind;
+            fn session(&self) -> &str {
+                &self.session
+            }
+            fn resource(&self) -> &fleetlet_protocol::ResourceId {
+                &self.resource
+            }
+            fn check(&self) -> Result<(), relay::RequestError> {
+                self.validate()
+            }
+        }
+    )*};
 }
 
-impl SessionRequest for AttachRequest {
-    const KIND: &'static str = "attach";
-    fn session(&self) -> &str {
-        &self.session
-    }
-    fn resource(&self) -> &fleetlet_protocol::ResourceId {
-        &self.resource
-    }
-    fn check(&self) -> Result<(), relay::RequestError> {
-        self.validate()
-    }
-}
-
-impl SessionRequest for ExecRequest {
-    const KIND: &'static str = "exec";
-    fn session(&self) -> &str {
-        &self.session
-    }
-    fn resource(&self) -> &fleetlet_protocol::ResourceId {
-        &self.resource
-    }
-    fn check(&self) -> Result<(), relay::RequestError> {
-        self.validate()
-    }
-}
+session_requests!(LogsRequest => "logs", AttachRequest => "attach", ExecRequest => "exec");
 
 /// Checks a request, finds the container it names (only one this agent created), and runs
 /// the session on its own task.

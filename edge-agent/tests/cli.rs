@@ -147,6 +147,60 @@ fn once_applies_a_manifest_file_without_nats_and_prints_the_status() {
 }
 
 #[test]
+fn logs_written_to_a_file_or_the_journal_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "device_id = \"pi-log\"\nstate_dir = \"{}\"\n[nats]\nurls = [\"nats://127.0.0.1:1\"]\n[trust]\nallow_unsigned = true\n",
+            dir.path().join("state").display()
+        ),
+    );
+    let manifest = dir.path().join("manifest.json");
+    std::fs::write(
+        &manifest,
+        r#"{"apiVersion":"fleetlet.dev/v1alpha1","device":"pi-log","generation":1,"resources":[]}"#,
+    )
+    .unwrap();
+    // stderr is a pipe here, as it is for `fleetlet-agent > agent.log 2>&1` and under
+    // systemd: the log must be plain text.
+    let run = |journal: bool| {
+        let mut c = agent();
+        c.env("FLEETLET_LOG", "info")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--once")
+            .arg("--manifest")
+            .arg(&manifest);
+        if journal {
+            c.env("JOURNAL_STREAM", "8:12345");
+        } else {
+            c.env_remove("JOURNAL_STREAM");
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let file = run(false);
+    assert!(file.contains("INFO"), "no log lines to check: {file}");
+    assert!(
+        !file.contains('\x1b'),
+        "colour codes in a log file: {file:?}"
+    );
+    // Each line starts with its own timestamp, e.g. 2026-11-29T22:38:11.123456Z.
+    assert!(file.lines().all(|l| l.starts_with("20")), "{file}");
+    // Under systemd the journal adds the time: lines start with the level.
+    let journal = run(true);
+    assert!(!journal.contains('\x1b'), "{journal:?}");
+    assert!(
+        journal.lines().all(|l| l.trim_start().starts_with("INFO")
+            || l.trim_start().starts_with("WARN")
+            || l.trim_start().starts_with("ERROR")),
+        "{journal}"
+    );
+}
+
+#[test]
 fn once_takes_a_signed_manifest_as_stored_and_refuses_a_forged_one() {
     use fleetlet_controller::signing::Signer;
     let dir = tempfile::tempdir().unwrap();

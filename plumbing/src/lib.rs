@@ -135,6 +135,25 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// What a component's binary says once its endpoints listen.
+pub fn log_serving(addr: SocketAddr) {
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+}
+
+/// A component binary's exit: success, or the error on stderr and a failure status.
+pub fn exit_code<E: std::fmt::Display>(
+    component: &str,
+    result: Result<(), E>,
+) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{component}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Logs to stderr with a `RUST_LOG`-style filter (default `info`).
 pub fn init_tracing() {
     use std::io::IsTerminal;
@@ -368,16 +387,23 @@ impl HttpState {
     }
 }
 
-/// What can be served as Prometheus text.
-pub trait Encode: Send + Sync + 'static {
-    fn encode(&self) -> String;
+/// A component's metrics, served as Prometheus text.
+pub trait Registered: Send + Sync + 'static {
+    fn registry(&self) -> &prometheus_client::registry::Registry;
+
+    /// The text exposition format.
+    fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, self.registry());
+        out
+    }
 }
 
 /// Serves `/metrics` (from `metrics`), `/healthz` and `/readyz` on a task of `tasks`;
 /// returns the bound address and the readiness flag `/readyz` reports.
 pub async fn serve_metrics(
     addr: SocketAddr,
-    metrics: Arc<impl Encode>,
+    metrics: Arc<impl Registered>,
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> Result<(SocketAddr, Arc<AtomicBool>), Error> {
     let http = HttpState::new(move || metrics.encode());
