@@ -182,7 +182,7 @@ pub async fn run(
     );
     if let Some(listen) = args.kubelet_listen {
         let (endpoint, server) =
-            start_kubelet(&args, listen, &client, &nats, mirror.nodes.clone()).await?;
+            start_kubelet(&args, listen, &client, &nats, mirror.ctx.nodes.clone()).await?;
         mirror.kubelet_endpoint = Some(endpoint);
         tasks.spawn(server);
     }
@@ -238,7 +238,10 @@ async fn step(
     if Instant::now() >= next_full {
         // What is marked is covered by the full pass.
         mirror.pass(None).await;
-        mirror.metrics.set_devices(mirror.devices.state().len());
+        mirror
+            .ctx
+            .metrics
+            .set_devices(mirror.ctx.devices.state().len());
         return Instant::now() + resync;
     }
     let only: HashSet<DeviceId> = dirty.into_iter().flatten().collect();

@@ -33,18 +33,8 @@ use crate::{
 pub const LEASE_NAMESPACE: &str = "kube-node-lease";
 
 pub struct Mirror {
-    pub client: Client,
-    pub devices: Reflector<EdgeDevice>,
-    pub nodes: Reflector<Node>,
-    pub actual: Arc<KvCache<AgentStatus>>,
-    pub heartbeats: Arc<KvCache<Heartbeat>>,
-    pub metrics: Arc<Metrics>,
-    /// No heartbeat for this long: Ready=Unknown.
-    pub grace_ms: u64,
-    /// Refresh unchanged status (heartbeat times) this often.
-    pub report_every_ms: u64,
-    /// Renew a Lease at most this often (from heartbeats, never from a timer).
-    pub lease_renew_ms: u64,
+    pub ctx: Context,
+    pub timing: Timing,
     /// Heartbeat timestamp last written to each device's Lease.
     renewed: Mutex<HashMap<DeviceId, u64>>,
     /// Devices whose id is taken by a Node fleetlet does not manage.
@@ -89,15 +79,8 @@ pub struct Timing {
 impl Mirror {
     pub fn new(ctx: Context, timing: Timing) -> Self {
         Self {
-            client: ctx.client,
-            devices: ctx.devices,
-            nodes: ctx.nodes,
-            actual: ctx.actual,
-            heartbeats: ctx.heartbeats,
-            metrics: ctx.metrics,
-            grace_ms: timing.grace_ms,
-            report_every_ms: timing.report_every_ms,
-            lease_renew_ms: timing.lease_renew_ms,
+            ctx,
+            timing,
             renewed: Mutex::new(HashMap::new()),
             collisions: Mutex::new(HashSet::new()),
             kubelet_endpoint: None,
@@ -105,7 +88,7 @@ impl Mirror {
     }
 
     pub fn synced(&self) -> bool {
-        self.actual.is_ready() && self.heartbeats.is_ready()
+        self.ctx.actual.is_ready() && self.ctx.heartbeats.is_ready()
     }
 
     /// Devices by id (the older EdgeDevice wins an id claimed in two namespaces).
@@ -115,14 +98,14 @@ impl Mirror {
     pub(crate) fn grace_ms_of(&self, dev: &EdgeDevice) -> u64 {
         dev.spec
             .heartbeat_grace_seconds
-            .map_or(self.grace_ms, |s| u64::from(s) * 1000)
+            .map_or(self.timing.grace_ms, |s| u64::from(s) * 1000)
     }
 
     pub(crate) fn device_objects(
         &self,
         only: Option<&HashSet<DeviceId>>,
     ) -> BTreeMap<DeviceId, Arc<EdgeDevice>> {
-        let mut all = self.devices.state();
+        let mut all = self.ctx.devices.state();
         if let Some(only) = only {
             all.retain(|d| only.contains(d.name_any().as_str()));
         }
@@ -155,7 +138,7 @@ impl Mirror {
 
     /// Before creating a Node named after the device: is that name someone else's?
     async fn check_collision(&self, id: &DeviceId) -> bool {
-        let nodes: Api<Node> = Api::all(self.client.clone());
+        let nodes: Api<Node> = Api::all(self.ctx.client.clone());
         match nodes.get_opt(id.as_str()).await {
             Ok(Some(n))
                 if n.labels().get(DEVICE_LABEL).map(String::as_str) != Some(id.as_str()) =>
@@ -181,7 +164,7 @@ impl Mirror {
             .collect();
         let results: Vec<Writes> = futures::stream::iter(work)
             .map(|(id, dev)| {
-                let node = self.nodes.get(&ObjectRef::new(&self.node_name(&id)));
+                let node = self.ctx.nodes.get(&ObjectRef::new(&self.node_name(&id)));
                 async move { self.mirror_device(&id, &dev, node.as_deref(), now).await }
             })
             .buffer_unordered(CONCURRENCY)
@@ -197,7 +180,7 @@ impl Mirror {
         if only.is_none() {
             total.deletes += self.remove_orphans(&devices).await;
         }
-        self.metrics.record(&total);
+        self.ctx.metrics.record(&total);
         if total != Writes::default() {
             debug!(?total, "pass wrote changes");
         }
@@ -213,8 +196,8 @@ impl Mirror {
         now: Timestamp,
     ) -> Writes {
         let mut w = Writes::default();
-        let hb = self.heartbeats.get(id).map(|v| v.value);
-        let st = self.actual.get(id).map(|v| v.value);
+        let hb = self.ctx.heartbeats.get(id).map(|v| v.value);
+        let st = self.ctx.actual.get(id).map(|v| v.value);
         let grace_ms = self.grace_ms_of(dev);
         let live = view::liveness(hb.as_ref(), now, grace_ms);
         let status = view::device_status(
@@ -223,7 +206,7 @@ impl Mirror {
             st.as_ref(),
             live,
             now,
-            self.report_every_ms,
+            self.timing.report_every_ms,
         );
         w.device_status = self.write_device_status(id, dev, status).await;
         let node = match node {
@@ -241,8 +224,14 @@ impl Mirror {
             .and_then(|n| n.status.as_ref())
             .and_then(|s| s.conditions.as_deref())
             .unwrap_or_default();
-        let want = view::node_status(old_conditions, hb.as_ref(), live, now, self.report_every_ms)
-            .into_status(self.kubelet_endpoint.as_ref(), id.as_str());
+        let want = view::node_status(
+            old_conditions,
+            hb.as_ref(),
+            live,
+            now,
+            self.timing.report_every_ms,
+        )
+        .into_status(self.kubelet_endpoint.as_ref(), id.as_str());
         w.node_status = self.write_node_status(id, &name, node, want).await;
         // The Lease, renewed from the heartbeat itself: a silent device's Lease expires.
         if let (Some(h), Liveness::Alive, Some(uid)) = (&hb, live, node_uid) {
@@ -263,7 +252,7 @@ impl Mirror {
             return 0;
         }
         let ns = dev.namespace().unwrap_or_default();
-        let api: Api<EdgeDevice> = Api::namespaced(self.client.clone(), &ns);
+        let api: Api<EdgeDevice> = Api::namespaced(self.ctx.client.clone(), &ns);
         let mut body = serde_json::to_value(&status).unwrap_or_default();
         if let Some(o) = body.as_object_mut() {
             o.remove("desiredGeneration");
@@ -288,7 +277,7 @@ impl Mirror {
         if let Some(n) = node.filter(|n| view::node_is_current(n, &want)) {
             return Some(n.uid());
         }
-        let nodes: Api<Node> = Api::all(self.client.clone());
+        let nodes: Api<Node> = Api::all(self.ctx.client.clone());
         match apply(&nodes, name, &want).await {
             Ok(n) => {
                 w.nodes += 1;
@@ -315,7 +304,7 @@ impl Mirror {
             return 0;
         }
         debug!(device = %id, have = ?have, want = ?want, "node status differs");
-        let nodes: Api<Node> = Api::all(self.client.clone());
+        let nodes: Api<Node> = Api::all(self.ctx.client.clone());
         let patch = json!({ "apiVersion": "v1", "kind": "Node", "status": want });
         apply_status(&nodes, name, &patch, id, "node").await
     }
@@ -338,17 +327,18 @@ impl Mirror {
         // Renewals follow heartbeats: one up to half a heartbeat interval early still
         // counts, so a 30 s heartbeat renews a 30 s Lease on every beat, not every other.
         let early = u64::from(h.interval_seconds) * 500;
-        if last.is_some_and(|l| beat.saturating_sub(l) + early < self.lease_renew_ms) {
+        if last.is_some_and(|l| beat.saturating_sub(l) + early < self.timing.lease_renew_ms) {
             return 0;
         }
-        let leases: Api<Lease> = Api::namespaced(self.client.clone(), LEASE_NAMESPACE);
+        let leases: Api<Lease> = Api::namespaced(self.ctx.client.clone(), LEASE_NAMESPACE);
         let body = view::lease(name, node_uid, grace_ms, h);
         match apply(&leases, name, &body).await {
             Ok(_) => {
                 if let Ok(mut r) = self.renewed.lock() {
                     r.insert(id.clone(), beat);
                 }
-                self.metrics
+                self.ctx
+                    .metrics
                     .lease_latency(Timestamp::now().as_millis().saturating_sub(beat));
                 1
             }
@@ -363,6 +353,7 @@ impl Mirror {
     /// business; only the Kubernetes view goes away.
     async fn remove_orphans(&self, devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>) -> u32 {
         let nodes: HashMap<String, Arc<Node>> = self
+            .ctx
             .nodes
             .state()
             .into_iter()
@@ -377,8 +368,8 @@ impl Mirror {
             if ids.contains(dev.as_str()) {
                 continue;
             }
-            let node_api: Api<Node> = Api::all(self.client.clone());
-            let lease_api: Api<Lease> = Api::namespaced(self.client.clone(), LEASE_NAMESPACE);
+            let node_api: Api<Node> = Api::all(self.ctx.client.clone());
+            let lease_api: Api<Lease> = Api::namespaced(self.ctx.client.clone(), LEASE_NAMESPACE);
             let _ = lease_api.delete(name, &DeleteParams::default()).await;
             match node_api.delete(name, &DeleteParams::default()).await {
                 Ok(_) => {

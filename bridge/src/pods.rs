@@ -339,7 +339,7 @@ pub async fn pass(
     pods: &kube::runtime::reflector::Store<Pod>,
 ) -> (u32, u32) {
     let nodes =
-        fleetlet_crds::naming::node_devices(mirror.nodes.state().iter().map(|n| n.as_ref()));
+        fleetlet_crds::naming::node_devices(mirror.ctx.nodes.state().iter().map(|n| n.as_ref()));
     let objects = mirror.device_objects(None);
     let now = Timestamp::now().as_millis();
     let (mut written, mut deleted) = (0, 0);
@@ -351,25 +351,25 @@ pub async fn pass(
             // Bound to a Node that is not (or no longer) one of ours.
             if pod.metadata.deletion_timestamp.is_some()
                 && node.starts_with("fleetlet-")
-                && finalize(&mirror.client, &pod, None).await
+                && finalize(&mirror.ctx.client, &pod, None).await
             {
                 deleted += 1;
             }
             continue;
         };
-        let status = mirror.actual.get(device).map(|v| v.value);
-        if finalize(&mirror.client, &pod, status.as_ref()).await {
+        let status = mirror.ctx.actual.get(device).map(|v| v.value);
+        if finalize(&mirror.ctx.client, &pod, status.as_ref()).await {
             deleted += 1;
             continue;
         }
         if pod.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        let hb = mirror.heartbeats.get(device).map(|v| v.value);
+        let hb = mirror.ctx.heartbeats.get(device).map(|v| v.value);
         // The same grace as the device's Node: its own, or the bridge's.
         let grace_ms = objects
             .get(device)
-            .map_or(mirror.grace_ms, |d| mirror.grace_ms_of(d));
+            .map_or(mirror.timing.grace_ms, |d| mirror.grace_ms_of(d));
         let side = DeviceSide {
             status: status.as_ref(),
             alive: hb
@@ -380,7 +380,7 @@ pub async fn pass(
                 .and_then(|h| h.addresses.iter().find(|a| a.type_ == "InternalIP"))
                 .map(|a| a.address.clone()),
         };
-        if mirror_status(&mirror.client, &pod, &side).await {
+        if mirror_status(&mirror.ctx.client, &pod, &side).await {
             written += 1;
         }
     }

@@ -308,6 +308,19 @@ impl Output {
         self.frame(FrameKind::End, payload, None).await;
         let _ = self.client.flush().await;
     }
+
+    /// Ends a session whose process may have exited: its exit code first, when known.
+    async fn exit(mut self, code: Option<i64>, error: Option<&str>) {
+        if let Some(code) = code {
+            self.frame(
+                FrameKind::Exit,
+                Bytes::new(),
+                Some((EXIT_CODE, code.to_string())),
+            )
+            .await;
+        }
+        self.end(error).await;
+    }
 }
 
 async fn logs_session(
@@ -417,15 +430,7 @@ async fn exec_session(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    if let Some(code) = code {
-        out.frame(
-            FrameKind::Exit,
-            Bytes::new(),
-            Some((EXIT_CODE, code.to_string())),
-        )
-        .await;
-    }
-    out.end(error.as_deref()).await;
+    out.exit(code, error.as_deref()).await;
 }
 
 /// Moves a podman stream both ways: output to frames, stdin/resize/cancel from control
@@ -509,17 +514,13 @@ async fn attach_session(
     })
     .await;
     // The stream ends when the main process does (or the requester leaves).
-    if let Ok(info) = container.inspect().await
-        && let Some(state) = info.state
-        && state.running == Some(false)
-        && let Some(code) = state.exit_code
-    {
-        out.frame(
-            FrameKind::Exit,
-            Bytes::new(),
-            Some((EXIT_CODE, code.to_string())),
-        )
-        .await;
-    }
-    out.end(error.as_deref()).await;
+    let code = match container.inspect().await {
+        Ok(info) => info
+            .state
+            .filter(|state| state.running == Some(false))
+            .and_then(|state| state.exit_code)
+            .map(i64::from),
+        Err(_) => None,
+    };
+    out.exit(code, error.as_deref()).await;
 }
