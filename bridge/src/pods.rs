@@ -386,3 +386,75 @@ pub async fn pass(
     }
     (written, deleted)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(exit_code: Option<i32>, state: &str, probe_ready: Option<bool>) -> ResourceStatus {
+        ResourceStatus::Ready {
+            since: Timestamp(1_700_000_000_000),
+            details: ResourceDetails::Container {
+                container_id: "abc".into(),
+                image_digest: Some("sha256:1234".into()),
+                state: state.into(),
+                restart_count: 2,
+                started_at: Some(Timestamp(1_700_000_000_000)),
+                exit_code,
+                probe_ready,
+            },
+        }
+    }
+
+    #[test]
+    fn the_phase_is_done_only_when_every_container_stopped_and_none_restarts() {
+        use Run::{Exited, Running, Waiting};
+        assert_eq!(pod_phase(&[], false), "Pending");
+        assert_eq!(pod_phase(&[Waiting, Running], false), "Running");
+        assert_eq!(pod_phase(&[Waiting, Waiting], false), "Pending");
+        assert_eq!(
+            pod_phase(&[Exited { failed: false }, Exited { failed: false }], false),
+            "Succeeded"
+        );
+        assert_eq!(
+            pod_phase(&[Exited { failed: false }, Exited { failed: true }], false),
+            "Failed"
+        );
+        // restartPolicy Always: stopped containers come back, the pod is not done.
+        assert_eq!(pod_phase(&[Exited { failed: true }], true), "Pending");
+        assert_eq!(
+            pod_phase(&[Exited { failed: false }, Running], false),
+            "Running"
+        );
+    }
+
+    #[test]
+    fn a_container_shows_as_a_kubelet_shows_it() {
+        let v = container_view(Some(&running(None, "running", Some(false))), "busybox");
+        assert_eq!(v.run, Run::Running);
+        assert!(v.started && !v.ready, "running, readiness probe failing");
+        assert_eq!(v.restarts, 2);
+        assert_eq!(v.image_id.as_deref(), Some("busybox@sha256:1234"));
+        assert_eq!(v.container_id.as_deref(), Some("podman://abc"));
+        assert!(v.state.get("running").is_some(), "{}", v.state);
+
+        let v = container_view(Some(&running(Some(3), "exited", None)), "busybox");
+        assert_eq!(v.run, Run::Exited { failed: true });
+        assert_eq!(v.state["terminated"]["exitCode"], 3);
+        assert_eq!(v.state["terminated"]["reason"], "Error");
+
+        let failed = ResourceStatus::Failed {
+            since: Timestamp(1),
+            error: "pulling busybox: manifest unknown".into(),
+            retry_after: None,
+            permanent: false,
+        };
+        let v = container_view(Some(&failed), "busybox");
+        assert_eq!(v.run, Run::Waiting);
+        assert_eq!(v.state["waiting"]["reason"], "ErrImagePull");
+
+        let v = container_view(None, "busybox");
+        assert_eq!(v.state["waiting"]["reason"], "ContainerCreating");
+        assert!(v.since.is_none());
+    }
+}

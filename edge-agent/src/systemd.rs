@@ -874,3 +874,99 @@ impl SystemdConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(enabled: bool, contents: bool) -> SystemdUnitSpec {
+        SystemdUnitSpec {
+            name: "hello.service".into(),
+            contents: contents.then(|| "[Service]\nExecStart=/bin/true\n".into()),
+            enabled,
+            state: UnitState::Started,
+        }
+    }
+
+    fn view(load: &str, active: &str, sub: &str, restarts: Option<u32>) -> UnitView {
+        UnitView {
+            load_state: load.into(),
+            load_error: (load != "loaded").then(|| "Unit hello.service not found.".into()),
+            active: active.into(),
+            sub: sub.into(),
+            file_state: String::new(),
+            restarts,
+            need_reload: false,
+            fragment: String::new(),
+        }
+    }
+
+    #[test]
+    fn enablement_changes_only_what_the_spec_asks_and_never_disables_a_foreign_unit() {
+        assert_eq!(enablement_change(&unit(true, true), "disabled"), Some(true));
+        assert_eq!(enablement_change(&unit(true, false), ""), Some(true));
+        assert_eq!(enablement_change(&unit(true, true), "enabled"), None);
+        assert_eq!(
+            enablement_change(&unit(true, true), "enabled-runtime"),
+            None
+        );
+        assert_eq!(
+            enablement_change(&unit(false, true), "enabled"),
+            Some(false)
+        );
+        // A unit fleetlet did not write (no contents) stays enabled.
+        assert_eq!(enablement_change(&unit(false, false), "enabled"), None);
+        assert_eq!(enablement_change(&unit(false, true), "disabled"), None);
+    }
+
+    #[test]
+    fn the_job_takes_the_unit_to_its_wanted_state_and_restarts_it_for_a_new_file() {
+        use UnitState::{Started, Stopped};
+        assert_eq!(job_for(Started, "inactive", false), Some("start"));
+        assert_eq!(job_for(Started, "failed", false), Some("start"));
+        assert_eq!(job_for(Started, "active", false), None);
+        assert_eq!(job_for(Started, "active", true), Some("restart"));
+        assert_eq!(job_for(Started, "activating", true), Some("restart"));
+        // Coming up with the same file: a start job joins the one under way.
+        assert_eq!(job_for(Started, "activating", false), Some("start"));
+        assert_eq!(job_for(Stopped, "active", false), Some("stop"));
+        assert_eq!(job_for(Stopped, "activating", true), Some("stop"));
+        assert_eq!(job_for(Stopped, "inactive", true), None);
+    }
+
+    #[test]
+    fn failures_say_what_systemd_says() {
+        assert_eq!(
+            load_failure(
+                "hello.service",
+                &view("not-found", "inactive", "dead", None)
+            ),
+            Some("hello.service is not-found: Unit hello.service not found.".into())
+        );
+        assert_eq!(
+            load_failure("hello.service", &view("loaded", "active", "running", None)),
+            None
+        );
+        assert_eq!(
+            not_started(
+                "hello.service",
+                &view("loaded", "failed", "failed", Some(3))
+            ),
+            Some("hello.service is failed (failed) after starting, 3 restarts".into())
+        );
+        assert_eq!(
+            not_started(
+                "hello.service",
+                &view("loaded", "inactive", "dead", Some(0))
+            ),
+            Some("hello.service is inactive (dead) after starting".into())
+        );
+        assert_eq!(
+            not_started(
+                "hello.service",
+                &view("loaded", "reloading", "reload", None)
+            ),
+            None
+        );
+    }
+}
