@@ -774,17 +774,28 @@ async fn a_steady_fleet_causes_no_writes_but_lease_renewals_and_a_real_agent_con
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        std::fs::read_to_string(dir.path().join("root/etc/fleetlet/motd")).unwrap(),
-        "hi\n"
-    );
-    // Converged comes from the agent's status; the device facts from its heartbeats, which
-    // may reach the bridge a moment later.
+    // Converged can hold for a moment on a first generation the controller computed before
+    // its EdgeManifest watch delivered `motd` (the two watches are separate streams): the
+    // file, the device facts (from heartbeats, a moment later) and the resource follow.
+    let motd = dir.path().join("root/etc/fleetlet/motd");
+    eventually("the agent to write motd", DEFAULT_TIMEOUT, || async {
+        match std::fs::read_to_string(&motd) {
+            Ok(text) if text == "hi\n" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
     let edevs: Api<EdgeDevice> = Api::namespaced(client.clone(), "default");
     let st = eventually("st-pi's device facts", DEFAULT_TIMEOUT, || async {
         let d = edevs.get("st-pi").await.map_err(|e| e.to_string())?;
         match d.status {
-            Some(s) if s.device.is_some() => Ok(s),
+            Some(s)
+                if s.device.is_some()
+                    && !s.resources.is_empty()
+                    && s.applied_generation == s.desired_generation =>
+            {
+                Ok(s)
+            }
             other => Err(format!("status {other:?}")),
         }
     })

@@ -156,10 +156,33 @@ impl PodmanSandbox {
 
     /// Runs the podman CLI against this sandbox's storage; returns stdout, or Err with stderr.
     pub fn podman(&self, args: &[&str]) -> Result<String, String> {
-        let mut cmd = std::process::Command::new("podman");
-        cmd.args(args)
-            .envs(self.cli_env.iter().map(|(k, v)| (k, v)));
-        run(cmd)
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut cmd = std::process::Command::new("podman");
+            cmd.args(args)
+                .envs(self.cli_env.iter().map(|(k, v)| (k, v)));
+            match run(cmd) {
+                // Sandboxes share the host's NETAVARK iptables chains (see
+                // scripts/podman-sandbox): one removing its network's chain as its last
+                // container goes can race another adding a rule to it. Asked again, the
+                // second finds the chain recreated.
+                Err(e) if attempt < 3 && e.contains("netavark") && e.contains("iptables") => {
+                    eprintln!("podman {}: {}; asking again", args.join(" "), e.trim());
+                    std::thread::sleep(Duration::from_millis(500));
+                    // A `run` that failed there left its container created: clear the name.
+                    if let Some(i) = args.iter().position(|a| *a == "--name")
+                        && let Some(name) = args.get(i + 1)
+                    {
+                        let mut rm = std::process::Command::new("podman");
+                        rm.args(["rm", "-f", name])
+                            .envs(self.cli_env.iter().map(|(k, v)| (k, v)));
+                        let _ = run(rm);
+                    }
+                }
+                other => return other,
+            }
+        }
     }
 }
 
