@@ -46,9 +46,8 @@ use tracing::{info, warn};
 pub use fleet::{Fleet, PassSummary};
 // The shared plumbing, under the names the controller's modules use.
 pub use fleetlet_plumbing::{
-    HttpState, KvCache, LeaderGated, NatsArgs, any_change, default_identity, fingerprint,
-    init_tracing, kvcache, leader, serve, serve_metrics, shutdown_signal, slim, stopped, watch_crd,
-    watch_objects,
+    KvCache, LeaderGated, NatsArgs, any_change, default_identity, fingerprint, init_tracing,
+    kvcache, leader, serve_metrics, shutdown_signal, slim, stopped, watch_crd, watch_objects,
 };
 pub use metrics::Metrics;
 
