@@ -105,6 +105,11 @@ impl NatsServer {
             return Ok(());
         }
         self.starts += 1;
+        if self.starts > 1 {
+            // Nothing holds on to the monitoring port across a restart, and another test may
+            // have taken it while the server was down.
+            self.monitor_port = free_port()?;
+        }
         let args = vec![
             "-js".to_string(),
             "-sd".into(),

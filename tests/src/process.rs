@@ -205,10 +205,48 @@ pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// A free TCP port on 127.0.0.1 (bound, read, released).
+/// A free TCP port on 127.0.0.1 for a server a test starts (bound, read, released).
+///
+/// Ports come from below the kernel's ephemeral range, never from it: a port the kernel
+/// hands out for `bind(0)` or an outgoing connection can be taken by any other test between
+/// this check and the server's own bind (or while a server is stopped to be restarted on
+/// the same port). Within one process no port is handed out twice.
 pub fn free_port() -> Result<u16, Error> {
+    use std::sync::{Mutex, OnceLock};
+    static NEXT: OnceLock<Mutex<u32>> = OnceLock::new();
+    let (low, high) = port_pool();
+    let span = u32::from(high - low);
+    let next = NEXT.get_or_init(|| {
+        // Processes running side by side start at different places in the pool.
+        let seed = std::process::id().wrapping_mul(7919)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+        Mutex::new(seed % span)
+    });
+    let mut next = next.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..span {
+        let port = low + (*next % span) as u16;
+        *next = (*next + 1) % span;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    // The pool is exhausted: fall back to the kernel's choice.
     let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
     Ok(l.local_addr()?.port())
+}
+
+/// The ports [`free_port`] hands out: the 8192 below the ephemeral range (Linux default
+/// 32768–60999, `net.ipv4.ip_local_port_range`).
+fn port_pool() -> (u16, u16) {
+    let low_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|p| *p > 10_000)
+        .unwrap_or(32_768);
+    (low_ephemeral - 8192, low_ephemeral)
 }
 
 /// Waits until `check` succeeds, the service dies, or `timeout` passes.
