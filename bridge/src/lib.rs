@@ -121,6 +121,17 @@ pub struct Args {
         requires = "kubelet_listen"
     )]
     pub kubelet_client_ca_file: Option<std::path::PathBuf>,
+    /// Declare `ExtendWebSocketsToKubelet` on the Nodes, so an apiserver of 1.36 or later
+    /// proxies `exec`, `attach` and `port-forward` to the kubelet API as WebSockets. With
+    /// `false` (and on 1.34 and 1.35 whatever it says) the apiserver speaks SPDY/3.1 to it,
+    /// which it serves too.
+    #[arg(
+        long,
+        env = "FLEETLET_KUBELET_WEBSOCKETS",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub kubelet_websockets: bool,
 }
 
 /// Why the bridge stopped.
@@ -181,8 +192,7 @@ pub async fn run(
         },
     );
     if let Some(listen) = args.kubelet_listen {
-        let (endpoint, server) =
-            start_kubelet(&args, listen, &client, &nats, mirror.ctx.nodes.clone()).await?;
+        let (endpoint, server) = start_kubelet(&args, listen, &client, &nats, &mirror.ctx).await?;
         mirror.kubelet_endpoint = Some(endpoint);
         tasks.spawn(server);
     }
@@ -331,7 +341,7 @@ async fn start_kubelet(
     listen: SocketAddr,
     client: &Client,
     nats: &async_nats::Client,
-    nodes: reflector::Store<Node>,
+    ctx: &mirror::Context,
 ) -> Result<(view::KubeletEndpoint, impl Future<Output = ()> + use<>), Error> {
     let advertise = args.kubelet_advertise_address.unwrap_or(listen.ip());
     let serving = match (
@@ -361,7 +371,14 @@ async fn start_kubelet(
         serving,
         client_ca_file,
     };
-    let (addr, server) = kubelet::serve(config, client.clone(), nats.clone(), nodes).await?;
+    let (addr, server) = kubelet::serve(
+        config,
+        client.clone(),
+        nats.clone(),
+        ctx.nodes.clone(),
+        ctx.metrics.clone(),
+    )
+    .await?;
     let advertise = if advertise.is_unspecified() {
         addr.ip()
     } else {
@@ -370,6 +387,7 @@ async fn start_kubelet(
     let endpoint = view::KubeletEndpoint {
         address: advertise.to_string(),
         port: addr.port(),
+        websockets: args.kubelet_websockets,
     };
     Ok((endpoint, server))
 }

@@ -13,8 +13,15 @@ struct KindLabel {
     kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StreamLabel {
+    subresource: String,
+    protocol: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    streams: Family<StreamLabel, Counter>,
     writes: Family<KindLabel, Counter>,
     passes: Counter,
     lease_latency: Histogram,
@@ -32,6 +39,12 @@ impl Default for Metrics {
         ]);
         let devices = Gauge::default();
         let leader = Gauge::default();
+        let streams = Family::<StreamLabel, Counter>::default();
+        registry.register(
+            "kubelet_streams",
+            "Streaming sessions (exec, attach, portforward) the kubelet API started, by protocol (websocket, spdy)",
+            streams.clone(),
+        );
         registry.register(
             "apiserver_writes",
             "Writes to the apiserver by kind (device_status, node, node_status, lease, delete)",
@@ -51,6 +64,7 @@ impl Default for Metrics {
         );
         Self {
             registry,
+            streams,
             writes,
             passes,
             lease_latency,
@@ -84,6 +98,16 @@ impl Metrics {
 
     pub fn set_devices(&self, n: usize) {
         self.devices.set(n as i64);
+    }
+
+    /// A streaming session of the kubelet API was accepted.
+    pub fn stream(&self, subresource: &str, protocol: &str) {
+        self.streams
+            .get_or_create(&StreamLabel {
+                subresource: subresource.into(),
+                protocol: protocol.into(),
+            })
+            .inc();
     }
 
     pub fn set_leader(&self, leader: bool) {

@@ -380,6 +380,8 @@ pub struct KubeletEndpoint {
     /// The advertised address (the Nodes' InternalIP).
     pub address: String,
     pub port: u16,
+    /// Declare `ExtendWebSocketsToKubelet` (else the apiserver speaks SPDY to it).
+    pub websockets: bool,
 }
 
 impl NodeStatusView {
@@ -411,7 +413,9 @@ impl NodeStatusView {
                     port: i32::from(k.port),
                 }),
             });
-            status.declared_features = Some(vec!["ExtendWebSocketsToKubelet".into()]);
+            if k.websockets {
+                status.declared_features = Some(vec!["ExtendWebSocketsToKubelet".into()]);
+            }
         }
         status
     }

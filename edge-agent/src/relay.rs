@@ -408,14 +408,25 @@ async fn exec_session(
         Ok(e) => e,
         Err(e) => return out.end(Some(&format!("exec: {e}"))).await,
     };
-    let start_opts = ExecStartOpts::builder().tty(req.tty).build();
+    let mut start_opts = ExecStartOpts::builder().tty(req.tty);
+    let mut early = Vec::new();
+    if req.tty {
+        // The client sends its terminal's size first thing: start with it, so the command
+        // sees its size from the start (`stty size`, a full-screen program's first frame).
+        match first_size(&mut out, &mut control, &mut early).await {
+            Some((w, h)) => start_opts = start_opts.width(w).height(h),
+            None if matches!(early.last(), Some(Control::Stop)) => return out.end(None).await,
+            None => {}
+        }
+    }
+    let start_opts = start_opts.build();
     let mux = match exec.start(&start_opts).await {
         Ok(Some(m)) => m,
         Ok(None) => return out.end(Some("exec: podman returned no stream")).await,
         Err(e) => return out.end(Some(&format!("exec: {e}"))).await,
     };
     let exec_ref = &exec;
-    let error = pump(mux, &mut out, &mut control, |w, h| async move {
+    let error = pump(mux, &mut out, &mut control, early, |w, h| async move {
         let _ = exec_ref.resize(w, h).await;
     })
     .await;
@@ -433,12 +444,36 @@ async fn exec_session(
     out.exit(code, error.as_deref()).await;
 }
 
+/// Waits (up to a second) for a terminal session's first size; what else comes meanwhile
+/// is kept in `early`, in order.
+async fn first_size(
+    out: &mut Output,
+    control: &mut mpsc::Receiver<Message>,
+    early: &mut Vec<Control>,
+) -> Option<(usize, usize)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        match tokio::time::timeout_at(deadline, out.next_control(control)).await {
+            Ok(Control::Resize(w, h)) => return Some((w, h)),
+            Ok(Control::Continue) => {}
+            Ok(Control::Stop) => {
+                early.push(Control::Stop);
+                return None;
+            }
+            Ok(other) => early.push(other),
+            Err(_) => return None,
+        }
+    }
+}
+
 /// Moves a podman stream both ways: output to frames, stdin/resize/cancel from control
-/// messages. Returns the stream's error, if it failed.
+/// messages (after those in `pending`, which came before the stream). Returns the stream's
+/// error, if it failed.
 async fn pump<F, Fut>(
     mux: Multiplexer,
     out: &mut Output,
     control: &mut mpsc::Receiver<Message>,
+    mut pending: Vec<Control>,
     resize: F,
 ) -> Option<String>
 where
@@ -447,7 +482,6 @@ where
 {
     let (mut reader, writer) = mux.split();
     let mut writer = Some(Box::pin(writer));
-    let mut pending: Vec<Control> = Vec::new();
     let mut error = None;
     'session: loop {
         for c in std::mem::take(&mut pending) {
@@ -509,7 +543,7 @@ async fn attach_session(
         Err(e) => return out.end(Some(&format!("attach: {e}"))).await,
     };
     let container_ref = &container;
-    let error = pump(mux, &mut out, &mut control, |w, h| async move {
+    let error = pump(mux, &mut out, &mut control, Vec::new(), |w, h| async move {
         let _ = container_ref.resize(w, h).await;
     })
     .await;

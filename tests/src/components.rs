@@ -102,18 +102,20 @@ fn start_component(
 ) -> Result<Service, Error> {
     let mut args = vec![
         format!("--nats-url={}", env.nats_url()?),
-        format!("--metrics-addr=127.0.0.1:{}", free_port()?),
         "--lease-namespace=fleetlet-system".into(),
     ];
+    let metrics = format!("--metrics-addr=127.0.0.1:{}", free_port()?);
     // Defaults in `flags` give way to the same flag in `extra`.
     let flag = |a: &str| a.split('=').next().unwrap_or_default().to_string();
     let overridden: Vec<String> = extra.iter().map(|a| flag(a)).collect();
     args.extend(
         flags
             .iter()
+            .copied()
+            .chain([metrics.as_str()])
             .filter(|f| !overridden.contains(&flag(f)))
-            .chain(extra)
-            .map(|a| a.to_string()),
+            .chain(extra.iter().copied())
+            .map(str::to_string),
     );
     // The leader-election Lease lives there.
     env.apply("apiVersion: v1\nkind: Namespace\nmetadata: { name: fleetlet-system }\n")?;

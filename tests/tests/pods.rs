@@ -40,7 +40,14 @@ struct Fleet {
 impl Fleet {
     /// `csr`: the kubelet API gets its serving certificate from a CertificateSigningRequest
     /// (needs the controller-manager's signer) instead of files.
-    async fn start(env: &TestEnv, pm: &PodmanSandbox, device: &str, csr: bool) -> Self {
+    /// `bridge_flags`: more flags for the bridge.
+    async fn start(
+        env: &TestEnv,
+        pm: &PodmanSandbox,
+        device: &str,
+        csr: bool,
+        bridge_flags: &[&str],
+    ) -> Self {
         let client = env.kube_client().await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let bins = components::bin_dir().unwrap();
@@ -69,6 +76,7 @@ impl Fleet {
             kubelet_flags.push(file("kubelet-tls-cert-file", "apiserver.crt"));
             kubelet_flags.push(file("kubelet-tls-key-file", "apiserver.key"));
         }
+        kubelet_flags.extend(bridge_flags.iter().map(|f| f.to_string()));
         let kubelet_flags: Vec<&str> = kubelet_flags.iter().map(String::as_str).collect();
         let bridge = components::start_bridge_as(
             env,
@@ -172,7 +180,7 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
  {
     let env = TestEnv::builder().kube().nats().start().await.unwrap();
     let pm = PodmanSandbox::start().await.unwrap();
-    let fleet = Fleet::start(&env, &pm, "pi-pods", false).await;
+    let fleet = Fleet::start(&env, &pm, "pi-pods", false, &[]).await;
     let (client, pki, nodes) = (fleet.client.clone(), fleet.pki.clone(), fleet.nodes.clone());
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
@@ -703,6 +711,182 @@ subjects: [{ apiGroup: rbac.authorization.k8s.io, kind: User, name: fleetlet-nob
     assert_eq!(left.trim(), "", "the container is gone from the device");
 }
 
+/// `kubectl exec` and `attach` where the apiserver speaks SPDY/3.1 to the kubelet API, as
+/// 1.34 and 1.35 always do and 1.36+ does for a node that does not declare WebSockets: both
+/// when the apiserver translates kubectl's WebSocket into SPDY and when kubectl itself
+/// speaks SPDY (proxied through). Output, stdin, stderr, exit codes, a terminal and its
+/// size, and a megabyte of output intact.
+#[tokio::test]
+async fn exec_and_attach_speak_spdy_to_an_apiserver_that_does_not_proxy_websockets() {
+    let env = TestEnv::builder().kube().nats().start().await.unwrap();
+    let pm = PodmanSandbox::start().await.unwrap();
+    let metrics_port = free_port().unwrap();
+    let metrics_flag = format!("--metrics-addr=127.0.0.1:{metrics_port}");
+    let fleet = Fleet::start(
+        &env,
+        &pm,
+        "pi-spdy",
+        false,
+        &["--kubelet-websockets=false", &metrics_flag],
+    )
+    .await;
+    let node = fleet.nodes.get("pi-spdy").await.unwrap();
+    assert_eq!(
+        node.status.unwrap().declared_features.unwrap_or_default(),
+        Vec::<String>::new(),
+        "the node must not declare WebSockets, or the apiserver would not speak SPDY"
+    );
+    let pods: Api<Pod> = Api::namespaced(fleet.client.clone(), "default");
+    let ticker = pod(
+        "ticker",
+        "pi-spdy",
+        json!({ "containers": [{
+            "name": "main", "image": pm.image_1,
+            "command": ["/bin/sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done"]
+        }] }),
+    );
+    pods.create(&PostParams::default(), &ticker).await.unwrap();
+    eventually("the pod Running", Duration::from_secs(60), || async {
+        let p = pods.get("ticker").await.map_err(|e| e.to_string())?;
+        let phase = p.status.and_then(|s| s.phase);
+        (phase.as_deref() == Some("Running"))
+            .then_some(())
+            .ok_or(format!("{phase:?}"))
+    })
+    .await;
+
+    let spdy_count = |subresource: &str| {
+        let text = http_get(metrics_port, "/metrics").unwrap_or_default();
+        let metric = |protocol: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("fleetlet_bridge_kubelet_streams_total{")
+                        && l.contains(&format!("subresource=\"{subresource}\""))
+                        && l.contains(&format!("protocol=\"{protocol}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        (metric("spdy"), metric("websocket"))
+    };
+    // kubectl's default (WebSocket to the apiserver, translated), then SPDY all the way.
+    for (how, kubectl_spdy) in [("translated", false), ("proxied", true)] {
+        let kubectl = |args: &[&str], stdin: Option<&[u8]>| {
+            let mut cmd = env.kubectl().unwrap();
+            if kubectl_spdy {
+                cmd.env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false");
+            }
+            let mut child = cmd
+                .args(args)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut input = child.stdin.take().unwrap();
+            if let Some(bytes) = stdin {
+                input.write_all(bytes).unwrap();
+            }
+            drop(input);
+            let out = child.wait_with_output().unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let before = spdy_count("exec");
+        let (code, out, err) = kubectl(&["exec", "ticker", "--", "echo", "hi"], None);
+        assert_eq!((code, out.as_str()), (Some(0), "hi\n"), "{how}: {err}");
+        let (code, out, err) = kubectl(
+            &[
+                "exec",
+                "ticker",
+                "--",
+                "sh",
+                "-c",
+                "echo out; echo err >&2; exit 3",
+            ],
+            None,
+        );
+        assert_eq!(code, Some(3), "{how}: the exit code comes back: {err}");
+        assert_eq!(out, "out\n", "{how}");
+        assert!(
+            err.contains("err\n"),
+            "{how}: stderr on its own stream: {err}"
+        );
+        let (code, out, err) = kubectl(
+            &["exec", "-i", "ticker", "--", "sh", "-c", "cat; echo done"],
+            Some(b"through stdin\n"),
+        );
+        assert_eq!(
+            (code, out.as_str()),
+            (Some(0), "through stdin\ndone\n"),
+            "{how}: stdin, then its end: {err}"
+        );
+        let (code, out, err) = kubectl(&["exec", "ticker", "--", "seq", "1", "200000"], None);
+        let expected: String = (1..=200_000).map(|i| format!("{i}\n")).collect();
+        assert_eq!(code, Some(0), "{how}: {err}");
+        assert!(out.len() > 1 << 20, "{}", out.len());
+        assert!(
+            out == expected,
+            "{how}: {} bytes of output, not as sent",
+            out.len()
+        );
+        let after = spdy_count("exec");
+        assert_eq!(after.0 - before.0, 4, "{how}: four exec sessions over SPDY");
+        assert_eq!(after.1, 0, "{how}: none over WebSockets");
+
+        // A terminal, sized by the client.
+        let kubectl_bin = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+        let out = std::process::Command::new("script")
+            .args([
+                "-qec",
+                &format!("stty cols 97 rows 31; {kubectl_bin} exec -it ticker -- sh -c '[ -t 1 ] && stty size'"),
+                "/dev/null",
+            ])
+            .env("KUBECONFIG", env.kubeconfig().unwrap())
+            .env(
+                "KUBECTL_REMOTE_COMMAND_WEBSOCKETS",
+                if kubectl_spdy { "false" } else { "true" },
+            )
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.contains("31 97"),
+            "{how}: a terminal of the client's size: {out:?}"
+        );
+
+        // attach: the main process's output, live.
+        let mut cmd = env.kubectl().unwrap();
+        if kubectl_spdy {
+            cmd.env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false");
+        }
+        let mut attached = cmd
+            .args(["attach", "ticker"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let rx = output_of(&mut attached);
+        let mut seen = String::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while seen.matches("tick ").count() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "{how}: no ticks through attach: {seen:?}"
+            );
+            if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(300)) {
+                seen.push_str(&chunk);
+            }
+        }
+        let _ = attached.kill();
+        let _ = attached.wait();
+        assert!(spdy_count("attach").0 >= 1, "{how}: attach over SPDY");
+    }
+}
+
 fn ready(p: &Pod) -> bool {
     p.status.as_ref().is_some_and(|s| {
         s.phase.as_deref() == Some("Running")
@@ -726,7 +910,7 @@ async fn deployments_run_on_devices_and_daemonsets_without_the_toleration_stay_o
         .await
         .unwrap();
     let pm = PodmanSandbox::start().await.unwrap();
-    let fleet = Fleet::start(&env, &pm, "pi-work", true).await;
+    let fleet = Fleet::start(&env, &pm, "pi-work", true, &[]).await;
     let client = fleet.client.clone();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let template = |app: &str, tolerate: bool| {

@@ -1,0 +1,173 @@
+//! The requester's side of a relay session with a device's agent: the request goes out on
+//! the device's subject, output frames come back through the [`FrameRouter`], control
+//! frames (acknowledgements, stdin, resizes, cancel) go to the session's control subject.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use fleetlet_protocol::{
+    DeviceId,
+    relay::{self, ACK_INTERVAL_SECS, ControlKind, FRAME, FrameKind, SEQ},
+};
+use futures::Stream;
+
+use crate::frames::{FrameRouter, Registration};
+
+/// A new session's id: random, so a device cannot guess another requester's session.
+pub(super) fn session_id() -> String {
+    format!("{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..))
+}
+
+/// Why a session could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum OpenError {
+    #[error("encoding the request: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("NATS: {0}")]
+    Nats(#[from] async_nats::PublishError),
+}
+/// What a relay session delivers.
+pub(super) enum Frame {
+    /// Output of the given stream (stdout or stderr).
+    Data(FrameKind, Bytes),
+    Exit(i32),
+    /// The session ended, with an error message if it failed.
+    End(Option<String>),
+}
+
+/// The requester's side of a relay session: reads frames, acknowledges, cancels on drop.
+pub(super) struct Session {
+    nats: async_nats::Client,
+    control: String,
+    frames: Registration,
+    consumed: u64,
+    acked_at: tokio::time::Instant,
+    ended: bool,
+}
+
+impl Session {
+    pub(super) async fn open(
+        frames: &std::sync::Arc<FrameRouter>,
+        nats: &async_nats::Client,
+        device: &DeviceId,
+        subject: String,
+        request: &impl serde::Serialize,
+        session: &str,
+    ) -> Result<Self, OpenError> {
+        // Registered before the request goes out, so no frame can arrive unrouted.
+        let frames = frames.register(device, session);
+        let body = serde_json::to_vec(request)?;
+        nats.publish(subject, body.into()).await?;
+        Ok(Self {
+            nats: nats.clone(),
+            control: relay::control_subject(device, session),
+            frames,
+            consumed: 0,
+            acked_at: tokio::time::Instant::now(),
+            ended: false,
+        })
+    }
+
+    pub(super) async fn send_control(&self, kind: ControlKind, payload: Bytes, seq: Option<u64>) {
+        let mut h = HeaderMap::new();
+        h.insert(FRAME, kind.as_str());
+        if let Some(n) = seq {
+            h.insert(SEQ, n.to_string().as_str());
+        }
+        let _ = self
+            .nats
+            .publish_with_headers(self.control.clone(), h, payload)
+            .await;
+    }
+
+    /// The next frame; acknowledges as it goes. `None` when the device stays silent.
+    pub(super) async fn next_frame(&mut self) -> Option<Frame> {
+        if self.ended {
+            return None;
+        }
+        loop {
+            let wait = Duration::from_secs(ACK_INTERVAL_SECS);
+            let msg = match tokio::time::timeout(wait, self.frames.frames.recv()).await {
+                Ok(Some(m)) => m,
+                Ok(None) => return None,
+                Err(_) => {
+                    // Quiet stream (a follow with no new lines): keep the session alive,
+                    // unless nothing ever came (the device is not answering).
+                    if self.consumed == 0 && self.acked_at.elapsed() > Duration::from_secs(15) {
+                        self.ended = true;
+                        return Some(Frame::End(Some(
+                            "the device did not answer (offline?)".into(),
+                        )));
+                    }
+                    self.send_control(ControlKind::Ack, Bytes::new(), Some(self.consumed))
+                        .await;
+                    continue;
+                }
+            };
+            let kind = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(FRAME))
+                .and_then(|v| FrameKind::parse(v.as_str()));
+            match kind {
+                Some(k @ (FrameKind::Stdout | FrameKind::Stderr)) => {
+                    self.consumed += msg.payload.len() as u64;
+                    if self.acked_at.elapsed() >= Duration::from_secs(1)
+                        || self.consumed % (64 * 1024) < msg.payload.len() as u64
+                    {
+                        self.acked_at = tokio::time::Instant::now();
+                        self.send_control(ControlKind::Ack, Bytes::new(), Some(self.consumed))
+                            .await;
+                    }
+                    return Some(Frame::Data(k, msg.payload));
+                }
+                Some(FrameKind::Exit) => {
+                    let code = msg
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(relay::EXIT_CODE))
+                        .and_then(|v| v.as_str().parse().ok())
+                        .unwrap_or(-1);
+                    return Some(Frame::Exit(code));
+                }
+                Some(FrameKind::End) => {
+                    self.ended = true;
+                    let err = String::from_utf8_lossy(&msg.payload).into_owned();
+                    return Some(Frame::End(Some(err).filter(|e| !e.is_empty())));
+                }
+                None => continue,
+            }
+        }
+    }
+
+    /// The remaining output as a body stream; the session is cancelled if the body is dropped.
+    pub(super) fn into_stream(self) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send {
+        let guard = CancelOnDrop(Some(self));
+        futures::stream::unfold(guard, |mut g| async move {
+            let s = g.0.as_mut()?;
+            match s.next_frame().await {
+                Some(Frame::Data(_, b)) => Some((Ok(b), g)),
+                Some(Frame::Exit(_)) => Some((Ok(Bytes::new()), g)),
+                Some(Frame::End(None)) | None => None,
+                Some(Frame::End(Some(e))) => Some((Err(std::io::Error::other(e)), g)),
+            }
+        })
+    }
+}
+
+/// Tells the agent to stop a session whose reader went away (a closed `kubectl logs -f`).
+struct CancelOnDrop(Option<Session>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take()
+            && !s.ended
+        {
+            tokio::spawn(async move {
+                s.send_control(ControlKind::Cancel, Bytes::new(), None)
+                    .await;
+            });
+        }
+    }
+}
