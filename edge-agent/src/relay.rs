@@ -1,6 +1,7 @@
-//! Logs and exec sessions for the control plane (`kubectl logs`, `kubectl exec`), served
-//! from podman for containers this agent created, and only those: a request names a
-//! resource id, and the container is found by the agent's own labels.
+//! Logs, exec, attach and port-forward sessions for the control plane (`kubectl logs`,
+//! `exec`, `attach`, `port-forward`), served from podman for containers this agent created,
+//! and only those: a request names a resource id, and the container is found by the
+//! agent's own labels.
 //!
 //! The protocol (subjects, frames, flow control) is in [`fleetlet_protocol::relay`].
 
@@ -16,7 +17,7 @@ use fleetlet_protocol::{
     DeviceId,
     relay::{
         self, AttachRequest, ControlKind, EXIT_CODE, ExecRequest, FRAME, FrameKind,
-        IDLE_TIMEOUT_SECS, LogsRequest, MAX_CHUNK_BYTES, SEQ, WINDOW_BYTES,
+        IDLE_TIMEOUT_SECS, LogsRequest, MAX_CHUNK_BYTES, PortForwardRequest, SEQ, WINDOW_BYTES,
     },
 };
 use futures::AsyncWriteExt;
@@ -25,7 +26,11 @@ use podman_api::{
     conn::{Multiplexer, TtyChunk},
     opts::{ContainerAttachOpts, ContainerLogsOpts, ExecCreateOpts, ExecStartOpts},
 };
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    sync::mpsc,
+    time::Instant,
+};
 use tracing::{debug, info, warn};
 
 use crate::container::ContainerReconciler;
@@ -55,6 +60,7 @@ pub async fn serve(
     let logs = relay::logs_subject(&device);
     let exec = relay::exec_subject(&device);
     let attach = relay::attach_subject(&device);
+    let portforward = relay::portforward_subject(&device);
     let control_prefix = relay::control_subject(&device, "");
     let frames = relay::frames_subject(&device);
     loop {
@@ -79,6 +85,8 @@ pub async fn serve(
             start::<AttachRequest, _, _>(&msg.payload, out, ss, c, attach_session).await;
         } else if subject == exec {
             start::<ExecRequest, _, _>(&msg.payload, out, ss, c, exec_session).await;
+        } else if subject == portforward {
+            start::<PortForwardRequest, _, _>(&msg.payload, out, ss, c, portforward_session).await;
         }
     }
 }
@@ -109,7 +117,12 @@ macro_rules! session_requests {
     )*};
 }
 
-session_requests!(LogsRequest => "logs", AttachRequest => "attach", ExecRequest => "exec");
+session_requests!(
+    LogsRequest => "logs",
+    AttachRequest => "attach",
+    ExecRequest => "exec",
+    PortForwardRequest => "portforward",
+);
 
 /// Checks a request, finds the container it names (only one this agent created), and runs
 /// the session on its own task.
@@ -301,6 +314,18 @@ impl Output {
             Some(ControlKind::Cancel) => Control::Stop,
             None => Control::Continue,
         }
+    }
+
+    /// Tells the requester how much input has been passed on (port-forward).
+    async fn ack(&mut self, consumed: u64) -> bool {
+        let mut h = HeaderMap::new();
+        h.insert(relay::SESSION, self.session.as_str());
+        h.insert(FRAME, FrameKind::Ack.as_str());
+        h.insert(SEQ, consumed.to_string().as_str());
+        self.client
+            .publish_with_headers(self.subject.clone(), h, Bytes::new())
+            .await
+            .is_ok()
     }
 
     async fn end(mut self, error: Option<&str>) {
@@ -557,4 +582,118 @@ async fn attach_session(
         Err(_) => None,
     };
     out.exit(code, error.as_deref()).await;
+}
+
+/// Input is acknowledged at least every this many bytes (a quarter of the window).
+const INPUT_ACK_BYTES: u64 = WINDOW_BYTES / 4;
+
+/// One forwarded TCP connection: to `port` on the loopback interface inside the
+/// container's network namespace, as a kubelet's runtime connects. Ends when the container
+/// side closes the connection or the requester cancels.
+async fn portforward_session(
+    containers: ContainerReconciler,
+    cid: String,
+    req: PortForwardRequest,
+    mut out: Output,
+    mut control: mpsc::Receiver<Message>,
+) {
+    info!(target: "fleetlet::audit", resource = %req.resource, port = req.port, "port-forward session");
+    let container = containers.podman().containers().get(&cid);
+    let pid = match container.inspect().await {
+        Ok(info) => info.state.and_then(|s| s.pid).filter(|p| *p > 0),
+        Err(e) => {
+            return out
+                .end(Some(&format!("inspecting the container: {e}")))
+                .await;
+        }
+    };
+    let Some(pid) = pid else {
+        return out.end(Some("the container is not running")).await;
+    };
+    let port = req.port;
+    let stream = match connect_in_netns(pid, port).await {
+        Ok(s) => s,
+        Err(e) => {
+            let why = format!("connecting to port {port} in the container: {e}");
+            return out.end(Some(&why)).await;
+        }
+    };
+    let (mut from_pod, mut to_pod) = stream.into_split();
+    let mut buf = vec![0u8; MAX_CHUNK_BYTES];
+    let (mut written, mut acked) = (0u64, 0u64);
+    let mut pending: Vec<Control> = Vec::new();
+    let mut error = None;
+    'session: loop {
+        for c in std::mem::take(&mut pending) {
+            match c {
+                Control::Stdin(b) => {
+                    if let Err(e) = to_pod.write_all(&b).await {
+                        error = Some(format!("writing to port {port}: {e}"));
+                        break 'session;
+                    }
+                    written += b.len() as u64;
+                    if written - acked >= INPUT_ACK_BYTES {
+                        acked = written;
+                        if !out.ack(written).await {
+                            break 'session;
+                        }
+                    }
+                }
+                Control::StdinClose => {
+                    let _ = to_pod.shutdown().await;
+                }
+                Control::Stop => break 'session,
+                Control::Resize(..) | Control::Continue => {}
+            }
+        }
+        if written > acked {
+            // Everything queued is passed on: say so, so the requester's window reopens.
+            acked = written;
+            if !out.ack(written).await {
+                break;
+            }
+        }
+        tokio::select! {
+            n = from_pod.read(&mut buf) => match n {
+                Ok(0) => break,
+                Ok(n) => {
+                    if !out.data(FrameKind::Stdout, &buf[..n], &mut control, &mut pending).await {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    error = Some(format!("reading from port {port}: {e}"));
+                    break;
+                }
+            },
+            c = out.next_control(&mut control) => pending.push(c),
+        }
+    }
+    out.end(error.as_deref()).await;
+}
+
+/// A TCP connection to `127.0.0.1:port` in the network namespace of process `pid`. The
+/// connecting thread is a new one that ends right after: a thread that changed its network
+/// namespace is never reused for anything else.
+async fn connect_in_netns(pid: i64, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+    use std::os::fd::AsFd;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let connect = || -> std::io::Result<std::net::TcpStream> {
+            let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+            rustix::thread::move_into_link_name_space(
+                ns.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )?;
+            let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+            let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            stream.set_nonblocking(true)?;
+            Ok(stream)
+        };
+        let _ = tx.send(connect());
+    });
+    let stream = rx
+        .await
+        .map_err(|_| std::io::Error::other("the connecting thread ended early"))??;
+    tokio::net::TcpStream::from_std(stream)
 }

@@ -1,17 +1,22 @@
-//! Sessions the control plane opens with one device's agent over NATS core: container logs
-//! and exec, which is how `kubectl logs` and `kubectl exec` reach a container on a device.
+//! Sessions the control plane opens with one device's agent over NATS core: container
+//! logs, exec, attach and port-forward, which is how `kubectl logs`, `exec`, `attach` and
+//! `port-forward` reach a container on a device.
 //!
-//! A session starts with a request (JSON, [`LogsRequest`] or [`ExecRequest`]) on
-//! [`logs_subject`] / [`exec_subject`]. The agent answers on its own [`frames_subject`] with
-//! output frames: raw bytes in the payload, the session ([`SESSION`]) and what they are
-//! ([`FRAME`]) in headers, a sequence number, and a last frame that says how the session
-//! ended. The requester sends control messages (acknowledgements, stdin, resize, cancel) to
-//! [`control_subject`]. Frames never go to a reply subject: the subject they arrive on names
-//! the device that sent them, which NATS accounts enforce (see [`crate::access`]).
+//! A session starts with a request (JSON: [`LogsRequest`], [`ExecRequest`],
+//! [`AttachRequest`] or [`PortForwardRequest`]) on the matching subject ([`logs_subject`],
+//! [`exec_subject`], [`attach_subject`], [`portforward_subject`]). The agent answers on its
+//! own [`frames_subject`] with output frames: raw bytes in the payload, the session
+//! ([`SESSION`]) and what they are ([`FRAME`]) in headers, a sequence number, and a last
+//! frame that says how the session ended. The requester sends control messages
+//! (acknowledgements, stdin, resize, cancel) to [`control_subject`]. Frames never go to a
+//! reply subject: the subject they arrive on names the device that sent them, which NATS
+//! accounts enforce (see [`crate::access`]).
 //!
 //! Flow control: the agent keeps at most [`WINDOW_BYTES`] unacknowledged and stops a session
 //! whose requester has sent nothing for [`IDLE_TIMEOUT_SECS`] (acknowledgements double as
-//! keep-alives). Frames carry at most [`MAX_CHUNK_BYTES`].
+//! keep-alives). Frames carry at most [`MAX_CHUNK_BYTES`]. Port-forward input flows the same
+//! way back: the requester keeps at most [`WINDOW_BYTES`] of it unacknowledged
+//! ([`FrameKind::Ack`]).
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -56,6 +61,12 @@ pub fn attach_subject(device: &DeviceId) -> String {
     format!("{SUBJECT_PREFIX}{device}.attach")
 }
 
+/// Subject for port-forward sessions (one TCP connection to a port inside a container) with
+/// `device`'s agent.
+pub fn portforward_subject(device: &DeviceId) -> String {
+    format!("{SUBJECT_PREFIX}{device}.portforward")
+}
+
 /// Every relay subject of `device` (what its agent subscribes to).
 pub fn device_wildcard(device: &DeviceId) -> String {
     format!("{SUBJECT_PREFIX}{device}.>")
@@ -94,6 +105,9 @@ pub enum FrameKind {
     End,
     /// An exec ended; the exit code is in [`EXIT_CODE`]. Followed by `End`.
     Exit,
+    /// Input bytes the agent has passed on so far ([`SEQ`] carries the total): a
+    /// port-forward requester keeps at most [`WINDOW_BYTES`] of input unacknowledged.
+    Ack,
 }
 
 /// Control messages, requester → agent.
@@ -122,7 +136,13 @@ macro_rules! header_names {
     };
 }
 
-header_names!(FrameKind { Stdout => "stdout", Stderr => "stderr", End => "end", Exit => "exit" });
+header_names!(FrameKind {
+    Stdout => "stdout",
+    Stderr => "stderr",
+    End => "end",
+    Exit => "exit",
+    Ack => "ack",
+});
 header_names!(ControlKind {
     Ack => "ack",
     Stdin => "stdin",
@@ -184,6 +204,18 @@ pub struct AttachRequest {
     pub tty: bool,
 }
 
+/// `kubectl port-forward`: one TCP connection to `port` on the loopback interface of the
+/// container resource's network namespace, its bytes both ways as stdin (control messages)
+/// and stdout (frames). The agent acknowledges input with [`FrameKind::Ack`] frames;
+/// [`ControlKind::StdinClose`] half-closes the connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortForwardRequest {
+    pub resource: ResourceId,
+    pub session: String,
+    pub port: u16,
+}
+
 fn yes() -> bool {
     true
 }
@@ -197,6 +229,8 @@ pub enum RequestError {
     Session,
     #[error("empty command")]
     EmptyCommand,
+    #[error("port 0 cannot be forwarded")]
+    Port,
 }
 
 fn check_session(s: &str) -> Result<(), RequestError> {
@@ -216,6 +250,16 @@ impl LogsRequest {
 impl AttachRequest {
     pub fn validate(&self) -> Result<(), RequestError> {
         check_session(&self.session)
+    }
+}
+
+impl PortForwardRequest {
+    pub fn validate(&self) -> Result<(), RequestError> {
+        check_session(&self.session)?;
+        if self.port == 0 {
+            return Err(RequestError::Port);
+        }
+        Ok(())
     }
 }
 
@@ -240,6 +284,7 @@ mod tests {
             FrameKind::Stderr,
             FrameKind::End,
             FrameKind::Exit,
+            FrameKind::Ack,
         ] {
             assert_eq!(FrameKind::parse(k.as_str()), Some(k));
         }

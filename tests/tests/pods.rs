@@ -180,7 +180,9 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
  {
     let env = TestEnv::builder().kube().nats().start().await.unwrap();
     let pm = PodmanSandbox::start().await.unwrap();
-    let fleet = Fleet::start(&env, &pm, "pi-pods", false, &[]).await;
+    let metrics_port = free_port().unwrap();
+    let metrics_flag = format!("--metrics-addr=127.0.0.1:{metrics_port}");
+    let fleet = Fleet::start(&env, &pm, "pi-pods", false, &[&metrics_flag]).await;
     let (client, pki, nodes) = (fleet.client.clone(), fleet.pki.clone(), fleet.nodes.clone());
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
@@ -423,6 +425,49 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
     assert_eq!(String::from_utf8_lossy(&out.stdout), "through stdin\n");
     let (code, _, _) = kubectl(&["exec", "web", "--", "sh", "-c", "exit 3"]);
     assert_eq!(code, Some(3), "the command's exit code comes back");
+    // port-forward: the apiserver proxies kubectl's WebSocket (SPDY tunnelled in it) to a
+    // node that declares WebSockets.
+    pods.create(
+        &PostParams::default(),
+        &port_forward_pod(&pm.image_1, "pi-pods"),
+    )
+    .await
+    .unwrap();
+    eventually(
+        "the port-forward pod Running",
+        Duration::from_secs(60),
+        || async {
+            let p = pods.get("pf").await.map_err(|e| e.to_string())?;
+            let phase = p.status.and_then(|s| s.phase);
+            (phase.as_deref() == Some("Running"))
+                .then_some(())
+                .ok_or(format!("{phase:?}"))
+        },
+    )
+    .await;
+    let (up, down) = port_forward_both_ways(&env, false).await;
+    eprintln!("port-forward tunnelled in a WebSocket: {up:.1} MiB/s up, {down:.1} MiB/s down");
+    let metrics = http_get(metrics_port, "/metrics").unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("fleetlet_bridge_kubelet_streams_total{")
+                && l.contains("subresource=\"portforward\"")
+                && l.contains("protocol=\"websocket\"")),
+        "port-forward came as a WebSocket: {metrics}"
+    );
+    pods.delete("pf", &Default::default()).await.unwrap();
+    eventually(
+        "the port-forward pod gone",
+        Duration::from_secs(60),
+        || async {
+            match pods.get_opt("pf").await.map_err(|e| e.to_string())? {
+                None => Ok(()),
+                Some(_) => Err("still there".to_string()),
+            }
+        },
+    )
+    .await;
     // The kubelet API itself: a client certificate is required, and nodes/proxy permission.
     let node = nodes.get("pi-pods").await.unwrap();
     let kport = node
@@ -885,6 +930,155 @@ async fn exec_and_attach_speak_spdy_to_an_apiserver_that_does_not_proxy_websocke
         let _ = attached.wait();
         assert!(spdy_count("attach").0 >= 1, "{how}: attach over SPDY");
     }
+
+    // port-forward, translated from kubectl's WebSocket and with kubectl speaking SPDY.
+    pods.create(
+        &PostParams::default(),
+        &port_forward_pod(&pm.image_1, "pi-spdy"),
+    )
+    .await
+    .unwrap();
+    eventually(
+        "the port-forward pod Running",
+        Duration::from_secs(60),
+        || async {
+            let p = pods.get("pf").await.map_err(|e| e.to_string())?;
+            let phase = p.status.and_then(|s| s.phase);
+            (phase.as_deref() == Some("Running"))
+                .then_some(())
+                .ok_or(format!("{phase:?}"))
+        },
+    )
+    .await;
+    for spdy_client in [false, true] {
+        let before = spdy_count("portforward");
+        let (up, down) = port_forward_both_ways(&env, spdy_client).await;
+        eprintln!(
+            "port-forward over SPDY (kubectl SPDY: {spdy_client}): {up:.1} MiB/s up, {down:.1} MiB/s down"
+        );
+        let after = spdy_count("portforward");
+        assert!(after.0 > before.0, "port-forward over SPDY");
+        assert_eq!(after.1, 0, "none over WebSockets");
+    }
+}
+
+/// A pod on `node` for port-forward checks: port 9000 answers the sha256 of what it is
+/// sent (once the sender half-closes), port 9001 sends 20 MiB of random bytes.
+fn port_forward_pod(image: &str, node: &str) -> Pod {
+    pod(
+        "pf",
+        node,
+        json!({ "containers": [{
+            "name": "main", "image": image,
+            "command": ["/bin/sh", "-c", "head -c 20971520 /dev/urandom > /tmp/blob; \
+                (while true; do nc -l -p 9001 -e cat /tmp/blob; done) & \
+                while true; do nc -l -p 9000 -e sha256sum; done"],
+            "ports": [{ "containerPort": 9000 }, { "containerPort": 9001 }]
+        }] }),
+    )
+}
+
+fn sha256_of(data: &[u8]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data");
+    std::fs::write(&path, data).unwrap();
+    let out = std::process::Command::new("sha256sum")
+        .arg(&path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// `kubectl port-forward` to the [`port_forward_pod`] `pf`: 20 MiB up (checked by the
+/// pod's sha256) and 20 MiB down (checked against the pod's file), each on a connection of
+/// its own. `spdy_client`: kubectl speaks SPDY to the apiserver instead of WebSockets.
+/// Returns the MiB/s seen up and down (reported, not asserted).
+async fn port_forward_both_ways(env: &TestEnv, spdy_client: bool) -> (f64, f64) {
+    let (up_port, down_port) = (free_port().unwrap(), free_port().unwrap());
+    let mut cmd = env.kubectl().unwrap();
+    if spdy_client {
+        cmd.env("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false");
+    }
+    let mut forward = cmd
+        .args([
+            "port-forward",
+            "--address=127.0.0.1",
+            "pod/pf",
+            &format!("{up_port}:9000"),
+            &format!("{down_port}:9001"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = output_of(&mut forward);
+    let mut seen = String::new();
+    while seen.matches("Forwarding from").count() < 2 {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(chunk) => seen.push_str(&chunk),
+            Err(_) => panic!("kubectl port-forward did not start: {seen:?}"),
+        }
+    }
+    // Pseudo-random bytes (xorshift): nothing compresses or repeats.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let data: Vec<u8> = (0..20 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let expected_up = sha256_of(&data);
+    let up = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", up_port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        s.write_all(&data).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        (answer, started.elapsed())
+    })
+    .await
+    .unwrap();
+    let answer =
+        up.0.split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+    assert_eq!(answer, expected_up, "20 MiB up arrived intact: {:?}", up.0);
+    let down = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", down_port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        (got, started.elapsed())
+    })
+    .await
+    .unwrap();
+    assert_eq!(down.0.len(), 20 << 20, "20 MiB down");
+    let out = env
+        .kubectl()
+        .unwrap()
+        .args(["exec", "pf", "--", "sha256sum", "/tmp/blob"])
+        .output()
+        .unwrap();
+    let pod_sum = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(sha256_of(&down.0), pod_sum, "20 MiB down arrived intact");
+    let _ = forward.kill();
+    let _ = forward.wait();
+    let mib_s = |d: Duration| 20.0 / d.as_secs_f64();
+    (mib_s(up.1), mib_s(down.1))
 }
 
 fn ready(p: &Pod) -> bool {

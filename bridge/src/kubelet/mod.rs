@@ -41,6 +41,7 @@ use tracing::{debug, info, warn};
 
 use crate::{frames::FrameRouter, metrics::Metrics};
 
+mod portforward;
 mod session;
 mod spdy;
 mod streams;
@@ -180,6 +181,10 @@ pub async fn serve(
             "/attach/{namespace}/{pod}/{container}",
             get(streams::attach).post(streams::attach),
         )
+        .route(
+            "/portForward/{namespace}/{pod}",
+            get(portforward::portforward).post(portforward::portforward),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .with_state(Ctx {
             client,
@@ -275,13 +280,13 @@ async fn authorize(ctx: &Ctx, id: &Identity, verb: &str, node: &str) -> Result<(
     }
 }
 
-/// The device and the container's resource id for `namespace/pod` container `container`.
-async fn target(
+/// The pod `namespace/pod`, its node and the node's device: the pod must be bound to a
+/// fleetlet node.
+async fn pod_target(
     ctx: &Ctx,
     namespace: &str,
     pod: &str,
-    container: &str,
-) -> Result<(String, DeviceId, fleetlet_protocol::ResourceId), Response> {
+) -> Result<(Pod, String, DeviceId), Response> {
     let p = Api::<Pod>::namespaced(ctx.client.clone(), namespace)
         .get_opt(pod)
         .await
@@ -304,6 +309,17 @@ async fn target(
             format!("{node} is not a fleetlet node"),
         )
     })?;
+    Ok((p, node, device))
+}
+
+/// The device and the container's resource id for `namespace/pod` container `container`.
+async fn target(
+    ctx: &Ctx,
+    namespace: &str,
+    pod: &str,
+    container: &str,
+) -> Result<(String, DeviceId, fleetlet_protocol::ResourceId), Response> {
+    let (p, node, device) = pod_target(ctx, namespace, pod).await?;
     let index = p
         .spec
         .as_ref()
@@ -395,7 +411,7 @@ async fn container_logs(
                         .body(Body::from_stream(body))
                         .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response"))
                 }
-                Some(Frame::Exit(_)) => text(StatusCode::OK, ""),
+                Some(Frame::Exit(_) | Frame::Acked) => text(StatusCode::OK, ""),
             }
         }
         Err(e) => text(StatusCode::BAD_GATEWAY, e.to_string()),

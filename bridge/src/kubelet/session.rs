@@ -8,7 +8,9 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use fleetlet_protocol::{
     DeviceId,
-    relay::{self, ACK_INTERVAL_SECS, ControlKind, FRAME, FrameKind, SEQ},
+    relay::{
+        self, ACK_INTERVAL_SECS, ControlKind, FRAME, FrameKind, MAX_CHUNK_BYTES, SEQ, WINDOW_BYTES,
+    },
 };
 use futures::Stream;
 
@@ -27,6 +29,7 @@ pub(super) enum OpenError {
     #[error("NATS: {0}")]
     Nats(#[from] async_nats::PublishError),
 }
+
 /// What a relay session delivers.
 pub(super) enum Frame {
     /// Output of the given stream (stdout or stderr).
@@ -34,6 +37,8 @@ pub(super) enum Frame {
     Exit(i32),
     /// The session ended, with an error message if it failed.
     End(Option<String>),
+    /// The agent passed on more input (port-forward): the input window may have reopened.
+    Acked,
 }
 
 /// The requester's side of a relay session: reads frames, acknowledges, cancels on drop.
@@ -44,6 +49,9 @@ pub(super) struct Session {
     consumed: u64,
     acked_at: tokio::time::Instant,
     ended: bool,
+    /// Input sent, and acknowledged by the agent (port-forward's flow control).
+    input_sent: u64,
+    input_acked: u64,
 }
 
 impl Session {
@@ -66,6 +74,8 @@ impl Session {
             consumed: 0,
             acked_at: tokio::time::Instant::now(),
             ended: false,
+            input_sent: 0,
+            input_acked: 0,
         })
     }
 
@@ -131,6 +141,17 @@ impl Session {
                         .unwrap_or(-1);
                     return Some(Frame::Exit(code));
                 }
+                Some(FrameKind::Ack) => {
+                    let n = msg
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(SEQ))
+                        .and_then(|v| v.as_str().parse::<u64>().ok());
+                    if let Some(n) = n {
+                        self.input_acked = self.input_acked.max(n.min(self.input_sent));
+                    }
+                    return Some(Frame::Acked);
+                }
                 Some(FrameKind::End) => {
                     self.ended = true;
                     let err = String::from_utf8_lossy(&msg.payload).into_owned();
@@ -141,6 +162,21 @@ impl Session {
         }
     }
 
+    /// Whether more input may be sent: less than [`WINDOW_BYTES`] unacknowledged.
+    pub(super) fn input_window_open(&self) -> bool {
+        self.input_sent - self.input_acked < WINDOW_BYTES
+    }
+
+    /// Input for a session whose agent acknowledges it (port-forward), in chunks of at
+    /// most [`MAX_CHUNK_BYTES`].
+    pub(super) async fn send_input(&mut self, data: Bytes) {
+        for chunk in data.chunks(MAX_CHUNK_BYTES) {
+            self.input_sent += chunk.len() as u64;
+            self.send_control(ControlKind::Stdin, data.slice_ref(chunk), None)
+                .await;
+        }
+    }
+
     /// The remaining output as a body stream; the session is cancelled if the body is dropped.
     pub(super) fn into_stream(self) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send {
         let guard = CancelOnDrop(Some(self));
@@ -148,7 +184,7 @@ impl Session {
             let s = g.0.as_mut()?;
             match s.next_frame().await {
                 Some(Frame::Data(_, b)) => Some((Ok(b), g)),
-                Some(Frame::Exit(_)) => Some((Ok(Bytes::new()), g)),
+                Some(Frame::Exit(_) | Frame::Acked) => Some((Ok(Bytes::new()), g)),
                 Some(Frame::End(None)) | None => None,
                 Some(Frame::End(Some(e))) => Some((Err(std::io::Error::other(e)), g)),
             }

@@ -25,7 +25,7 @@ use super::{
     text,
 };
 
-/// The remote command versions served over SPDY; v4 carries exit codes.
+/// The remote command version served over SPDY; v4 carries exit codes.
 const PROTOCOL: &str = "v4.channel.k8s.io";
 const PROTOCOL_HEADER: &str = "x-stream-protocol-version";
 /// How long a client has to open the streams it asked for (a kubelet's default).
@@ -46,26 +46,29 @@ fn offered(request: &Request) -> Vec<String> {
         .collect()
 }
 
-/// Answers the upgrade (101 with the negotiated protocol) and runs `job` on the upgraded
-/// connection. A client that offers no version this listener speaks gets 403, as from a
-/// kubelet.
-pub(super) fn upgrade_streams(mut request: Request, job: Job) -> Response {
+/// The connection an upgrade hands over.
+pub(super) type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+
+/// Answers an upgrade to SPDY/3.1 speaking `protocol` (101) and runs `serve` on the
+/// upgraded connection. A client that does not offer `protocol` gets 403, as from a kubelet.
+pub(super) fn upgrade<F, Fut>(mut request: Request, protocol: &'static str, serve: F) -> Response
+where
+    F: FnOnce(Conn<Upgraded>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
     let offered = offered(&request);
-    if !offered.iter().any(|p| p == PROTOCOL) {
+    if !offered.iter().any(|p| p == protocol) {
         return text(
             StatusCode::FORBIDDEN,
             format!(
-                "unable to upgrade: unable to negotiate protocol: client supports {offered:?}, server accepts [\"{PROTOCOL}\"]"
+                "unable to upgrade: unable to negotiate protocol: client supports {offered:?}, server accepts [\"{protocol}\"]"
             ),
         );
     }
     let upgraded = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         match upgraded.await {
-            Ok(io) => {
-                let conn = Conn::new(hyper_util::rt::TokioIo::new(io));
-                serve_streams(conn, job).await;
-            }
+            Ok(io) => serve(Conn::new(hyper_util::rt::TokioIo::new(io))).await,
             Err(e) => debug!(error = %e, "SPDY upgrade failed"),
         }
     });
@@ -73,9 +76,14 @@ pub(super) fn upgrade_streams(mut request: Request, job: Job) -> Response {
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "Upgrade")
         .header(header::UPGRADE, "SPDY/3.1")
-        .header(PROTOCOL_HEADER, PROTOCOL)
+        .header(PROTOCOL_HEADER, protocol)
         .body(Body::empty())
         .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "upgrade response"))
+}
+
+/// Exec or attach over SPDY (`v4.channel.k8s.io`).
+pub(super) fn upgrade_streams(request: Request, job: Job) -> Response {
+    upgrade(request, PROTOCOL, move |conn| serve_streams(conn, job))
 }
 
 /// Why a SPDY connection ended early.

@@ -296,6 +296,7 @@ pub(super) async fn relay(
                     }
                 }
                 Some(Frame::Exit(c)) => code = Some(c),
+                Some(Frame::Acked) => {}
                 Some(Frame::End(e)) => break e,
                 None => break Some("the device stopped answering".into()),
             },
