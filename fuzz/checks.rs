@@ -3,7 +3,7 @@
 
 use fleetlet_protocol::{
     AgentManifest, AgentStatus, Heartbeat, decode, encode,
-    relay::{AttachRequest, ExecRequest, LogsRequest, RequestError},
+    relay::{AttachRequest, ExecRequest, LogsRequest, PortForwardRequest, RequestError},
 };
 
 /// Bytes from the desired-state key, as an agent receives them (plain or signed envelope).
@@ -51,7 +51,7 @@ pub enum Relay {
     Accepted,
 }
 
-/// A relay request (logs, exec, attach), as an agent receives it from the bridge: decoded
+/// A relay request (logs, exec, attach, port-forward), as an agent receives it from the bridge: decoded
 /// and validated as the agent does. A refusal must have its reason in the request, an
 /// accepted request must be one the agent can answer (a session id that is one subject
 /// token), and it survives a round trip.
@@ -60,35 +60,43 @@ pub fn relay_request(data: &[u8]) -> Relay {
         return Relay::Undecodable;
     }
     let mut outcome = Relay::Undecodable;
-    let mut note = |r: Result<(), RequestError>, session: &str, empty_command: bool| match r {
-        Ok(()) => {
-            assert!(fleetlet_protocol::relay::valid_session(session));
-            assert!(!empty_command, "an empty command was accepted");
-            outcome = Relay::Accepted;
-        }
-        Err(RequestError::Session) => {
-            assert!(!fleetlet_protocol::relay::valid_session(session));
-            if outcome == Relay::Undecodable {
-                outcome = Relay::Refused;
+    // `problem`: what is wrong with the request besides its session, if anything.
+    let mut note = |r: Result<(), RequestError>, session: &str, problem: Option<RequestError>| {
+        let refused = r.is_err();
+        match r {
+            Ok(()) => {
+                assert!(fleetlet_protocol::relay::valid_session(session));
+                assert_eq!(problem, None, "accepted despite {problem:?}");
+                outcome = Relay::Accepted;
             }
-        }
-        Err(RequestError::EmptyCommand) => {
-            assert!(empty_command);
-            if outcome == Relay::Undecodable {
-                outcome = Relay::Refused;
+            Err(RequestError::Session) => {
+                assert!(!fleetlet_protocol::relay::valid_session(session));
             }
+            Err(e) => assert_eq!(Some(e), problem),
+        }
+        if refused && outcome == Relay::Undecodable {
+            outcome = Relay::Refused;
         }
     };
     if let Ok(r) = serde_json::from_slice::<LogsRequest>(data) {
-        note(r.validate(), &r.session, false);
+        note(r.validate(), &r.session, None);
         round_trip(&r);
     }
     if let Ok(r) = serde_json::from_slice::<ExecRequest>(data) {
-        note(r.validate(), &r.session, r.command.is_empty());
+        let problem = r.command.is_empty().then_some(RequestError::EmptyCommand);
+        note(r.validate(), &r.session, problem);
         round_trip(&r);
     }
     if let Ok(r) = serde_json::from_slice::<AttachRequest>(data) {
-        note(r.validate(), &r.session, false);
+        note(r.validate(), &r.session, None);
+        round_trip(&r);
+    }
+    if let Ok(r) = serde_json::from_slice::<PortForwardRequest>(data) {
+        note(
+            r.validate(),
+            &r.session,
+            (r.port == 0).then_some(RequestError::Port),
+        );
         round_trip(&r);
     }
     outcome
