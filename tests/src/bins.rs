@@ -43,6 +43,22 @@ fn env_name(bin: &str) -> String {
 }
 
 impl Binaries {
+    /// The Kubernetes minor version of the apiserver (`kube-apiserver --version`), e.g. 35
+    /// for v1.35.4; `None` if it cannot be told. Cached for the process.
+    pub fn kube_minor(&self) -> Option<u32> {
+        static MINOR: OnceLock<Option<u32>> = OnceLock::new();
+        *MINOR.get_or_init(|| {
+            let out = Command::new(&self.kube_apiserver)
+                .arg("--version")
+                .output()
+                .ok()?;
+            // "Kubernetes v1.35.4"
+            let text = String::from_utf8_lossy(&out.stdout);
+            let version = text.split_whitespace().last()?.trim_start_matches('v');
+            version.split('.').nth(1)?.parse().ok()
+        })
+    }
+
     /// Finds (and on first use builds) every binary. Cached for the process.
     pub fn locate() -> Result<&'static Binaries, Error> {
         static BINS: OnceLock<Result<Binaries, String>> = OnceLock::new();

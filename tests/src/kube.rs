@@ -86,10 +86,16 @@ impl KubeControlPlane {
             format!("--kubelet-client-key={}", p("admin.key")),
             format!("--kubelet-certificate-authority={}", p("ca.crt")),
             "--kubelet-preferred-address-types=InternalIP".into(),
-            // exec/attach reach kubelets over WebSockets when the Node declares support.
-            "--feature-gates=ExtendWebSocketsToKubelet=true,NodeDeclaredFeatures=true".into(),
             "--v=1".into(),
         ];
+        let mut args = args;
+        // 1.36+: exec, attach and port-forward reach kubelets over WebSockets when the Node
+        // declares support (before 1.36 the gates do not exist, and SPDY is spoken).
+        if bins.kube_minor().is_none_or(|minor| minor >= 36) {
+            args.push(
+                "--feature-gates=ExtendWebSocketsToKubelet=true,NodeDeclaredFeatures=true".into(),
+            );
+        }
         let mut apiserver = Service::spawn(
             "kube-apiserver",
             &bins.kube_apiserver,

@@ -18,6 +18,7 @@
 pub mod bench;
 pub mod bins;
 pub mod chart;
+pub mod compat;
 pub mod components;
 pub mod gitops;
 pub mod https;

@@ -10,7 +10,7 @@ use std::{
 };
 
 use fleetlet_testenv::{
-    TestEnv, components, eventually,
+    TestEnv, compat, components, eventually,
     process::{Service, free_port},
     sandbox::PodmanSandbox,
 };
@@ -25,6 +25,26 @@ fn http_get(port: u16, path: &str) -> Result<String, String> {
     let mut out = String::new();
     s.read_to_string(&mut out).map_err(|e| e.to_string())?;
     Ok(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned())
+}
+
+/// The protocols the bridge counted for `subresource` (`fleetlet_bridge_kubelet_streams`):
+/// "WebSocket", "SPDY", both, or "none".
+fn protocols_used(metrics_port: u16, subresource: &str) -> String {
+    let text = http_get(metrics_port, "/metrics").unwrap_or_default();
+    let used = |protocol: &str| {
+        text.lines().any(|l| {
+            l.starts_with("fleetlet_bridge_kubelet_streams_total{")
+                && l.contains(&format!("subresource=\"{subresource}\""))
+                && l.contains(&format!("protocol=\"{protocol}\""))
+                && !l.ends_with(" 0")
+        })
+    };
+    match (used("websocket"), used("spdy")) {
+        (true, true) => "WebSocket and SPDY".into(),
+        (true, false) => "WebSocket".into(),
+        (false, true) => "SPDY".into(),
+        (false, false) => "none".into(),
+    }
 }
 
 /// The control plane and one device: controller, bridge (with its kubelet API), an
@@ -425,6 +445,11 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
     assert_eq!(String::from_utf8_lossy(&out.stdout), "through stdin\n");
     let (code, _, _) = kubectl(&["exec", "web", "--", "sh", "-c", "exit 3"]);
     assert_eq!(code, Some(3), "the command's exit code comes back");
+    compat::passed(
+        "exec (output, `-i`, exit code)",
+        &protocols_used(metrics_port, "exec"),
+    );
+    compat::passed("attach", &protocols_used(metrics_port, "attach"));
     // port-forward: the apiserver proxies kubectl's WebSocket (SPDY tunnelled in it) to a
     // node that declares WebSockets.
     pods.create(
@@ -447,15 +472,14 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
     .await;
     let (up, down) = port_forward_both_ways(&env, false).await;
     eprintln!("port-forward tunnelled in a WebSocket: {up:.1} MiB/s up, {down:.1} MiB/s down");
-    let metrics = http_get(metrics_port, "/metrics").unwrap();
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("fleetlet_bridge_kubelet_streams_total{")
-                && l.contains("subresource=\"portforward\"")
-                && l.contains("protocol=\"websocket\"")),
-        "port-forward came as a WebSocket: {metrics}"
-    );
+    // 1.36+ proxies the WebSocket to a node that declares it; older apiservers speak SPDY.
+    let websockets = fleetlet_testenv::bins::Binaries::locate()
+        .unwrap()
+        .kube_minor()
+        .is_none_or(|minor| minor >= 36);
+    let expected = if websockets { "WebSocket" } else { "SPDY" };
+    assert_eq!(protocols_used(metrics_port, "portforward"), expected);
+    compat::passed("port-forward (20 MiB each way, checksums)", expected);
     pods.delete("pf", &Default::default()).await.unwrap();
     eventually(
         "the port-forward pod gone",
@@ -550,6 +574,7 @@ subjects: [{ apiGroup: rbac.authorization.k8s.io, kind: User, name: fleetlet-nob
     // Logs options and a terminal, as kubectl sends them.
     let (code, five, err) = kubectl(&["logs", "web", "--limit-bytes=5"]);
     assert_eq!((code, five.as_str()), (Some(0), "hello"), "{err}");
+    compat::passed("logs (`-f`, `--tail`, `--timestamps`, `--limit-bytes`)", "");
     std::thread::sleep(Duration::from_millis(1100));
     let since = std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
@@ -588,6 +613,11 @@ subjects: [{ apiGroup: rbac.authorization.k8s.io, kind: User, name: fleetlet-nob
     };
     assert!(terminal("-it").contains("is-a-tty"), "{}", terminal("-it"));
     assert!(terminal("-i").contains("not-a-tty"), "{}", terminal("-i"));
+    compat::passed("logs `--since`, `--since-time`", "");
+    compat::passed(
+        "exec `-it` (a terminal)",
+        &protocols_used(metrics_port, "exec"),
+    );
     // Every exec and attach is in the device's audit log.
     let agent_log = std::fs::read_to_string(fleet._dir.path().join("agent/agent.log")).unwrap();
     assert!(
@@ -881,6 +911,10 @@ async fn exec_and_attach_speak_spdy_to_an_apiserver_that_does_not_proxy_websocke
         let after = spdy_count("exec");
         assert_eq!(after.0 - before.0, 4, "{how}: four exec sessions over SPDY");
         assert_eq!(after.1, 0, "{how}: none over WebSockets");
+        compat::passed(
+            &format!("SPDY, {how}: exec (stdout, stderr, stdin, exit code, 1.3 MB intact)"),
+            "",
+        );
 
         // A terminal, sized by the client.
         let kubectl_bin = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
@@ -901,6 +935,10 @@ async fn exec_and_attach_speak_spdy_to_an_apiserver_that_does_not_proxy_websocke
         assert!(
             out.contains("31 97"),
             "{how}: a terminal of the client's size: {out:?}"
+        );
+        compat::passed(
+            &format!("SPDY, {how}: exec `-it` with the terminal's size"),
+            "",
         );
 
         // attach: the main process's output, live.
@@ -929,6 +967,7 @@ async fn exec_and_attach_speak_spdy_to_an_apiserver_that_does_not_proxy_websocke
         let _ = attached.kill();
         let _ = attached.wait();
         assert!(spdy_count("attach").0 >= 1, "{how}: attach over SPDY");
+        compat::passed(&format!("SPDY, {how}: attach"), "");
     }
 
     // port-forward, translated from kubectl's WebSocket and with kubectl speaking SPDY.
@@ -959,6 +998,11 @@ async fn exec_and_attach_speak_spdy_to_an_apiserver_that_does_not_proxy_websocke
         let after = spdy_count("portforward");
         assert!(after.0 > before.0, "port-forward over SPDY");
         assert_eq!(after.1, 0, "none over WebSockets");
+        let how = if spdy_client { "proxied" } else { "translated" };
+        compat::passed(
+            &format!("SPDY, {how}: port-forward (20 MiB each way, checksums)"),
+            "",
+        );
     }
 }
 
@@ -1174,6 +1218,7 @@ async fn deployments_run_on_devices_and_daemonsets_without_the_toleration_stay_o
         ])
         .unwrap();
     assert_eq!(running.lines().count(), 1, "{running}");
+    compat::passed("Deployment scheduled onto a virtual node", "");
     // The kubelet API's certificate came from a CSR the bridge filed and approved and the
     // controller-manager signed; the apiserver verified it to relay this exec.
     let out = env
@@ -1194,6 +1239,7 @@ async fn deployments_run_on_devices_and_daemonsets_without_the_toleration_stay_o
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    compat::passed("kubelet serving certificate from a CSR", "");
     let csrs: Api<k8s_openapi::api::certificates::v1::CertificateSigningRequest> =
         Api::all(client.clone());
     let issued = csrs.list(&Default::default()).await.unwrap().items;

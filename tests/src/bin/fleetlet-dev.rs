@@ -72,6 +72,13 @@ enum Cmd {
         #[arg(long, default_value = "docs/performance.md")]
         out: PathBuf,
     },
+    /// Write docs/compatibility.md from the runs scripts/compat left in `from`.
+    CompatibilityReport {
+        #[arg(long, default_value = "target/fleetlet-compat")]
+        from: PathBuf,
+        #[arg(long, default_value = "docs/compatibility.md")]
+        out: PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -103,6 +110,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::ReliabilityReport { from, out } => return reliability_report(&from, &out),
         Cmd::PerformanceReport { from, out } => {
             return Ok(fleetlet_testenv::report::performance(&from, &out)?);
+        }
+        Cmd::CompatibilityReport { from, out } => {
+            return Ok(fleetlet_testenv::compat::report(&from, &out)?);
         }
     };
     let files = if files.is_empty() {
