@@ -67,6 +67,9 @@ struct Inner {
     pulled_path: PathBuf,
     pulled: Mutex<BTreeSet<String>>,
     probes: Mutex<HashMap<ResourceId, ProbeState>>,
+    /// Times the agent started an exited container again (by container id): restarts
+    /// podman's own `RestartCount` does not see, when the agent got there first.
+    restarts: Mutex<HashMap<String, u32>>,
     /// `file.path_prefix`: host paths of mounts move with the files written there.
     host_prefix: Option<PathBuf>,
     /// Opens sealed environment values (a Pod's Secret).
@@ -182,6 +185,7 @@ impl ContainerReconciler {
                 pulled_path,
                 pulled: Mutex::new(pulled),
                 probes: Mutex::new(HashMap::new()),
+                restarts: Mutex::new(HashMap::new()),
                 host_prefix,
                 sealing: None,
             }),
@@ -236,6 +240,20 @@ impl ContainerReconciler {
                 None
             }
         }
+    }
+
+    /// How often container `cid` was restarted: podman's `RestartCount` (`podman`) and the
+    /// agent's own starts of it after it exited (remembered while the agent runs).
+    pub fn restart_count(&self, cid: &str, podman: Option<i32>) -> u32 {
+        let podman = podman.and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+        let ours = self
+            .inner
+            .restarts
+            .lock()
+            .ok()
+            .and_then(|r| r.get(cid).copied())
+            .unwrap_or(0);
+        podman.saturating_add(ours)
     }
 
     pub fn podman(&self) -> &Podman {
@@ -640,10 +658,7 @@ impl ContainerReconciler {
             container_id: short_id(&cid).to_owned(),
             image_digest: info.image_digest.clone(),
             state: status,
-            restart_count: info
-                .restart_count
-                .and_then(|n| u32::try_from(n).ok())
-                .unwrap_or(0),
+            restart_count: self.restart_count(&cid, info.restart_count),
             started_at: state
                 .and_then(|s| s.started_at)
                 .filter(|t| t.timestamp() > 0)
@@ -957,6 +972,11 @@ impl Reconciler for ContainerReconciler {
             if !state_ok(spec.restart_policy, status, state.and_then(|s| s.exit_code)) {
                 info!(resource = %id, container = %short_id(&cid), %status, "starting container");
                 self.start(&cid).await?;
+                if status != "created"
+                    && let Ok(mut r) = self.inner.restarts.lock()
+                {
+                    *r.entry(cid.clone()).or_default() += 1;
+                }
             }
             let info = self.inspect(&cid).await?;
             return Ok(self.details(id, spec, &info).await);

@@ -355,11 +355,13 @@ async fn logs_session(
     mut out: Output,
     mut control: mpsc::Receiver<Message>,
 ) {
-    debug!(resource = %req.resource, follow = req.follow, "logs session");
+    debug!(resource = %req.resource, follow = req.follow, previous = req.previous, "logs session");
+    let podman = containers.podman();
+    let container = podman.containers().get(&cid);
     let mut opts = ContainerLogsOpts::builder()
         .stdout(true)
         .stderr(true)
-        .follow(req.follow)
+        .follow(req.follow && !req.previous)
         .timestamps(req.timestamps)
         .tail(
             req.tail_lines
@@ -372,9 +374,10 @@ async fn logs_session(
             .unwrap_or(0);
         opts = opts.since(now.saturating_sub(s).to_string());
     }
+    if req.previous {
+        return previous_logs(containers, cid, req, out, control).await;
+    }
     let opts = opts.build();
-    let podman = containers.podman();
-    let container = podman.containers().get(&cid);
     let mut stream = container.logs(&opts);
     let mut budget = req.limit_bytes.unwrap_or(u64::MAX);
     let mut pending = Vec::new();
@@ -696,4 +699,178 @@ async fn connect_in_netns(pid: i64, port: u16) -> std::io::Result<tokio::net::Tc
         .await
         .map_err(|_| std::io::Error::other("the connecting thread ended early"))??;
     tokio::net::TcpStream::from_std(stream)
+}
+
+/// `kubectl logs --previous`: podman restarts a container in place and keeps one log, so
+/// the previous runs are the lines logged before the current run started. Lines are told
+/// apart by their timestamps: from podman's log file (`k8s-file`, nanoseconds) where there is
+/// one, else from its API (whole seconds: a run that crashed within the second it started
+/// may be counted as the previous one).
+async fn previous_logs(
+    containers: ContainerReconciler,
+    cid: String,
+    req: LogsRequest,
+    mut out: Output,
+    mut control: mpsc::Receiver<Message>,
+) {
+    let container = containers.podman().containers().get(&cid);
+    let info = match container.inspect().await {
+        Ok(i) => i,
+        Err(e) => {
+            return out
+                .end(Some(&format!("inspecting the container: {e}")))
+                .await;
+        }
+    };
+    let started = info.state.as_ref().and_then(|s| s.started_at);
+    let started = match (containers.restart_count(&cid, info.restart_count), started) {
+        (n, Some(t)) if n > 0 => t,
+        _ => {
+            let why = "previous terminated container not found: it has not restarted";
+            return out.end(Some(why)).await;
+        }
+    };
+    let log_file = info
+        .host_config
+        .as_ref()
+        .and_then(|h| h.log_config.as_ref())
+        .filter(|l| l.type_.as_deref() == Some("k8s-file"))
+        .and_then(|l| l.path.clone());
+    let lines = match log_file {
+        Some(path) => match tokio::fs::read(&path).await {
+            Ok(bytes) => Ok(k8s_file_lines(&bytes)),
+            Err(e) => Err(format!("reading the log {path}: {e}")),
+        },
+        None => api_log_lines(&container).await,
+    };
+    let lines = match lines {
+        Ok(l) => l,
+        Err(e) => return out.end(Some(&e)).await,
+    };
+    let tail = req.tail_lines.and_then(|n| usize::try_from(n).ok());
+    let mut kept: std::collections::VecDeque<LogLine> =
+        lines.into_iter().take_while(|l| l.at < started).collect();
+    while tail.is_some_and(|n| kept.len() > n) {
+        kept.pop_front();
+    }
+    let mut budget = req.limit_bytes.unwrap_or(u64::MAX);
+    let mut pending = Vec::new();
+    for l in kept {
+        let mut bytes = if req.timestamps {
+            let mut b =
+                l.at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+                    .into_bytes();
+            b.push(b' ');
+            b.extend_from_slice(&l.text);
+            b
+        } else {
+            l.text
+        };
+        bytes.truncate(usize::try_from(budget).unwrap_or(usize::MAX));
+        budget -= bytes.len() as u64;
+        if !out.data(l.kind, &bytes, &mut control, &mut pending).await || budget == 0 {
+            break;
+        }
+    }
+    out.end(None).await;
+}
+
+/// One line of a container's log, with its newline.
+struct LogLine {
+    at: chrono::DateTime<chrono::FixedOffset>,
+    kind: FrameKind,
+    text: Vec<u8>,
+}
+
+/// The lines of a `k8s-file` log: `<RFC 3339 time> <stdout|stderr> <F|P> <text>`, where `P`
+/// marks a part of a line continued by the next record.
+fn k8s_file_lines(bytes: &[u8]) -> Vec<LogLine> {
+    let mut lines = Vec::new();
+    let mut partial: Option<LogLine> = None;
+    for record in bytes.split(|b| *b == b'\n').filter(|r| !r.is_empty()) {
+        let mut fields = record.splitn(4, |b| *b == b' ');
+        let (Some(at), Some(stream), Some(tag)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let text = fields.next().unwrap_or_default();
+        let Some(at) = std::str::from_utf8(at)
+            .ok()
+            .and_then(|a| chrono::DateTime::parse_from_rfc3339(a).ok())
+        else {
+            continue;
+        };
+        let kind = if stream == b"stderr" {
+            FrameKind::Stderr
+        } else {
+            FrameKind::Stdout
+        };
+        let line = partial.get_or_insert_with(|| LogLine {
+            at,
+            kind,
+            text: Vec::new(),
+        });
+        line.text.extend_from_slice(text);
+        if tag != b"P"
+            && let Some(mut done) = partial.take()
+        {
+            done.text.push(b'\n');
+            lines.push(done);
+        }
+    }
+    lines
+}
+
+/// The log's lines from podman's API, with timestamps (whole seconds).
+async fn api_log_lines(container: &podman_api::api::Container) -> Result<Vec<LogLine>, String> {
+    let opts = ContainerLogsOpts::builder()
+        .stdout(true)
+        .stderr(true)
+        .timestamps(true)
+        .build();
+    let mut stream = container.logs(&opts);
+    let mut lines = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let (kind, bytes) = match chunk.map_err(|e| e.to_string())? {
+            TtyChunk::StdErr(b) => (FrameKind::Stderr, b),
+            TtyChunk::StdOut(b) | TtyChunk::StdIn(b) => (FrameKind::Stdout, b),
+        };
+        // One line per chunk: "<RFC 3339 time> <line>".
+        let Some(space) = bytes.iter().position(|b| *b == b' ') else {
+            continue;
+        };
+        let Some(at) = std::str::from_utf8(&bytes[..space])
+            .ok()
+            .and_then(|a| chrono::DateTime::parse_from_rfc3339(a).ok())
+        else {
+            continue;
+        };
+        lines.push(LogLine {
+            at,
+            kind,
+            text: bytes[space + 1..].to_vec(),
+        });
+    }
+    Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn k8s_file_records_join_partial_lines_and_keep_their_stream_and_time() {
+        let log = b"2026-11-30T01:26:35.812345678+00:00 stdout F run-1\n\
+                    2026-11-30T01:26:35.95+00:00 stderr P half \n\
+                    2026-11-30T01:26:35.96+00:00 stderr F and half\n\
+                    not a record\n\
+                    2026-11-30T01:26:36Z stdout F \n";
+        let lines = k8s_file_lines(log);
+        let texts: Vec<&[u8]> = lines.iter().map(|l| l.text.as_slice()).collect();
+        assert_eq!(texts, [&b"run-1\n"[..], b"half and half\n", b"\n"]);
+        assert_eq!(lines[1].kind, FrameKind::Stderr);
+        assert_eq!(lines[0].at.timestamp_subsec_nanos(), 812_345_678);
+        // A joined line has the time of its first part.
+        assert_eq!(lines[1].at.timestamp_subsec_millis(), 950);
+    }
 }

@@ -226,5 +226,9 @@ pub fn json_schemas() -> Vec<(&'static str, schemars::Schema)> {
             "relay-attach-request.schema.json",
             schemars::schema_for!(relay::AttachRequest),
         ),
+        (
+            "relay-portforward-request.schema.json",
+            schemars::schema_for!(relay::PortForwardRequest),
+        ),
     ]
 }

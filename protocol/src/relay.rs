@@ -169,6 +169,10 @@ pub struct LogsRequest {
     /// Stop after this many bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit_bytes: Option<u64>,
+    /// The output of the container's previous runs (before it was last restarted) instead
+    /// of its current one; refused if it has not restarted (`kubectl logs --previous`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub previous: bool,
 }
 
 /// `kubectl exec` in one container resource.

@@ -24,9 +24,12 @@ pub fn passed(feature: &str, detail: &str) {
 pub const FEATURES: &[&str] = &[
     "logs (`-f`, `--tail`, `--timestamps`, `--limit-bytes`)",
     "logs `--since`, `--since-time`",
+    "logs `--previous`",
     "exec (output, `-i`, exit code)",
     "exec `-it` (a terminal)",
     "attach",
+    "exec `-c` (a named container)",
+    "cp (1.2 MB there and back)",
     "port-forward (20 MiB each way, checksums)",
     "SPDY, translated: exec (stdout, stderr, stdin, exit code, 1.3 MB intact)",
     "SPDY, translated: exec `-it` with the terminal's size",

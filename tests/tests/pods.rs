@@ -817,10 +817,23 @@ async fn exec_and_attach_speak_spdy_to_an_apiserver_that_does_not_proxy_websocke
         "pi-spdy",
         json!({ "containers": [{
             "name": "main", "image": pm.image_1,
-            "command": ["/bin/sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done"]
+            "command": ["/bin/sh", "-c", "echo main > /tmp/me; i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done"]
+        }, {
+            "name": "side", "image": pm.image_1,
+            "command": ["/bin/sh", "-c", "echo side > /tmp/me; exec sleep 3600"]
         }] }),
     );
     pods.create(&PostParams::default(), &ticker).await.unwrap();
+    // Restarts once: its first run exits 1, the second stays up.
+    let crasher = pod(
+        "crasher",
+        "pi-spdy",
+        json!({ "restartPolicy": "Always", "containers": [{
+            "name": "main", "image": pm.image_1,
+            "command": ["/bin/sh", "-c", "n=$(( $(cat /tmp/n 2>/dev/null || echo 0) + 1 )); echo $n > /tmp/n; echo run-$n; [ $n -ge 2 ] || exit 1; exec sleep 3600"]
+        }] }),
+    );
+    pods.create(&PostParams::default(), &crasher).await.unwrap();
     eventually("the pod Running", Duration::from_secs(60), || async {
         let p = pods.get("ticker").await.map_err(|e| e.to_string())?;
         let phase = p.status.and_then(|s| s.phase);
@@ -918,7 +931,7 @@ async fn exec_and_attach_speak_spdy_to_an_apiserver_that_does_not_proxy_websocke
 
         // A terminal, sized by the client.
         let kubectl_bin = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
-        let out = std::process::Command::new("script")
+        let mut out = std::process::Command::new("script")
             .args([
                 "-qec",
                 &format!("stty cols 97 rows 31; {kubectl_bin} exec -it ticker -- sh -c '[ -t 1 ] && stty size'"),
@@ -929,9 +942,22 @@ async fn exec_and_attach_speak_spdy_to_an_apiserver_that_does_not_proxy_websocke
                 "KUBECTL_REMOTE_COMMAND_WEBSOCKETS",
                 if kubectl_spdy { "false" } else { "true" },
             )
-            .output()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
-        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        // The terminal's input stays open until the command is done, as a person's would:
+        // an input that ends at once sends ^D into a command that may already be gone.
+        let input = out.stdin.take();
+        let mut text = String::new();
+        out.stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        let _ = out.wait();
+        drop(input);
+        let out = text;
         assert!(
             out.contains("31 97"),
             "{how}: a terminal of the client's size: {out:?}"
@@ -969,6 +995,68 @@ async fn exec_and_attach_speak_spdy_to_an_apiserver_that_does_not_proxy_websocke
         assert!(spdy_count("attach").0 >= 1, "{how}: attach over SPDY");
         compat::passed(&format!("SPDY, {how}: attach"), "");
     }
+
+    // A named container, and the default one (the first).
+    let kubectl_out = |args: &[&str]| {
+        let out = env.kubectl().unwrap().args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (_, me, err) = kubectl_out(&["exec", "ticker", "-c", "side", "--", "cat", "/tmp/me"]);
+    assert_eq!(me, "side\n", "{err}");
+    let (_, me, err) = kubectl_out(&["exec", "ticker", "--", "cat", "/tmp/me"]);
+    assert_eq!(me, "main\n", "{err}");
+    compat::passed("exec `-c` (a named container)", "");
+    // kubectl cp both ways (tar through exec).
+    let dir = tempfile::tempdir().unwrap();
+    let sent: Vec<u8> = (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    std::fs::write(dir.path().join("up.bin"), &sent).unwrap();
+    let up = dir.path().join("up.bin").display().to_string();
+    let (code, _, err) = kubectl_out(&["cp", &up, "ticker:/tmp/up.bin", "-c", "side"]);
+    assert_eq!(code, Some(0), "kubectl cp to the pod: {err}");
+    let down = dir.path().join("down.bin").display().to_string();
+    let (code, _, err) = kubectl_out(&["cp", "ticker:/tmp/up.bin", &down, "-c", "side"]);
+    assert_eq!(code, Some(0), "kubectl cp from the pod: {err}");
+    assert!(
+        std::fs::read(&down).unwrap() == sent,
+        "1.2 MB copied there and back intact"
+    );
+    compat::passed("cp (1.2 MB there and back)", "");
+    // logs --previous: refused before a restart, the earlier run's output after one.
+    let (code, _, err) = kubectl_out(&["logs", "ticker", "--previous"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("previous terminated container"), "{err}");
+    eventually(
+        "crasher restarted once",
+        Duration::from_secs(60),
+        || async {
+            let p = pods.get("crasher").await.map_err(|e| e.to_string())?;
+            let st = p.status.unwrap_or_default();
+            let restarts = st
+                .container_statuses
+                .iter()
+                .flatten()
+                .map(|c| c.restart_count)
+                .sum::<i32>();
+            (restarts >= 1 && st.phase.as_deref() == Some("Running"))
+                .then_some(())
+                .ok_or(format!("{restarts} restarts, {:?}", st.phase))
+        },
+    )
+    .await;
+    let all = eventually("both runs logged", Duration::from_secs(30), || async {
+        let (_, all, _) = kubectl_out(&["logs", "crasher"]);
+        (all.lines().count() == 2).then_some(all.clone()).ok_or(all)
+    })
+    .await;
+    let (code, previous, err) = kubectl_out(&["logs", "crasher", "--previous"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(all, "run-1\nrun-2\n");
+    assert_eq!(previous, "run-1\n", "the first run only");
+    compat::passed("logs `--previous`", "");
 
     // port-forward, translated from kubectl's WebSocket and with kubectl speaking SPDY.
     pods.create(

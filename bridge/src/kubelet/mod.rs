@@ -346,6 +346,8 @@ struct LogsQuery {
     #[serde(default)]
     timestamps: Option<String>,
     limit_bytes: Option<u64>,
+    #[serde(default)]
+    previous: Option<String>,
 }
 
 fn truthy(v: &Option<String>) -> bool {
@@ -385,6 +387,7 @@ async fn container_logs(
         since_seconds,
         timestamps: truthy(&q.timestamps),
         limit_bytes: q.limit_bytes,
+        previous: truthy(&q.previous),
     };
     debug!(%device, resource = %req.resource, follow = req.follow, "relaying logs");
     match Session::open(
@@ -400,6 +403,11 @@ async fn container_logs(
         Ok(mut s) => {
             // The first frame tells a refusal (unknown container) from a log.
             match s.next_frame().await {
+                // As from a kubelet: no previous run is a bad request, the rest not found.
+                Some(Frame::End(Some(err))) if req.previous => text(
+                    StatusCode::BAD_REQUEST,
+                    format!("container \"{container}\" in pod \"{pod}\": {err}"),
+                ),
                 Some(Frame::End(Some(err))) => text(StatusCode::NOT_FOUND, err),
                 Some(Frame::End(None)) | None => text(StatusCode::OK, ""),
                 Some(Frame::Data(_, first)) => {
