@@ -40,7 +40,7 @@ use fleetlet_protocol::{
 };
 use futures::StreamExt;
 use tokio::{sync::Notify, time::Instant};
-use tracing::info;
+use tracing::{info, warn};
 
 pub use metrics::Metrics;
 pub use mirror::{Mirror, Writes};
@@ -334,6 +334,31 @@ impl Watches {
     }
 }
 
+/// Whether this apiserver knows `ExtendWebSocketsToKubelet` (1.36+). Older ones speak
+/// SPDY to kubelets whatever a Node says, and before 1.35 reject Node statuses that carry
+/// `declaredFeatures` at all.
+async fn declares_websockets(client: &Client) -> bool {
+    match client.apiserver_version().await {
+        Ok(info) => {
+            let minor: String = info
+                .minor
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            let known = info.major == "1" && minor.parse::<u32>().is_ok_and(|m| m >= 36)
+                || info.major.parse::<u32>().is_ok_and(|m| m > 1);
+            if !known {
+                info!(version = %info.git_version, "this apiserver speaks SPDY to kubelets: the Nodes do not declare WebSockets");
+            }
+            known
+        }
+        Err(e) => {
+            warn!(error = %e, "apiserver version unknown; declaring WebSockets on the Nodes");
+            true
+        }
+    }
+}
+
 /// Starts the kubelet API every virtual node points at; returns the endpoint the Nodes
 /// advertise and the server.
 async fn start_kubelet(
@@ -387,7 +412,7 @@ async fn start_kubelet(
     let endpoint = view::KubeletEndpoint {
         address: advertise.to_string(),
         port: addr.port(),
-        websockets: args.kubelet_websockets,
+        websockets: args.kubelet_websockets && declares_websockets(client).await,
     };
     Ok((endpoint, server))
 }
