@@ -736,6 +736,7 @@ async fn previous_logs(
         .and_then(|h| h.log_config.as_ref())
         .filter(|l| l.type_.as_deref() == Some("k8s-file"))
         .and_then(|l| l.path.clone());
+    info!(resource = %req.resource, %started, log_file = ?log_file, "previous logs");
     let lines = match log_file {
         Some(path) => match tokio::fs::read(&path).await {
             Ok(bytes) => Ok(k8s_file_lines(&bytes)),

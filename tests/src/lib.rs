@@ -25,6 +25,7 @@ pub mod https;
 pub mod kube;
 pub mod nats;
 pub mod pki;
+pub mod pods;
 pub mod process;
 pub mod proxy;
 pub mod report;

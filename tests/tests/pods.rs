@@ -11,10 +11,11 @@ use std::{
 
 use fleetlet_testenv::{
     TestEnv, compat, components, eventually,
+    pods::{PodFleet, port_forward_pod, port_forward_transfer},
     process::{Service, free_port},
     sandbox::PodmanSandbox,
 };
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod};
 use kube::{Api, api::PostParams};
 use serde_json::json;
 
@@ -44,112 +45,6 @@ fn protocols_used(metrics_port: u16, subresource: &str) -> String {
         (true, false) => "WebSocket".into(),
         (false, true) => "SPDY".into(),
         (false, false) => "none".into(),
-    }
-}
-
-/// The control plane and one device: controller, bridge (with its kubelet API), an
-/// EdgeDevice, and its agent running containers in `pm`.
-struct Fleet {
-    client: kube::Client,
-    pki: std::path::PathBuf,
-    nodes: Api<Node>,
-    _dir: tempfile::TempDir,
-    _services: Vec<Service>,
-}
-
-impl Fleet {
-    /// `csr`: the kubelet API gets its serving certificate from a CertificateSigningRequest
-    /// (needs the controller-manager's signer) instead of files.
-    /// `bridge_flags`: more flags for the bridge.
-    async fn start(
-        env: &TestEnv,
-        pm: &PodmanSandbox,
-        device: &str,
-        csr: bool,
-        bridge_flags: &[&str],
-    ) -> Self {
-        let client = env.kube_client().await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let bins = components::bin_dir().unwrap();
-        // The controller and the bridge run with the chart's ServiceAccounts and RBAC: what
-        // they do here is what they may do when installed with `helm install`.
-        let chart = env
-            .install_chart("fleetlet", "fleetlet-system", &[])
-            .unwrap();
-        let controller = components::start_controller_as(
-            env,
-            &chart.controller_kubeconfig,
-            &bins,
-            dir.path(),
-            &["--resync-seconds=2"],
-        )
-        .unwrap();
-        let pki = env.kube.as_ref().unwrap().pki_dir.clone();
-        let mut kubelet_flags = vec![
-            "--kubelet-listen=127.0.0.1:0".to_string(),
-            format!("--kubelet-client-ca-file={}", pki.join("ca.crt").display()),
-        ];
-        if csr {
-            kubelet_flags.push("--kubelet-serving-csr".into());
-        } else {
-            let file = |flag: &str, name: &str| format!("--{flag}={}", pki.join(name).display());
-            kubelet_flags.push(file("kubelet-tls-cert-file", "apiserver.crt"));
-            kubelet_flags.push(file("kubelet-tls-key-file", "apiserver.key"));
-        }
-        kubelet_flags.extend(bridge_flags.iter().map(|f| f.to_string()));
-        let kubelet_flags: Vec<&str> = kubelet_flags.iter().map(String::as_str).collect();
-        let bridge = components::start_bridge_as(
-            env,
-            &chart.bridge_kubeconfig,
-            &bins,
-            dir.path(),
-            &kubelet_flags,
-        )
-        .unwrap();
-        let edge: fleetlet_crds::EdgeDevice = serde_json::from_value(json!({
-            "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice",
-            "metadata": { "name": device, "namespace": "default" }, "spec": {}
-        }))
-        .unwrap();
-        Api::<fleetlet_crds::EdgeDevice>::namespaced(client.clone(), "default")
-            .create(&PostParams::default(), &edge)
-            .await
-            .unwrap();
-        let agent_dir = dir.path().join("agent");
-        std::fs::create_dir_all(agent_dir.join("root")).unwrap();
-        let config = agent_dir.join("agent.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "device_id = \"{device}\"\nstate_dir = \"{state}\"\n[nats]\nurls = [\"{url}\"]\n\
-                 [reconcile]\ndrift_interval_seconds = 2\nheartbeat_interval_seconds = 1\nbackoff_initial_ms = 200\nbackoff_max_ms = 1000\n\
-                 [trust]\nallow_unsigned = true\n\
-                 [file]\nallowed_roots = [\"/opt/fleetlet\"]\npath_prefix = \"{root}\"\n\
-                 [container]\nsocket = \"{socket}\"\nname_prefix = \"{device}-\"\ninsecure_registries = [\"{registry}\"]\nstop_timeout_seconds = 1\n",
-                state = agent_dir.join("state").display(),
-                url = env.nats_url().unwrap(),
-                root = agent_dir.join("root").display(),
-                socket = pm.socket.display(),
-                registry = pm.registry,
-            ),
-        )
-        .unwrap();
-        let agent = Service::spawn(
-            "fleetlet-agent",
-            &bins.join("fleetlet-agent"),
-            &["--config".into(), config.display().to_string()],
-            agent_dir.join("agent.log"),
-        )
-        .unwrap();
-        env.wait_node_ready(device).await;
-        let nodes: Api<Node> = Api::all(client.clone());
-        Self {
-            client,
-            pki,
-            nodes,
-            _dir: dir,
-            _services: vec![agent, bridge, controller],
-        }
     }
 }
 
@@ -202,7 +97,9 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
     let pm = PodmanSandbox::start().await.unwrap();
     let metrics_port = free_port().unwrap();
     let metrics_flag = format!("--metrics-addr=127.0.0.1:{metrics_port}");
-    let fleet = Fleet::start(&env, &pm, "pi-pods", false, &[&metrics_flag]).await;
+    let fleet = PodFleet::start(&env, &pm, "pi-pods", false, &[&metrics_flag])
+        .await
+        .unwrap();
     let (client, pki, nodes) = (fleet.client.clone(), fleet.pki.clone(), fleet.nodes.clone());
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
@@ -454,7 +351,7 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
     // node that declares WebSockets.
     pods.create(
         &PostParams::default(),
-        &port_forward_pod(&pm.image_1, "pi-pods"),
+        &port_forward_pod(&pm.image_1, "pi-pods", 20).unwrap(),
     )
     .await
     .unwrap();
@@ -619,7 +516,7 @@ subjects: [{ apiGroup: rbac.authorization.k8s.io, kind: User, name: fleetlet-nob
         &protocols_used(metrics_port, "exec"),
     );
     // Every exec and attach is in the device's audit log.
-    let agent_log = std::fs::read_to_string(fleet._dir.path().join("agent/agent.log")).unwrap();
+    let agent_log = std::fs::read_to_string(fleet.dir.path().join("agent/agent.log")).unwrap();
     assert!(
         agent_log.lines().any(|l| l.contains("fleetlet::audit")
             && l.contains("exec session")
@@ -703,7 +600,7 @@ subjects: [{ apiGroup: rbac.authorization.k8s.io, kind: User, name: fleetlet-nob
         .await
         .unwrap();
     let mut fleet = fleet;
-    fleet._services[0].stop();
+    fleet.services[0].stop();
     let unready = eventually("web Ready=False", Duration::from_secs(30), || async {
         let p = pods.get("web").await.map_err(|e| e.to_string())?;
         let st = p.status.clone().unwrap_or_default();
@@ -749,7 +646,7 @@ subjects: [{ apiGroup: rbac.authorization.k8s.io, kind: User, name: fleetlet-nob
     tokio::time::sleep(Duration::from_secs(6)).await;
     let waiting = pods.get("web").await.unwrap();
     assert!(waiting.metadata.deletion_timestamp.is_some(), "Terminating");
-    let agent_dir = fleet._dir.path().join("agent");
+    let agent_dir = fleet.dir.path().join("agent");
     let _agent = Service::spawn(
         "fleetlet-agent",
         &components::bin_dir().unwrap().join("fleetlet-agent"),
@@ -797,14 +694,15 @@ async fn exec_and_attach_speak_spdy_to_an_apiserver_that_does_not_proxy_websocke
     let pm = PodmanSandbox::start().await.unwrap();
     let metrics_port = free_port().unwrap();
     let metrics_flag = format!("--metrics-addr=127.0.0.1:{metrics_port}");
-    let fleet = Fleet::start(
+    let fleet = PodFleet::start(
         &env,
         &pm,
         "pi-spdy",
         false,
         &["--kubelet-websockets=false", &metrics_flag],
     )
-    .await;
+    .await
+    .unwrap();
     let node = fleet.nodes.get("pi-spdy").await.unwrap();
     assert_eq!(
         node.status.unwrap().declared_features.unwrap_or_default(),
@@ -1055,13 +953,18 @@ async fn exec_and_attach_speak_spdy_to_an_apiserver_that_does_not_proxy_websocke
     let (code, previous, err) = kubectl_out(&["logs", "crasher", "--previous"]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(all, "run-1\nrun-2\n");
-    assert_eq!(previous, "run-1\n", "the first run only");
+    let agent_log = std::fs::read_to_string(fleet.dir.path().join("agent/agent.log")).unwrap();
+    let context: Vec<&str> = agent_log
+        .lines()
+        .filter(|l| l.contains("previous logs") || l.contains("starting container"))
+        .collect();
+    assert_eq!(previous, "run-1\n", "the first run only: {context:#?}");
     compat::passed("logs `--previous`", "");
 
     // port-forward, translated from kubectl's WebSocket and with kubectl speaking SPDY.
     pods.create(
         &PostParams::default(),
-        &port_forward_pod(&pm.image_1, "pi-spdy"),
+        &port_forward_pod(&pm.image_1, "pi-spdy", 20).unwrap(),
     )
     .await
     .unwrap();
@@ -1094,123 +997,11 @@ async fn exec_and_attach_speak_spdy_to_an_apiserver_that_does_not_proxy_websocke
     }
 }
 
-/// A pod on `node` for port-forward checks: port 9000 answers the sha256 of what it is
-/// sent (once the sender half-closes), port 9001 sends 20 MiB of random bytes.
-fn port_forward_pod(image: &str, node: &str) -> Pod {
-    pod(
-        "pf",
-        node,
-        json!({ "containers": [{
-            "name": "main", "image": image,
-            "command": ["/bin/sh", "-c", "head -c 20971520 /dev/urandom > /tmp/blob; \
-                (while true; do nc -l -p 9001 -e cat /tmp/blob; done) & \
-                while true; do nc -l -p 9000 -e sha256sum; done"],
-            "ports": [{ "containerPort": 9000 }, { "containerPort": 9001 }]
-        }] }),
-    )
-}
-
-fn sha256_of(data: &[u8]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("data");
-    std::fs::write(&path, data).unwrap();
-    let out = std::process::Command::new("sha256sum")
-        .arg(&path)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
-/// `kubectl port-forward` to the [`port_forward_pod`] `pf`: 20 MiB up (checked by the
-/// pod's sha256) and 20 MiB down (checked against the pod's file), each on a connection of
-/// its own. `spdy_client`: kubectl speaks SPDY to the apiserver instead of WebSockets.
-/// Returns the MiB/s seen up and down (reported, not asserted).
+/// `kubectl port-forward` to the pod `pf`: 20 MiB each way, checked; MiB/s up and down.
 async fn port_forward_both_ways(env: &TestEnv, spdy_client: bool) -> (f64, f64) {
-    let (up_port, down_port) = (free_port().unwrap(), free_port().unwrap());
-    let mut cmd = env.kubectl().unwrap();
-    if spdy_client {
-        cmd.env("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false");
-    }
-    let mut forward = cmd
-        .args([
-            "port-forward",
-            "--address=127.0.0.1",
-            "pod/pf",
-            &format!("{up_port}:9000"),
-            &format!("{down_port}:9001"),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = output_of(&mut forward);
-    let mut seen = String::new();
-    while seen.matches("Forwarding from").count() < 2 {
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(chunk) => seen.push_str(&chunk),
-            Err(_) => panic!("kubectl port-forward did not start: {seen:?}"),
-        }
-    }
-    // Pseudo-random bytes (xorshift): nothing compresses or repeats.
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let data: Vec<u8> = (0..20 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    let expected_up = sha256_of(&data);
-    let up = tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", up_port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        s.write_all(&data).unwrap();
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).unwrap();
-        (answer, started.elapsed())
-    })
-    .await
-    .unwrap();
-    let answer =
-        up.0.split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-    assert_eq!(answer, expected_up, "20 MiB up arrived intact: {:?}", up.0);
-    let down = tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", down_port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        let mut got = Vec::new();
-        s.read_to_end(&mut got).unwrap();
-        (got, started.elapsed())
-    })
-    .await
-    .unwrap();
-    assert_eq!(down.0.len(), 20 << 20, "20 MiB down");
-    let out = env
-        .kubectl()
-        .unwrap()
-        .args(["exec", "pf", "--", "sha256sum", "/tmp/blob"])
-        .output()
-        .unwrap();
-    let pod_sum = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    assert_eq!(sha256_of(&down.0), pod_sum, "20 MiB down arrived intact");
-    let _ = forward.kill();
-    let _ = forward.wait();
+    let t = port_forward_transfer(env, spdy_client, 20).await.unwrap();
     let mib_s = |d: Duration| 20.0 / d.as_secs_f64();
-    (mib_s(up.1), mib_s(down.1))
+    (mib_s(t.up), mib_s(t.down))
 }
 
 fn ready(p: &Pod) -> bool {
@@ -1236,7 +1027,9 @@ async fn deployments_run_on_devices_and_daemonsets_without_the_toleration_stay_o
         .await
         .unwrap();
     let pm = PodmanSandbox::start().await.unwrap();
-    let fleet = Fleet::start(&env, &pm, "pi-work", true, &[]).await;
+    let fleet = PodFleet::start(&env, &pm, "pi-work", true, &[])
+        .await
+        .unwrap();
     let client = fleet.client.clone();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let template = |app: &str, tolerate: bool| {
