@@ -702,7 +702,7 @@ async fn connect_in_netns(pid: i64, port: u16) -> std::io::Result<tokio::net::Tc
 }
 
 /// `kubectl logs --previous`: podman restarts a container in place and keeps one log, so
-/// the previous runs are the lines logged before the current run started. Lines are told
+/// the previous runs are the lines logged before the last run ended. Lines are told
 /// apart by their timestamps: from podman's log file (`k8s-file`, nanoseconds) where there is
 /// one, else from its API (whole seconds: a run that crashed within the second it started
 /// may be counted as the previous one).
@@ -722,8 +722,23 @@ async fn previous_logs(
                 .await;
         }
     };
-    let started = info.state.as_ref().and_then(|s| s.started_at);
-    let started = match (containers.restart_count(&cid, info.restart_count), started) {
+    // Neither recorded time is an exact boundary in the log: conmon stamps a line when it
+    // reads it, so the previous run's last lines can be stamped just after its recorded
+    // exit, and the current run's first lines just before its recorded start. Between the
+    // two lies the restart itself (a reconcile pass or podman's restart handling): the
+    // middle of that gap divides the runs.
+    let state = info.state.as_ref();
+    let finished = state
+        .and_then(|s| s.finished_at)
+        .filter(|t| t.timestamp() > 0);
+    let current = state
+        .and_then(|s| s.started_at)
+        .filter(|t| t.timestamp() > 0);
+    let ended = match (finished, current) {
+        (Some(f), Some(c)) if c > f => Some(f + (c - f) / 2),
+        (f, c) => f.or(c),
+    };
+    let started = match (containers.restart_count(&cid, info.restart_count), ended) {
         (n, Some(t)) if n > 0 => t,
         _ => {
             let why = "previous terminated container not found: it has not restarted";
@@ -750,7 +765,7 @@ async fn previous_logs(
     };
     let tail = req.tail_lines.and_then(|n| usize::try_from(n).ok());
     let mut kept: std::collections::VecDeque<LogLine> =
-        lines.into_iter().take_while(|l| l.at < started).collect();
+        lines.into_iter().take_while(|l| l.at <= started).collect();
     while tail.is_some_and(|n| kept.len() > n) {
         kept.pop_front();
     }

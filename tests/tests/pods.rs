@@ -958,7 +958,15 @@ async fn exec_and_attach_speak_spdy_to_an_apiserver_that_does_not_proxy_websocke
         .lines()
         .filter(|l| l.contains("previous logs") || l.contains("starting container"))
         .collect();
-    assert_eq!(previous, "run-1\n", "the first run only: {context:#?}");
+    let podman_log: Vec<String> = context
+        .iter()
+        .filter_map(|l| l.split("log_file=Some(\"").nth(1)?.split('"').next())
+        .map(|path| std::fs::read_to_string(path).unwrap_or_default())
+        .collect();
+    assert_eq!(
+        previous, "run-1\n",
+        "the first run only: {context:#?} {podman_log:#?}"
+    );
     compat::passed("logs `--previous`", "");
 
     // port-forward, translated from kubectl's WebSocket and with kubectl speaking SPDY.

@@ -98,7 +98,7 @@ impl Session {
         }
         loop {
             let wait = Duration::from_secs(ACK_INTERVAL_SECS);
-            let msg = match tokio::time::timeout(wait, self.frames.frames.recv()).await {
+            let msg = match tokio::time::timeout(wait, self.frames.recv()).await {
                 Ok(Some(m)) => m,
                 Ok(None) => return None,
                 Err(_) => {
