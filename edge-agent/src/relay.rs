@@ -511,6 +511,8 @@ where
     let (mut reader, writer) = mux.split();
     let mut writer = Some(Box::pin(writer));
     let mut error = None;
+    // Stdin passed on, and acknowledged to the requester (which keeps a window of it).
+    let (mut written, mut acked) = (0u64, 0u64);
     'session: loop {
         for c in std::mem::take(&mut pending) {
             match c {
@@ -519,6 +521,14 @@ where
                         && w.write_all(&b).await.is_err()
                     {
                         writer = None;
+                    }
+                    // Input for a closed stdin is consumed too: dropped, as a pipe would.
+                    written += b.len() as u64;
+                    if written - acked >= INPUT_ACK_BYTES {
+                        acked = written;
+                        if !out.ack(written).await {
+                            break 'session;
+                        }
                     }
                 }
                 Control::StdinClose => {
@@ -529,6 +539,12 @@ where
                 Control::Resize(w, h) => resize(w, h).await,
                 Control::Stop => break 'session,
                 Control::Continue => {}
+            }
+        }
+        if written > acked {
+            acked = written;
+            if !out.ack(written).await {
+                break;
             }
         }
         tokio::select! {

@@ -14,9 +14,9 @@
 //!
 //! Flow control: the agent keeps at most [`WINDOW_BYTES`] unacknowledged and stops a session
 //! whose requester has sent nothing for [`IDLE_TIMEOUT_SECS`] (acknowledgements double as
-//! keep-alives). Frames carry at most [`MAX_CHUNK_BYTES`]. Port-forward input flows the same
-//! way back: the requester keeps at most [`WINDOW_BYTES`] of it unacknowledged
-//! ([`FrameKind::Ack`]).
+//! keep-alives). Frames carry at most [`MAX_CHUNK_BYTES`]. Input (stdin, forwarded bytes)
+//! flows the same way back: the requester keeps at most [`WINDOW_BYTES`] of it
+//! unacknowledged ([`FrameKind::Ack`]).
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -105,8 +105,9 @@ pub enum FrameKind {
     End,
     /// An exec ended; the exit code is in [`EXIT_CODE`]. Followed by `End`.
     Exit,
-    /// Input bytes the agent has passed on so far ([`SEQ`] carries the total): a
-    /// port-forward requester keeps at most [`WINDOW_BYTES`] of input unacknowledged.
+    /// Input bytes the agent has passed on so far ([`SEQ`] carries the total): the
+    /// requester keeps at most [`WINDOW_BYTES`] of input (stdin, forwarded bytes)
+    /// unacknowledged.
     Ack,
 }
 

@@ -25,7 +25,7 @@ use fleetlet_testenv::{
     TestEnv,
     bench::quantile,
     eventually,
-    pods::{PodFleet, port_forward_pod, port_forward_transfer},
+    pods::{PodFleet, port_forward_pod, port_forward_transfer, wait_running},
     repo_root,
     sandbox::PodmanSandbox,
 };
@@ -79,14 +79,7 @@ async fn main() {
     )
     .await
     .unwrap();
-    eventually("the pod Running", Duration::from_secs(120), || async {
-        let p = pods.get("pf").await.map_err(|e| e.to_string())?;
-        let phase = p.status.and_then(|s| s.phase);
-        (phase.as_deref() == Some("Running"))
-            .then_some(())
-            .ok_or(format!("{phase:?}"))
-    })
-    .await;
+    wait_running(&pods, "pf", Duration::from_secs(120)).await;
     let container = pm
         .podman(&[
             "ps",

@@ -29,7 +29,7 @@ pub const FEATURES: &[&str] = &[
     "exec `-it` (a terminal)",
     "attach",
     "exec `-c` (a named container)",
-    "cp (1.2 MB there and back)",
+    "cp (16 MiB there and back)",
     "port-forward (20 MiB each way, checksums)",
     "SPDY, translated: exec (stdout, stderr, stdin, exit code, 1.3 MB intact)",
     "SPDY, translated: exec `-it` with the terminal's size",

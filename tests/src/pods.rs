@@ -278,3 +278,16 @@ pub async fn port_forward_transfer(
     let _ = forward.wait();
     result
 }
+
+/// Waits (up to `timeout`) until pod `name` is in phase Running; panics otherwise (for tests
+/// and benchmarks).
+pub async fn wait_running(pods: &Api<Pod>, name: &str, timeout: std::time::Duration) {
+    crate::eventually(&format!("pod {name} Running"), timeout, || async {
+        let p = pods.get(name).await.map_err(|e| e.to_string())?;
+        let phase = p.status.and_then(|s| s.phase);
+        (phase.as_deref() == Some("Running"))
+            .then_some(())
+            .ok_or(format!("{phase:?}"))
+    })
+    .await;
+}

@@ -11,7 +11,7 @@ use std::{
 
 use fleetlet_testenv::{
     TestEnv, compat, components, eventually,
-    pods::{PodFleet, port_forward_pod, port_forward_transfer},
+    pods::{PodFleet, port_forward_pod, port_forward_transfer, wait_running},
     process::{Service, free_port},
     sandbox::PodmanSandbox,
 };
@@ -355,18 +355,7 @@ async fn pods_on_a_virtual_node_run_on_the_device_report_status_and_are_deleted_
     )
     .await
     .unwrap();
-    eventually(
-        "the port-forward pod Running",
-        Duration::from_secs(60),
-        || async {
-            let p = pods.get("pf").await.map_err(|e| e.to_string())?;
-            let phase = p.status.and_then(|s| s.phase);
-            (phase.as_deref() == Some("Running"))
-                .then_some(())
-                .ok_or(format!("{phase:?}"))
-        },
-    )
-    .await;
+    wait_running(&pods, "pf", Duration::from_secs(60)).await;
     let (up, down) = port_forward_both_ways(&env, false).await;
     eprintln!("port-forward tunnelled in a WebSocket: {up:.1} MiB/s up, {down:.1} MiB/s down");
     // 1.36+ proxies the WebSocket to a node that declares it; older apiservers speak SPDY.
@@ -732,14 +721,7 @@ async fn exec_and_attach_speak_spdy_to_an_apiserver_that_does_not_proxy_websocke
         }] }),
     );
     pods.create(&PostParams::default(), &crasher).await.unwrap();
-    eventually("the pod Running", Duration::from_secs(60), || async {
-        let p = pods.get("ticker").await.map_err(|e| e.to_string())?;
-        let phase = p.status.and_then(|s| s.phase);
-        (phase.as_deref() == Some("Running"))
-            .then_some(())
-            .ok_or(format!("{phase:?}"))
-    })
-    .await;
+    wait_running(&pods, "ticker", Duration::from_secs(60)).await;
 
     let spdy_count = |subresource: &str| {
         let text = http_get(metrics_port, "/metrics").unwrap_or_default();
@@ -910,7 +892,9 @@ async fn exec_and_attach_speak_spdy_to_an_apiserver_that_does_not_proxy_websocke
     compat::passed("exec `-c` (a named container)", "");
     // kubectl cp both ways (tar through exec).
     let dir = tempfile::tempdir().unwrap();
-    let sent: Vec<u8> = (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let sent: Vec<u8> = (0..4u32 << 20)
+        .flat_map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes())
+        .collect();
     std::fs::write(dir.path().join("up.bin"), &sent).unwrap();
     let up = dir.path().join("up.bin").display().to_string();
     let (code, _, err) = kubectl_out(&["cp", &up, "ticker:/tmp/up.bin", "-c", "side"]);
@@ -920,9 +904,9 @@ async fn exec_and_attach_speak_spdy_to_an_apiserver_that_does_not_proxy_websocke
     assert_eq!(code, Some(0), "kubectl cp from the pod: {err}");
     assert!(
         std::fs::read(&down).unwrap() == sent,
-        "1.2 MB copied there and back intact"
+        "16 MiB copied there and back intact"
     );
-    compat::passed("cp (1.2 MB there and back)", "");
+    compat::passed("cp (16 MiB there and back)", "");
     // logs --previous: refused before a restart, the earlier run's output after one.
     let (code, _, err) = kubectl_out(&["logs", "ticker", "--previous"]);
     assert_ne!(code, Some(0));
@@ -976,18 +960,7 @@ async fn exec_and_attach_speak_spdy_to_an_apiserver_that_does_not_proxy_websocke
     )
     .await
     .unwrap();
-    eventually(
-        "the port-forward pod Running",
-        Duration::from_secs(60),
-        || async {
-            let p = pods.get("pf").await.map_err(|e| e.to_string())?;
-            let phase = p.status.and_then(|s| s.phase);
-            (phase.as_deref() == Some("Running"))
-                .then_some(())
-                .ok_or(format!("{phase:?}"))
-        },
-    )
-    .await;
+    wait_running(&pods, "pf", Duration::from_secs(60)).await;
     for spdy_client in [false, true] {
         let before = spdy_count("portforward");
         let (up, down) = port_forward_both_ways(&env, spdy_client).await;

@@ -49,9 +49,12 @@ pub(super) struct Session {
     consumed: u64,
     acked_at: tokio::time::Instant,
     ended: bool,
-    /// Input sent, and acknowledged by the agent (port-forward's flow control).
+    /// Input sent, and acknowledged by the agent (flow control of stdin and forwarded
+    /// bytes).
     input_sent: u64,
     input_acked: u64,
+    acks_seen: bool,
+    window_full_since: Option<tokio::time::Instant>,
 }
 
 impl Session {
@@ -76,6 +79,8 @@ impl Session {
             ended: false,
             input_sent: 0,
             input_acked: 0,
+            acks_seen: false,
+            window_full_since: None,
         })
     }
 
@@ -148,6 +153,7 @@ impl Session {
                         .and_then(|h| h.get(SEQ))
                         .and_then(|v| v.as_str().parse::<u64>().ok());
                     if let Some(n) = n {
+                        self.acks_seen = true;
                         self.input_acked = self.input_acked.max(n.min(self.input_sent));
                     }
                     return Some(Frame::Acked);
@@ -163,12 +169,26 @@ impl Session {
     }
 
     /// Whether more input may be sent: less than [`WINDOW_BYTES`] unacknowledged.
-    pub(super) fn input_window_open(&self) -> bool {
-        self.input_sent - self.input_acked < WINDOW_BYTES
+    ///
+    /// An agent older than input acknowledgements never sends one: once a full window has
+    /// waited [`ACK_INTERVAL_SECS`] without a single acknowledgement, input is no longer held
+    /// back for this session (as before acknowledgements existed).
+    pub(super) fn input_window_open(&mut self) -> bool {
+        if self.input_sent - self.input_acked < WINDOW_BYTES {
+            self.window_full_since = None;
+            return true;
+        }
+        if self.acks_seen {
+            return false;
+        }
+        let since = *self
+            .window_full_since
+            .get_or_insert_with(tokio::time::Instant::now);
+        since.elapsed() >= Duration::from_secs(ACK_INTERVAL_SECS)
     }
 
-    /// Input for a session whose agent acknowledges it (port-forward), in chunks of at
-    /// most [`MAX_CHUNK_BYTES`].
+    /// Input (stdin, forwarded bytes), in chunks of at most [`MAX_CHUNK_BYTES`]; the
+    /// caller keeps to [`Session::input_window_open`].
     pub(super) async fn send_input(&mut self, data: Bytes) {
         for chunk in data.chunks(MAX_CHUNK_BYTES) {
             self.input_sent += chunk.len() as u64;

@@ -300,8 +300,8 @@ pub(super) async fn relay(
                 Some(Frame::End(e)) => break e,
                 None => break Some("the device stopped answering".into()),
             },
-            msg = input.recv() => match msg {
-                Some(Input::Stdin(b)) => session.send_control(ControlKind::Stdin, b, None).await,
+            msg = input.recv(), if session.input_window_open() => match msg {
+                Some(Input::Stdin(b)) => session.send_input(b).await,
                 Some(Input::Resize { width, height }) => {
                     let payload = Bytes::from(format!("{width}x{height}"));
                     session.send_control(ControlKind::Resize, payload, None).await;
