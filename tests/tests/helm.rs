@@ -169,6 +169,7 @@ const BRIDGE_GRANTS: &[&str] = &[
 
 const BRIDGE_KUBELET_GRANTS: &[&str] = &[
     "authorization.k8s.io:subjectaccessreviews:create",
+    "authentication.k8s.io:tokenreviews:create",
     "certificates.k8s.io:certificatesigningrequests:create",
     "certificates.k8s.io:certificatesigningrequests:get",
     "certificates.k8s.io:certificatesigningrequests/approval:patch",

@@ -421,7 +421,17 @@ apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRoleBinding
 metadata: { name: fleetlet-test-proxy-get }
 roleRef: { apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: fleetlet-test-proxy-get }
-subjects: [{ apiGroup: rbac.authorization.k8s.io, kind: User, name: fleetlet-nobody }]
+subjects:
+  - { apiGroup: rbac.authorization.k8s.io, kind: User, name: fleetlet-nobody }
+  - { kind: ServiceAccount, name: log-reader, namespace: default }
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: { name: log-reader, namespace: default }
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: { name: stranger, namespace: default }
 "#,
     )
     .unwrap();
@@ -434,6 +444,46 @@ subjects: [{ apiGroup: rbac.authorization.k8s.io, kind: User, name: fleetlet-nob
         },
     )
     .await;
+    // A bearer token instead of a certificate (a ServiceAccount's, as metrics-server or
+    // Prometheus present to kubelets): checked by a TokenReview, then authorized the same.
+    let bearer = |account: &str| {
+        let out = env
+            .kubectl()
+            .unwrap()
+            .args(["create", "token", account, "-n", "default"])
+            .output()
+            .unwrap();
+        let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(
+            !token.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        vec!["-H".to_string(), format!("Authorization: Bearer {token}")]
+    };
+    eventually(
+        "logs with a ServiceAccount token",
+        Duration::from_secs(20),
+        || async {
+            let code = curl(&bearer("log-reader"));
+            (code == "200").then_some(()).ok_or(code)
+        },
+    )
+    .await;
+    assert_eq!(
+        curl(&bearer("stranger")),
+        "403",
+        "a token without nodes/proxy"
+    );
+    let forged = vec![
+        "-H".to_string(),
+        "Authorization: Bearer not-a-token".to_string(),
+    ];
+    assert_eq!(
+        curl(&forged),
+        "401",
+        "a token the apiserver does not accept"
+    );
     let exec_url =
         format!("https://127.0.0.1:{kport}/exec/default/web/httpd?command=true&output=1");
     let curl_at = |url: &str, extra: &[String]| {

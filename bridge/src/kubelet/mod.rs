@@ -3,8 +3,9 @@
 //! apiserver speaks).
 //!
 //! Like a kubelet: clients authenticate with a certificate from the configured client CA
-//! (the apiserver's `--kubelet-client-certificate`), and each request is authorized with a
-//! SubjectAccessReview on `nodes/proxy` of the node it targets. A request is relayed to the
+//! (the apiserver's `--kubelet-client-certificate`) or a bearer token the apiserver accepts
+//! (a TokenReview, as `--authentication-token-webhook` does), and each request is
+//! authorized with a SubjectAccessReview on `nodes/proxy` of the node it targets. A request is relayed to the
 //! device's agent over NATS ([`fleetlet_protocol::relay`]), which serves it from podman for a
 //! container it created, and nothing else.
 
@@ -41,6 +42,7 @@ use tracing::{debug, info, warn};
 
 use crate::{frames::FrameRouter, metrics::Metrics};
 
+mod auth;
 mod portforward;
 mod session;
 mod spdy;
@@ -90,6 +92,7 @@ struct Ctx {
     frames: Arc<FrameRouter>,
     nodes: Store<Node>,
     metrics: Arc<Metrics>,
+    tokens: Arc<auth::TokenCache>,
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>, KubeletError> {
@@ -185,14 +188,23 @@ pub async fn serve(
             "/portForward/{namespace}/{pod}",
             get(portforward::portforward).post(portforward::portforward),
         )
-        .route("/healthz", get(|| async { "ok" }))
-        .with_state(Ctx {
-            client,
-            nats: nats.clone(),
-            frames: frames.clone(),
-            nodes,
-            metrics,
-        });
+        .route("/healthz", get(|| async { "ok" }));
+    let ctx = Ctx {
+        client,
+        nats: nats.clone(),
+        frames: frames.clone(),
+        nodes,
+        metrics,
+        tokens: Arc::default(),
+    };
+    // Callers without a client certificate may present a bearer token (checked by a
+    // TokenReview), as to a kubelet run with --authentication-token-webhook.
+    let router = router
+        .route_layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            auth::bearer,
+        ))
+        .with_state(ctx);
     info!(%addr, "kubelet API listening");
     let server = async move {
         if let Some(renew) = renew {
