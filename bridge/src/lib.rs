@@ -335,8 +335,8 @@ impl Watches {
 }
 
 /// Whether this apiserver knows `ExtendWebSocketsToKubelet` (1.36+). Older ones speak
-/// SPDY to kubelets whatever a Node says, and before 1.35 reject Node statuses that carry
-/// `declaredFeatures` at all.
+/// SPDY to kubelets whatever a Node says, and on 1.34 a Node whose status declared it
+/// never became Ready (`declaredFeatures` is newer than 1.34).
 async fn declares_websockets(client: &Client) -> bool {
     match client.apiserver_version().await {
         Ok(info) => {
