@@ -208,6 +208,9 @@ struct Output {
     sent: u64,
     acked: u64,
     last_heard: Instant,
+    /// Input (stdin, forwarded bytes) passed on, and how much of it was acknowledged.
+    input_consumed: u64,
+    input_acked: u64,
 }
 
 enum Control {
@@ -228,6 +231,8 @@ impl Output {
             sent: 0,
             acked: 0,
             last_heard: Instant::now(),
+            input_consumed: 0,
+            input_acked: 0,
         }
     }
 
@@ -316,12 +321,24 @@ impl Output {
         }
     }
 
-    /// Tells the requester how much input has been passed on (port-forward).
-    async fn ack(&mut self, consumed: u64) -> bool {
+    /// Counts `n` more bytes of input passed on; acknowledges them once a quarter window has
+    /// gathered. `false` if the acknowledgement could not be sent.
+    async fn consumed(&mut self, n: usize) -> bool {
+        self.input_consumed += n as u64;
+        self.input_consumed - self.input_acked < INPUT_ACK_BYTES || self.ack_input().await
+    }
+
+    /// Acknowledges every byte of input passed on so far, if any is not yet: the requester's
+    /// window reopens. `false` if the acknowledgement could not be sent.
+    async fn ack_input(&mut self) -> bool {
+        if self.input_consumed == self.input_acked {
+            return true;
+        }
+        self.input_acked = self.input_consumed;
         let mut h = HeaderMap::new();
         h.insert(relay::SESSION, self.session.as_str());
         h.insert(FRAME, FrameKind::Ack.as_str());
-        h.insert(SEQ, consumed.to_string().as_str());
+        h.insert(SEQ, self.input_acked.to_string().as_str());
         self.client
             .publish_with_headers(self.subject.clone(), h, Bytes::new())
             .await
@@ -511,8 +528,6 @@ where
     let (mut reader, writer) = mux.split();
     let mut writer = Some(Box::pin(writer));
     let mut error = None;
-    // Stdin passed on, and acknowledged to the requester (which keeps a window of it).
-    let (mut written, mut acked) = (0u64, 0u64);
     'session: loop {
         for c in std::mem::take(&mut pending) {
             match c {
@@ -523,12 +538,8 @@ where
                         writer = None;
                     }
                     // Input for a closed stdin is consumed too: dropped, as a pipe would.
-                    written += b.len() as u64;
-                    if written - acked >= INPUT_ACK_BYTES {
-                        acked = written;
-                        if !out.ack(written).await {
-                            break 'session;
-                        }
+                    if !out.consumed(b.len()).await {
+                        break 'session;
                     }
                 }
                 Control::StdinClose => {
@@ -541,11 +552,8 @@ where
                 Control::Continue => {}
             }
         }
-        if written > acked {
-            acked = written;
-            if !out.ack(written).await {
-                break;
-            }
+        if !out.ack_input().await {
+            break;
         }
         tokio::select! {
             chunk = reader.next() => match chunk {
@@ -639,7 +647,6 @@ async fn portforward_session(
     };
     let (mut from_pod, mut to_pod) = stream.into_split();
     let mut buf = vec![0u8; MAX_CHUNK_BYTES];
-    let (mut written, mut acked) = (0u64, 0u64);
     let mut pending: Vec<Control> = Vec::new();
     let mut error = None;
     'session: loop {
@@ -650,12 +657,8 @@ async fn portforward_session(
                         error = Some(format!("writing to port {port}: {e}"));
                         break 'session;
                     }
-                    written += b.len() as u64;
-                    if written - acked >= INPUT_ACK_BYTES {
-                        acked = written;
-                        if !out.ack(written).await {
-                            break 'session;
-                        }
+                    if !out.consumed(b.len()).await {
+                        break 'session;
                     }
                 }
                 Control::StdinClose => {
@@ -665,12 +668,9 @@ async fn portforward_session(
                 Control::Resize(..) | Control::Continue => {}
             }
         }
-        if written > acked {
-            // Everything queued is passed on: say so, so the requester's window reopens.
-            acked = written;
-            if !out.ack(written).await {
-                break;
-            }
+        // Everything queued is passed on: say so, so the requester's window reopens.
+        if !out.ack_input().await {
+            break;
         }
         tokio::select! {
             n = from_pod.read(&mut buf) => match n {
