@@ -32,8 +32,15 @@ fn runnable_blocks(doc: &Path) -> Vec<String> {
     blocks
 }
 
+/// One demo at a time: each runs a whole control plane, and the convergence checks have
+/// deadlines.
+static ONE_DEMO: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn demo_brings_up_the_control_plane_and_shows_the_example_fleet() {
+    let _one = ONE_DEMO
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // The guides' runnable blocks run against the demo as a reader would run them, from
     // the directory holding `.fleetlet-dev`; so do the "what to try next" lines it prints.
     let work = tempfile::tempdir().unwrap();
@@ -171,4 +178,85 @@ fn demo_brings_up_the_control_plane_and_shows_the_example_fleet() {
             "{stdout}"
         );
     }
+}
+
+/// A fleet that cannot converge: one manifest writes a file outside the roots the demo
+/// agents allow (`/etc/fleetlet-demo`, `/opt/fleetlet`), which its agent refuses, while
+/// another manifest on another device is fine.
+const STUCK_FLEET: &str = "\
+apiVersion: fleetlet.dev/v1alpha1
+kind: EdgeDevice
+metadata: { name: pi-stuck }
+---
+apiVersion: fleetlet.dev/v1alpha1
+kind: EdgeDevice
+metadata: { name: pi-fine }
+---
+apiVersion: fleetlet.dev/v1alpha1
+kind: EdgeManifest
+metadata: { name: outside-roots }
+spec:
+  devices: [pi-stuck]
+  resources:
+    - id: conf
+      file: { path: /etc/outside-the-demo-roots.conf, content: { text: \"x = 1\\n\" } }
+---
+apiVersion: fleetlet.dev/v1alpha1
+kind: EdgeManifest
+metadata: { name: fine-motd }
+spec:
+  devices: [pi-fine]
+  resources:
+    - id: motd
+      file: { path: /etc/fleetlet-demo/motd, content: { text: \"fine\\n\" } }
+";
+
+#[test]
+fn demo_exit_fails_and_names_what_did_not_converge() {
+    let _one = ONE_DEMO
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join(".fleetlet-dev");
+    let fleet = work.path().join("stuck-fleet.yaml");
+    std::fs::write(&fleet, STUCK_FLEET).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetlet-dev"))
+        .args(["up", "--exit", "--state-dir"])
+        .arg(&state)
+        .arg("--apply")
+        .arg(&fleet)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let both = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        !out.status.success(),
+        "the demo exited 0 with a fleet that cannot converge:\n{both}"
+    );
+    assert_ne!(out.status.code(), None, "killed by a signal:\n{both}");
+    // The fleet really ran: the healthy device got its file, so the failure is the
+    // convergence check's, not a start-up error.
+    assert_eq!(
+        std::fs::read_to_string(state.join("agents/pi-fine/root/etc/fleetlet-demo/motd"))
+            .unwrap_or_default(),
+        "fine\n",
+        "{both}"
+    );
+    // The error names the manifest, the device and the resource that did not converge (from
+    // the manifest's condition), and nothing else.
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("fleetlet-dev: "))
+        .unwrap_or_default();
+    assert!(error.contains("did not converge"), "{both}");
+    assert!(error.contains("edgemanifest outside-roots:"), "{both}");
+    assert!(error.contains("edgedevice pi-stuck:"), "{both}");
+    assert!(error.contains("pi-stuck/conf"), "{both}");
+    assert!(
+        !error.contains("fine-motd") && !error.contains("pi-fine"),
+        "{both}"
+    );
+    // It stops before showing the fleet as if it were up.
+    assert!(!stdout.contains("KUBECONFIG="), "{both}");
 }

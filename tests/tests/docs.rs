@@ -1,6 +1,7 @@
 //! The documentation's links work as written: every relative link in the README, the
-//! contributor notes and docs/ names a file that exists, and every `#anchor` a heading of
-//! that file (GitHub's rules: lowercase, punctuation dropped, spaces to '-').
+//! contributor notes, docs/ and the chart's README names a file that exists, and every
+//! `#anchor` a heading of that file (GitHub's rules: lowercase, punctuation dropped, spaces
+//! to '-').
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
@@ -15,7 +16,7 @@ use fleetlet_testenv::repo_root;
 fn documents() -> Vec<PathBuf> {
     let root = repo_root();
     let mut out = vec![root.join("README.md"), root.join("CONTRIBUTING.md")];
-    for dir in ["docs", "examples", "helm/fleetlet", "scripts"] {
+    for dir in ["docs", "examples", "helm", "helm/fleetlet", "scripts"] {
         if let Ok(entries) = std::fs::read_dir(root.join(dir)) {
             for e in entries.flatten() {
                 if e.path().extension().is_some_and(|x| x == "md") {
@@ -156,4 +157,14 @@ fn the_link_check_finds_what_it_should() {
     let text = "see [a](docs/x.md#y) and `[not](a link)`\n```\n[no](code)\n```\n[b](#c)";
     let found: Vec<String> = links(text).into_iter().map(|(t, _)| t).collect();
     assert_eq!(found, ["docs/x.md#y", "#c"]);
+    // The chart's README and every guide are among the documents checked.
+    let docs = documents();
+    for d in [
+        "README.md",
+        "helm/README.md",
+        "docs/raspberry-pi.md",
+        "docs/gitops.md",
+    ] {
+        assert!(docs.contains(&repo_root().join(d)), "{d} is not checked");
+    }
 }

@@ -293,7 +293,7 @@ async fn invalid_edge_manifests_are_rejected_by_the_apiserver_with_readable_mess
                 json!({ "devices": ["pi-1"], "resources": [{ "id": "a", "container": {
                 "image": "x", "probe": { "action": { "tcp": { "port": 0 } } } } }] }),
             ),
-            "port",
+            "spec.resources[0].container.probe.action.tcp.port in body should be greater than or equal to 1",
         ),
         (
             "fetched content over plain http",
@@ -337,6 +337,217 @@ async fn invalid_edge_manifests_are_rejected_by_the_apiserver_with_readable_mess
             msg.contains(expected),
             "{what}: expected {expected:?} in the rejection, got: {msg}"
         );
+    }
+}
+
+/// `kubectl apply -f -` of `yaml` in `ns`: (success, stderr).
+fn kubectl_apply(env: &TestEnv, ns: &str, yaml: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = env
+        .kubectl()
+        .unwrap()
+        .args(["apply", "-n", ns, "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl on PATH");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn invalid_edge_manifests_applied_with_kubectl_are_refused_and_not_stored() {
+    let env = TestEnv::shared();
+    let ns = env.namespace("crd-kubectl-invalid").await.unwrap();
+    let api: Api<EdgeManifest> = Api::namespaced(env.kube_client().await.unwrap(), &ns);
+    let manifest = |name: &str, spec: &str| {
+        format!(
+            "apiVersion: fleetlet.dev/v1alpha1\nkind: EdgeManifest\nmetadata:\n  name: {name}\nspec:\n{spec}"
+        )
+    };
+    let file = "  resources:\n    - id: a\n      file: { path: /etc/fleetlet/x, content: { text: \"\" } }\n";
+    let cases = [
+        (
+            "bad-max-unavailable",
+            manifest(
+                "bad-max-unavailable",
+                &format!("  devices: [pi-1]\n  rollout:\n    maxUnavailable: \"abc\"\n{file}"),
+            ),
+            "rollout.maxUnavailable must be a count of at least 1 or a percentage",
+        ),
+        (
+            "bad-operator",
+            manifest(
+                "bad-operator",
+                &format!(
+                    "  selector:\n    matchExpressions:\n      - {{ key: role, operator: in, values: [sensor] }}\n{file}"
+                ),
+            ),
+            "operator must be In, NotIn, Exists or DoesNotExist",
+        ),
+        (
+            "bad-relative-path",
+            manifest(
+                "bad-relative-path",
+                "  devices: [pi-1]\n  resources:\n    - id: a\n      file: { path: etc/fleetlet/x, content: { text: \"\" } }\n",
+            ),
+            "file.path must be an absolute path to a file",
+        ),
+        (
+            "bad-probe-port",
+            manifest(
+                "bad-probe-port",
+                "  devices: [pi-1]\n  resources:\n    - id: a\n      container:\n        image: localhost/app:1\n        probe: { action: { tcp: { port: 0 } } }\n",
+            ),
+            "spec.resources[0].container.probe.action.tcp.port in body should be greater than or equal to 1",
+        ),
+    ];
+    for (name, yaml, expected) in cases {
+        let (ok, stderr) = kubectl_apply(env, &ns, &yaml);
+        assert!(!ok, "{name}: kubectl apply succeeded:\n{yaml}");
+        assert!(
+            stderr.contains(expected),
+            "{name}: expected {expected:?} in kubectl's error, got: {stderr}"
+        );
+        assert!(
+            api.get_opt(name).await.unwrap().is_none(),
+            "{name}: stored although kubectl reported an error"
+        );
+    }
+    // The same documents, made valid, are stored: what failed above was the field.
+    let (ok, stderr) = kubectl_apply(
+        env,
+        &ns,
+        &manifest(
+            "good",
+            &format!("  devices: [pi-1]\n  rollout:\n    maxUnavailable: \"25%\"\n{file}"),
+        ),
+    );
+    assert!(ok, "{stderr}");
+    assert!(api.get_opt("good").await.unwrap().is_some());
+}
+
+/// The cell of `column` in `name`'s row of a `kubectl get` table, located by the header's
+/// column offsets.
+fn table_cell(table: &str, name: &str, column: &str) -> Option<String> {
+    let mut lines = table.lines();
+    let header = lines.next()?;
+    let starts: Vec<usize> = header
+        .char_indices()
+        .filter(|&(i, c)| c != ' ' && (i == 0 || header.as_bytes()[i - 1] == b' '))
+        .map(|(i, _)| i)
+        .collect();
+    let at = header
+        .find(&format!(" {column} "))
+        .map(|i| i + 1)
+        .or_else(|| {
+            header
+                .ends_with(&format!(" {column}"))
+                .then(|| header.len() - column.len())
+        })?;
+    let next = starts.iter().copied().find(|&s| s > at);
+    let row = lines.find(|l| l.split_whitespace().next() == Some(name))?;
+    let end = next.unwrap_or(row.len()).min(row.len());
+    row.get(at..end).map(|c| c.trim().to_owned())
+}
+
+#[tokio::test]
+async fn wide_listing_shows_why_a_device_or_a_manifest_is_not_ready() {
+    let env = TestEnv::shared();
+    let ns = env.namespace("crd-wide").await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    env.apply(&format!(
+        "apiVersion: fleetlet.dev/v1alpha1\nkind: EdgeDevice\nmetadata: {{ name: pi-wide, namespace: {ns} }}\n---\n\
+         apiVersion: fleetlet.dev/v1alpha1\nkind: EdgeManifest\nmetadata: {{ name: stack-wide, namespace: {ns} }}\n\
+         spec:\n  devices: [pi-wide]\n  resources:\n    - id: a\n      file: {{ path: /etc/fleetlet/x, content: {{ text: \"\" }} }}\n"
+    ))
+    .unwrap();
+    // The statuses the bridge and the controller write for a silent device and a rollout
+    // held up by it.
+    let condition = |reason: &str, message: &str| {
+        json!({ "type": "Ready", "status": "False", "reason": reason, "message": message,
+                "lastTransitionTime": "2025-01-01T00:00:00Z", "observedGeneration": 1 })
+    };
+    let device_message = "no heartbeat within the grace period";
+    let manifest_message = "no device became Ready for more than 600s; waiting on: pi-wide";
+    let params = PatchParams::apply("fleetlet-test").force();
+    Api::<EdgeDevice>::namespaced(client.clone(), &ns)
+        .patch_status(
+            "pi-wide",
+            &params,
+            &Patch::Apply(json!({
+                "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice",
+                "status": { "observedGeneration": 1,
+                            "conditions": [condition("HeartbeatMissed", device_message)] },
+            })),
+        )
+        .await
+        .unwrap();
+    Api::<EdgeManifest>::namespaced(client, &ns)
+        .patch_status(
+            "stack-wide",
+            &params,
+            &Patch::Apply(json!({
+                "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeManifest",
+                "status": { "observedGeneration": 1, "targeted": 1,
+                            "conditions": [condition("ProgressDeadlineExceeded", manifest_message)] },
+            })),
+        )
+        .await
+        .unwrap();
+
+    let get = |args: &[&str]| {
+        let out = env
+            .kubectl()
+            .unwrap()
+            .args(["get", "-n", &ns])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let devices = get(&["edgedevices", "-o", "wide"]);
+    assert_eq!(
+        table_cell(&devices, "pi-wide", "REASON").as_deref(),
+        Some("HeartbeatMissed"),
+        "{devices}"
+    );
+    assert_eq!(
+        table_cell(&devices, "pi-wide", "MESSAGE").as_deref(),
+        Some(device_message),
+        "{devices}"
+    );
+    let manifests = get(&["edgemanifests", "-o", "wide"]);
+    assert_eq!(
+        table_cell(&manifests, "stack-wide", "STATUS").as_deref(),
+        Some("ProgressDeadlineExceeded"),
+        "{manifests}"
+    );
+    assert_eq!(
+        table_cell(&manifests, "stack-wide", "MESSAGE").as_deref(),
+        Some(manifest_message),
+        "{manifests}"
+    );
+    // Without -o wide the reason and message columns stay out of the way.
+    for (kind, name) in [("edgedevices", "pi-wide"), ("edgemanifests", "stack-wide")] {
+        let narrow = get(&[kind]);
+        assert_eq!(table_cell(&narrow, name, "MESSAGE"), None, "{narrow}");
+        assert!(!narrow.contains("grace period") && !narrow.contains("waiting on"));
     }
 }
 

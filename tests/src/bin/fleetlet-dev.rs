@@ -4,7 +4,8 @@
 //! the Helm chart (CRDs, ServiceAccounts, RBAC), runs the controller and the bridge with the
 //! chart's ServiceAccount tokens and one agent per example device, applies the examples,
 //! shows the fleet with kubectl, changes a manifest and shows the rollout, and keeps running
-//! until Ctrl-C. `--exit` tears down right after the rollout.
+//! until Ctrl-C. `--exit` tears down right after the rollout, and fails if the fleet did not
+//! converge or the rollout did not complete.
 
 use std::{
     path::{Path, PathBuf},
@@ -38,13 +39,16 @@ struct Cli {
 enum Cmd {
     /// Start the control plane, apply the examples and show the fleet.
     Up {
-        /// Stop everything right after showing the fleet (for scripts and CI).
+        /// Stop everything right after showing the fleet (for scripts and CI). Exits
+        /// non-zero, naming what is missing, if the fleet does not converge within 60 s or
+        /// the rollout does not complete.
         #[arg(long)]
         exit: bool,
         /// Where to put the kubeconfig and connection details for other shells.
         #[arg(long, default_value = ".fleetlet-dev")]
         state_dir: PathBuf,
-        /// YAML files to apply; defaults to the examples.
+        /// YAML files to apply instead of the examples; every EdgeDevice in them gets an
+        /// agent. Repeatable.
         #[arg(long = "apply")]
         files: Vec<PathBuf>,
         /// After the rollout, run this shell script (`bash -e`) from the directory holding
@@ -570,7 +574,8 @@ const DEMO_IMAGE: &str = "localhost/fleetlet-demo/busybox:latest";
 
 /// What the demo devices run containers and units with: one podman shared by all (each
 /// device's containers are named after it), and a systemd per device. Both need root and
-/// the Debian packages the tests use; without them the agents run files only.
+/// the Debian packages the tests use (scripts/setup demo checks both); without one, the
+/// agents do not enable that kind and report its resources Unsupported.
 struct Runtimes {
     podman: Option<PodmanSandbox>,
     systemd: Vec<SystemdSandbox>,
@@ -606,6 +611,11 @@ impl Runtimes {
                     break;
                 }
             }
+        }
+        // Said now, not only with the fleet: with --exit a fleet that cannot converge
+        // without them fails before it is shown.
+        for m in &missing {
+            eprintln!("not available here, so the agents do not run it: {m}");
         }
         Self {
             podman,
@@ -722,11 +732,19 @@ async fn fleet_not_settled(
     client: &kube::Client,
     devices: &[EdgeDevice],
 ) -> anyhow::Result<Vec<String>> {
+    // (status, reason, "reason: message" to show)
     let condition = |conditions: &[fleetlet_crds::Condition], type_: &str| {
         conditions
             .iter()
             .find(|c| c.type_ == type_)
-            .map(|c| (c.status.clone(), c.reason.clone()))
+            .map(|c| {
+                let why = if c.message.is_empty() {
+                    c.reason.clone()
+                } else {
+                    format!("{}: {}", c.reason, c.message)
+                };
+                (c.status.clone(), c.reason.clone(), why)
+            })
             .unwrap_or_default()
     };
     let mut pending = Vec::new();
@@ -736,14 +754,14 @@ async fn fleet_not_settled(
         .items
     {
         let s = m.status.clone().unwrap_or_default();
-        let (ready, reason) = condition(&s.conditions, "Ready");
+        let (ready, reason, why) = condition(&s.conditions, "Ready");
         if s.observed_generation != m.metadata.generation
             || s.updated != s.targeted
             || ready != "True"
             || reason != "RolloutComplete"
         {
             pending.push(format!(
-                "edgemanifest {}: {}/{} updated, Ready={ready} ({reason})",
+                "edgemanifest {}: {}/{} updated, Ready={ready} ({why})",
                 m.name_any(),
                 s.updated,
                 s.targeted
@@ -779,10 +797,10 @@ async fn fleet_not_settled(
         .items
     {
         let s = d.status.clone().unwrap_or_default();
-        let (ready, _) = condition(&s.conditions, "Ready");
+        let (ready, _, _) = condition(&s.conditions, "Ready");
         // Converged: every resource Ready. A container whose mount source another resource
         // creates may fail once and be retried.
-        let (converged, why) = condition(&s.conditions, "Converged");
+        let (converged, _, why) = condition(&s.conditions, "Converged");
         if ready != "True"
             || converged != "True"
             || s.applied_generation.is_none()
