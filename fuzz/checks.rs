@@ -3,7 +3,9 @@
 
 use fleetlet_protocol::{
     AgentManifest, AgentStatus, Heartbeat, decode, encode,
-    relay::{AttachRequest, ExecRequest, LogsRequest, PortForwardRequest, RequestError},
+    relay::{
+        AttachRequest, ExecRequest, LogsRequest, PortForwardRequest, RequestError, StatsRequest,
+    },
 };
 
 /// Bytes from the desired-state key, as an agent receives them (plain or signed envelope).
@@ -97,6 +99,10 @@ pub fn relay_request(data: &[u8]) -> Relay {
             &r.session,
             (r.port == 0).then_some(RequestError::Port),
         );
+        round_trip(&r);
+    }
+    if let Ok(r) = serde_json::from_slice::<StatsRequest>(data) {
+        note(r.validate(), &r.session, None);
         round_trip(&r);
     }
     outcome

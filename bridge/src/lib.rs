@@ -132,6 +132,17 @@ pub struct Args {
         action = clap::ArgAction::Set
     )]
     pub kubelet_websockets: bool,
+    /// Give every virtual node a port of its own from this range (`START-END`), on the
+    /// kubelet API's address. Needed for `kubectl top` (metrics-server asks each node's
+    /// address and port for its figures, with nothing naming the node); nodes past the end
+    /// of the range keep the shared port.
+    #[arg(
+        long,
+        env = "FLEETLET_KUBELET_NODE_PORTS",
+        value_parser = kubelet::ports::parse_range,
+        requires = "kubelet_listen"
+    )]
+    pub kubelet_node_ports: Option<std::ops::RangeInclusive<u16>>,
 }
 
 /// Why the bridge stopped.
@@ -192,8 +203,13 @@ pub async fn run(
         },
     );
     if let Some(listen) = args.kubelet_listen {
-        let (endpoint, server) = start_kubelet(&args, listen, &client, &nats, &mirror.ctx).await?;
+        let (endpoint, server) =
+            start_kubelet(&args, listen, &client, &nats, &mirror.ctx, &watches.pods).await?;
         mirror.kubelet_endpoint = Some(endpoint);
+        mirror.node_ports = args
+            .kubelet_node_ports
+            .clone()
+            .map(|r| std::sync::Mutex::new(kubelet::ports::NodePorts::new(r)));
         tasks.spawn(server);
     }
     let identity = fleetlet_plumbing::default_identity(args.identity.as_deref());
@@ -367,6 +383,7 @@ async fn start_kubelet(
     client: &Client,
     nats: &async_nats::Client,
     ctx: &mirror::Context,
+    pods: &reflector::Store<Pod>,
 ) -> Result<(view::KubeletEndpoint, impl Future<Output = ()> + use<>), Error> {
     let advertise = args.kubelet_advertise_address.unwrap_or(listen.ip());
     let serving = match (
@@ -395,12 +412,14 @@ async fn start_kubelet(
         listen,
         serving,
         client_ca_file,
+        node_ports: args.kubelet_node_ports.clone(),
     };
     let (addr, server) = kubelet::serve(
         config,
         client.clone(),
         nats.clone(),
         ctx.nodes.clone(),
+        pods.clone(),
         ctx.metrics.clone(),
     )
     .await?;

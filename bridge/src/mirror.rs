@@ -26,7 +26,8 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::{
     Metrics,
-    view::{self, DEVICE_LABEL, FIELD_MANAGER, Liveness},
+    kubelet::ports::{NodePorts, advertised_port},
+    view::{self, FIELD_MANAGER, Liveness},
 };
 
 /// Namespace of node Leases, as for kubelets.
@@ -41,6 +42,8 @@ pub struct Mirror {
     collisions: Mutex<HashSet<DeviceId>>,
     /// The kubelet API every virtual node points at (advertised address, port), if served.
     pub kubelet_endpoint: Option<view::KubeletEndpoint>,
+    /// With `--kubelet-node-ports`: the port each Node advertises instead of the shared one.
+    pub node_ports: Option<Mutex<NodePorts>>,
 }
 
 /// Writes made by one pass.
@@ -84,6 +87,7 @@ impl Mirror {
             renewed: Mutex::new(HashMap::new()),
             collisions: Mutex::new(HashSet::new()),
             kubelet_endpoint: None,
+            node_ports: None,
         }
     }
 
@@ -140,9 +144,7 @@ impl Mirror {
     async fn check_collision(&self, id: &DeviceId) -> bool {
         let nodes: Api<Node> = Api::all(self.ctx.client.clone());
         match nodes.get_opt(id.as_str()).await {
-            Ok(Some(n))
-                if n.labels().get(DEVICE_LABEL).map(String::as_str) != Some(id.as_str()) =>
-            {
+            Ok(Some(n)) if fleetlet_crds::naming::node_device(&n).as_ref() != Some(id) => {
                 warn!(device = %id, "a node with the device's name exists and is not fleetlet's; using fleetlet-{id}");
                 if let Ok(mut c) = self.collisions.lock() {
                     c.insert(id.clone());
@@ -158,6 +160,9 @@ impl Mirror {
     pub async fn pass(&self, only: Option<HashSet<DeviceId>>) -> Writes {
         let now = Timestamp::now();
         let devices = self.device_objects(only.as_ref());
+        if only.is_none() {
+            self.keep_node_ports(&devices);
+        }
         let work: Vec<(DeviceId, Arc<EdgeDevice>)> = devices
             .iter()
             .map(|(id, d)| (id.clone(), d.clone()))
@@ -231,13 +236,45 @@ impl Mirror {
             now,
             self.timing.report_every_ms,
         )
-        .into_status(self.kubelet_endpoint.as_ref(), id.as_str());
+        .into_status(self.endpoint_of(id, node).as_ref(), id.as_str());
         w.node_status = self.write_node_status(id, &name, node, want).await;
         // The Lease, renewed from the heartbeat itself: a silent device's Lease expires.
         if let (Some(h), Liveness::Alive, Some(uid)) = (&hb, live, node_uid) {
             w.leases = self.renew_lease(id, &name, &uid, grace_ms, h).await;
         }
         w
+    }
+
+    /// Where `id`'s Node reaches its kubelet: its own port when node ports are handed out
+    /// (and one is left), else the shared endpoint.
+    fn endpoint_of(&self, id: &DeviceId, node: Option<&Node>) -> Option<view::KubeletEndpoint> {
+        let mut k = self.kubelet_endpoint.clone()?;
+        if let Some(ports) = &self.node_ports
+            && let Ok(mut p) = ports.lock()
+        {
+            match p.claim(id, node.and_then(advertised_port)) {
+                Some(port) => k.port = port,
+                None => debug!(device = %id, "no node port left; the shared port is advertised"),
+            }
+        }
+        Some(k)
+    }
+
+    /// Before a full pass: the ports the Nodes already advertise stay theirs (so a new
+    /// leader hands out the same ones), and ports of deleted devices are free again.
+    fn keep_node_ports(&self, devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>) {
+        let Some(Ok(mut p)) = self.node_ports.as_ref().map(Mutex::lock) else {
+            return;
+        };
+        p.retain(|d| devices.contains_key(d));
+        for n in self.ctx.nodes.state() {
+            if let (Some(d), Some(port)) =
+                (fleetlet_crds::naming::node_device(&n), advertised_port(&n))
+                && devices.contains_key(&d)
+            {
+                p.claim(&d, Some(port));
+            }
+        }
     }
 
     /// Applies the bridge's part of the EdgeDevice status when it differs; 1 if written.
@@ -362,7 +399,7 @@ impl Mirror {
         let mut deleted = 0;
         let ids: HashSet<&str> = devices.keys().map(DeviceId::as_str).collect();
         for (name, n) in &nodes {
-            let Some(dev) = n.labels().get(DEVICE_LABEL) else {
+            let Some(dev) = fleetlet_crds::naming::node_device(n) else {
                 continue;
             };
             if ids.contains(dev.as_str()) {

@@ -110,7 +110,6 @@ fn rfc3339(t: Option<&Time>) -> String {
 }
 
 impl Fleet {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         ctx: Context,
         deadlines: Deadlines,

@@ -9,7 +9,7 @@
 
 use std::{
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -20,14 +20,6 @@ use fleetlet_protocol::{
 };
 use fleetlet_testenv::TestEnv;
 use futures::StreamExt;
-
-struct Agent(Child);
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn manifest(
     dev: &DeviceId,
@@ -124,7 +116,7 @@ async fn main() {
     )
     .unwrap();
     let bin = env!("CARGO_BIN_EXE_fleetlet-agent");
-    let agent = Agent(
+    let agent = fleetlet_testenv::bench::Proc(
         Command::new(bin)
             .arg("--config")
             .arg(&config)

@@ -188,10 +188,15 @@ fn default_heartbeat() -> u32 {
 fn default_manifest_resync() -> u64 {
     900
 }
+/// The kinds an agent manages unless its owner lists others (ShellJob only when enabled).
 fn default_kinds() -> Vec<String> {
-    ["file", "container", "systemdUnit"]
-        .map(String::from)
-        .to_vec()
+    [
+        ResourceKind::File,
+        ResourceKind::Container,
+        ResourceKind::SystemdUnit,
+    ]
+    .map(|k| k.key().to_owned())
+    .to_vec()
 }
 fn default_max_manifest() -> usize {
     MAX_MANIFEST_BYTES

@@ -227,6 +227,35 @@ impl ContainerReconciler {
         Ok(self.find(id).await?.into_iter().find_map(|c| c.id))
     }
 
+    /// Every running container this agent created: its resource, podman id and start time
+    /// (seconds since the Unix epoch), for resource-usage reports.
+    pub async fn running(&self) -> Result<Vec<(ResourceId, String, i64)>, ReconcileError> {
+        let opts = ContainerListOpts::builder()
+            .filter([ContainerListFilter::LabelKeyVal(
+                LABEL_DEVICE.into(),
+                self.inner.device.to_string(),
+            )])
+            .build();
+        let list = self
+            .inner
+            .podman
+            .containers()
+            .list(&opts)
+            .await
+            .map_err(|e| podman_err("listing containers", e))?;
+        Ok(list
+            .iter()
+            .filter(|c| {
+                label(c, LABEL_DEVICE) == Some(self.inner.device.as_str())
+                    && c.state.as_deref() == Some("running")
+            })
+            .filter_map(|c| {
+                let id = ResourceId::new(label(c, LABEL_RESOURCE)?.to_owned()).ok()?;
+                Some((id, c.id.clone()?, c.started_at.unwrap_or(0)))
+            })
+            .collect())
+    }
+
     /// The podman client (for logs and exec of owned containers).
     /// podman's version as `podman://<version>`, if podman answers.
     pub async fn runtime_version(&self) -> Option<String> {

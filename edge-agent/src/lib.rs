@@ -20,6 +20,7 @@ pub mod registry;
 pub mod relay;
 pub mod sealing;
 pub mod shelljob;
+pub mod stats;
 pub mod store;
 pub mod systemd;
 pub mod trust;

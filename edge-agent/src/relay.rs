@@ -1,5 +1,5 @@
-//! Logs, exec, attach and port-forward sessions for the control plane (`kubectl logs`,
-//! `exec`, `attach`, `port-forward`), served from podman for containers this agent created,
+//! Logs, exec, attach, port-forward and resource-usage sessions for the control plane
+//! (`kubectl logs`, `exec`, `attach`, `port-forward`, `top`), served from podman for containers this agent created,
 //! and only those: a request names a resource id, and the container is found by the
 //! agent's own labels.
 //!
@@ -17,7 +17,8 @@ use fleetlet_protocol::{
     DeviceId,
     relay::{
         self, AttachRequest, ControlKind, EXIT_CODE, ExecRequest, FRAME, FrameKind,
-        IDLE_TIMEOUT_SECS, LogsRequest, MAX_CHUNK_BYTES, PortForwardRequest, SEQ, WINDOW_BYTES,
+        IDLE_TIMEOUT_SECS, LogsRequest, MAX_CHUNK_BYTES, PortForwardRequest, SEQ, StatsRequest,
+        WINDOW_BYTES,
     },
 };
 use futures::AsyncWriteExt;
@@ -61,6 +62,8 @@ pub async fn serve(
     let exec = relay::exec_subject(&device);
     let attach = relay::attach_subject(&device);
     let portforward = relay::portforward_subject(&device);
+    let stats = relay::stats_subject(&device);
+    let sampler = Arc::new(crate::stats::Sampler::default());
     let control_prefix = relay::control_subject(&device, "");
     let frames = relay::frames_subject(&device);
     loop {
@@ -87,6 +90,8 @@ pub async fn serve(
             start::<ExecRequest, _, _>(&msg.payload, out, ss, c, exec_session).await;
         } else if subject == portforward {
             start::<PortForwardRequest, _, _>(&msg.payload, out, ss, c, portforward_session).await;
+        } else if subject == stats {
+            stats_session(&msg.payload, out, c, sampler.clone());
         }
     }
 }
@@ -181,6 +186,41 @@ async fn start<R, F, Fut>(
             Err(e) => out.end(Some(&e.to_string())).await,
         }
         unregister(&sessions, &session);
+    });
+}
+
+/// Answers a [`StatsRequest`]: one sample as a JSON document, then the end frame. Needs no
+/// session state (nothing comes back from the requester).
+fn stats_session(
+    payload: &[u8],
+    mut out: Output,
+    containers: ContainerReconciler,
+    sampler: Arc<crate::stats::Sampler>,
+) {
+    let req = match serde_json::from_slice::<StatsRequest>(payload) {
+        Ok(r) if r.validate().is_ok() => r,
+        Ok(_) | Err(_) => {
+            warn!("stats request without a valid session; ignored");
+            return;
+        }
+    };
+    out.session = req.session;
+    tokio::spawn(async move {
+        let sample = sampler.sample(Some(&containers)).await;
+        match serde_json::to_vec(&sample) {
+            Ok(doc) => {
+                for chunk in doc.chunks(MAX_CHUNK_BYTES) {
+                    if !out
+                        .frame(FrameKind::Stdout, Bytes::copy_from_slice(chunk), None)
+                        .await
+                    {
+                        return;
+                    }
+                }
+                out.end(None).await;
+            }
+            Err(e) => out.end(Some(&format!("encoding stats: {e}"))).await,
+        }
     });
 }
 

@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod names;
 pub mod relay;
 pub mod signing;
+pub mod stats;
 pub mod status;
 pub mod time;
 
@@ -229,6 +230,14 @@ pub fn json_schemas() -> Vec<(&'static str, schemars::Schema)> {
         (
             "relay-portforward-request.schema.json",
             schemars::schema_for!(relay::PortForwardRequest),
+        ),
+        (
+            "relay-stats-request.schema.json",
+            schemars::schema_for!(relay::StatsRequest),
+        ),
+        (
+            "device-stats.schema.json",
+            schemars::schema_for!(stats::DeviceStats),
         ),
     ]
 }

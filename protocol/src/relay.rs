@@ -3,8 +3,9 @@
 //! `port-forward` reach a container on a device.
 //!
 //! A session starts with a request (JSON: [`LogsRequest`], [`ExecRequest`],
-//! [`AttachRequest`] or [`PortForwardRequest`]) on the matching subject ([`logs_subject`],
-//! [`exec_subject`], [`attach_subject`], [`portforward_subject`]). The agent answers on its
+//! [`AttachRequest`], [`PortForwardRequest`] or [`StatsRequest`]) on the matching subject
+//! ([`logs_subject`], [`exec_subject`], [`attach_subject`], [`portforward_subject`],
+//! [`stats_subject`]). The agent answers on its
 //! own [`frames_subject`] with output frames: raw bytes in the payload, the session
 //! ([`SESSION`]) and what they are ([`FRAME`]) in headers, a sequence number, and a last
 //! frame that says how the session ended. The requester sends control messages
@@ -65,6 +66,12 @@ pub fn attach_subject(device: &DeviceId) -> String {
 /// `device`'s agent.
 pub fn portforward_subject(device: &DeviceId) -> String {
     format!("{SUBJECT_PREFIX}{device}.portforward")
+}
+
+/// Subject for resource-usage requests to `device`'s agent ([`StatsRequest`]; the answer
+/// is one [`crate::stats::DeviceStats`] document in output frames).
+pub fn stats_subject(device: &DeviceId) -> String {
+    format!("{SUBJECT_PREFIX}{device}.stats")
 }
 
 /// Every relay subject of `device` (what its agent subscribes to).
@@ -221,6 +228,14 @@ pub struct PortForwardRequest {
     pub port: u16,
 }
 
+/// A sample of the device's and its containers' resource usage (`kubectl top`): answered
+/// with one [`crate::stats::DeviceStats`] document, then the end frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsRequest {
+    pub session: String,
+}
+
 fn yes() -> bool {
     true
 }
@@ -247,6 +262,12 @@ fn check_session(s: &str) -> Result<(), RequestError> {
 }
 
 impl LogsRequest {
+    pub fn validate(&self) -> Result<(), RequestError> {
+        check_session(&self.session)
+    }
+}
+
+impl StatsRequest {
     pub fn validate(&self) -> Result<(), RequestError> {
         check_session(&self.session)
     }

@@ -59,6 +59,35 @@ impl Binaries {
         })
     }
 
+    /// metrics-server (sigs.k8s.io/metrics-server), for the aggregation layer and `kubectl
+    /// top`: `FLEETLET_METRICS_SERVER`, or else built by `scripts/testbin` on first use (only
+    /// the tests that need it pay for its build). Cached for the process.
+    pub fn metrics_server(&self) -> Result<PathBuf, Error> {
+        static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+        PATH.get_or_init(|| {
+            if let Some(p) = std::env::var_os(env_name("metrics-server")) {
+                return Ok(PathBuf::from(p));
+            }
+            let script = repo_root().join("scripts/testbin");
+            let out = Command::new(&script)
+                .args(["path", "metrics-server"])
+                .output()
+                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+            let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if out.status.success() && path.is_file() {
+                Ok(path)
+            } else {
+                Err(format!(
+                    "{} path metrics-server failed: {}",
+                    script.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            }
+        })
+        .clone()
+        .map_err(Error::Setup)
+    }
+
     /// Finds (and on first use builds) every binary. Cached for the process.
     pub fn locate() -> Result<&'static Binaries, Error> {
         static BINS: OnceLock<Result<Binaries, String>> = OnceLock::new();

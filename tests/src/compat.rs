@@ -31,6 +31,7 @@ pub const FEATURES: &[&str] = &[
     "exec `-c` (a named container)",
     "cp (16 MiB there and back)",
     "port-forward (20 MiB each way, checksums)",
+    "top node, top pod (metrics-server)",
     "SPDY, translated: exec (stdout, stderr, stdin, exit code, 1.3 MB intact)",
     "SPDY, translated: exec `-it` with the terminal's size",
     "SPDY, translated: attach",

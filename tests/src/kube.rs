@@ -16,7 +16,7 @@ use kube::{
 
 use crate::{
     Binaries, Error,
-    pki::Pki,
+    pki::{CertPair, Pki},
     process::{Service, free_port, wait_until},
 };
 
@@ -86,6 +86,19 @@ impl KubeControlPlane {
             format!("--kubelet-client-key={}", p("admin.key")),
             format!("--kubelet-certificate-authority={}", p("ca.crt")),
             "--kubelet-preferred-address-types=InternalIP".into(),
+            // The aggregation layer (APIServices such as metrics-server's): requests proxied
+            // to an extension apiserver carry the user in headers, trusted there because the
+            // proxy's client certificate is signed by the front-proxy CA.
+            format!("--requestheader-client-ca-file={}", p("front-proxy-ca.crt")),
+            format!(
+                "--requestheader-allowed-names={}",
+                crate::pki::FRONT_PROXY_CLIENT
+            ),
+            "--requestheader-username-headers=X-Remote-User".into(),
+            "--requestheader-group-headers=X-Remote-Group".into(),
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
+            format!("--proxy-client-cert-file={}", p("front-proxy-client.crt")),
+            format!("--proxy-client-key-file={}", p("front-proxy-client.key")),
             "--v=1".into(),
         ];
         let mut args = args;
@@ -105,7 +118,10 @@ impl KubeControlPlane {
 
         let url = format!("https://127.0.0.1:{port}");
         let kubeconfig = dir.join("kubeconfig");
-        std::fs::write(&kubeconfig, kubeconfig_yaml(&url, &pki))?;
+        std::fs::write(
+            &kubeconfig,
+            kubeconfig_yaml(&url, &pki.ca.cert_pem, "fleetlet-admin", &pki.admin),
+        )?;
         wait_ready(&mut apiserver, &kubeconfig).await?;
         Ok(Self {
             url,
@@ -183,6 +199,23 @@ impl KubeControlPlane {
                 .map_err(|_| Error::Setup(format!("CRD {name} not established within 30s")))?
                 .map_err(|e| Error::Setup(format!("waiting for CRD {name}: {e}")))?;
         }
+        Ok(())
+    }
+
+    /// Writes to `path` a kubeconfig for this apiserver that authenticates as `user` with
+    /// the client certificate and key `<cert>.crt` / `<cert>.key` of the test PKI
+    /// (e.g. `metrics-server-client`).
+    pub fn write_kubeconfig(&self, path: &Path, user: &str, cert: &str) -> Result<(), Error> {
+        let read = |f: String| {
+            std::fs::read_to_string(self.pki_dir.join(&f))
+                .map_err(|e| Error::Setup(format!("reading {f} of the test PKI: {e}")))
+        };
+        let pair = CertPair {
+            cert_pem: read(format!("{cert}.crt"))?,
+            key_pem: read(format!("{cert}.key"))?,
+        };
+        let ca = read("ca.crt".into())?;
+        std::fs::write(path, kubeconfig_yaml(&self.url, &ca, user, &pair))?;
         Ok(())
     }
 
@@ -270,7 +303,7 @@ pub async fn client_for(kubeconfig: &Path) -> Result<Client, Error> {
     Ok(Client::try_from(config)?)
 }
 
-fn kubeconfig_yaml(url: &str, pki: &Pki) -> String {
+fn kubeconfig_yaml(url: &str, ca_pem: &str, user: &str, client: &CertPair) -> String {
     let b = |s: &str| B64.encode(s.as_bytes());
     format!(
         "apiVersion: v1
@@ -281,7 +314,7 @@ clusters:
     server: {url}
     certificate-authority-data: {ca}
 users:
-- name: fleetlet-admin
+- name: {user}
   user:
     client-certificate-data: {cert}
     client-key-data: {key}
@@ -289,12 +322,12 @@ contexts:
 - name: fleetlet-testenv
   context:
     cluster: fleetlet-testenv
-    user: fleetlet-admin
+    user: {user}
     namespace: default
 current-context: fleetlet-testenv
 ",
-        ca = b(&pki.ca.cert_pem),
-        cert = b(&pki.admin.cert_pem),
-        key = b(&pki.admin.key_pem),
+        ca = b(ca_pem),
+        cert = b(&client.cert_pem),
+        key = b(&client.key_pem),
     )
 }

@@ -23,6 +23,7 @@ pub mod components;
 pub mod gitops;
 pub mod https;
 pub mod kube;
+pub mod metrics_server;
 pub mod nats;
 pub mod pki;
 pub mod pods;
@@ -41,6 +42,7 @@ use std::{
 
 pub use bins::{Binaries, repo_root};
 pub use kube::KubeControlPlane;
+pub use metrics_server::MetricsServer;
 pub use nats::{NatsServer, ensure_buckets};
 use process::DirReaper;
 pub use wait::{DEFAULT_TIMEOUT, eventually};

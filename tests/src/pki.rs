@@ -1,5 +1,7 @@
 //! A throwaway certificate authority for the test control plane: the apiserver's serving
-//! certificate, an admin client certificate, and the service-account signing key.
+//! certificate, an admin client certificate, and the service-account signing key; and for
+//! the aggregation layer a front-proxy CA with the apiserver's proxy client certificate, and
+//! metrics-server's serving and client certificates.
 
 use std::{fs, net::IpAddr, path::Path};
 
@@ -26,7 +28,25 @@ pub struct Pki {
     pub nobody: CertPair,
     pub service_account_key_pem: String,
     pub service_account_pub_pem: String,
+    /// The aggregation layer's own CA (`--requestheader-client-ca-file`): extension
+    /// apiservers trust the user headers of requests whose client certificate it signed.
+    pub front_proxy_ca: CertPair,
+    /// The certificate the apiserver proxies to extension apiservers with
+    /// (`front-proxy-client`, signed by the front-proxy CA).
+    pub front_proxy_client: CertPair,
+    /// metrics-server's serving certificate (signed by the test CA): `localhost`, 127.0.0.1,
+    /// and `metrics-server.kube-system.svc`, the name the aggregator verifies.
+    pub metrics_server_serving: CertPair,
+    /// metrics-server's client certificate towards the apiserver and kubelets
+    /// (`fleetlet-metrics-server`, signed by the test CA).
+    pub metrics_server_client: CertPair,
 }
+
+/// The CN of the front-proxy client certificate (`--requestheader-allowed-names`).
+pub const FRONT_PROXY_CLIENT: &str = "front-proxy-client";
+
+/// The user metrics-server authenticates as (its client certificate's CN).
+pub const METRICS_SERVER_USER: &str = "fleetlet-metrics-server";
 
 fn dn(common_name: &str, organization: Option<&str>) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
@@ -82,6 +102,28 @@ impl Pki {
             &[],
             ExtendedKeyUsagePurpose::ClientAuth,
         )?;
+        let (front_proxy, front_proxy_ca) = Self::ca("fleetlet-testenv-front-proxy-ca")?;
+        let front_proxy_client = Self::leaf(
+            &front_proxy,
+            FRONT_PROXY_CLIENT,
+            None,
+            &[],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
+        let metrics_server_serving = Self::leaf(
+            &ca,
+            "metrics-server",
+            None,
+            &["localhost", "metrics-server.kube-system.svc"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )?;
+        let metrics_server_client = Self::leaf(
+            &ca,
+            METRICS_SERVER_USER,
+            None,
+            &[],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
         let sa = KeyPair::generate()?;
         Ok(Self {
             ca: ca_pair,
@@ -90,6 +132,10 @@ impl Pki {
             nobody,
             service_account_key_pem: sa.serialize_pem(),
             service_account_pub_pem: sa.public_key_pem(),
+            front_proxy_ca,
+            front_proxy_client,
+            metrics_server_serving,
+            metrics_server_client,
         })
     }
 
@@ -139,6 +185,20 @@ impl Pki {
             ("nobody.key", &self.nobody.key_pem),
             ("sa.key", &self.service_account_key_pem),
             ("sa.pub", &self.service_account_pub_pem),
+            ("front-proxy-ca.crt", &self.front_proxy_ca.cert_pem),
+            ("front-proxy-ca.key", &self.front_proxy_ca.key_pem),
+            ("front-proxy-client.crt", &self.front_proxy_client.cert_pem),
+            ("front-proxy-client.key", &self.front_proxy_client.key_pem),
+            ("metrics-server.crt", &self.metrics_server_serving.cert_pem),
+            ("metrics-server.key", &self.metrics_server_serving.key_pem),
+            (
+                "metrics-server-client.crt",
+                &self.metrics_server_client.cert_pem,
+            ),
+            (
+                "metrics-server-client.key",
+                &self.metrics_server_client.key_pem,
+            ),
         ];
         for (name, pem) in files {
             fs::write(dir.join(name), pem)?;

@@ -120,7 +120,8 @@ impl PodFleet {
 
 /// A pod `pf` on `node` for port-forward checks and benchmarks: port 9000 answers the
 /// sha256 of what it is sent (once the sender half-closes), port 9001 sends `mib` MiB of
-/// random bytes (kept in `/tmp/blob`).
+/// random bytes (kept in `/tmp/blob`). Ready once both ports listen (writing the blob
+/// comes first and takes a while on a busy machine).
 pub fn port_forward_pod(image: &str, node: &str, mib: usize) -> Result<Pod, Error> {
     serde_json::from_value(json!({
         "metadata": { "name": "pf" },
@@ -132,7 +133,12 @@ pub fn port_forward_pod(image: &str, node: &str, mib: usize) -> Result<Pod, Erro
                 "command": ["/bin/sh", "-c", format!("head -c {} /dev/urandom > /tmp/blob; \
                     (while true; do nc -l -p 9001 -e cat /tmp/blob; done) & \
                     while true; do nc -l -p 9000 -e sha256sum; done", mib << 20)],
-                "ports": [{ "containerPort": 9000 }, { "containerPort": 9001 }]
+                "ports": [{ "containerPort": 9000 }, { "containerPort": 9001 }],
+                "readinessProbe": {
+                    "exec": { "command": ["/bin/sh", "-c",
+                        "netstat -ltn | grep -q ':9000 ' && netstat -ltn | grep -q ':9001 '"] },
+                    "periodSeconds": 1
+                }
             }]
         }
     }))
@@ -178,6 +184,26 @@ pub async fn port_forward_transfer(
         io::{BufRead, Read, Write},
         time::{Duration, Instant},
     };
+    // Not before the pod listens on both ports (its readiness probe says so).
+    let pods: Api<Pod> = Api::namespaced(
+        env.kube_client().await.map_err(|e| e.to_string())?,
+        "default",
+    );
+    crate::eventually(
+        "pod pf Ready (listening)",
+        Duration::from_secs(60),
+        || async {
+            let p = pods.get("pf").await.map_err(|e| e.to_string())?;
+            let ready = p
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            ready.then_some(()).ok_or_else(|| "not Ready".to_string())
+        },
+    )
+    .await;
     let free = || crate::process::free_port().map_err(|e| e.to_string());
     let (up_port, down_port) = (free()?, free()?);
     let mut cmd = env.kubectl().map_err(|e| e.to_string())?;

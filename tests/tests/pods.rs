@@ -1247,3 +1247,179 @@ async fn deployments_run_on_devices_and_daemonsets_without_the_toleration_stay_o
         "only the DaemonSet's container remains: {left}"
     );
 }
+
+/// `kubectl top node` and `kubectl top pod` for a fleetlet node, through a real
+/// metrics-server registered with the apiserver's aggregation layer: it scrapes the node's
+/// own kubelet port on the bridge, which asks the device's agent (podman for the
+/// containers, /proc for the device).
+#[tokio::test]
+async fn kubectl_top_shows_the_device_and_its_pods_through_a_real_metrics_server() {
+    let env = TestEnv::builder()
+        .controllers()
+        .nats()
+        .start()
+        .await
+        .unwrap();
+    let pm = PodmanSandbox::start().await.unwrap();
+    let node_port = free_port().unwrap();
+    let ports_flag = format!("--kubelet-node-ports={node_port}-{node_port}");
+    let mut fleet = PodFleet::start(&env, &pm, "pi-top", false, &[ports_flag.as_str()])
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(fleet.client.clone(), "default");
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "burner",
+            "pi-top",
+            json!({ "containers": [
+                { "name": "burn", "image": pm.image_1, "command": ["sh", "-c", "while :; do :; done"] },
+                { "name": "idle", "image": pm.image_1 }
+            ]}),
+        ),
+    )
+    .await
+    .unwrap();
+    wait_running(&pods, "burner", Duration::from_secs(90)).await;
+    // The Node advertises its own port, and the bridge serves it.
+    let node = fleet.nodes.get("pi-top").await.unwrap();
+    let advertised = node
+        .status
+        .and_then(|s| s.daemon_endpoints)
+        .and_then(|d| d.kubelet_endpoint)
+        .map(|k| k.port);
+    assert_eq!(advertised, Some(i32::from(node_port)));
+
+    // The figures themselves, as a kubelet serves them: nodes/metrics decides who may read.
+    let pki = fleet.pki.clone();
+    let curl = |path: &str, user: &str| {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", "--cacert"])
+            .arg(pki.join("ca.crt"))
+            .arg("--cert")
+            .arg(pki.join(format!("{user}.crt")))
+            .arg("--key")
+            .arg(pki.join(format!("{user}.key")))
+            .arg(format!("https://127.0.0.1:{node_port}{path}"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
+        (code.to_owned(), body.to_owned())
+    };
+    let (code, body) = curl("/metrics/resource", "nobody");
+    assert_eq!(code, "403", "{body}");
+    assert!(!body.contains("node_cpu_usage_seconds_total"), "{body}");
+    let (code, body) = curl("/stats/summary", "nobody");
+    assert_eq!(code, "403", "{body}");
+    let (code, body) = curl("/metrics/resource", "admin");
+    assert_eq!(code, "200", "{body}");
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{body}"))
+    };
+    assert!(value("node_cpu_usage_seconds_total ") > 0.0);
+    assert!(value("node_memory_working_set_bytes ") > 0.0);
+    let burn = "container_cpu_usage_seconds_total{container=\"burn\",namespace=\"default\",pod=\"burner\"}";
+    assert!(value(burn) > 0.0);
+    // The Summary API (the apiserver's node proxy refuses loopback addresses, so asked
+    // directly, as the apiserver would).
+    let (code, body_summary) = curl("/stats/summary", "admin");
+    assert_eq!(code, "200", "{body_summary}");
+    let summary: serde_json::Value = serde_json::from_str(&body_summary).unwrap();
+    assert_eq!(summary["node"]["nodeName"], "pi-top");
+    let burner = summary["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["podRef"]["name"] == "burner")
+        .unwrap_or_else(|| panic!("no burner in {summary}"));
+    assert_eq!(burner["containers"].as_array().unwrap().len(), 2);
+
+    // A real metrics-server, registered through the aggregation layer.
+    let bins = fleetlet_testenv::Binaries::locate().unwrap();
+    let ms = fleetlet_testenv::metrics_server::MetricsServer::start(
+        bins,
+        env.kube.as_ref().unwrap(),
+        &fleet.dir.path().join("metrics-server"),
+    )
+    .await
+    .unwrap();
+    let top = |args: &[&str]| {
+        let out = env
+            .kubectl()
+            .unwrap()
+            .arg("top")
+            .args(args)
+            .arg("--no-headers")
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    };
+    // "pi-top   1003m   50%   312Mi   1%"
+    let millicores = |cell: &str| -> u64 {
+        cell.strip_suffix('m')
+            .map(|m| m.parse().unwrap())
+            .unwrap_or_else(|| cell.parse::<u64>().unwrap() * 1000)
+    };
+    let node_row = eventually(
+        "kubectl top node pi-top",
+        Duration::from_secs(90),
+        || async { top(&["node", "pi-top"]) },
+    )
+    .await;
+    let cells: Vec<&str> = node_row.split_whitespace().collect();
+    assert_eq!(cells.first(), Some(&"pi-top"), "{node_row}");
+    assert!(millicores(cells[1]) > 0, "{node_row}");
+    assert!(
+        cells[3].ends_with("Mi") || cells[3].ends_with("Gi"),
+        "{node_row}"
+    );
+    // The busy container shows its CPU; the idle one next to it does not.
+    let rows = eventually(
+        "kubectl top pod burner --containers with the busy loop's CPU",
+        Duration::from_secs(90),
+        || async {
+            let rows = top(&["pod", "burner", "--containers"])?;
+            let cpu = |c: &str| {
+                rows.lines()
+                    .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                    .find(|cells| cells.get(1) == Some(&c))
+                    .map(|cells| millicores(cells[2]))
+            };
+            match (cpu("burn"), cpu("idle")) {
+                (Some(b), Some(i)) if b >= 200 && i < 50 => Ok(rows),
+                _ => Err(rows),
+            }
+        },
+    )
+    .await;
+    assert!(rows.contains("burner"), "{rows}");
+    compat::passed("top node, top pod (metrics-server)", "");
+    // The figures are sampled on each request: the busy loop has used more CPU since.
+    let before = value(burn);
+    let (_, later) = curl("/metrics/resource", "admin");
+    let after: f64 = later
+        .lines()
+        .find(|l| l.starts_with(burn))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(after > before, "{before} → {after}");
+    eprintln!("kubectl top node:\n{node_row}kubectl top pod --containers:\n{rows}");
+    // With the device gone quiet, a scrape gets a clear answer, not a hang.
+    drop(fleet.services.remove(0)); // the agent
+    let started = Instant::now();
+    let (code, body) = curl("/metrics/resource", "admin");
+    assert_eq!(code, "503", "{body}");
+    assert!(body.contains("did not answer"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    drop(ms);
+}

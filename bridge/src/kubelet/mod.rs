@@ -44,9 +44,11 @@ use crate::{frames::FrameRouter, metrics::Metrics};
 
 mod auth;
 mod portforward;
+pub mod ports;
 mod session;
 mod spdy;
 mod streams;
+pub mod usage;
 mod websocket;
 
 use session::{Frame, Session, session_id};
@@ -76,7 +78,13 @@ pub struct KubeletConfig {
     pub serving: crate::serving::ServingCert,
     /// CA of the client certificates accepted (the apiserver's kubelet client).
     pub client_ca_file: PathBuf,
+    /// Ports handed to the Nodes one each (see [`ports`]), on the listener's address.
+    pub node_ports: Option<std::ops::RangeInclusive<u16>>,
 }
+
+/// The Node a listener serves alone (a node port), or `None` on the shared port.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ServedNode(pub Option<String>);
 
 /// Who is calling, from the verified client certificate.
 #[derive(Debug, Clone, Default)]
@@ -91,6 +99,7 @@ struct Ctx {
     nats: async_nats::Client,
     frames: Arc<FrameRouter>,
     nodes: Store<Node>,
+    pods: Store<Pod>,
     metrics: Arc<Metrics>,
     tokens: Arc<auth::TokenCache>,
 }
@@ -153,6 +162,7 @@ pub async fn serve(
     client: Client,
     nats: async_nats::Client,
     nodes: Store<Node>,
+    pods: Store<Pod>,
     metrics: Arc<Metrics>,
 ) -> Result<(SocketAddr, impl Future<Output = ()>), KubeletError> {
     let (certs, renew) = crate::serving::start(config.serving.clone(), client.clone()).await?;
@@ -188,17 +198,21 @@ pub async fn serve(
             "/portForward/{namespace}/{pod}",
             get(portforward::portforward).post(portforward::portforward),
         )
+        .route("/metrics/resource", get(usage::metrics_resource))
+        .route("/stats/summary", get(usage::stats_summary))
         .route("/healthz", get(|| async { "ok" }));
     let ctx = Ctx {
         client,
         nats: nats.clone(),
         frames: frames.clone(),
         nodes,
+        pods,
         metrics,
         tokens: Arc::default(),
     };
     // Callers without a client certificate may present a bearer token (checked by a
     // TokenReview), as to a kubelet run with --authentication-token-webhook.
+    let node_store = ctx.nodes.clone();
     let router = router
         .route_layer(axum::middleware::from_fn_with_state(
             ctx.clone(),
@@ -211,36 +225,105 @@ pub async fn serve(
             tokio::spawn(renew);
         }
         tokio::spawn(frames.run(nats));
-        loop {
-            let Ok((tcp, peer)) = listener.accept().await else {
-                continue;
+        if let Some(range) = config.node_ports.clone() {
+            let node_listeners = NodeListeners {
+                ip: addr.ip(),
+                range,
+                acceptor: acceptor.clone(),
+                router: router.clone(),
+                nodes: node_store,
             };
-            let acceptor = acceptor.clone();
-            let router = router.clone();
-            tokio::spawn(async move {
-                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
-                    .await
-                {
+            tokio::spawn(node_listeners.run());
+        }
+        accept(listener, acceptor, router, ServedNode(None)).await;
+    };
+    Ok((addr, server))
+}
+
+/// Serves connections on `listener` for `served` until the task is dropped.
+async fn accept(listener: TcpListener, acceptor: TlsAcceptor, router: Router, served: ServedNode) {
+    let served = Arc::new(served);
+    loop {
+        let Ok((tcp, peer)) = listener.accept().await else {
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        let served = served.clone();
+        tokio::spawn(async move {
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => return debug!(%peer, "TLS handshake timed out"),
                 };
-                let id = identity_of(tls.get_ref().1.peer_certificates());
-                let service = hyper_util::service::TowerToHyperService::new(
-                    router.layer(Extension(Arc::new(id))),
-                );
-                let io = hyper_util::rt::TokioIo::new(tls);
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .with_upgrades()
-                    .await
-                {
-                    debug!(%peer, error = %e, "kubelet API connection ended");
+            let id = identity_of(tls.get_ref().1.peer_certificates());
+            let service = hyper_util::service::TowerToHyperService::new(
+                router
+                    .layer(Extension(Arc::new(id)))
+                    .layer(Extension(served)),
+            );
+            let io = hyper_util::rt::TokioIo::new(tls);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+            {
+                debug!(%peer, error = %e, "kubelet API connection ended");
+            }
+        });
+    }
+}
+
+/// The per-node listeners: one per port the Nodes advertise within the range, opened and
+/// closed as the Node store changes.
+struct NodeListeners {
+    ip: std::net::IpAddr,
+    range: std::ops::RangeInclusive<u16>,
+    acceptor: TlsAcceptor,
+    router: Router,
+    nodes: Store<Node>,
+}
+
+impl NodeListeners {
+    async fn run(self) {
+        let mut open: std::collections::HashMap<u16, (String, tokio::task::AbortHandle)> =
+            std::collections::HashMap::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let nodes = self.nodes.state();
+            let wanted = ports::wanted(nodes.iter().map(|n| n.as_ref()), &self.range);
+            open.retain(|port, (node, task)| {
+                let keep = wanted.get(port) == Some(node);
+                if !keep {
+                    task.abort();
+                    debug!(port, %node, "node port closed");
                 }
+                keep
             });
+            for (port, node) in wanted {
+                if open.contains_key(&port) {
+                    continue;
+                }
+                let addr = SocketAddr::new(self.ip, port);
+                match TcpListener::bind(addr).await {
+                    Ok(l) => {
+                        debug!(%addr, %node, "node port open");
+                        let task = tokio::spawn(accept(
+                            l,
+                            self.acceptor.clone(),
+                            self.router.clone(),
+                            ServedNode(Some(node.clone())),
+                        ));
+                        open.insert(port, (node, task.abort_handle()));
+                    }
+                    // Tried again on the next tick.
+                    Err(e) => warn!(%addr, %node, error = %e, "cannot listen on the node's port"),
+                }
+            }
         }
-    };
-    Ok((addr, server))
+    }
 }
 
 fn text(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -254,6 +337,18 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response {
 
 /// The kubelet's check: may this caller use `verb` on `nodes/proxy` of `node`?
 async fn authorize(ctx: &Ctx, id: &Identity, verb: &str, node: &str) -> Result<(), Response> {
+    authorize_on(ctx, id, verb, node, "proxy").await
+}
+
+/// May this caller use `verb` on `nodes/<subresource>` of `node` (`proxy`, or `metrics` and
+/// `stats` for the figures, as a kubelet asks)?
+async fn authorize_on(
+    ctx: &Ctx,
+    id: &Identity,
+    verb: &str,
+    node: &str,
+    subresource: &str,
+) -> Result<(), Response> {
     let Some(user) = &id.user else {
         return Err(text(
             StatusCode::UNAUTHORIZED,
@@ -267,7 +362,7 @@ async fn authorize(ctx: &Ctx, id: &Identity, verb: &str, node: &str) -> Result<(
             resource_attributes: Some(ResourceAttributes {
                 verb: Some(verb.into()),
                 resource: Some("nodes".into()),
-                subresource: Some("proxy".into()),
+                subresource: Some(subresource.into()),
                 name: Some(node.into()),
                 ..Default::default()
             }),
@@ -280,7 +375,9 @@ async fn authorize(ctx: &Ctx, id: &Identity, verb: &str, node: &str) -> Result<(
         Ok(r) if r.status.as_ref().is_some_and(|s| s.allowed) => Ok(()),
         Ok(_) => Err(text(
             StatusCode::FORBIDDEN,
-            format!("Forbidden (user={user}, verb={verb}, resource=nodes, subresource=proxy)"),
+            format!(
+                "Forbidden (user={user}, verb={verb}, resource=nodes, subresource={subresource})"
+            ),
         )),
         Err(e) => {
             warn!(error = %e, "SubjectAccessReview failed");
