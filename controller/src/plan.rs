@@ -735,6 +735,8 @@ mod tests {
         let unit = |id: &str, contents: &str| ResourceTemplate {
             id: ResourceId::new(id).unwrap(),
             spec: ResourceSpec::SystemdUnit(SystemdUnitSpec {
+                restart_on: Vec::new(),
+                restart_digest: None,
                 name: "app.service".into(),
                 contents: Some(contents.into()),
                 enabled: true,

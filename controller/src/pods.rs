@@ -680,6 +680,9 @@ fn container(
             .as_ref()
             .map(|p| readiness_probe(c, p))
             .transpose()?,
+        // As with a kubelet, a changed ConfigMap or Secret does not restart the container.
+        restart_on: Vec::new(),
+        restart_digest: None,
     })
 }
 

@@ -230,25 +230,11 @@ impl ContainerReconciler {
     /// Every running container this agent created: its resource, podman id and start time
     /// (seconds since the Unix epoch), for resource-usage reports.
     pub async fn running(&self) -> Result<Vec<(ResourceId, String, i64)>, ReconcileError> {
-        let opts = ContainerListOpts::builder()
-            .filter([ContainerListFilter::LabelKeyVal(
-                LABEL_DEVICE.into(),
-                self.inner.device.to_string(),
-            )])
-            .build();
-        let list = self
-            .inner
-            .podman
-            .containers()
-            .list(&opts)
-            .await
-            .map_err(|e| podman_err("listing containers", e))?;
-        Ok(list
+        Ok(self
+            .owned(None)
+            .await?
             .iter()
-            .filter(|c| {
-                label(c, LABEL_DEVICE) == Some(self.inner.device.as_str())
-                    && c.state.as_deref() == Some("running")
-            })
+            .filter(|c| c.state.as_deref() == Some("running"))
             .filter_map(|c| {
                 let id = ResourceId::new(label(c, LABEL_RESOURCE)?.to_owned()).ok()?;
                 Some((id, c.id.clone()?, c.started_at.unwrap_or(0)))
@@ -256,7 +242,6 @@ impl ContainerReconciler {
             .collect())
     }
 
-    /// The podman client (for logs and exec of owned containers).
     /// podman's version as `podman://<version>`, if podman answers.
     pub async fn runtime_version(&self) -> Option<String> {
         match self.inner.podman.version().await {
@@ -285,6 +270,7 @@ impl ContainerReconciler {
         podman.saturating_add(ours)
     }
 
+    /// The podman client (for logs and exec of owned containers).
     pub fn podman(&self) -> &Podman {
         &self.inner.podman
     }
@@ -301,15 +287,24 @@ impl ContainerReconciler {
 
     /// The agent's containers for `id` (normally none or one).
     async fn find(&self, id: &ResourceId) -> Result<Vec<ListContainer>, ReconcileError> {
+        self.owned(Some(id)).await
+    }
+
+    /// Every container (running or not) this agent created, or only those of `id`.
+    async fn owned(&self, id: Option<&ResourceId>) -> Result<Vec<ListContainer>, ReconcileError> {
+        let mut filters = vec![ContainerListFilter::LabelKeyVal(
+            LABEL_DEVICE.into(),
+            self.inner.device.to_string(),
+        )];
+        if let Some(id) = id {
+            filters.push(ContainerListFilter::LabelKeyVal(
+                LABEL_RESOURCE.into(),
+                id.to_string(),
+            ));
+        }
         let opts = ContainerListOpts::builder()
             .all(true)
-            .filter([
-                ContainerListFilter::LabelKeyVal(
-                    LABEL_DEVICE.into(),
-                    self.inner.device.to_string(),
-                ),
-                ContainerListFilter::LabelKeyVal(LABEL_RESOURCE.into(), id.to_string()),
-            ])
+            .filter(filters)
             .build();
         let list = self
             .inner
@@ -323,7 +318,7 @@ impl ContainerReconciler {
             .into_iter()
             .filter(|c| {
                 label(c, LABEL_DEVICE) == Some(self.inner.device.as_str())
-                    && label(c, LABEL_RESOURCE) == Some(id.as_str())
+                    && id.is_none_or(|id| label(c, LABEL_RESOURCE) == Some(id.as_str()))
             })
             .collect())
     }

@@ -491,7 +491,8 @@ impl Engine {
             debug!("no manifest yet");
             return;
         };
-        let manifest = &current.manifest;
+        let (manifest, unresolved) = crate::dependencies::with_restart_digests(&current.manifest);
+        let manifest: &AgentManifest = &manifest;
         let now = Timestamp::now();
         let plan = Plan::new(manifest, &self.owned, |old, new| {
             self.registry.moves(old, new)
@@ -500,7 +501,8 @@ impl Engine {
         let mut orphans = Vec::new();
         self.remove_gone(&plan.remove, now, &mut resources, &mut orphans)
             .await;
-        let blocked = self.move_out(&plan, &mut orphans).await;
+        let mut blocked = self.move_out(&plan, &mut orphans).await;
+        blocked.extend(unresolved);
         self.record_ownership(&plan, &blocked);
         let instant_now = Instant::now();
         for o in self.work(&plan, &blocked, now, instant_now).await {
@@ -609,6 +611,7 @@ impl Engine {
 
     /// Works on every resource of the manifest, `concurrency` at a time: kept ones are
     /// observed (unless backing off), the others applied, blocked ones reported failed.
+    /// A resource whose `restartOn` names one applied this pass goes after the rest.
     async fn work(
         &self,
         plan: &Plan<'_>,
@@ -635,15 +638,33 @@ impl Engine {
                 }
             })
             .collect();
-        let registry = self.registry.clone();
-        futures::stream::iter(items)
-            .map(move |item| {
-                let registry = registry.clone();
-                async move { item.run(&registry, now).await }
-            })
-            .buffer_unordered(self.settings.concurrency)
-            .collect()
-            .await
+        let applied: HashSet<&ResourceId> = plan
+            .apply
+            .iter()
+            .filter(|e| e.step != Step::Keep)
+            .map(|e| &e.resource.id)
+            .collect();
+        let (first, after): (Vec<WorkItem>, Vec<WorkItem>) = items.into_iter().partition(|i| {
+            !i.resource
+                .spec
+                .restart_on()
+                .iter()
+                .any(|d| applied.contains(d))
+        });
+        let mut out = Vec::with_capacity(first.len() + after.len());
+        for wave in [first, after] {
+            let registry = self.registry.clone();
+            let done: Vec<Outcome> = futures::stream::iter(wave)
+                .map(move |item| {
+                    let registry = registry.clone();
+                    async move { item.run(&registry, now).await }
+                })
+                .buffer_unordered(self.settings.concurrency)
+                .collect()
+                .await;
+            out.extend(done);
+        }
+        out
     }
 
     /// Turns one resource's outcome into the status to report: counts a repaired drift,

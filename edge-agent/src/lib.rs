@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod container;
+pub mod dependencies;
 pub mod engine;
 pub mod facts;
 pub mod fetch;

@@ -320,8 +320,20 @@ impl SystemdReconciler {
         )
     }
 
-    fn file_bytes(&self, id: &ResourceId, contents: &str) -> Vec<u8> {
+    /// The unit file for `spec`: the marker, the state of what it restarts on (so a change
+    /// there is a new file, and a running unit is restarted for it), then its contents.
+    fn file_bytes(&self, id: &ResourceId, contents: &str, spec: &SystemdUnitSpec) -> Vec<u8> {
         let mut s = self.marker(id);
+        if let Some(d) = &spec.restart_digest {
+            s.push_str(&format!(
+                "# Restarted when {} change (state {d}).\n",
+                spec.restart_on
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         s.push_str(contents);
         if !s.ends_with('\n') {
             s.push('\n');
@@ -562,7 +574,7 @@ impl SystemdReconciler {
         self.check_policy(id, spec).await?;
         if let Some(contents) = &spec.contents {
             match tokio::fs::read(self.unit_path(&spec.name)).await {
-                Ok(b) if b == self.file_bytes(id, contents) => {}
+                Ok(b) if b == self.file_bytes(id, contents, spec) => {}
                 Ok(_) => return Ok(Observation::Differs("unit file changed on disk".into())),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Ok(Observation::Absent);
@@ -642,7 +654,7 @@ impl SystemdReconciler {
         };
         let name = spec.name.as_str();
         let path = self.unit_path(name);
-        let want = self.file_bytes(id, contents);
+        let want = self.file_bytes(id, contents, spec);
         let have = tokio::fs::read(&path).await.ok();
         if have.as_deref() == Some(want.as_slice()) {
             return Ok(false);
@@ -881,6 +893,8 @@ mod tests {
 
     fn unit(enabled: bool, contents: bool) -> SystemdUnitSpec {
         SystemdUnitSpec {
+            restart_on: Vec::new(),
+            restart_digest: None,
             name: "hello.service".into(),
             contents: contents.then(|| "[Service]\nExecStart=/bin/true\n".into()),
             enabled,

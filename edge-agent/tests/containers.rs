@@ -27,6 +27,26 @@ fn device(name: &str, pm: &PodmanSandbox, extra: &str) -> Device {
     dev
 }
 
+/// A device whose containers may mount `<root>/share` (read-only) and `<root>/data`
+/// (read-write), both created empty.
+fn device_with_mount_roots(
+    name: &str,
+    pm: &PodmanSandbox,
+) -> (Device, std::path::PathBuf, std::path::PathBuf) {
+    let mut dev = device(name, pm, "");
+    let share = dev.root().join("share");
+    let data = dev.root().join("data");
+    dev.sections.push_str(&format!(
+        "mount_roots = [\"{}\", \"{}\"]\nwritable_mount_roots = [\"{}\"]\n",
+        share.display(),
+        data.display(),
+        data.display()
+    ));
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::create_dir_all(&data).unwrap();
+    (dev, share, data)
+}
+
 fn container(id: &str, spec: ContainerSpec) -> ManagedResource {
     let mut r = file_at(id, "/unused", "");
     r.spec = ResourceSpec::Container(spec);
@@ -438,16 +458,7 @@ async fn container_mounts_stay_inside_the_roots_the_device_owner_allows() {
     let env = TestEnv::builder().nats().start().await.unwrap();
     let pm = PodmanSandbox::start().await.unwrap();
     let (desired, actual, _) = buckets(&env).await;
-    let mut dev = device("pi-mounts", &pm, "");
-    let share = dev.root().join("share");
-    let data = dev.root().join("data");
-    dev.sections.push_str(&format!(
-        "mount_roots = [\"{}\", \"{}\"]\nwritable_mount_roots = [\"{}\"]\n",
-        share.display(),
-        data.display(),
-        data.display()
-    ));
-    std::fs::create_dir_all(&share).unwrap();
+    let (dev, share, data) = device_with_mount_roots("pi-mounts", &pm);
     std::fs::write(share.join("in"), "from the host\n").unwrap();
     std::os::unix::fs::symlink("/etc", share.join("escape")).unwrap();
     let _agent = dev.start(env.nats_url().unwrap(), "");
@@ -695,4 +706,77 @@ async fn eventually_output(pm: &PodmanSandbox, name: &str, bytes: usize) {
         },
     )
     .await;
+}
+
+/// `restartOn`: a container that mounts a File is made anew once when the File's spec
+/// changes (after the File is written, so the new container reads the new file), and not
+/// when anything else changes.
+#[tokio::test]
+async fn a_container_restarts_once_when_a_file_it_mounts_changes() {
+    let env = TestEnv::builder().nats().start().await.unwrap();
+    let pm = PodmanSandbox::start().await.unwrap();
+    let (desired, actual, _) = buckets(&env).await;
+    let (dev, share, data) = device_with_mount_roots("pi-restart-c", &pm);
+    let _agent = dev.start(env.nats_url().unwrap(), "");
+    let s = |p: &std::path::Path| p.display().to_string();
+    let app = ContainerSpec {
+        image: pm.image_1.clone(),
+        command: vec!["/bin/sh".into(), "-c".into()],
+        args: vec!["cat /share/app.conf >> /data/seen; exec sleep 3600".into()],
+        mounts: vec![
+            fleetlet_protocol::HostPathMount {
+                host_path: s(&share),
+                container_path: "/share".into(),
+                read_only: true,
+            },
+            fleetlet_protocol::HostPathMount {
+                host_path: s(&data),
+                container_path: "/data".into(),
+                read_only: false,
+            },
+        ],
+        restart_on: vec![fleetlet_protocol::ResourceId::new("conf").unwrap()],
+        ..Default::default()
+    };
+    let manifest = |generation, text: &str, other: &str| {
+        dev.manifest(
+            generation,
+            vec![
+                container("app", app.clone()),
+                dev.file_resource("conf", "share/app.conf", text),
+                dev.file_resource("other", "share/other.conf", other),
+            ],
+        )
+    };
+    let seen = data.join("seen");
+    let id_of = || {
+        pm.podman(&[
+            "ps",
+            "-q",
+            "--no-trunc",
+            "--filter",
+            "name=pi-restart-c-app",
+        ])
+        .unwrap()
+        .trim()
+        .to_owned()
+    };
+
+    put(&desired, &manifest(1, "v1\n", "x")).await;
+    wait_status(&actual, &dev.id, "all applied", |s| all_ready(s, 1, 3)).await;
+    fleetlet_testenv::wait::file_content(&seen, "v1\n", fleetlet_testenv::DEFAULT_TIMEOUT).await;
+    let first = id_of();
+
+    put(&desired, &manifest(2, "v2\n", "x")).await;
+    wait_status(&actual, &dev.id, "v2 applied", |s| all_ready(s, 2, 3)).await;
+    fleetlet_testenv::wait::file_content(&seen, "v1\nv2\n", fleetlet_testenv::DEFAULT_TIMEOUT)
+        .await;
+    let second = id_of();
+    assert_ne!(first, second, "a new container for the new file");
+
+    put(&desired, &manifest(3, "v2\n", "y")).await;
+    wait_status(&actual, &dev.id, "other applied", |s| all_ready(s, 3, 3)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(read(&seen), "v1\nv2\n");
+    assert_eq!(id_of(), second);
 }

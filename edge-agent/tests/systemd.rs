@@ -23,6 +23,8 @@ fn unit(
 ) -> ManagedResource {
     let mut r = file_at(id, "/unused", "");
     r.spec = ResourceSpec::SystemdUnit(SystemdUnitSpec {
+        restart_on: Vec::new(),
+        restart_digest: None,
         name: name.into(),
         contents,
         enabled,
@@ -627,5 +629,107 @@ async fn the_agent_installs_itself_as_a_systemd_service_and_uninstalls() {
         prop(&sd, "sidecar.service", "Unit", "ActiveState"),
         "s \"active\"",
         "uninstalling the agent leaves its workloads running"
+    );
+}
+
+/// `restartOn`: a unit that reads a File is restarted once when the File's spec changes,
+/// after the File is written, and not for anything else; a `restartOn` naming no resource
+/// of the manifest fails that unit alone and leaves it running as it was.
+#[tokio::test]
+async fn a_unit_restarts_once_when_the_file_it_reads_changes() {
+    let env = TestEnv::builder().nats().start().await.unwrap();
+    let sd = SystemdSandbox::start().await.unwrap();
+    let (desired, actual, _) = buckets(&env).await;
+    let dev = device("pi-restart-on", &sd);
+    let _agent = dev.start(env.nats_url().unwrap(), "");
+    let conf = dev.file("app.conf");
+    let seen = dev.file("seen.log");
+    // The unit prints its config file where the test can read it, once per start.
+    let reader = |restart_on: &[&str]| {
+        let mut r = unit(
+            "app",
+            "app.service",
+            service(
+                &format!(
+                    "/bin/sh -c 'cat {} >> {}; exec /bin/sleep 4005'",
+                    conf.display(),
+                    seen.display()
+                ),
+                "",
+            ),
+            false,
+            UnitState::Started,
+        );
+        if let ResourceSpec::SystemdUnit(u) = &mut r.spec {
+            u.restart_on = restart_on
+                .iter()
+                .map(|s| fleetlet_protocol::ResourceId::new(*s).unwrap())
+                .collect();
+        }
+        r
+    };
+    let manifest = |generation, text: &str, other: &str, restart_on: &[&str]| {
+        dev.manifest(
+            generation,
+            vec![
+                // The unit comes first in the manifest: the File is still applied first.
+                reader(restart_on),
+                dev.file_resource("conf", "app.conf", text),
+                dev.file_resource("other", "other.conf", other),
+            ],
+        )
+    };
+    let seen_is = |want: &'static str| {
+        let seen = seen.clone();
+        async move {
+            until(
+                &format!("the unit to have printed {want:?}"),
+                DEFAULT_TIMEOUT,
+                || async { std::fs::read_to_string(&seen).unwrap_or_default() },
+                |s| s == want,
+            )
+            .await;
+        }
+    };
+
+    put(&desired, &manifest(1, "v1\n", "x", &["conf"])).await;
+    wait_status(&actual, &dev.id, "all applied", |s| all_ready(s, 1, 3)).await;
+    seen_is("v1\n").await;
+    let pid1 = prop(&sd, "app.service", "Service", "MainPID");
+
+    // The file it reads changes: written, then the unit restarted once, reading the new one.
+    put(&desired, &manifest(2, "v2\n", "x", &["conf"])).await;
+    wait_status(&actual, &dev.id, "v2 applied", |s| all_ready(s, 2, 3)).await;
+    seen_is("v1\nv2\n").await;
+    let pid2 = prop(&sd, "app.service", "Service", "MainPID");
+    assert_ne!(pid1, pid2);
+    assert!(read(&sd.unit_dir.join("app.service")).contains("# Restarted when conf change"));
+
+    // A file it does not name changes: no restart, through several drift passes.
+    put(&desired, &manifest(3, "v2\n", "y", &["conf"])).await;
+    wait_status(&actual, &dev.id, "other applied", |s| all_ready(s, 3, 3)).await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(read(&seen), "v1\nv2\n");
+    assert_eq!(prop(&sd, "app.service", "Service", "MainPID"), pid2);
+
+    // restartOn names nothing on the device: the unit fails alone, still running as it was.
+    put(&desired, &manifest(4, "v3\n", "y", &["missing"])).await;
+    let s = wait_status(&actual, &dev.id, "the unit refused", |s| {
+        s.observed_generation == 4
+            && matches!(s.resources.get("app"), Some(ResourceStatus::Failed { .. }))
+            && matches!(s.resources.get("conf"), Some(ResourceStatus::Ready { .. }))
+    })
+    .await;
+    match &s.resources["app"] {
+        ResourceStatus::Failed { error, .. } => {
+            assert!(error.contains("restartOn names missing"), "{error}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(prop(&sd, "app.service", "Service", "MainPID"), pid2);
+    assert_eq!(
+        read(&seen),
+        "v1\nv2\n",
+        "not restarted for the refused spec"
     );
 }

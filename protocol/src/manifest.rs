@@ -336,6 +336,16 @@ pub struct ContainerSpec {
     pub limits: Option<ContainerLimits>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe: Option<Probe>,
+    /// Resources (ids on the same device, e.g. the File it reads) whose spec changing
+    /// restarts this container once, after they are applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub restart_on: Vec<ResourceId>,
+    /// Set by the agent, never sent: a digest of the specs of `restart_on`, so a change in
+    /// them is a change in this spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub restart_digest: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -462,8 +472,52 @@ pub enum ProbeAction {
     },
 }
 
+/// Most resources one `restartOn` may name.
+pub const MAX_RESTART_ON: usize = 16;
+
+/// A `restartOn` list: at most [`MAX_RESTART_ON`] ids, none twice.
+fn check_restart_on(field: &str, ids: &[ResourceId]) -> Result<(), SpecError> {
+    if ids.len() > MAX_RESTART_ON {
+        return Err(invalid(
+            field,
+            format!("{} ids; at most {MAX_RESTART_ON}", ids.len()),
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for id in ids {
+        if !seen.insert(id) {
+            return Err(invalid(field, format!("{id} appears twice")));
+        }
+    }
+    Ok(())
+}
+
+impl ResourceSpec {
+    /// The resources this one restarts after (Container and SystemdUnit `restartOn`).
+    pub fn restart_on(&self) -> &[ResourceId] {
+        match self {
+            Self::Container(c) => &c.restart_on,
+            Self::SystemdUnit(u) => &u.restart_on,
+            Self::File(_) | Self::NetworkConfig(_) | Self::ShellJob(_) | Self::Unsupported(_) => {
+                &[]
+            }
+        }
+    }
+
+    /// Sets the digest of what `restartOn` names (the agent's doing; see
+    /// [`ContainerSpec::restart_digest`]).
+    pub fn set_restart_digest(&mut self, digest: Option<String>) {
+        match self {
+            Self::Container(c) => c.restart_digest = digest,
+            Self::SystemdUnit(u) => u.restart_digest = digest,
+            Self::File(_) | Self::NetworkConfig(_) | Self::ShellJob(_) | Self::Unsupported(_) => {}
+        }
+    }
+}
+
 impl ContainerSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
+        check_restart_on("container.restartOn", &self.restart_on)?;
         if self.image.trim().is_empty() || self.image.chars().any(char::is_whitespace) {
             return Err(invalid(
                 "container.image",
@@ -524,6 +578,10 @@ impl ContainerSpec {
 /// A systemd unit, managed over D-Bus.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.restartOn) || size(self.restartOn) == 0 || has(self.contents)",
+    "message": "systemdUnit.restartOn needs contents: fleetlet restarts units whose file it writes"
+}]))]
 pub struct SystemdUnitSpec {
     /// Unit name with its type suffix, e.g. `hello.service`.
     #[schemars(
@@ -542,6 +600,15 @@ pub struct SystemdUnitSpec {
     pub enabled: bool,
     #[serde(default)]
     pub state: UnitState,
+    /// Resources (ids on the same device, e.g. the File it reads) whose spec changing
+    /// restarts this unit once, after they are applied. Needs `contents`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub restart_on: Vec<ResourceId>,
+    /// Set by the agent, never sent: a digest of the specs of `restart_on`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub restart_digest: Option<String>,
 }
 
 /// The active state a unit should be kept in.
@@ -576,7 +643,13 @@ impl SystemdUnitSpec {
                 ),
             ));
         }
-        Ok(())
+        if !self.restart_on.is_empty() && self.contents.is_none() {
+            return Err(invalid(
+                "systemdUnit.restartOn",
+                "needs contents: fleetlet restarts units whose file it writes",
+            ));
+        }
+        check_restart_on("systemdUnit.restartOn", &self.restart_on)
     }
 }
 
@@ -797,6 +870,39 @@ impl AgentManifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restart_on_is_checked_and_never_sends_the_agents_digest() {
+        let id = |s: &str| ResourceId::new(s.to_owned()).expect("id");
+        let mut unit = SystemdUnitSpec {
+            name: "app.service".into(),
+            contents: None,
+            enabled: false,
+            state: UnitState::Started,
+            restart_on: vec![id("conf")],
+            restart_digest: None,
+        };
+        let err = unit.validate().expect_err("no contents");
+        assert!(err.to_string().contains("needs contents"), "{err}");
+        unit.contents = Some("[Service]\nExecStart=/bin/true\n".into());
+        assert!(unit.validate().is_ok());
+        unit.restart_on.push(id("conf"));
+        assert!(
+            unit.validate()
+                .expect_err("twice")
+                .to_string()
+                .contains("twice")
+        );
+        let c = ContainerSpec {
+            image: "app:1".into(),
+            restart_on: (0..=MAX_RESTART_ON).map(|i| id(&format!("f{i}"))).collect(),
+            ..Default::default()
+        };
+        assert!(c.validate().is_err(), "more than {MAX_RESTART_ON}");
+        // The digest is the agent's: absent from the schema users and the API server see.
+        let schema = serde_json::to_string(&schemars::schema_for!(ResourceSpec)).unwrap();
+        assert!(schema.contains("restartOn") && !schema.contains("restartDigest"));
+    }
 
     #[test]
     fn every_known_kind_is_named_by_one_key_both_ways() {

@@ -106,6 +106,8 @@ fn unit_spec() -> impl Strategy<Value = SystemdUnitSpec> {
         prop_oneof![Just(UnitState::Started), Just(UnitState::Stopped)],
     )
         .prop_map(|(name, contents, enabled, state)| SystemdUnitSpec {
+            restart_on: Vec::new(),
+            restart_digest: None,
             name,
             contents,
             enabled,
@@ -557,6 +559,8 @@ fn per_resource_validation_fails_only_that_resource() {
     }
     let unit = |name: &str| {
         ResourceSpec::SystemdUnit(SystemdUnitSpec {
+            restart_on: Vec::new(),
+            restart_digest: None,
             name: name.into(),
             contents: None,
             enabled: false,

@@ -288,6 +288,14 @@ async fn invalid_edge_manifests_are_rejected_by_the_apiserver_with_readable_mess
             "operator must be In, NotIn, Exists or DoesNotExist",
         ),
         (
+            "restartOn on a unit whose file fleetlet does not write",
+            manifest(
+                json!({ "devices": ["pi-1"], "resources": [file("conf"), { "id": "a", "systemdUnit": {
+                "name": "app.service", "restartOn": ["conf"] } }] }),
+            ),
+            "systemdUnit.restartOn needs contents",
+        ),
+        (
             "probe on port 0",
             manifest(
                 json!({ "devices": ["pi-1"], "resources": [{ "id": "a", "container": {
