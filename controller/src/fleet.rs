@@ -474,6 +474,7 @@ impl Fleet {
 
         summary.kv_deletes += self.remove_orphans(&devices).await;
         summary.status_patches += self.finish_manifests(&manifests, &p).await;
+        self.ctx.metrics.record_rollouts(p.progress.values());
         self.report_conflicts(&manifests, &p.conflicts).await;
         self.report_over_limits(&manifests, &devices, &p.over_limit)
             .await;

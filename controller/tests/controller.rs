@@ -913,7 +913,7 @@ async fn deleting_a_device_removes_its_kv_keys() {
 
 #[tokio::test]
 async fn max_unavailable_moves_one_device_at_a_time_and_a_stuck_rollout_is_reported() {
-    let (env, _c) = shared();
+    let (env, c) = shared();
     let ns = env.namespace("ctl-rollout").await.unwrap();
     let client = env.kube_client().await.unwrap();
     let kv = kv(env).await;
@@ -987,6 +987,21 @@ async fn max_unavailable_moves_one_device_at_a_time_and_a_stuck_rollout_is_repor
         }
     }
     assert_eq!(still_old, 2);
+    // The rollout gauges show it (at least: the controller is shared with other tests):
+    // one rollout in progress, two devices still to move, one waited on to be Ready.
+    eventually("the rollout gauges", DEFAULT_TIMEOUT, || async {
+        let text = get(c.metrics_port, "/metrics").await?;
+        let g = |name: &str| sample(&text, name).unwrap_or(0.0);
+        let seen = (
+            g("fleetlet_controller_rollouts_in_progress"),
+            g("fleetlet_controller_devices_pending_rollout"),
+            g("fleetlet_controller_devices_waiting_ready"),
+        );
+        (seen.0 >= 1.0 && seen.1 >= 2.0 && seen.2 >= 1.0)
+            .then_some(())
+            .ok_or(format!("{seen:?}"))
+    })
+    .await;
 
     // It becomes Ready: the next device moves, and so on to the end (each poll reports
     // every device Ready on whatever it was sent last).
