@@ -90,6 +90,9 @@ pub struct Fleet {
     pods: Option<PodWatch>,
     /// Refusals already reported, by pod uid: reported once, not every pass.
     refusals: Mutex<HashMap<String, &'static str>>,
+    /// Device problems whose Warning Event did not go out (rate limit, API error): tried
+    /// again on each pass while the problem lasts, so each new problem is announced once.
+    unannounced: Mutex<BTreeSet<(DeviceId, &'static str)>>,
     /// Signs every manifest written, when set.
     signer: Option<Arc<crate::signing::Signer>>,
     /// Seals Pods' Secrets to their devices.
@@ -126,6 +129,7 @@ impl Fleet {
             status_queue,
             pods: None,
             refusals: Mutex::new(HashMap::new()),
+            unannounced: Mutex::new(BTreeSet::new()),
             signer: None,
             sealer: Arc::new(
                 crate::sealing::Sealer::random()
@@ -281,16 +285,17 @@ impl Fleet {
     }
 
     /// A Warning Event on `object`, within its rate limit.
+    /// A Warning Event; whether it went out.
     async fn warn_on(
         &self,
         object: &k8s_openapi::api::core::v1::ObjectReference,
         reason: &str,
         note: &str,
         action: &str,
-    ) {
+    ) -> bool {
         self.events
             .publish(object, true, reason, note, action)
-            .await;
+            .await
     }
 
     /// A refused pod: an Event, and (unless it may resolve by itself) phase Failed.
@@ -580,6 +585,10 @@ impl Fleet {
         p: &Plan,
     ) -> u32 {
         let mut patches = 0;
+        self.unannounced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(d, _)| devices.contains_key(d));
         for (id, obj) in devices {
             let reported = actual.get(id).map_or(0, |a| a.value.manifest_generation);
             let want = self.device_problems(id, reported, p);
@@ -594,23 +603,52 @@ impl Fleet {
                 .iter()
                 .map(|p| (p.type_, p.reason, p.message.as_str()))
                 .collect();
+            self.announce_problems(id, obj, &want, &have).await;
             if have == wanted {
                 continue;
             }
-            for problem in want.iter().filter(|p| !have.iter().any(|h| h.0 == p.type_)) {
+            self.set_device_conditions(obj, &want).await;
+            patches += 1;
+        }
+        patches
+    }
+
+    /// A Warning Event for each problem of `id` that is new (not among the conditions it
+    /// `had`) or whose Event has not gone out yet; forgets problems that are over.
+    async fn announce_problems(
+        &self,
+        id: &DeviceId,
+        obj: &EdgeDevice,
+        want: &[DeviceProblem],
+        had: &[(&str, &str, &str)],
+    ) {
+        let owed: BTreeSet<&'static str> = {
+            let mut u = self.unannounced.lock().unwrap_or_else(|e| e.into_inner());
+            u.retain(|(d, t)| d != id || want.iter().any(|p| p.type_ == *t));
+            u.iter().filter(|(d, _)| d == id).map(|(_, t)| *t).collect()
+        };
+        for problem in want
+            .iter()
+            .filter(|p| owed.contains(p.type_) || !had.iter().any(|h| h.0 == p.type_))
+        {
+            if !owed.contains(problem.type_) {
                 warn!(device = %id, condition = problem.type_, message = %problem.message, "device problem");
-                self.warn_on(
+            }
+            let sent = self
+                .warn_on(
                     &obj.object_ref(&()),
                     problem.type_,
                     &problem.message,
                     "Reconcile",
                 )
                 .await;
+            let mut u = self.unannounced.lock().unwrap_or_else(|e| e.into_inner());
+            if sent {
+                u.remove(&(id.clone(), problem.type_));
+            } else {
+                u.insert((id.clone(), problem.type_));
             }
-            self.set_device_conditions(obj, &want).await;
-            patches += 1;
         }
-        patches
     }
 
     /// Compare-and-set write; Ok(false) when someone else wrote first (the next pass sees it).
