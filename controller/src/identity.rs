@@ -589,6 +589,8 @@ pub struct Identities {
     device_nats_urls: Vec<String>,
     /// `[trust.manifest_keys]` lines for the fragment, when manifests are signed.
     trust: Option<(String, String)>,
+    /// The ConfigMap recording which device has which identity.
+    config_map: String,
     state: Mutex<State>,
 }
 
@@ -645,6 +647,7 @@ impl Identities {
             sys,
             device_nats_urls: Vec::new(),
             trust: None,
+            config_map: IDENTITIES_CONFIG_MAP.to_owned(),
             state: Mutex::new(State::default()),
         }
     }
@@ -655,13 +658,19 @@ impl Identities {
         self
     }
 
+    /// Records the identities in ConfigMap `name` instead of [`IDENTITIES_CONFIG_MAP`].
+    pub fn with_config_map(mut self, name: String) -> Self {
+        self.config_map = name;
+        self
+    }
+
     fn secret_name(device: &str) -> String {
         format!("{device}-nats")
     }
 
     async fn load(&self) -> Result<(Ledger, Option<String>), IdentityError> {
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
-        Ok(match api.get_opt(IDENTITIES_CONFIG_MAP).await? {
+        Ok(match api.get_opt(&self.config_map).await? {
             Some(cm) => (Ledger::from_config_map(&cm), cm.resource_version()),
             None => (Ledger::default(), None),
         })
@@ -676,7 +685,7 @@ impl Identities {
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
         let cm = ConfigMap {
             metadata: ObjectMeta {
-                name: Some(IDENTITIES_CONFIG_MAP.into()),
+                name: Some(self.config_map.clone()),
                 namespace: Some(self.namespace.clone()),
                 resource_version: version.clone(),
                 labels: Some(BTreeMap::from([(
@@ -690,7 +699,7 @@ impl Identities {
         };
         let written = match version {
             Some(_) => {
-                api.replace(IDENTITIES_CONFIG_MAP, &PostParams::default(), &cm)
+                api.replace(&self.config_map, &PostParams::default(), &cm)
                     .await?
             }
             None => api.create(&PostParams::default(), &cm).await?,

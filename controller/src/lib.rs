@@ -177,6 +177,14 @@ pub struct Args {
     /// credentials Secret.
     #[arg(long, env = "FLEETLET_DEVICE_NATS_URL", value_delimiter = ',')]
     pub device_nats_url: Vec<String>,
+    /// The ConfigMap (in the controller's namespace) recording which device has which NATS
+    /// identity. The Helm chart names it after the release.
+    #[arg(
+        long,
+        env = "FLEETLET_NATS_IDENTITIES_CONFIG_MAP",
+        default_value = identity::IDENTITIES_CONFIG_MAP
+    )]
+    pub nats_identities_config_map: String,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -484,7 +492,8 @@ impl Wiring {
             args.lease_namespace.clone(),
             sys,
         )
-        .with_enrollment(args.device_nats_url.clone(), trust))
+        .with_enrollment(args.device_nats_url.clone(), trust)
+        .with_config_map(args.nats_identities_config_map.clone()))
     }
 }
 

@@ -52,10 +52,18 @@ fn helm() -> Command {
 
 /// `helm template` with `--set` values: every rendered object, or helm's error output.
 fn render(values: &[&str]) -> Result<Vec<Value>, String> {
+    render_as("fleetlet", "1.36.3", values)
+}
+
+/// [`render`] as release `release` for a cluster of Kubernetes `kube_version`.
+fn render_as(release: &str, kube_version: &str, values: &[&str]) -> Result<Vec<Value>, String> {
     let mut cmd = helm();
-    cmd.args(["template", "fleetlet"])
-        .arg(chart_dir())
-        .args(["--namespace", "fleetlet-system"]);
+    cmd.args(["template", release]).arg(chart_dir()).args([
+        "--namespace",
+        "fleetlet-system",
+        "--kube-version",
+        kube_version,
+    ]);
     for v in values {
         cmd.args(["--set", v]);
     }
@@ -360,6 +368,132 @@ fn chart_lints_and_renders_least_privilege_rbac_and_hardened_pods() {
         let err = render(&[value]).expect_err(value);
         assert!(err.contains(says), "{value}: {err}");
     }
+}
+
+/// The knobs users expect from a well-kept chart, each rendered where it belongs, and the
+/// combinations that cannot work refused with a message naming the value.
+#[test]
+fn chart_knobs_render_where_they_belong() {
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let objects = render_as(
+        "edge",
+        "1.36.3",
+        &[
+            "priorityClassName=fleetlet-critical",
+            "controller.podLabels.team=edge",
+            &format!("bridge.imageDigest={digest}"),
+            "controller.extraEnv[0].name=HTTPS_PROXY",
+            "controller.extraEnv[0].value=http://proxy:3128",
+            "bridge.extraVolumes[0].name=scratch",
+            "bridge.extraVolumes[0].emptyDir.medium=Memory",
+            "bridge.extraVolumeMounts[0].name=scratch",
+            "bridge.extraVolumeMounts[0].mountPath=/scratch",
+            "bridge.topologySpreadConstraints[0].maxSkew=1",
+            "bridge.topologySpreadConstraints[0].topologyKey=topology.kubernetes.io/zone",
+            "bridge.topologySpreadConstraints[0].whenUnsatisfiable=ScheduleAnyway",
+            "controller.deviceIdentities.authoritySecretName=nats-authority",
+        ],
+    )
+    .unwrap();
+    let pod = |name: &str| named(&objects, "Deployment", name)["spec"]["template"].clone();
+    let (controller, bridge) = (pod("edge-fleetlet-controller"), pod("edge-fleetlet-bridge"));
+    for p in [&controller, &bridge] {
+        assert_eq!(p["spec"]["priorityClassName"], "fleetlet-critical");
+    }
+    assert_eq!(controller["metadata"]["labels"]["team"], "edge");
+    assert!(bridge["metadata"]["labels"].get("team").is_none());
+    // Extra pod labels stay off the selector, which cannot change after install.
+    let selector = &named(&objects, "Deployment", "edge-fleetlet-controller")["spec"]["selector"];
+    assert!(selector["matchLabels"].get("team").is_none(), "{selector}");
+    assert_eq!(
+        bridge["spec"]["containers"][0]["image"],
+        format!("ghcr.io/fleetlet/fleetlet-bridge@{digest}")
+    );
+    assert_eq!(
+        controller["spec"]["containers"][0]["image"],
+        "ghcr.io/fleetlet/fleetlet-controller:0.1.0"
+    );
+    let env = &controller["spec"]["containers"][0]["env"];
+    assert!(
+        env.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "HTTPS_PROXY" && e["value"] == "http://proxy:3128"),
+        "{env}"
+    );
+    assert!(
+        bridge["spec"]["volumes"]
+            .to_string()
+            .contains("\"medium\":\"Memory\"")
+    );
+    assert!(
+        bridge["spec"]["containers"][0]["volumeMounts"]
+            .to_string()
+            .contains("/scratch")
+    );
+    assert_eq!(
+        bridge["spec"]["topologySpreadConstraints"][0]["topologyKey"],
+        "topology.kubernetes.io/zone"
+    );
+    assert!(
+        controller["spec"]
+            .get("topologySpreadConstraints")
+            .is_none()
+    );
+    // The NATS identities ConfigMap is named after the release, in the flag and the RBAC.
+    let args = controller["spec"]["containers"][0]["args"].to_string();
+    assert!(
+        args.contains("--nats-identities-config-map=edge-fleetlet-nats-identities"),
+        "{args}"
+    );
+    assert!(
+        grants(named(&objects, "Role", "edge-fleetlet-controller-leader"))
+            .contains(":configmaps/edge-fleetlet-nats-identities:update"),
+        "{:?}",
+        grants(named(&objects, "Role", "edge-fleetlet-controller-leader"))
+    );
+
+    // ServiceAccounts made elsewhere: named, not created, and bound by the chart's RBAC.
+    let objects = render(&[
+        "serviceAccount.create=false",
+        "serviceAccount.names.controller=ops-controller",
+        "serviceAccount.names.bridge=ops-bridge",
+    ])
+    .unwrap();
+    assert!(of_kind(&objects, "ServiceAccount").is_empty());
+    let sa = |d: &str| {
+        named(&objects, "Deployment", d)["spec"]["template"]["spec"]["serviceAccountName"].clone()
+    };
+    assert_eq!(sa("fleetlet-controller"), "ops-controller");
+    assert_eq!(sa("fleetlet-bridge"), "ops-bridge");
+    let subjects: BTreeSet<String> = of_kind(&objects, "ClusterRoleBinding")
+        .into_iter()
+        .flat_map(|b| b["subjects"].as_array().cloned().unwrap_or_default())
+        .map(|s| s["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(subjects, set(&["ops-controller", "ops-bridge"]));
+
+    for (values, says) in [
+        (
+            &["serviceAccount.create=false"][..],
+            "serviceAccount.names.controller is required",
+        ),
+        (
+            &[
+                "metrics.serviceMonitor.enabled=true",
+                "metrics.service.enabled=false",
+            ][..],
+            "needs metrics.service.enabled",
+        ),
+        (&["bridge.imageDigest=latest"][..], "/bridge/imageDigest"),
+        (&["priorityClassName=5"][..], "priorityClassName"),
+    ] {
+        let err = render(values).expect_err(says);
+        assert!(err.contains(says), "{values:?}: {err}");
+    }
+    // kubeVersion: older clusters are told, before anything is installed.
+    let err = render_as("fleetlet", "1.33.0", &[]).expect_err("1.33");
+    assert!(err.contains("kubeVersion"), "{err}");
 }
 
 fn kubectl_as(env: &TestEnv, kubeconfig: &std::path::Path, args: &[&str]) -> String {

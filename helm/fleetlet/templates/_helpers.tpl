@@ -22,12 +22,57 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
+{{/* A component's image: include with (dict "root" $ "component" "controller"). By digest
+     when <component>.imageDigest is set, else by tag (image.tag, default appVersion). */}}
 {{- define "fleetlet.image" -}}
-{{- printf "%s/%s:%s" .root.Values.image.registry .name (default .root.Chart.AppVersion .root.Values.image.tag) -}}
+{{- $c := index .root.Values .component -}}
+{{- if $c.imageDigest -}}
+{{- printf "%s/%s@%s" .root.Values.image.registry $c.image $c.imageDigest -}}
+{{- else -}}
+{{- printf "%s/%s:%s" .root.Values.image.registry $c.image (default .root.Chart.AppVersion .root.Values.image.tag) -}}
+{{- end -}}
 {{- end -}}
 
+{{/* A component's ServiceAccount: serviceAccount.names.<component>, else
+     <fullname>-<component>. With serviceAccount.create=false the names are required. */}}
 {{- define "fleetlet.serviceAccount" -}}
-{{- printf "%s-%s" (include "fleetlet.fullname" .root) .component -}}
+{{- $named := index .root.Values.serviceAccount.names .component -}}
+{{- if .root.Values.serviceAccount.create -}}
+{{- default (printf "%s-%s" (include "fleetlet.fullname" .root) .component) $named -}}
+{{- else -}}
+{{- required (printf "serviceAccount.names.%s is required when serviceAccount.create is false" .component) $named -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The ConfigMap recording devices' NATS identities, named after the release. */}}
+{{- define "fleetlet.identitiesConfigMap" -}}
+{{- printf "%s-nats-identities" (include "fleetlet.fullname" .) -}}
+{{- end -}}
+
+{{/* Where both Deployments' pods run: priorityClassName, then <component>'s spread
+     constraints, node selector, tolerations and affinity. Include with
+     (dict "root" $ "component" "controller"). */}}
+{{- define "fleetlet.podScheduling" -}}
+{{- $c := index .root.Values .component -}}
+{{- with .root.Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with $c.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $c.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $c.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $c.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end -}}
 
 {{/* NATS connection settings, as environment variables. Include with
