@@ -859,3 +859,127 @@ spec:
     )
     .await;
 }
+
+/// `bridge.nodePolicy.enabled`: the bridge's ServiceAccount, whose RBAC on Nodes is
+/// cluster-wide, can change fleetlet's virtual Nodes and no other Node. Checked on the
+/// Nodes themselves after each attempt.
+#[tokio::test]
+async fn the_node_policy_confines_the_bridge_to_fleetlet_nodes() {
+    let env = TestEnv::builder().kube().start().await.unwrap();
+    let chart = env
+        .install_chart(
+            "fleetlet",
+            "fleetlet-system",
+            &["bridge.nodePolicy.enabled=true"],
+        )
+        .unwrap();
+    let nodes: Api<Node> = Api::all(env.kube_client().await.unwrap());
+    let node = |name: &str, labels: Value| -> Node {
+        serde_json::from_value(json!({ "metadata": { "name": name, "labels": labels } })).unwrap()
+    };
+    let pp = kube::api::PostParams::default();
+    nodes
+        .create(&pp, &node("worker-1", json!({ "role": "worker" })))
+        .await
+        .unwrap();
+    nodes
+        .create(
+            &pp,
+            &node("pi-policy", json!({ "fleetlet.dev/device": "pi-policy" })),
+        )
+        .await
+        .unwrap();
+    let as_bridge = |args: &[&str]| {
+        let out = env
+            .kubectl()
+            .unwrap()
+            .env("KUBECONFIG", &chart.bridge_kubeconfig)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The policy is read by the apiserver a moment after it is created: wait on a dry run,
+    // which goes through admission and changes nothing.
+    eventually("the policy in force", Duration::from_secs(30), || async {
+        match as_bridge(&["label", "node", "worker-1", "probe=1", "--dry-run=server"]) {
+            (false, err) if err.contains("fleetlet.dev/device") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let labels = |n: Node| n.metadata.labels.unwrap_or_default();
+
+    let (ok, err) = as_bridge(&["label", "node", "worker-1", "taken=yes"]);
+    assert!(!ok, "labelling a foreign node");
+    assert!(err.contains("may change only Nodes labelled"), "{err}");
+    assert!(!labels(nodes.get("worker-1").await.unwrap()).contains_key("taken"));
+    let (ok, _) = as_bridge(&[
+        "patch",
+        "node",
+        "worker-1",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"conditions":[{"type":"Ready","status":"False","reason":"Taken","message":"x"}]}}"#,
+    ]);
+    assert!(!ok, "its status");
+    let status = nodes
+        .get("worker-1")
+        .await
+        .unwrap()
+        .status
+        .unwrap_or_default();
+    assert!(status.conditions.unwrap_or_default().is_empty());
+    // Labelling it as a fleetlet node does not make it one: the Node before the change counts.
+    let (ok, _) = as_bridge(&["label", "node", "worker-1", "fleetlet.dev/device=worker-1"]);
+    assert!(!ok, "claiming a foreign node");
+    assert!(!labels(nodes.get("worker-1").await.unwrap()).contains_key("fleetlet.dev/device"));
+    let (ok, _) = as_bridge(&["delete", "node", "worker-1"]);
+    assert!(!ok, "deleting a foreign node");
+    assert!(nodes.get_opt("worker-1").await.unwrap().is_some());
+    // A Node it creates must be labelled as fleetlet's.
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, labels: Value| {
+        let path = dir.path().join(format!("{name}.json"));
+        let n = json!({ "apiVersion": "v1", "kind": "Node",
+                        "metadata": { "name": name, "labels": labels } });
+        std::fs::write(&path, n.to_string()).unwrap();
+        path.display().to_string()
+    };
+    let (ok, _) = as_bridge(&["create", "-f", &file("worker-2", json!({}))]);
+    assert!(!ok, "creating an unlabelled node");
+    assert!(nodes.get_opt("worker-2").await.unwrap().is_none());
+    let created = file("pi-new", json!({ "fleetlet.dev/device": "pi-new" }));
+    let (ok, err) = as_bridge(&["create", "-f", &created]);
+    assert!(ok, "{err}");
+    assert!(nodes.get_opt("pi-new").await.unwrap().is_some());
+
+    // Its own Nodes it changes, creates and deletes as before.
+    let (ok, err) = as_bridge(&["label", "node", "pi-policy", "site=home"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        labels(nodes.get("pi-policy").await.unwrap())
+            .get("site")
+            .map(String::as_str),
+        Some("home")
+    );
+    let (ok, err) = as_bridge(&["delete", "node", "pi-policy"]);
+    assert!(ok, "{err}");
+    wait::until(
+        "pi-policy deleted",
+        Duration::from_secs(30),
+        || async {
+            nodes
+                .get_opt("pi-policy")
+                .await
+                .map(|n| n.is_some())
+                .unwrap_or(true)
+        },
+        |present| !present,
+    )
+    .await;
+}
