@@ -141,10 +141,14 @@ pub struct Args {
     /// Seconds between passes when nothing changes (deadlines, offline detection).
     #[arg(long, env = "FLEETLET_RESYNC_SECONDS", default_value_t = 30)]
     pub resync_seconds: u64,
-    /// Run Pods bound to virtual nodes on their devices (watches Pods, Nodes, ConfigMaps and
-    /// Secrets cluster-wide).
+    /// Run Pods bound to virtual nodes on their devices (watches Pods and Nodes cluster-wide,
+    /// and ConfigMaps and Secrets cluster-wide or in `--pod-namespaces`).
     #[arg(long, env = "FLEETLET_PODS", default_value_t = true, action = clap::ArgAction::Set)]
     pub pods: bool,
+    /// Namespaces whose Pods may run on devices: the controller reads (and needs RBAC for)
+    /// ConfigMaps and Secrets only there, and refuses Pods elsewhere. Empty: every namespace.
+    #[arg(long, env = "FLEETLET_POD_NAMESPACES", value_delimiter = ',')]
+    pub pod_namespaces: Vec<String>,
     /// Sign every manifest with this ed25519 key (PKCS#8, PEM or DER); agents that list its
     /// public key in `[trust] manifest_keys` accept nothing else.
     #[arg(long, env = "FLEETLET_MANIFEST_SIGNING_KEY")]
@@ -301,7 +305,12 @@ pub async fn run(
     let stores = bind_buckets(&js).await?;
     let changed = Arc::new(Notify::new());
     let mut tasks = tokio::task::JoinSet::new();
-    let mut watches = Watches::start(&client, &changed, args.pods, &mut tasks);
+    let mut watches = Watches::start(
+        &client,
+        &changed,
+        args.pods.then_some(args.pod_namespaces.as_slice()),
+        &mut tasks,
+    );
     let desired = KvCache::new(DESIRED_STATE);
     let actual = KvCache::new(ACTUAL_STATE);
     let heartbeats = KvCache::new_quiet(HEARTBEAT);
@@ -510,7 +519,7 @@ impl Watches {
     fn start(
         client: &Client,
         changed: &Arc<Notify>,
-        with_pods: bool,
+        pod_namespaces: Option<&[String]>,
         tasks: &mut tokio::task::JoinSet<()>,
     ) -> Self {
         let mut synced = Vec::new();
@@ -523,7 +532,7 @@ impl Watches {
         tasks.spawn(t);
         let (manifests, t) = watch_crd(Api::all(client.clone()), changed.clone(), flag());
         tasks.spawn(t);
-        let pods = with_pods.then(|| pods::PodWatch {
+        let pods = pod_namespaces.map(|namespaces| pods::PodWatch {
             pods: spawn_watch(
                 client,
                 watcher::Config::default().fields("spec.nodeName!="),
@@ -538,8 +547,8 @@ impl Watches {
                 flag(),
                 tasks,
             ),
-            config_maps: spawn_watch(client, watcher::Config::default(), changed, flag(), tasks),
-            secrets: spawn_watch(client, watcher::Config::default(), changed, flag(), tasks),
+            config_maps: scoped(client, namespaces, changed, &mut flag, tasks),
+            secrets: scoped(client, namespaces, changed, &mut flag, tasks),
         });
         Self {
             devices,
@@ -553,6 +562,40 @@ impl Watches {
     fn synced(&self) -> bool {
         self.synced.iter().all(|f| f.load(Ordering::Relaxed))
     }
+}
+
+/// Watches every `K` cluster-wide (no `namespaces`) or in each of `namespaces`.
+fn scoped<K>(
+    client: &Client,
+    namespaces: &[String],
+    changed: &Arc<Notify>,
+    flag: &mut impl FnMut() -> Arc<AtomicBool>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> pods::Scoped<K>
+where
+    K: fleetlet_plumbing::Watched
+        + kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    let mut watch = |api: Api<K>| {
+        let (store, task) = watch_objects(
+            api,
+            watcher::Config::default(),
+            changed.clone(),
+            flag(),
+            any_change,
+        );
+        tasks.spawn(task);
+        store
+    };
+    let stores = if namespaces.is_empty() {
+        vec![(None, watch(Api::all(client.clone())))]
+    } else {
+        namespaces
+            .iter()
+            .map(|ns| (Some(ns.clone()), watch(Api::namespaced(client.clone(), ns))))
+            .collect()
+    };
+    pods::Scoped { stores }
 }
 
 /// Watches every `K` matching `config` into a store (any change wakes a pass).

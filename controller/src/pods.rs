@@ -53,6 +53,11 @@ fn wait(reason: &'static str, message: impl Into<String>) -> Refusal {
 pub trait Lookup {
     fn config_map(&self, namespace: &str, name: &str) -> Option<ConfigMap>;
     fn secret(&self, namespace: &str, name: &str) -> Option<Secret>;
+    /// Whether the controller reads ConfigMaps and Secrets in `namespace` (`--pod-namespaces`):
+    /// pods elsewhere are refused.
+    fn serves(&self, _namespace: &str) -> bool {
+        true
+    }
 }
 
 /// Seals a Secret's bytes to the pod's device (its own key): `Err` (to wait) while the
@@ -233,6 +238,14 @@ pub fn translate(
     let Some(spec) = &pod.spec else {
         return Err(refuse("InvalidPod", "the pod has no spec"));
     };
+    if !lookup.serves(&ns) {
+        return Err(refuse(
+            "NamespaceNotServed",
+            format!(
+                "pods in namespace {ns} do not run on devices: fleetlet's controller reads ConfigMaps and Secrets only in its --pod-namespaces (chart: controller.podNamespaces)"
+            ),
+        ));
+    }
     check_pod_spec(spec)?;
     let cx = PodContext {
         pod,
@@ -883,21 +896,45 @@ pub struct PodWatch {
     pub pods: kube::runtime::reflector::Store<Pod>,
     /// Virtual Nodes only (label [`DEVICE_LABEL`]).
     pub nodes: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Node>,
-    pub config_maps: kube::runtime::reflector::Store<ConfigMap>,
-    pub secrets: kube::runtime::reflector::Store<Secret>,
+    pub config_maps: Scoped<ConfigMap>,
+    pub secrets: Scoped<Secret>,
+}
+
+/// Objects watched cluster-wide (`None`) or in each of some namespaces, one store each.
+#[derive(Clone)]
+pub struct Scoped<K: kube::Resource<DynamicType = ()> + Clone + 'static> {
+    pub stores: Vec<(Option<String>, kube::runtime::reflector::Store<K>)>,
+}
+
+impl<K: kube::Resource<DynamicType = ()> + Clone + 'static> Scoped<K> {
+    /// Whether `namespace`'s objects are watched.
+    pub fn covers(&self, namespace: &str) -> bool {
+        self.stores
+            .iter()
+            .any(|(ns, _)| ns.as_deref().is_none_or(|n| n == namespace))
+    }
+
+    pub fn get(&self, namespace: &str, name: &str) -> Option<K> {
+        let key = kube::runtime::reflector::ObjectRef::new(name).within(namespace);
+        self.stores
+            .iter()
+            .filter(|(ns, _)| ns.as_deref().is_none_or(|n| n == namespace))
+            .find_map(|(_, s)| s.get(&key))
+            .map(|o| (*o).clone())
+    }
 }
 
 impl Lookup for PodWatch {
     fn config_map(&self, namespace: &str, name: &str) -> Option<ConfigMap> {
-        self.config_maps
-            .get(&kube::runtime::reflector::ObjectRef::new(name).within(namespace))
-            .map(|c| (*c).clone())
+        self.config_maps.get(namespace, name)
     }
 
     fn secret(&self, namespace: &str, name: &str) -> Option<Secret> {
-        self.secrets
-            .get(&kube::runtime::reflector::ObjectRef::new(name).within(namespace))
-            .map(|c| (*c).clone())
+        self.secrets.get(namespace, name)
+    }
+
+    fn serves(&self, namespace: &str) -> bool {
+        self.secrets.covers(namespace) && self.config_maps.covers(namespace)
     }
 }
 
@@ -1130,6 +1167,31 @@ mod tests {
         for r in &rs {
             r.spec.validate().unwrap();
         }
+    }
+
+    #[test]
+    fn pods_outside_the_namespaces_the_controller_reads_are_refused_for_good() {
+        struct Only(&'static str);
+        impl Lookup for Only {
+            fn config_map(&self, _: &str, _: &str) -> Option<ConfigMap> {
+                None
+            }
+            fn secret(&self, _: &str, _: &str) -> Option<Secret> {
+                None
+            }
+            fn serves(&self, namespace: &str) -> bool {
+                namespace == self.0
+            }
+        }
+        let p = pod(PodSpec {
+            containers: vec![web()],
+            ..Default::default()
+        });
+        let r = translate(&p, &Only("apps"), &TestSeal).unwrap_err();
+        assert_eq!(r.reason, "NamespaceNotServed");
+        assert!(!r.transient);
+        assert!(r.message.contains("namespace shop"), "{}", r.message);
+        assert!(translate(&p, &Only("shop"), &TestSeal).is_ok());
     }
 
     #[test]

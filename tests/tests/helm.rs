@@ -453,6 +453,37 @@ fn chart_knobs_render_where_they_belong() {
         grants(named(&objects, "Role", "edge-fleetlet-controller-leader"))
     );
 
+    // Pods only from some namespaces: ConfigMaps and Secrets are read there, nowhere else.
+    let objects = render(&["controller.podNamespaces={apps,shop}"]).unwrap();
+    let cluster = grants(named(&objects, "ClusterRole", "fleetlet-controller"));
+    assert!(
+        !cluster
+            .iter()
+            .any(|g| g.contains(":secrets:") || g.contains(":configmaps:")),
+        "{cluster:?}"
+    );
+    for ns in ["apps", "shop"] {
+        let role = of_kind(&objects, "Role")
+            .into_iter()
+            .find(|r| r["metadata"]["namespace"] == ns)
+            .unwrap_or_else(|| panic!("no Role in {ns}"));
+        assert_eq!(
+            grants(role),
+            set(&[
+                ":configmaps:get",
+                ":configmaps:list",
+                ":configmaps:watch",
+                ":secrets:get",
+                ":secrets:list",
+                ":secrets:watch",
+            ])
+        );
+    }
+    let args = named(&objects, "Deployment", "fleetlet-controller")["spec"]["template"]["spec"]
+        ["containers"][0]["args"]
+        .to_string();
+    assert!(args.contains("--pod-namespaces=apps,shop"), "{args}");
+
     // ServiceAccounts made elsewhere: named, not created, and bound by the chart's RBAC.
     let objects = render(&[
         "serviceAccount.create=false",
@@ -982,4 +1013,110 @@ async fn the_node_policy_confines_the_bridge_to_fleetlet_nodes() {
         |present| !present,
     )
     .await;
+}
+
+/// `controller.podNamespaces`: the controller's ServiceAccount may read ConfigMaps and
+/// Secrets only in those namespaces (a Secret elsewhere is refused, its data never
+/// returned), and the controller run with that RBAC and `--pod-namespaces` syncs and serves.
+#[tokio::test]
+async fn the_controller_reads_config_only_where_device_pods_may_live() {
+    let env = TestEnv::builder().kube().nats().start().await.unwrap();
+    env.apply(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: { name: apps }
+---
+apiVersion: v1
+kind: Namespace
+metadata: { name: payroll }
+---
+apiVersion: v1
+kind: Secret
+metadata: { name: app-token, namespace: apps }
+stringData: { token: app-5f3a }
+---
+apiVersion: v1
+kind: Secret
+metadata: { name: bank-key, namespace: payroll }
+stringData: { key: payroll-9c1e }
+"#,
+    )
+    .unwrap();
+    let chart = env
+        .install_chart(
+            "fleetlet",
+            "fleetlet-system",
+            &["controller.podNamespaces={apps}"],
+        )
+        .unwrap();
+    let as_controller = |args: &[&str]| {
+        let out = env
+            .kubectl()
+            .unwrap()
+            .env("KUBECONFIG", &chart.controller_kubeconfig)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // RBAC takes a moment to reach the authorizer: wait for the allowed read.
+    eventually(
+        "the controller reads Secrets in apps",
+        Duration::from_secs(30),
+        || async {
+            match as_controller(&["get", "secret", "app-token", "-n", "apps", "-o", "json"]) {
+                (true, out, _) if out.contains("app-token") => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    for args in [
+        &["get", "secret", "bank-key", "-n", "payroll", "-o", "json"][..],
+        &["get", "secrets", "-A", "-o", "json"][..],
+        &["get", "configmaps", "-n", "payroll"][..],
+    ] {
+        let (ok, out, err) = as_controller(args);
+        assert!(!ok, "{args:?} allowed: {out}");
+        assert!(err.contains("forbidden"), "{args:?}: {err}");
+        assert!(!out.contains("payroll-9c1e") && !out.contains("cGF5cm9sbC05YzFl"));
+    }
+
+    // The controller with exactly that RBAC: its watches list only where it may, so it syncs.
+    let dir = tempfile::tempdir().unwrap();
+    let port = fleetlet_testenv::process::free_port().unwrap();
+    let metrics = format!("--metrics-addr=127.0.0.1:{port}");
+    let _controller = components::start_controller_as(
+        &env,
+        &chart.controller_kubeconfig,
+        &components::bin_dir().unwrap(),
+        dir.path(),
+        &[
+            "--pod-namespaces=apps",
+            "--manifest-signing-secret=fleetlet-manifest-signing",
+            &metrics,
+        ],
+    )
+    .unwrap();
+    eventually("the controller ready", Duration::from_secs(60), || async {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+        s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let mut r = String::new();
+        s.read_to_string(&mut r).map_err(|e| e.to_string())?;
+        r.starts_with("HTTP/1.0 200").then_some(()).ok_or_else(|| {
+            format!(
+                "{r}\n{}",
+                std::fs::read_to_string(dir.path().join("controller.log")).unwrap_or_default()
+            )
+        })
+    })
+    .await;
+    let log = std::fs::read_to_string(dir.path().join("controller.log")).unwrap();
+    assert!(!log.contains("forbidden"), "{log}");
 }
