@@ -203,3 +203,103 @@ async fn control_plane_images_build_offline_from_scratch_and_run() {
         assert!(list.contains("amd64"), "{list}");
     }
 }
+
+/// `scripts/release` to a registry: each component's image as a manifest list, the agent
+/// binaries with checksums that verify, and the chart as an OCI artifact whose defaults
+/// point at those images; then `helm install` from the registry, as a user would.
+#[tokio::test]
+async fn release_pushes_images_and_a_chart_that_helm_installs_from_the_registry() {
+    let out = dist();
+    let pm = PodmanSandbox::start().await.unwrap();
+    let env = fleetlet_testenv::TestEnv::builder()
+        .kube()
+        .start()
+        .await
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let registry = format!("{}/fleetlet-release", pm.registry);
+    let artifacts = work.path().join("out");
+    let helm_home = work.path().join("helm");
+    let mut release = Command::new(repo_root().join("scripts/release"));
+    release
+        .args(["--registry", &registry, "--plain-http", "--arch", "amd64"])
+        .args(["--version", "0.1.0", "--dist"])
+        .arg(out)
+        .arg("--out")
+        .arg(&artifacts)
+        .current_dir(repo_root())
+        .envs(pm.cli_env.iter().map(|(k, v)| (k, v)))
+        .env("HELM", &fleetlet_testenv::Binaries::locate().unwrap().helm)
+        .env("HELM_CACHE_HOME", helm_home.join("cache"))
+        .env("HELM_CONFIG_HOME", helm_home.join("config"))
+        .env("HELM_DATA_HOME", helm_home.join("data"));
+    let done = checked("scripts/release", release).unwrap();
+    let printed = String::from_utf8_lossy(&done.stdout);
+    assert!(
+        printed.contains(&format!("oci://{registry}/charts/fleetlet --version 0.1.0")),
+        "{printed}"
+    );
+
+    // The agent binaries, one per device architecture, and checksums that verify.
+    let sums = std::fs::read_to_string(artifacts.join("SHA256SUMS")).unwrap();
+    for target in ["x86_64-unknown-linux-musl", "aarch64-unknown-linux-musl"] {
+        assert!(
+            sums.contains(&format!("fleetlet-agent-0.1.0-{target}")),
+            "{sums}"
+        );
+    }
+    assert!(sums.contains("fleetlet-agent-0.1.0-armv7"), "{sums}");
+    let check = Command::new("sha256sum")
+        .args(["-c", "SHA256SUMS"])
+        .current_dir(&artifacts)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+
+    // Both images in the registry, as manifest lists (asked over the registry's HTTP API).
+    let (host, repo) = registry.split_once('/').unwrap();
+    for component in ["controller", "bridge"] {
+        let out = Command::new("curl")
+            .args(["-sf", "-H"])
+            .arg(
+                "Accept: application/vnd.oci.image.index.v1+json, \
+                 application/vnd.docker.distribution.manifest.list.v2+json",
+            )
+            .arg(format!(
+                "http://{host}/v2/{repo}/fleetlet-{component}/manifests/0.1.0"
+            ))
+            .output()
+            .unwrap();
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{component}: {e}: {out:?}"));
+        let arches: Vec<&str> = list["manifests"]
+            .as_array()
+            .unwrap_or_else(|| panic!("not a manifest list: {list}"))
+            .iter()
+            .filter_map(|m| m["platform"]["architecture"].as_str())
+            .collect();
+        assert_eq!(arches, ["amd64"], "{list}");
+    }
+
+    // helm install from the registry: the chart's images are the pushed ones.
+    let mut install = env.helm().unwrap();
+    install
+        .args(["install", "fleetlet"])
+        .arg(format!("oci://{registry}/charts/fleetlet"))
+        .args(["--version", "0.1.0", "--plain-http"])
+        .args(["-n", "fleetlet-system", "--create-namespace"]);
+    checked("helm install from the registry", install).unwrap();
+    let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+        kube::Api::namespaced(env.kube_client().await.unwrap(), "fleetlet-system");
+    for component in ["controller", "bridge"] {
+        let d = deployments
+            .get(&format!("fleetlet-{component}"))
+            .await
+            .unwrap();
+        let image = d.spec.unwrap().template.spec.unwrap().containers[0]
+            .image
+            .clone()
+            .unwrap();
+        assert_eq!(image, format!("{registry}/fleetlet-{component}:0.1.0"));
+    }
+}
