@@ -528,14 +528,18 @@ fn chart_knobs_render_where_they_belong() {
 }
 
 fn kubectl_as(env: &TestEnv, kubeconfig: &std::path::Path, args: &[&str]) -> String {
-    let out = env
-        .kubectl()
+    let out = run_as(env, kubeconfig, args);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `kubectl ARGS` authenticating with `kubeconfig` (a ServiceAccount's, from the chart).
+fn run_as(env: &TestEnv, kubeconfig: &std::path::Path, args: &[&str]) -> std::process::Output {
+    env.kubectl()
         .unwrap()
         .env("KUBECONFIG", kubeconfig)
         .args(args)
         .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+        .unwrap()
 }
 
 /// Waits until `kubectl auth can-i VERB WHAT -A` with `kubeconfig` answers `want`.
@@ -921,13 +925,7 @@ async fn the_node_policy_confines_the_bridge_to_fleetlet_nodes() {
         .await
         .unwrap();
     let as_bridge = |args: &[&str]| {
-        let out = env
-            .kubectl()
-            .unwrap()
-            .env("KUBECONFIG", &chart.bridge_kubeconfig)
-            .args(args)
-            .output()
-            .unwrap();
+        let out = run_as(&env, &chart.bridge_kubeconfig, args);
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -1050,13 +1048,7 @@ stringData: { key: payroll-9c1e }
         )
         .unwrap();
     let as_controller = |args: &[&str]| {
-        let out = env
-            .kubectl()
-            .unwrap()
-            .env("KUBECONFIG", &chart.controller_kubeconfig)
-            .args(args)
-            .output()
-            .unwrap();
+        let out = run_as(&env, &chart.controller_kubeconfig, args);
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -411,14 +411,23 @@ async fn pod_target(
         .as_ref()
         .and_then(|s| s.node_name.clone())
         .ok_or_else(|| text(StatusCode::NOT_FOUND, "the pod is not bound to a node"))?;
-    let device = fleetlet_crds::naming::node_devices(ctx.nodes.state().iter().map(|n| n.as_ref()));
-    let device = device.get(&node).cloned().ok_or_else(|| {
-        text(
-            StatusCode::NOT_FOUND,
-            format!("{node} is not a fleetlet node"),
-        )
-    })?;
+    let device = node_device(ctx, &node).ok_or_else(|| not_a_fleetlet_node(&node))?;
     Ok((p, node, device))
+}
+
+/// The device of fleetlet Node `node`, from the Node store (one lookup, not a map of the
+/// fleet per request).
+fn node_device(ctx: &Ctx, node: &str) -> Option<DeviceId> {
+    ctx.nodes
+        .get(&kube::runtime::reflector::ObjectRef::new(node))
+        .and_then(|n| fleetlet_crds::naming::node_device(&n))
+}
+
+fn not_a_fleetlet_node(node: &str) -> Response {
+    text(
+        StatusCode::NOT_FOUND,
+        format!("{node} is not a fleetlet node"),
+    )
 }
 
 /// The device and the container's resource id for `namespace/pod` container `container`.

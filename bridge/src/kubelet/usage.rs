@@ -12,7 +12,7 @@ use axum::{
     http::{StatusCode, header},
     response::{IntoResponse, Response},
 };
-use fleetlet_crds::naming::{container_id, node_devices};
+use fleetlet_crds::naming::container_id;
 use fleetlet_protocol::{
     relay::{self, StatsRequest},
     stats::{DeviceStats, MAX_STATS_BYTES, Usage},
@@ -22,7 +22,7 @@ use kube::ResourceExt;
 use serde_json::{Value, json};
 
 use super::{
-    Ctx, Identity, ServedNode, authorize_on,
+    Ctx, Identity, ServedNode, authorize_on, node_device, not_a_fleetlet_node,
     session::{Frame, Session, session_id},
     text,
 };
@@ -316,13 +316,7 @@ async fn node_sample(
         ));
     };
     authorize_on(ctx, id, "get", &node, subresource).await?;
-    let devices = node_devices(ctx.nodes.state().iter().map(|n| n.as_ref()));
-    let device = devices.get(&node).cloned().ok_or_else(|| {
-        text(
-            StatusCode::NOT_FOUND,
-            format!("{node} is not a fleetlet node"),
-        )
-    })?;
+    let device = node_device(ctx, &node).ok_or_else(|| not_a_fleetlet_node(&node))?;
     let stats = sample(ctx, &device).await?;
     Ok((node, stats))
 }
