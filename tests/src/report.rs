@@ -377,10 +377,116 @@ pub fn performance(from: &Path, out: &Path) -> Result<(), Error> {
             profile
         );
     }
+    if let Some(k) = kubelet_section(from) {
+        md.push_str(&k);
+    }
     std::fs::write(out, &md)
         .map_err(|e| Error::Setup(format!("writing {}: {e}", out.display())))?;
     println!("wrote {}", out.display());
     Ok(())
+}
+
+const KUBELET_BEGIN: &str = "<!-- scripts/bench kubelet: begin -->";
+const KUBELET_END: &str = "<!-- scripts/bench kubelet: end -->";
+
+/// The kubelet facade's section (from kubelet.json), between markers that
+/// [`kubelet_report`] replaces; `None` without results.
+fn kubelet_section(from: &Path) -> Option<String> {
+    let path = from.join("kubelet.json");
+    let k = load(from, "kubelet.json")?;
+    // The results carry no date of their own: the file's is the run's.
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d", "-r"])
+        .arg(&path)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let ms = |v: &Value| fmt(num(v).map(|x| x.round()), " ms");
+    let rate = |v: &Value| fmt(num(v).map(|x| x.round()), " MiB/s");
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "n/a".into(),
+    };
+    let exec = &k["exec"];
+    let floor = num(&exec["podman"]["p50_ms"]);
+    let pf = &k["port_forward"];
+    let direct = num(&pf["direct_down_mib_s"]);
+    let mut md = String::new();
+    w!(
+        md,
+        "{KUBELET_BEGIN}\n## Kubelet facade\n\n\
+         `scripts/bench kubelet` on {date}: one device with a pod, the release controller, bridge\n\
+         and agent, a v1.36.3 apiserver. Exec: wall time of `kubectl exec pod -- true` ({} runs;\n\
+         both it and the floor include starting the CLI process) next to `podman exec` of the\n\
+         same container on the device, which skips the apiserver, the bridge and NATS.\n\n\
+         | exec | p50 | p90 | p50 against `podman exec` |\n|---|---|---|---|\n\
+         | `podman exec` on the device (floor) | {} | {} | 1.00x |",
+        exec["websocket"]["runs"],
+        ms(&exec["podman"]["p50_ms"]),
+        ms(&exec["podman"]["p90_ms"]),
+    );
+    for (name, key) in [("WebSockets (1.36+)", "websocket"), ("SPDY/3.1", "spdy")] {
+        let e = &exec[key];
+        w!(
+            md,
+            "| kubectl over {name} | {} | {} | {} |",
+            ms(&e["p50_ms"]),
+            ms(&e["p90_ms"]),
+            ratio(num(&e["p50_ms"]), floor)
+        );
+    }
+    w!(
+        md,
+        "\nPort-forward: {} MiB each way through `kubectl port-forward`, checksummed, next to the\n\
+         same download on a direct connection inside the container's network namespace.\n\n\
+         | port-forward | up | down | down against direct |\n|---|---|---|---|\n\
+         | direct connection in the pod's namespace (floor) | | {} | 1.00x |",
+        pf["mib"],
+        rate(&pf["direct_down_mib_s"]),
+    );
+    for (name, key) in [("WebSockets (1.36+)", "websocket"), ("SPDY/3.1", "spdy")] {
+        let p = &pf[key];
+        w!(
+            md,
+            "| kubectl over {name} | {} | {} | {} |",
+            rate(&p["up_mib_s"]),
+            rate(&p["down_mib_s"]),
+            ratio(num(&p["down_mib_s"]), direct)
+        );
+    }
+    w!(md, "{KUBELET_END}");
+    Some(md)
+}
+
+/// Replaces the kubelet facade's section of `out` (or appends it) from `from`'s kubelet.json,
+/// leaving the rest of the page as the last whole run wrote it (`scripts/bench kubelet`).
+pub fn kubelet_report(from: &Path, out: &Path) -> Result<(), Error> {
+    let section = kubelet_section(from).ok_or_else(|| {
+        Error::Setup(format!(
+            "no kubelet results in {}: run scripts/bench kubelet",
+            from.display()
+        ))
+    })?;
+    let page = std::fs::read_to_string(out).unwrap_or_default();
+    let page = splice(&page, &section);
+    std::fs::write(out, page)
+        .map_err(|e| Error::Setup(format!("writing {}: {e}", out.display())))?;
+    println!("wrote the kubelet facade's section of {}", out.display());
+    Ok(())
+}
+
+/// `page` with its kubelet section replaced by `section`, or `section` appended.
+fn splice(page: &str, section: &str) -> String {
+    let found = page.find(KUBELET_BEGIN).and_then(|b| {
+        let e = page[b..].find(KUBELET_END)? + b + KUBELET_END.len();
+        Some((b, e + usize::from(page[e..].starts_with('\n'))))
+    });
+    match found {
+        Some((b, e)) => format!("{}{section}{}", &page[..b], &page[e..]),
+        None if page.is_empty() || page.ends_with("\n\n") => format!("{page}{section}"),
+        None if page.ends_with('\n') => format!("{page}\n{section}"),
+        None => format!("{page}\n\n{section}"),
+    }
 }
 
 /// Which table of docs/reliability.md a recorded row belongs to.
@@ -434,5 +540,63 @@ pub fn record(section: Section, scenario: &str, expected: &str, observed: &str) 
             dir.join(format!("{}-{slug}.json", section.key())),
             row.to_string(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(body: &str) -> String {
+        format!("{KUBELET_BEGIN}\n{body}\n{KUBELET_END}\n")
+    }
+
+    #[test]
+    fn splice_replaces_only_the_kubelet_section() {
+        let page = format!("# P\n\n{}\n## Later\nkept\n", section("old"));
+        let out = splice(&page, &section("new"));
+        assert_eq!(out, format!("# P\n\n{}\n## Later\nkept\n", section("new")));
+        // Twice is once.
+        assert_eq!(splice(&out, &section("new")), out);
+    }
+
+    #[test]
+    fn splice_appends_a_missing_section_after_a_blank_line() {
+        assert_eq!(
+            splice("# P\ntext\n", &section("s")),
+            format!("# P\ntext\n\n{}", section("s"))
+        );
+        assert_eq!(splice("", &section("s")), section("s"));
+    }
+
+    #[test]
+    fn kubelet_section_reads_the_results_and_their_ratios() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(kubelet_section(dir.path()).is_none());
+        std::fs::write(
+            dir.path().join("kubelet.json"),
+            r#"{"exec":{"podman":{"p50_ms":100.0,"p90_ms":110.0,"runs":20},
+                "websocket":{"p50_ms":150.0,"p90_ms":170.0,"runs":20},
+                "spdy":{"p50_ms":120.4,"p90_ms":130.0,"runs":20}},
+               "port_forward":{"mib":64,"direct_down_mib_s":800.0,
+                "websocket":{"up_mib_s":100.0,"down_mib_s":200.0},
+                "spdy":{"up_mib_s":120.0,"down_mib_s":400.0}}}"#,
+        )
+        .unwrap();
+        let s = kubelet_section(dir.path()).unwrap();
+        assert!(s.starts_with(KUBELET_BEGIN) && s.trim_end().ends_with(KUBELET_END));
+        assert!(
+            s.contains("| kubectl over WebSockets (1.36+) | 150 ms | 170 ms | 1.50x |"),
+            "{s}"
+        );
+        assert!(
+            s.contains("| kubectl over SPDY/3.1 | 120 ms | 130 ms | 1.20x |"),
+            "{s}"
+        );
+        assert!(
+            s.contains("| kubectl over SPDY/3.1 | 120 MiB/s | 400 MiB/s | 0.50x |"),
+            "{s}"
+        );
+        assert!(s.contains("(floor) | | 800 MiB/s | 1.00x |"), "{s}");
     }
 }

@@ -75,6 +75,9 @@ enum Cmd {
         from: PathBuf,
         #[arg(long, default_value = "docs/performance.md")]
         out: PathBuf,
+        /// Rewrite only the kubelet facade's section (from kubelet.json), keeping the rest.
+        #[arg(long)]
+        kubelet_only: bool,
     },
     /// Write docs/compatibility.md from the runs scripts/compat left in `from`.
     CompatibilityReport {
@@ -112,8 +115,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             check_try_next,
         } => (exit, state_dir, files, then, check_try_next),
         Cmd::ReliabilityReport { from, out } => return reliability_report(&from, &out),
-        Cmd::PerformanceReport { from, out } => {
-            return Ok(fleetlet_testenv::report::performance(&from, &out)?);
+        Cmd::PerformanceReport {
+            from,
+            out,
+            kubelet_only,
+        } => {
+            return Ok(if kubelet_only {
+                fleetlet_testenv::report::kubelet_report(&from, &out)
+            } else {
+                fleetlet_testenv::report::performance(&from, &out)
+            }?);
         }
         Cmd::CompatibilityReport { from, out } => {
             return Ok(fleetlet_testenv::compat::report(&from, &out)?);
