@@ -25,6 +25,11 @@
 //! [systemd]
 //! unit_dir = "/etc/systemd/system"
 //!
+//! [network]              # used only if "networkConfig" is in reconcile.enabled_kinds
+//! dir = "/etc/systemd/network"
+//! confirm_seconds = 60   # no control plane this long after a change: rolled back
+//! interfaces = ["eth*"]  # which interfaces manifests may configure (default: all but lo)
+//!
 //! [shell_job]            # runs only if "shellJob" is in reconcile.enabled_kinds
 //! max_timeout_seconds = 600
 //! ```
@@ -40,7 +45,8 @@ use serde::{Deserialize, Serialize};
 
 // Each kind's section lives next to its reconciler.
 pub use crate::{
-    container::ContainerConfig, file::FileConfig, shelljob::ShellJobConfig, systemd::SystemdConfig,
+    container::ContainerConfig, file::FileConfig, network::NetworkConfig, shelljob::ShellJobConfig,
+    systemd::SystemdConfig,
 };
 
 /// Why the configuration cannot be used. The agent exits before touching anything.
@@ -91,6 +97,8 @@ pub struct Config {
     pub container: ContainerConfig,
     #[serde(default)]
     pub systemd: SystemdConfig,
+    #[serde(default)]
+    pub network: NetworkConfig,
     #[serde(default)]
     pub shell_job: ShellJobConfig,
     #[serde(default)]
@@ -246,6 +254,7 @@ pub struct Settings {
     pub fetch: crate::fetch::FetchSettings,
     pub container: ContainerConfig,
     pub systemd: SystemdConfig,
+    pub network: NetworkConfig,
     pub shell_job: ShellJobConfig,
     /// Trusted manifest signing keys (32-byte ed25519 public keys) by id.
     pub manifest_keys: std::collections::BTreeMap<String, Vec<u8>>,
@@ -279,6 +288,7 @@ impl Config {
             file: FileConfig::default(),
             container: ContainerConfig::default(),
             systemd: SystemdConfig::default(),
+            network: NetworkConfig::default(),
             shell_job: ShellJobConfig::default(),
             trust: TrustConfig::default(),
         }
@@ -296,6 +306,7 @@ impl Config {
         self.file.check()?;
         self.container.check()?;
         self.systemd.check()?;
+        self.network.check()?;
         self.shell_job.check()?;
         if self.shell_job.audit_log.is_none() {
             self.shell_job.audit_log = Some(self.state_dir.join("shell-jobs.log"));
@@ -325,6 +336,7 @@ impl Config {
             },
             container: self.container,
             systemd: self.systemd,
+            network: self.network,
             shell_job: self.shell_job,
             manifest_keys,
             allow_unsigned: self.trust.allow_unsigned,

@@ -201,6 +201,11 @@ pub const STATE_WRITABLE: &str = "StateWritable";
 pub const START_TRIGGER: &str = "start";
 
 impl Engine {
+    /// The reconcilers this engine runs.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Loads what the state directory remembers: the manifest in force, ownership, status.
     pub fn new(
         settings: Arc<Settings>,

@@ -16,6 +16,7 @@ pub mod file;
 pub mod fsutil;
 pub mod install;
 pub mod nats;
+pub mod network;
 pub mod reconciler;
 pub mod registry;
 pub mod relay;
@@ -118,6 +119,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let (engine, sealing, containers) = open_engine(&settings)?;
+    engine
+        .registry()
+        .network()
+        .set_uplink(network::Uplink::nats(
+            client.clone(),
+            settings.device.clone(),
+        ));
 
     let (candidate_tx, mut candidate_rx) = mpsc::channel(16);
     let (status_tx, status_rx) = watch::channel(engine.status().clone());

@@ -45,6 +45,10 @@ pub enum ReconcileError {
     /// A run-once resource ran and failed; only a new spec runs it again.
     #[error("{0}")]
     Finished(String),
+    /// A change was undone because the device lost its control plane after it; only a
+    /// new spec is tried.
+    #[error("rolled back: {0}")]
+    RolledBack(String),
     /// Not a failure: the work goes on in the background (a download) and the text says
     /// how far. The resource is Reconciling; the reconciler asks for the next look through
     /// its wake-up time.
@@ -68,6 +72,7 @@ impl ReconcileError {
             Self::Runtime(_) => "runtime",
             Self::Finished(_) => "finished",
             Self::InProgress(_) => "in_progress",
+            Self::RolledBack(_) => "rolled_back",
         }
     }
 

@@ -9,6 +9,7 @@ use crate::{
     config::Settings,
     container::ContainerReconciler,
     file::FileReconciler,
+    network::NetworkReconciler,
     reconciler::{Deleted, Observation, ReconcileError, Reconciler},
     sealing::SealingKey,
     shelljob::ShellJobReconciler,
@@ -24,6 +25,7 @@ pub struct Registry {
     container: ContainerReconciler,
     systemd: SystemdReconciler,
     shell_job: ShellJobReconciler,
+    network: NetworkReconciler,
 }
 
 impl Registry {
@@ -46,6 +48,12 @@ impl Registry {
             )
             .with_sealing(sealing),
             systemd: SystemdReconciler::new(s.systemd.clone(), s.device.clone()),
+            network: NetworkReconciler::new(
+                s.network.clone(),
+                s.systemd.bus_address.clone(),
+                s.device.clone(),
+                &s.state_dir,
+            ),
             shell_job: ShellJobReconciler::new(s.shell_job.clone(), s.device.clone(), &s.state_dir),
         }
     }
@@ -61,10 +69,12 @@ impl Registry {
                 spec.kind_key(),
                 env!("CARGO_PKG_VERSION")
             )),
-            NetworkConfig => Err(format!(
-                "{kind} resources are not supported by agent {} yet",
-                env!("CARGO_PKG_VERSION")
-            )),
+            NetworkConfig if !enabled => Err(
+                "networkConfig resources are disabled on this device; its owner enables them \
+                 (for interfaces systemd-networkd manages) by adding \"networkConfig\" to \
+                 reconcile.enabled_kinds in the agent's config file"
+                    .into(),
+            ),
             ShellJob if !enabled => Err(
                 "shellJob resources are disabled on this device; only its owner can enable them, \
                  by adding \"shellJob\" to reconcile.enabled_kinds in the agent's config file"
@@ -73,8 +83,13 @@ impl Registry {
             Container | SystemdUnit | File if !enabled => Err(format!(
                 "{kind} resources are disabled on this device (reconcile.enabled_kinds)"
             )),
-            Container | SystemdUnit | File | ShellJob => Ok(()),
+            Container | SystemdUnit | File | ShellJob | NetworkConfig => Ok(()),
         }
+    }
+
+    /// The NetworkConfig reconciler (told how to reach the control plane once connected).
+    pub fn network(&self) -> NetworkReconciler {
+        self.network.clone()
     }
 
     /// The Container reconciler (relay sessions use its podman client and ownership).
@@ -100,7 +115,8 @@ impl Registry {
             ResourceSpec::Container(s) => self.container.observe(id, s).await,
             ResourceSpec::SystemdUnit(s) => self.systemd.observe(id, s).await,
             ResourceSpec::ShellJob(s) => self.shell_job.observe(id, s).await,
-            ResourceSpec::NetworkConfig(_) | ResourceSpec::Unsupported(_) => Err(unsupported(spec)),
+            ResourceSpec::NetworkConfig(s) => self.network.observe(id, s).await,
+            ResourceSpec::Unsupported(_) => Err(unsupported(spec)),
         }
     }
 
@@ -114,7 +130,8 @@ impl Registry {
             ResourceSpec::Container(s) => self.container.reconcile(id, s).await,
             ResourceSpec::SystemdUnit(s) => self.systemd.reconcile(id, s).await,
             ResourceSpec::ShellJob(s) => self.shell_job.reconcile(id, s).await,
-            ResourceSpec::NetworkConfig(_) | ResourceSpec::Unsupported(_) => Err(unsupported(spec)),
+            ResourceSpec::NetworkConfig(s) => self.network.reconcile(id, s).await,
+            ResourceSpec::Unsupported(_) => Err(unsupported(spec)),
         }
     }
 
@@ -128,9 +145,8 @@ impl Registry {
             ResourceSpec::Container(s) => self.container.delete(id, s).await,
             ResourceSpec::SystemdUnit(s) => self.systemd.delete(id, s).await,
             ResourceSpec::ShellJob(s) => self.shell_job.delete(id, s).await,
-            ResourceSpec::NetworkConfig(_) | ResourceSpec::Unsupported(_) => {
-                Err(unsupported(applied))
-            }
+            ResourceSpec::NetworkConfig(s) => self.network.delete(id, s).await,
+            ResourceSpec::Unsupported(_) => Err(unsupported(applied)),
         }
     }
 
@@ -143,6 +159,9 @@ impl Registry {
                 self.systemd.moves(a, b)
             }
             (ResourceSpec::ShellJob(a), ResourceSpec::ShellJob(b)) => self.shell_job.moves(a, b),
+            (ResourceSpec::NetworkConfig(a), ResourceSpec::NetworkConfig(b)) => {
+                self.network.moves(a, b)
+            }
             // Another kind under the same id always moves; kinds without a reconciler
             // never reach a device, so they address nothing.
             (

@@ -11,6 +11,7 @@ pub mod heartbeat;
 pub mod kv;
 pub mod manifest;
 pub mod names;
+pub mod network;
 pub mod relay;
 pub mod signing;
 pub mod stats;
@@ -22,12 +23,12 @@ pub use heartbeat::{
 };
 pub use manifest::{
     AgentManifest, ContainerLimits, ContainerSpec, EnvVar, FetchSource, FileContent, FileSpec,
-    HostPathMount, MAX_FETCH_BYTES, ManagedResource, ManifestError, NetworkConfigSpec, Owner,
-    OwnerKind, PortMapping, PortProtocol, Probe, ProbeAction, PullPolicy, ResourceKind,
-    ResourceSpec, RestartPolicy, ShellJobSpec, SpecError, SystemdUnitSpec, UnitState,
-    UnsupportedSpec,
+    HostPathMount, MAX_FETCH_BYTES, ManagedResource, ManifestError, Owner, OwnerKind, PortMapping,
+    PortProtocol, Probe, ProbeAction, PullPolicy, ResourceKind, ResourceSpec, RestartPolicy,
+    ShellJobSpec, SpecError, SystemdUnitSpec, UnitState, UnsupportedSpec,
 };
 pub use names::{DeviceId, NameError, ResourceId};
+pub use network::{Cidr, NetworkConfigSpec, RouteSpec, VlanSpec};
 pub use status::{
     AgentStatus, Condition, ConditionStatus, DriftEvent, Rejection, ResourceDetails, ResourceStatus,
 };

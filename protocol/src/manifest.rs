@@ -10,6 +10,7 @@ use serde::{
 };
 
 use crate::names::{DeviceId, ResourceId};
+use crate::network::NetworkConfigSpec;
 
 /// The most resources one device's manifest may hold.
 pub const MAX_RESOURCES: usize = 512;
@@ -101,7 +102,8 @@ pub enum ResourceSpec {
     Container(ContainerSpec),
     SystemdUnit(SystemdUnitSpec),
     File(FileSpec),
-    /// Parsed but not applied by agents of this version.
+    /// One interface's settings through systemd-networkd, rolled back when the device
+    /// loses its control plane; only where the device owner enables it.
     NetworkConfig(NetworkConfigSpec),
     /// An audited escape hatch: runs only where the device owner enables it.
     ShellJob(ShellJobSpec),
@@ -196,7 +198,8 @@ impl ResourceSpec {
             Self::Container(c) => c.validate(),
             Self::SystemdUnit(u) => u.validate(),
             Self::File(f) => f.validate(),
-            Self::NetworkConfig(_) | Self::ShellJob(_) | Self::Unsupported(_) => Ok(()),
+            Self::NetworkConfig(n) => n.validate(),
+            Self::ShellJob(_) | Self::Unsupported(_) => Ok(()),
         }
     }
 }
@@ -274,7 +277,7 @@ pub enum SpecError {
     Invalid { field: String, message: String },
 }
 
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+pub(crate) fn invalid(field: impl Into<String>, message: impl Into<String>) -> SpecError {
     SpecError::Invalid {
         field: field.into(),
         message: message.into(),
@@ -788,27 +791,7 @@ impl FileSpec {
     }
 }
 
-// ---------------------------------------------------------------- placeholders
-
-/// Network settings for one interface. Parsed and reported as not supported yet.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct NetworkConfigSpec {
-    /// Network interface name, e.g. `eth0`.
-    pub interface: String,
-    /// Get an address by DHCP.
-    #[serde(default)]
-    pub dhcp: bool,
-    /// Static addresses with prefix length, e.g. `192.168.1.20/24`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub addresses: Vec<String>,
-    /// Default gateway.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gateway: Option<String>,
-    /// DNS servers.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub dns: Vec<String>,
-}
+// ---------------------------------------------------------------- ShellJob
 
 /// A command run once per spec change, only where the device owner enabled ShellJobs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -172,6 +172,17 @@ pub enum ResourceDetails {
         sha256: String,
         size: u64,
     },
+    /// An interface as systemd-networkd and the kernel report it.
+    #[serde(rename_all = "camelCase")]
+    NetworkConfig {
+        /// networkd's operational state: `routable`, `degraded`, `carrier`, `no-carrier`, ...
+        operational_state: String,
+        /// networkd's administrative state: `configured`, `configuring`, `failed`, ...
+        administrative_state: String,
+        /// The addresses the interface has, with prefix length (static and from DHCP).
+        #[serde(default)]
+        addresses: Vec<String>,
+    },
     /// The run of a ShellJob for the current spec (a job runs once per spec).
     #[serde(rename_all = "camelCase")]
     ShellJob {
@@ -199,6 +210,7 @@ impl ResourceDetails {
             Self::SystemdUnit { .. } => crate::ResourceKind::SystemdUnit,
             Self::File { .. } => crate::ResourceKind::File,
             Self::ShellJob { .. } => crate::ResourceKind::ShellJob,
+            Self::NetworkConfig { .. } => crate::ResourceKind::NetworkConfig,
         }
     }
 

@@ -25,7 +25,12 @@ struct ScriptSandbox {
 }
 
 impl ScriptSandbox {
-    async fn start(script: &str, env: &[(&str, String)], timeout: Duration) -> Result<Self, Error> {
+    async fn start(
+        script: &str,
+        options: &[&str],
+        env: &[(&str, String)],
+        timeout: Duration,
+    ) -> Result<Self, Error> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("fleetlet-{script}-"))
             .tempdir()?
@@ -35,7 +40,11 @@ impl ScriptSandbox {
         let mut service = Service::spawn_with_env(
             script,
             &program,
-            &[dir.join("sbx").display().to_string()],
+            &options
+                .iter()
+                .map(|o| o.to_string())
+                .chain([dir.join("sbx").display().to_string()])
+                .collect::<Vec<_>>(),
             env,
             log.clone(),
         )?;
@@ -117,7 +126,8 @@ pub struct PodmanSandbox {
 
 impl PodmanSandbox {
     pub async fn start() -> Result<Self, Error> {
-        let inner = ScriptSandbox::start("podman-sandbox", &[], Duration::from_secs(120)).await?;
+        let inner =
+            ScriptSandbox::start("podman-sandbox", &[], &[], Duration::from_secs(120)).await?;
         // The same settings the script gives its service; without them the CLI would use
         // the machine's own storage, so refuse to go on if any is missing.
         let conf = inner.dir.join("sbx").join("conf");
@@ -198,7 +208,24 @@ pub struct SystemdSandbox {
 
 impl SystemdSandbox {
     pub async fn start() -> Result<Self, Error> {
-        let inner = ScriptSandbox::start("systemd-sandbox", &[], Duration::from_secs(30)).await?;
+        Self::start_with(&[]).await
+    }
+
+    /// With systemd-networkd, in a network namespace of its own holding only `lo`
+    /// (`scripts/systemd-sandbox --network`): see [`NetworkSandbox`].
+    pub async fn start_with_network() -> Result<NetworkSandbox, Error> {
+        let systemd = Self::start_with(&["--network"]).await?;
+        let pid = systemd.inner.value("NETNS_PID")?;
+        Ok(NetworkSandbox {
+            netns: PathBuf::from(format!("/proc/{pid}/ns/net")),
+            network_dir: systemd.inner.dir.join("sbx").join("network"),
+            systemd,
+        })
+    }
+
+    async fn start_with(options: &[&str]) -> Result<Self, Error> {
+        let inner =
+            ScriptSandbox::start("systemd-sandbox", options, &[], Duration::from_secs(30)).await?;
         Ok(Self {
             bus_address: inner.value("DBUS_SYSTEM_BUS_ADDRESS")?,
             unit_dir: inner.dir.join("sbx").join("units"),
@@ -216,6 +243,83 @@ impl SystemdSandbox {
         cmd.arg(format!("--address={}", self.bus_address))
             .args(args);
         run(cmd)
+    }
+}
+
+/// A [`SystemdSandbox`] running systemd-networkd in a network namespace of its own: tests
+/// add interfaces there (`ip link add ... type ifb`) and run processes in it
+/// ([`NetworkSandbox::command`]); the namespace and its interfaces go with the sandbox.
+pub struct NetworkSandbox {
+    pub systemd: SystemdSandbox,
+    /// `/proc/<pid>/ns/net` of the sandbox's systemd.
+    pub netns: PathBuf,
+    /// Host path of the sandbox's `/etc/systemd/network`.
+    pub network_dir: PathBuf,
+}
+
+impl NetworkSandbox {
+    /// `program args...` to run in the sandbox's network namespace (through `nsenter`,
+    /// which execs it: the child's PID is the program's).
+    pub fn command(&self, program: &Path, args: &[String]) -> (PathBuf, Vec<String>) {
+        let mut all = vec![
+            format!("--net={}", self.netns.display()),
+            "--".to_owned(),
+            program.display().to_string(),
+        ];
+        all.extend(args.iter().cloned());
+        (PathBuf::from("/usr/bin/nsenter"), all)
+    }
+
+    /// `ip ARGS` in the sandbox's network namespace: stdout, or Err with stderr.
+    pub fn ip(&self, args: &[&str]) -> Result<String, String> {
+        let mut cmd = std::process::Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns.display()))
+            .arg("--")
+            .arg("ip")
+            .args(args);
+        run(cmd)
+    }
+
+    /// The addresses of `interface` with prefix length (`10.0.0.2/24`), from the kernel.
+    pub fn addresses(&self, interface: &str) -> Result<Vec<String>, String> {
+        let out = self.ip(&["-j", "addr", "show", "dev", interface])?;
+        let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+            .filter_map(|a| {
+                Some(format!(
+                    "{}/{}",
+                    a["local"].as_str()?,
+                    a["prefixlen"].as_u64()?
+                ))
+            })
+            .collect())
+    }
+
+    /// The destinations of the kernel's IPv4 routes (`10.124.0.0/24`, `default`).
+    pub fn routes(&self) -> Result<Vec<String>, String> {
+        let out = self.ip(&["-j", "-4", "route", "show"])?;
+        let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["dst"].as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// Asks this sandbox's networkd to reload its files.
+    pub fn reload(&self) -> Result<(), String> {
+        self.systemd
+            .busctl(&[
+                "call",
+                "org.freedesktop.network1",
+                "/org/freedesktop/network1",
+                "org.freedesktop.network1.Manager",
+                "Reload",
+            ])
+            .map(drop)
     }
 }
 
