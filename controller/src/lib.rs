@@ -203,6 +203,25 @@ pub enum Command {
         #[arg(long)]
         id: Option<String>,
     },
+    /// Sign an agent binary for `agentUpgrade` with the manifest signing key in KEY, and
+    /// print the `binaries` entry for it (add the URL the devices download it from).
+    SignAgentBinary {
+        /// The signing key (as for `signing-key`).
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        id: Option<String>,
+        /// The version the binary reports (`fleetlet-agent --version`).
+        #[arg(long)]
+        version: String,
+        /// `x86_64`, `aarch64` or `arm`.
+        #[arg(long)]
+        arch: String,
+        /// Where devices will download it (https://).
+        #[arg(long)]
+        url: String,
+        binary: PathBuf,
+    },
     /// Create the keys of fleetlet's NATS identities in DIR: `authority.json` (secret; for
     /// `--nats-authority`), `nats-auth.conf` (include it in nats-server's configuration)
     /// and `bridge.creds` (the bridge's identity).

@@ -34,6 +34,26 @@ async fn main() -> ExitCode {
             }
         };
     }
+    if let Some(fleetlet_controller::Command::SignAgentBinary {
+        key,
+        id,
+        version,
+        arch,
+        url,
+        binary,
+    }) = &args.command
+    {
+        return match sign_agent_binary(key, id.clone(), version, arch, url, binary) {
+            Ok(entry) => {
+                print!("{entry}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("fleetlet-controller: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if let Some(fleetlet_controller::Command::NatsAccounts { dir, devices }) = &args.command {
         return match nats_accounts(dir, devices) {
             Ok(()) => ExitCode::SUCCESS,
@@ -56,6 +76,62 @@ async fn main() -> ExitCode {
         "fleetlet-controller",
         run(args, shutdown_signal(), fleetlet_plumbing::log_serving).await,
     )
+}
+
+/// The `binaries` entry of an `agentUpgrade` for `binary`, signed with the key in `key`.
+fn sign_agent_binary(
+    key: &std::path::Path,
+    id: Option<String>,
+    version: &str,
+    arch: &str,
+    url: &str,
+    binary: &std::path::Path,
+) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let signer = fleetlet_controller::signing::Signer::from_file(key, id)?;
+    let bytes = std::fs::read(binary).with_context(|| format!("reading {}", binary.display()))?;
+    let sha256: String = ring::digest::digest(&ring::digest::SHA256, &bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let entry = fleetlet_protocol::AgentBinary {
+        arch: arch.to_owned(),
+        fetch: fleetlet_protocol::FetchSource {
+            url: url.to_owned(),
+            sha256: sha256.clone(),
+            size: bytes.len() as u64,
+        },
+        key_id: signer.id.clone(),
+        signature: signer.sign_base64(&fleetlet_protocol::upgrade::binary_statement(
+            version, arch, &sha256,
+        )),
+    };
+    let spec = fleetlet_protocol::AgentUpgradeSpec {
+        version: version.to_owned(),
+        binaries: vec![entry.clone()],
+        health_seconds: None,
+    };
+    spec.validate()?;
+    Ok(format!(
+        "# agentUpgrade.binaries entry for fleetlet-agent {version} ({arch})\n{}",
+        serde_yaml_entry(&entry)?
+    ))
+}
+
+/// `entry` as a YAML list item.
+fn serde_yaml_entry(entry: &fleetlet_protocol::AgentBinary) -> anyhow::Result<String> {
+    let json = serde_json::to_value(entry)?;
+    let mut out = String::new();
+    let fetch = &json["fetch"];
+    out.push_str(&format!("- arch: {}\n", json["arch"]));
+    out.push_str(&format!(
+        "  fetch: {{ url: {}, sha256: {}, size: {} }}\n",
+        fetch["url"], fetch["sha256"], fetch["size"]
+    ));
+    out.push_str(&format!("  keyId: {}\n", json["keyId"]));
+    out.push_str(&format!("  signature: {}\n", json["signature"]));
+    Ok(out)
 }
 
 /// Writes a new NATS authority, the server configuration for it and the bridge's credentials.

@@ -234,8 +234,15 @@ fn identities(r: &ManagedResource) -> Vec<String> {
     match &r.spec {
         ResourceSpec::File(f) => out.push(format!("file {}", f.path)),
         ResourceSpec::SystemdUnit(u) => out.push(format!("unit {}", u.name)),
-        ResourceSpec::NetworkConfig(n) => out.push(format!("interface {}", n.interface)),
+        ResourceSpec::NetworkConfig(n) => {
+            out.push(format!("interface {}", n.interface));
+            // The VLAN device one interface declares (its .netdev); the VLAN's own
+            // settings are another resource's `interface`.
+            out.extend(n.vlans.iter().map(|v| format!("vlan {}", v.name)));
+        }
         // A container is named after its id (covered above); a job only runs.
+        // One agent binary per device.
+        ResourceSpec::AgentUpgrade(_) => out.push("agent version".to_owned()),
         ResourceSpec::Container(_) | ResourceSpec::ShellJob(_) | ResourceSpec::Unsupported(_) => {}
     }
     out
@@ -727,6 +734,54 @@ mod tests {
         assert_eq!(p.conflicts[0].identity, "interface eth0");
         assert_eq!(p.conflicts[0].kept_by, "ns/old");
         assert_eq!(ids(&p, "a"), ["old-net"]);
+    }
+
+    #[test]
+    fn a_vlan_declared_twice_is_a_conflict_and_its_own_settings_are_not() {
+        use fleetlet_protocol::{NetworkConfigSpec, VlanSpec};
+        let net = |id: &str, interface: &str, vlan: Option<&str>| ResourceTemplate {
+            id: ResourceId::new(id).unwrap(),
+            spec: ResourceSpec::NetworkConfig(NetworkConfigSpec {
+                interface: interface.into(),
+                vlans: vlan
+                    .map(|v| VlanSpec {
+                        name: v.into(),
+                        id: 30,
+                    })
+                    .into_iter()
+                    .collect(),
+                ..Default::default()
+            }),
+        };
+        let devices = [dev("a", &[("role", "sensor")])];
+        let ms = [
+            manifest(
+                "old",
+                "2026-01",
+                Some("sensor"),
+                &[],
+                vec![net("wired", "eth0", Some("eth0.30"))],
+            ),
+            manifest(
+                "vlan-settings",
+                "2026-02",
+                Some("sensor"),
+                &[],
+                vec![net("cameras", "eth0.30", None)],
+            ),
+            manifest(
+                "young",
+                "2026-03",
+                Some("sensor"),
+                &[],
+                vec![net("wireless", "wlan0", Some("eth0.30"))],
+            ),
+        ];
+        let p = plan(&devices, &ms, &HashMap::new());
+        assert_eq!(p.conflicts.len(), 1, "{:?}", p.conflicts);
+        assert_eq!(p.conflicts[0].identity, "vlan eth0.30");
+        assert_eq!(p.conflicts[0].kept_by, "ns/old");
+        assert_eq!(ids(&p, "a"), ["cameras", "wired"]);
     }
 
     #[test]

@@ -30,6 +30,9 @@
 //! confirm_seconds = 60   # no control plane this long after a change: rolled back
 //! interfaces = ["eth*"]  # which interfaces manifests may configure (default: all but lo)
 //!
+//! [upgrade]              # agentUpgrade: binaries signed by a [trust] manifest_keys key
+//! health_seconds = 120   # a new version that cannot reach NATS this long is put back
+//!
 //! [shell_job]            # runs only if "shellJob" is in reconcile.enabled_kinds
 //! max_timeout_seconds = 600
 //! ```
@@ -46,7 +49,7 @@ use serde::{Deserialize, Serialize};
 // Each kind's section lives next to its reconciler.
 pub use crate::{
     container::ContainerConfig, file::FileConfig, network::NetworkConfig, shelljob::ShellJobConfig,
-    systemd::SystemdConfig,
+    systemd::SystemdConfig, upgrade::UpgradeConfig,
 };
 
 /// Why the configuration cannot be used. The agent exits before touching anything.
@@ -99,6 +102,8 @@ pub struct Config {
     pub systemd: SystemdConfig,
     #[serde(default)]
     pub network: NetworkConfig,
+    #[serde(default)]
+    pub upgrade: UpgradeConfig,
     #[serde(default)]
     pub shell_job: ShellJobConfig,
     #[serde(default)]
@@ -202,6 +207,7 @@ fn default_kinds() -> Vec<String> {
         ResourceKind::File,
         ResourceKind::Container,
         ResourceKind::SystemdUnit,
+        ResourceKind::AgentUpgrade,
     ]
     .map(|k| k.key().to_owned())
     .to_vec()
@@ -255,6 +261,7 @@ pub struct Settings {
     pub container: ContainerConfig,
     pub systemd: SystemdConfig,
     pub network: NetworkConfig,
+    pub upgrade: UpgradeConfig,
     pub shell_job: ShellJobConfig,
     /// Trusted manifest signing keys (32-byte ed25519 public keys) by id.
     pub manifest_keys: std::collections::BTreeMap<String, Vec<u8>>,
@@ -289,6 +296,7 @@ impl Config {
             container: ContainerConfig::default(),
             systemd: SystemdConfig::default(),
             network: NetworkConfig::default(),
+            upgrade: UpgradeConfig::default(),
             shell_job: ShellJobConfig::default(),
             trust: TrustConfig::default(),
         }
@@ -307,6 +315,7 @@ impl Config {
         self.container.check()?;
         self.systemd.check()?;
         self.network.check()?;
+        self.upgrade.check()?;
         self.shell_job.check()?;
         if self.shell_job.audit_log.is_none() {
             self.shell_job.audit_log = Some(self.state_dir.join("shell-jobs.log"));
@@ -337,6 +346,7 @@ impl Config {
             container: self.container,
             systemd: self.systemd,
             network: self.network,
+            upgrade: self.upgrade,
             shell_job: self.shell_job,
             manifest_keys,
             allow_unsigned: self.trust.allow_unsigned,

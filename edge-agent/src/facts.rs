@@ -103,7 +103,7 @@ impl Facts {
             timestamp: Timestamp::now(),
             interval_seconds: u32::try_from(self.settings.heartbeat_interval.as_secs())
                 .unwrap_or(u32::MAX),
-            agent_version: env!("CARGO_PKG_VERSION").into(),
+            agent_version: crate::VERSION.into(),
             system: self.system.clone(),
             capacity: Capacity {
                 cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),

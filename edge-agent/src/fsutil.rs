@@ -39,6 +39,28 @@ pub fn remove_stale_temps(path: &Path) -> usize {
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, owner: Ownership) -> std::io::Result<()> {
+    replace_with(path, |tmp| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(tmp)?;
+        f.write_all(bytes)?;
+        if owner.uid.is_some() || owner.gid.is_some() {
+            std::os::unix::fs::fchown(&f, owner.uid, owner.gid)?;
+        }
+        // After chown: chown clears set-id bits.
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.sync_all()
+    })
+}
+
+/// Writes a temp file beside `path` with `fill`, renames it over `path` and syncs the
+/// directory; the temp file goes if anything fails.
+fn replace_with(
+    path: &Path,
+    fill: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let dir = path.parent().ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -50,24 +72,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, owner: Ownership) -> s
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.fleetlet-{:016x}", fastrand::u64(..)));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        if owner.uid.is_some() || owner.gid.is_some() {
-            std::os::unix::fs::fchown(&f, owner.uid, owner.gid)?;
-        }
-        // After chown: chown clears set-id bits.
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.sync_all()?;
+    let result = fill(&tmp).and_then(|()| {
         fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()
-    })();
+    });
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Replaces `to` with a copy of `from` atomically, like [`write_atomic`] but streamed by
+/// the kernel (an agent binary is not read into memory).
+pub fn copy_atomic(from: &Path, to: &Path, mode: u32) -> std::io::Result<()> {
+    replace_with(to, |tmp| {
+        fs::copy(from, tmp)?;
+        let f = OpenOptions::new().write(true).open(tmp)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.sync_all()
+    })
 }

@@ -24,6 +24,12 @@ use crate::{
 pub const UNIT_NAME: &str = "fleetlet-agent.service";
 const UNIT_TEMPLATE: &str = include_str!("../../examples/agent/fleetlet-agent.service");
 const DEFAULT_EXEC: &str = "/usr/local/bin/fleetlet-agent --config /etc/fleetlet/agent.toml";
+/// The unit that puts the previous binary back after an upgrade that does not stay up.
+pub const ROLLBACK_UNIT_NAME: &str = "fleetlet-agent-rollback.service";
+const ROLLBACK_TEMPLATE: &str =
+    include_str!("../../examples/agent/fleetlet-agent-rollback.service");
+const DEFAULT_ROLLBACK_EXEC: &str =
+    "/usr/local/bin/fleetlet-agent.previous --config /etc/fleetlet/agent.toml rollback";
 const DEFAULT_STATE_DIR: &str = "/var/lib/fleetlet";
 
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +191,16 @@ pub fn render_unit(layout: &Layout) -> String {
         .collect()
 }
 
+/// The rollback unit with this install's binary and config.
+pub fn render_rollback_unit(layout: &Layout) -> String {
+    let exec = format!(
+        "{}.previous --config {} rollback",
+        layout.bin_path.display(),
+        layout.config_path().display()
+    );
+    ROLLBACK_TEMPLATE.replace(DEFAULT_ROLLBACK_EXEC, &exec)
+}
+
 fn copy_private(from: &Path, to: &Path, mode: u32) -> Result<(), InstallError> {
     let bytes = std::fs::read(from).map_err(io(format!("reading {}", from.display())))?;
     write_atomic(to, &bytes, mode, Ownership::default())
@@ -216,6 +232,7 @@ pub async fn install(opts: &InstallOptions, layout: &Layout) -> Result<Installed
     // Everything is checked before the first write.
     let config = render_config(opts, layout)?;
     let unit = render_unit(layout);
+    let rollback_unit = render_rollback_unit(layout);
 
     let mut files = Vec::new();
     std::fs::create_dir_all(&layout.config_dir)
@@ -259,6 +276,15 @@ pub async fn install(opts: &InstallOptions, layout: &Layout) -> Result<Installed
     write_atomic(&unit_path, unit.as_bytes(), 0o644, Ownership::default())
         .map_err(io(format!("writing {}", unit_path.display())))?;
     files.push(unit_path);
+    let rollback_path = layout.unit_dir.join(ROLLBACK_UNIT_NAME);
+    write_atomic(
+        &rollback_path,
+        rollback_unit.as_bytes(),
+        0o644,
+        Ownership::default(),
+    )
+    .map_err(io(format!("writing {}", rollback_path.display())))?;
+    files.push(rollback_path);
 
     if opts.start {
         layout
@@ -286,7 +312,14 @@ pub async fn uninstall(layout: &Layout, purge: bool) -> Result<Vec<PathBuf>, Ins
         .await
         .map_err(|e| InstallError::Systemd(e.to_string()))?;
     let mut removed = Vec::new();
-    for f in [layout.unit_path(), layout.bin_path.clone()] {
+    let mut previous = layout.bin_path.clone().into_os_string();
+    previous.push(".previous");
+    for f in [
+        layout.unit_path(),
+        layout.unit_dir.join(ROLLBACK_UNIT_NAME),
+        layout.bin_path.clone(),
+        PathBuf::from(previous),
+    ] {
         match std::fs::remove_file(&f) {
             Ok(()) => removed.push(f),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -26,6 +26,7 @@ pub mod stats;
 pub mod store;
 pub mod systemd;
 pub mod trust;
+pub mod upgrade;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -43,6 +44,7 @@ pub use config::{Config, ConfigError, Settings};
 pub use engine::{Candidate, Engine};
 pub use registry::Registry;
 pub use store::{StateStore, StoreError, StoredManifest};
+pub use upgrade::VERSION;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -119,13 +121,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let (engine, sealing, containers) = open_engine(&settings)?;
-    engine
-        .registry()
-        .network()
-        .set_uplink(network::Uplink::nats(
-            client.clone(),
-            settings.device.clone(),
-        ));
+    engine.registry().set_uplink(network::Uplink::nats(
+        client.clone(),
+        settings.device.clone(),
+    ));
 
     let (candidate_tx, mut candidate_rx) = mpsc::channel(16);
     let (status_tx, status_rx) = watch::channel(engine.status().clone());

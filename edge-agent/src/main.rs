@@ -10,7 +10,7 @@ use fleetlet_agent::{Config, Settings};
 ///
 /// Settings come from the config file, then FLEETLET_* environment variables, then flags.
 #[derive(Parser)]
-#[command(version, about, long_about)]
+#[command(version = fleetlet_agent::VERSION, about, long_about)]
 struct Cli {
     /// Config file (TOML). See the README for every setting.
     #[arg(
@@ -44,6 +44,9 @@ struct Cli {
 enum Cmd {
     /// Check the configuration and print it as the agent would use it.
     CheckConfig,
+    /// Put the previous agent binary back after an upgrade that does not stay up, and start
+    /// the agent again (run by the unit's OnFailure=, from the kept binary).
+    Rollback,
     /// Install this binary as a systemd service: copy it to --bin-path, write the config
     /// (with the NATS credentials and CA next to it) and the unit, then enable and start it.
     Install(InstallArgs),
@@ -137,7 +140,7 @@ fn setup(cmd: &Cmd) -> Option<ExitCode> {
         Err(code) => return Some(code),
     };
     let result = match cmd {
-        Cmd::CheckConfig => return None,
+        Cmd::CheckConfig | Cmd::Rollback => return None,
         Cmd::Install(a) => {
             let opts = install::InstallOptions {
                 device_id: a.device_id.clone(),
@@ -227,6 +230,12 @@ fn init_logging() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A build that answers --version and then cannot start, for the upgrade tests (never
+    // set in a release).
+    if option_env!("FLEETLET_AGENT_EXIT_AT_START").is_some() {
+        eprintln!("fleetlet-agent: this build exits at start");
+        return ExitCode::from(3);
+    }
     init_logging();
     if let Some(code) = cli.command.as_ref().and_then(setup) {
         return code;
@@ -267,6 +276,34 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
             .map(|r| r.display().to_string())
             .collect();
         println!("file roots:      {}", roots.join(", "));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(Cmd::Rollback) = cli.command {
+        let paths = fleetlet_agent::upgrade::Paths {
+            binary: settings
+                .upgrade
+                .binary_path()
+                .map_err(|e| anyhow::anyhow!(e))?,
+            state: settings.state_dir.join("upgrade"),
+        };
+        let systemd = fleetlet_agent::systemd::SystemdReconciler::new(
+            settings.systemd.clone(),
+            settings.device.clone(),
+        );
+        let rolled = fleetlet_agent::upgrade::rollback_after_failure(
+            &paths,
+            &systemd,
+            &settings.systemd.agent_unit,
+        )
+        .await?;
+        println!(
+            "{}",
+            if rolled {
+                "previous agent put back and started"
+            } else {
+                "no upgrade pending: nothing to roll back"
+            }
+        );
         return Ok(ExitCode::SUCCESS);
     }
     if cli.once {

@@ -31,6 +31,7 @@ use crate::{
     config::{ConfigError, invalid},
     fsutil::{Ownership, write_atomic},
     reconciler::{Deleted, Observation, ReconcileError, Reconciler},
+    systemd::bus_err,
 };
 
 #[zbus::proxy(
@@ -168,7 +169,7 @@ impl Uplink {
         Self(Arc::new(check))
     }
 
-    async fn reachable(&self) -> bool {
+    pub(crate) async fn reachable(&self) -> bool {
         (self.0)().await
     }
 }
@@ -274,17 +275,6 @@ struct Inner {
     state: PathBuf,
     conn: Mutex<Option<Connection>>,
     uplink: std::sync::OnceLock<Uplink>,
-}
-
-fn bus_err(context: &str, e: zbus::Error) -> ReconcileError {
-    let message = match &e {
-        zbus::Error::MethodError(name, detail, _) => match detail {
-            Some(d) => format!("{d} ({name})"),
-            None => name.to_string(),
-        },
-        other => other.to_string(),
-    };
-    ReconcileError::Runtime(format!("{context}: {message}"))
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> ReconcileError {

@@ -14,6 +14,7 @@ use crate::{
     sealing::SealingKey,
     shelljob::ShellJobReconciler,
     systemd::SystemdReconciler,
+    upgrade::UpgradeReconciler,
 };
 
 /// The reconcilers of this agent. Dispatch is a `match` on the spec: adding a kind is a
@@ -26,6 +27,7 @@ pub struct Registry {
     systemd: SystemdReconciler,
     shell_job: ShellJobReconciler,
     network: NetworkReconciler,
+    upgrade: UpgradeReconciler,
 }
 
 impl Registry {
@@ -48,6 +50,14 @@ impl Registry {
             )
             .with_sealing(sealing),
             systemd: SystemdReconciler::new(s.systemd.clone(), s.device.clone()),
+            upgrade: UpgradeReconciler::new(
+                &s.upgrade,
+                &s.state_dir,
+                s.manifest_keys.clone(),
+                s.fetch.clone(),
+                SystemdReconciler::new(s.systemd.clone(), s.device.clone()),
+                s.systemd.agent_unit.clone(),
+            ),
             network: NetworkReconciler::new(
                 s.network.clone(),
                 s.systemd.bus_address.clone(),
@@ -60,14 +70,16 @@ impl Registry {
 
     /// `Err(message)` when this agent will not run `spec`'s kind.
     pub fn supports(&self, spec: &ResourceSpec) -> Result<(), String> {
-        use ResourceKind::{Container, File, NetworkConfig, ShellJob, SystemdUnit, Unsupported};
+        use ResourceKind::{
+            AgentUpgrade, Container, File, NetworkConfig, ShellJob, SystemdUnit, Unsupported,
+        };
         let kind = spec.kind();
         let enabled = self.enabled.contains(&kind);
         match kind {
             Unsupported => Err(format!(
                 "resource kind {:?} is unknown to agent {}",
                 spec.kind_key(),
-                env!("CARGO_PKG_VERSION")
+                crate::VERSION
             )),
             NetworkConfig if !enabled => Err(
                 "networkConfig resources are disabled on this device; its owner enables them \
@@ -80,16 +92,18 @@ impl Registry {
                  by adding \"shellJob\" to reconcile.enabled_kinds in the agent's config file"
                     .into(),
             ),
-            Container | SystemdUnit | File if !enabled => Err(format!(
+            Container | SystemdUnit | File | AgentUpgrade if !enabled => Err(format!(
                 "{kind} resources are disabled on this device (reconcile.enabled_kinds)"
             )),
-            Container | SystemdUnit | File | ShellJob | NetworkConfig => Ok(()),
+            Container | SystemdUnit | File | ShellJob | NetworkConfig | AgentUpgrade => Ok(()),
         }
     }
 
-    /// The NetworkConfig reconciler (told how to reach the control plane once connected).
-    pub fn network(&self) -> NetworkReconciler {
-        self.network.clone()
+    /// Tells the reconcilers that check the control plane after a change (NetworkConfig,
+    /// AgentUpgrade) how to reach it, once the agent is connected.
+    pub fn set_uplink(&self, uplink: crate::network::Uplink) {
+        self.network.set_uplink(uplink.clone());
+        self.upgrade.set_uplink(uplink);
     }
 
     /// The Container reconciler (relay sessions use its podman client and ownership).
@@ -99,10 +113,14 @@ impl Registry {
 
     /// When a reconciler wants the resources looked at again (a readiness probe is due).
     pub fn next_wake(&self) -> Option<Instant> {
-        match (self.container.next_probe(), self.file.next_wake()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.container.next_probe(),
+            self.file.next_wake(),
+            self.upgrade.next_wake(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     pub async fn observe(
@@ -116,6 +134,7 @@ impl Registry {
             ResourceSpec::SystemdUnit(s) => self.systemd.observe(id, s).await,
             ResourceSpec::ShellJob(s) => self.shell_job.observe(id, s).await,
             ResourceSpec::NetworkConfig(s) => self.network.observe(id, s).await,
+            ResourceSpec::AgentUpgrade(s) => self.upgrade.observe(id, s).await,
             ResourceSpec::Unsupported(_) => Err(unsupported(spec)),
         }
     }
@@ -131,6 +150,7 @@ impl Registry {
             ResourceSpec::SystemdUnit(s) => self.systemd.reconcile(id, s).await,
             ResourceSpec::ShellJob(s) => self.shell_job.reconcile(id, s).await,
             ResourceSpec::NetworkConfig(s) => self.network.reconcile(id, s).await,
+            ResourceSpec::AgentUpgrade(s) => self.upgrade.reconcile(id, s).await,
             ResourceSpec::Unsupported(_) => Err(unsupported(spec)),
         }
     }
@@ -146,6 +166,7 @@ impl Registry {
             ResourceSpec::SystemdUnit(s) => self.systemd.delete(id, s).await,
             ResourceSpec::ShellJob(s) => self.shell_job.delete(id, s).await,
             ResourceSpec::NetworkConfig(s) => self.network.delete(id, s).await,
+            ResourceSpec::AgentUpgrade(s) => self.upgrade.delete(id, s).await,
             ResourceSpec::Unsupported(_) => Err(unsupported(applied)),
         }
     }
@@ -162,6 +183,9 @@ impl Registry {
             (ResourceSpec::NetworkConfig(a), ResourceSpec::NetworkConfig(b)) => {
                 self.network.moves(a, b)
             }
+            (ResourceSpec::AgentUpgrade(a), ResourceSpec::AgentUpgrade(b)) => {
+                self.upgrade.moves(a, b)
+            }
             // Another kind under the same id always moves; kinds without a reconciler
             // never reach a device, so they address nothing.
             (
@@ -170,6 +194,7 @@ impl Registry {
                 | ResourceSpec::SystemdUnit(_)
                 | ResourceSpec::ShellJob(_)
                 | ResourceSpec::NetworkConfig(_)
+                | ResourceSpec::AgentUpgrade(_)
                 | ResourceSpec::Unsupported(_),
                 _,
             ) => old.kind() != new.kind(),

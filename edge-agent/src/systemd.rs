@@ -133,7 +133,7 @@ fn matches(pattern: &str, name: &str) -> bool {
 /// Why the device's policy keeps a manifest off `name`, if it does (before looking at
 /// whether fleetlet wrote the unit).
 fn protected(config: &SystemdConfig, name: &str) -> Option<String> {
-    if name == config.agent_unit {
+    if name == config.agent_unit || name == crate::install::ROLLBACK_UNIT_NAME {
         return Some(format!("{name} is the agent's own unit"));
     }
     if PROTECTED.contains(&name) || name.starts_with("systemd-") {
@@ -255,7 +255,8 @@ struct Inner {
     written: Mutex<std::collections::HashSet<String>>,
 }
 
-fn bus_err(context: &str, e: zbus::Error) -> ReconcileError {
+/// A D-Bus failure as a runtime error: the method error's text when there is one.
+pub(crate) fn bus_err(context: &str, e: zbus::Error) -> ReconcileError {
     let message = match &e {
         zbus::Error::MethodError(name, detail, _) => match detail {
             Some(d) => format!("{d} ({name})"),
@@ -304,6 +305,28 @@ impl SystemdReconciler {
             .await
             .map_err(|e| bus_err(&format!("disabling {name}"), e))?;
         self.reload(&m).await
+    }
+
+    /// Asks systemd to restart `name` without waiting for the job: what the agent does to
+    /// itself after an upgrade (the job ends this process).
+    pub async fn restart_detached(&self, name: &str) -> Result<(), ReconcileError> {
+        let m = self.manager().await?;
+        m.restart_unit(name, "replace")
+            .await
+            .map(drop)
+            .map_err(|e| bus_err(&format!("restarting {name}"), e))
+    }
+
+    /// Clears `name`'s failed state and start limit, then starts it (after a rollback).
+    pub async fn reset_and_start(&self, name: &str) -> Result<(), ReconcileError> {
+        let m = self.manager().await?;
+        m.reset_failed_unit(name)
+            .await
+            .map_err(|e| bus_err(&format!("resetting {name}"), e))?;
+        m.start_unit(name, "replace")
+            .await
+            .map(drop)
+            .map_err(|e| bus_err(&format!("starting {name}"), e))
     }
 
     /// Reloads systemd's unit files (after a unit file was removed).

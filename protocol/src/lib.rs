@@ -17,6 +17,7 @@ pub mod signing;
 pub mod stats;
 pub mod status;
 pub mod time;
+pub mod upgrade;
 
 pub use heartbeat::{
     Address, Capacity, DEFAULT_MAX_FILE_BYTES, DeviceLimits, Free, Heartbeat, SystemInfo,
@@ -33,6 +34,7 @@ pub use status::{
     AgentStatus, Condition, ConditionStatus, DriftEvent, Rejection, ResourceDetails, ResourceStatus,
 };
 pub use time::Timestamp;
+pub use upgrade::{AgentBinary, AgentUpgradeSpec};
 
 use serde::{Serialize, de::DeserializeOwned};
 

@@ -11,6 +11,7 @@ use serde::{
 
 use crate::names::{DeviceId, ResourceId};
 use crate::network::NetworkConfigSpec;
+use crate::upgrade::AgentUpgradeSpec;
 
 /// The most resources one device's manifest may hold.
 pub const MAX_RESOURCES: usize = 512;
@@ -107,6 +108,8 @@ pub enum ResourceSpec {
     NetworkConfig(NetworkConfigSpec),
     /// An audited escape hatch: runs only where the device owner enables it.
     ShellJob(ShellJobSpec),
+    /// The agent version the device runs: a signed binary, swapped in with a way back.
+    AgentUpgrade(AgentUpgradeSpec),
     /// A kind this version does not know, kept verbatim.
     #[schemars(skip)]
     Unsupported(UnsupportedSpec),
@@ -129,6 +132,7 @@ pub enum ResourceKind {
     File,
     NetworkConfig,
     ShellJob,
+    AgentUpgrade,
     Unsupported,
 }
 
@@ -141,17 +145,19 @@ impl ResourceKind {
             Self::File => "file",
             Self::NetworkConfig => "networkConfig",
             Self::ShellJob => "shellJob",
+            Self::AgentUpgrade => "agentUpgrade",
             Self::Unsupported => "unsupported",
         }
     }
 
     /// Every kind a manifest may hold, in the order messages list them.
-    pub const KNOWN: [ResourceKind; 5] = [
+    pub const KNOWN: [ResourceKind; 6] = [
         Self::Container,
         Self::SystemdUnit,
         Self::File,
         Self::NetworkConfig,
         Self::ShellJob,
+        Self::AgentUpgrade,
     ];
 
     /// The known kind named `key` (None for a key this version does not know).
@@ -179,6 +185,7 @@ impl ResourceSpec {
             Self::File(_) => ResourceKind::File,
             Self::NetworkConfig(_) => ResourceKind::NetworkConfig,
             Self::ShellJob(_) => ResourceKind::ShellJob,
+            Self::AgentUpgrade(_) => ResourceKind::AgentUpgrade,
             Self::Unsupported(_) => ResourceKind::Unsupported,
         }
     }
@@ -199,6 +206,7 @@ impl ResourceSpec {
             Self::SystemdUnit(u) => u.validate(),
             Self::File(f) => f.validate(),
             Self::NetworkConfig(n) => n.validate(),
+            Self::AgentUpgrade(u) => u.validate(),
             Self::ShellJob(_) | Self::Unsupported(_) => Ok(()),
         }
     }
@@ -213,6 +221,7 @@ impl Serialize for ResourceSpec {
             Self::File(s) => map.serialize_entry(self.kind_key(), s)?,
             Self::NetworkConfig(s) => map.serialize_entry(self.kind_key(), s)?,
             Self::ShellJob(s) => map.serialize_entry(self.kind_key(), s)?,
+            Self::AgentUpgrade(s) => map.serialize_entry(self.kind_key(), s)?,
             Self::Unsupported(u) => map.serialize_entry(&u.kind, &u.spec)?,
         }
         map.end()
@@ -249,6 +258,9 @@ impl<'de> Deserialize<'de> for ResourceSpec {
                         ResourceSpec::NetworkConfig(map.next_value()?)
                     }
                     Some(ResourceKind::ShellJob) => ResourceSpec::ShellJob(map.next_value()?),
+                    Some(ResourceKind::AgentUpgrade) => {
+                        ResourceSpec::AgentUpgrade(map.next_value()?)
+                    }
                     Some(ResourceKind::Unsupported) | None => {
                         ResourceSpec::Unsupported(UnsupportedSpec {
                             spec: map.next_value()?,
@@ -501,9 +513,11 @@ impl ResourceSpec {
         match self {
             Self::Container(c) => &c.restart_on,
             Self::SystemdUnit(u) => &u.restart_on,
-            Self::File(_) | Self::NetworkConfig(_) | Self::ShellJob(_) | Self::Unsupported(_) => {
-                &[]
-            }
+            Self::File(_)
+            | Self::NetworkConfig(_)
+            | Self::ShellJob(_)
+            | Self::AgentUpgrade(_)
+            | Self::Unsupported(_) => &[],
         }
     }
 
@@ -513,7 +527,11 @@ impl ResourceSpec {
         match self {
             Self::Container(c) => c.restart_digest = digest,
             Self::SystemdUnit(u) => u.restart_digest = digest,
-            Self::File(_) | Self::NetworkConfig(_) | Self::ShellJob(_) | Self::Unsupported(_) => {}
+            Self::File(_)
+            | Self::NetworkConfig(_)
+            | Self::ShellJob(_)
+            | Self::AgentUpgrade(_)
+            | Self::Unsupported(_) => {}
         }
     }
 }
@@ -707,7 +725,7 @@ pub enum FileContent {
 ///
 /// The manifest carries the digest and is signed, so the content is bound to the signing
 /// key even though the server that serves it is not trusted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FetchSource {
     /// An `https://` URL. Redirects are followed (up to five), to HTTPS only.

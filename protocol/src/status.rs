@@ -183,6 +183,13 @@ pub enum ResourceDetails {
         #[serde(default)]
         addresses: Vec<String>,
     },
+    /// The agent version running, and the one kept to go back to.
+    #[serde(rename_all = "camelCase")]
+    AgentUpgrade {
+        version: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        previous: Option<String>,
+    },
     /// The run of a ShellJob for the current spec (a job runs once per spec).
     #[serde(rename_all = "camelCase")]
     ShellJob {
@@ -211,6 +218,7 @@ impl ResourceDetails {
             Self::File { .. } => crate::ResourceKind::File,
             Self::ShellJob { .. } => crate::ResourceKind::ShellJob,
             Self::NetworkConfig { .. } => crate::ResourceKind::NetworkConfig,
+            Self::AgentUpgrade { .. } => crate::ResourceKind::AgentUpgrade,
         }
     }
 

@@ -19,7 +19,7 @@ fn line<'a>(stdout: &'a str, prefix: &str) -> &'a str {
 }
 
 #[test]
-fn container_systemd_file_and_canary_examples_converge_on_the_devices() {
+fn container_systemd_file_canary_and_network_examples_converge_on_the_devices() {
     let state = tempfile::tempdir().unwrap();
     let ex = repo_root().join("examples");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetlet-dev"));
@@ -29,6 +29,7 @@ fn container_systemd_file_and_canary_examples_converge_on_the_devices() {
         "container.yaml",
         "systemd-and-file.yaml",
         "canary.yaml",
+        "network.yaml",
     ] {
         cmd.arg("--apply").arg(ex.join(f));
     }
@@ -46,6 +47,7 @@ fn container_systemd_file_and_canary_examples_converge_on_the_devices() {
         "home-heartbeat",
         "sensor-firmware-stable",
         "sensor-firmware-canary",
+        "gateway-lan",
     ] {
         let l = line(&stdout, &format!("edgemanifest.fleetlet.dev/{m} "));
         assert!(l.contains("RolloutComplete"), "{m}: {l}\n{stdout}");
@@ -57,6 +59,8 @@ fn container_systemd_file_and_canary_examples_converge_on_the_devices() {
         "status-page-html=Ready",
         "heartbeat-config=Ready",
         "heartbeat-service=Ready",
+        // Ready only once networkd reports the address on the gateway's eth0.
+        "lan=Ready",
     ] {
         assert!(garage.contains(r), "pi-garage lacks {r}: {stdout}");
     }
@@ -69,6 +73,10 @@ fn container_systemd_file_and_canary_examples_converge_on_the_devices() {
     assert!(
         !office.contains("heartbeat"),
         "pi-office is not at home: {stdout}"
+    );
+    assert!(
+        !office.contains("lan=") && !kitchen.contains("lan="),
+        "only the gateway gets the network example: {stdout}"
     );
 
     // The canary device runs v2, the other sensor v1.

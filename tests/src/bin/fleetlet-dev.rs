@@ -21,7 +21,7 @@ use fleetlet_testenv::{
     TestEnv, components,
     process::Service,
     repo_root,
-    sandbox::{PodmanSandbox, SystemdSandbox},
+    sandbox::{NetworkSandbox, PodmanSandbox, SystemdSandbox},
 };
 use kube::{Api, ResourceExt};
 
@@ -583,13 +583,19 @@ async fn wait_for_pods(client: &kube::Client) -> anyhow::Result<()> {
 /// The image the example manifest runs, tagged into the demo's podman storage.
 const DEMO_IMAGE: &str = "localhost/fleetlet-demo/busybox:latest";
 
-/// What the demo devices run containers and units with: one podman shared by all (each
-/// device's containers are named after it), and a systemd per device. Both need root and
-/// the Debian packages the tests use (scripts/setup demo checks both); without one, the
-/// agents do not enable that kind and report its resources Unsupported.
+/// The interface each demo device has in its network namespace, for networkConfig
+/// resources (examples/network.yaml).
+const DEMO_INTERFACE: &str = "eth0";
+
+/// What the demo devices run containers, units and network settings with: one podman
+/// shared by all (each device's containers are named after it), and a systemd with
+/// systemd-networkd per device, in a network namespace of its own holding an interface
+/// `eth0`. Both need root and the Debian packages the tests use (scripts/setup demo checks
+/// both); without one, the agents do not enable those kinds and report their resources
+/// Unsupported.
 struct Runtimes {
     podman: Option<PodmanSandbox>,
-    systemd: Vec<SystemdSandbox>,
+    systemd: Vec<NetworkSandbox>,
     missing: Vec<String>,
 }
 
@@ -614,7 +620,18 @@ impl Runtimes {
         };
         let mut systemd = Vec::new();
         for _ in 0..devices {
-            match SystemdSandbox::start().await {
+            let started = SystemdSandbox::start_with_network().await.and_then(|s| {
+                s.ip(&["link", "add", DEMO_INTERFACE, "type", "ifb"])
+                    .and_then(|_| s.ip(&["link", "set", DEMO_INTERFACE, "up"]))
+                    .map_err(|e| {
+                        fleetlet_testenv::Error::Setup(format!(
+                            "adding {DEMO_INTERFACE}: {}",
+                            e.trim()
+                        ))
+                    })?;
+                Ok(s)
+            });
+            match started {
                 Ok(s) => systemd.push(s),
                 Err(e) => {
                     missing.push(format!("systemd: {e}"));
@@ -646,12 +663,14 @@ impl Runtimes {
                 p.socket.display()
             ));
         }
-        if let Some(s) = self.systemd.get(i) {
+        if let Some(n) = self.systemd.get(i) {
             kinds.push("systemdUnit");
+            kinds.push("networkConfig");
             sections.push_str(&format!(
-                "[systemd]\nbus_address = \"{}\"\nunit_dir = \"{}\"\n",
-                s.bus_address,
-                s.unit_dir.display()
+                "[systemd]\nbus_address = \"{}\"\nunit_dir = \"{}\"\n\n[network]\ndir = \"{}\"\n",
+                n.systemd.bus_address,
+                n.systemd.unit_dir.display(),
+                n.network_dir.display()
             ));
         }
         (sections, kinds)
@@ -666,12 +685,20 @@ impl Runtimes {
             );
         }
         if !self.systemd.is_empty() {
-            println!("Each device has its own systemd; for example:");
-            for s in self.systemd.iter().take(1) {
+            println!(
+                "Each device has its own systemd and systemd-networkd, in a network namespace \
+                 with an interface {DEMO_INTERFACE}; for example:"
+            );
+            for n in self.systemd.iter().take(1) {
+                let s = &n.systemd;
                 println!(
                     "  busctl --address={} call org.freedesktop.systemd1 /org/freedesktop/systemd1 \
                      org.freedesktop.systemd1.Manager ListUnitsByPatterns asas 0 1 'fleetlet-*'",
                     s.bus_address
+                );
+                println!(
+                    "  nsenter --net={} ip addr show {DEMO_INTERFACE}",
+                    n.netns.display()
                 );
             }
         }
