@@ -44,6 +44,7 @@ fn uplink(addresses: &[&str]) -> NetworkConfigSpec {
             gateway: Some("10.78.0.1".into()),
             metric: None,
         }],
+        mtu: Some(1400),
         confirm_seconds: Some(8),
         ..Default::default()
     }
@@ -166,7 +167,8 @@ async fn interfaces_are_configured_repaired_rolled_back_and_released_through_net
         dev.dir.path().join("agent.log"),
     );
 
-    // Applied: a second address and a route through it, beside the owner's address.
+    // Applied: a second address and a route through it, beside the owner's address, and
+    // an MTU. (VLANs are not tried here: this machine's kernel has no 802.1Q support.)
     let ours = sbx
         .network_dir
         .join(format!("10-fleetlet-{UPLINK}.network"));
@@ -188,6 +190,9 @@ async fn interfaces_are_configured_repaired_rolled_back_and_released_through_net
         ["10.77.0.2/24", "10.78.0.5/24"]
     );
     assert!(sbx.routes().unwrap().contains(&"10.124.0.0/24".to_owned()));
+    let link: serde_json::Value =
+        serde_json::from_str(&sbx.ip(&["-j", "link", "show", UPLINK]).unwrap()).unwrap();
+    assert_eq!(link[0]["mtu"], 1400, "{link}");
     assert!(read(&ours).starts_with("# Managed by fleetlet (device pi-net, resource uplink)"));
     let applied = read(&ours);
 

@@ -3,6 +3,9 @@
 //! with podman and systemd sandboxes) and checked on the devices. `examples/manifest.yaml`
 //! and `examples/pod.yaml` are the demo's, checked in tests/demo.rs; the GitOps snippets in
 //! tests/gitops.rs and tests/helm.rs; the agent's unit and config in the agent's tests.
+//! `examples/agent-upgrade.yaml` names binaries no server here has: it is applied to a real
+//! apiserver and checked as a device checks it before downloading (the upgrade itself is
+//! edge-agent/tests/upgrade.rs).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
@@ -95,4 +98,35 @@ fn container_systemd_file_canary_and_network_examples_converge_on_the_devices() 
         std::fs::read_to_string(page).unwrap(),
         "<h1>gateway up</h1>\n"
     );
+}
+
+/// examples/agent-upgrade.yaml as a user applies it: the apiserver takes it, and every
+/// resource passes the checks the agent makes before it downloads anything (the signature
+/// is the example's, so a device would refuse it as not made by its key).
+#[tokio::test]
+async fn the_agent_upgrade_example_is_accepted_and_well_formed() {
+    let env = fleetlet_testenv::TestEnv::builder()
+        .kube()
+        .start()
+        .await
+        .unwrap();
+    let out = env
+        .kubectl()
+        .unwrap()
+        .args(["apply", "-n", "default", "-f"])
+        .arg(repo_root().join("examples/agent-upgrade.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kubectl apply: {out:?}");
+    let api: kube::Api<fleetlet_crds::EdgeManifest> =
+        kube::Api::namespaced(env.kube_client().await.unwrap(), "default");
+    let m = api.get("agent-0.2.0-canary").await.unwrap();
+    assert_eq!(m.spec.resources.len(), 1);
+    for r in &m.spec.resources {
+        let fleetlet_crds::ResourceSpec::AgentUpgrade(u) = &r.spec else {
+            panic!("{:?}", r.spec);
+        };
+        u.validate().unwrap();
+        assert_eq!(u.binaries.len(), 2);
+    }
 }

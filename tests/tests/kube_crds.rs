@@ -693,29 +693,3 @@ async fn kubectl_applies_the_examples_and_lists_them_with_printer_columns() {
         "sensor-config sensor-reader collector"
     );
 }
-
-/// examples/agent-upgrade.yaml as a user applies it: the apiserver takes it, and every
-/// resource passes the checks the agent makes before it downloads anything (the signature
-/// is the example's, so a device would refuse it as not made by its key).
-#[tokio::test]
-async fn the_agent_upgrade_example_is_accepted_and_well_formed() {
-    let env = TestEnv::builder().kube().start().await.unwrap();
-    let out = env
-        .kubectl()
-        .unwrap()
-        .args(["apply", "-n", "default", "-f"])
-        .arg(repo_root().join("examples/agent-upgrade.yaml"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "kubectl apply: {out:?}");
-    let api: Api<EdgeManifest> = Api::namespaced(env.kube_client().await.unwrap(), "default");
-    let m = api.get("agent-0.2.0-canary").await.unwrap();
-    assert_eq!(m.spec.resources.len(), 1);
-    for r in &m.spec.resources {
-        let fleetlet_crds::ResourceSpec::AgentUpgrade(u) = &r.spec else {
-            panic!("{:?}", r.spec);
-        };
-        u.validate().unwrap();
-        assert_eq!(u.binaries.len(), 2);
-    }
-}
