@@ -89,7 +89,8 @@ struct InstallArgs {
     #[arg(long)]
     nats_ca: Option<PathBuf>,
     /// Resource kinds this device runs, comma-separated (default: file, container,
-    /// systemdUnit; add shellJob only if the device should run commands).
+    /// systemdUnit, agentUpgrade; add networkConfig if systemd-networkd manages the
+    /// interfaces, shellJob only if the device should run commands).
     #[arg(long, value_delimiter = ',')]
     enable_kinds: Vec<String>,
     /// A trusted manifest signing key, `ID=BASE64` (the line the controller's signing key

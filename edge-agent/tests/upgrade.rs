@@ -2,7 +2,8 @@
 //! `fleetlet-agent install`, with three real builds of the agent: this one (A), B (another
 //! version) and C (a version that exits at start). Binaries come from an HTTPS server the
 //! device trusts by its CA file, signed with the key that signs its manifests; a real
-//! controller signing key answers the device's freshness floor.
+//! controller signing key answers the device's freshness floor. The device reaches NATS
+//! through a proxy the test can cut.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
@@ -18,7 +19,7 @@ use fleetlet_protocol::{
     ResourceSpec, ResourceStatus, decode, upgrade::binary_statement,
 };
 use fleetlet_testenv::{
-    TestEnv, eventually, https::FileServer, repo_root, sandbox::SystemdSandbox,
+    TestEnv, eventually, https::FileServer, proxy::TcpProxy, repo_root, sandbox::SystemdSandbox,
 };
 
 const ARCH: &str = std::env::consts::ARCH;
@@ -109,6 +110,10 @@ async fn the_agent_upgrades_itself_and_comes_back_from_a_version_that_does_not_s
         Arc::new(floors),
         |_| Some(0),
     ));
+    // The device reaches NATS through a link the test can cut.
+    let link = TcpProxy::start(env.nats_url().unwrap().trim_start_matches("nats://"))
+        .await
+        .unwrap();
     let files = FileServer::start().await.unwrap();
     let ca = root.path().join("fetch-ca.pem");
     files.write_ca(&ca).unwrap();
@@ -134,7 +139,7 @@ async fn the_agent_upgrades_itself_and_comes_back_from_a_version_that_does_not_s
         ))
         .arg(format!("--bus-address={}", sd.bus_address))
         .arg("--device-id=pi-upgrade")
-        .arg(format!("--nats-url={}", env.nats_url().unwrap()))
+        .arg(format!("--nats-url={}", link.nats_url()))
         .arg("--enable-kinds=file,agentUpgrade")
         .arg(format!(
             "--manifest-key={}={}",
@@ -317,15 +322,45 @@ async fn the_agent_upgrades_itself_and_comes_back_from_a_version_that_does_not_s
     );
     assert!(std::fs::read(&bin).unwrap() == b);
 
+    // B → A with the device's link cut right after the swap: A cannot reach its control
+    // plane within healthSeconds, puts B back and restarts it; B reports the upgrade
+    // Failed once the link is back.
+    let is = |want: &[u8]| std::fs::read(&bin).is_ok_and(|x| x == want);
+    let mut to_a = release.upgrade(env!("CARGO_PKG_VERSION"), "/a", &a, &sha256_hex(&a));
+    if let ResourceSpec::AgentUpgrade(u) = &mut to_a.spec {
+        u.health_seconds = Some(10);
+    }
+    put_signed(4, vec![to_a]).await;
+    eventually("A swapped in", WAIT, || async {
+        is(&a).then_some(()).ok_or("not yet".to_owned())
+    })
+    .await;
+    link.cut();
+    eventually("B put back by A", WAIT, || async {
+        is(&b).then_some(()).ok_or("not yet".to_owned())
+    })
+    .await;
+    link.heal();
+    let s = status_of("A rolled back", |s| {
+        s.observed_generation == 4
+            && matches!(s.resources.get("agent"), Some(ResourceStatus::Failed { error, .. }) if error.contains("did not reach its control plane within 10 s"))
+    })
+    .await;
+    assert!(
+        format!("{:?}", s.resources["agent"]).contains("0.1.0-b was put back"),
+        "{s:#?}"
+    );
+    assert_eq!(version().await.unwrap(), "0.1.0-b");
+
     // B → C, which exits at start: systemd gives up on it, the rollback unit puts B back
     // and starts it, and B reports the upgrade Failed.
     put_signed(
-        4,
+        5,
         vec![release.upgrade("0.1.0-c", "/c", &c, &sha256_hex(&c))],
     )
     .await;
     let s = status_of("C rolled back", |s| {
-        s.observed_generation == 4
+        s.observed_generation == 5
             && matches!(s.resources.get("agent"), Some(ResourceStatus::Failed { error, .. }) if error.contains("did not stay up"))
     })
     .await;
