@@ -92,3 +92,11 @@ pub fn copy_atomic(from: &Path, to: &Path, mode: u32) -> std::io::Result<()> {
         f.sync_all()
     })
 }
+
+/// Removes `path`; one that is not there is already removed.
+pub fn remove_if_exists(path: &Path) -> std::io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}

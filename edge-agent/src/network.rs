@@ -468,14 +468,8 @@ impl NetworkReconciler {
     }
 
     fn forget(&self, path: &Path) -> Result<(), ReconcileError> {
-        match std::fs::remove_file(path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(ReconcileError::io(
-                format!("removing {}", path.display()),
-                e,
-            )),
-        }
+        crate::fsutil::remove_if_exists(path)
+            .map_err(|e| ReconcileError::io(format!("removing {}", path.display()), e))
     }
 
     async fn connection(&self) -> Result<Connection, ReconcileError> {
@@ -688,6 +682,19 @@ impl NetworkReconciler {
         Ok(())
     }
 
+    /// Refuses the files `digest` names on `interface` when they were rolled back: only a
+    /// new spec is applied after that.
+    fn refuse_rolled_back(&self, interface: &str, digest: &str) -> Result<(), ReconcileError> {
+        let rolled_back: Option<String> = self.load(&self.record_path(interface, "rolled-back"))?;
+        if rolled_back.as_deref() == Some(digest) {
+            return Err(ReconcileError::RolledBack(format!(
+                "this configuration of {interface} was rolled back (the device lost its control \
+                 plane); only a new spec is applied"
+            )));
+        }
+        Ok(())
+    }
+
     /// Confirms the pending change on `interface` or rolls it back.
     async fn confirm_or_revert(
         &self,
@@ -789,13 +796,7 @@ impl Reconciler for NetworkReconciler {
         let rendered = self.render(id, spec);
         self.check(id, spec, &rendered)?;
         let iface = &spec.interface;
-        let rolled_back: Option<String> = self.load(&self.record_path(iface, "rolled-back"))?;
-        if rolled_back.as_deref() == Some(rendered.digest().as_str()) {
-            return Err(ReconcileError::RolledBack(format!(
-                "this configuration of {iface} was rolled back (the device lost its control \
-                 plane); only a new spec is applied"
-            )));
-        }
+        self.refuse_rolled_back(iface, &rendered.digest())?;
         if self
             .load::<Pending>(&self.record_path(iface, "pending"))?
             .is_some()
@@ -839,13 +840,7 @@ impl Reconciler for NetworkReconciler {
         self.check(id, spec, &rendered)?;
         let iface = &spec.interface;
         let digest = rendered.digest();
-        let rolled_back: Option<String> = self.load(&self.record_path(iface, "rolled-back"))?;
-        if rolled_back.as_deref() == Some(digest.as_str()) {
-            return Err(ReconcileError::RolledBack(format!(
-                "this configuration of {iface} was rolled back (the device lost its control \
-                 plane); only a new spec is applied"
-            )));
-        }
+        self.refuse_rolled_back(iface, &digest)?;
         let pending_path = self.record_path(iface, "pending");
         let stale = self.stale(id, &rendered);
         // A change still unconfirmed keeps the files from before it as the ones to go

@@ -167,14 +167,8 @@ impl Paths {
     }
 
     fn forget(path: &Path) -> Result<(), ReconcileError> {
-        match std::fs::remove_file(path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(ReconcileError::io(
-                format!("removing {}", path.display()),
-                e,
-            )),
-        }
+        crate::fsutil::remove_if_exists(path)
+            .map_err(|e| ReconcileError::io(format!("removing {}", path.display()), e))
     }
 
     /// Puts the kept binary back at `binary` (one rename) and records why, so the spec is
