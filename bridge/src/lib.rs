@@ -68,6 +68,10 @@ pub struct Args {
     /// changed (kubelet's node status report frequency is 5 minutes).
     #[arg(long, env = "FLEETLET_STATUS_REPORT_SECONDS", default_value_t = 300)]
     pub status_report_seconds: u64,
+    /// Whether devices whose EdgeDevice does not set `spec.nodeProjection` appear as Nodes
+    /// (`Enabled`) or only as EdgeDevices (`Disabled`: no Node, no Lease, no Pods).
+    #[arg(long, env = "FLEETLET_NODE_PROJECTION", default_value = "Enabled")]
+    pub node_projection: fleetlet_crds::NodeProjection,
     /// Seconds between full passes (grace timeouts are noticed on these).
     #[arg(long, env = "FLEETLET_RESYNC_SECONDS", default_value_t = 10)]
     pub resync_seconds: u64,
@@ -202,6 +206,7 @@ pub async fn run(
             lease_renew_ms: args.lease_renew_seconds * 1000,
         },
     );
+    mirror.node_projection = args.node_projection;
     if let Some(listen) = args.kubelet_listen {
         let (endpoint, server) =
             start_kubelet(&args, listen, &client, &nats, &mirror.ctx, &watches.pods).await?;

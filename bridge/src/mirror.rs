@@ -7,7 +7,7 @@ use std::{
 };
 
 use fleetlet_crds::{
-    EdgeDevice, EdgeDeviceStatus,
+    EdgeDevice, EdgeDeviceStatus, NodeProjection,
     k8s_openapi::api::{
         coordination::v1::Lease,
         core::v1::{Node, NodeStatus},
@@ -44,6 +44,8 @@ pub struct Mirror {
     pub kubelet_endpoint: Option<view::KubeletEndpoint>,
     /// With `--kubelet-node-ports`: the port each Node advertises instead of the shared one.
     pub node_ports: Option<Mutex<NodePorts>>,
+    /// Whether a device whose EdgeDevice does not say is projected as a Node.
+    pub node_projection: NodeProjection,
 }
 
 /// Writes made by one pass.
@@ -88,7 +90,13 @@ impl Mirror {
             collisions: Mutex::new(HashSet::new()),
             kubelet_endpoint: None,
             node_ports: None,
+            node_projection: NodeProjection::Enabled,
         }
+    }
+
+    /// Whether `dev` appears as a Node: its own choice, else the bridge's.
+    pub fn projected(&self, dev: &EdgeDevice) -> bool {
+        dev.spec.node_projection.unwrap_or(self.node_projection) == NodeProjection::Enabled
     }
 
     pub fn synced(&self) -> bool {
@@ -205,15 +213,26 @@ impl Mirror {
         let st = self.ctx.actual.get(id).map(|v| v.value);
         let grace_ms = self.grace_ms_of(dev);
         let live = view::liveness(hb.as_ref(), now, grace_ms);
+        let projected = self.projected(dev);
         let status = view::device_status(
             dev,
             hb.as_ref(),
             st.as_ref(),
             live,
             now,
-            self.timing.report_every_ms,
+            // Without a Node nothing refreshes the heartbeat time on its own: no write
+            // while nothing changes (liveness is in the Ready condition).
+            if projected {
+                self.timing.report_every_ms
+            } else {
+                i64::MAX as u64
+            },
         );
         w.device_status = self.write_device_status(id, dev, status).await;
+        if !projected {
+            // Its Node, if it had one, goes in the next full pass.
+            return w;
+        }
         let node = match node {
             None if self.node_name(id) == id.as_str() && self.check_collision(id).await => None,
             n => n,
@@ -266,11 +285,11 @@ impl Mirror {
         let Some(Ok(mut p)) = self.node_ports.as_ref().map(Mutex::lock) else {
             return;
         };
-        p.retain(|d| devices.contains_key(d));
+        p.retain(|d| devices.get(d).is_some_and(|dev| self.projected(dev)));
         for n in self.ctx.nodes.state() {
             if let (Some(d), Some(port)) =
                 (fleetlet_crds::naming::node_device(&n), advertised_port(&n))
-                && devices.contains_key(&d)
+                && devices.get(&d).is_some_and(|dev| self.projected(dev))
             {
                 p.claim(&d, Some(port));
             }
@@ -386,8 +405,8 @@ impl Mirror {
         }
     }
 
-    /// Nodes (and their Leases) of devices that no longer exist. Workloads are the agent's
-    /// business; only the Kubernetes view goes away.
+    /// Nodes (and their Leases) of devices that no longer exist or are no longer projected.
+    /// Workloads are the agent's business; only the Kubernetes view goes away.
     async fn remove_orphans(&self, devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>) -> u32 {
         let nodes: HashMap<String, Arc<Node>> = self
             .ctx
@@ -397,7 +416,11 @@ impl Mirror {
             .map(|n| (n.name_any(), n))
             .collect();
         let mut deleted = 0;
-        let ids: HashSet<&str> = devices.keys().map(DeviceId::as_str).collect();
+        let ids: HashSet<&str> = devices
+            .iter()
+            .filter(|(_, d)| self.projected(d))
+            .map(|(id, _)| id.as_str())
+            .collect();
         for (name, n) in &nodes {
             let Some(dev) = fleetlet_crds::naming::node_device(n) else {
                 continue;
@@ -410,7 +433,7 @@ impl Mirror {
             let _ = lease_api.delete(name, &DeleteParams::default()).await;
             match node_api.delete(name, &DeleteParams::default()).await {
                 Ok(_) => {
-                    info!(node = %name, device = %dev, "removed the node of a deleted device");
+                    info!(node = %name, device = %dev, "removed the node of a device deleted or no longer projected");
                     deleted += 1;
                     if let (Ok(id), Ok(mut r)) = (DeviceId::new(dev.as_str()), self.renewed.lock())
                     {

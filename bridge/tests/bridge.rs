@@ -25,19 +25,25 @@ use kube::{
 use serde_json::json;
 
 fn start_bridge(env: &TestEnv, identity: &str) -> Service {
+    start_bridge_with(env, identity, &[])
+}
+
+fn start_bridge_with(env: &TestEnv, identity: &str, extra: &[&str]) -> Service {
+    let mut args = vec![
+        format!("--nats-url={}", env.nats_url().unwrap()),
+        format!("--metrics-addr=127.0.0.1:{}", free_port().unwrap()),
+        "--lease-namespace=fleetlet-system".into(),
+        format!("--identity={identity}"),
+        "--grace-seconds=3".into(),
+        "--lease-renew-seconds=1".into(),
+        "--resync-seconds=1".into(),
+        "--lease-seconds=3".into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
     Service::spawn_with_env(
         "fleetlet-bridge",
         Path::new(env!("CARGO_BIN_EXE_fleetlet-bridge")),
-        &[
-            format!("--nats-url={}", env.nats_url().unwrap()),
-            format!("--metrics-addr=127.0.0.1:{}", free_port().unwrap()),
-            "--lease-namespace=fleetlet-system".into(),
-            format!("--identity={identity}"),
-            "--grace-seconds=3".into(),
-            "--lease-renew-seconds=1".into(),
-            "--resync-seconds=1".into(),
-            "--lease-seconds=3".into(),
-        ],
+        &args,
         &[
             (
                 "KUBECONFIG",
@@ -607,6 +613,122 @@ async fn deleting_a_device_removes_its_node_and_lease() {
         .unwrap();
     wait_gone(&Api::<Node>::all(client), "bd-pi").await;
     wait_gone(&leases, "bd-pi").await;
+}
+
+/// Sets `spec.nodeProjection` of EdgeDevice `name` (None: unset).
+async fn project(devices: &Api<EdgeDevice>, name: &str, projection: Option<&str>) {
+    let body = json!({ "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice",
+        "metadata": { "name": name, "labels": { "site": "lab" } },
+        "spec": projection.map_or(json!({}), |p| json!({ "nodeProjection": p })) });
+    devices
+        .patch(
+            name,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .unwrap();
+}
+
+/// EdgeDevice `name`'s resourceVersion once its status says Ready=True.
+async fn ready_device(devices: &Api<EdgeDevice>, name: &str) -> String {
+    eventually(
+        &format!("EdgeDevice {name} Ready"),
+        DEFAULT_TIMEOUT,
+        || async {
+            let d = devices.get(name).await.map_err(|e| e.to_string())?;
+            let ready = d
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+                .map(|c| c.status.clone());
+            match ready.as_deref() {
+                Some("True") => Ok(d.metadata.resource_version.unwrap_or_default()),
+                other => Err(format!("Ready={other:?}")),
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_device_without_node_projection_keeps_its_status_and_has_no_node_lease_or_idle_writes() {
+    // A private environment and a bridge whose default is no Node, refreshing unchanged
+    // status every 2 s (so a projected device's EdgeDevice is written while idle).
+    let env = TestEnv::builder().kube().nats().start().await.unwrap();
+    system_namespace(&env).await;
+    let client = env.kube_client().await.unwrap();
+    let _bridge = start_bridge_with(
+        &env,
+        "projection",
+        &["--node-projection=Disabled", "--status-report-seconds=2"],
+    );
+    let (hb, _) = buckets(&env).await;
+    let devices = add_device(&env, "default", "np-off").await;
+    add_device(&env, "default", "np-on").await;
+    project(&devices, "np-on", Some("Enabled")).await;
+    let beats = [
+        keep_beating(hb.clone(), "np-off"),
+        keep_beating(hb, "np-on"),
+    ];
+    let nodes: Api<Node> = Api::all(client.clone());
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+
+    // The device that asks for a Node gets one (and its Lease); the other only its status.
+    wait_node(&env, "np-on", "True").await;
+    eventually("np-on's Lease", DEFAULT_TIMEOUT, || {
+        lease_of(&leases, "np-on")
+    })
+    .await;
+    let on = ready_device(&devices, "np-on").await;
+    let off = ready_device(&devices, "np-off").await;
+    let status = devices.get("np-off").await.unwrap().status.unwrap();
+    let info = status.device.expect("device facts in the status");
+    assert_eq!(info.architecture, "arm64");
+    assert!(status.last_heartbeat_time.is_some());
+    // Six seconds of heartbeats: nothing is written for np-off (the projected device's
+    // heartbeat time is refreshed meanwhile), and it never had a Node or a Lease.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let now = |name: &'static str| {
+        let devices = devices.clone();
+        async move {
+            devices
+                .get(name)
+                .await
+                .unwrap()
+                .metadata
+                .resource_version
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        now("np-off").await,
+        off,
+        "np-off's EdgeDevice was written while idle"
+    );
+    assert_ne!(
+        now("np-on").await,
+        on,
+        "np-on's heartbeat time was not refreshed"
+    );
+    assert!(nodes.get_opt("np-off").await.unwrap().is_none());
+    assert!(leases.get_opt("np-off").await.unwrap().is_none());
+
+    // Turned off for the projected device: its Node and Lease go, its status stays Ready.
+    project(&devices, "np-on", Some("Disabled")).await;
+    wait_gone(&nodes, "np-on").await;
+    wait_gone(&leases, "np-on").await;
+    ready_device(&devices, "np-on").await;
+    // A device of the Node-less default that asks for a Node gets one.
+    project(&devices, "np-off", Some("Enabled")).await;
+    wait_node(&env, "np-off", "True").await;
+    eventually("np-off's Lease", DEFAULT_TIMEOUT, || {
+        lease_of(&leases, "np-off")
+    })
+    .await;
+    for b in beats {
+        b.abort();
+    }
 }
 
 #[tokio::test]

@@ -53,6 +53,33 @@ pub struct EdgeDeviceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 10, max = 86400))]
     pub heartbeat_grace_seconds: Option<u32>,
+    /// Whether the device appears in Kubernetes as a Node (with a Lease), which Pods can be
+    /// scheduled to. `Disabled`: no Node and no Lease, and no apiserver write while nothing
+    /// about the device changes; its EdgeDevice status is kept all the same (the heartbeat
+    /// time in it then moves only with another change). Unset: the bridge's
+    /// `--node-projection` (`Enabled` unless the operator chose otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_projection: Option<NodeProjection>,
+}
+
+/// Whether a device is projected as a Node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum NodeProjection {
+    Enabled,
+    Disabled,
+}
+
+impl std::str::FromStr for NodeProjection {
+    type Err = String;
+
+    /// `Enabled` or `Disabled`, as written in the spec.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "Enabled" => Ok(Self::Enabled),
+            "Disabled" => Ok(Self::Disabled),
+            other => Err(format!("{other:?} is neither Enabled nor Disabled")),
+        }
+    }
 }
 
 /// What the control plane knows of the device, mirrored from its heartbeats and status.

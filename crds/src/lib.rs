@@ -13,7 +13,7 @@ pub mod naming;
 
 pub use device::{
     CONTROLLER_CONDITIONS, DeviceCredentials, DeviceInfo, EdgeDevice, EdgeDeviceSpec,
-    EdgeDeviceStatus, GENERATION_OUT_OF_RANGE, LIMIT_EXCEEDED, ResourceSummary,
+    EdgeDeviceStatus, GENERATION_OUT_OF_RANGE, LIMIT_EXCEEDED, NodeProjection, ResourceSummary,
 };
 pub use manifest::{
     EdgeManifest, EdgeManifestSpec, EdgeManifestStatus, ResourceTemplate, RolloutStrategy,

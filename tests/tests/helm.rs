@@ -392,6 +392,7 @@ fn chart_knobs_render_where_they_belong() {
             "bridge.topologySpreadConstraints[0].topologyKey=topology.kubernetes.io/zone",
             "bridge.topologySpreadConstraints[0].whenUnsatisfiable=ScheduleAnyway",
             "controller.deviceIdentities.authoritySecretName=nats-authority",
+            "bridge.nodeProjection=Disabled",
         ],
     )
     .unwrap();
@@ -439,6 +440,11 @@ fn chart_knobs_render_where_they_belong() {
         controller["spec"]
             .get("topologySpreadConstraints")
             .is_none()
+    );
+    let bridge_args = bridge["spec"]["containers"][0]["args"].to_string();
+    assert!(
+        bridge_args.contains("--node-projection=Disabled"),
+        "{bridge_args}"
     );
     // The NATS identities ConfigMap is named after the release, in the flag and the RBAC.
     let args = controller["spec"]["containers"][0]["args"].to_string();
@@ -518,6 +524,7 @@ fn chart_knobs_render_where_they_belong() {
         ),
         (&["bridge.imageDigest=latest"][..], "/bridge/imageDigest"),
         (&["priorityClassName=5"][..], "priorityClassName"),
+        (&["bridge.nodeProjection=Off"][..], "/bridge/nodeProjection"),
     ] {
         let err = render(values).expect_err(says);
         assert!(err.contains(says), "{values:?}: {err}");
