@@ -508,7 +508,7 @@ impl Engine {
             .await;
         let mut blocked = self.move_out(&plan, &mut orphans).await;
         blocked.extend(unresolved);
-        self.record_ownership(&plan, &blocked);
+        self.record_ownership(&plan, &blocked).await;
         let instant_now = Instant::now();
         for o in self.work(&plan, &blocked, now, instant_now).await {
             let (id, status) = self.settle(o, now, instant_now);
@@ -589,7 +589,7 @@ impl Engine {
 
     /// Records ownership of every resource about to be applied before acting, so a crash
     /// mid-apply still lets garbage collection find it.
-    fn record_ownership(&mut self, plan: &Plan<'_>, blocked: &HashMap<ResourceId, String>) {
+    async fn record_ownership(&mut self, plan: &Plan<'_>, blocked: &HashMap<ResourceId, String>) {
         let mut owned_changed = false;
         for entry in &plan.apply {
             let r = entry.resource;
@@ -604,7 +604,7 @@ impl Engine {
             }
         }
         if owned_changed {
-            match self.store.save_owned(&self.owned) {
+            match self.store.save_owned(&self.owned).await {
                 Ok(()) => self.state_writable(),
                 Err(e) => {
                     warn!(error = %e, "could not persist ownership records");
@@ -791,9 +791,10 @@ impl Engine {
         }
     }
 
-    /// Persists the status if it changed and hands it to the writer.
+    /// Hands the status, if it changed, to the writer and to the state directory's
+    /// [`StateStore::persist_status`].
     pub fn publish(&self, tx: &watch::Sender<AgentStatus>) {
-        let changed = tx.send_if_modified(|s| {
+        tx.send_if_modified(|s| {
             if *s == self.status {
                 false
             } else {
@@ -801,9 +802,10 @@ impl Engine {
                 true
             }
         });
-        if changed && let Err(e) = self.store.save_status(&self.status) {
-            warn!(error = %e, "could not persist status");
-        }
+    }
+
+    pub fn store(&self) -> &StateStore {
+        &self.store
     }
 
     /// Runs passes until `stop` turns true: on start, on every accepted manifest, every

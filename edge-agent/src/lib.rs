@@ -155,12 +155,15 @@ pub async fn serve(
             stop_rx.clone(),
         ))
     });
+    let persist = tokio::spawn(engine.store().clone().persist_status(status_tx.subscribe()));
     let engine = tokio::spawn(engine.run(candidate_rx, status_tx, stop_rx));
 
     shutdown.await;
     info!("shutting down: finishing the pass in flight; workloads keep running");
     let _ = stop_tx.send(true);
     let _ = engine.await;
+    // The engine is gone with its sender: the last status reaches the disk, then NATS.
+    let _ = persist.await;
     let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
     let _ = watcher.await;
     if let Some(floor) = floor {
@@ -283,7 +286,8 @@ pub async fn once(
         }
     }
     engine.pass("once").await;
-    let (tx, _rx) = watch::channel(AgentStatus::new(settings.device.clone()));
-    engine.publish(&tx);
+    if let Err(e) = engine.store().save_status(engine.status()).await {
+        tracing::warn!(error = %e, "could not persist status");
+    }
     Ok(engine.status().clone())
 }

@@ -511,6 +511,11 @@ pub async fn heartbeat(
                 .ok()
                 .flatten();
         }
+        // While disconnected a beat would wait in the client's queue and arrive stale (and
+        // queued beats would hold memory for as long as the link is down): skip it.
+        if client.connection_state() != async_nats::connection::State::Connected {
+            continue;
+        }
         let mut hb = facts.heartbeat();
         hb.container_runtime = runtime.clone();
         let bytes = match encode(&hb) {
@@ -520,8 +525,14 @@ pub async fn heartbeat(
                 continue;
             }
         };
-        if let Err(e) = put(&client, HEARTBEAT, &settings.device, bytes.into(), None).await {
-            debug!(error = %e, sequence = hb.sequence, "heartbeat not delivered");
+        // Published without asking for JetStream's acknowledgement: the stream stores it all
+        // the same, a lost beat is replaced by the next one, and the acknowledgement was an
+        // eighth of an idle device's bytes on the wire.
+        if let Err(e) = client
+            .publish(HEARTBEAT.subject(&settings.device), bytes.into())
+            .await
+        {
+            debug!(error = %e, sequence = hb.sequence, "heartbeat not sent");
         }
     }
 }

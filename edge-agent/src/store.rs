@@ -80,13 +80,40 @@ impl StateStore {
     }
 
     fn save<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StoreError> {
+        let (path, bytes) = self.encode(name, value)?;
+        write_state(path, bytes)
+    }
+
+    /// Like `save`, with the write and its fsyncs on the blocking pool instead of the
+    /// runtime's only thread (relay sessions and NATS keep being served meanwhile).
+    async fn save_off_runtime<T: Serialize>(
+        &self,
+        name: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        let (path, bytes) = self.encode(name, value)?;
+        let at = path.clone();
+        tokio::task::spawn_blocking(move || write_state(path, bytes))
+            .await
+            .unwrap_or_else(|e| {
+                Err(StoreError::Io {
+                    path: at,
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })
+    }
+
+    fn encode<T: Serialize>(
+        &self,
+        name: &str,
+        value: &T,
+    ) -> Result<(PathBuf, Vec<u8>), StoreError> {
         let path = self.dir.join(name);
         let bytes = serde_json::to_vec_pretty(value).map_err(|source| StoreError::Corrupt {
             path: path.clone(),
             source,
         })?;
-        write_atomic(&path, &bytes, 0o600, Ownership::default())
-            .map_err(|source| StoreError::Io { path, source })
+        Ok((path, bytes))
     }
 
     pub fn load_manifest(&self) -> Result<Option<StoredManifest>, StoreError> {
@@ -101,15 +128,32 @@ impl StateStore {
         Ok(self.load(OWNED)?.unwrap_or_default())
     }
 
-    pub fn save_owned(&self, owned: &Owned) -> Result<(), StoreError> {
-        self.save(OWNED, owned)
+    pub async fn save_owned(&self, owned: &Owned) -> Result<(), StoreError> {
+        self.save_off_runtime(OWNED, owned).await
     }
 
     pub fn load_status(&self) -> Result<Option<AgentStatus>, StoreError> {
         self.load(STATUS)
     }
 
-    pub fn save_status(&self, status: &AgentStatus) -> Result<(), StoreError> {
-        self.save(STATUS, status)
+    pub async fn save_status(&self, status: &AgentStatus) -> Result<(), StoreError> {
+        self.save_off_runtime(STATUS, status).await
     }
+
+    /// Keeps the last status on disk: each value `status` takes is written after the one
+    /// before (a newer one replaces any not yet written), and the last is written before
+    /// this returns, once the sender is gone.
+    pub async fn persist_status(self, mut status: tokio::sync::watch::Receiver<AgentStatus>) {
+        while status.changed().await.is_ok() {
+            let s = status.borrow_and_update().clone();
+            if let Err(e) = self.save_status(&s).await {
+                tracing::warn!(error = %e, "could not persist status");
+            }
+        }
+    }
+}
+
+fn write_state(path: PathBuf, bytes: Vec<u8>) -> Result<(), StoreError> {
+    write_atomic(&path, &bytes, 0o600, Ownership::default())
+        .map_err(|source| StoreError::Io { path, source })
 }
