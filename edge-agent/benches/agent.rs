@@ -1,8 +1,14 @@
 //! Agent footprint and latency against a real nats-server (a benchmark, not a test).
 //!
 //! `cargo bench -p fleetlet-agent --bench agent` (or `scripts/bench agent`) reports:
-//! binary size, resident memory and CPU while idle with 50 managed files, and the time from
-//! a KV put of a 10-file manifest to the agent's status for it landing in KV.
+//! binary size, resident memory and CPU while idle with 50 managed files, the time from a KV
+//! put of a 10-file manifest to the agent's status for it landing in KV, and then, with 20
+//! resources of which one is a podman container and one a systemd unit (real podman and
+//! systemd, in their sandboxes): resident memory, CPU and the bytes on the agent's NATS
+//! connection per hour while idle.
+//!
+//! `FLEETLET_BENCH_AGENT_BIN` runs another agent binary than this build's (`scripts/bench
+//! agent` passes the static device build it measured the size of).
 //! Results go to stdout and to `target/fleetlet-bench/agent.json`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed setup ends the benchmark
@@ -14,11 +20,16 @@ use std::{
 };
 
 use fleetlet_protocol::{
-    API_VERSION, AgentManifest, AgentStatus, DeviceId, FileContent, FileSpec, ManagedResource,
-    Owner, OwnerKind, ResourceId, ResourceSpec, decode, encode,
+    API_VERSION, AgentManifest, AgentStatus, ContainerSpec, DeviceId, FileContent, FileSpec,
+    ManagedResource, Owner, OwnerKind, ResourceId, ResourceSpec, SystemdUnitSpec, UnitState,
+    decode, encode,
     kv::{ACTUAL_STATE, DESIRED_STATE},
 };
-use fleetlet_testenv::TestEnv;
+use fleetlet_testenv::{
+    TestEnv,
+    bench::nats_connection_bytes,
+    sandbox::{PodmanSandbox, SystemdSandbox},
+};
 use futures::StreamExt;
 
 fn manifest(
@@ -97,7 +108,14 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
 
+    let idle_resources_secs: u64 = std::env::var("FLEETLET_BENCH_IDLE_RESOURCES_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(150);
+
     let env = TestEnv::builder().nats().start().await.unwrap();
+    let podman = PodmanSandbox::start().await.unwrap();
+    let systemd = SystemdSandbox::start().await.unwrap();
     let js = env.jetstream().await.unwrap();
     let desired = js.get_key_value(DESIRED_STATE.name).await.unwrap();
     let actual = js.get_key_value(ACTUAL_STATE.name).await.unwrap();
@@ -108,14 +126,22 @@ async fn main() {
     std::fs::write(
         &config,
         format!(
-            "device_id = \"pi-bench\"\nstate_dir = \"{}\"\n[nats]\nurls = [\"{}\"]\n[file]\nallowed_roots = [\"{}\"]\n",
+            "device_id = \"pi-bench\"\nstate_dir = \"{}\"\n[nats]\nurls = [\"{}\"]\n[trust]\nallow_unsigned = true\n[file]\nallowed_roots = [\"{}\"]\n\
+             [container]\nsocket = \"{}\"\nname_prefix = \"bench-\"\ninsecure_registries = [\"{}\"]\nstop_timeout_seconds = 1\n\
+             [systemd]\nbus_address = \"{}\"\nunit_dir = \"{}\"\n",
             dir.path().join("state").display(),
             env.nats_url().unwrap(),
-            root.display()
+            root.display(),
+            podman.socket.display(),
+            podman.registry,
+            systemd.bus_address,
+            systemd.unit_dir.display(),
         ),
     )
     .unwrap();
-    let bin = env!("CARGO_BIN_EXE_fleetlet-agent");
+    let bin = std::env::var("FLEETLET_BENCH_AGENT_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fleetlet-agent").to_owned());
+    let bin = bin.as_str();
     let agent = fleetlet_testenv::bench::Proc(
         Command::new(bin)
             .arg("--config")
@@ -129,9 +155,9 @@ async fn main() {
 
     let mut watch = actual.watch(dev.as_str()).await.unwrap();
     let mut wait_for = async |generation: u64| loop {
-        let e = tokio::time::timeout(Duration::from_secs(30), watch.next())
+        let e = tokio::time::timeout(Duration::from_secs(120), watch.next())
             .await
-            .expect("status within 30 s")
+            .expect("status within 120 s")
             .unwrap()
             .unwrap();
         let s: AgentStatus = decode(&e.value).unwrap();
@@ -187,6 +213,57 @@ async fn main() {
     }
     let cpu_pct =
         (proc_cpu_ticks(pid) - cpu0) as f64 / ticks_per_sec / t0.elapsed().as_secs_f64() * 100.0;
+
+    // Idle with 20 resources: 18 files, a container and a systemd unit.
+    let generation = generation + 1;
+    let mut m = manifest(&dev, &root, generation, 18, 0);
+    let owner = m.resources[0].owner.clone();
+    m.resources.push(ManagedResource {
+        id: ResourceId::new("app").unwrap(),
+        owner: owner.clone(),
+        spec: ResourceSpec::Container(ContainerSpec {
+            image: podman.image_1.clone(),
+            ..Default::default()
+        }),
+    });
+    m.resources.push(ManagedResource {
+        id: ResourceId::new("unit").unwrap(),
+        owner,
+        spec: ResourceSpec::SystemdUnit(SystemdUnitSpec {
+            restart_on: Vec::new(),
+            restart_digest: None,
+            name: "fleetlet-bench.service".into(),
+            contents: Some(
+                "[Service]\nExecStart=/bin/sleep 86400\n[Install]\nWantedBy=multi-user.target\n"
+                    .into(),
+            ),
+            enabled: true,
+            state: UnitState::Started,
+        }),
+    });
+    desired
+        .put(dev.as_str(), encode(&m).unwrap().into())
+        .await
+        .unwrap();
+    let s = wait_for(generation).await;
+    assert_eq!(s.resources.len(), 20, "{s:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let monitor = env.nats.as_ref().unwrap().monitor_port;
+    let connection = "fleetlet-agent/pi-bench";
+    let (n, bytes0) = nats_connection_bytes(monitor, connection);
+    assert_eq!(n, 1, "one connection named {connection}");
+    let cpu0 = proc_cpu_ticks(pid);
+    let t0 = Instant::now();
+    let mut rss_resources = 0;
+    while t0.elapsed() < Duration::from_secs(idle_resources_secs) {
+        rss_resources = rss_resources.max(proc_rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let idle = t0.elapsed().as_secs_f64();
+    let cpu_resources = (proc_cpu_ticks(pid) - cpu0) as f64 / ticks_per_sec / idle * 100.0;
+    let (_, bytes1) = nats_connection_bytes(monitor, connection);
+    let bytes_per_hour = (bytes1 - bytes0) / idle * 3600.0;
+
     let binary_bytes = std::fs::metadata(bin).map(|m| m.len()).unwrap_or(0);
 
     let p = |q| percentile(&latencies, q);
@@ -209,6 +286,15 @@ async fn main() {
         latencies[latencies.len() - 1]
     );
     println!("  first manifest after agent start:    {warmup_ms:.1} ms (includes connecting)");
+    println!(
+        "  idle RSS, 20 resources (max):       {:.2} MiB (18 files, a container, a unit)",
+        rss_resources as f64 / 1024.0
+    );
+    println!("  idle CPU over {idle_resources_secs} s:               {cpu_resources:.3} %");
+    println!(
+        "  idle NATS traffic:                  {:.1} KiB per hour (in and out of its connection)",
+        bytes_per_hour / 1024.0
+    );
     let json = serde_json::json!({
         "first_manifest_ms": warmup_ms,
         "benchmark": "agent",
@@ -217,6 +303,14 @@ async fn main() {
         "idle_rss_kib_max": rss_max,
         "idle_cpu_percent": cpu_pct,
         "idle_seconds": idle_secs,
+        "idle_resources": {
+            "resources": 20,
+            "rss_kib_max": rss_resources,
+            "cpu_percent": cpu_resources,
+            "seconds": idle,
+            "nats_bytes_per_hour": bytes_per_hour,
+        },
+        "binary": bin,
         "put_to_status_ms": { "n": iterations, "p50": p(0.5), "p90": p(0.9), "p99": p(0.99), "max": latencies[latencies.len() - 1] },
     });
     let out = fleetlet_testenv::repo_root().join("target/fleetlet-bench");

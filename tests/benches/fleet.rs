@@ -15,6 +15,10 @@
 //!   EdgeManifest's status counts every device Ready;
 //! * footprints: controller, bridge and simulator resident memory.
 //!
+//! With `FLEETLET_BENCH_NODE_PROJECTION=Disabled` the bridge projects no device as a Node
+//! (`--node-projection=Disabled`): the fleet start waits for every EdgeDevice Ready instead,
+//! and the results go to `fleet-no-nodes.json` and `fleet-<N>-no-nodes.json`.
+//!
 //! With `FLEETLET_BENCH_VK=N` (default 100) the same environment then runs N
 //! virtual-kubelet mock nodes (`scripts/virtual-kubelet`, one process per node) in place of
 //! fleetlet for N virtual nodes, measured over the same window. Results: stdout, and
@@ -109,6 +113,24 @@ async fn ready_nodes(nodes: &Api<Node>, selector: &str, prefix: &str) -> usize {
                 .as_ref()
                 .and_then(|s| s.conditions.as_ref())
                 .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .count()
+}
+
+/// EdgeDevices in `namespace` whose status says Ready=True.
+async fn ready_devices(client: &kube::Client, namespace: &str) -> usize {
+    let api: Api<fleetlet_crds::EdgeDevice> = Api::namespaced(client.clone(), namespace);
+    let Ok(list) = api.list(&ListParams::default()).await else {
+        return 0;
+    };
+    list.items
+        .iter()
+        .filter(|d| {
+            d.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
         })
         .count()
 }
@@ -264,8 +286,11 @@ async fn rollout(env: &TestEnv, n: usize, text: &str) -> Value {
     })
 }
 
-async fn fleet_phase(n: usize, window: u64, vk: usize, profile: bool) -> Value {
-    eprintln!("== {n} devices");
+async fn fleet_phase(n: usize, window: u64, vk: usize, profile: bool, nodes_on: bool) -> Value {
+    eprintln!(
+        "== {n} devices{}",
+        if nodes_on { "" } else { ", without Nodes" }
+    );
     let env = TestEnv::builder().kube().nats().start().await.unwrap();
     let client = env.kube_client().await.unwrap();
     let kubeconfig = env.kubeconfig().unwrap().display().to_string();
@@ -299,9 +324,13 @@ async fn fleet_phase(n: usize, window: u64, vk: usize, profile: bool) -> Value {
         &kubeconfig,
         dir.path().join("controller.log"),
     );
+    let projection = format!(
+        "--node-projection={}",
+        if nodes_on { "Enabled" } else { "Disabled" }
+    );
     let bridge = spawn(
         &bin("fleetlet-bridge"),
-        &common(&[]),
+        &common(&[&projection]),
         &kubeconfig,
         dir.path().join("bridge.log"),
     );
@@ -330,20 +359,25 @@ async fn fleet_phase(n: usize, window: u64, vk: usize, profile: bool) -> Value {
     eprintln!("   simulator: {}", line.trim());
     let nodes: Api<Node> = Api::all(client.clone());
     let selector = "fleetlet.dev/device";
+    let what = if nodes_on { "nodes" } else { "EdgeDevices" };
     loop {
-        let r = ready_nodes(&nodes, selector, "sim-").await;
+        let r = if nodes_on {
+            ready_nodes(&nodes, selector, "sim-").await
+        } else {
+            ready_devices(&client, "bench").await
+        };
         if r >= n {
             break;
         }
         assert!(
             sim_started.elapsed() < Duration::from_secs(900),
-            "only {r} of {n} nodes Ready after 15 minutes"
+            "only {r} of {n} {what} Ready after 15 minutes"
         );
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_secs(if nodes_on { 1 } else { 5 })).await;
     }
     let fleet_ready = sim_started.elapsed();
     eprintln!(
-        "   {n} nodes Ready {:.1}s after the simulator started; settling 20 s",
+        "   {n} {what} Ready {:.1}s after the simulator started; settling 20 s",
         fleet_ready.as_secs_f64()
     );
     tokio::time::sleep(Duration::from_secs(20)).await;
@@ -390,8 +424,14 @@ async fn fleet_phase(n: usize, window: u64, vk: usize, profile: bool) -> Value {
     });
     eprintln!("   footprints: {footprints}");
 
+    let node_count = nodes
+        .list(&ListParams::default().labels(selector))
+        .await
+        .map_or(0, |l| l.items.len());
     let mut result = json!({
         "devices": n,
+        "nodeProjection": if nodes_on { "Enabled" } else { "Disabled" },
+        "nodes": node_count,
         "simulator": sim_report,
         "nodesReadySeconds": (fleet_ready.as_secs_f64() * 10.0).round() / 10.0,
         "steadyState": steady,
@@ -583,7 +623,13 @@ async fn main() {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let window: u64 = env_or("FLEETLET_BENCH_WINDOW", 60);
-    let vk: usize = env_or("FLEETLET_BENCH_VK", 100);
+    let nodes_on = std::env::var("FLEETLET_BENCH_NODE_PROJECTION").as_deref() != Ok("Disabled");
+    let suffix = if nodes_on { "" } else { "-no-nodes" };
+    let vk: usize = if nodes_on {
+        env_or("FLEETLET_BENCH_VK", 100)
+    } else {
+        0
+    };
     let mut runs = Vec::new();
     let largest = sizes.iter().copied().max().unwrap_or(0);
     let perf = Command::new("perf")
@@ -593,13 +639,20 @@ async fn main() {
     for n in sizes {
         // The side-by-side runs in the phase whose fleet has the same number of nodes.
         let vk_here = if n == vk { vk } else { 0 };
-        let mut run = fleet_phase(n, window, vk_here, perf && n == largest).await;
+        let mut run = fleet_phase(
+            n,
+            window,
+            vk_here,
+            perf && n == largest && nodes_on,
+            nodes_on,
+        )
+        .await;
         run["windowSeconds"] = json!(window);
         // Each size on its own too: a later run of one size replaces only its own results.
         let dir = repo_root().join("target/fleetlet-bench");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
-            dir.join(format!("fleet-{n}.json")),
+            dir.join(format!("fleet-{n}{suffix}.json")),
             serde_json::to_string_pretty(&run).unwrap(),
         )
         .unwrap();
@@ -609,7 +662,7 @@ async fn main() {
     let dir = repo_root().join("target/fleetlet-bench");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
-        dir.join("fleet.json"),
+        dir.join(format!("fleet{suffix}.json")),
         serde_json::to_string_pretty(&out).unwrap(),
     )
     .unwrap();

@@ -76,6 +76,7 @@ pub fn performance(from: &Path, out: &Path) -> Result<(), Error> {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with("fleet-")
             && name.ends_with(".json")
+            && !name.ends_with("-no-nodes.json")
             && let Some(r) = load(from, &name)
         {
             runs.insert(r["devices"].as_u64().unwrap_or(0), r);
@@ -104,7 +105,6 @@ pub fn performance(from: &Path, out: &Path) -> Result<(), Error> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    let lease_interval = 30.0;
     let mut md = String::new();
     w!(
         md,
@@ -117,69 +117,11 @@ pub fn performance(from: &Path, out: &Path) -> Result<(), Error> {
         fleet["windowSeconds"]
     );
 
-    // Goals.
-    let r1k = run(&fleet, 1000);
-    let r10k = run(&fleet, 10000);
-    let agent_rss = num(&agent["idle_rss_kib_max"]).map(|k| k / 1024.0);
-    let mib = |b: Option<f64>| b.map(|b| b / 1_048_576.0);
-    let x86 = mib(num(&sizes["x86_64-unknown-linux-musl"]));
-    let arm = mib(num(&sizes["aarch64-unknown-linux-musl"]));
-    let cp = r10k.and_then(|r| {
-        Some(num(&r["footprints"]["controllerRssMiB"])? + num(&r["footprints"]["bridgeRssMiB"])?)
-    });
-    let writes_per_interval = |r: &Value| {
-        num(&r["steadyState"]["apiserverWritesPerNodePerMinute"]).map(|w| w * lease_interval / 60.0)
-    };
-    w!(
-        md,
-        "## Goals\n\n| goal | measured | status |\n|---|---|---|"
-    );
-    w!(
-        md,
-        "| 10,000 simulated devices on this machine | {} | {} |",
-        r10k.map_or("not run".into(), |r| format!(
-            "{} devices, every node Ready {} s after the simulator started",
-            r["simulator"]["running"], r["nodesReadySeconds"]
-        )),
-        verdict(r10k.map(|r| r["simulator"]["running"].as_u64() == Some(10000)))
-    );
-    for (r, n, goal_ms) in [(r1k, "1,000", 2000.0), (r10k, "10,000", 15000.0)] {
-        let p = r.and_then(converged_p99);
-        w!(
-            md,
-            "| apply→converged p99 under {} s at {n} devices | {} (worse of create and change) | {} |",
-            goal_ms / 1000.0,
-            secs(p),
-            verdict(p.map(|p| p < goal_ms))
-        );
-    }
-    w!(
-        md,
-        "| controller + bridge under 500 MiB at 10,000 devices | {} | {} |",
-        fmt(cp, " MiB"),
-        verdict(cp.map(|c| c < 500.0))
-    );
-    w!(
-        md,
-        "| agent under 10 MiB resident | {} (idle, x86_64 release) | {} |",
-        fmt(agent_rss, " MiB"),
-        verdict(agent_rss.map(|r| r < 10.0))
-    );
-    w!(
-        md,
-        "| agent binary under 10 MiB | x86_64 {}, aarch64 {} (static, stripped) | {} |",
-        fmt(x86, " MiB"),
-        fmt(arm, " MiB"),
-        verdict(x86.zip(arm).map(|(a, b)| a < 10.0 && b < 10.0))
-    );
-    let wpi = r10k.or(r1k).and_then(writes_per_interval);
-    w!(
-        md,
-        "| steady-state apiserver writes at most 1 per device per lease interval ({lease_interval:.0} s) | {} per device per interval at {} devices | {} |\n",
-        fmt(wpi.map(|w| (w * 100.0).round() / 100.0), ""),
-        r10k.or(r1k).map_or(Value::Null, |r| r["devices"].clone()),
-        verdict(wpi.map(|w| w <= 1.0))
-    );
+    // Goals, next to the figures the page had before this run.
+    let previous = std::fs::read_to_string(out).unwrap_or_default();
+    let agent_rss = num(&agent["idle_resources"]["rss_kib_max"]).map(|k| k / 1024.0);
+    md.push_str(&goals_section(&previous, Some(&fleet), &agent, &sizes));
+    md.push('\n');
 
     // Per fleet size.
     w!(
@@ -319,8 +261,8 @@ pub fn performance(from: &Path, out: &Path) -> Result<(), Error> {
     }
     w!(
         md,
-        "On the device, the agent ran at {} resident (idle with 50 managed files,\n\
-         `scripts/bench agent`, x86_64 release build). For comparison, KubeEdge documents edgecore at about\n\
+        "On the device, the agent ran at {} resident (idle with 20 resources, a container and\n\
+         a unit among them, `scripts/bench agent`, the x86_64 device build). For comparison, KubeEdge documents edgecore at about\n\
          70 MiB and OpenYurt's YurtHub at 30-40 MiB; neither was measured here (not buildable\n\
          from this machine's registries).\n",
         fmt(agent_rss, " MiB")
@@ -377,6 +319,15 @@ pub fn performance(from: &Path, out: &Path) -> Result<(), Error> {
             profile
         );
     }
+    let agent_date = file_date(&from.join("agent.json"));
+    if let Some(a) = agent_section(&agent, &sizes, agent_date.as_deref()) {
+        md.push_str(&a);
+        md.push('\n');
+    }
+    if let Some(a) = no_nodes_section(from) {
+        md.push_str(&a);
+        md.push('\n');
+    }
     if let Some(k) = kubelet_section(from) {
         md.push_str(&k);
     }
@@ -386,8 +337,397 @@ pub fn performance(from: &Path, out: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+const GOALS_BEGIN: &str = "<!-- scripts/bench: goals begin -->";
+const GOALS_END: &str = "<!-- scripts/bench: goals end -->";
+const AGENT_BEGIN: &str = "<!-- scripts/bench agent: begin -->";
+const AGENT_END: &str = "<!-- scripts/bench agent: end -->";
+
+/// What a page written before the goals table had this form said (the run of 2026-11-27,
+/// every one of them short of these goals): the figures until a run replaces each.
+const FIRST_PREVIOUS: &[(&str, &str)] = &[
+    (
+        "controller + bridge RSS at 10,000 devices, after rollouts",
+        "772.3 MiB",
+    ),
+    (
+        "agent idle RSS, 20 resources incl. a container and a unit (x86_64)",
+        "10.1 MiB (50 files, glibc build)",
+    ),
+    (
+        "agent static binary, stripped (x86_64 / aarch64)",
+        "10.4 MiB / 8.8 MiB",
+    ),
+    (
+        "idle uplink per device (bytes on its NATS connection per hour)",
+        "124 KiB",
+    ),
+    (
+        "steady-state apiserver writes per device per lease interval (30 s)",
+        "1.1",
+    ),
+    ("apply → converged p99 at 10,000 devices", "12.22 s"),
+    ("apply → converged p99 at 1,000 devices", "1.95 s"),
+];
+
+/// One row of the goals table: `now` is `None` when this run did not measure it.
+struct Goal {
+    figure: &'static str,
+    goal: &'static str,
+    now: Option<String>,
+    met: Option<bool>,
+}
+
+/// The goals this run measured (`fleet` is `None` when only the agent was measured).
+fn goals(fleet: Option<&Value>, agent: &Value, sizes: &Value) -> Vec<Goal> {
+    let r1k = fleet.and_then(|f| run(f, 1000));
+    let r10k = fleet.and_then(|f| run(f, 10000));
+    let mib = |b: Option<f64>| b.map(|b| b / 1_048_576.0);
+    let size = |target: &str| {
+        mib(sizes["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .rfind(|s| s["target"].as_str() == Some(target))
+            .and_then(|s| num(&s["bytes"])))
+    };
+    let x86 = size("x86_64-unknown-linux-musl");
+    let arm = size("aarch64-unknown-linux-musl");
+    let cp = r10k.and_then(|r| {
+        Some(num(&r["footprints"]["controllerRssMiB"])? + num(&r["footprints"]["bridgeRssMiB"])?)
+    });
+    let idle = &agent["idle_resources"];
+    let rss = num(&idle["rss_kib_max"]).map(|k| k / 1024.0);
+    let uplink = num(&idle["nats_bytes_per_hour"]).map(|b| b / 1024.0);
+    let lease_interval = 30.0;
+    let writes = r10k.or(r1k).and_then(|r| {
+        num(&r["steadyState"]["apiserverWritesPerNodePerMinute"])
+            .map(|w| (w * lease_interval / 60.0 * 100.0).round() / 100.0)
+    });
+    let p99 = |r: Option<&Value>| r.and_then(converged_p99);
+    let (p10k, p1k) = (p99(r10k), p99(r1k));
+    let some = |v: Option<f64>, text: String| v.map(|_| text);
+    vec![
+        Goal {
+            figure: FIRST_PREVIOUS[0].0,
+            goal: "≤ 250 MiB",
+            now: some(cp, fmt(cp.map(|c| (c * 10.0).round() / 10.0), " MiB")),
+            met: cp.map(|c| c <= 250.0),
+        },
+        Goal {
+            figure: FIRST_PREVIOUS[1].0,
+            goal: "≤ 7 MiB",
+            now: some(rss, format!("{:.1} MiB", rss.unwrap_or(0.0))),
+            met: rss.map(|r| r <= 7.0),
+        },
+        Goal {
+            figure: FIRST_PREVIOUS[2].0,
+            goal: "≤ 7 MiB on both",
+            now: x86
+                .zip(arm)
+                .map(|(x, a)| format!("{x:.2} MiB / {a:.2} MiB")),
+            met: x86.zip(arm).map(|(x, a)| x <= 7.0 && a <= 7.0),
+        },
+        Goal {
+            figure: FIRST_PREVIOUS[3].0,
+            goal: "≤ 40 KiB",
+            now: some(uplink, format!("{:.1} KiB", uplink.unwrap_or(0.0))),
+            met: uplink.map(|u| u <= 40.0),
+        },
+        Goal {
+            figure: FIRST_PREVIOUS[4].0,
+            goal: "≤ 1.0",
+            now: writes.map(|w| format!("{w}")),
+            met: writes.map(|w| w <= 1.0),
+        },
+        Goal {
+            figure: FIRST_PREVIOUS[5].0,
+            goal: "≤ 6 s",
+            now: some(p10k, secs(p10k)),
+            met: p10k.map(|p| p <= 6000.0),
+        },
+        Goal {
+            figure: FIRST_PREVIOUS[6].0,
+            goal: "≤ 1 s",
+            now: some(p1k, secs(p1k)),
+            met: p1k.map(|p| p <= 1000.0),
+        },
+    ]
+}
+
+/// The goals table of `page`: figure → (previous, now, status).
+fn goals_on_page(page: &str) -> std::collections::BTreeMap<String, [String; 3]> {
+    let Some(b) = page.find(GOALS_BEGIN) else {
+        return Default::default();
+    };
+    let e = page[b..].find(GOALS_END).map_or(page.len(), |e| b + e);
+    page[b..e]
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l
+                .strip_prefix("| ")?
+                .strip_suffix(" |")?
+                .split(" | ")
+                .collect();
+            match cells[..] {
+                [figure, _goal, previous, now, status] => Some((
+                    figure.to_owned(),
+                    [previous.to_owned(), now.to_owned(), status.to_owned()],
+                )),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// The goals table, between markers: each figure this run measured next to what `page`
+/// (the page as it was) said; a figure it did not measure keeps the page's cells.
+fn goals_section(page: &str, fleet: Option<&Value>, agent: &Value, sizes: &Value) -> String {
+    let before = goals_on_page(page);
+    let mut md = String::new();
+    w!(
+        md,
+        "{GOALS_BEGIN}\n## Goals\n\n\
+         Each figure next to what this page said before the run that measured it. Fleet figures\n\
+         come from `scripts/bench fleet` (simulated devices, the release controller and bridge);\n\
+         agent figures from `scripts/bench agent` (the static x86_64 device build, one real\n\
+         agent with real podman and systemd).\n\n\
+         | figure | goal | previous | now | status |\n|---|---|---|---|---|"
+    );
+    for g in goals(fleet, agent, sizes) {
+        let first = FIRST_PREVIOUS
+            .iter()
+            .find(|(f, _)| *f == g.figure)
+            .map_or("n/a", |(_, v)| *v);
+        let [previous, now, status] = match (g.now, before.get(g.figure)) {
+            (Some(now), Some([_, was, _])) => [was.clone(), now, verdict(g.met).to_owned()],
+            (Some(now), None) => [first.to_owned(), now, verdict(g.met).to_owned()],
+            (None, Some(cells)) => cells.clone(),
+            (None, None) => [
+                "n/a".to_owned(),
+                format!("{first} (run of 2026-11-27)"),
+                verdict(Some(false)).to_owned(),
+            ],
+        };
+        w!(
+            md,
+            "| {} | {} | {previous} | {now} | {status} |",
+            g.figure,
+            g.goal
+        );
+    }
+    w!(md, "{GOALS_END}");
+    md
+}
+
+/// The agent's section (from agent.json and agent-sizes.json), between markers.
+fn agent_section(agent: &Value, sizes: &Value, date: Option<&str>) -> Option<String> {
+    let steps = sizes["steps"].as_array()?;
+    let idle = &agent["idle_resources"];
+    let mut md = String::new();
+    w!(
+        md,
+        "{AGENT_BEGIN}\n## Agent\n\n\
+         `scripts/bench agent`{}. The static binary, stripped, as each build setting is added to\n\
+         the one before (the last is the `device` profile in Cargo.toml, which `scripts/dist`\n\
+         ships):\n\n\
+         | target | build | size | change |\n|---|---|---|---|",
+        date.map_or(String::new(), |d| format!(" on {d}"))
+    );
+    let mut before: Option<(&str, f64)> = None;
+    for step in steps {
+        let (Some(target), Some(bytes)) = (step["target"].as_str(), num(&step["bytes"])) else {
+            continue;
+        };
+        let change = match before {
+            Some((t, b)) if t == target && b > 0.0 => {
+                format!("{:+.1} %", (bytes - b) / b * 100.0)
+            }
+            _ => String::new(),
+        };
+        w!(
+            md,
+            "| {} | {} | {:.2} MiB | {change} |",
+            target.split('-').next().unwrap_or(target),
+            step["step"].as_str().unwrap_or(""),
+            bytes / 1_048_576.0
+        );
+        before = Some((target, bytes));
+    }
+    let p = &agent["put_to_status_ms"];
+    w!(
+        md,
+        "\nThe x86_64 device build against a real nats-server, podman (its REST API) and systemd\n\
+         (over D-Bus):\n\n\
+         | what | measured |\n|---|---|\n\
+         | idle RSS, {} resources (18 files, a container, a unit), max over {} s | {} |\n\
+         | idle CPU, same window | {} |\n\
+         | bytes on its NATS connection per hour, same window (in and out) | {} |\n\
+         | idle RSS, 50 files, max over {} s | {} |\n\
+         | put → status of a 10-file manifest, p50 / p90 / p99 (n = {}) | {} / {} / {} |",
+        idle["resources"],
+        fmt(num(&idle["seconds"]).map(f64::round), ""),
+        fmt(
+            num(&idle["rss_kib_max"]).map(|k| (k / 1024.0 * 100.0).round() / 100.0),
+            " MiB"
+        ),
+        num(&idle["cpu_percent"]).map_or("n/a".into(), |c| format!("{c:.3} %")),
+        fmt(
+            num(&idle["nats_bytes_per_hour"]).map(|b| (b / 1024.0 * 10.0).round() / 10.0),
+            " KiB"
+        ),
+        agent["idle_seconds"],
+        fmt(
+            num(&agent["idle_rss_kib_max"]).map(|k| (k / 1024.0 * 100.0).round() / 100.0),
+            " MiB"
+        ),
+        p["n"],
+        fmt(num(&p["p50"]).map(|v| (v * 10.0).round() / 10.0), " ms"),
+        fmt(num(&p["p90"]).map(|v| (v * 10.0).round() / 10.0), " ms"),
+        fmt(num(&p["p99"]).map(|v| (v * 10.0).round() / 10.0), " ms"),
+    );
+    w!(md, "{AGENT_END}");
+    Some(md)
+}
+
+/// Rewrites the goals table and the agent's section of `out` from `from`'s agent results,
+/// leaving the rest of the page as the last whole run wrote it (`scripts/bench agent`).
+pub fn agent_report(from: &Path, out: &Path) -> Result<(), Error> {
+    let agent = load(from, "agent.json").unwrap_or(Value::Null);
+    let sizes = load(from, "agent-sizes.json").unwrap_or(Value::Null);
+    let date = file_date(&from.join("agent.json"));
+    let section = agent_section(&agent, &sizes, date.as_deref()).ok_or_else(|| {
+        Error::Setup(format!(
+            "no agent results in {}: run scripts/bench agent",
+            from.display()
+        ))
+    })?;
+    let mut page = std::fs::read_to_string(out).unwrap_or_default();
+    // A page from before the goals had markers: its goals table is the one replaced.
+    if !page.contains(GOALS_BEGIN)
+        && let Some(b) = page.find("## Goals\n")
+    {
+        let e = page[b + 1..]
+            .find("\n## ")
+            .map_or(page.len(), |e| b + 1 + e + 1);
+        page.replace_range(b..e, &format!("{GOALS_BEGIN}\n{GOALS_END}\n\n"));
+    }
+    let goals = goals_section(&page, None, &agent, &sizes);
+    let page = splice_between(&page, &goals, GOALS_BEGIN, GOALS_END);
+    let page = insert_section(&page, &section, AGENT_BEGIN, AGENT_END);
+    std::fs::write(out, page)
+        .map_err(|e| Error::Setup(format!("writing {}: {e}", out.display())))?;
+    println!(
+        "wrote the goals and the agent's section of {}",
+        out.display()
+    );
+    Ok(())
+}
+
+const NO_NODES_BEGIN: &str = "<!-- scripts/bench fleet without nodes: begin -->";
+const NO_NODES_END: &str = "<!-- scripts/bench fleet without nodes: end -->";
+
+/// The fleet without Node projection (fleet-<N>-no-nodes.json), between markers.
+fn no_nodes_section(from: &Path) -> Option<String> {
+    let mut runs: Vec<Value> = std::fs::read_dir(from)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name.starts_with("fleet-") && name.ends_with("-no-nodes.json"))
+                .then(|| load(from, &name))
+                .flatten()
+        })
+        .collect();
+    if runs.is_empty() {
+        return None;
+    }
+    runs.sort_by_key(|r| r["devices"].as_u64());
+    let mut md = String::new();
+    w!(
+        md,
+        "{NO_NODES_BEGIN}\n## Without Node projection\n\n\
+         `FLEETLET_BENCH_NODE_PROJECTION=Disabled scripts/bench fleet`: the same fleet with the\n\
+         bridge's `--node-projection=Disabled`, so no device has a Node or a Lease. Fleet start\n\
+         is until every EdgeDevice is Ready; steady state as above.\n\n\
+         | devices | Nodes | EdgeDevices Ready after | apiserver writes/s (by resource) | writes per device per minute | bytes per device per hour | controller | bridge | converged p99 (create / change) |\n\
+         |---|---|---|---|---|---|---|---|---|"
+    );
+    for r in &runs {
+        let s = &r["steadyState"];
+        let by: Vec<String> = s["apiserverWritesByResource"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let p = |name: &str| {
+            let v = &s["processes"][name];
+            format!(
+                "{} MiB, {}% CPU",
+                fmt(num(&v["rssMiB"]), ""),
+                fmt(num(&v["cpuPercent"]), "")
+            )
+        };
+        w!(
+            md,
+            "| {} | {} | {} s | {} ({}) | {} | {} | {} | {} | {} / {} |",
+            r["devices"],
+            r["nodes"],
+            r["nodesReadySeconds"],
+            s["apiserverWritesPerSecond"],
+            if by.is_empty() {
+                "none".to_owned()
+            } else {
+                by.join(", ")
+            },
+            s["apiserverWritesPerNodePerMinute"],
+            fmt(
+                num(&s["bytesPerDevicePerHour"]).map(|b| (b / 1024.0).round()),
+                " KiB"
+            ),
+            p("controller"),
+            p("bridge"),
+            secs(num(&r["rolloutCreate"]["converged"]["p99Ms"])),
+            secs(num(&r["rolloutUpdate"]["converged"]["p99Ms"])),
+        );
+    }
+    w!(md, "{NO_NODES_END}");
+    Some(md)
+}
+
+/// Rewrites the section of the fleet without Node projection, keeping the rest of the page.
+pub fn no_nodes_report(from: &Path, out: &Path) -> Result<(), Error> {
+    let section = no_nodes_section(from).ok_or_else(|| {
+        Error::Setup(format!(
+            "no fleet-*-no-nodes.json in {}: run FLEETLET_BENCH_NODE_PROJECTION=Disabled scripts/bench fleet",
+            from.display()
+        ))
+    })?;
+    let page = std::fs::read_to_string(out).unwrap_or_default();
+    let page = insert_section(&page, &section, NO_NODES_BEGIN, NO_NODES_END);
+    std::fs::write(out, page)
+        .map_err(|e| Error::Setup(format!("writing {}: {e}", out.display())))?;
+    println!(
+        "wrote the section without Node projection of {}",
+        out.display()
+    );
+    Ok(())
+}
+
 const KUBELET_BEGIN: &str = "<!-- scripts/bench kubelet: begin -->";
 const KUBELET_END: &str = "<!-- scripts/bench kubelet: end -->";
+
+/// The day `path` was last written (results carry no date of their own), if it exists.
+fn file_date(path: &Path) -> Option<String> {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d", "-r"])
+        .arg(path)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
 
 /// The kubelet facade's section (from kubelet.json), between markers that
 /// [`kubelet_report`] replaces; `None` without results.
@@ -477,8 +817,22 @@ pub fn kubelet_report(from: &Path, out: &Path) -> Result<(), Error> {
 
 /// `page` with its kubelet section replaced by `section`, or `section` appended.
 fn splice(page: &str, section: &str) -> String {
-    let found = page.find(KUBELET_BEGIN).and_then(|b| {
-        let e = page[b..].find(KUBELET_END)? + b + KUBELET_END.len();
+    splice_between(page, section, KUBELET_BEGIN, KUBELET_END)
+}
+
+/// `page` with its section from `begin` to `end` replaced by `section`; a page without it
+/// gets it before the kubelet facade's section (the last), or at the end.
+fn insert_section(page: &str, section: &str, begin: &str, end: &str) -> String {
+    match page.find(KUBELET_BEGIN) {
+        Some(k) if !page.contains(begin) => format!("{}{section}\n{}", &page[..k], &page[k..]),
+        _ => splice_between(page, section, begin, end),
+    }
+}
+
+/// `page` with the part from `begin` to `end` replaced by `section`, or `section` appended.
+fn splice_between(page: &str, section: &str, begin: &str, end: &str) -> String {
+    let found = page.find(begin).and_then(|b| {
+        let e = page[b..].find(end)? + b + end.len();
         Some((b, e + usize::from(page[e..].starts_with('\n'))))
     });
     match found {
@@ -567,6 +921,152 @@ mod tests {
             format!("# P\ntext\n\n{}", section("s"))
         );
         assert_eq!(splice("", &section("s")), section("s"));
+    }
+
+    fn agent_results() -> (Value, Value) {
+        let agent = serde_json::json!({
+            "idle_seconds": 20, "idle_rss_kib_max": 6144,
+            "idle_resources": {"resources": 20, "rss_kib_max": 7680, "cpu_percent": 0.02,
+                               "seconds": 150.2, "nats_bytes_per_hour": 30720.0},
+            "put_to_status_ms": {"n": 50, "p50": 6.04, "p90": 7.26, "p99": 9.0}
+        });
+        let sizes = serde_json::json!({"steps": [
+            {"target": "x86_64-unknown-linux-musl", "step": "release", "bytes": 10485760},
+            {"target": "x86_64-unknown-linux-musl", "step": "+ fat LTO", "bytes": 9437184},
+            {"target": "aarch64-unknown-linux-musl", "step": "release", "bytes": 8388608},
+            {"target": "aarch64-unknown-linux-musl", "step": "device", "bytes": 6291456}
+        ]});
+        (agent, sizes)
+    }
+
+    #[test]
+    fn agent_section_shows_each_step_and_its_change() {
+        let (agent, sizes) = agent_results();
+        let s = agent_section(&agent, &sizes, Some("2026-11-30")).unwrap();
+        assert!(s.contains("| x86_64 | release | 10.00 MiB |  |"), "{s}");
+        assert!(
+            s.contains("| x86_64 | + fat LTO | 9.00 MiB | -10.0 % |"),
+            "{s}"
+        );
+        // A new target starts without a change.
+        assert!(s.contains("| aarch64 | release | 8.00 MiB |  |"), "{s}");
+        assert!(
+            s.contains("| aarch64 | device | 6.00 MiB | -25.0 % |"),
+            "{s}"
+        );
+        assert!(s.contains("| 7.5 MiB |"), "{s}");
+        assert!(s.contains("| 30 KiB |"), "{s}");
+        assert!(s.contains("`scripts/bench agent` on 2026-11-30."), "{s}");
+        assert!(agent_section(&agent, &Value::Null, None).is_none());
+    }
+
+    #[test]
+    fn goals_put_each_new_figure_next_to_the_one_on_the_page() {
+        let (agent, sizes) = agent_results();
+        // First run on a page without the table: the figures the old page had.
+        let first = goals_section("", None, &agent, &sizes);
+        let rss = "| agent idle RSS, 20 resources incl. a container and a unit (x86_64) | ≤ 7 MiB | 10.1 MiB (50 files, glibc build) | 7.5 MiB | **not met** |";
+        assert!(first.contains(rss), "{first}");
+        assert!(
+            first.contains(
+                "| ≤ 7 MiB on both | 10.4 MiB / 8.8 MiB | 9.00 MiB / 6.00 MiB | **not met** |"
+            ),
+            "{first}"
+        );
+        assert!(
+            first.contains("| ≤ 40 KiB | 124 KiB | 30.0 KiB | met |"),
+            "{first}"
+        );
+        // Not measured by the agent run: the page's cells stay.
+        assert!(
+            first.contains("| ≤ 250 MiB | n/a | 772.3 MiB (run of 2026-11-27) | **not met** |"),
+            "{first}"
+        );
+        // The next run's previous is this run's now; an unmeasured row keeps its cells.
+        let mut better = agent.clone();
+        better["idle_resources"]["rss_kib_max"] = 6144.into();
+        let page = format!("# P\n\n{first}\n## Later\n");
+        let second = goals_section(&page, None, &better, &sizes);
+        assert!(
+            second.contains("| ≤ 7 MiB | 7.5 MiB | 6.0 MiB | met |"),
+            "{second}"
+        );
+        assert!(
+            second.contains("| ≤ 250 MiB | n/a | 772.3 MiB (run of 2026-11-27) | **not met** |"),
+            "{second}"
+        );
+        assert_eq!(
+            goals_section(&second, None, &better, &sizes)
+                .lines()
+                .count(),
+            second.lines().count()
+        );
+    }
+
+    #[test]
+    fn the_agent_report_replaces_an_old_goals_table_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, sizes) = agent_results();
+        std::fs::write(dir.path().join("agent.json"), agent.to_string()).unwrap();
+        std::fs::write(dir.path().join("agent-sizes.json"), sizes.to_string()).unwrap();
+        let out = dir.path().join("performance.md");
+        std::fs::write(
+            &out,
+            "# Performance\n\n## Goals\n\n| old | table |\n\n## By fleet size\nkept\n",
+        )
+        .unwrap();
+        agent_report(dir.path(), &out).unwrap();
+        let once = std::fs::read_to_string(&out).unwrap();
+        assert!(!once.contains("| old | table |"), "{once}");
+        assert!(
+            once.starts_with(&format!("# Performance\n\n{GOALS_BEGIN}\n## Goals")),
+            "{once}"
+        );
+        assert!(once.contains("## By fleet size\nkept\n"), "{once}");
+        assert!(
+            once.contains(AGENT_BEGIN) && once.contains(AGENT_END),
+            "{once}"
+        );
+        // Again: the same page, with this run's figures now also the previous ones.
+        agent_report(dir.path(), &out).unwrap();
+        let twice = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(twice.matches(AGENT_BEGIN).count(), 1);
+        assert!(
+            twice.contains("| ≤ 7 MiB | 7.5 MiB | 7.5 MiB | **not met** |"),
+            "{twice}"
+        );
+    }
+
+    #[test]
+    fn runs_without_nodes_get_their_own_section_and_stay_out_of_the_fleet_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(no_nodes_section(dir.path()).is_none());
+        std::fs::write(
+            dir.path().join("fleet-10000-no-nodes.json"),
+            r#"{"devices":10000,"nodes":0,"nodeProjection":"Disabled","nodesReadySeconds":150.5,
+               "steadyState":{"apiserverWritesPerSecond":0.02,"apiserverWritesByResource":{},
+                 "apiserverWritesPerNodePerMinute":0.0,"bytesPerDevicePerHour":41000.0,
+                 "processes":{"controller":{"rssMiB":300.0,"cpuPercent":5.0},
+                              "bridge":{"rssMiB":120.5,"cpuPercent":2.5}}},
+               "rolloutCreate":{"converged":{"p99Ms":8000.0}},
+               "rolloutUpdate":{"converged":{"p99Ms":9000.0}}}"#,
+        )
+        .unwrap();
+        let s = no_nodes_section(dir.path()).unwrap();
+        assert!(
+            s.contains("| 10000 | 0 | 150.5 s | 0.02 (none) | 0.0 | 40 KiB | 300 MiB, 5% CPU | 120.5 MiB, 2.5% CPU | 8.00 s / 9.00 s |"),
+            "{s}"
+        );
+        // The whole report does not count it as a run of the fleet with Nodes.
+        let out = dir.path().join("performance.md");
+        let err = performance(dir.path(), &out).unwrap_err();
+        assert!(err.to_string().contains("no fleet results"), "{err}");
+        // Alone, it goes before the kubelet facade's section, then replaces itself.
+        std::fs::write(&out, format!("# P\n\n{}", section("k"))).unwrap();
+        no_nodes_report(dir.path(), &out).unwrap();
+        no_nodes_report(dir.path(), &out).unwrap();
+        let page = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(page, format!("# P\n\n{s}\n{}", section("k")));
     }
 
     #[test]

@@ -75,9 +75,12 @@ enum Cmd {
         from: PathBuf,
         #[arg(long, default_value = "docs/performance.md")]
         out: PathBuf,
-        /// Rewrite only the kubelet facade's section (from kubelet.json), keeping the rest.
-        #[arg(long)]
-        kubelet_only: bool,
+        /// Rewrite only one section, keeping the rest of the page: `kubelet` (from
+        /// kubelet.json), `agent` (the goals table and the agent's section, from agent.json
+        /// and agent-sizes.json) or `no-nodes` (the fleet without Node projection, from
+        /// fleet-*-no-nodes.json).
+        #[arg(long, value_parser = ["kubelet", "agent", "no-nodes"])]
+        only: Option<String>,
     },
     /// Write docs/compatibility.md from the runs scripts/compat left in `from`.
     CompatibilityReport {
@@ -115,15 +118,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             check_try_next,
         } => (exit, state_dir, files, then, check_try_next),
         Cmd::ReliabilityReport { from, out } => return reliability_report(&from, &out),
-        Cmd::PerformanceReport {
-            from,
-            out,
-            kubelet_only,
-        } => {
-            return Ok(if kubelet_only {
-                fleetlet_testenv::report::kubelet_report(&from, &out)
-            } else {
-                fleetlet_testenv::report::performance(&from, &out)
+        Cmd::PerformanceReport { from, out, only } => {
+            use fleetlet_testenv::report;
+            return Ok(match only.as_deref() {
+                Some("kubelet") => report::kubelet_report(&from, &out),
+                Some("agent") => report::agent_report(&from, &out),
+                Some(_) => report::no_nodes_report(&from, &out),
+                None => report::performance(&from, &out),
             }?);
         }
         Cmd::CompatibilityReport { from, out } => {
