@@ -42,6 +42,31 @@ fn verdict(ok: Option<bool>) -> &'static str {
     }
 }
 
+/// A steady state's apiserver writes per second, by resource ("none" without any).
+fn writes_by_resource(steady: &Value) -> String {
+    let by: Vec<String> = steady["apiserverWritesByResource"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    if by.is_empty() {
+        "none".to_owned()
+    } else {
+        by.join(", ")
+    }
+}
+
+/// "RSS, CPU" of process `name` in a steady state.
+fn process_cell(steady: &Value, name: &str) -> String {
+    let v = &steady["processes"][name];
+    format!(
+        "{} MiB, {}% CPU",
+        fmt(num(&v["rssMiB"]), ""),
+        fmt(num(&v["cpuPercent"]), "")
+    )
+}
+
 /// The run with `n` devices.
 fn run(fleet: &Value, n: u64) -> Option<&Value> {
     fleet["runs"]
@@ -154,26 +179,14 @@ pub fn performance(from: &Path, out: &Path) -> Result<(), Error> {
     );
     for r in fleet["runs"].as_array().into_iter().flatten() {
         let s = &r["steadyState"];
-        let by: Vec<String> = s["apiserverWritesByResource"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect();
-        let p = |name: &str| {
-            let v = &s["processes"][name];
-            format!(
-                "{} MiB, {}% CPU",
-                fmt(num(&v["rssMiB"]), ""),
-                fmt(num(&v["cpuPercent"]), "")
-            )
-        };
+        let by = writes_by_resource(s);
+        let p = |name: &str| process_cell(s, name);
         w!(
             md,
             "| {} | {} ({}) | {} | {} / {} | {} | {} | {} | {} | {} |",
             r["devices"],
             s["apiserverWritesPerSecond"],
-            by.join(", "),
+            by,
             s["apiserverWritesPerNodePerMinute"],
             s["natsMessagesInPerSecond"],
             s["natsMessagesOutPerSecond"],
@@ -654,20 +667,8 @@ fn no_nodes_section(from: &Path) -> Option<String> {
     );
     for r in &runs {
         let s = &r["steadyState"];
-        let by: Vec<String> = s["apiserverWritesByResource"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect();
-        let p = |name: &str| {
-            let v = &s["processes"][name];
-            format!(
-                "{} MiB, {}% CPU",
-                fmt(num(&v["rssMiB"]), ""),
-                fmt(num(&v["cpuPercent"]), "")
-            )
-        };
+        let by = writes_by_resource(s);
+        let p = |name: &str| process_cell(s, name);
         w!(
             md,
             "| {} | {} | {} s | {} ({}) | {} | {} | {} | {} | {} / {} |",
@@ -675,11 +676,7 @@ fn no_nodes_section(from: &Path) -> Option<String> {
             r["nodes"],
             r["nodesReadySeconds"],
             s["apiserverWritesPerSecond"],
-            if by.is_empty() {
-                "none".to_owned()
-            } else {
-                by.join(", ")
-            },
+            by,
             s["apiserverWritesPerNodePerMinute"],
             fmt(
                 num(&s["bytesPerDevicePerHour"]).map(|b| (b / 1024.0).round()),
