@@ -646,9 +646,11 @@ fn no_nodes_section(from: &Path) -> Option<String> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            (name.starts_with("fleet-") && name.ends_with("-no-nodes.json"))
-                .then(|| load(from, &name))
-                .flatten()
+            // fleet-<N>-no-nodes.json; fleet-no-nodes.json holds them all again.
+            let size = name
+                .strip_prefix("fleet-")?
+                .strip_suffix("-no-nodes.json")?;
+            size.parse::<u64>().ok().and_then(|_| load(from, &name))
         })
         .collect();
     if runs.is_empty() {
@@ -661,7 +663,9 @@ fn no_nodes_section(from: &Path) -> Option<String> {
         "{NO_NODES_BEGIN}\n## Without Node projection\n\n\
          `FLEETLET_BENCH_NODE_PROJECTION=Disabled scripts/bench fleet`: the same fleet with the\n\
          bridge's `--node-projection=Disabled`, so no device has a Node or a Lease. Fleet start\n\
-         is until every EdgeDevice is Ready; steady state as above.\n\n\
+         is until every EdgeDevice is Ready; steady state as above. With no Node there is no\n\
+         device Lease: the Lease writes left are the controller's and the bridge's own leader\n\
+         elections.\n\n\
          | devices | Nodes | EdgeDevices Ready after | apiserver writes/s (by resource) | writes per device per minute | bytes per device per hour | controller | bridge | converged p99 (create / change) |\n\
          |---|---|---|---|---|---|---|---|---|"
     );
@@ -1049,7 +1053,10 @@ mod tests {
                "rolloutUpdate":{"converged":{"p99Ms":9000.0}}}"#,
         )
         .unwrap();
+        // The file with every size again is not read as another run.
+        std::fs::write(dir.path().join("fleet-no-nodes.json"), r#"{"runs":[]}"#).unwrap();
         let s = no_nodes_section(dir.path()).unwrap();
+        assert_eq!(s.matches("\n| ").count(), 2, "{s}");
         assert!(
             s.contains("| 10000 | 0 | 150.5 s | 0.02 (none) | 0.0 | 40 KiB | 300 MiB, 5% CPU | 120.5 MiB, 2.5% CPU | 8.00 s / 9.00 s |"),
             "{s}"
