@@ -88,6 +88,22 @@ fn proc_cpu_ticks(pid: u32) -> u64 {
         + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
+/// Watches process `pid` for `secs`: its largest RSS (KiB), its CPU use (% of a core) and
+/// the seconds watched.
+async fn watch_idle(pid: u32, secs: u64) -> (u64, f64, f64) {
+    let ticks_per_sec = 100.0; // USER_HZ on Linux
+    let cpu0 = proc_cpu_ticks(pid);
+    let t0 = Instant::now();
+    let mut rss_max = 0;
+    while t0.elapsed() < Duration::from_secs(secs) {
+        rss_max = rss_max.max(proc_rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let watched = t0.elapsed().as_secs_f64();
+    let cpu = (proc_cpu_ticks(pid) - cpu0) as f64 / ticks_per_sec / watched * 100.0;
+    (rss_max, cpu, watched)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
@@ -203,16 +219,7 @@ async fn main() {
         .unwrap();
     wait_for(generation).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let ticks_per_sec = 100.0; // USER_HZ on Linux
-    let cpu0 = proc_cpu_ticks(pid);
-    let t0 = Instant::now();
-    let mut rss_max = 0;
-    while t0.elapsed() < Duration::from_secs(idle_secs) {
-        rss_max = rss_max.max(proc_rss_kib(pid));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let cpu_pct =
-        (proc_cpu_ticks(pid) - cpu0) as f64 / ticks_per_sec / t0.elapsed().as_secs_f64() * 100.0;
+    let (rss_max, cpu_pct, _) = watch_idle(pid, idle_secs).await;
 
     // Idle with 20 resources: 18 files, a container and a systemd unit.
     let generation = generation + 1;
@@ -252,15 +259,7 @@ async fn main() {
     let connection = "fleetlet-agent/pi-bench";
     let (n, bytes0) = nats_connection_bytes(monitor, connection);
     assert_eq!(n, 1, "one connection named {connection}");
-    let cpu0 = proc_cpu_ticks(pid);
-    let t0 = Instant::now();
-    let mut rss_resources = 0;
-    while t0.elapsed() < Duration::from_secs(idle_resources_secs) {
-        rss_resources = rss_resources.max(proc_rss_kib(pid));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let idle = t0.elapsed().as_secs_f64();
-    let cpu_resources = (proc_cpu_ticks(pid) - cpu0) as f64 / ticks_per_sec / idle * 100.0;
+    let (rss_resources, cpu_resources, idle) = watch_idle(pid, idle_resources_secs).await;
     let (_, bytes1) = nats_connection_bytes(monitor, connection);
     let bytes_per_hour = (bytes1 - bytes0) / idle * 3600.0;
 

@@ -614,26 +614,20 @@ pub fn agent_report(from: &Path, out: &Path) -> Result<(), Error> {
             from.display()
         ))
     })?;
-    let mut page = std::fs::read_to_string(out).unwrap_or_default();
-    // A page from before the goals had markers: its goals table is the one replaced.
-    if !page.contains(GOALS_BEGIN)
-        && let Some(b) = page.find("## Goals\n")
-    {
-        let e = page[b + 1..]
-            .find("\n## ")
-            .map_or(page.len(), |e| b + 1 + e + 1);
-        page.replace_range(b..e, &format!("{GOALS_BEGIN}\n{GOALS_END}\n\n"));
-    }
-    let goals = goals_section(&page, None, &agent, &sizes);
-    let page = splice_between(&page, &goals, GOALS_BEGIN, GOALS_END);
-    let page = insert_section(&page, &section, AGENT_BEGIN, AGENT_END);
-    std::fs::write(out, page)
-        .map_err(|e| Error::Setup(format!("writing {}: {e}", out.display())))?;
-    println!(
-        "wrote the goals and the agent's section of {}",
-        out.display()
-    );
-    Ok(())
+    rewrite_page(out, "the goals and the agent's section", |mut page| {
+        // A page from before the goals had markers: its goals table is the one replaced.
+        if !page.contains(GOALS_BEGIN)
+            && let Some(b) = page.find("## Goals\n")
+        {
+            let e = page[b + 1..]
+                .find("\n## ")
+                .map_or(page.len(), |e| b + 1 + e + 1);
+            page.replace_range(b..e, &format!("{GOALS_BEGIN}\n{GOALS_END}\n\n"));
+        }
+        let goals = goals_section(&page, None, &agent, &sizes);
+        let page = splice_between(&page, &goals, GOALS_BEGIN, GOALS_END);
+        insert_section(&page, &section, AGENT_BEGIN, AGENT_END)
+    })
 }
 
 const NO_NODES_BEGIN: &str = "<!-- scripts/bench fleet without nodes: begin -->";
@@ -704,15 +698,9 @@ pub fn no_nodes_report(from: &Path, out: &Path) -> Result<(), Error> {
             from.display()
         ))
     })?;
-    let page = std::fs::read_to_string(out).unwrap_or_default();
-    let page = insert_section(&page, &section, NO_NODES_BEGIN, NO_NODES_END);
-    std::fs::write(out, page)
-        .map_err(|e| Error::Setup(format!("writing {}: {e}", out.display())))?;
-    println!(
-        "wrote the section without Node projection of {}",
-        out.display()
-    );
-    Ok(())
+    rewrite_page(out, "the section without Node projection", |page| {
+        insert_section(&page, &section, NO_NODES_BEGIN, NO_NODES_END)
+    })
 }
 
 const KUBELET_BEGIN: &str = "<!-- scripts/bench kubelet: begin -->";
@@ -736,12 +724,7 @@ fn kubelet_section(from: &Path) -> Option<String> {
     let path = from.join("kubelet.json");
     let k = load(from, "kubelet.json")?;
     // The results carry no date of their own: the file's is the run's.
-    let date = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d", "-r"])
-        .arg(&path)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let date = file_date(&path).unwrap_or_default();
     let ms = |v: &Value| fmt(num(v).map(|x| x.round()), " ms");
     let rate = |v: &Value| fmt(num(v).map(|x| x.round()), " MiB/s");
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
@@ -808,11 +791,17 @@ pub fn kubelet_report(from: &Path, out: &Path) -> Result<(), Error> {
             from.display()
         ))
     })?;
-    let page = std::fs::read_to_string(out).unwrap_or_default();
-    let page = splice(&page, &section);
+    rewrite_page(out, "the kubelet facade's section", |page| {
+        splice(&page, &section)
+    })
+}
+
+/// Rewrites `out` with `edit` of what it holds now (nothing if it does not exist yet).
+fn rewrite_page(out: &Path, what: &str, edit: impl FnOnce(String) -> String) -> Result<(), Error> {
+    let page = edit(std::fs::read_to_string(out).unwrap_or_default());
     std::fs::write(out, page)
         .map_err(|e| Error::Setup(format!("writing {}: {e}", out.display())))?;
-    println!("wrote the kubelet facade's section of {}", out.display());
+    println!("wrote {what} of {}", out.display());
     Ok(())
 }
 
