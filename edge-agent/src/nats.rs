@@ -526,8 +526,8 @@ pub async fn heartbeat(
             }
         };
         // Published without asking for JetStream's acknowledgement: the stream stores it all
-        // the same, a lost beat is replaced by the next one, and the acknowledgement was an
-        // eighth of an idle device's bytes on the wire.
+        // the same, a lost beat is replaced by the next one, and an idle device's bytes on
+        // the wire lose the acknowledgement and the reply subject of every beat.
         if let Err(e) = client
             .publish(HEARTBEAT.subject(&settings.device), bytes.into())
             .await
