@@ -2,7 +2,7 @@
 //! (`protocol/tests/fuzz_corpus.rs`). A panic here is a bug.
 
 use fleetlet_protocol::{
-    AgentManifest, AgentStatus, Heartbeat, decode, encode,
+    AgentManifest, AgentStatus, FactsReport, Heartbeat, decode, encode,
     relay::{
         AttachRequest, ExecRequest, LogsRequest, PortForwardRequest, RequestError, StatsRequest,
     },
@@ -25,7 +25,7 @@ pub fn manifest(data: &[u8]) {
     }
 }
 
-/// Bytes from the actual-state and heartbeat keys, as the control plane receives them.
+/// Bytes from the actual-state, heartbeat and facts keys, as the control plane receives them.
 pub fn status(data: &[u8]) {
     if let Ok(s) = decode::<AgentStatus>(data)
         && let Ok(bytes) = encode(&s)
@@ -39,6 +39,11 @@ pub fn status(data: &[u8]) {
             decode::<Heartbeat>(&bytes).expect("heartbeat round trip"),
             h
         );
+    }
+    if let Ok(f) = decode::<FactsReport>(data)
+        && let Ok(bytes) = encode(&f)
+    {
+        assert_eq!(decode::<FactsReport>(&bytes).expect("facts round trip"), f);
     }
 }
 

@@ -18,8 +18,9 @@ use std::{
 
 use fleetlet_crds::EdgeDevice;
 use fleetlet_protocol::{
-    API_VERSION, AgentStatus, Capacity, DeviceId, Free, Heartbeat, SystemInfo, Timestamp, encode,
-    kv::{ACTUAL_STATE, HEARTBEAT},
+    API_VERSION, AgentStatus, Capacity, DeviceFacts, DeviceId, FactsReport, Free, Heartbeat,
+    SystemInfo, Timestamp, encode,
+    kv::{ACTUAL_STATE, FACTS, HEARTBEAT},
 };
 use fleetlet_testenv::bench::{Proc, apiserver_writes, proc_stat};
 use fleetlet_testenv::{TestEnv, process::free_port};
@@ -33,6 +34,37 @@ use serde_json::json;
 
 const LEASE_HIST: &str = "fleetlet_bridge_heartbeat_to_lease_ms";
 
+/// A device's facts, stored once before its beats (as the agent does).
+fn facts(dev: &str) -> Vec<u8> {
+    encode(&FactsReport {
+        api_version: API_VERSION.into(),
+        device: DeviceId::new(dev).unwrap(),
+        timestamp: Timestamp::now(),
+        facts: DeviceFacts {
+            agent_version: "0.1.0".into(),
+            system: SystemInfo {
+                operating_system: "linux".into(),
+                architecture: "arm64".into(),
+                os_image: "Debian GNU/Linux 12".into(),
+                kernel_version: "6.6".into(),
+                hostname: None,
+                model: None,
+            },
+            capacity: Capacity {
+                cpu_cores: 4,
+                memory_bytes: 4 << 30,
+                disk_bytes: 32 << 30,
+                pids: 32768,
+            },
+            addresses: vec![],
+            sealing_key: None,
+            limits: None,
+            container_runtime: None,
+        },
+    })
+    .unwrap()
+}
+
 fn heartbeat(dev: &str, seq: u64) -> Vec<u8> {
     encode(&Heartbeat {
         api_version: API_VERSION.into(),
@@ -40,30 +72,12 @@ fn heartbeat(dev: &str, seq: u64) -> Vec<u8> {
         sequence: seq,
         timestamp: Timestamp::now(),
         interval_seconds: 10,
-        agent_version: "0.1.0".into(),
-        system: SystemInfo {
-            operating_system: "linux".into(),
-            architecture: "arm64".into(),
-            os_image: "Debian GNU/Linux 12".into(),
-            kernel_version: "6.6".into(),
-            hostname: None,
-            model: None,
-        },
-        capacity: Capacity {
-            cpu_cores: 4,
-            memory_bytes: 4 << 30,
-            disk_bytes: 32 << 30,
-            pids: 32768,
-        },
         free: Free {
             memory_bytes: 3 << 30,
             disk_bytes: 20 << 30,
             pids: 32000,
         },
-        addresses: vec![],
-        sealing_key: None,
-        limits: None,
-        container_runtime: None,
+        facts: None,
     })
     .unwrap()
 }
@@ -136,6 +150,14 @@ async fn run(n: usize, window: u64) -> serde_json::Value {
     // Heartbeats: every device every 10 s, spread evenly.
     let js = env.jetstream().await.unwrap();
     let hb_kv = js.get_key_value(HEARTBEAT.name).await.unwrap();
+    let facts_kv = js.get_key_value(FACTS.name).await.unwrap();
+    for i in 0..n {
+        let dev = format!("dev-{i:05}");
+        facts_kv
+            .put(dev.as_str(), facts(&dev).into())
+            .await
+            .unwrap();
+    }
     let beats = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(10) / n as u32);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);

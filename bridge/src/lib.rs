@@ -36,7 +36,7 @@ use fleetlet_crds::{
 use fleetlet_plumbing::{KvCache, LeaderGated, NatsArgs, leader::Election};
 use fleetlet_protocol::{
     DeviceId,
-    kv::{ACTUAL_STATE, HEARTBEAT},
+    kv::{ACTUAL_STATE, FACTS, HEARTBEAT},
 };
 use futures::StreamExt;
 use tokio::{sync::Notify, time::Instant};
@@ -175,6 +175,7 @@ pub async fn run(
     let watches = Watches::start(&client, &changed, &mut tasks);
     let actual = KvCache::new(ACTUAL_STATE);
     let heartbeats = KvCache::new(HEARTBEAT);
+    let facts = KvCache::new(FACTS);
     // The bridge reads buckets without consumers (its NATS account may not create any):
     // the records JetStream republishes, after a listing by direct gets.
     const RELIST: Duration = Duration::from_secs(600);
@@ -188,6 +189,11 @@ pub async fn run(
             .clone()
             .run_republished(nats.clone(), changed.clone(), RELIST),
     );
+    tasks.spawn(
+        facts
+            .clone()
+            .run_republished(nats.clone(), changed.clone(), RELIST),
+    );
     let metrics = Arc::new(Metrics::default());
     let (addr, ready) =
         fleetlet_plumbing::serve_metrics(args.metrics_addr, metrics.clone(), &mut tasks).await?;
@@ -198,6 +204,7 @@ pub async fn run(
             nodes: watches.nodes.clone(),
             actual: actual.clone(),
             heartbeats: heartbeats.clone(),
+            facts: facts.clone(),
             metrics: metrics.clone(),
         },
         mirror::Timing {
@@ -242,6 +249,7 @@ pub async fn run(
             let dirty = [
                 actual.take_dirty(),
                 heartbeats.take_dirty(),
+                facts.take_dirty(),
                 watches.take_dirty(),
             ];
             next_full = step(&mirror, &watches.pods, dirty, next_full, resync).await;
@@ -258,7 +266,7 @@ pub async fn run(
 async fn step(
     mirror: &Mirror,
     pods: &reflector::Store<Pod>,
-    dirty: [HashSet<DeviceId>; 3],
+    dirty: [HashSet<DeviceId>; 4],
     next_full: Instant,
     resync: Duration,
 ) -> Instant {

@@ -19,7 +19,7 @@ use fleetlet_crds::{
     },
 };
 use fleetlet_plumbing::KvCache;
-use fleetlet_protocol::{AgentStatus, DeviceId, Heartbeat, Timestamp};
+use fleetlet_protocol::{AgentStatus, DeviceId, FactsReport, Heartbeat, Timestamp};
 use futures::StreamExt;
 use serde_json::json;
 use tracing::{debug, info, instrument, warn};
@@ -67,6 +67,7 @@ pub struct Context {
     pub nodes: Reflector<Node>,
     pub actual: Arc<KvCache<AgentStatus>>,
     pub heartbeats: Arc<KvCache<Heartbeat>>,
+    pub facts: Arc<KvCache<FactsReport>>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -100,7 +101,7 @@ impl Mirror {
     }
 
     pub fn synced(&self) -> bool {
-        self.ctx.actual.is_ready() && self.ctx.heartbeats.is_ready()
+        self.ctx.actual.is_ready() && self.ctx.heartbeats.is_ready() && self.ctx.facts.is_ready()
     }
 
     /// Devices by id (the older EdgeDevice wins an id claimed in two namespaces).
@@ -200,6 +201,15 @@ impl Mirror {
         total
     }
 
+    /// The device's last heartbeat, with its facts in it.
+    pub fn heartbeat(&self, id: &DeviceId) -> Option<Heartbeat> {
+        let report = self.ctx.facts.get(id).map(|v| v.value);
+        view::with_facts(
+            self.ctx.heartbeats.get(id).map(|v| v.value),
+            report.as_ref(),
+        )
+    }
+
     /// One device: its EdgeDevice status, its Node, the Node's status and its Lease.
     async fn mirror_device(
         &self,
@@ -209,7 +219,7 @@ impl Mirror {
         now: Timestamp,
     ) -> Writes {
         let mut w = Writes::default();
-        let hb = self.ctx.heartbeats.get(id).map(|v| v.value);
+        let hb = self.heartbeat(id);
         let st = self.ctx.actual.get(id).map(|v| v.value);
         let grace_ms = self.grace_ms_of(dev);
         let live = view::liveness(hb.as_ref(), now, grace_ms);

@@ -365,7 +365,7 @@ pub async fn pass(
         if pod.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        let hb = mirror.ctx.heartbeats.get(device).map(|v| v.value);
+        let hb = mirror.heartbeat(device);
         // The same grace as the device's Node: its own, or the bridge's.
         let grace_ms = objects
             .get(device)
@@ -377,7 +377,8 @@ pub async fn pass(
                 .is_some_and(|h| now.saturating_sub(h.timestamp.as_millis()) < grace_ms),
             host_ip: hb
                 .as_ref()
-                .and_then(|h| h.addresses.iter().find(|a| a.type_ == "InternalIP"))
+                .and_then(|h| h.facts.as_ref())
+                .and_then(|f| f.addresses.iter().find(|a| a.type_ == "InternalIP"))
                 .map(|a| a.address.clone()),
         };
         if mirror_status(&mirror.ctx.client, &pod, &side).await {

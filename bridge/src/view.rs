@@ -20,7 +20,9 @@ use fleetlet_crds::{
         jiff::Timestamp as KTime,
     },
 };
-use fleetlet_protocol::{AgentStatus, Heartbeat, ResourceStatus, Timestamp};
+use fleetlet_protocol::{
+    AgentStatus, DeviceFacts, FactsReport, Heartbeat, ResourceStatus, Timestamp,
+};
 
 /// Label on every Node the bridge manages, holding the device id.
 pub use fleetlet_crds::naming::DEVICE_LABEL;
@@ -261,16 +263,29 @@ fn converged_verdict(
     }
 }
 
-/// The device's facts, from its heartbeat.
-fn device_info(h: &Heartbeat) -> DeviceInfo {
-    DeviceInfo {
+/// The device's facts, from its heartbeat (where the mirror puts them; see
+/// [`with_facts`]).
+fn device_info(h: &Heartbeat) -> Option<DeviceInfo> {
+    let h = h.facts.as_ref()?;
+    Some(DeviceInfo {
         architecture: h.system.architecture.clone(),
         operating_system: h.system.operating_system.clone(),
         os_image: h.system.os_image.clone(),
         kernel_version: h.system.kernel_version.clone(),
         agent_version: h.agent_version.clone(),
         addresses: h.addresses.iter().map(|a| a.address.clone()).collect(),
-    }
+    })
+}
+
+/// The device's heartbeat with its facts in it: its own report when it has stored one,
+/// else what the heartbeat carried inline (an agent from before the `facts` bucket).
+pub fn with_facts(hb: Option<Heartbeat>, report: Option<&FactsReport>) -> Option<Heartbeat> {
+    hb.map(|mut h| {
+        if let Some(r) = report {
+            h.facts = Some(r.facts.clone());
+        }
+        h
+    })
 }
 
 /// The EdgeDevice status fields the bridge owns. `desiredGeneration` is the controller's.
@@ -302,7 +317,7 @@ pub fn device_status(
         desired_generation: None,
         applied_generation: applied,
         last_heartbeat_time: old.last_heartbeat_time.clone(),
-        device: hb.map(device_info),
+        device: hb.and_then(device_info),
         resources,
         // The controller's field, not the bridge's.
         credentials: None,
@@ -337,8 +352,8 @@ pub fn node_labels(
     l.insert(DEVICE_LABEL.into(), device_id.into());
     l.insert("kubernetes.io/hostname".into(), device_id.into());
     l.insert("kubernetes.io/os".into(), "linux".into());
-    if let Some(h) = hb {
-        l.insert("kubernetes.io/arch".into(), h.system.architecture.clone());
+    if let Some(f) = hb.and_then(|h| h.facts.as_ref()) {
+        l.insert("kubernetes.io/arch".into(), f.system.architecture.clone());
     }
     l.insert(
         "node.kubernetes.io/instance-type".into(),
@@ -503,7 +518,7 @@ pub fn lease(name: &str, node_uid: &str, grace_ms: u64, hb: &Heartbeat) -> Lease
 
 /// Node capacity (and allocatable) from the heartbeat.
 fn capacity(h: Option<&Heartbeat>) -> BTreeMap<String, Quantity> {
-    let cap = h.map(|h| h.capacity).unwrap_or_default();
+    let cap = facts(h).map(|f| f.capacity).unwrap_or_default();
     BTreeMap::from([
         ("cpu".into(), quantity(u64::from(cap.cpu_cores))),
         ("memory".into(), quantity(cap.memory_bytes)),
@@ -514,7 +529,7 @@ fn capacity(h: Option<&Heartbeat>) -> BTreeMap<String, Quantity> {
 
 /// (type, status, reason) of Ready and the three pressure conditions.
 fn node_condition_rows(h: Option<&Heartbeat>, live: Liveness) -> [(String, String, String); 4] {
-    let cap = h.map(|h| h.capacity).unwrap_or_default();
+    let cap = facts(h).map(|f| f.capacity).unwrap_or_default();
     let free = h.map(|h| h.free).unwrap_or_default();
     let pct = |free: u64, total: u64| free.saturating_mul(100).checked_div(total).unwrap_or(100);
     let pressure =
@@ -595,9 +610,13 @@ fn node_condition(
     }
 }
 
+fn facts(h: Option<&Heartbeat>) -> Option<&DeviceFacts> {
+    h.and_then(|h| h.facts.as_ref())
+}
+
 /// What the device runs, as a kubelet reports it.
 fn node_info(h: Option<&Heartbeat>) -> NodeSystemInfo {
-    let Some(h) = h else {
+    let Some(h) = facts(h) else {
         return NodeSystemInfo {
             operating_system: "linux".into(),
             kubelet_version: "fleetlet-agent".into(),
@@ -631,7 +650,7 @@ pub fn node_status(
         .collect();
     NodeStatusView {
         node_info: node_info(hb),
-        addresses: hb
+        addresses: facts(hb)
             .map(|h| {
                 h.addresses
                     .iter()
@@ -675,22 +694,24 @@ mod tests {
             sequence: 1,
             timestamp: Timestamp(at),
             interval_seconds: 10,
-            agent_version: "0.1.0".into(),
-            system: SystemInfo {
-                operating_system: "linux".into(),
-                architecture: "arm64".into(),
-                ..Default::default()
-            },
-            capacity,
             free: Free {
                 memory_bytes: capacity.memory_bytes / 100 * mem_pct,
                 disk_bytes: capacity.disk_bytes / 100 * disk_pct,
                 pids: capacity.pids / 100 * pids_pct,
             },
-            addresses: vec![],
-            sealing_key: None,
-            limits: None,
-            container_runtime: None,
+            facts: Some(DeviceFacts {
+                agent_version: "0.1.0".into(),
+                system: SystemInfo {
+                    operating_system: "linux".into(),
+                    architecture: "arm64".into(),
+                    ..Default::default()
+                },
+                capacity,
+                addresses: vec![],
+                sealing_key: None,
+                limits: None,
+                container_runtime: None,
+            }),
         }
     }
 

@@ -7,8 +7,9 @@ use std::{path::Path, sync::OnceLock, time::Duration};
 use async_nats::jetstream::kv::Store;
 use fleetlet_crds::EdgeDevice;
 use fleetlet_protocol::{
-    API_VERSION, Address, Capacity, DeviceId, Free, Heartbeat, SystemInfo, Timestamp, encode,
-    kv::{ACTUAL_STATE, HEARTBEAT},
+    API_VERSION, Address, Capacity, DeviceFacts, DeviceId, FactsReport, Free, Heartbeat,
+    SystemInfo, Timestamp, encode,
+    kv::{ACTUAL_STATE, FACTS, HEARTBEAT},
 };
 use fleetlet_testenv::{
     DEFAULT_TIMEOUT, TestEnv, eventually,
@@ -119,21 +120,26 @@ async fn add_device(env: &TestEnv, ns: &str, name: &str) -> Api<EdgeDevice> {
     api
 }
 
-async fn buckets(env: &TestEnv) -> (Store, Store) {
+/// Where a test device writes: its heartbeats and its facts.
+#[derive(Clone)]
+struct Beats {
+    hb: Store,
+    facts: Store,
+}
+
+async fn buckets(env: &TestEnv) -> (Beats, Store) {
     let js = env.jetstream().await.unwrap();
     (
-        js.get_key_value(HEARTBEAT.name).await.unwrap(),
+        Beats {
+            hb: js.get_key_value(HEARTBEAT.name).await.unwrap(),
+            facts: js.get_key_value(FACTS.name).await.unwrap(),
+        },
         js.get_key_value(ACTUAL_STATE.name).await.unwrap(),
     )
 }
 
-async fn beat(hb: &Store, dev: &str, seq: u64) {
-    let h = Heartbeat {
-        api_version: API_VERSION.into(),
-        device: DeviceId::new(dev).unwrap(),
-        sequence: seq,
-        timestamp: Timestamp::now(),
-        interval_seconds: 1,
+fn facts(dev: &str) -> DeviceFacts {
+    DeviceFacts {
         agent_version: "0.1.0".into(),
         system: SystemInfo {
             operating_system: "linux".into(),
@@ -149,11 +155,6 @@ async fn beat(hb: &Store, dev: &str, seq: u64) {
             disk_bytes: 32 << 30,
             pids: 32768,
         },
-        free: Free {
-            memory_bytes: 3 << 30,
-            disk_bytes: 20 << 30,
-            pids: 32000,
-        },
         addresses: vec![Address {
             type_: "InternalIP".into(),
             address: "127.0.0.2".into(),
@@ -161,12 +162,34 @@ async fn beat(hb: &Store, dev: &str, seq: u64) {
         sealing_key: None,
         limits: None,
         container_runtime: None,
+    }
+}
+
+/// One heartbeat, as this agent sends it: the facts stored first (on the first beat), then
+/// a beat without them.
+async fn beat(b: &Beats, dev: &str, seq: u64) {
+    if seq == 1 {
+        let report = FactsReport {
+            api_version: API_VERSION.into(),
+            device: DeviceId::new(dev).unwrap(),
+            timestamp: Timestamp::now(),
+            facts: facts(dev),
+        };
+        b.facts
+            .put(dev, encode(&report).unwrap().into())
+            .await
+            .unwrap();
+    }
+    let h = Heartbeat {
+        facts: None,
+        sequence: seq,
+        ..sample(dev)
     };
-    hb.put(dev, encode(&h).unwrap().into()).await.unwrap();
+    b.hb.put(dev, encode(&h).unwrap().into()).await.unwrap();
 }
 
 /// Heartbeats once a second until dropped.
-fn keep_beating(hb: Store, dev: &'static str) -> tokio::task::JoinHandle<()> {
+fn keep_beating(hb: Beats, dev: &'static str) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         for seq in 1.. {
             beat(&hb, dev, seq).await;
@@ -314,6 +337,139 @@ async fn kubectl_get_nodes_shows_each_device_with_status_role_and_version() {
     assert_eq!(
         lease.spec.unwrap().holder_identity.as_deref(),
         Some("bn-pi")
+    );
+}
+
+/// A device's Node and EdgeDevice show its stored facts, and follow them when they change
+/// between heartbeats; an older agent's facts, sent inside every heartbeat, show as well.
+#[tokio::test]
+async fn facts_reach_the_node_from_their_bucket_or_inline_from_an_older_agent() {
+    let env = shared();
+    let ns = env.namespace("br-facts").await.unwrap();
+    let (b, _) = buckets(env).await;
+    let devices = add_device(env, &ns, "bf-new").await;
+    add_device(env, &ns, "bf-old").await;
+    let _new = keep_beating(b.clone(), "bf-new");
+    let old = b.hb.clone();
+    let _old = tokio::spawn(async move {
+        for seq in 1.. {
+            let mut f = facts("bf-old");
+            f.system.architecture = "arm".into();
+            f.agent_version = "0.9.0".into();
+            let h = Heartbeat {
+                facts: Some(f),
+                sequence: seq,
+                ..sample("bf-old")
+            };
+            old.put("bf-old", encode(&h).unwrap().into()).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    let nodes: Api<Node> = Api::all(env.kube_client().await.unwrap());
+    // What a Node shows of its device: (arch label, kubelet version, addresses).
+    let shown = |name: &'static str| {
+        let nodes = nodes.clone();
+        async move {
+            let n = nodes
+                .get_opt(name)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("no Node")?;
+            let arch = n
+                .metadata
+                .labels
+                .unwrap_or_default()
+                .get("kubernetes.io/arch")
+                .cloned()
+                .unwrap_or_default();
+            let status = n.status.unwrap_or_default();
+            let kubelet = status
+                .node_info
+                .map(|i| i.kubelet_version)
+                .unwrap_or_default();
+            let addresses: Vec<String> = status
+                .addresses
+                .unwrap_or_default()
+                .into_iter()
+                .map(|a| a.address)
+                .collect();
+            Ok::<_, String>((arch, kubelet, addresses))
+        }
+    };
+    let want_old = (
+        "arm".to_owned(),
+        "fleetlet-agent/v0.9.0".to_owned(),
+        vec!["127.0.0.2".to_owned()],
+    );
+    eventually(
+        "bf-old's inline facts on its Node",
+        DEFAULT_TIMEOUT,
+        || async {
+            let got = shown("bf-old").await?;
+            if got == want_old {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        },
+    )
+    .await;
+    let want_new = (
+        "arm64".to_owned(),
+        "fleetlet-agent/v0.1.0".to_owned(),
+        vec!["127.0.0.2".to_owned()],
+    );
+    eventually(
+        "bf-new's stored facts on its Node",
+        DEFAULT_TIMEOUT,
+        || async {
+            let got = shown("bf-new").await?;
+            if got == want_new {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        },
+    )
+    .await;
+
+    // New facts, while the beats go on without any: the Node and the EdgeDevice follow.
+    let mut f = facts("bf-new");
+    f.agent_version = "0.2.0".into();
+    f.addresses[0].address = "127.0.0.3".into();
+    let report = FactsReport {
+        api_version: API_VERSION.into(),
+        device: DeviceId::new("bf-new").unwrap(),
+        timestamp: Timestamp::now(),
+        facts: f,
+    };
+    b.facts
+        .put("bf-new", encode(&report).unwrap().into())
+        .await
+        .unwrap();
+    let want_new = (
+        "arm64".to_owned(),
+        "fleetlet-agent/v0.2.0".to_owned(),
+        vec!["127.0.0.3".to_owned()],
+    );
+    eventually(
+        "bf-new's changed facts on its Node",
+        DEFAULT_TIMEOUT,
+        || async {
+            let got = shown("bf-new").await?;
+            if got == want_new {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        },
+    )
+    .await;
+    let dev = devices.get("bf-new").await.unwrap();
+    let info = dev.status.unwrap().device.unwrap();
+    assert_eq!(
+        (info.agent_version.as_str(), info.addresses),
+        ("0.2.0", vec!["127.0.0.3".to_owned()])
     );
 }
 
@@ -740,19 +896,20 @@ async fn bad_payloads_are_ignored_with_a_logged_reason_and_the_bridge_keeps_work
     // The device whose key it is, and the device its heartbeat claims to be.
     add_device(env, &ns, "bb-other-name").await;
     add_device(env, &ns, "bb-someone").await;
-    hb.put("bb-bad", "{ not json".into()).await.unwrap();
+    hb.hb.put("bb-bad", "{ not json".into()).await.unwrap();
     actual.put("bb-bad", vec![0xff; 64].into()).await.unwrap();
-    hb.put(
-        "bb-other-name",
-        encode(&Heartbeat {
-            device: DeviceId::new("bb-someone").unwrap(),
-            ..sample("bb-someone")
-        })
-        .unwrap()
-        .into(),
-    )
-    .await
-    .unwrap();
+    hb.hb
+        .put(
+            "bb-other-name",
+            encode(&Heartbeat {
+                device: DeviceId::new("bb-someone").unwrap(),
+                ..sample("bb-someone")
+            })
+            .unwrap()
+            .into(),
+        )
+        .await
+        .unwrap();
 
     add_device(env, &ns, "bb-good").await;
     let _beats = keep_beating(hb, "bb-good");
@@ -789,14 +946,12 @@ fn sample(dev: &str) -> Heartbeat {
         sequence: 1,
         timestamp: Timestamp::now(),
         interval_seconds: 1,
-        agent_version: "0.1.0".into(),
-        system: SystemInfo::default(),
-        capacity: Capacity::default(),
-        free: Free::default(),
-        addresses: vec![],
-        sealing_key: None,
-        limits: None,
-        container_runtime: None,
+        free: Free {
+            memory_bytes: 3 << 30,
+            disk_bytes: 20 << 30,
+            pids: 32000,
+        },
+        facts: None,
     }
 }
 

@@ -21,8 +21,9 @@ use fleetlet_crds::{
     },
 };
 use fleetlet_protocol::{
-    AgentManifest, AgentStatus, DeviceId, Heartbeat, OwnerKind, Timestamp, encode,
-    kv::{ACTUAL_STATE, DESIRED_STATE, HEARTBEAT},
+    AgentManifest, AgentStatus, DeviceFacts, DeviceId, FactsReport, Heartbeat, OwnerKind,
+    Timestamp, encode, facts_of,
+    kv::{ACTUAL_STATE, DESIRED_STATE, FACTS, HEARTBEAT},
 };
 use futures::StreamExt;
 use serde_json::json;
@@ -49,6 +50,7 @@ pub struct Buckets {
     pub desired: Store,
     pub actual: Store,
     pub heartbeat: Store,
+    pub facts: Store,
 }
 
 /// What the fleet loop reads and writes through.
@@ -59,6 +61,7 @@ pub struct Context {
     pub desired: Arc<KvCache<AgentManifest>>,
     pub actual: Arc<KvCache<AgentStatus>>,
     pub heartbeats: Arc<KvCache<Heartbeat>>,
+    pub facts: Arc<KvCache<FactsReport>>,
     pub stores: Buckets,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
@@ -172,11 +175,7 @@ impl Fleet {
             }
             let seal = DeviceSeal {
                 sealer: &self.sealer,
-                key: self
-                    .ctx
-                    .heartbeats
-                    .get(&device)
-                    .and_then(|h| h.value.sealing_key),
+                key: self.device_facts(&device).and_then(|f| f.sealing_key),
             };
             match translate(&pod, watch, &seal) {
                 Ok(resources) => views.push(PodView {
@@ -397,7 +396,17 @@ impl Fleet {
 
     /// Whether every input has been listed once (acting earlier could delete real state).
     pub fn synced(&self) -> bool {
-        self.ctx.desired.is_ready() && self.ctx.actual.is_ready() && self.ctx.heartbeats.is_ready()
+        self.ctx.desired.is_ready()
+            && self.ctx.actual.is_ready()
+            && self.ctx.heartbeats.is_ready()
+            && self.ctx.facts.is_ready()
+    }
+
+    /// A device's facts: its report, or what an older agent's heartbeat carries.
+    fn device_facts(&self, device: &DeviceId) -> Option<DeviceFacts> {
+        let report = self.ctx.facts.get(device).map(|v| v.value);
+        let beat = self.ctx.heartbeats.get(device).map(|v| v.value);
+        facts_of(report.as_ref(), beat.as_ref()).cloned()
     }
 
     /// Devices by id; when two namespaces claim one id, the older EdgeDevice has it.
@@ -432,6 +441,7 @@ impl Fleet {
         let views = device_views(
             &devices,
             &self.ctx.heartbeats.snapshot(),
+            &self.ctx.facts.snapshot(),
             Timestamp::now(),
             self.deadlines.offline_after,
         );
@@ -700,7 +710,7 @@ impl Fleet {
     /// Deletes the KV keys of devices that no longer have an EdgeDevice.
     async fn remove_orphans(&self, devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>) -> u32 {
         let mut deleted = 0;
-        let buckets: [(&Store, Vec<DeviceId>, &str); 3] = [
+        let buckets: [(&Store, Vec<DeviceId>, &str); 4] = [
             (
                 &self.ctx.stores.desired,
                 self.ctx.desired.devices(),
@@ -716,6 +726,7 @@ impl Fleet {
                 self.ctx.heartbeats.devices(),
                 HEARTBEAT.name,
             ),
+            (&self.ctx.stores.facts, self.ctx.facts.devices(), FACTS.name),
         ];
         for (store, ids, bucket) in buckets {
             for id in ids.into_iter().filter(|id| !devices.contains_key(id)) {
@@ -989,7 +1000,7 @@ fn device_resources(
     out
 }
 
-/// Seals to one device's key, once its heartbeat has brought it.
+/// Seals to one device's key, once its facts have brought it.
 struct DeviceSeal<'a> {
     sealer: &'a crate::sealing::Sealer,
     key: Option<String>,
@@ -999,7 +1010,7 @@ impl crate::pods::Seal for DeviceSeal<'_> {
     fn seal(&self, bytes: &[u8]) -> Result<String, Refusal> {
         let key = self.key.as_deref().ok_or_else(|| Refusal {
             reason: "DeviceKeyUnknown",
-            message: "the device has not sent its sealing key yet (it comes with its heartbeat); \
+            message: "the device has not sent its sealing key yet (it comes with its facts); \
                       the pod's Secrets go to the device only sealed to that key"
                 .into(),
             transient: true,
@@ -1056,6 +1067,7 @@ const DEVICE_CONDITION_MANAGER: &str = "fleetlet-controller-conditions";
 fn device_views(
     devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>,
     heartbeats: &HashMap<DeviceId, Versioned<Heartbeat>>,
+    facts: &HashMap<DeviceId, Versioned<FactsReport>>,
     now: Timestamp,
     offline_after: Duration,
 ) -> Vec<DeviceView> {
@@ -1071,11 +1083,13 @@ fn device_views(
                     .saturating_sub(h.value.timestamp.as_millis())
                     < offline_after.as_millis() as u64
             }),
-            limits: heartbeats
-                .get(id)
-                .and_then(|h| h.value.limits)
-                .unwrap_or_default()
-                .bounded(),
+            limits: facts_of(
+                facts.get(id).map(|f| &f.value),
+                heartbeats.get(id).map(|h| &h.value),
+            )
+            .and_then(|f| f.limits)
+            .unwrap_or_default()
+            .bounded(),
         })
         .collect()
 }

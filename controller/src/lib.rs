@@ -39,7 +39,7 @@ use fleetlet_crds::{
         },
     },
 };
-use fleetlet_protocol::kv::{ACTUAL_STATE, BUCKETS, DESIRED_STATE, HEARTBEAT};
+use fleetlet_protocol::kv::{ACTUAL_STATE, BUCKETS, DESIRED_STATE, FACTS, HEARTBEAT};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
@@ -333,9 +333,13 @@ pub async fn run(
     let desired = KvCache::new(DESIRED_STATE);
     let actual = KvCache::new(ACTUAL_STATE);
     let heartbeats = KvCache::new_quiet(HEARTBEAT);
+    // Quiet too: a device's first facts start a pass (its sealing key has come), a refresh
+    // of the same facts does not.
+    let facts = KvCache::new_quiet(FACTS);
     tasks.spawn(desired.clone().run(nats.clone(), changed.clone()));
     tasks.spawn(actual.clone().run(nats.clone(), changed.clone()));
     tasks.spawn(heartbeats.clone().run(nats.clone(), changed.clone()));
+    tasks.spawn(facts.clone().run(nats.clone(), changed.clone()));
     let metrics = Arc::new(Metrics::default());
     let (metrics_addr, ready) =
         serve_metrics(args.metrics_addr, metrics.clone(), &mut tasks).await?;
@@ -353,6 +357,7 @@ pub async fn run(
             desired: desired.clone(),
             actual,
             heartbeats,
+            facts,
             stores,
             recorder: Recorder::new(client.clone(), reporter),
             metrics: metrics.clone(),
@@ -437,6 +442,7 @@ async fn bind_buckets(js: &jetstream::Context) -> Result<fleet::Buckets, Error> 
         desired: bind(DESIRED_STATE.name).await?,
         actual: bind(ACTUAL_STATE.name).await?,
         heartbeat: bind(HEARTBEAT.name).await?,
+        facts: bind(FACTS.name).await?,
     })
 }
 

@@ -15,7 +15,7 @@
 //!    `paused` moves nobody. A device that never had the manifest gets it at once.
 //! 4. A paused EdgeDevice keeps whatever it has.
 //! 5. Limits: a device's manifest stays within what the device accepts (resources and
-//!    bytes, from its heartbeat). In age order, a manifest whose resources would take a
+//!    bytes, from its facts). In age order, a manifest whose resources would take a
 //!    device over is left out there: the device keeps what it runs of that manifest if
 //!    that still fits, else nothing of it. Older manifests keep flowing.
 
@@ -38,7 +38,7 @@ pub struct DeviceView {
     pub paused: bool,
     /// Heartbeat seen recently enough to count the device as online.
     pub online: bool,
-    /// What the device accepts (its heartbeat's, bounded; the defaults before it has one).
+    /// What the device accepts (from its facts, bounded; the defaults before it has one).
     pub limits: DeviceLimits,
 }
 

@@ -1,5 +1,5 @@
 //! Sealing a Pod's Secret contents to its device: a sealed box (X25519 + XSalsa20-Poly1305,
-//! libsodium's `crypto_box_seal`) to the public key the device sends in its heartbeats.
+//! libsodium's `crypto_box_seal`) to the public key the device stores with its facts.
 //! Only that device can open it; the desired-state bucket, its backups, and every identity
 //! on NATS other than the device see ciphertext.
 //!

@@ -21,8 +21,8 @@ use std::{
 use async_nats::jetstream::kv::Store;
 use fleetlet_crds::{EdgeDevice, EdgeManifest};
 use fleetlet_protocol::{
-    API_VERSION, AgentManifest, AgentStatus, Capacity, DeviceId, Free, Heartbeat, ResourceDetails,
-    ResourceStatus, SystemInfo, Timestamp, decode, encode,
+    API_VERSION, AgentManifest, AgentStatus, DeviceId, Free, Heartbeat, ResourceDetails,
+    ResourceStatus, Timestamp, decode, encode,
     kv::{ACTUAL_STATE, DESIRED_STATE, HEARTBEAT},
 };
 use fleetlet_testenv::{
@@ -226,14 +226,8 @@ async fn simulate_agent_at(kv: &Kv, dev: &str, ready: bool, at: Timestamp) {
         sequence: 1,
         timestamp: at,
         interval_seconds: 10,
-        agent_version: "test".into(),
-        system: SystemInfo::default(),
-        capacity: Capacity::default(),
         free: Free::default(),
-        addresses: vec![],
-        sealing_key: None,
-        limits: None,
-        container_runtime: None,
+        facts: None,
     };
     kv.heartbeat
         .put(dev, encode(&hb).unwrap().into())

@@ -1,10 +1,10 @@
-//! What the device is and has, for heartbeats: read from /proc, /etc and statvfs.
+//! What the device is and has, for heartbeats and facts: read from /proc, /etc and statvfs.
 
 use std::{fs, net::Ipv4Addr, sync::Arc};
 
 use fleetlet_protocol::{
-    API_VERSION, Address, Capacity, DeviceLimits, Free, Heartbeat, SystemInfo, Timestamp,
-    manifest::MAX_RESOURCES,
+    API_VERSION, Address, Capacity, DeviceFacts, DeviceLimits, FactsReport, Free, Heartbeat,
+    SystemInfo, Timestamp, manifest::MAX_RESOURCES,
 };
 
 use crate::config::Settings;
@@ -28,7 +28,7 @@ pub fn k8s_arch() -> &'static str {
 }
 
 impl Facts {
-    /// `sealing_key`: the device's public sealing key, which heartbeats carry.
+    /// `sealing_key`: the device's public sealing key, which its facts carry.
     pub fn new(settings: Arc<Settings>, sealing_key: Option<String>) -> Self {
         let uname = rustix::system::uname();
         let os_image = fs::read_to_string("/etc/os-release")
@@ -63,14 +63,12 @@ impl Facts {
         }
     }
 
+    /// The next heartbeat: liveness and what is free now, without the facts.
     pub fn heartbeat(&mut self) -> Heartbeat {
         self.sequence += 1;
-        let (mem_total, mem_free) = meminfo();
-        let (disk_total, disk_free) = disk(&self.settings.state_dir);
-        let pid_max = fs::read_to_string("/proc/sys/kernel/pid_max")
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        let (_, mem_free) = meminfo();
+        let (_, disk_free) = disk(&self.settings.state_dir);
+        let pid_max = pid_max();
         let running = fs::read_dir("/proc")
             .map(|d| {
                 d.filter_map(Result::ok)
@@ -83,6 +81,26 @@ impl Facts {
                     .count() as u64
             })
             .unwrap_or(0);
+        Heartbeat {
+            api_version: API_VERSION.into(),
+            device: self.settings.device.clone(),
+            sequence: self.sequence,
+            timestamp: Timestamp::now(),
+            interval_seconds: u32::try_from(self.settings.heartbeat_interval.as_secs())
+                .unwrap_or(u32::MAX),
+            free: Free {
+                memory_bytes: mem_free,
+                disk_bytes: disk_free,
+                pids: pid_max.saturating_sub(running),
+            },
+            facts: None,
+        }
+    }
+
+    /// What the device is and has now; `container_runtime` as last asked.
+    pub fn facts(&self, container_runtime: Option<String>) -> DeviceFacts {
+        let (mem_total, _) = meminfo();
+        let (disk_total, _) = disk(&self.settings.state_dir);
         let mut addresses: Vec<Address> = local_ipv4()
             .into_iter()
             .map(|ip| Address {
@@ -96,25 +114,14 @@ impl Facts {
                 address: h.clone(),
             });
         }
-        Heartbeat {
-            api_version: API_VERSION.into(),
-            device: self.settings.device.clone(),
-            sequence: self.sequence,
-            timestamp: Timestamp::now(),
-            interval_seconds: u32::try_from(self.settings.heartbeat_interval.as_secs())
-                .unwrap_or(u32::MAX),
+        DeviceFacts {
             agent_version: crate::VERSION.into(),
             system: self.system.clone(),
             capacity: Capacity {
                 cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
                 memory_bytes: mem_total,
                 disk_bytes: disk_total,
-                pids: pid_max,
-            },
-            free: Free {
-                memory_bytes: mem_free,
-                disk_bytes: disk_free,
-                pids: pid_max.saturating_sub(running),
+                pids: pid_max(),
             },
             addresses,
             sealing_key: self.sealing_key.clone(),
@@ -123,9 +130,26 @@ impl Facts {
                 max_manifest_bytes: self.settings.max_manifest_bytes as u64,
                 max_file_bytes: self.settings.max_file_bytes,
             }),
-            container_runtime: None,
+            container_runtime,
         }
     }
+
+    /// `facts` as the record the agent stores in the `facts` bucket.
+    pub fn report(&self, facts: DeviceFacts) -> FactsReport {
+        FactsReport {
+            api_version: API_VERSION.into(),
+            device: self.settings.device.clone(),
+            timestamp: Timestamp::now(),
+            facts,
+        }
+    }
+}
+
+fn pid_max() -> u64 {
+    fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0)
 }
 
 fn meminfo() -> (u64, u64) {

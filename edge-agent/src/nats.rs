@@ -13,9 +13,9 @@ use std::{
 
 use async_nats::ServerAddr;
 use fleetlet_protocol::{
-    AgentStatus, DeviceId, decode, encode,
+    AgentStatus, DeviceFacts, DeviceId, FactsReport, decode, encode,
     kv::{
-        ACTUAL_STATE, Bucket, DESIRED_STATE, EXPECTED_LAST_SUBJECT_SEQUENCE, HEARTBEAT,
+        ACTUAL_STATE, Bucket, DESIRED_STATE, EXPECTED_LAST_SUBJECT_SEQUENCE, FACTS, HEARTBEAT,
         OPERATION_HEADER, SEQUENCE_HEADER,
     },
 };
@@ -480,7 +480,14 @@ pub async fn write_status(
     }
 }
 
-/// Puts a heartbeat every interval, on its own task so reconciling never delays it.
+/// Stored facts are written again after this long even when nothing changed, so a record
+/// lost on the server side (a bucket restored from an older backup, a key removed with its
+/// EdgeDevice) comes back within it.
+const FACTS_REFRESH: Duration = Duration::from_secs(3600);
+
+/// Sends a heartbeat every interval, on its own task so reconciling never delays it, and
+/// stores the device's facts before it whenever they changed: on a new connection, and
+/// every [`FACTS_REFRESH`].
 #[instrument(skip_all, fields(device = %settings.device))]
 pub async fn heartbeat(
     client: async_nats::Client,
@@ -494,6 +501,8 @@ pub async fn heartbeat(
     // come up late); a heartbeat never waits long for it.
     let mut runtime: Option<String> = None;
     let mut runtime_asked: Option<tokio::time::Instant> = None;
+    // The facts last acknowledged by JetStream, on which connection and when.
+    let mut stored: Option<(DeviceFacts, u64, tokio::time::Instant)> = None;
     let mut tick = tokio::time::interval(settings.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -516,8 +525,18 @@ pub async fn heartbeat(
         if client.connection_state() != async_nats::connection::State::Connected {
             continue;
         }
-        let mut hb = facts.heartbeat();
-        hb.container_runtime = runtime.clone();
+        let now = facts.facts(runtime.clone());
+        let connection = client.statistics().connects.load(Ordering::Relaxed);
+        let due = stored.as_ref().is_none_or(|(f, conn, at)| {
+            *f != now || *conn != connection || at.elapsed() >= FACTS_REFRESH
+        });
+        if due {
+            stored = store_facts(&client, &settings.device, facts.report(now.clone()))
+                .await
+                .then(|| (now, connection, tokio::time::Instant::now()))
+                .or(stored);
+        }
+        let hb = facts.heartbeat();
         let bytes = match encode(&hb) {
             Ok(b) => b,
             Err(e) => {
@@ -533,6 +552,37 @@ pub async fn heartbeat(
             .await
         {
             debug!(error = %e, sequence = hb.sequence, "heartbeat not sent");
+        }
+    }
+}
+
+/// Stores the device's facts with JetStream's acknowledgement; false when they were not
+/// stored (tried again on the next beat).
+async fn store_facts(client: &async_nats::Client, device: &DeviceId, report: FactsReport) -> bool {
+    let bytes = match encode(&report) {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(error = %e, "cannot encode facts");
+            return false;
+        }
+    };
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        put(client, FACTS, device, bytes.into(), None),
+    )
+    .await
+    {
+        Ok(Ok(revision)) => {
+            debug!(revision, "facts stored");
+            true
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, "facts not stored");
+            false
+        }
+        Err(_) => {
+            warn!("facts not stored: no acknowledgement within 5 s");
+            false
         }
     }
 }

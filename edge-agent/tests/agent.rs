@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use common::*;
 use fleetlet_protocol::{
-    API_VERSION, AgentStatus, DeviceId, Heartbeat, ResourceStatus, decode, encode,
+    API_VERSION, AgentStatus, DeviceId, FactsReport, Heartbeat, ResourceStatus, decode, encode,
+    kv::FACTS,
 };
 use fleetlet_testenv::{DEFAULT_TIMEOUT, TestEnv, eventually, wait::file_contains};
 
@@ -423,10 +424,20 @@ async fn concurrent_status_writers_do_not_lose_updates() {
     assert_eq!(decode::<AgentStatus>(&e.value).unwrap().drift_repairs, 50);
 }
 
+/// Heartbeats carry liveness and what is free; the facts are stored apart, once, and not
+/// again with every beat. A connection that is new stores them again, so a record lost on
+/// the server comes back.
 #[tokio::test]
-async fn heartbeats_carry_device_facts_and_keep_coming() {
-    let env = TestEnv::builder().nats().start().await.unwrap();
+async fn heartbeats_stay_small_and_facts_are_stored_once_and_again_on_a_new_connection() {
+    let mut env = TestEnv::builder().nats().start().await.unwrap();
     let (_, _, heartbeat) = buckets(&env).await;
+    let facts = env
+        .jetstream()
+        .await
+        .unwrap()
+        .get_key_value(FACTS.name)
+        .await
+        .unwrap();
     let dev = Device::new("pi-heartbeat");
     let _agent = dev.start(env.nats_url().unwrap(), "");
     let latest = || async {
@@ -435,27 +446,70 @@ async fn heartbeats_carry_device_facts_and_keep_coming() {
             .await
             .map_err(|e| e.to_string())?
             .ok_or("no heartbeat yet")?;
-        Ok::<_, String>(decode::<Heartbeat>(&e.value).unwrap())
+        Ok::<_, String>((decode::<Heartbeat>(&e.value).unwrap(), e.value.len()))
     };
-    let first = eventually("a heartbeat", DEFAULT_TIMEOUT, latest).await;
-    let hb = &eventually("a later heartbeat", DEFAULT_TIMEOUT, || async {
-        let hb = latest().await?;
-        if hb.sequence > first.sequence {
-            Ok(hb)
-        } else {
-            Err(format!("sequence {} again", hb.sequence))
-        }
-    })
-    .await;
+    let after = async |seq: u64| {
+        eventually("a later heartbeat", DEFAULT_TIMEOUT, || async {
+            let (hb, size) = latest().await?;
+            if hb.sequence > seq {
+                Ok((hb, size))
+            } else {
+                Err(format!("sequence {} again", hb.sequence))
+            }
+        })
+        .await
+    };
+    let (first, _) = eventually("a heartbeat", DEFAULT_TIMEOUT, latest).await;
+    let (hb, size) = after(first.sequence).await;
     assert_eq!(hb.device, dev.id);
     assert_eq!(hb.interval_seconds, 1);
-    assert_eq!(hb.system.operating_system, "linux");
-    assert_eq!(hb.system.architecture, "amd64");
-    assert!(
-        hb.capacity.memory_bytes > 0 && hb.capacity.cpu_cores > 0 && hb.capacity.disk_bytes > 0
+    assert_eq!(hb.facts, None, "a beat carries no facts");
+    assert!(size < 256, "a heartbeat of {size} bytes");
+
+    let stored = facts.entry("pi-heartbeat").await.unwrap().expect("facts");
+    let report = decode::<FactsReport>(&stored.value).unwrap();
+    let f = &report.facts;
+    assert_eq!(report.device, dev.id);
+    assert_eq!(f.system.operating_system, "linux");
+    assert_eq!(f.system.architecture, "amd64");
+    assert!(!f.system.kernel_version.is_empty());
+    assert!(f.capacity.memory_bytes > 0 && f.capacity.cpu_cores > 0 && f.capacity.disk_bytes > 0);
+    assert!(hb.free.memory_bytes <= f.capacity.memory_bytes);
+    assert!(f.sealing_key.is_some() && f.limits.is_some());
+
+    // Three more beats: the stored facts are the same record.
+    let (later, _) = after(hb.sequence + 2).await;
+    assert!(later.sequence >= hb.sequence + 3);
+    let again = facts.entry("pi-heartbeat").await.unwrap().expect("facts");
+    assert_eq!(
+        again.revision, stored.revision,
+        "facts rewritten with a beat"
     );
-    assert!(hb.free.memory_bytes <= hb.capacity.memory_bytes);
-    assert!(!hb.system.kernel_version.is_empty());
+
+    // The record is lost on the server; the agent's next connection stores it again.
+    facts.delete("pi-heartbeat").await.unwrap();
+    assert!(facts.get("pi-heartbeat").await.unwrap().is_none());
+    let nats = env.nats.as_mut().unwrap();
+    nats.stop();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    nats.start_again().await.unwrap();
+    let facts = env
+        .jetstream()
+        .await
+        .unwrap()
+        .get_key_value(FACTS.name)
+        .await
+        .unwrap();
+    let back = eventually("the facts stored again", DEFAULT_TIMEOUT, || async {
+        let v = facts
+            .get("pi-heartbeat")
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("no facts")?;
+        Ok::<_, String>(decode::<FactsReport>(&v).unwrap())
+    })
+    .await;
+    assert_eq!(back.facts, report.facts);
 }
 
 #[tokio::test]

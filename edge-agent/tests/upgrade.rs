@@ -15,7 +15,7 @@ use common::*;
 use fleetlet_agent::file::sha256_hex;
 use fleetlet_controller::signing::Signer;
 use fleetlet_protocol::{
-    AgentBinary, AgentUpgradeSpec, FetchSource, Heartbeat, ManagedResource, ResourceDetails,
+    AgentBinary, AgentUpgradeSpec, FactsReport, FetchSource, ManagedResource, ResourceDetails,
     ResourceSpec, ResourceStatus, decode, upgrade::binary_statement,
 };
 use fleetlet_testenv::{
@@ -101,7 +101,15 @@ async fn the_agent_upgrades_itself_and_comes_back_from_a_version_that_does_not_s
 
     let env = TestEnv::builder().nats().start().await.unwrap();
     let sd = SystemdSandbox::start().await.unwrap();
-    let (desired, actual, heartbeats) = buckets(&env).await;
+    let (desired, actual, _) = buckets(&env).await;
+    // The version a device runs is in the facts it stores on start (before its first beat).
+    let facts = env
+        .jetstream()
+        .await
+        .unwrap()
+        .get_key_value(fleetlet_protocol::kv::FACTS.name)
+        .await
+        .unwrap();
     let root = tempfile::tempdir().unwrap();
     let signer = Signer::generate(&root.path().join("key.pem"), None).unwrap();
     let floors = Signer::from_file(&root.path().join("key.pem"), None).unwrap();
@@ -188,15 +196,15 @@ async fn the_agent_upgrades_itself_and_comes_back_from_a_version_that_does_not_s
         }
     };
     let version = || {
-        let heartbeats = heartbeats.clone();
+        let facts = facts.clone();
         async move {
-            let e = heartbeats
+            let e = facts
                 .entry("pi-upgrade")
                 .await
                 .map_err(|e| e.to_string())?
-                .ok_or("no heartbeat")?;
-            let h: Heartbeat = decode(&e.value).map_err(|e| e.to_string())?;
-            Ok::<String, String>(h.agent_version)
+                .ok_or("no facts")?;
+            let f: FactsReport = decode(&e.value).map_err(|e| e.to_string())?;
+            Ok::<String, String>(f.facts.agent_version)
         }
     };
     let journal = || {
@@ -238,9 +246,9 @@ async fn the_agent_upgrades_itself_and_comes_back_from_a_version_that_does_not_s
             }
         }
     };
-    // The version the device's heartbeats report, once they report `want`.
+    // The version the device's facts report, once they report `want`.
     let running = |want: &'static str| async move {
-        eventually(&format!("heartbeats from {want}"), WAIT, || async {
+        eventually(&format!("facts from {want}"), WAIT, || async {
             version()
                 .await
                 .and_then(|v| (v == want).then_some(()).ok_or(format!("running {v}")))

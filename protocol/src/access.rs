@@ -26,7 +26,7 @@
 
 use crate::{
     DeviceId,
-    kv::{ACTUAL_STATE, Bucket, DESIRED_STATE, HEARTBEAT, MAX_STATUS_BYTES},
+    kv::{ACTUAL_STATE, Bucket, DESIRED_STATE, FACTS, HEARTBEAT, MAX_STATUS_BYTES},
     relay,
 };
 
@@ -126,9 +126,10 @@ pub fn exports() -> Vec<Export> {
         // A device reads its manifest and its status back (for compare-and-set) ...
         device_service(DESIRED_STATE, true),
         device_service(ACTUAL_STATE, true),
-        // ... writes its status and heartbeat (compare-and-set is a header) ...
+        // ... writes its status, heartbeat and facts (compare-and-set is a header) ...
         device_service(ACTUAL_STATE, false),
         device_service(HEARTBEAT, false),
+        device_service(FACTS, false),
         // ... and hears of each new manifest once it is stored.
         Export {
             from: Exporter::Fleet,
@@ -140,9 +141,9 @@ pub fn exports() -> Vec<Export> {
             streamed_responses: false,
         },
     ];
-    // The bridge reads every device's status and heartbeat: batches of direct gets, and
-    // the changes as they are stored.
-    for b in [ACTUAL_STATE, HEARTBEAT] {
+    // The bridge reads every device's status, heartbeat and facts: batches of direct gets,
+    // and the changes as they are stored.
+    for b in [ACTUAL_STATE, HEARTBEAT, FACTS] {
         all.push(Export {
             from: Exporter::Fleet,
             kind: Kind::Service,
@@ -262,6 +263,7 @@ pub fn controller() -> Permissions {
             DESIRED_STATE.all_subjects(),
             ACTUAL_STATE.all_subjects(),
             HEARTBEAT.all_subjects(),
+            FACTS.all_subjects(),
             // Freshness floors answered to devices (see the agent's manifest checks).
             FLOOR_WILDCARD.into(),
         ],
@@ -270,6 +272,7 @@ pub fn controller() -> Permissions {
             DESIRED_STATE.all_changes(),
             ACTUAL_STATE.all_changes(),
             HEARTBEAT.all_changes(),
+            FACTS.all_changes(),
             FLOOR_WILDCARD.into(),
         ],
         allow_responses: true,

@@ -1,11 +1,13 @@
-//! Liveness and device facts, written by the agent every heartbeat interval.
+//! What a device sends about itself: a small heartbeat every interval (liveness and what
+//! is free now), and its facts (what it is and has), written only when they change.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::{names::DeviceId, time::Timestamp};
 
-/// One heartbeat: the device is alive, and what it looks like right now.
+/// One heartbeat: the device is alive, and what it has free right now. Its facts are kept
+/// apart, in [`FactsReport`], so an idle device does not send them every interval.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Heartbeat {
@@ -16,10 +18,33 @@ pub struct Heartbeat {
     pub timestamp: Timestamp,
     /// Seconds until the next heartbeat; lets readers judge staleness without configuration.
     pub interval_seconds: u32,
+    pub free: Free,
+    /// The facts, inline: how agents before the `facts` bucket send them. Readers use the
+    /// device's [`FactsReport`] when there is one, and these otherwise (see [`facts_of`]).
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub facts: Option<DeviceFacts>,
+}
+
+/// What a device is and has: written by the agent when any of it changes (and again now and
+/// then), in the `facts` bucket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FactsReport {
+    pub api_version: String,
+    pub device: DeviceId,
+    /// When the agent wrote these facts.
+    pub timestamp: Timestamp,
+    #[serde(flatten)]
+    pub facts: DeviceFacts,
+}
+
+/// A device's facts: what changes rarely, if ever, while the agent runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceFacts {
     pub agent_version: String,
     pub system: SystemInfo,
     pub capacity: Capacity,
-    pub free: Free,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<Address>,
     /// The device's X25519 public key (standard base64 of 32 bytes), which the controller
@@ -34,6 +59,17 @@ pub struct Heartbeat {
     /// absent when containers are disabled or the runtime does not answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_runtime: Option<String>,
+}
+
+/// A device's facts: its own report when it has written one, else what its heartbeat
+/// carries (an agent from before the `facts` bucket).
+pub fn facts_of<'a>(
+    report: Option<&'a FactsReport>,
+    heartbeat: Option<&'a Heartbeat>,
+) -> Option<&'a DeviceFacts> {
+    report
+        .map(|r| &r.facts)
+        .or_else(|| heartbeat.and_then(|h| h.facts.as_ref()))
 }
 
 /// The largest manifest a device accepts. A manifest over any of these is refused whole by

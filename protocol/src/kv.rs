@@ -27,8 +27,11 @@ pub const MAX_MANIFEST_BYTES: usize = 1024 * 1024 - 4096;
 /// Largest AgentStatus an agent writes (bytes of JSON).
 pub const MAX_STATUS_BYTES: usize = 256 * 1024;
 
-/// Largest Heartbeat (bytes of JSON).
+/// Largest Heartbeat (bytes of JSON). Room for the facts an older agent sends inline.
 pub const MAX_HEARTBEAT_BYTES: usize = 16 * 1024;
+
+/// Largest FactsReport (bytes of JSON).
+pub const MAX_FACTS_BYTES: usize = 16 * 1024;
 
 /// Desired state: one [`AgentManifest`](crate::AgentManifest) per device, written by the
 /// controller, read by the device. A short history keeps the last few generations for audit.
@@ -57,8 +60,17 @@ pub const HEARTBEAT: Bucket = Bucket {
     max_value_size: MAX_HEARTBEAT_BYTES as i32,
 };
 
+/// Facts: one [`FactsReport`](crate::FactsReport) per device, written by the device when
+/// its facts change. Kept apart from heartbeats so a beat carries only liveness.
+pub const FACTS: Bucket = Bucket {
+    name: "facts",
+    description: "fleetlet: FactsReport per device (written by the device)",
+    history: 1,
+    max_value_size: MAX_FACTS_BYTES as i32,
+};
+
 /// Every bucket, in the order they are created.
-pub const BUCKETS: [Bucket; 3] = [DESIRED_STATE, ACTUAL_STATE, HEARTBEAT];
+pub const BUCKETS: [Bucket; 4] = [DESIRED_STATE, ACTUAL_STATE, HEARTBEAT, FACTS];
 
 impl Bucket {
     /// The KV key of `device` in this bucket.

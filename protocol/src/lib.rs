@@ -20,7 +20,8 @@ pub mod time;
 pub mod upgrade;
 
 pub use heartbeat::{
-    Address, Capacity, DEFAULT_MAX_FILE_BYTES, DeviceLimits, Free, Heartbeat, SystemInfo,
+    Address, Capacity, DEFAULT_MAX_FILE_BYTES, DeviceFacts, DeviceLimits, FactsReport, Free,
+    Heartbeat, SystemInfo, facts_of,
 };
 pub use manifest::{
     AgentManifest, ContainerLimits, ContainerSpec, EnvVar, FetchSource, FileContent, FileSpec,
@@ -82,6 +83,17 @@ impl Record for AgentManifest {
 impl Record for AgentStatus {
     const WHAT: &'static str = "AgentStatus";
     const MAX_BYTES: usize = kv::MAX_STATUS_BYTES;
+    fn api_version(&self) -> &str {
+        &self.api_version
+    }
+    fn device(&self) -> &DeviceId {
+        &self.device
+    }
+}
+
+impl Record for FactsReport {
+    const WHAT: &'static str = "FactsReport";
+    const MAX_BYTES: usize = kv::MAX_FACTS_BYTES;
     fn api_version(&self) -> &str {
         &self.api_version
     }
@@ -202,6 +214,10 @@ pub fn json_schemas() -> Vec<(&'static str, schemars::Schema)> {
             schemars::schema_for!(AgentStatus),
         ),
         ("heartbeat.schema.json", schemars::schema_for!(Heartbeat)),
+        (
+            "facts-report.schema.json",
+            schemars::schema_for!(FactsReport),
+        ),
         (
             "signed-agent-manifest.schema.json",
             schemars::schema_for!(signing::SignedManifest),

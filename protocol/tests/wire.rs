@@ -4,10 +4,11 @@
 
 use fleetlet_protocol::{
     API_VERSION, Address, AgentManifest, AgentStatus, Capacity, ConditionStatus, ContainerLimits,
-    ContainerSpec, DecodeError, DeviceId, EnvVar, FetchSource, FileContent, FileSpec, Free,
-    Heartbeat, ManagedResource, ManifestError, Owner, OwnerKind, PortMapping, PortProtocol,
-    ResourceDetails, ResourceId, ResourceKind, ResourceSpec, ResourceStatus, RestartPolicy,
-    SystemInfo, SystemdUnitSpec, Timestamp, UnitState, UnsupportedSpec, decode, encode, kv,
+    ContainerSpec, DecodeError, DeviceFacts, DeviceId, EnvVar, FactsReport, FetchSource,
+    FileContent, FileSpec, Free, Heartbeat, ManagedResource, ManifestError, Owner, OwnerKind,
+    PortMapping, PortProtocol, ResourceDetails, ResourceId, ResourceKind, ResourceSpec,
+    ResourceStatus, RestartPolicy, SystemInfo, SystemdUnitSpec, Timestamp, UnitState,
+    UnsupportedSpec, decode, encode, facts_of, kv,
 };
 use proptest::prelude::*;
 use serde_json::json;
@@ -248,38 +249,63 @@ fn status() -> impl Strategy<Value = AgentStatus> {
         )
 }
 
+fn facts(mem: u64) -> DeviceFacts {
+    DeviceFacts {
+        agent_version: "0.1.0".into(),
+        system: SystemInfo {
+            operating_system: "linux".into(),
+            architecture: "arm64".into(),
+            os_image: "Debian GNU/Linux 12 (bookworm)".into(),
+            kernel_version: "6.6.0".into(),
+            hostname: Some("pi".into()),
+            model: None,
+        },
+        capacity: Capacity {
+            cpu_cores: 4,
+            memory_bytes: mem,
+            disk_bytes: mem,
+            pids: 32768,
+        },
+        addresses: vec![Address {
+            type_: "InternalIP".into(),
+            address: "127.0.0.1".into(),
+        }],
+        sealing_key: None,
+        limits: None,
+        container_runtime: None,
+    }
+}
+
+/// Heartbeats of this agent (no facts) and of older agents (facts inline).
 fn heartbeat() -> impl Strategy<Value = Heartbeat> {
-    (device_id(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(device, seq, ts, mem)| {
-        Heartbeat {
+    (
+        device_id(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<bool>(),
+    )
+        .prop_map(|(device, seq, ts, mem, inline)| Heartbeat {
             api_version: API_VERSION.into(),
             device,
             sequence: seq,
             timestamp: Timestamp(ts),
             interval_seconds: 10,
-            agent_version: "0.1.0".into(),
-            system: SystemInfo {
-                operating_system: "linux".into(),
-                architecture: "arm64".into(),
-                os_image: "Debian GNU/Linux 12 (bookworm)".into(),
-                kernel_version: "6.6.0".into(),
-                hostname: Some("pi".into()),
-                model: None,
+            free: Free {
+                memory_bytes: mem / 2,
+                disk_bytes: mem / 3,
+                pids: 100,
             },
-            capacity: Capacity {
-                cpu_cores: 4,
-                memory_bytes: mem,
-                disk_bytes: mem,
-                pids: 32768,
-            },
-            free: Free::default(),
-            addresses: vec![Address {
-                type_: "InternalIP".into(),
-                address: "127.0.0.1".into(),
-            }],
-            sealing_key: None,
-            limits: None,
-            container_runtime: None,
-        }
+            facts: inline.then(|| facts(mem)),
+        })
+}
+
+fn facts_report() -> impl Strategy<Value = FactsReport> {
+    (device_id(), any::<u64>(), any::<u64>()).prop_map(|(device, ts, mem)| FactsReport {
+        api_version: API_VERSION.into(),
+        device,
+        timestamp: Timestamp(ts),
+        facts: facts(mem),
     })
 }
 
@@ -302,12 +328,19 @@ proptest! {
         prop_assert_eq!(decode::<Heartbeat>(&bytes).unwrap(), h);
     }
 
+    #[test]
+    fn facts_reports_round_trip(f in facts_report()) {
+        let bytes = encode(&f).unwrap();
+        prop_assert_eq!(decode::<FactsReport>(&bytes).unwrap(), f);
+    }
+
     /// Whatever bytes arrive, decoding returns (never panics).
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         let _ = decode::<AgentManifest>(&bytes);
         let _ = decode::<AgentStatus>(&bytes);
         let _ = decode::<Heartbeat>(&bytes);
+        let _ = decode::<FactsReport>(&bytes);
     }
 
     /// Valid manifests with bytes overwritten or cut short, plain or inside a signed
@@ -596,6 +629,57 @@ fn per_resource_validation_fails_only_that_resource() {
         .validate()
         .unwrap_err();
     assert!(err.to_string().contains("published twice"), "{err}");
+}
+
+/// An agent from before the `facts` bucket sends its facts inside every heartbeat: they
+/// still read, and [`facts_of`] prefers the device's own report when it has one.
+#[test]
+fn older_heartbeats_carry_their_facts_inline_and_a_report_takes_precedence() {
+    let old = json!({
+        "apiVersion": API_VERSION, "device": "pi-old", "sequence": 7,
+        "timestamp": 1_764_496_800_000u64, "intervalSeconds": 30,
+        "agentVersion": "0.9.0",
+        "system": { "operatingSystem": "linux", "architecture": "arm64",
+                    "osImage": "Raspbian", "kernelVersion": "6.1.0" },
+        "capacity": { "cpuCores": 4, "memoryBytes": 4096, "diskBytes": 8192 },
+        "free": { "memoryBytes": 1024, "diskBytes": 2048 },
+        "sealingKey": "AAAA",
+    });
+    let h = decode::<Heartbeat>(&serde_json::to_vec(&old).unwrap()).unwrap();
+    let inline = h.facts.as_ref().expect("inline facts");
+    assert_eq!(inline.agent_version, "0.9.0");
+    assert_eq!(inline.system.architecture, "arm64");
+    assert_eq!(inline.sealing_key.as_deref(), Some("AAAA"));
+    assert_eq!(h.free.memory_bytes, 1024);
+    assert_eq!(facts_of(None, Some(&h)), Some(inline));
+
+    let report = FactsReport {
+        api_version: API_VERSION.into(),
+        device: DeviceId::new("pi-old").unwrap(),
+        timestamp: Timestamp(1),
+        facts: facts(1 << 30),
+    };
+    assert_eq!(facts_of(Some(&report), Some(&h)), Some(&report.facts));
+    assert_eq!(facts_of(None, None), None);
+
+    // This agent's beats leave the facts out, and decode without them.
+    let mut beat = h.clone();
+    beat.facts = None;
+    let bytes = encode(&beat).unwrap();
+    let text = String::from_utf8(bytes.clone()).unwrap();
+    assert!(
+        !text.contains("agentVersion") && !text.contains("system"),
+        "{text}"
+    );
+    assert_eq!(decode::<Heartbeat>(&bytes).unwrap(), beat);
+    // A half-written set of inline facts is no facts, not a refused heartbeat.
+    let partial = json!({
+        "apiVersion": API_VERSION, "device": "pi-x", "sequence": 1,
+        "timestamp": 1_764_496_800_000u64, "intervalSeconds": 30,
+        "free": { "memoryBytes": 1, "diskBytes": 1 }, "agentVersion": "1.0",
+    });
+    let h = decode::<Heartbeat>(&serde_json::to_vec(&partial).unwrap()).unwrap();
+    assert_eq!(h.facts, None);
 }
 
 #[test]

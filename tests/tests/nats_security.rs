@@ -26,7 +26,7 @@ use std::{
 use async_nats::{Client, HeaderMap, jetstream};
 use fleetlet_protocol::{
     DeviceId, access,
-    kv::{ACTUAL_STATE, BUCKETS, Bucket, DESIRED_STATE, HEARTBEAT},
+    kv::{ACTUAL_STATE, BUCKETS, Bucket, DESIRED_STATE, FACTS, HEARTBEAT},
     relay,
 };
 use fleetlet_testenv::{
@@ -289,7 +289,7 @@ impl World {
         for d in [ATTACKER, VICTIM] {
             desired.put(d, manifest(d, d).into()).await.unwrap();
         }
-        for b in [ACTUAL_STATE, HEARTBEAT] {
+        for b in [ACTUAL_STATE, HEARTBEAT, FACTS] {
             let kv = self.js.get_key_value(b.name).await.unwrap();
             kv.put(VICTIM, status(VICTIM).into()).await.unwrap();
             kv.put(ATTACKER, crafted().into()).await.unwrap();
@@ -712,7 +712,7 @@ async fn run_suite(env: &TestEnv, connect: Connect<'_>, rollup: bool) -> (Vec<St
     let attacker = connect(ATTACKER).await;
     let bridge = connect("bridge").await;
     for (c, d) in [(&victim, VICTIM), (&attacker, ATTACKER)] {
-        for b in [ACTUAL_STATE, HEARTBEAT] {
+        for b in [ACTUAL_STATE, HEARTBEAT, FACTS] {
             let body = if d == ATTACKER { crafted() } else { status(d) };
             let ack = c.request(b.subject(&dev(d)), body.into()).await.unwrap();
             assert!(
@@ -972,6 +972,7 @@ fn shared_account_config() -> String {
         }
         publish.push(ACTUAL_STATE.subject(&id));
         publish.push(HEARTBEAT.subject(&id));
+        publish.push(FACTS.subject(&id));
         publish.push(relay::frames_subject(&id));
         publish.push(access::floor_subject(&id));
         (
@@ -1003,7 +1004,7 @@ fn shared_account_config() -> String {
             quoted(&s)
         ));
     }
-    let bridge_pub: Vec<String> = [ACTUAL_STATE, HEARTBEAT]
+    let bridge_pub: Vec<String> = [ACTUAL_STATE, HEARTBEAT, FACTS]
         .iter()
         .map(|b: &Bucket| b.direct_get_api())
         .chain(["fleetlet.relay.>".to_string()])
@@ -1030,7 +1031,7 @@ async fn the_suite_finds_the_breaches_of_one_shared_account() {
         .unwrap();
     // The buckets as they were then: rollup headers allowed.
     let js = jetstream::new(env.nats_client().await.unwrap());
-    for b in [ACTUAL_STATE, HEARTBEAT] {
+    for b in [ACTUAL_STATE, HEARTBEAT, FACTS] {
         let mut config = fleetlet_controller::bucket_stream(b, 1);
         config.allow_rollup = true;
         js.update_stream(config).await.unwrap();
