@@ -106,7 +106,9 @@ impl NatsArgs {
         if let Some(ca) = &self.nats_ca {
             opts = opts.add_root_certificates(ca.clone()).require_tls(true);
         }
-        Ok(opts.connect(self.nats_url.join(",")).await?)
+        // Each URL on its own: async-nats reads one string as one URL, so a joined list
+        // would be refused as a malformed port.
+        Ok(opts.connect(self.nats_url.as_slice()).await?)
     }
 }
 

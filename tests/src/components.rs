@@ -157,8 +157,14 @@ pub fn file_agent_config(
     nats: &str,
     extra: &str,
 ) -> String {
+    // One URL, or a cluster's comma-separated list.
+    let urls = nats_url
+        .split(',')
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
-        "device_id = \"{device}\"\nstate_dir = \"{state}\"\n[nats]\nurls = [\"{nats_url}\"]\n{nats}\n\
+        "device_id = \"{device}\"\nstate_dir = \"{state}\"\n[nats]\nurls = [{urls}]\n{nats}\n\
          [reconcile]\nenabled_kinds = [\"file\"]\nheartbeat_interval_seconds = 1\ndrift_interval_seconds = 2\n\
          backoff_initial_ms = 200\nbackoff_max_ms = 1000\n{UNSIGNED_OK}\
          [file]\nallowed_roots = [\"{allowed_root}\"]\npath_prefix = \"{root}\"\n{extra}",

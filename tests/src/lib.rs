@@ -43,7 +43,7 @@ use std::{
 pub use bins::{Binaries, repo_root};
 pub use kube::KubeControlPlane;
 pub use metrics_server::MetricsServer;
-pub use nats::{NatsServer, ensure_buckets};
+pub use nats::{NatsCluster, NatsServer, ensure_buckets};
 use process::DirReaper;
 pub use wait::{DEFAULT_TIMEOUT, eventually};
 
@@ -92,6 +92,7 @@ pub struct Builder {
     nats: bool,
     nats_args: Vec<String>,
     nats_secured: Option<SecuredNats>,
+    nats_cluster: Option<usize>,
 }
 
 /// nats-server with a config file (users and permissions) and, optionally, TLS.
@@ -132,6 +133,13 @@ impl Builder {
     /// nats-server with JetStream and fleetlet's buckets.
     pub fn nats(mut self) -> Self {
         self.nats = true;
+        self
+    }
+
+    /// A cluster of `size` nats-servers with JetStream (routes on loopback, a store each)
+    /// and fleetlet's buckets at `size` replicas; [`TestEnv::nats_url`] lists every node.
+    pub fn nats_cluster(mut self, size: usize) -> Self {
+        self.nats_cluster = Some(size);
         self
     }
 
@@ -205,6 +213,7 @@ pub struct TestEnv {
     pub controllers: Option<kube::Controllers>,
     pub kube: Option<KubeControlPlane>,
     pub nats: Option<NatsServer>,
+    pub nats_cluster: Option<NatsCluster>,
     reaper: Option<DirReaper>,
 }
 
@@ -250,6 +259,7 @@ impl TestEnv {
             controllers: None,
             kube: None,
             nats: None,
+            nats_cluster: None,
             reaper: None,
         };
         if opts.kube {
@@ -293,6 +303,11 @@ impl TestEnv {
             ensure_buckets(nats.client().await?).await?;
             env.nats = Some(nats);
         }
+        if let Some(size) = opts.nats_cluster {
+            let cluster = NatsCluster::start(&bins.nats_server, &dir, size).await?;
+            nats::ensure_buckets_with(cluster.client().await?, size).await?;
+            env.nats_cluster = Some(cluster);
+        }
         if std::env::var_os("FLEETLET_TESTENV_KEEP").is_none() {
             let mut pids = env
                 .kube
@@ -300,6 +315,11 @@ impl TestEnv {
                 .map(KubeControlPlane::pids)
                 .unwrap_or_default();
             pids.extend(env.nats.as_ref().and_then(NatsServer::pid));
+            pids.extend(
+                env.nats_cluster
+                    .iter()
+                    .flat_map(|c| c.nodes.iter().filter_map(NatsServer::pid)),
+            );
             pids.extend(
                 env.controllers
                     .as_ref()
@@ -334,12 +354,19 @@ impl TestEnv {
         Ok(&self.kube_plane()?.kubeconfig)
     }
 
+    /// The server's URL, or every cluster node's, comma-separated.
     pub fn nats_url(&self) -> Result<&str, Error> {
-        Ok(&self.nats_server()?.url)
+        match &self.nats_cluster {
+            Some(c) => Ok(&c.urls),
+            None => Ok(&self.nats_server()?.url),
+        }
     }
 
     pub async fn nats_client(&self) -> Result<async_nats::Client, Error> {
-        self.nats_server()?.client().await
+        match &self.nats_cluster {
+            Some(c) => c.client().await,
+            None => self.nats_server()?.client().await,
+        }
     }
 
     /// A JetStream context on a new connection.
@@ -465,6 +492,7 @@ impl Drop for TestEnv {
         self.controllers.take();
         self.kube.take();
         self.nats.take();
+        self.nats_cluster.take();
         if let Some(mut r) = self.reaper.take() {
             r.reap();
         }

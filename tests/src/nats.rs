@@ -27,6 +27,8 @@ pub struct NatsServer {
     pub ca_file: Option<PathBuf>,
     service: Option<Service>,
     starts: u32,
+    /// `--server_name`; unique per node in a cluster.
+    server_name: String,
 }
 
 impl NatsServer {
@@ -52,6 +54,7 @@ impl NatsServer {
             dir: dir.to_path_buf(),
             service: None,
             starts: 0,
+            server_name: "fleetlet-testenv".into(),
         };
         server.url = format!("nats://127.0.0.1:{}", server.port);
         server.start_again().await?;
@@ -94,6 +97,7 @@ impl NatsServer {
             dir: dir.to_path_buf(),
             service: None,
             starts: 0,
+            server_name: "fleetlet-testenv".into(),
         };
         server.start_again().await?;
         Ok(server)
@@ -104,6 +108,13 @@ impl NatsServer {
         if self.service.is_some() {
             return Ok(());
         }
+        let service = self.spawn()?;
+        self.wait_ready(service).await
+    }
+
+    /// Starts the process without waiting for it (a cluster node answers only once enough
+    /// of its peers are up).
+    fn spawn(&mut self) -> Result<Service, Error> {
         self.starts += 1;
         if self.starts > 1 {
             // Nothing holds on to the monitoring port across a restart, and another test may
@@ -121,15 +132,19 @@ impl NatsServer {
             "-m".into(),
             self.monitor_port.to_string(),
             "--server_name".into(),
-            "fleetlet-testenv".into(),
+            self.server_name.clone(),
         ];
         let args = [args, self.extra_args.clone()].concat();
         let log = self.dir.join(format!("nats-{}.log", self.starts));
-        let mut service = Service::spawn("nats-server", &self.program, &args, log)?;
+        Service::spawn("nats-server", &self.program, &args, log)
+    }
+
+    /// Waits until `service` answers JetStream requests, then keeps it.
+    async fn wait_ready(&mut self, mut service: Service) -> Result<(), Error> {
         let url = self.url.clone();
         let auth = self.auth();
         let ca = self.ca_file.clone();
-        wait_until("nats-server", &mut service, Duration::from_secs(20), || {
+        wait_until("nats-server", &mut service, Duration::from_secs(30), || {
             let url = url.clone();
             let auth = auth.clone();
             let ca = ca.clone();
@@ -149,6 +164,14 @@ impl NatsServer {
         .await?;
         self.service = Some(service);
         Ok(())
+    }
+
+    /// SIGKILLs the server, as a power cut would. [`NatsServer::start_again`] brings it back.
+    pub fn kill(&mut self) -> Result<(), Error> {
+        match self.service.take() {
+            Some(mut s) => s.kill_program(),
+            None => Ok(()),
+        }
     }
 
     /// Stops the server; clients see a disconnect. [`NatsServer::start_again`] brings it back.
@@ -222,11 +245,141 @@ fn connect_options(auth: Option<NatsAuth>, ca: Option<PathBuf>) -> async_nats::C
 /// Creates fleetlet's KV buckets (idempotent, as the controller does) and returns the
 /// JetStream context.
 pub async fn ensure_buckets(client: async_nats::Client) -> Result<jetstream::Context, Error> {
+    ensure_buckets_with(client, 1).await
+}
+
+/// [`ensure_buckets`] with `replicas` copies of each bucket (a cluster).
+pub async fn ensure_buckets_with(
+    client: async_nats::Client,
+    replicas: usize,
+) -> Result<jetstream::Context, Error> {
     let js = jetstream::new(client);
-    fleetlet_controller::ensure_buckets(&js, 1)
+    fleetlet_controller::ensure_buckets(&js, replicas)
         .await
         .map_err(|e| Error::Setup(e.to_string()))?;
     Ok(js)
+}
+
+/// nats-servers with JetStream clustered over routes on loopback, one store each.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+    /// Every node's client URL, comma-separated: what fleetlet's `--nats-url` takes.
+    pub urls: String,
+}
+
+impl NatsCluster {
+    /// Starts `size` nodes named `fleetlet-0`, `fleetlet-1`, … under `dir/nats-<i>`.
+    pub async fn start(program: &Path, dir: &Path, size: usize) -> Result<Self, Error> {
+        let routes: Vec<u16> = (0..size).map(|_| free_port()).collect::<Result<_, _>>()?;
+        let mut nodes = Vec::new();
+        let mut spawned = Vec::new();
+        for (i, own) in routes.iter().enumerate() {
+            let node_dir = dir.join(format!("nats-{i}"));
+            std::fs::create_dir_all(&node_dir)?;
+            let peers: Vec<String> = routes
+                .iter()
+                .filter(|p| *p != own)
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect();
+            let port = free_port()?;
+            let mut node = NatsServer {
+                extra_args: vec![
+                    "--cluster_name".into(),
+                    "fleetlet".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{own}"),
+                    "--routes".into(),
+                    peers.join(","),
+                ],
+                admin: None,
+                ca_file: None,
+                port,
+                monitor_port: free_port()?,
+                url: format!("nats://127.0.0.1:{port}"),
+                program: program.to_path_buf(),
+                dir: node_dir,
+                service: None,
+                starts: 0,
+                server_name: format!("fleetlet-{i}"),
+            };
+            spawned.push(node.spawn()?);
+            nodes.push(node);
+        }
+        for (node, service) in nodes.iter_mut().zip(spawned) {
+            node.wait_ready(service).await?;
+        }
+        let urls = nodes
+            .iter()
+            .map(|n| n.url.clone())
+            .collect::<Vec<_>>()
+            .join(",");
+        Ok(Self { nodes, urls })
+    }
+
+    /// A client that knows every node (and fails over between them).
+    pub async fn client(&self) -> Result<async_nats::Client, Error> {
+        let addrs = self
+            .nodes
+            .iter()
+            .map(|n| n.url.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Setup(e.to_string()))?;
+        Ok(async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(addrs)
+            .await?)
+    }
+
+    /// The index of the node that leads `stream` now.
+    pub async fn leader_of(&self, stream: &str) -> Result<usize, Error> {
+        let js = jetstream::new(self.client().await?);
+        let info = js
+            .get_stream(stream)
+            .await
+            .map_err(|e| Error::Setup(e.to_string()))?
+            .info()
+            .await
+            .map_err(|e| Error::Setup(e.to_string()))?
+            .clone();
+        let leader = info
+            .cluster
+            .and_then(|c| c.leader)
+            .ok_or_else(|| Error::Setup(format!("{stream} has no leader")))?;
+        self.nodes
+            .iter()
+            .position(|n| n.server_name == leader)
+            .ok_or_else(|| Error::Setup(format!("{stream} is led by unknown {leader}")))
+    }
+
+    /// Whether every replica of `stream` is current (none lagging or offline).
+    pub async fn replicas_current(&self, stream: &str) -> Result<bool, Error> {
+        let js = jetstream::new(self.client().await?);
+        let info = js
+            .get_stream(stream)
+            .await
+            .map_err(|e| Error::Setup(e.to_string()))?
+            .info()
+            .await
+            .map_err(|e| Error::Setup(e.to_string()))?
+            .clone();
+        let replicas = info.cluster.map(|c| c.replicas).unwrap_or_default();
+        Ok(replicas.len() + 1 == self.nodes.len()
+            && replicas.iter().all(|r| r.current && !r.offline))
+    }
+
+    /// Starts every stopped node again, all at once (a quorum must form before any answers).
+    pub async fn start_all(&mut self) -> Result<(), Error> {
+        let mut spawned = Vec::new();
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            if n.service.is_none() {
+                spawned.push((i, n.spawn()?));
+            }
+        }
+        for (i, service) in spawned {
+            self.nodes[i].wait_ready(service).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Decentralized auth for a test server, as `fleetlet-controller nats-init` sets it up: the

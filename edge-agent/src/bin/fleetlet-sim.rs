@@ -31,7 +31,7 @@ use tokio::sync::watch;
     about = "Runs N simulated fleetlet devices against a real NATS server"
 )]
 struct Args {
-    /// NATS server URL.
+    /// NATS server URL(s), comma-separated.
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
     /// How many devices.
@@ -102,7 +102,7 @@ fn role(a: &Args, i: usize) -> Role {
 }
 
 fn settings(a: &Args, device: &str, dir: &Path) -> anyhow::Result<fleetlet_agent::Settings> {
-    let mut c = Config::new(device, vec![a.nats_url.clone()]);
+    let mut c = Config::new(device, a.nats_url.split(',').map(str::to_owned).collect());
     // The simulator is sent whatever the test writes; it does not check signatures.
     c.trust.allow_unsigned = true;
     c.state_dir = dir.join("state");
