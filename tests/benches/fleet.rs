@@ -23,6 +23,11 @@
 //! virtual-kubelet mock nodes (`scripts/virtual-kubelet`, one process per node) in place of
 //! fleetlet for N virtual nodes, measured over the same window. Results: stdout, and
 //! `target/fleetlet-bench/fleet.json`.
+//!
+//! With `FLEETLET_BENCH_DURABILITY=N` (`scripts/bench durability`) it measures only what
+//! NATS's durability settings cost: N devices against a 3-node cluster with the buckets at
+//! 3 replicas, once with JetStream's default sync and once with `sync_interval: always`, a
+//! manifest created and changed three times in each (`durability.json`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed setup ends the benchmark
 
@@ -615,8 +620,92 @@ fn write_profile(data: &std::path::Path) {
     let _ = std::fs::write(dir.join("profile.txt"), text);
 }
 
+/// One durability setting: a 3-node NATS cluster (buckets at 3 replicas, stores on this
+/// machine's disk), the release controller and `n` simulated devices; a manifest created,
+/// then changed three times. `sync_always`: every node runs `sync_interval: always`.
+async fn durability_phase(n: usize, sync_always: bool) -> Value {
+    let sync = if sync_always { "always" } else { "default" };
+    eprintln!("== durability: {n} devices, 3-node NATS cluster, sync {sync}");
+    let config = if sync_always {
+        "jetstream { sync_interval: always }\n"
+    } else {
+        ""
+    };
+    let env = TestEnv::builder()
+        .kube()
+        .nats_cluster_with(3, config)
+        .start()
+        .await
+        .unwrap();
+    let client = env.kube_client().await.unwrap();
+    let kubeconfig = env.kubeconfig().unwrap().display().to_string();
+    fleetlet_testenv::bench::create_namespaces(&client, &["bench", "fleetlet-system"]).await;
+    fleetlet_testenv::bench::create_devices(
+        &client,
+        "bench",
+        n,
+        |i| json!({ "name": format!("sim-{i}"), "labels": { "fleet": "bench" } }),
+    )
+    .await;
+    // The devices' own state in memory (each real device syncs its own storage); the NATS
+    // stores stay on disk, which is what this measures.
+    let dir = tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap();
+    let url = env.nats_url().unwrap().to_string();
+    let _controller = spawn(
+        &bin("fleetlet-controller"),
+        &[
+            format!("--nats-url={url}"),
+            format!("--metrics-addr=127.0.0.1:{}", free_port().unwrap()),
+            "--lease-namespace=fleetlet-system".into(),
+            "--kv-replicas=3".into(),
+        ],
+        &kubeconfig,
+        dir.path().join("controller.log"),
+    );
+    let _sim = Proc(
+        Command::new(bin("fleetlet-sim"))
+            .args([
+                format!("--nats-url={url}"),
+                format!("--devices={n}"),
+                format!("--dir={}", dir.path().join("sim").display()),
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("sim.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let create = rollout(&env, n, "created").await;
+    eprintln!("   created: {}", create["converged"]);
+    let mut updates = Vec::new();
+    for i in 1..=3 {
+        let r = rollout(&env, n, &format!("changed {i}")).await;
+        eprintln!("   change {i}: {}", r["converged"]);
+        updates.push(r);
+    }
+    json!({ "sync": sync, "devices": n, "replicas": 3, "rolloutCreate": create, "rolloutUpdates": updates })
+}
+
 #[tokio::main]
 async fn main() {
+    if std::env::var_os("FLEETLET_BENCH_DURABILITY").is_some() {
+        let n: usize = env_or("FLEETLET_BENCH_DURABILITY", 1000);
+        let runs = vec![
+            durability_phase(n, false).await,
+            durability_phase(n, true).await,
+        ];
+        let out = json!({ "runs": runs });
+        let dir = repo_root().join("target/fleetlet-bench");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("durability.json"),
+            serde_json::to_string_pretty(&out).unwrap(),
+        )
+        .unwrap();
+        println!("{}", serde_json::to_string_pretty(&out).unwrap());
+        return;
+    }
     let sizes: Vec<usize> = std::env::var("FLEETLET_BENCH_DEVICES")
         .unwrap_or_else(|_| "100,1000,10000".into())
         .split(',')

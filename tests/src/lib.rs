@@ -92,7 +92,7 @@ pub struct Builder {
     nats: bool,
     nats_args: Vec<String>,
     nats_secured: Option<SecuredNats>,
-    nats_cluster: Option<usize>,
+    nats_cluster: Option<(usize, String)>,
 }
 
 /// nats-server with a config file (users and permissions) and, optionally, TLS.
@@ -138,8 +138,13 @@ impl Builder {
 
     /// A cluster of `size` nats-servers with JetStream (routes on loopback, a store each)
     /// and fleetlet's buckets at `size` replicas; [`TestEnv::nats_url`] lists every node.
-    pub fn nats_cluster(mut self, size: usize) -> Self {
-        self.nats_cluster = Some(size);
+    pub fn nats_cluster(self, size: usize) -> Self {
+        self.nats_cluster_with(size, "")
+    }
+
+    /// [`Builder::nats_cluster`] with `config` in every node's configuration file.
+    pub fn nats_cluster_with(mut self, size: usize, config: &str) -> Self {
+        self.nats_cluster = Some((size, config.to_owned()));
         self
     }
 
@@ -303,8 +308,9 @@ impl TestEnv {
             ensure_buckets(nats.client().await?).await?;
             env.nats = Some(nats);
         }
-        if let Some(size) = opts.nats_cluster {
-            let cluster = NatsCluster::start(&bins.nats_server, &dir, size).await?;
+        if let Some((size, config)) = &opts.nats_cluster {
+            let size = *size;
+            let cluster = NatsCluster::start_with(&bins.nats_server, &dir, size, config).await?;
             nats::ensure_buckets_with(cluster.client().await?, size).await?;
             env.nats_cluster = Some(cluster);
         }

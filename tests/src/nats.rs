@@ -270,6 +270,18 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// Starts `size` nodes named `fleetlet-0`, `fleetlet-1`, … under `dir/nats-<i>`.
     pub async fn start(program: &Path, dir: &Path, size: usize) -> Result<Self, Error> {
+        Self::start_with(program, dir, size, "").await
+    }
+
+    /// [`NatsCluster::start`] with `config` (nats-server configuration text, e.g. a
+    /// `jetstream { sync_interval: always }` block) in every node's config file; the
+    /// command line still sets ports, routes and store.
+    pub async fn start_with(
+        program: &Path,
+        dir: &Path,
+        size: usize,
+        config: &str,
+    ) -> Result<Self, Error> {
         let routes: Vec<u16> = (0..size).map(|_| free_port()).collect::<Result<_, _>>()?;
         let mut nodes = Vec::new();
         let mut spawned = Vec::new();
@@ -282,8 +294,12 @@ impl NatsCluster {
                 .map(|p| format!("nats://127.0.0.1:{p}"))
                 .collect();
             let port = free_port()?;
+            let conf = node_dir.join("nats.conf");
+            std::fs::write(&conf, config)?;
             let mut node = NatsServer {
                 extra_args: vec![
+                    "-c".into(),
+                    conf.display().to_string(),
                     "--cluster_name".into(),
                     "fleetlet".into(),
                     "--cluster".into(),

@@ -341,6 +341,10 @@ pub fn performance(from: &Path, out: &Path) -> Result<(), Error> {
         md.push_str(&a);
         md.push('\n');
     }
+    if let Some(a) = durability_section(from) {
+        md.push_str(&a);
+        md.push('\n');
+    }
     if let Some(k) = kubelet_section(from) {
         md.push_str(&k);
     }
@@ -703,6 +707,93 @@ pub fn no_nodes_report(from: &Path, out: &Path) -> Result<(), Error> {
     })
 }
 
+const DURABILITY_BEGIN: &str = "<!-- scripts/bench durability: begin -->";
+const DURABILITY_END: &str = "<!-- scripts/bench durability: end -->";
+
+/// What NATS's durability settings cost (durability.json), between markers.
+fn durability_section(from: &Path) -> Option<String> {
+    let path = from.join("durability.json");
+    let d = load(from, "durability.json")?;
+    let runs = d["runs"].as_array()?;
+    let date = file_date(&path).unwrap_or_default();
+    let mut md = String::new();
+    w!(
+        md,
+        "{DURABILITY_BEGIN}\n## NATS durability settings\n\n\
+         `scripts/bench durability` on {date}: a 3-node nats-server cluster on this machine (routes\n\
+         on loopback, each store on the same ext4 disk), the buckets at 3 replicas, the release\n\
+         controller and simulated devices (their own state in memory). A manifest selecting every\n\
+         device is created, then changed three times; converged is per device, from `kubectl\n\
+         apply` until its status reports the change Ready.\n\n\
+         | JetStream sync | devices | created: converged p50 / p99 | changed: converged p99, each of three | changed: EdgeManifest Ready after, each |\n\
+         |---|---|---|---|---|"
+    );
+    let mut medians = Vec::new();
+    for r in runs {
+        let c = &r["rolloutCreate"]["converged"];
+        let updates = r["rolloutUpdates"].as_array().cloned().unwrap_or_default();
+        let p99s: Vec<f64> = updates
+            .iter()
+            .filter_map(|u| num(&u["converged"]["p99Ms"]))
+            .collect();
+        let each = |key: &dyn Fn(&Value) -> Option<f64>| {
+            updates
+                .iter()
+                .map(|u| secs(key(u)))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        let sync = match r["sync"].as_str() {
+            Some("always") => "`sync_interval: always`",
+            _ => "default (`sync_interval` 2 min)",
+        };
+        w!(
+            md,
+            "| {sync} | {} | {} / {} | {} | {} |",
+            r["devices"],
+            secs(num(&c["p50Ms"])),
+            secs(num(&c["p99Ms"])),
+            each(&|u| num(&u["converged"]["p99Ms"])),
+            each(&|u| num(&u["edgeManifestReadyMs"])),
+        );
+        let mut sorted = p99s.clone();
+        sorted.sort_by(f64::total_cmp);
+        medians.push(quantile_of(&sorted));
+    }
+    if let [Some(default), Some(always)] = medians[..]
+        && default > 0.0
+    {
+        w!(
+            md,
+            "\nWith every write synced to disk before it is acknowledged, a change took {:.2}× as\n\
+             long to converge (median of the three p99s: {} against {}).",
+            always / default,
+            secs(Some(always)),
+            secs(Some(default))
+        );
+    }
+    w!(md, "{DURABILITY_END}");
+    Some(md)
+}
+
+/// The middle of sorted `v`.
+fn quantile_of(v: &[f64]) -> Option<f64> {
+    v.get(v.len() / 2).copied()
+}
+
+/// Rewrites the durability section, keeping the rest of the page.
+pub fn durability_report(from: &Path, out: &Path) -> Result<(), Error> {
+    let section = durability_section(from).ok_or_else(|| {
+        Error::Setup(format!(
+            "no durability.json in {}: run scripts/bench durability",
+            from.display()
+        ))
+    })?;
+    rewrite_page(out, "the durability section", |page| {
+        insert_section(&page, &section, DURABILITY_BEGIN, DURABILITY_END)
+    })
+}
+
 const KUBELET_BEGIN: &str = "<!-- scripts/bench kubelet: begin -->";
 const KUBELET_END: &str = "<!-- scripts/bench kubelet: end -->";
 
@@ -1058,6 +1149,48 @@ mod tests {
         std::fs::write(&out, format!("# P\n\n{}", section("k"))).unwrap();
         no_nodes_report(dir.path(), &out).unwrap();
         no_nodes_report(dir.path(), &out).unwrap();
+        let page = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(page, format!("# P\n\n{s}\n{}", section("k")));
+    }
+
+    #[test]
+    fn the_durability_section_shows_both_settings_and_their_ratio() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(durability_section(dir.path()).is_none());
+        let run = |sync: &str, p99s: [f64; 3]| {
+            format!(
+                r#"{{"sync":"{sync}","devices":1000,"rolloutCreate":{{"converged":{{"p50Ms":500.0,"p99Ms":900.0}}}},
+                   "rolloutUpdates":[{}]}}"#,
+                p99s.iter()
+                    .map(|p| format!(
+                        r#"{{"converged":{{"p99Ms":{p}}},"edgeManifestReadyMs":{}}}"#,
+                        p + 100.0
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        };
+        std::fs::write(
+            dir.path().join("durability.json"),
+            format!(
+                r#"{{"runs":[{},{}]}}"#,
+                run("default", [1000.0, 3000.0, 1200.0]),
+                run("always", [2400.0, 2000.0, 9000.0])
+            ),
+        )
+        .unwrap();
+        let s = durability_section(dir.path()).unwrap();
+        assert!(
+            s.contains("| default (`sync_interval` 2 min) | 1000 | 0.50 s / 0.90 s | 1.00 s / 3.00 s / 1.20 s | 1.10 s / 3.10 s / 1.30 s |"),
+            "{s}"
+        );
+        assert!(s.contains("| `sync_interval: always` | 1000 |"), "{s}");
+        // Medians of the p99s: 2.40 s against 1.20 s.
+        assert!(s.contains("2.00× as\nlong"), "{s}");
+        let out = dir.path().join("performance.md");
+        std::fs::write(&out, format!("# P\n\n{}", section("k"))).unwrap();
+        durability_report(dir.path(), &out).unwrap();
+        durability_report(dir.path(), &out).unwrap();
         let page = std::fs::read_to_string(&out).unwrap();
         assert_eq!(page, format!("# P\n\n{s}\n{}", section("k")));
     }
