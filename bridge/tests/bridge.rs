@@ -340,6 +340,43 @@ async fn kubectl_get_nodes_shows_each_device_with_status_role_and_version() {
     );
 }
 
+/// Waits until Node `name` shows `[arch label, kubelet version, its one address]`.
+async fn shows(nodes: &Api<Node>, name: &str, want: [&str; 3]) {
+    eventually(
+        &format!("{name}'s facts {want:?} on its Node"),
+        DEFAULT_TIMEOUT,
+        || async {
+            let n = nodes
+                .get_opt(name)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("no Node")?;
+            let labels = n.metadata.labels.unwrap_or_default();
+            let status = n.status.unwrap_or_default();
+            let kubelet = status
+                .node_info
+                .map(|i| i.kubelet_version)
+                .unwrap_or_default();
+            let addresses: Vec<String> = status
+                .addresses
+                .unwrap_or_default()
+                .into_iter()
+                .map(|a| a.address)
+                .collect();
+            let arch = labels
+                .get("kubernetes.io/arch")
+                .cloned()
+                .unwrap_or_default();
+            if [arch.as_str(), kubelet.as_str()] == want[..2] && addresses == [want[2]] {
+                Ok(())
+            } else {
+                Err(format!("{arch}, {kubelet}, {addresses:?}"))
+            }
+        },
+    )
+    .await
+}
+
 /// A device's Node and EdgeDevice show its stored facts, and follow them when they change
 /// between heartbeats; an older agent's facts, sent inside every heartbeat, show as well.
 #[tokio::test]
@@ -366,70 +403,16 @@ async fn facts_reach_the_node_from_their_bucket_or_inline_from_an_older_agent() 
         }
     });
     let nodes: Api<Node> = Api::all(env.kube_client().await.unwrap());
-    // What a Node shows of its device: (arch label, kubelet version, addresses).
-    let shown = |name: &'static str| {
-        let nodes = nodes.clone();
-        async move {
-            let n = nodes
-                .get_opt(name)
-                .await
-                .map_err(|e| e.to_string())?
-                .ok_or("no Node")?;
-            let arch = n
-                .metadata
-                .labels
-                .unwrap_or_default()
-                .get("kubernetes.io/arch")
-                .cloned()
-                .unwrap_or_default();
-            let status = n.status.unwrap_or_default();
-            let kubelet = status
-                .node_info
-                .map(|i| i.kubelet_version)
-                .unwrap_or_default();
-            let addresses: Vec<String> = status
-                .addresses
-                .unwrap_or_default()
-                .into_iter()
-                .map(|a| a.address)
-                .collect();
-            Ok::<_, String>((arch, kubelet, addresses))
-        }
-    };
-    let want_old = (
-        "arm".to_owned(),
-        "fleetlet-agent/v0.9.0".to_owned(),
-        vec!["127.0.0.2".to_owned()],
-    );
-    eventually(
-        "bf-old's inline facts on its Node",
-        DEFAULT_TIMEOUT,
-        || async {
-            let got = shown("bf-old").await?;
-            if got == want_old {
-                Ok(())
-            } else {
-                Err(format!("{got:?}"))
-            }
-        },
+    shows(
+        &nodes,
+        "bf-old",
+        ["arm", "fleetlet-agent/v0.9.0", "127.0.0.2"],
     )
     .await;
-    let want_new = (
-        "arm64".to_owned(),
-        "fleetlet-agent/v0.1.0".to_owned(),
-        vec!["127.0.0.2".to_owned()],
-    );
-    eventually(
-        "bf-new's stored facts on its Node",
-        DEFAULT_TIMEOUT,
-        || async {
-            let got = shown("bf-new").await?;
-            if got == want_new {
-                Ok(())
-            } else {
-                Err(format!("{got:?}"))
-            }
-        },
+    shows(
+        &nodes,
+        "bf-new",
+        ["arm64", "fleetlet-agent/v0.1.0", "127.0.0.2"],
     )
     .await;
 
@@ -447,22 +430,10 @@ async fn facts_reach_the_node_from_their_bucket_or_inline_from_an_older_agent() 
         .put("bf-new", encode(&report).unwrap().into())
         .await
         .unwrap();
-    let want_new = (
-        "arm64".to_owned(),
-        "fleetlet-agent/v0.2.0".to_owned(),
-        vec!["127.0.0.3".to_owned()],
-    );
-    eventually(
-        "bf-new's changed facts on its Node",
-        DEFAULT_TIMEOUT,
-        || async {
-            let got = shown("bf-new").await?;
-            if got == want_new {
-                Ok(())
-            } else {
-                Err(format!("{got:?}"))
-            }
-        },
+    shows(
+        &nodes,
+        "bf-new",
+        ["arm64", "fleetlet-agent/v0.2.0", "127.0.0.3"],
     )
     .await;
     let dev = devices.get("bf-new").await.unwrap();

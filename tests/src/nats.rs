@@ -346,20 +346,26 @@ impl NatsCluster {
             .await?)
     }
 
-    /// The index of the node that leads `stream` now.
-    pub async fn leader_of(&self, stream: &str) -> Result<usize, Error> {
+    /// Where `stream` lives in the cluster now: its leader and replicas.
+    async fn placement(&self, stream: &str) -> Result<jetstream::stream::ClusterInfo, Error> {
         let js = jetstream::new(self.client().await?);
-        let info = js
+        let mut stream = js
             .get_stream(stream)
             .await
-            .map_err(|e| Error::Setup(e.to_string()))?
+            .map_err(|e| Error::Setup(e.to_string()))?;
+        let info = stream
             .info()
             .await
-            .map_err(|e| Error::Setup(e.to_string()))?
-            .clone();
-        let leader = info
-            .cluster
-            .and_then(|c| c.leader)
+            .map_err(|e| Error::Setup(e.to_string()))?;
+        Ok(info.cluster.clone().unwrap_or_default())
+    }
+
+    /// The index of the node that leads `stream` now.
+    pub async fn leader_of(&self, stream: &str) -> Result<usize, Error> {
+        let leader = self
+            .placement(stream)
+            .await?
+            .leader
             .ok_or_else(|| Error::Setup(format!("{stream} has no leader")))?;
         self.nodes
             .iter()
@@ -369,16 +375,7 @@ impl NatsCluster {
 
     /// Whether every replica of `stream` is current (none lagging or offline).
     pub async fn replicas_current(&self, stream: &str) -> Result<bool, Error> {
-        let js = jetstream::new(self.client().await?);
-        let info = js
-            .get_stream(stream)
-            .await
-            .map_err(|e| Error::Setup(e.to_string()))?
-            .info()
-            .await
-            .map_err(|e| Error::Setup(e.to_string()))?
-            .clone();
-        let replicas = info.cluster.map(|c| c.replicas).unwrap_or_default();
+        let replicas = self.placement(stream).await?.replicas;
         Ok(replicas.len() + 1 == self.nodes.len()
             && replicas.iter().all(|r| r.current && !r.offline))
     }

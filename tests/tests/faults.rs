@@ -273,6 +273,24 @@ async fn keys_hold(env: &TestEnv, names: &[String], text: &str) -> u64 {
     .await
 }
 
+/// Waits until every replica of every bucket's stream is current (none behind or offline).
+async fn caught_up(cluster: &fleetlet_testenv::NatsCluster, what: &str) {
+    let streams = fleetlet_protocol::kv::BUCKETS.map(|b| b.stream());
+    eventually(what, Duration::from_secs(60), || async {
+        for s in &streams {
+            if !cluster
+                .replicas_current(s)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                return Err(format!("{s} has a replica behind"));
+            }
+        }
+        Ok(())
+    })
+    .await
+}
+
 /// A 3-node JetStream cluster with the buckets at 3 replicas, the controller and 100
 /// simulated devices given every node's URL; three faults in turn, each followed by a check
 /// of every key against the controller's record.
@@ -385,24 +403,8 @@ async fn a_three_node_nats_cluster_loses_nothing_to_a_dead_leader_a_cut_off_node
     let cluster = env.nats_cluster.as_mut().unwrap();
     cluster.nodes[leader].start_again().await.unwrap();
     let cluster = env.nats_cluster.as_ref().unwrap();
-    let streams = fleetlet_protocol::kv::BUCKETS.map(|b| b.stream());
-    let caught_up = async |what: &str| {
-        eventually(what, Duration::from_secs(60), || async {
-            for s in &streams {
-                if !cluster
-                    .replicas_current(s)
-                    .await
-                    .map_err(|e| e.to_string())?
-                {
-                    return Err(format!("{s} has a replica behind"));
-                }
-            }
-            Ok(())
-        })
-        .await
-    };
     let back = Instant::now();
-    caught_up("the returned node current on every stream").await;
+    caught_up(cluster, "the returned node current on every stream").await;
     let rejoined = back.elapsed();
     let cut = cluster.leader_of("KV_actual-state").await.unwrap();
     env.nats_cluster.as_mut().unwrap().nodes[cut].stop();
@@ -416,22 +418,7 @@ async fn a_three_node_nats_cluster_loses_nothing_to_a_dead_leader_a_cut_off_node
         .unwrap();
     let healed = Instant::now();
     let cluster = env.nats_cluster.as_ref().unwrap();
-    let caught_up = async |what: &str| {
-        eventually(what, Duration::from_secs(60), || async {
-            for s in &streams {
-                if !cluster
-                    .replicas_current(s)
-                    .await
-                    .map_err(|e| e.to_string())?
-                {
-                    return Err(format!("{s} has a replica behind"));
-                }
-            }
-            Ok(())
-        })
-        .await
-    };
-    caught_up("the healed node current on every stream").await;
+    caught_up(cluster, "the healed node current on every stream").await;
     let heal = healed.elapsed();
     let gen_v3 = keys_hold(&env, &names, "v3").await;
     record(
