@@ -402,6 +402,21 @@ impl Fleet {
             && self.ctx.facts.is_ready()
     }
 
+    /// Those of `ids` whose last heartbeat is not within the offline threshold.
+    fn quiet(&self, ids: Vec<DeviceId>) -> Vec<DeviceId> {
+        ids.into_iter().filter(|id| !self.beating(id)).collect()
+    }
+
+    /// Whether `device`'s last heartbeat is within the offline threshold.
+    fn beating(&self, device: &DeviceId) -> bool {
+        self.ctx.heartbeats.get(device).is_some_and(|h| {
+            Timestamp::now()
+                .as_millis()
+                .saturating_sub(h.value.timestamp.as_millis())
+                < self.deadlines.offline_after.as_millis() as u64
+        })
+    }
+
     /// A device's facts: its report, or what an older agent's heartbeat carries.
     fn device_facts(&self, device: &DeviceId) -> Option<DeviceFacts> {
         let report = self.ctx.facts.get(device).map(|v| v.value);
@@ -721,12 +736,20 @@ impl Fleet {
                 self.ctx.actual.devices(),
                 ACTUAL_STATE.name,
             ),
+            // A running agent stores its facts once (then on change, a new connection or
+            // hourly): removing them, or the heartbeat that shows it is running, while it
+            // still beats (it may have started before its EdgeDevice was created) would
+            // leave the device without facts for up to an hour. Both go once it is quiet.
             (
                 &self.ctx.stores.heartbeat,
-                self.ctx.heartbeats.devices(),
+                self.quiet(self.ctx.heartbeats.devices()),
                 HEARTBEAT.name,
             ),
-            (&self.ctx.stores.facts, self.ctx.facts.devices(), FACTS.name),
+            (
+                &self.ctx.stores.facts,
+                self.quiet(self.ctx.facts.devices()),
+                FACTS.name,
+            ),
         ];
         for (store, ids, bucket) in buckets {
             for id in ids.into_iter().filter(|id| !devices.contains_key(id)) {

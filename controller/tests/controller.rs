@@ -868,40 +868,57 @@ async fn deleting_a_device_removes_its_kv_keys() {
     let client = env.kube_client().await.unwrap();
     let kv = kv(env).await;
     let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), &ns);
-    apply(&devices, device("dd-a", json!({}))).await;
+    for d in ["dd-a", "dd-b"] {
+        apply(&devices, device(d, json!({}))).await;
+    }
     apply(
         &Api::<EdgeManifest>::namespaced(client, &ns),
         manifest(
             "m",
-            json!({ "devices": ["dd-a"], "resources": [file("f", "/etc/fleetlet/f", "f")] }),
+            json!({ "devices": ["dd-a", "dd-b"], "resources": [file("f", "/etc/fleetlet/f", "f")] }),
         ),
     )
     .await;
     wait_desired(&kv, "dd-a", "written", |_| true).await;
-    simulate_agent(&kv, "dd-a", true).await;
+    wait_desired(&kv, "dd-b", "written", |_| true).await;
+    // dd-a has gone quiet (its last heartbeat is old); dd-b still beats.
+    simulate_agent_at(&kv, "dd-a", true, Timestamp(1)).await;
+    simulate_agent(&kv, "dd-b", true).await;
 
-    devices
-        .delete("dd-a", &DeleteParams::default())
-        .await
-        .unwrap();
-    eventually("dd-a's KV keys gone", DEFAULT_TIMEOUT, || async {
+    for d in ["dd-a", "dd-b"] {
+        devices.delete(d, &DeleteParams::default()).await.unwrap();
+    }
+    let left = async |d: &str| {
         let mut left = Vec::new();
         for (bucket, store) in [
             ("desired", &kv.desired),
             ("actual", &kv.actual),
             ("heartbeat", &kv.heartbeat),
         ] {
-            let e = store.entry("dd-a").await.map_err(|e| e.to_string())?;
+            let e = store.entry(d).await.map_err(|e| e.to_string())?;
             if e.is_some_and(|e| e.operation == async_nats::jetstream::kv::Operation::Put) {
                 left.push(bucket);
             }
         }
-        if left.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("still in {left:?}"))
-        }
+        Ok::<_, String>(left)
+    };
+    eventually("dd-a's KV keys gone", DEFAULT_TIMEOUT, || async {
+        let l = left("dd-a").await?;
+        l.is_empty().then_some(()).ok_or(format!("still in {l:?}"))
     })
+    .await;
+    // A device that still beats keeps the heartbeat that shows it (and with it its facts,
+    // which a running agent does not store again for up to an hour).
+    eventually(
+        "dd-b's manifest and status gone",
+        DEFAULT_TIMEOUT,
+        || async {
+            let l = left("dd-b").await?;
+            (l == ["heartbeat"])
+                .then_some(())
+                .ok_or(format!("left: {l:?}"))
+        },
+    )
     .await;
 }
 
