@@ -21,7 +21,7 @@ use fleetlet_crds::{
     },
 };
 use fleetlet_protocol::{
-    AgentStatus, DeviceFacts, FactsReport, Heartbeat, ResourceStatus, Timestamp,
+    AgentStatus, DeviceFacts, FactsReport, Heartbeat, ResourceStatus, Timestamp, facts_of,
 };
 
 /// Label on every Node the bridge manages, holding the device id.
@@ -281,9 +281,7 @@ fn device_info(h: &Heartbeat) -> Option<DeviceInfo> {
 /// else what the heartbeat carried inline (an agent from before the `facts` bucket).
 pub fn with_facts(hb: Option<Heartbeat>, report: Option<&FactsReport>) -> Option<Heartbeat> {
     hb.map(|mut h| {
-        if let Some(r) = report {
-            h.facts = Some(r.facts.clone());
-        }
+        h.facts = facts_of(report, Some(&h)).cloned();
         h
     })
 }

@@ -409,12 +409,10 @@ impl Fleet {
 
     /// Whether `device`'s last heartbeat is within the offline threshold.
     fn beating(&self, device: &DeviceId) -> bool {
-        self.ctx.heartbeats.get(device).is_some_and(|h| {
-            Timestamp::now()
-                .as_millis()
-                .saturating_sub(h.value.timestamp.as_millis())
-                < self.deadlines.offline_after.as_millis() as u64
-        })
+        self.ctx
+            .heartbeats
+            .get(device)
+            .is_some_and(|h| fresh(&h.value, Timestamp::now(), self.deadlines.offline_after))
     }
 
     /// A device's facts: its report, or what an older agent's heartbeat carries.
@@ -1085,6 +1083,11 @@ struct DeviceProblem {
 /// The field manager of the controller's conditions on EdgeDevices.
 const DEVICE_CONDITION_MANAGER: &str = "fleetlet-controller-conditions";
 
+/// Whether heartbeat `h` is younger than `offline_after` at `now`.
+fn fresh(h: &Heartbeat, now: Timestamp, offline_after: Duration) -> bool {
+    now.as_millis().saturating_sub(h.timestamp.as_millis()) < offline_after.as_millis() as u64
+}
+
 /// What the planner needs of each device: identity, labels, pause, whether it is online
 /// (a heartbeat within `offline_after`) and the limits it reported.
 fn device_views(
@@ -1101,11 +1104,9 @@ fn device_views(
             namespace: d.namespace().unwrap_or_default(),
             labels: d.labels().clone(),
             paused: d.spec.paused,
-            online: heartbeats.get(id).is_some_and(|h| {
-                now.as_millis()
-                    .saturating_sub(h.value.timestamp.as_millis())
-                    < offline_after.as_millis() as u64
-            }),
+            online: heartbeats
+                .get(id)
+                .is_some_and(|h| fresh(&h.value, now, offline_after)),
             limits: facts_of(
                 facts.get(id).map(|f| &f.value),
                 heartbeats.get(id).map(|h| &h.value),
