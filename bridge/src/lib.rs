@@ -65,8 +65,10 @@ pub struct Args {
     #[arg(long, env = "FLEETLET_LEASE_RENEW_SECONDS", default_value_t = 30)]
     pub lease_renew_seconds: u64,
     /// Refresh heartbeat times in EdgeDevice and Node status this often when nothing else
-    /// changed (kubelet's node status report frequency is 5 minutes).
-    #[arg(long, env = "FLEETLET_STATUS_REPORT_SECONDS", default_value_t = 300)]
+    /// changed. 0 (the default): never on a timer, only with another change; liveness is in
+    /// the Lease and the Ready condition, so a steady device costs one write per renewal.
+    /// 300 is kubelet's node status report frequency, at two writes per device per 5 min.
+    #[arg(long, env = "FLEETLET_STATUS_REPORT_SECONDS", default_value_t = 0)]
     pub status_report_seconds: u64,
     /// Whether devices whose EdgeDevice does not set `spec.nodeProjection` appear as Nodes
     /// (`Enabled`) or only as EdgeDevices (`Disabled`: no Node, no Lease, no Pods).
@@ -209,7 +211,7 @@ pub async fn run(
         },
         mirror::Timing {
             grace_ms: args.grace_seconds * 1000,
-            report_every_ms: args.status_report_seconds * 1000,
+            report_every_ms: mirror::Timing::report_every(args.status_report_seconds),
             lease_renew_ms: args.lease_renew_seconds * 1000,
         },
     );

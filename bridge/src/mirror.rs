@@ -76,10 +76,24 @@ pub struct Context {
 pub struct Timing {
     /// No heartbeat for this long: Ready=Unknown (a device may set its own).
     pub grace_ms: u64,
-    /// Refresh unchanged status (heartbeat times) this often.
+    /// Refresh unchanged status (heartbeat times) this often ([`Timing::NEVER`]: only with
+    /// another change).
     pub report_every_ms: u64,
     /// Renew a Lease at most this often.
     pub lease_renew_ms: u64,
+}
+
+impl Timing {
+    /// A refresh period that never comes (it still compares as a signed millisecond count).
+    pub const NEVER: u64 = i64::MAX as u64;
+
+    /// `report_every_ms` from `--status-report-seconds` (0: never on a timer).
+    pub fn report_every(seconds: u64) -> u64 {
+        match seconds {
+            0 => Self::NEVER,
+            s => s.saturating_mul(1000).min(Self::NEVER),
+        }
+    }
 }
 
 impl Mirror {
@@ -205,8 +219,11 @@ impl Mirror {
     pub fn heartbeat(&self, id: &DeviceId) -> Option<Heartbeat> {
         let report = self.ctx.facts.get(id).map(|v| v.value);
         view::with_facts(
-            self.ctx.heartbeats.get(id).map(|v| v.value),
-            report.as_ref(),
+            self.ctx
+                .heartbeats
+                .get(id)
+                .map(|v| Arc::unwrap_or_clone(v.value)),
+            report.as_deref(),
         )
     }
 
@@ -227,7 +244,7 @@ impl Mirror {
         let status = view::device_status(
             dev,
             hb.as_ref(),
-            st.as_ref(),
+            st.as_deref(),
             live,
             now,
             // Without a Node nothing refreshes the heartbeat time on its own: no write
@@ -235,7 +252,7 @@ impl Mirror {
             if projected {
                 self.timing.report_every_ms
             } else {
-                i64::MAX as u64
+                Timing::NEVER
             },
         );
         w.device_status = self.write_device_status(id, dev, status).await;

@@ -358,7 +358,7 @@ pub async fn pass(
             continue;
         };
         let status = mirror.ctx.actual.get(device).map(|v| v.value);
-        if finalize(&mirror.ctx.client, &pod, status.as_ref()).await {
+        if finalize(&mirror.ctx.client, &pod, status.as_deref()).await {
             deleted += 1;
             continue;
         }
@@ -371,7 +371,7 @@ pub async fn pass(
             .get(device)
             .map_or(mirror.timing.grace_ms, |d| mirror.grace_ms_of(d));
         let side = DeviceSide {
-            status: status.as_ref(),
+            status: status.as_deref(),
             alive: hb
                 .as_ref()
                 .is_some_and(|h| now.saturating_sub(h.timestamp.as_millis()) < grace_ms),

@@ -880,6 +880,70 @@ mod tests {
     }
 
     #[test]
+    fn by_default_heartbeat_times_move_only_with_another_change() {
+        let never = crate::mirror::Timing::report_every(0);
+        let first = heartbeat(T0, 50, 50, 50);
+        let mut dev = EdgeDevice::new("pi", EdgeDeviceSpec::default());
+        let s0 = device_status(
+            &dev,
+            Some(&first),
+            None,
+            Liveness::Alive,
+            Timestamp(T0),
+            never,
+        );
+        dev.status = Some(s0);
+        let n0 = node_status(&[], Some(&first), Liveness::Alive, Timestamp(T0), never);
+
+        // A day of heartbeats later, nothing else changed: nothing to write.
+        let day = T0 + 86_400_000;
+        let hb = heartbeat(day, 50, 50, 50);
+        let s = device_status(
+            &dev,
+            Some(&hb),
+            None,
+            Liveness::Alive,
+            Timestamp(day),
+            never,
+        );
+        assert_eq!(&s, dev.status.as_ref().unwrap(), "nothing to write");
+        let n = node_status(
+            &n0.conditions,
+            Some(&hb),
+            Liveness::Alive,
+            Timestamp(day),
+            never,
+        );
+        assert_eq!(n.conditions, n0.conditions, "nothing to write");
+
+        // It goes quiet: the status changes and carries its final heartbeat's time.
+        let quiet = day + 100_000;
+        let s = device_status(
+            &dev,
+            Some(&hb),
+            None,
+            Liveness::Silent,
+            Timestamp(quiet),
+            never,
+        );
+        assert_eq!(s.last_heartbeat_time, Some(k8s_time(Timestamp(day))));
+        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.status, "Unknown");
+        let n = node_status(
+            &n0.conditions,
+            Some(&hb),
+            Liveness::Silent,
+            Timestamp(quiet),
+            never,
+        );
+        let ready = n.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.last_heartbeat_time, Some(k8s_time(Timestamp(day))));
+        // A period too long to count in milliseconds is no period at all.
+        assert_eq!(crate::mirror::Timing::report_every(u64::MAX), never);
+        assert_eq!(crate::mirror::Timing::report_every(300), 300_000);
+    }
+
+    #[test]
     fn a_download_in_progress_shows_its_progress_on_the_edge_device() {
         let dev = EdgeDevice::new("pi", EdgeDeviceSpec::default());
         let mut st = AgentStatus::new(DeviceId::new("pi").expect("valid"));

@@ -419,7 +419,7 @@ impl Fleet {
     fn device_facts(&self, device: &DeviceId) -> Option<DeviceFacts> {
         let report = self.ctx.facts.get(device).map(|v| v.value);
         let beat = self.ctx.heartbeats.get(device).map(|v| v.value);
-        facts_of(report.as_ref(), beat.as_ref()).cloned()
+        facts_of(report.as_deref(), beat.as_deref()).cloned()
     }
 
     /// Devices by id; when two namespaces claim one id, the older EdgeDevice has it.
@@ -895,8 +895,8 @@ impl Fleet {
                 actual
                     .iter()
                     .filter(|(id, _)| devices.contains_key(*id))
-                    .map(|(id, v)| (id, v.revision, &v.value)),
-                |id| desired.get(id).map(|v| &v.value),
+                    .map(|(id, v)| (id, v.revision, &*v.value)),
+                |id| desired.get(id).map(|v| &*v.value),
             );
             r.retain(|id| devices.contains_key(id));
             found
@@ -1108,8 +1108,8 @@ fn device_views(
                 .get(id)
                 .is_some_and(|h| fresh(&h.value, now, offline_after)),
             limits: facts_of(
-                facts.get(id).map(|f| &f.value),
-                heartbeats.get(id).map(|h| &h.value),
+                facts.get(id).map(|f| &*f.value),
+                heartbeats.get(id).map(|h| &*h.value),
             )
             .and_then(|f| f.limits)
             .unwrap_or_default()

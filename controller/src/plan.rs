@@ -114,10 +114,10 @@ impl ManifestView {
 /// What KV says about a device.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceState {
-    /// The AgentManifest currently stored for it.
-    pub desired: Option<AgentManifest>,
+    /// The AgentManifest currently stored for it (shared with the cache).
+    pub desired: Option<std::sync::Arc<AgentManifest>>,
     /// Its last reported status.
-    pub actual: Option<AgentStatus>,
+    pub actual: Option<std::sync::Arc<AgentStatus>>,
 }
 
 /// Two manifests want the same thing on one device.
@@ -872,8 +872,8 @@ mod tests {
                 (
                     id,
                     DeviceState {
-                        desired: Some(desired),
-                        actual: Some(actual),
+                        desired: Some(desired.into()),
+                        actual: Some(actual.into()),
                     },
                 )
             })
@@ -1059,7 +1059,7 @@ mod tests {
         let state = HashMap::from([(
             a.id.clone(),
             DeviceState {
-                desired: Some(am),
+                desired: Some(am.into()),
                 actual: None,
             },
         )]);

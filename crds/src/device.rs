@@ -103,8 +103,9 @@ pub struct EdgeDeviceStatus {
     /// Manifest generation the device reports as applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_generation: Option<u64>,
-    /// When the device's latest heartbeat was sent (refreshed with any other change, or
-    /// every `--status-report-seconds` of the bridge).
+    /// When the device's latest heartbeat was sent, as of the last change to this status (a
+    /// device that goes quiet keeps its final one); refreshed on a timer only if the bridge
+    /// runs with `--status-report-seconds`. Liveness itself is the Ready condition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

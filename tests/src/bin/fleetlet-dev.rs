@@ -77,9 +77,10 @@ enum Cmd {
         out: PathBuf,
         /// Rewrite only one section, keeping the rest of the page: `kubelet` (from
         /// kubelet.json), `agent` (the goals table and the agent's section, from agent.json
-        /// and agent-sizes.json), `no-nodes` (the fleet without Node projection, from
+        /// and agent-sizes.json), `fleet` (the goals table and the runs by fleet size, from
+        /// fleet*.json), `no-nodes` (the fleet without Node projection, from
         /// fleet-*-no-nodes.json) or `durability` (NATS sync settings, from durability.json).
-        #[arg(long, value_parser = ["kubelet", "agent", "no-nodes", "durability"])]
+        #[arg(long, value_parser = ["kubelet", "agent", "fleet", "no-nodes", "durability"])]
         only: Option<String>,
     },
     /// Write docs/compatibility.md from the runs scripts/compat left in `from`.
@@ -123,6 +124,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(match only.as_deref() {
                 Some("kubelet") => report::kubelet_report(&from, &out),
                 Some("agent") => report::agent_report(&from, &out),
+                Some("fleet") => report::fleet_report(&from, &out),
                 Some("durability") => report::durability_report(&from, &out),
                 Some(_) => report::no_nodes_report(&from, &out),
                 None => report::performance(&from, &out),
