@@ -485,9 +485,9 @@ pub async fn write_status(
 /// EdgeDevice) comes back within it.
 const FACTS_REFRESH: Duration = Duration::from_secs(3600);
 
-/// Sends a heartbeat every interval, on its own task so reconciling never delays it, and
-/// stores the device's facts before it whenever they changed: on a new connection, and
-/// every [`FACTS_REFRESH`].
+/// Sends a heartbeat every interval and at once on each new connection, on its own task so
+/// reconciling never delays it, and stores the device's facts before it whenever they
+/// changed: on a new connection, and every [`FACTS_REFRESH`].
 #[instrument(skip_all, fields(device = %settings.device))]
 pub async fn heartbeat(
     client: async_nats::Client,
@@ -505,10 +505,24 @@ pub async fn heartbeat(
     let mut stored: Option<(DeviceFacts, u64, tokio::time::Instant)> = None;
     let mut tick = tokio::time::interval(settings.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A new connection (the first one included) beats at once instead of at the next tick:
+    // a device that starts before its NATS link is up, or comes back after an outage, is
+    // seen alive as soon as it can be. Looking costs no traffic.
+    let mut look = tokio::time::interval(Duration::from_secs(1));
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut beaten_on: Option<u64> = None;
     loop {
         tokio::select! {
             _ = crate::stopped(&mut stop) => return,
             _ = tick.tick() => {}
+            _ = look.tick() => {
+                let connection = client.statistics().connects.load(Ordering::Relaxed);
+                if beaten_on == Some(connection)
+                    || client.connection_state() != async_nats::connection::State::Connected
+                {
+                    continue;
+                }
+            }
         }
         if let Some(c) = &containers
             && runtime_asked
@@ -547,11 +561,15 @@ pub async fn heartbeat(
         // Published without asking for JetStream's acknowledgement: the stream stores it all
         // the same, a lost beat is replaced by the next one, and an idle device's bytes on
         // the wire lose the acknowledgement and the reply subject of every beat.
-        if let Err(e) = client
+        match client
             .publish(HEARTBEAT.subject(&settings.device), bytes.into())
             .await
         {
-            debug!(error = %e, sequence = hb.sequence, "heartbeat not sent");
+            Ok(()) => {
+                beaten_on = Some(connection);
+                tick.reset();
+            }
+            Err(e) => debug!(error = %e, sequence = hb.sequence, "heartbeat not sent"),
         }
     }
 }

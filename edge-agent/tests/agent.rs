@@ -513,6 +513,50 @@ async fn heartbeats_stay_small_and_facts_are_stored_once_and_again_on_a_new_conn
 }
 
 #[tokio::test]
+async fn a_device_beats_as_soon_as_it_connects_not_one_interval_later() {
+    let mut env = TestEnv::builder().nats().start().await.unwrap();
+    buckets(&env).await;
+    let dev = Device::new("pi-first-beat");
+    // A minute between beats: a beat within the 20 s waited below came with a connection.
+    let config = dev.write_config(env.nats_url().unwrap(), "", "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "heartbeat_interval_seconds = 1\n",
+        "heartbeat_interval_seconds = 60\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let within = Duration::from_secs(20);
+    let sequence = async |env: &TestEnv| {
+        let (_, _, heartbeat) = buckets(env).await;
+        let e = heartbeat
+            .entry("pi-first-beat")
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("no heartbeat yet")?;
+        Ok::<_, String>(decode::<Heartbeat>(&e.value).unwrap().sequence)
+    };
+
+    // The device starts while its NATS server is down.
+    env.nats.as_mut().unwrap().stop();
+    let _agent = dev.spawn(config);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    env.nats.as_mut().unwrap().start_again().await.unwrap();
+    let first = eventually("the first heartbeat", within, || sequence(&env)).await;
+
+    // The server restarts: the device beats on its new connection, not at its next tick.
+    let nats = env.nats.as_mut().unwrap();
+    nats.stop();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    nats.start_again().await.unwrap();
+    eventually("a heartbeat on the new connection", within, || async {
+        match sequence(&env).await? {
+            s if s > first => Ok(()),
+            s => Err(format!("sequence {s} again")),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_running_agent_reconnects_after_nats_restarts_and_takes_new_generations() {
     let mut env = TestEnv::builder().nats().start().await.unwrap();
     let dev = Device::new("pi-reconnect");

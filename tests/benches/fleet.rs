@@ -24,6 +24,9 @@
 //! fleetlet for N virtual nodes, measured over the same window. Results: stdout, and
 //! `target/fleetlet-bench/fleet.json`.
 //!
+//! `FLEETLET_BENCH_LOG` sets `RUST_LOG` of the controller and bridge (default `warn`) and
+//! keeps their logs in `target/fleetlet-bench/logs/`.
+//!
 //! With `FLEETLET_BENCH_DURABILITY=N` (`scripts/bench durability`) it measures only what
 //! NATS's durability settings cost: N devices against a 3-node cluster with the buckets at
 //! 3 replicas, once with JetStream's default sync and once with `sync_interval: always`, a
@@ -78,7 +81,10 @@ fn spawn_with(program: &PathBuf, args: &[String], env: &[(&str, String)], log: P
         Command::new(program)
             .args(args)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("FLEETLET_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
@@ -202,6 +208,26 @@ impl Window {
             "bytesPerDevicePerHour": wire.map(f64::round),
             "processes": processes,
         })
+    }
+}
+
+/// Waits until start-up's writes are done: at least 20 s, then until 10 s pass with under
+/// one apiserver write a second besides Lease renewals (the steady state's own writes), at
+/// most 10 minutes. Returns the seconds waited.
+async fn settle(client: &kube::Client) -> f64 {
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    loop {
+        let before = apiserver_writes(client).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let others: f64 = delta(&before, &apiserver_writes(client).await)
+            .iter()
+            .filter(|(resource, _)| resource.as_str() != "leases")
+            .map(|(_, n)| n)
+            .sum();
+        if others < 10.0 || started.elapsed() > Duration::from_secs(600) {
+            return started.elapsed().as_secs_f64();
+        }
     }
 }
 
@@ -382,10 +408,11 @@ async fn fleet_phase(n: usize, window: u64, vk: usize, profile: bool, nodes_on: 
     }
     let fleet_ready = sim_started.elapsed();
     eprintln!(
-        "   {n} {what} Ready {:.1}s after the simulator started; settling 20 s",
+        "   {n} {what} Ready {:.1}s after the simulator started; settling",
         fleet_ready.as_secs_f64()
     );
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    let settled = settle(&client).await;
+    eprintln!("   settled {settled:.0}s later");
 
     let procs = [
         ("controller", controller.pid()),
@@ -439,11 +466,13 @@ async fn fleet_phase(n: usize, window: u64, vk: usize, profile: bool, nodes_on: 
         "nodes": node_count,
         "simulator": sim_report,
         "nodesReadySeconds": (fleet_ready.as_secs_f64() * 10.0).round() / 10.0,
+        "settledSeconds": settled.round(),
         "steadyState": steady,
         "rolloutCreate": create,
         "rolloutUpdate": update,
         "footprints": footprints,
     });
+    keep_logs(dir.path(), &format!("fleet-{n}"));
     if vk > 0 {
         drop(sim);
         drop(bridge);
@@ -451,6 +480,20 @@ async fn fleet_phase(n: usize, window: u64, vk: usize, profile: bool, nodes_on: 
         result["virtualKubelet"] = virtual_kubelet(&env, vk, window, dir.path()).await;
     }
     result
+}
+
+/// With `FLEETLET_BENCH_LOG` set, the controller's and bridge's logs of a phase are copied to
+/// `target/fleetlet-bench/logs/<phase>/` (the phase's own directory goes with it).
+fn keep_logs(dir: &std::path::Path, phase: &str) {
+    if std::env::var_os("FLEETLET_BENCH_LOG").is_none() {
+        return;
+    }
+    let to = repo_root().join("target/fleetlet-bench/logs").join(phase);
+    std::fs::create_dir_all(&to).unwrap();
+    for name in ["controller.log", "bridge.log"] {
+        let _ = std::fs::copy(dir.join(name), to.join(name));
+    }
+    eprintln!("   logs kept in {}", to.display());
 }
 
 /// A port for mock node `i`'s kubelet listener (on every interface): below the ephemeral

@@ -156,8 +156,8 @@ fn fleet_section(fleet: &Value) -> String {
          Rollouts: `kubectl apply` of an EdgeManifest selecting every device (create), then a\n\
          change of its file content (change). Fan-out: until the device's desired-state key\n\
          holds it. Converged: until the device's status reports the resource Ready at that\n\
-         generation. EdgeManifest Ready: until its status counts every device Ready.\n\
-         Run of {}.\n\n\
+         generation. EdgeManifest Ready: until its status counts every device Ready. Steady\n\
+         state: measured once start-up's own writes are done. Run of {}.\n\n\
          | devices | nodes Ready after | fan-out p50 / p99 | converged p50 / p99 (create) | converged p50 / p99 (change) | EdgeManifest Ready (change) |\n\
          |---|---|---|---|---|---|",
         run_dates(fleet)
