@@ -449,6 +449,7 @@ impl Fleet {
     /// One full pass.
     #[instrument(skip(self))]
     pub async fn reconcile(&self) -> Result<PassSummary, Error> {
+        let started = std::time::Instant::now();
         let mut summary = PassSummary::default();
         let devices = self.device_objects();
         let views = device_views(
@@ -489,6 +490,11 @@ impl Fleet {
             &actual,
         );
         self.write_manifests(writes, &mut summary).await;
+        debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            kv_writes = summary.kv_writes,
+            "desired state written"
+        );
         summary.status_patches += self.mark_device_problems(&devices, &actual, &p).await;
         for (id, obj) in &devices {
             let written = desired.get(id).map(|c| c.value.generation);
@@ -509,11 +515,20 @@ impl Fleet {
         self.report_devices(&manifests, &devices, &actual, &desired)
             .await;
 
-        self.ctx
-            .metrics
-            .record_pass(devices.len(), manifests.len(), p.conflicts.len(), &summary);
+        let took = started.elapsed();
+        self.ctx.metrics.record_pass(
+            devices.len(),
+            manifests.len(),
+            p.conflicts.len(),
+            &summary,
+            took,
+        );
         if summary != PassSummary::default() {
-            info!(?summary, "pass wrote changes");
+            info!(
+                ?summary,
+                elapsed_ms = took.as_millis() as u64,
+                "pass wrote changes"
+            );
         }
         Ok(summary)
     }

@@ -2,7 +2,12 @@
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
 
@@ -21,6 +26,7 @@ struct CategoryLabel {
 pub struct Metrics {
     registry: Registry,
     passes: Counter,
+    pass_duration: Histogram,
     kv_writes: Family<ResultLabel, Counter>,
     kv_deletes: Counter,
     status_patches: Counter,
@@ -41,6 +47,8 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("fleetlet_controller");
         let m = Self {
             passes: Counter::default(),
+            // 5 ms to about 80 s.
+            pass_duration: Histogram::new(exponential_buckets(0.005, 2.0, 15)),
             kv_writes: Family::default(),
             kv_deletes: Counter::default(),
             status_patches: Counter::default(),
@@ -55,6 +63,11 @@ impl Default for Metrics {
             registry: Registry::default(),
         };
         registry.register("passes", "Fleet reconcile passes", m.passes.clone());
+        registry.register(
+            "pass_duration_seconds",
+            "How long a fleet pass took, from reading the caches to its last write",
+            m.pass_duration.clone(),
+        );
         registry.register(
             "kv_writes",
             "desired-state writes by result (ok, conflict, error)",
@@ -115,8 +128,16 @@ impl Metrics {
             .inc();
     }
 
-    pub fn record_pass(&self, devices: usize, manifests: usize, conflicts: usize, s: &PassSummary) {
+    pub fn record_pass(
+        &self,
+        devices: usize,
+        manifests: usize,
+        conflicts: usize,
+        s: &PassSummary,
+        took: std::time::Duration,
+    ) {
         self.passes.inc();
+        self.pass_duration.observe(took.as_secs_f64());
         self.devices.set(devices as i64);
         self.manifests.set(manifests as i64);
         self.conflicts.set(conflicts as i64);

@@ -1159,6 +1159,19 @@ async fn metrics_and_health_endpoints_answer() {
         }
     })
     .await;
+    // Every pass is timed: the histogram counts as many as the pass counter.
+    let count = sample(&metrics, "fleetlet_controller_pass_duration_seconds_count");
+    assert!(count.is_some_and(|c| c >= 1.0), "{metrics}");
+    assert!(
+        sample(&metrics, "fleetlet_controller_pass_duration_seconds_sum").is_some_and(|s| s > 0.0),
+        "{metrics}"
+    );
+    wait_passes(port, 2).await;
+    let later = get(port, "/metrics").await.unwrap();
+    assert!(
+        sample(&later, "fleetlet_controller_pass_duration_seconds_count") >= count.map(|c| c + 2.0),
+        "{later}"
+    );
     for name in [
         "fleetlet_controller_passes_total",
         "fleetlet_controller_devices",
