@@ -509,7 +509,7 @@ fn goals(fleet: Option<&Value>, agent: &Value, sizes: &Value) -> Vec<Goal> {
         Goal {
             figure: FIRST_PREVIOUS[4].0,
             goal: "≤ 1.0",
-            now: writes.map(|w| format!("{w}")),
+            now: writes.map(|w| format!("{w:.2}")),
             met: writes.map(|w| w <= 1.0),
         },
         Goal {

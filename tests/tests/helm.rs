@@ -1119,3 +1119,163 @@ stringData: { key: payroll-9c1e }
     let log = std::fs::read_to_string(dir.path().join("controller.log")).unwrap();
     assert!(!log.contains("forbidden"), "{log}");
 }
+
+/// The CRD upgrade path docs/gitops.md gives: a release installed with older CRDs (here the
+/// EdgeDevice schema without `spec.nodeProjection`, which kubectl then refuses), then
+/// `kubectl apply --server-side --force-conflicts` of the chart's CRDs over the ones Helm
+/// created (Helm owns their fields: without forcing, the changed schema conflicts), then `helm
+/// upgrade`. The new field is accepted and stored afterwards, Helm's upgrade leaves the new
+/// CRDs alone, and every stored object stays as it was (same uid, nothing rewritten).
+#[tokio::test]
+async fn crds_upgrade_server_side_over_helms_before_helm_upgrade_and_keep_every_object() {
+    let env = TestEnv::builder()
+        .kube_without_crds()
+        .start()
+        .await
+        .unwrap();
+    let client = env.kube_client().await.unwrap();
+
+    // The previous release: this chart, its EdgeDevice CRD one field short.
+    let old = tempfile::tempdir().unwrap();
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(chart_dir())
+        .arg(old.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let old_chart = old.path().join(chart_dir().file_name().unwrap());
+    let mut stream = String::new();
+    for crd in fleetlet_crds::crds().unwrap() {
+        let mut v = serde_json::to_value(&crd).unwrap();
+        if v["spec"]["names"]["kind"] == "EdgeDevice" {
+            for version in v["spec"]["versions"].as_array_mut().unwrap() {
+                let spec = &mut version["schema"]["openAPIV3Schema"]["properties"]["spec"];
+                let removed = spec["properties"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("nodeProjection");
+                assert!(removed.is_some(), "the field to leave out is in the schema");
+            }
+        }
+        // JSON is YAML: one document per CRD.
+        stream.push_str(&format!("---\n{v}\n"));
+    }
+    std::fs::write(old_chart.join("crds/fleetlet.dev.yaml"), stream).unwrap();
+    let mut install = env.helm().unwrap();
+    install.args(["install", "fleetlet"]).arg(&old_chart).args([
+        "-n",
+        "fleetlet-system",
+        "--create-namespace",
+    ]);
+    checked("helm install (older CRDs)", install).unwrap();
+
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let established = || async {
+        for name in ["edgedevices.fleetlet.dev", "edgemanifests.fleetlet.dev"] {
+            let crd = crds.get(name).await.map_err(|e| e.to_string())?;
+            let ok = crd
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            if !ok {
+                return Err(format!("{name} not established"));
+            }
+        }
+        Ok(())
+    };
+    eventually("the older CRDs", Duration::from_secs(30), established).await;
+    let device = |spec: &str| {
+        format!(
+            "apiVersion: fleetlet.dev/v1alpha1\nkind: EdgeDevice\n\
+             metadata: {{ name: pi-crd, namespace: default, labels: {{ role: sensor }} }}\n\
+             spec: {spec}\n"
+        )
+    };
+    let with_field = old.path().join("with-field.yaml");
+    std::fs::write(&with_field, device("{ nodeProjection: Disabled }")).unwrap();
+    // One `kubectl apply` of the device with the new field: its output and whether it worked.
+    let apply_with_field = || {
+        let out = env
+            .kubectl()
+            .unwrap()
+            .args(["apply", "-f"])
+            .arg(&with_field)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    env.apply(&format!(
+        "{}---\napiVersion: fleetlet.dev/v1alpha1\nkind: EdgeManifest\n\
+         metadata: {{ name: crd-check, namespace: default }}\nspec:\n  \
+         selector: {{ matchLabels: {{ role: sensor }} }}\n  resources:\n    - id: motd\n      \
+         file: {{ path: /etc/fleetlet/motd, content: {{ text: \"hi\\n\" }} }}\n",
+        device("{}")
+    ))
+    .unwrap();
+    // The older schema does not know the field: kubectl's strict validation says so.
+    let (ok, text) = apply_with_field();
+    assert!(!ok && text.contains("unknown field"), "{text}");
+    let devices: Api<fleetlet_crds::EdgeDevice> = Api::namespaced(client.clone(), "default");
+    let manifests: Api<fleetlet_crds::EdgeManifest> = Api::namespaced(client.clone(), "default");
+    let before = devices.get("pi-crd").await.unwrap();
+    assert_eq!(before.spec.node_projection, None);
+    let manifest_before = manifests.get("crd-check").await.unwrap();
+
+    // The new CRDs, server-side, over the ones Helm created.
+    let out = env
+        .kubectl()
+        .unwrap()
+        .args(["apply", "--server-side", "--force-conflicts", "-f"])
+        .arg(chart_dir().join("crds"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl apply --server-side --force-conflicts: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut upgrade = env.helm().unwrap();
+    upgrade
+        .args(["upgrade", "fleetlet"])
+        .arg(chart_dir())
+        .args(["-n", "fleetlet-system"]);
+    checked("helm upgrade", upgrade).unwrap();
+    eventually("the new CRDs", Duration::from_secs(30), established).await;
+
+    // The new field is stored now (Helm's upgrade did not put the older CRDs back); the
+    // objects are the same ones, the manifest not even rewritten.
+    eventually(
+        "spec.nodeProjection kept",
+        Duration::from_secs(30),
+        || async {
+            let (ok, text) = apply_with_field();
+            if !ok {
+                return Err(text);
+            }
+            let d = devices.get("pi-crd").await.map_err(|e| e.to_string())?;
+            match d.spec.node_projection {
+                Some(p) => Ok(p),
+                None => Err("not stored".to_string()),
+            }
+        },
+    )
+    .await;
+    let after = devices.get("pi-crd").await.unwrap();
+    assert_eq!(after.metadata.uid, before.metadata.uid);
+    assert_eq!(after.metadata.labels, before.metadata.labels);
+    let manifest_after = manifests.get("crd-check").await.unwrap();
+    assert_eq!(manifest_after.metadata.uid, manifest_before.metadata.uid);
+    assert_eq!(
+        manifest_after.metadata.resource_version, manifest_before.metadata.resource_version,
+        "the EdgeManifest was rewritten"
+    );
+}
