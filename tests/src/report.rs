@@ -223,8 +223,77 @@ fn fleet_section(fleet: &Value) -> String {
     md
 }
 
-/// Rewrites the goals table and the runs by fleet size in `out` from `from`'s fleet results,
-/// leaving the rest of the page as the last whole run wrote it (`scripts/bench fleet`).
+const TIME_BEGIN: &str = "<!-- scripts/bench fleet profile: begin -->";
+const TIME_END: &str = "<!-- scripts/bench fleet profile: end -->";
+
+/// Where the time of the largest rollout went (from profile.txt), between markers.
+fn time_section(from: &Path) -> Option<String> {
+    let profile = std::fs::read_to_string(from.join("profile.txt")).ok()?;
+    // Functions of a stripped binary are bare addresses: leave them out.
+    let mut kept: Vec<&str> = profile
+        .lines()
+        .filter(|l| {
+            !l.trim_end()
+                .rsplit(' ')
+                .next()
+                .is_some_and(|w| w.starts_with("0x"))
+        })
+        .collect();
+    if kept
+        .last()
+        .is_some_and(|l| l.starts_with("Hottest functions"))
+    {
+        kept.pop();
+        kept.push("(the busiest binary has no symbols: its functions are not shown)");
+    }
+    let profile = kept.join("\n") + "\n";
+    let mut md = String::new();
+    w!(
+        md,
+        "{TIME_BEGIN}\n## Where the time goes\n\n\
+         At 10,000 devices a rollout is bound by the kube-apiserver: every device's status\n\
+         changes twice in Kubernetes (the controller's `desiredGeneration`, the bridge's\n\
+         applied generation and conditions), so a fleet-wide change is about 20,000 status\n\
+         writes on top of the NATS traffic, and the apiserver took most of the two cores in\n\
+         the profile below (`tokio-rt-worker` threads are the simulator's). The devices\n\
+         themselves got their manifests within the fan-out times above. A change applied\n\
+         right after another waits behind the first one's status writes: its fan-out is the\n\
+         slower one in the table.\n\n\
+         Changes made from the runs of 2026-11-27:\n\n\
+         * Heartbeats no longer start controller passes (only a device appearing or\n\
+           disappearing does; going offline is noticed by the periodic pass): at 10,000\n\
+           devices every beat ran a fleet-wide pass. The controller now uses jemalloc, as\n\
+           the bridge does.\n\
+         * The agent's default heartbeat interval is 30 s (was 10 s), the bridge's Lease\n\
+           renewal interval, with the same 90 s grace before a node turns Unknown.\n\
+         * The simulator keeps its devices' state in memory (`/dev/shm`): with one disk\n\
+           for all devices, their fsyncs serialized and measured the disk, not fleetlet.\n\n\
+         Changes made from the runs of 2026-11-30 (10,000 devices, steady state):\n\n\
+         * Cached Kubernetes objects keep no field managers or last-applied copies: the\n\
+           controller went from 377 to 151 MiB, the bridge from 316 to 147 MiB.\n\
+         * KV caches hand out shared records, so a pass copies no manifest or status:\n\
+           controller CPU went from 17.9 % to 2.2 % of a core.\n\
+         * Heartbeat times in status move only with another change\n\
+           (`--status-report-seconds=0`): a steady device costs its Lease renewals alone.\n\
+           The Node and EdgeDevice writes the 2026-11-27 run counted as status refreshes\n\
+           were mostly start-up writes still in flight; the steady window now opens once\n\
+           they are done.\n\
+         * A device beats as soon as it connects: 1,000 Nodes were Ready after 8 s, where\n\
+           the first beat had waited a whole interval (37.5 s).\n\n\
+         Next: one status write per device per rollout instead of two (the controller's\n\
+         `desiredGeneration` only for a device that has not applied the generation within a\n\
+         few seconds), which is what keeps a change that follows another from the goals.\n"
+    );
+    w!(
+        md,
+        "## Profile of the largest rollout\n\n```\n{profile}```\n{TIME_END}"
+    );
+    Some(md)
+}
+
+/// Rewrites the goals table, the runs by fleet size and (with a profile) where the time went
+/// in `out` from `from`'s fleet results, leaving the rest of the page as the last whole run
+/// wrote it (`scripts/bench fleet`).
 pub fn fleet_report(from: &Path, out: &Path) -> Result<(), Error> {
     let fleet = fleet_runs(from)?;
     rewrite_page(out, "the goals and the runs by fleet size", |mut page| {
@@ -237,9 +306,27 @@ pub fn fleet_report(from: &Path, out: &Path) -> Result<(), Error> {
                 .map_or(page.len(), |e| b + 1 + e + 1);
             page.replace_range(b..e, &format!("{FLEET_BEGIN}\n{FLEET_END}\n\n"));
         }
+        // Likewise the explanation and profile of the largest rollout, up to the next
+        // section.
+        if !page.contains(TIME_BEGIN)
+            && let Some(b) = page.find("## Where the time goes\n")
+            && let Some(p) = page[b..].find("## Profile of the largest rollout\n")
+        {
+            let after = b + p + 1;
+            let e = [page[after..].find("\n## "), page[after..].find("\n<!-- ")]
+                .into_iter()
+                .flatten()
+                .min()
+                .map_or(page.len(), |e| after + e + 1);
+            page.replace_range(b..e, &format!("{TIME_BEGIN}\n{TIME_END}\n\n"));
+        }
         let goals = goals_section(&page, Some(&fleet), &Value::Null, &Value::Null);
         let page = splice_between(&page, &goals, GOALS_BEGIN, GOALS_END);
-        insert_section(&page, &fleet_section(&fleet), FLEET_BEGIN, FLEET_END)
+        let page = insert_section(&page, &fleet_section(&fleet), FLEET_BEGIN, FLEET_END);
+        match time_section(from) {
+            Some(t) if page.contains(TIME_BEGIN) => splice_between(&page, &t, TIME_BEGIN, TIME_END),
+            _ => page,
+        }
     })
 }
 
@@ -336,57 +423,9 @@ pub fn performance(from: &Path, out: &Path) -> Result<(), Error> {
          from this machine's registries).\n",
         fmt(agent_rss, " MiB")
     );
-    if let Ok(profile) = std::fs::read_to_string(from.join("profile.txt")) {
-        // Functions of a stripped binary are bare addresses: leave them out.
-        let mut kept: Vec<&str> = profile
-            .lines()
-            .filter(|l| {
-                !l.trim_end()
-                    .rsplit(' ')
-                    .next()
-                    .is_some_and(|w| w.starts_with("0x"))
-            })
-            .collect();
-        if kept
-            .last()
-            .is_some_and(|l| l.starts_with("Hottest functions"))
-        {
-            kept.pop();
-            kept.push("(the busiest binary has no symbols: its functions are not shown)");
-        }
-        let profile = kept.join("\n") + "\n";
-        w!(
-            md,
-            "## Where the time goes\n\n\
-             At 10,000 devices a rollout is bound by the kube-apiserver: every device's status\n\
-             changes twice in Kubernetes (the controller's `desiredGeneration`, the bridge's\n\
-             applied generation and conditions), so a fleet-wide change is about 20,000 status\n\
-             writes on top of the NATS traffic, and the apiserver took over half of the two\n\
-             cores in the profile below (`tokio-rt-worker` threads are the simulator's). The\n\
-             devices themselves got their manifests within the fan-out times above.\n\n\
-             Changes made from these measurements (runs of 2026-11-27):\n\n\
-             * Heartbeats no longer start controller passes (only a device appearing or\n\
-               disappearing does; going offline is noticed by the periodic pass): at 10,000\n\
-               devices every beat ran a fleet-wide pass. Controller CPU in steady state went\n\
-               from 36 % to 18 % of a core. The controller now uses jemalloc, as the bridge\n\
-               does.\n\
-             * The agent's default heartbeat interval is 30 s (was 10 s), the bridge's Lease\n\
-               renewal interval: bytes per device per hour went from 258 KiB to 122 KiB, with\n\
-               the same 90 s grace before a node turns Unknown.\n\
-             * The simulator keeps its devices' state in memory (`/dev/shm`): with one disk\n\
-               for all devices, their fsyncs serialized and a 1,000-device rollout took 2.3 s\n\
-               to converge (p50 = p99), which measured the disk, not fleetlet.\n\n\
-             Next, in this order: the controller's memory at 10,000 devices (360-480 MiB;\n\
-             EdgeDevice status writes by the bridge still start controller passes, about\n\
-             47 a second while the 5-minute status refreshes run), the status writes per\n\
-             rollout, and the watch's idle heartbeats (the ordered consumer's fixed 5 s,\n\
-             about half of a device's bytes on the wire).\n"
-        );
-        w!(
-            md,
-            "## Profile of the largest rollout\n\n```\n{}```\n",
-            profile
-        );
+    if let Some(t) = time_section(from) {
+        md.push_str(&t);
+        md.push('\n');
     }
     let agent_date = file_date(&from.join("agent.json"));
     if let Some(a) = agent_section(&agent, &sizes, agent_date.as_deref()) {
@@ -1199,12 +1238,32 @@ mod tests {
         let goals = goals_section("", None, &agent, &sizes);
         std::fs::write(
             &out,
-            format!("# Performance\n\n{goals}\n## By fleet size\n\n| 10 | old |\n\n## Side by side\nkept\n"),
+            format!(
+                "# Performance\n\n{goals}\n## By fleet size\n\n| 10 | old |\n\n## Side by side\nkept\n\n\
+                 ## Where the time goes\nold words\n\n## Profile of the largest rollout\n\n```\nold profile\n```\n\n\
+                 {AGENT_BEGIN}\nagent\n{AGENT_END}\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("profile.txt"),
+            "CPU by process:\n    70.00%  kube-apiserver\n",
         )
         .unwrap();
         fleet_report(dir.path(), &out).unwrap();
         let once = std::fs::read_to_string(&out).unwrap();
         assert!(!once.contains("| 10 | old |"), "{once}");
+        // The explanation and profile are this run's, and the agent's section stays.
+        assert!(
+            !once.contains("old words") && !once.contains("old profile"),
+            "{once}"
+        );
+        assert!(
+            once.contains(&format!(
+                "70.00%  kube-apiserver\n```\n{TIME_END}\n\n{AGENT_BEGIN}\nagent\n"
+            )),
+            "{once}"
+        );
         assert!(once.contains("## Side by side\nkept\n"), "{once}");
         assert!(
             once.contains(
@@ -1229,6 +1288,7 @@ mod tests {
         fleet_report(dir.path(), &out).unwrap();
         let twice = std::fs::read_to_string(&out).unwrap();
         assert_eq!(twice.matches(FLEET_BEGIN).count(), 1, "{twice}");
+        assert_eq!(twice.matches(TIME_BEGIN).count(), 1, "{twice}");
         assert_eq!(twice.lines().count(), once.lines().count(), "{twice}");
         assert!(twice.contains("| ≤ 1.0 | 0.99 | 0.99 | met |"), "{twice}");
     }

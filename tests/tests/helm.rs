@@ -589,19 +589,10 @@ async fn helm_install_upgrade_uninstall_and_the_charts_rbac_runs_the_control_pla
     let chart = env
         .install_chart("fleetlet", "fleetlet-system", &[])
         .unwrap();
-    for name in ["edgedevices.fleetlet.dev", "edgemanifests.fleetlet.dev"] {
-        eventually("CRD established", Duration::from_secs(30), || async {
-            let crd = crds.get(name).await.map_err(|e| e.to_string())?;
-            let ok = crd
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            ok.then_some(()).ok_or("not established".to_string())
-        })
-        .await;
-    }
+    eventually("the CRDs established", Duration::from_secs(30), || {
+        established(&crds)
+    })
+    .await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "fleetlet-system");
     for name in ["fleetlet-controller", "fleetlet-bridge"] {
         let d = deployments.get(name).await.unwrap();
@@ -1120,6 +1111,23 @@ stringData: { key: payroll-9c1e }
     assert!(!log.contains("forbidden"), "{log}");
 }
 
+/// Whether both fleetlet CRDs are Established; Err names the first that is not.
+async fn established(crds: &Api<CustomResourceDefinition>) -> Result<(), String> {
+    for name in ["edgedevices.fleetlet.dev", "edgemanifests.fleetlet.dev"] {
+        let crd = crds.get(name).await.map_err(|e| e.to_string())?;
+        let ok = crd
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        if !ok {
+            return Err(format!("{name} not established"));
+        }
+    }
+    Ok(())
+}
+
 /// The CRD upgrade path docs/gitops.md gives: a release installed with older CRDs (here the
 /// EdgeDevice schema without `spec.nodeProjection`, which kubectl then refuses), then
 /// `kubectl apply --server-side --force-conflicts` of the chart's CRDs over the ones Helm
@@ -1171,22 +1179,10 @@ async fn crds_upgrade_server_side_over_helms_before_helm_upgrade_and_keep_every_
     checked("helm install (older CRDs)", install).unwrap();
 
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let established = || async {
-        for name in ["edgedevices.fleetlet.dev", "edgemanifests.fleetlet.dev"] {
-            let crd = crds.get(name).await.map_err(|e| e.to_string())?;
-            let ok = crd
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            if !ok {
-                return Err(format!("{name} not established"));
-            }
-        }
-        Ok(())
-    };
-    eventually("the older CRDs", Duration::from_secs(30), established).await;
+    eventually("the older CRDs", Duration::from_secs(30), || {
+        established(&crds)
+    })
+    .await;
     let device = |spec: &str| {
         format!(
             "apiVersion: fleetlet.dev/v1alpha1\nkind: EdgeDevice\n\
@@ -1249,7 +1245,10 @@ async fn crds_upgrade_server_side_over_helms_before_helm_upgrade_and_keep_every_
         .arg(chart_dir())
         .args(["-n", "fleetlet-system"]);
     checked("helm upgrade", upgrade).unwrap();
-    eventually("the new CRDs", Duration::from_secs(30), established).await;
+    eventually("the new CRDs", Duration::from_secs(30), || {
+        established(&crds)
+    })
+    .await;
 
     // The new field is stored now (Helm's upgrade did not put the older CRDs back); the
     // objects are the same ones, the manifest not even rewritten.
