@@ -37,7 +37,7 @@ impl ScriptSandbox {
             .keep();
         let program = repo_root().join("scripts").join(script);
         let log = dir.join(format!("{script}.log"));
-        let mut service = Service::spawn_with_env(
+        let service = Service::spawn_with_env(
             script,
             &program,
             &options
@@ -49,6 +49,16 @@ impl ScriptSandbox {
             log.clone(),
         )?;
         let reaper = DirReaper::spawn(&dir, &[service.pid()])?;
+        // Owned by the sandbox at once, so that a start that fails stops the script before
+        // the reaper waits for it (dropped the other way round, the reaper would wait for a
+        // script nobody stops, or for an exited one nobody reaps, forever).
+        let mut sandbox = Self {
+            dir,
+            values: BTreeMap::new(),
+            service,
+            reaper: Some(reaper),
+        };
+        let service = &mut sandbox.service;
         let started = Instant::now();
         let values = loop {
             service.check_running()?;
@@ -83,12 +93,8 @@ impl ScriptSandbox {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "sandbox ready"
         );
-        Ok(Self {
-            dir,
-            values,
-            service,
-            reaper: Some(reaper),
-        })
+        sandbox.values = values;
+        Ok(sandbox)
     }
 
     fn value(&self, key: &str) -> Result<String, Error> {
