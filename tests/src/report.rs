@@ -297,29 +297,20 @@ fn time_section(from: &Path) -> Option<String> {
 pub fn fleet_report(from: &Path, out: &Path) -> Result<(), Error> {
     let fleet = fleet_runs(from)?;
     rewrite_page(out, "the goals and the runs by fleet size", |mut page| {
-        // A page from before the runs had markers: that section is the one replaced.
-        if !page.contains(FLEET_BEGIN)
-            && let Some(b) = page.find("## By fleet size\n")
-        {
-            let e = page[b + 1..]
-                .find("\n## ")
-                .map_or(page.len(), |e| b + 1 + e + 1);
-            page.replace_range(b..e, &format!("{FLEET_BEGIN}\n{FLEET_END}\n\n"));
-        }
-        // Likewise the explanation and profile of the largest rollout, up to the next
-        // section.
-        if !page.contains(TIME_BEGIN)
-            && let Some(b) = page.find("## Where the time goes\n")
-            && let Some(p) = page[b..].find("## Profile of the largest rollout\n")
-        {
-            let after = b + p + 1;
-            let e = [page[after..].find("\n## "), page[after..].find("\n<!-- ")]
-                .into_iter()
-                .flatten()
-                .min()
-                .map_or(page.len(), |e| after + e + 1);
-            page.replace_range(b..e, &format!("{TIME_BEGIN}\n{TIME_END}\n\n"));
-        }
+        mark_unmarked(
+            &mut page,
+            "## By fleet size\n",
+            None,
+            FLEET_BEGIN,
+            FLEET_END,
+        );
+        mark_unmarked(
+            &mut page,
+            "## Where the time goes\n",
+            Some("## Profile of the largest rollout\n"),
+            TIME_BEGIN,
+            TIME_END,
+        );
         let goals = goals_section(&page, Some(&fleet), &Value::Null, &Value::Null);
         let page = splice_between(&page, &goals, GOALS_BEGIN, GOALS_END);
         let page = insert_section(&page, &fleet_section(&fleet), FLEET_BEGIN, FLEET_END);
@@ -328,6 +319,28 @@ pub fn fleet_report(from: &Path, out: &Path) -> Result<(), Error> {
             _ => page,
         }
     })
+}
+
+/// A page written before a section had markers: the section from `heading` (through the
+/// one at `through`, if given) up to the next heading or marker becomes the empty markers
+/// `begin` and `end`, so the section is replaced where it stood.
+fn mark_unmarked(page: &mut String, heading: &str, through: Option<&str>, begin: &str, end: &str) {
+    if page.contains(begin) {
+        return;
+    }
+    let Some(b) = page.find(heading) else {
+        return;
+    };
+    let Some(last) = through.map_or(Some(0), |t| page[b..].find(t)) else {
+        return;
+    };
+    let after = b + last + 1;
+    let e = [page[after..].find("\n## "), page[after..].find("\n<!-- ")]
+        .into_iter()
+        .flatten()
+        .min()
+        .map_or(page.len(), |e| after + e + 1);
+    page.replace_range(b..e, &format!("{begin}\n{end}\n\n"));
 }
 
 /// Writes `out` from the JSON results in `from`.
@@ -714,15 +727,7 @@ pub fn agent_report(from: &Path, out: &Path) -> Result<(), Error> {
         ))
     })?;
     rewrite_page(out, "the goals and the agent's section", |mut page| {
-        // A page from before the goals had markers: its goals table is the one replaced.
-        if !page.contains(GOALS_BEGIN)
-            && let Some(b) = page.find("## Goals\n")
-        {
-            let e = page[b + 1..]
-                .find("\n## ")
-                .map_or(page.len(), |e| b + 1 + e + 1);
-            page.replace_range(b..e, &format!("{GOALS_BEGIN}\n{GOALS_END}\n\n"));
-        }
+        mark_unmarked(&mut page, "## Goals\n", None, GOALS_BEGIN, GOALS_END);
         let goals = goals_section(&page, None, &agent, &sizes);
         let page = splice_between(&page, &goals, GOALS_BEGIN, GOALS_END);
         insert_section(&page, &section, AGENT_BEGIN, AGENT_END)
