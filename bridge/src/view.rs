@@ -215,6 +215,12 @@ fn converged_verdict(
 ) -> Verdict {
     let all_ready = st.is_some_and(|s| s.resources.values().all(ResourceStatus::is_ready));
     let rejection = st.and_then(|s| s.last_rejection.as_ref());
+    // The controller records a generation only when the device is slow to apply it: one
+    // the device reports applied was written for it, and covers any older record.
+    let desired = match (applied, desired) {
+        (Some(a), None) if a > 0 => Some(a),
+        (_, d) => d,
+    };
     match (applied, desired) {
         (None, _) if reported.is_some() => Verdict::new(
             "False",
@@ -961,5 +967,47 @@ mod tests {
             r.message.as_deref(),
             Some("downloading: 12.0 MiB of 50.0 MiB (24%), 3.9 MiB/s")
         );
+    }
+
+    #[test]
+    fn an_applied_generation_the_controller_did_not_record_counts_as_desired() {
+        let converged = |applied: u64, desired: Option<u64>, ready: bool| {
+            let mut dev = EdgeDevice::new("pi", EdgeDeviceSpec::default());
+            dev.status = Some(EdgeDeviceStatus {
+                desired_generation: desired,
+                ..Default::default()
+            });
+            let mut st = AgentStatus::new(DeviceId::new("pi").expect("valid"));
+            st.observed_generation = applied;
+            st.manifest_generation = applied;
+            if !ready {
+                st.resources.insert(
+                    ResourceId::new("motd").expect("valid"),
+                    ResourceStatus::Reconciling {
+                        since: Timestamp(1),
+                        message: None,
+                    },
+                );
+            }
+            let s = device_status(&dev, None, Some(&st), Liveness::Alive, Timestamp(2), 1000);
+            let c = s
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Converged")
+                .expect("a Converged condition");
+            (c.status.clone(), c.reason.clone())
+        };
+        let row = |status: &str, reason: &str| (status.to_string(), reason.to_string());
+        // A device that applies a generation before the controller records it.
+        assert_eq!(converged(3, None, true), row("True", "AllResourcesReady"));
+        assert_eq!(
+            converged(3, Some(2), true),
+            row("True", "AllResourcesReady")
+        );
+        assert_eq!(converged(3, None, false), row("False", "ResourcesNotReady"));
+        // A recorded generation the device has not applied.
+        assert_eq!(converged(2, Some(3), true), row("False", "Applying"));
+        // Nothing written for the device yet.
+        assert_eq!(converged(0, None, true), row("Unknown", "NoDesiredState"));
     }
 }

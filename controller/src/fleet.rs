@@ -44,6 +44,32 @@ use crate::{
 const KV_WRITE_CONCURRENCY: usize = 64;
 /// Status patches in flight at once: enough to keep up, few enough to be a polite client.
 const STATUS_PATCH_CONCURRENCY: usize = 16;
+/// Which generations written to desired state are recorded in EdgeDevice status
+/// (`desiredGeneration`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recording {
+    /// Every one, at once: signed freshness floors are served from this record, which an
+    /// attacker who can write the buckets cannot lower.
+    Every,
+    /// Only those the device has not reported applied `after` they were written: a device
+    /// that applies at once costs one status write per rollout (the bridge's), not two.
+    Unapplied { after: Duration },
+}
+
+impl Recording {
+    /// [`Recording::Unapplied`] after `after`; [`Recording::Every`] for zero.
+    pub fn after(after: Duration) -> Self {
+        if after.is_zero() {
+            Self::Every
+        } else {
+            Self::Unapplied { after }
+        }
+    }
+}
+
+/// A generation written to desired state, waiting to be recorded in EdgeDevice status:
+/// the device, the generation and when it was queued.
+pub type QueuedGeneration = (Arc<EdgeDevice>, u64, tokio::time::Instant);
 
 /// The KV buckets a pass writes, bound once.
 pub struct Buckets {
@@ -88,7 +114,8 @@ pub struct Fleet {
     reports: Mutex<crate::reports::Reports>,
     /// Generation last queued for each device's status, so a patch is sent once.
     queued_generations: Arc<Mutex<HashMap<DeviceId, u64>>>,
-    status_queue: mpsc::UnboundedSender<(Arc<EdgeDevice>, u64)>,
+    status_queue: mpsc::UnboundedSender<QueuedGeneration>,
+    recording: Recording,
     /// Pods on virtual nodes, when the kubelet facade is on.
     pods: Option<PodWatch>,
     /// Refusals already reported, by pod uid: reported once, not every pass.
@@ -119,7 +146,7 @@ impl Fleet {
     pub fn new(
         ctx: Context,
         deadlines: Deadlines,
-        status_queue: mpsc::UnboundedSender<(Arc<EdgeDevice>, u64)>,
+        status_queue: mpsc::UnboundedSender<QueuedGeneration>,
     ) -> Self {
         Self {
             events: crate::events::Events::new(ctx.recorder.clone()),
@@ -130,6 +157,7 @@ impl Fleet {
             reports: Mutex::new(crate::reports::Reports::default()),
             queued_generations: Arc::new(Mutex::new(HashMap::new())),
             status_queue,
+            recording: Recording::Every,
             pods: None,
             refusals: Mutex::new(HashMap::new()),
             unannounced: Mutex::new(BTreeSet::new()),
@@ -143,10 +171,26 @@ impl Fleet {
 
     /// Signs every manifest with `signer`; manifests signed with another key (or none) are
     /// rewritten, so a key rotation reaches every device.
+    /// Signs every manifest; then every generation is recorded ([`Recording::Every`]).
     pub fn with_signer(mut self, signer: Arc<crate::signing::Signer>) -> Self {
         self.sealer = Arc::new(signer.sealer());
         self.signer = Some(signer);
+        self.recording = Recording::Every;
         self
+    }
+
+    /// Which generations [`Fleet::write_device_statuses`] records (unless signing, which
+    /// records every one).
+    pub fn with_recording(mut self, recording: Recording) -> Self {
+        if self.signer.is_none() {
+            self.recording = recording;
+        }
+        self
+    }
+
+    /// Which generations [`Fleet::write_device_statuses`] records.
+    pub fn recording(&self) -> Recording {
+        self.recording
     }
 
     /// Runs Pods bound to virtual nodes on their devices.
@@ -358,7 +402,9 @@ impl Fleet {
             return;
         }
         queued.insert(id, generation);
-        let _ = self.status_queue.send((obj.clone(), generation));
+        let _ = self
+            .status_queue
+            .send((obj.clone(), generation, tokio::time::Instant::now()));
     }
 
     /// What [`Fleet::write_device_statuses`] shares with the passes.
@@ -366,24 +412,56 @@ impl Fleet {
         self.queued_generations.clone()
     }
 
-    /// Sends queued EdgeDevice status patches, a few at a time. A failed patch is
+    /// Records queued generations in EdgeDevice status (`desiredGeneration`), a few
+    /// patches at a time, as `recording` says: with [`Recording::Unapplied`], each one
+    /// `after` it was queued and only if the device has not reported it applied by then.
+    /// A generation a newer one has superseded is not recorded. A failed patch is
     /// forgotten, so the next pass queues it again.
     pub async fn write_device_statuses(
         client: Client,
         queued: Arc<Mutex<HashMap<DeviceId, u64>>>,
-        mut rx: mpsc::UnboundedReceiver<(Arc<EdgeDevice>, u64)>,
+        mut rx: mpsc::UnboundedReceiver<QueuedGeneration>,
+        actual: Arc<KvCache<AgentStatus>>,
+        recording: Recording,
         metrics: Arc<Metrics>,
     ) {
         futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
-            .for_each_concurrent(STATUS_PATCH_CONCURRENCY, |(obj, generation)| {
-                let (client, queued, metrics) = (client.clone(), queued.clone(), metrics.clone());
+            .for_each_concurrent(STATUS_PATCH_CONCURRENCY, |(obj, generation, at)| {
+                let (client, queued, actual, metrics) = (
+                    client.clone(),
+                    queued.clone(),
+                    actual.clone(),
+                    metrics.clone(),
+                );
                 async move {
+                    if let Recording::Unapplied { after } = recording {
+                        // Every entry waits as long, so the queue stays in order of due time.
+                        tokio::time::sleep_until(at + after).await;
+                    }
+                    let Ok(id) = DeviceId::new(obj.name_any()) else {
+                        return;
+                    };
+                    let current = queued
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&id)
+                        .copied();
+                    if current != Some(generation) {
+                        return;
+                    }
+                    if matches!(recording, Recording::Unapplied { .. })
+                        && applied(&actual, &id) >= generation
+                    {
+                        debug!(device = %id, generation, "applied in time; not recorded");
+                        metrics.status_skipped();
+                        return;
+                    }
                     if patch_device_generation(&client, &obj, generation)
                         .await
                         .is_ok()
                     {
                         metrics.status_patched();
-                    } else if let Ok(id) = DeviceId::new(obj.name_any()) {
+                    } else {
                         let mut q = queued.lock().unwrap_or_else(|e| e.into_inner());
                         if q.get(&id) == Some(&generation) {
                             q.remove(&id);
@@ -501,6 +579,7 @@ impl Fleet {
             let recorded = obj.status.as_ref().and_then(|s| s.desired_generation);
             if let Some(g) = written
                 && recorded != Some(g)
+                && (self.recording == Recording::Every || applied(&self.ctx.actual, id) < g)
             {
                 self.queue_generation(obj, g);
             }
@@ -554,8 +633,17 @@ impl Fleet {
                 continue;
             }
             let reported = actual.get(&id).map_or(0, |a| a.value.manifest_generation);
+            // A generation written but not recorded yet (see [`Recording`]) counts as
+            // issued too: the key may have gone before the device reported it.
+            let queued = self
+                .queued_generations
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id)
+                .copied()
+                .unwrap_or(0);
             let generation = match next_generation(
-                current.map_or(0, |c| c.value.generation),
+                current.map_or(0, |c| c.value.generation).max(queued),
                 obj.status
                     .as_ref()
                     .and_then(|s| s.desired_generation)
@@ -979,6 +1067,11 @@ fn find_manifest<'a>(
     manifests
         .iter()
         .find(|m| m.namespace().as_deref() == Some(ns) && m.name_any() == name)
+}
+
+/// The generation `id` reports applied (every resource reconciled once), 0 without a status.
+fn applied(actual: &KvCache<AgentStatus>, id: &DeviceId) -> u64 {
+    actual.get(id).map_or(0, |a| a.value.observed_generation)
 }
 
 async fn patch_device_generation(

@@ -138,6 +138,17 @@ pub struct Args {
         default_value_t = 600
     )]
     pub progress_deadline_seconds: u64,
+    /// Seconds a written manifest generation waits before the controller records it in the
+    /// EdgeDevice's `status.desiredGeneration`: a device that reports it applied by then
+    /// needs no record (its `appliedGeneration` covers it), which saves one status write
+    /// per device and rollout. 0 records every generation at once; so does manifest
+    /// signing, whose freshness floors are served from this record.
+    #[arg(
+        long,
+        env = "FLEETLET_RECORD_GENERATION_AFTER_SECONDS",
+        default_value_t = 5
+    )]
+    pub record_generation_after_seconds: u64,
     /// Seconds between passes when nothing changes (deadlines, offline detection).
     #[arg(long, env = "FLEETLET_RESYNC_SECONDS", default_value_t = 30)]
     pub resync_seconds: u64,
@@ -367,7 +378,10 @@ pub async fn run(
             progress_deadline: Duration::from_secs(args.progress_deadline_seconds),
         },
         status_tx,
-    );
+    )
+    .with_recording(fleet::Recording::after(Duration::from_secs(
+        args.record_generation_after_seconds,
+    )));
     if let Some(pods) = watches.pods.take() {
         fleet = fleet.with_pods(pods);
     }
@@ -383,6 +397,8 @@ pub async fn run(
         client.clone(),
         fleet.queued_generations(),
         status_rx,
+        fleet.ctx.actual.clone(),
+        fleet.recording(),
         metrics.clone(),
     ));
     let gate = LeaderGated {

@@ -30,6 +30,7 @@ pub struct Metrics {
     kv_writes: Family<ResultLabel, Counter>,
     kv_deletes: Counter,
     status_patches: Counter,
+    generations_unrecorded: Counter,
     devices: Gauge,
     manifests: Gauge,
     conflicts: Gauge,
@@ -52,6 +53,7 @@ impl Default for Metrics {
             kv_writes: Family::default(),
             kv_deletes: Counter::default(),
             status_patches: Counter::default(),
+            generations_unrecorded: Counter::default(),
             devices: Gauge::default(),
             manifests: Gauge::default(),
             conflicts: Gauge::default(),
@@ -72,6 +74,12 @@ impl Default for Metrics {
             "kv_writes",
             "desired-state writes by result (ok, conflict, error)",
             m.kv_writes.clone(),
+        );
+        registry.register(
+            "generations_unrecorded",
+            "Generations written to desired state and not recorded in EdgeDevice status, \
+             because the device reported them applied in time",
+            m.generations_unrecorded.clone(),
         );
         registry.register(
             "kv_deletes",
@@ -147,6 +155,10 @@ impl Metrics {
 
     pub fn status_patched(&self) {
         self.status_patches.inc();
+    }
+
+    pub fn status_skipped(&self) {
+        self.generations_unrecorded.inc();
     }
 
     pub fn error(&self, category: &str) {

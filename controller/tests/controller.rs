@@ -462,6 +462,77 @@ async fn nothing_is_rewritten_while_nothing_changes() {
 }
 
 #[tokio::test]
+async fn a_generation_applied_in_time_costs_no_status_write_and_a_slow_one_is_recorded() {
+    let (env, c) = shared();
+    let ns = env.namespace("ctl-record").await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    let kv = kv(env).await;
+    let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), &ns);
+    let manifests: Api<EdgeManifest> = Api::namespaced(client, &ns);
+    let unrecorded = || async {
+        let text = get(c.metrics_port, "/metrics").await?;
+        sample(&text, "fleetlet_controller_generations_unrecorded_total")
+            .ok_or_else(|| format!("no generations_unrecorded_total in:\n{text}"))
+    };
+    let before = eventually("the controller's metrics", DEFAULT_TIMEOUT, unrecorded).await;
+    apply(&devices, device("rec-fast", json!({ "record": "yes" }))).await;
+    apply(&devices, device("rec-slow", json!({ "record": "yes" }))).await;
+    apply(
+        &manifests,
+        manifest(
+            "rec",
+            json!({ "selector": { "matchLabels": { "record": "yes" } },
+        "resources": [file("motd", "/etc/fleetlet/motd", "hi")] }),
+        ),
+    )
+    .await;
+    // One device reports the generation applied as soon as it is written, well within the
+    // controller's 5 s; the other never reports.
+    let (fast, _) =
+        wait_desired(&kv, "rec-fast", "the manifest", |m| !m.resources.is_empty()).await;
+    simulate_agent(&kv, "rec-fast", true).await;
+    let fast_reported = std::time::Instant::now();
+    let (slow, _) =
+        wait_desired(&kv, "rec-slow", "the manifest", |m| !m.resources.is_empty()).await;
+    let recorded = |name: &'static str| {
+        let devices = devices.clone();
+        async move {
+            let d = devices.get(name).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(d.status.and_then(|s| s.desired_generation))
+        }
+    };
+    eventually(
+        "rec-slow's generation recorded",
+        DEFAULT_TIMEOUT,
+        || async {
+            match recorded("rec-slow").await? {
+                Some(g) if g == slow.generation => Ok(()),
+                other => Err(format!(
+                    "desiredGeneration {other:?}, want {}",
+                    slow.generation
+                )),
+            }
+        },
+    )
+    .await;
+    // Long past the fast device's window, and some passes later: still no record of its
+    // generation, and the skipped record is counted.
+    tokio::time::sleep(Duration::from_secs(7).saturating_sub(fast_reported.elapsed())).await;
+    wait_passes(c.metrics_port, 2).await;
+    assert_eq!(
+        recorded("rec-fast").await.unwrap(),
+        None,
+        "generation {} was recorded though the device reported it applied at once",
+        fast.generation
+    );
+    let after = unrecorded().await.unwrap();
+    assert!(
+        after > before,
+        "generations_unrecorded_total did not move: {before} then {after}"
+    );
+}
+
+#[tokio::test]
 async fn a_desired_state_key_deleted_by_hand_is_rewritten_with_a_newer_generation() {
     let (env, _c) = shared();
     let ns = env.namespace("ctl-lostkey").await.unwrap();

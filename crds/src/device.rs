@@ -97,7 +97,10 @@ pub struct EdgeDeviceStatus {
     /// `metadata.generation` of this EdgeDevice last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Manifest generation the controller last wrote for the device.
+    /// Manifest generation the controller wrote for the device and recorded because the
+    /// device had not reported it applied within `--record-generation-after-seconds`
+    /// (every generation with manifest signing). A device that applies at once moves only
+    /// `appliedGeneration`, so this may be older than it, or unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_generation: Option<u64>,
     /// Manifest generation the device reports as applied.

@@ -208,7 +208,7 @@ async fn first_holding(mut watch: async_nats::jetstream::kv::Watch, text: &str) 
 /// Every device's keys against the controller's record of them: the manifest in
 /// desired-state holds `text` at a generation no lower than the one the controller recorded
 /// as written (EdgeDevice `status.desiredGeneration`, set after JetStream acknowledged the
-/// write), and the device's status in actual-state reports that generation applied, every
+/// write; the controller must run with `--record-generation-after-seconds=0`), and the device's status in actual-state reports that generation applied, every
 /// resource Ready, and no manifest refused (a lost or reordered write shows as a refusal).
 /// Returns the highest generation seen.
 async fn check_keys(env: &TestEnv, names: &[String], text: &str) -> Result<u64, String> {
@@ -308,7 +308,13 @@ async fn a_three_node_nats_cluster_loses_nothing_to_a_dead_leader_a_cut_off_node
         &env,
         &bins,
         dir.path(),
-        &["--resync-seconds=1", "--kv-replicas=3"],
+        // Every generation recorded at once: the EdgeDevices then hold a full record of
+        // what JetStream acknowledged, which the checks below hold the keys to.
+        &[
+            "--resync-seconds=1",
+            "--kv-replicas=3",
+            "--record-generation-after-seconds=0",
+        ],
     )
     .unwrap();
     let names: Vec<String> = (0..CLUSTER_DEVICES).map(|i| format!("nc-{i}")).collect();

@@ -845,8 +845,9 @@ async fn fleet_not_settled(
         let (converged, _, why) = condition(&s.conditions, "Converged");
         if ready != "True"
             || converged != "True"
-            || s.applied_generation.is_none()
-            || s.applied_generation != s.desired_generation
+            || s.applied_generation.is_none_or(|a| a == 0)
+            // The controller records a generation only if the device is slow to apply it.
+            || s.applied_generation < s.desired_generation
         {
             pending.push(format!(
                 "edgedevice {}: Ready={ready}, Converged={converged} ({why})",
