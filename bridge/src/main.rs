@@ -8,6 +8,7 @@ use fleetlet_plumbing::{exit_code, init_tracing, log_serving, shutdown_signal};
 
 // jemalloc returns freed memory to the OS far better than glibc's malloc after the burst of
 // a full pass over a large fleet, which keeps resident memory close to what is live.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

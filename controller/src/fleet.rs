@@ -170,8 +170,8 @@ impl Fleet {
     }
 
     /// Signs every manifest with `signer`; manifests signed with another key (or none) are
-    /// rewritten, so a key rotation reaches every device.
-    /// Signs every manifest; then every generation is recorded ([`Recording::Every`]).
+    /// rewritten, so a key rotation reaches every device. Every generation is then
+    /// recorded ([`Recording::Every`]).
     pub fn with_signer(mut self, signer: Arc<crate::signing::Signer>) -> Self {
         self.sealer = Arc::new(signer.sealer());
         self.signer = Some(signer);

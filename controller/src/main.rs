@@ -7,6 +7,7 @@ use fleetlet_controller::{Args, run};
 use fleetlet_controller::{init_tracing, shutdown_signal};
 
 // As in the bridge: jemalloc hands memory freed after a fleet-wide pass back to the OS.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -22,7 +22,7 @@
 //! With `FLEETLET_BENCH_VK=N` (default 100) the same environment then runs N
 //! virtual-kubelet mock nodes (`scripts/virtual-kubelet`, one process per node) in place of
 //! fleetlet for N virtual nodes, measured over the same window. Results: stdout, and
-//! `target/fleetlet-bench/fleet.json`.
+//! `target/fleetlet-bench/fleet.json` (or under `FLEETLET_BENCH_OUT`).
 //!
 //! `FLEETLET_BENCH_LOG` sets `RUST_LOG` of the controller and bridge (default `warn`) and
 //! keeps their logs in `target/fleetlet-bench/logs/`.
@@ -58,6 +58,13 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use kube::{Api, api::ListParams};
 use serde_json::{Value, json};
+
+/// Where results go: `target/fleetlet-bench`, or `FLEETLET_BENCH_OUT` (a run that must
+/// not replace them, such as scripts/heap-profile's).
+fn out_dir() -> PathBuf {
+    std::env::var_os("FLEETLET_BENCH_OUT")
+        .map_or_else(|| repo_root().join("target/fleetlet-bench"), PathBuf::from)
+}
 
 fn bin(name: &str) -> PathBuf {
     std::env::var_os("FLEETLET_BENCH_BIN_DIR")
@@ -488,7 +495,7 @@ fn keep_logs(dir: &std::path::Path, phase: &str) {
     if std::env::var_os("FLEETLET_BENCH_LOG").is_none() {
         return;
     }
-    let to = repo_root().join("target/fleetlet-bench/logs").join(phase);
+    let to = out_dir().join("logs").join(phase);
     std::fs::create_dir_all(&to).unwrap();
     for name in ["controller.log", "bridge.log"] {
         let _ = std::fs::copy(dir.join(name), to.join(name));
@@ -658,7 +665,7 @@ fn write_profile(data: &std::path::Path) {
         by_comm.join("\n"),
         symbols.join("\n")
     );
-    let dir = repo_root().join("target/fleetlet-bench");
+    let dir = out_dir();
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("profile.txt"), text);
 }
@@ -739,7 +746,7 @@ async fn main() {
             durability_phase(n, true).await,
         ];
         let out = json!({ "runs": runs });
-        let dir = repo_root().join("target/fleetlet-bench");
+        let dir = out_dir();
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
             dir.join("durability.json"),
@@ -781,7 +788,7 @@ async fn main() {
         .await;
         run["windowSeconds"] = json!(window);
         // Each size on its own too: a later run of one size replaces only its own results.
-        let dir = repo_root().join("target/fleetlet-bench");
+        let dir = out_dir();
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
             dir.join(format!("fleet-{n}{suffix}.json")),
@@ -791,7 +798,7 @@ async fn main() {
         runs.push(run);
     }
     let out = json!({ "runs": runs, "windowSeconds": window });
-    let dir = repo_root().join("target/fleetlet-bench");
+    let dir = out_dir();
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join(format!("fleet{suffix}.json")),

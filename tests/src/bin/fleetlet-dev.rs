@@ -79,8 +79,9 @@ enum Cmd {
         /// kubelet.json), `agent` (the goals table and the agent's section, from agent.json
         /// and agent-sizes.json), `fleet` (the goals table and the runs by fleet size, from
         /// fleet*.json), `no-nodes` (the fleet without Node projection, from
-        /// fleet-*-no-nodes.json) or `durability` (NATS sync settings, from durability.json).
-        #[arg(long, value_parser = ["kubelet", "agent", "fleet", "no-nodes", "durability"])]
+        /// fleet-*-no-nodes.json), `durability` (NATS sync settings, from durability.json) or
+        /// `heap` (what the controller's and bridge's heaps hold, from heap-*.txt).
+        #[arg(long, value_parser = ["kubelet", "agent", "fleet", "no-nodes", "durability", "heap"])]
         only: Option<String>,
     },
     /// Write docs/compatibility.md from the runs scripts/compat left in `from`.
@@ -126,6 +127,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some("agent") => report::agent_report(&from, &out),
                 Some("fleet") => report::fleet_report(&from, &out),
                 Some("durability") => report::durability_report(&from, &out),
+                Some("heap") => report::heap_report(&from, &out),
                 Some(_) => report::no_nodes_report(&from, &out),
                 None => report::performance(&from, &out),
             }?);
