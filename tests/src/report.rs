@@ -845,7 +845,7 @@ fn heap_section(from: &Path) -> Option<String> {
          `scripts/heap-profile` on {date}: a fleet run as above with the controller and the\n\
          bridge under heaptrack, built with the system allocator (heaptrack follows malloc),\n\
          so their resident sizes differ from the runs above. What each held when the run\n\
-         ended, after both rollouts, by what holds it:\n\n```\n{}\n{}```\n",
+         ended, after both rollouts, by what holds it:\n\n```\n{}\n\n{}```\n",
         controller.trim_end(),
         bridge
     );
