@@ -65,6 +65,12 @@ impl Recording {
             Self::Unapplied { after }
         }
     }
+
+    /// Whether `generation` needs no record for `id`: the device reports it applied, and
+    /// only unapplied generations are recorded.
+    fn covered(self, actual: &KvCache<AgentStatus>, id: &DeviceId, generation: u64) -> bool {
+        matches!(self, Self::Unapplied { .. }) && applied(actual, id) >= generation
+    }
 }
 
 /// A generation written to desired state, waiting to be recorded in EdgeDevice status:
@@ -175,22 +181,23 @@ impl Fleet {
     pub fn with_signer(mut self, signer: Arc<crate::signing::Signer>) -> Self {
         self.sealer = Arc::new(signer.sealer());
         self.signer = Some(signer);
-        self.recording = Recording::Every;
         self
     }
 
     /// Which generations [`Fleet::write_device_statuses`] records (unless signing, which
     /// records every one).
     pub fn with_recording(mut self, recording: Recording) -> Self {
-        if self.signer.is_none() {
-            self.recording = recording;
-        }
+        self.recording = recording;
         self
     }
 
-    /// Which generations [`Fleet::write_device_statuses`] records.
+    /// Which generations [`Fleet::write_device_statuses`] records: every one when signing.
     pub fn recording(&self) -> Recording {
-        self.recording
+        if self.signer.is_some() {
+            Recording::Every
+        } else {
+            self.recording
+        }
     }
 
     /// Runs Pods bound to virtual nodes on their devices.
@@ -449,9 +456,7 @@ impl Fleet {
                     if current != Some(generation) {
                         return;
                     }
-                    if matches!(recording, Recording::Unapplied { .. })
-                        && applied(&actual, &id) >= generation
-                    {
+                    if recording.covered(&actual, &id, generation) {
                         debug!(device = %id, generation, "applied in time; not recorded");
                         metrics.status_skipped();
                         return;
@@ -579,7 +584,7 @@ impl Fleet {
             let recorded = obj.status.as_ref().and_then(|s| s.desired_generation);
             if let Some(g) = written
                 && recorded != Some(g)
-                && (self.recording == Recording::Every || applied(&self.ctx.actual, id) < g)
+                && !self.recording().covered(&self.ctx.actual, id, g)
             {
                 self.queue_generation(obj, g);
             }
