@@ -890,6 +890,27 @@ fn readiness_probe(c: &Container, p: &k8s_openapi::api::core::v1::Probe) -> Resu
     })
 }
 
+/// What the controller keeps of a virtual Node: its identity and the device it stands for
+/// ([`PodWatch::node_devices`] reads nothing else).
+pub fn node_identity(n: &mut k8s_openapi::api::core::v1::Node) {
+    let m = std::mem::take(&mut n.metadata);
+    let device = m
+        .labels
+        .and_then(|mut l| l.remove_entry(DEVICE_LABEL))
+        .map(|entry| BTreeMap::from([entry]));
+    *n = k8s_openapi::api::core::v1::Node {
+        metadata: kube::api::ObjectMeta {
+            name: m.name,
+            uid: m.uid,
+            resource_version: m.resource_version,
+            deletion_timestamp: m.deletion_timestamp,
+            labels: device,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+}
+
 /// Pods and what they need, as the controller watches them.
 #[derive(Clone)]
 pub struct PodWatch {
@@ -970,6 +991,60 @@ mod tests {
         VolumeMount,
     };
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+    #[test]
+    fn a_stored_node_keeps_its_device_and_nothing_a_status_write_changes() {
+        use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus};
+        let node = |ready: &str, version: &str| Node {
+            metadata: kube::api::ObjectMeta {
+                name: Some("pi-1".into()),
+                uid: Some("u1".into()),
+                resource_version: Some(version.into()),
+                labels: Some(BTreeMap::from([
+                    (DEVICE_LABEL.to_owned(), "pi-1".to_owned()),
+                    ("kubernetes.io/arch".to_owned(), "arm64".to_owned()),
+                ])),
+                annotations: Some(BTreeMap::from([("a".to_owned(), "b".repeat(4096))])),
+                ..Default::default()
+            },
+            status: Some(NodeStatus {
+                conditions: Some(vec![NodeCondition {
+                    type_: "Ready".into(),
+                    status: ready.into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let (mut before, mut after) = (node("True", "1"), node("False", "2"));
+        node_identity(&mut before);
+        node_identity(&mut after);
+        // What the Pod pass reads survives...
+        assert_eq!(
+            fleetlet_crds::naming::node_devices([&before])
+                .get("pi-1")
+                .map(|d| d.to_string()),
+            Some("pi-1".to_owned())
+        );
+        assert_eq!(before.metadata.uid.as_deref(), Some("u1"));
+        // ...the rest is gone, and a status-only write is no change worth a pass.
+        assert!(before.status.is_none() && before.metadata.annotations.is_none());
+        assert_eq!(before.metadata.labels.as_ref().map(BTreeMap::len), Some(1));
+        assert_eq!(
+            fleetlet_plumbing::fingerprint(&before),
+            fleetlet_plumbing::fingerprint(&after)
+        );
+        let mut relabelled = node("True", "3");
+        if let Some(l) = relabelled.metadata.labels.as_mut() {
+            l.insert(DEVICE_LABEL.to_owned(), "pi-2".to_owned());
+        }
+        node_identity(&mut relabelled);
+        assert_ne!(
+            fleetlet_plumbing::fingerprint(&before),
+            fleetlet_plumbing::fingerprint(&relabelled)
+        );
+    }
 
     struct Fake(Vec<ConfigMap>);
     impl Lookup for Fake {

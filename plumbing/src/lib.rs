@@ -238,8 +238,12 @@ where
         changed,
         synced,
         fingerprint,
+        keep_all,
     )
 }
+
+/// Keeps the whole object (after [`slim`]).
+pub fn keep_all<K>(_: &mut K) {}
 
 /// Any change at all (objects without a generation: ConfigMaps, Secrets, Nodes, Pods).
 pub fn any_change<K: Resource>(o: &K) -> u64 {
@@ -249,18 +253,21 @@ pub fn any_change<K: Resource>(o: &K) -> u64 {
     h.finish()
 }
 
-/// Mirrors objects into a reflector store and pokes `changed` when `fp` changes.
+/// Mirrors objects into a reflector store and pokes `changed` when `fp` changes. `trim`
+/// drops what the store's readers never look at before the object is stored (and before
+/// `fp` sees it).
 pub fn watch_objects<K>(
     api: Api<K>,
     config: watcher::Config,
     changed: Arc<Notify>,
     synced: Arc<AtomicBool>,
     fp: fn(&K) -> u64,
+    trim: fn(&mut K),
 ) -> (reflector::Store<K>, impl Future<Output = ()>)
 where
     K: Watched,
 {
-    watch_objects_with(api, config, changed, synced, fp, |_: &K| {})
+    watch_objects_with(api, config, changed, synced, fp, trim, |_: &K| {})
 }
 
 /// Like [`watch_crd`], and calls `on_change` with each object whose fingerprint changed
@@ -280,6 +287,7 @@ where
         changed,
         synced,
         fingerprint,
+        keep_all,
         on_change,
     )
 }
@@ -290,6 +298,7 @@ fn watch_objects_with<K>(
     changed: Arc<Notify>,
     synced: Arc<AtomicBool>,
     fp: fn(&K) -> u64,
+    trim: fn(&mut K),
     mut on_change: impl FnMut(&K) + Send + 'static,
 ) -> (reflector::Store<K>, impl Future<Output = ()>)
 where
@@ -300,7 +309,10 @@ where
     // 10,000 EdgeDevices written by three managers that is most of each cached object.
     let stream = watcher(api, config)
         .default_backoff()
-        .modify(slim)
+        .modify(move |o| {
+            slim(o);
+            trim(o);
+        })
         .reflect(writer);
     let task = async move {
         let mut seen: HashMap<String, u64> = HashMap::new();
