@@ -585,7 +585,7 @@ impl Watches {
             ),
             // Only which device a Node stands for is read: its name and labels. The
             // bridge's status writes (conditions, addresses) neither wake a pass nor
-            // take room; at 10,000 Nodes the whole objects were a third of the heap.
+            // take room; at 10,000 Nodes the whole objects were a quarter of the heap.
             nodes: spawn_watch(
                 client,
                 watcher::Config::default().labels(pods::DEVICE_LABEL),
