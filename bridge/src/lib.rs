@@ -293,7 +293,7 @@ async fn step(
 }
 
 /// The bridge's reflectors: EdgeDevices (spec, label and deletion changes mark the device
-/// for the next pass), its own Nodes, and Pods bound to any node (the pass keeps those on
+/// for the next pass), its own Nodes (as [`view::stored_node`] keeps them), and Pods bound to any node (the pass keeps those on
 /// its Nodes).
 struct Watches {
     devices: reflector::Store<EdgeDevice>,
@@ -327,7 +327,7 @@ impl Watches {
             watcher::Config::default().labels(view::DEVICE_LABEL),
         )
         .default_backoff()
-        .modify(fleetlet_plumbing::slim)
+        .modify(view::stored_node)
         .reflect(node_writer)
         .for_each(|_| futures::future::ready(()));
         let (pods, pod_writer) = reflector::store::<Pod>();

@@ -382,11 +382,11 @@ impl Mirror {
         node: Option<&Node>,
         want: NodeStatus,
     ) -> u32 {
-        let have = node.and_then(view::owned_node_status);
-        if have.as_ref() == Some(&want) {
+        let have = node.and_then(view::owned_status_digest);
+        if have == Some(view::status_digest(&want)) {
             return 0;
         }
-        debug!(device = %id, have = ?have, want = ?want, "node status differs");
+        debug!(device = %id, want = ?want, "node status differs");
         let nodes: Api<Node> = Api::all(self.ctx.client.clone());
         let patch = json!({ "apiVersion": "v1", "kind": "Node", "status": want });
         apply_status(&nodes, name, &patch, id, "node").await

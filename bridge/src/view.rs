@@ -457,6 +457,63 @@ pub fn owned_node_status(node: &Node) -> Option<NodeStatus> {
     })
 }
 
+/// Annotation on a Node as the bridge stores it (never on the apiserver's copy): a digest
+/// of the status part the bridge owns, kept in place of that part (see [`stored_node`]).
+pub const OWNED_STATUS_DIGEST: &str = "fleetlet.dev/owned-status-digest";
+
+/// A digest of a Node status: equal statuses give equal digests (their JSON is the same:
+/// maps are ordered), so comparing digests decides a write as comparing statuses did.
+pub fn status_digest(status: &NodeStatus) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    serde_json::to_vec(status).unwrap_or_default().hash(&mut h);
+    h.finish()
+}
+
+/// What the bridge keeps of a Node it watches: identity, labels and taints (compared with
+/// what it applies), the conditions (their transition times carry over), the advertised
+/// kubelet port, and for the rest of the status only [`OWNED_STATUS_DIGEST`]. The node
+/// info, capacity and addresses were most of a stored Node; no pass reads them, only
+/// whether they changed.
+pub fn stored_node(n: &mut Node) {
+    let digest = owned_node_status(n).map(|s| status_digest(&s));
+    let m = std::mem::take(&mut n.metadata);
+    let taints = n.spec.take().and_then(|s| s.taints);
+    let status = n.status.take();
+    *n = Node {
+        metadata: ObjectMeta {
+            name: m.name,
+            uid: m.uid,
+            resource_version: m.resource_version,
+            deletion_timestamp: m.deletion_timestamp,
+            labels: m.labels,
+            annotations: digest
+                .map(|d| BTreeMap::from([(OWNED_STATUS_DIGEST.to_string(), d.to_string())])),
+            ..Default::default()
+        },
+        spec: taints.map(|t| NodeSpec {
+            taints: Some(t),
+            ..Default::default()
+        }),
+        status: status.map(|s| NodeStatus {
+            conditions: s.conditions,
+            daemon_endpoints: s.daemon_endpoints,
+            ..Default::default()
+        }),
+    };
+}
+
+/// The digest of the owned status a stored Node was kept with ([`stored_node`]).
+pub fn owned_status_digest(stored: &Node) -> Option<u64> {
+    stored
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(OWNED_STATUS_DIGEST)?
+        .parse()
+        .ok()
+}
+
 /// The Node the bridge applies for a device (everything but its status): labels, the
 /// taint, the providerID and a pointer back to the EdgeDevice.
 pub fn node(name: &str, dev: &EdgeDevice, device_id: &str, hb: Option<&Heartbeat>) -> Node {
@@ -736,6 +793,86 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn a_stored_node_decides_status_writes_as_the_whole_node_did() {
+        let hb = heartbeat(T0, 50, 50, 50);
+        let endpoint = KubeletEndpoint {
+            address: "127.0.0.1".into(),
+            port: 10300,
+            websockets: true,
+        };
+        let want = |hb: &Heartbeat| {
+            node_status(
+                &[],
+                Some(hb),
+                Liveness::Alive,
+                Timestamp(T0),
+                REPORT_EVERY_MS,
+            )
+            .into_status(Some(&endpoint), "pi")
+        };
+        let dev = EdgeDevice::new("pi", EdgeDeviceSpec::default());
+        let applied = node("pi", &dev, "pi", Some(&hb));
+        // The apiserver's copy: what the bridge applied and wrote, plus what others add.
+        let mut full = applied.clone();
+        full.metadata.uid = Some("u-1".into());
+        full.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert("node.alpha.kubernetes.io/ttl".into(), "0".into());
+        let mut status = want(&hb);
+        status.volumes_in_use = Some(vec!["kubernetes.io/csi/x".into()]);
+        full.status = Some(status);
+
+        let mut stored = full.clone();
+        stored_node(&mut stored);
+
+        assert_eq!(
+            owned_status_digest(&stored),
+            Some(status_digest(&want(&hb))),
+            "the same wanted status writes nothing"
+        );
+        let mut lower = hb.clone();
+        lower.free.memory_bytes = 1;
+        assert_ne!(
+            owned_status_digest(&stored),
+            Some(status_digest(&want(&lower))),
+            "a changed condition is written"
+        );
+        let mut bigger = want(&hb);
+        bigger
+            .capacity
+            .get_or_insert_default()
+            .insert("pods".into(), Quantity("111".into()));
+        assert_ne!(
+            owned_status_digest(&stored),
+            Some(status_digest(&bigger)),
+            "a changed capacity is written"
+        );
+        // What passes still read is there as it was.
+        assert!(node_is_current(&stored, &applied));
+        assert_eq!(stored.metadata.uid.as_deref(), Some("u-1"));
+        assert_eq!(crate::kubelet::ports::advertised_port(&stored), Some(10300));
+        assert_eq!(
+            fleetlet_crds::naming::node_device(&stored).map(|d| d.to_string()),
+            Some("pi".to_string())
+        );
+        let kept = stored.status.as_ref().expect("status");
+        assert_eq!(kept.conditions, want(&hb).conditions);
+        // And the rest is gone.
+        assert_eq!(kept.node_info, None);
+        assert_eq!(kept.capacity, None);
+        assert_eq!(kept.volumes_in_use, None);
+        let annotations = stored.metadata.annotations.as_ref().expect("digest");
+        assert_eq!(annotations.len(), 1);
+        assert!(
+            stored
+                .spec
+                .as_ref()
+                .is_some_and(|s| s.provider_id.is_none())
+        );
     }
 
     fn rows(r: [(&str, &str, &str); 3]) -> Vec<(String, String, String)> {
