@@ -30,7 +30,7 @@ use std::{
 
 use async_nats::jetstream;
 use fleetlet_crds::{
-    EdgeDevice, EdgeManifest,
+    EdgeDevice, EdgeDeviceStatus, EdgeManifest,
     kube::{
         self, Api, Client,
         runtime::{
@@ -570,8 +570,16 @@ impl Watches {
             synced.push(f.clone());
             f
         };
-        let (devices, t) = watch_crd(Api::all(client.clone()), changed.clone(), flag());
-        tasks.spawn(t);
+        // Of a device's status only what the controller wrote itself is read; the bridge's
+        // part (a line per resource, the device's facts) is most of it.
+        let devices = spawn_watch(
+            client,
+            watcher::Config::default(),
+            (fingerprint, controller_view),
+            changed,
+            flag(),
+            tasks,
+        );
         let (manifests, t) = watch_crd(Api::all(client.clone()), changed.clone(), flag());
         tasks.spawn(t);
         let pods = pod_namespaces.map(|namespaces| pods::PodWatch {
@@ -644,6 +652,11 @@ where
             .collect()
     };
     pods::Scoped { stores }
+}
+
+/// What the controller keeps of an EdgeDevice: all but the bridge's part of its status.
+fn controller_view(d: &mut EdgeDevice) {
+    d.status = d.status.take().map(EdgeDeviceStatus::into_controller_part);
 }
 
 /// What wakes a pass (a fingerprint) and what is stored (a trim) of a watched `K`.

@@ -143,6 +143,21 @@ impl EdgeDeviceStatus {
             .retain(|c| !CONTROLLER_CONDITIONS.contains(&c.type_.as_str()));
         s
     }
+
+    /// The fields the controller writes (`desiredGeneration`, `credentials`, its
+    /// conditions), without the bridge's.
+    pub fn into_controller_part(self) -> Self {
+        Self {
+            conditions: self
+                .conditions
+                .into_iter()
+                .filter(|c| CONTROLLER_CONDITIONS.contains(&c.type_.as_str()))
+                .collect(),
+            desired_generation: self.desired_generation,
+            credentials: self.credentials,
+            ..Self::default()
+        }
+    }
 }
 
 /// A device's NATS identity as issued by the controller.
@@ -200,4 +215,75 @@ pub struct ResourceSummary {
     /// `namespace/name` of the EdgeManifest or Pod that asked for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn condition(type_: &str) -> Condition {
+        Condition {
+            type_: type_.into(),
+            status: "True".into(),
+            reason: "Because".into(),
+            message: String::new(),
+            last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+            observed_generation: None,
+        }
+    }
+
+    #[test]
+    fn the_controller_part_and_the_bridge_part_split_a_status() {
+        let status = EdgeDeviceStatus {
+            conditions: vec![
+                condition("Ready"),
+                condition(GENERATION_OUT_OF_RANGE),
+                condition("Converged"),
+                condition(LIMIT_EXCEEDED),
+            ],
+            observed_generation: Some(3),
+            desired_generation: Some(7),
+            applied_generation: Some(6),
+            last_heartbeat_time: Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
+            device: Some(DeviceInfo::default()),
+            resources: vec![ResourceSummary {
+                id: "motd".into(),
+                kind: "file".into(),
+                state: "Ready".into(),
+                message: None,
+                owner: None,
+            }],
+            credentials: Some(DeviceCredentials {
+                secret_name: Some("pi-nats".into()),
+                ..Default::default()
+            }),
+        };
+        let controller = status.clone().into_controller_part();
+        let types: Vec<&str> = controller
+            .conditions
+            .iter()
+            .map(|c| c.type_.as_str())
+            .collect();
+        assert_eq!(types, [GENERATION_OUT_OF_RANGE, LIMIT_EXCEEDED]);
+        assert_eq!(controller.desired_generation, Some(7));
+        assert_eq!(controller.credentials, status.credentials);
+        assert_eq!(controller.resources, []);
+        assert_eq!(controller.device, None);
+        assert_eq!(controller.applied_generation, None);
+        assert_eq!(controller.last_heartbeat_time, None);
+
+        // Together the two parts hold every condition once, and nothing the bridge
+        // writes is in the controller's.
+        let bridge = status.bridge_part();
+        assert_eq!(
+            bridge.conditions.len() + controller.conditions.len(),
+            status.conditions.len()
+        );
+        assert!(
+            controller
+                .conditions
+                .iter()
+                .all(|c| !bridge.conditions.contains(c))
+        );
+    }
 }
