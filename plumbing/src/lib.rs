@@ -6,6 +6,20 @@
 //! The dependency graph: protocol ← crds ← plumbing ← {controller, bridge}; the agent
 //! depends on protocol only.
 
+/// Sets jemalloc's start-up options in a binary that uses it as its global allocator (a
+/// library's definition would not be linked in). `_RJEM_MALLOC_CONF` in the environment
+/// still overrides them. `background_thread` purges freed pages on jemalloc's own thread,
+/// so memory goes back to the OS after a burst even when nothing allocates afterwards;
+/// the decay times say how long freed pages are kept for reuse first.
+#[macro_export]
+macro_rules! jemalloc_options {
+    ($options:literal) => {
+        #[allow(non_upper_case_globals)]
+        #[unsafe(export_name = "_rjem_malloc_conf")]
+        pub static malloc_conf: &[u8] = concat!($options, "\0").as_bytes();
+    };
+}
+
 pub mod kvcache;
 pub mod leader;
 
