@@ -339,6 +339,7 @@ pub fn plan(
             usage.resources += chosen.len();
             usage.bytes += chosen.iter().map(cost).sum::<u64>();
             if let Some(v) = per_device.get_mut(id) {
+                v.reserve_exact(chosen.len());
                 v.extend(chosen);
             }
         }
@@ -381,7 +382,9 @@ fn target<'a>(
     state: &HashMap<DeviceId, DeviceState>,
     out: &mut Plan,
 ) -> Target<'a> {
-    let mut new = Vec::new();
+    // Exact sizes: a pass holds one of these per device and manifest at once, and a
+    // growing Vec would reserve room for four resources where most manifests have one.
+    let mut new = Vec::with_capacity(m.resources.len());
     for t in &m.resources {
         let r = m.managed(t);
         let clash = identities(&r)
@@ -397,7 +400,7 @@ fn target<'a>(
             None => new.push(r),
         }
     }
-    let old: Vec<ManagedResource> = state
+    let mut old: Vec<ManagedResource> = state
         .get(&d.id)
         .and_then(|s| s.desired.as_ref())
         .map(|cur| {
@@ -409,6 +412,7 @@ fn target<'a>(
                 .collect()
         })
         .unwrap_or_default();
+    old.shrink_to_fit();
     // Limits: what older manifests hold on the device is settled; this one gets the room
     // that is left, or keeps what it had if that still fits.
     let usage = out.usage.get(&d.id).copied().unwrap_or_default();
