@@ -48,8 +48,8 @@ use fleetlet_protocol::{AgentManifest, AgentStatus, ResourceStatus, decode};
 use fleetlet_testenv::{
     TestEnv,
     bench::{
-        Proc, apiserver_writes, delta, nats_connection_bytes, nats_traffic, proc_stat, pss_mib,
-        quantile,
+        Proc, apiserver_writes, delta, nats_connection_bytes, nats_traffic, peak_rss_mib,
+        proc_stat, pss_mib, quantile,
     },
     process::free_port,
     repo_root,
@@ -458,6 +458,8 @@ async fn fleet_phase(n: usize, window: u64, vk: usize, profile: bool, nodes_on: 
     let footprints = json!({
         "controllerRssMiB": footprint(controller.pid()),
         "bridgeRssMiB": footprint(bridge.pid()),
+        "controllerPeakRssMiB": (peak_rss_mib(controller.pid()) * 10.0).round() / 10.0,
+        "bridgePeakRssMiB": (peak_rss_mib(bridge.pid()) * 10.0).round() / 10.0,
         "simulatorRssMiB": footprint(sim.pid()),
         "simulatorRssKiBPerDevice": (proc_stat(sim.pid()).0 * 1024.0 / n as f64).round(),
     });

@@ -24,6 +24,18 @@ pub fn proc_stat(pid: u32) -> (f64, f64) {
     (rss, (field(11) + field(12)) / 100.0)
 }
 
+/// The most a process has had resident since it started (MiB, `VmHWM`): what a host must
+/// have for it, whenever a sample of its current size happens to be taken.
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
 /// A process's proportional set size (MiB): shared pages split among their users.
 pub fn pss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))

@@ -210,13 +210,23 @@ fn fleet_section(fleet: &Value) -> String {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|r| format!(
-                "{} devices: controller {} MiB, bridge {} MiB, simulator {} KiB per device",
-                r["devices"],
-                r["footprints"]["controllerRssMiB"],
-                r["footprints"]["bridgeRssMiB"],
-                r["footprints"]["simulatorRssKiBPerDevice"]
-            ))
+            .map(|r| {
+                let f = &r["footprints"];
+                // The most each had resident over the whole run, where the run recorded it.
+                let peak = |key: &str| match &f[key] {
+                    Value::Number(p) => format!(" (peak {p} MiB)"),
+                    _ => String::new(),
+                };
+                format!(
+                    "{} devices: controller {} MiB{}, bridge {} MiB{}, simulator {} KiB per device",
+                    r["devices"],
+                    f["controllerRssMiB"],
+                    peak("controllerPeakRssMiB"),
+                    f["bridgeRssMiB"],
+                    peak("bridgePeakRssMiB"),
+                    f["simulatorRssKiBPerDevice"]
+                )
+            })
             .collect::<Vec<_>>()
             .join("; ")
     );
@@ -1339,7 +1349,8 @@ mod tests {
                "rolloutCreate":{"converged":{"p50Ms":400.0,"p99Ms":500.0}},
                "rolloutUpdate":{"fanOut":{"p50Ms":300.0,"p99Ms":350.0},
                  "converged":{"p50Ms":700.0,"p99Ms":900.0},"edgeManifestReadyMs":950.0},
-               "footprints":{"controllerRssMiB":60.0,"bridgeRssMiB":40.0,"simulatorRssKiBPerDevice":120.0}}"#,
+               "footprints":{"controllerRssMiB":60.0,"bridgeRssMiB":40.0,"simulatorRssKiBPerDevice":120.0,
+                 "controllerPeakRssMiB":75.5,"bridgePeakRssMiB":44.0}}"#,
         )
         .unwrap();
         let (agent, sizes) = agent_results();
@@ -1361,6 +1372,10 @@ mod tests {
         fleet_report(dir.path(), &out).unwrap();
         let once = std::fs::read_to_string(&out).unwrap();
         assert!(!once.contains("| 10 | old |"), "{once}");
+        assert!(
+            once.contains("controller 60.0 MiB (peak 75.5 MiB), bridge 40.0 MiB (peak 44.0 MiB)"),
+            "{once}"
+        );
         // The explanation and profile are this run's, and the agent's section stays.
         assert!(
             !once.contains("old words") && !once.contains("old profile"),
