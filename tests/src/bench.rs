@@ -5,13 +5,7 @@ use std::collections::BTreeMap;
 
 /// A process's resident memory (MiB) and CPU time used so far (seconds).
 pub fn proc_stat(pid: u32) -> (f64, f64) {
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0;
+    let rss = proc_mib(pid, "status", "VmRSS:");
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let f: Vec<&str> = stat
         .rsplit_once(')')
@@ -27,21 +21,21 @@ pub fn proc_stat(pid: u32) -> (f64, f64) {
 /// The most a process has had resident since it started (MiB, `VmHWM`): what a host must
 /// have for it, whenever a sample of its current size happens to be taken.
 pub fn peak_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
+    proc_mib(pid, "status", "VmHWM:")
 }
 
 /// A process's proportional set size (MiB): shared pages split among their users.
 pub fn pss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+    proc_mib(pid, "smaps_rollup", "Pss:")
+}
+
+/// The `<field> N kB` line of `/proc/<pid>/<file>`, in MiB (0 when the process or the
+/// line is not there).
+fn proc_mib(pid: u32, file: &str, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .unwrap_or(0.0)
         / 1024.0
@@ -216,5 +210,23 @@ mod tests {
         assert_eq!(quantile(&v, 1.0), Some(100.0));
         assert_eq!(quantile(&[], 0.5), None);
         assert_eq!(quantile(&[3.0], 0.99), Some(3.0));
+    }
+
+    #[test]
+    fn this_process_has_resident_memory_and_its_peak_is_no_lower() {
+        let me = std::process::id();
+        // Touch 64 MiB so the peak is at least that, whatever was resident before.
+        let block = vec![1u8; 64 << 20];
+        assert!(block.iter().step_by(4096).all(|b| *b == 1));
+        let (rss, _) = proc_stat(me);
+        let peak = peak_rss_mib(me);
+        assert!(rss >= 64.0, "{rss}");
+        assert!(peak >= rss, "{peak} < {rss}");
+        assert!(pss_mib(me) > 0.0);
+        drop(block);
+        // The peak remembers the block once it is gone.
+        assert!(peak_rss_mib(me) >= 64.0);
+        // No such process: 0, not a panic.
+        assert_eq!(peak_rss_mib(u32::MAX), 0.0);
     }
 }
