@@ -440,10 +440,10 @@ impl NodeStatusView {
     }
 }
 
-/// The part of a stored Node's status the bridge owns, in the shape
+/// The part of a Node's status the bridge owns, in the shape
 /// [`NodeStatusView::into_status`] builds, so the two compare equal when nothing changed.
-pub fn owned_node_status(node: &Node) -> Option<NodeStatus> {
-    node.status.clone().map(|s| NodeStatus {
+fn owned_part(s: NodeStatus) -> NodeStatus {
+    NodeStatus {
         node_info: s.node_info,
         capacity: s.capacity,
         allocatable: s.allocatable,
@@ -454,7 +454,7 @@ pub fn owned_node_status(node: &Node) -> Option<NodeStatus> {
             .filter(|d| d.kubelet_endpoint.as_ref().is_some_and(|k| k.port != 0)),
         declared_features: s.declared_features.filter(|f| !f.is_empty()),
         ..Default::default()
-    })
+    }
 }
 
 /// Annotation on a Node as the bridge stores it (never on the apiserver's copy): a digest
@@ -476,10 +476,10 @@ pub fn status_digest(status: &NodeStatus) -> u64 {
 /// info, capacity and addresses were most of a stored Node; no pass reads them, only
 /// whether they changed.
 pub fn stored_node(n: &mut Node) {
-    let digest = owned_node_status(n).map(|s| status_digest(&s));
+    let status = n.status.take().map(owned_part);
+    let digest = status.as_ref().map(status_digest);
     let m = std::mem::take(&mut n.metadata);
     let taints = n.spec.take().and_then(|s| s.taints);
-    let status = n.status.take();
     *n = Node {
         metadata: ObjectMeta {
             name: m.name,
