@@ -293,8 +293,8 @@ async fn step(
 }
 
 /// The bridge's reflectors: EdgeDevices (spec, label and deletion changes mark the device
-/// for the next pass), its own Nodes (as [`view::stored_node`] keeps them), and Pods bound to any node (the pass keeps those on
-/// its Nodes).
+/// for the next pass), its own Nodes (as [`view::stored_node`] keeps them), and Pods
+/// bound to any node (the pass keeps those on its Nodes).
 struct Watches {
     devices: reflector::Store<EdgeDevice>,
     nodes: reflector::Store<Node>,

@@ -11,9 +11,10 @@ use fleetlet_controller::{init_tracing, shutdown_signal};
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 // Pages freed are handed back at once: a fleet-wide pass frees most of what it allocated
-// when it ends, and between passes the controller allocates little (at 10,000 devices
-// this took its resident memory after two rollouts from 186 to 143 MiB, for about 0.3 %
-// of a core).
+// when it ends, and between passes the controller allocates little. At 10,000 devices
+// this took its resident memory after two rollouts from 186 to 143 MiB (against a 1 s
+// decay); its steady CPU rose by about 0.3 % of a core, and its share of a profile taken
+// during a rollout from 2.7 to 5.4 % of the samples.
 #[cfg(feature = "jemalloc")]
 fleetlet_plumbing::jemalloc_options!("background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0");
 
