@@ -67,25 +67,30 @@ impl ContainerView {
             since: None,
         }
     }
+
+    /// A container not reported as one yet.
+    fn creating() -> Self {
+        Self::waiting(json!({ "waiting": { "reason": "ContainerCreating" } }))
+    }
 }
 
 /// What the pod status says of a container, from the device's report of it (`None`: not
 /// reported yet). `image` is the spec's, which `imageID` pins to the digest that runs.
 fn container_view(reported: Option<&ResourceStatus>, image: &str) -> ContainerView {
     match reported {
-        Some(ResourceStatus::Ready {
-            since,
-            details:
-                ResourceDetails::Container {
-                    container_id,
-                    image_digest,
-                    state,
-                    restart_count,
-                    started_at,
-                    exit_code,
-                    probe_ready,
-                },
-        }) => {
+        Some(ResourceStatus::Ready { since, details }) => {
+            let ResourceDetails::Container {
+                container_id,
+                image_digest,
+                state,
+                restart_count,
+                started_at,
+                exit_code,
+                probe_ready,
+            } = &**details
+            else {
+                return ContainerView::creating();
+            };
             let (st, run) = if state == "running" {
                 (
                     json!({ "running": { "startedAt": started_at.map(rfc3339) } }),
@@ -122,7 +127,7 @@ fn container_view(reported: Option<&ResourceStatus>, image: &str) -> ContainerVi
         Some(ResourceStatus::Unsupported { message, .. }) => ContainerView::waiting(
             json!({ "waiting": { "reason": "Unsupported", "message": message } }),
         ),
-        _ => ContainerView::waiting(json!({ "waiting": { "reason": "ContainerCreating" } })),
+        _ => ContainerView::creating(),
     }
 }
 
@@ -377,7 +382,7 @@ pub async fn pass(
                 .is_some_and(|h| now.saturating_sub(h.timestamp.as_millis()) < grace_ms),
             host_ip: hb
                 .as_ref()
-                .and_then(|h| h.facts.as_ref())
+                .and_then(|h| h.facts.as_deref())
                 .and_then(|f| f.addresses.iter().find(|a| a.type_ == "InternalIP"))
                 .map(|a| a.address.clone()),
         };
@@ -393,9 +398,9 @@ mod tests {
     use super::*;
 
     fn running(exit_code: Option<i32>, state: &str, probe_ready: Option<bool>) -> ResourceStatus {
-        ResourceStatus::Ready {
-            since: Timestamp(1_700_000_000_000),
-            details: ResourceDetails::Container {
+        ResourceStatus::ready(
+            Timestamp(1_700_000_000_000),
+            ResourceDetails::Container {
                 container_id: "abc".into(),
                 image_digest: Some("sha256:1234".into()),
                 state: state.into(),
@@ -404,7 +409,7 @@ mod tests {
                 exit_code,
                 probe_ready,
             },
-        }
+        )
     }
 
     #[test]

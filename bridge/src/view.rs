@@ -272,7 +272,7 @@ fn converged_verdict(
 /// The device's facts, from its heartbeat (where the mirror puts them; see
 /// [`with_facts`]).
 fn device_info(h: &Heartbeat) -> Option<DeviceInfo> {
-    let h = h.facts.as_ref()?;
+    let h = h.facts.as_deref()?;
     Some(DeviceInfo {
         architecture: h.system.architecture.clone(),
         operating_system: h.system.operating_system.clone(),
@@ -287,7 +287,7 @@ fn device_info(h: &Heartbeat) -> Option<DeviceInfo> {
 /// else what the heartbeat carried inline (an agent from before the `facts` bucket).
 pub fn with_facts(hb: Option<Heartbeat>, report: Option<&FactsReport>) -> Option<Heartbeat> {
     hb.map(|mut h| {
-        h.facts = facts_of(report, Some(&h)).cloned();
+        h.facts = facts_of(report, Some(&h)).cloned().map(Box::new);
         h
     })
 }
@@ -356,7 +356,7 @@ pub fn node_labels(
     l.insert(DEVICE_LABEL.into(), device_id.into());
     l.insert("kubernetes.io/hostname".into(), device_id.into());
     l.insert("kubernetes.io/os".into(), "linux".into());
-    if let Some(f) = hb.and_then(|h| h.facts.as_ref()) {
+    if let Some(f) = hb.and_then(|h| h.facts.as_deref()) {
         l.insert("kubernetes.io/arch".into(), f.system.architecture.clone());
     }
     l.insert(
@@ -672,7 +672,7 @@ fn node_condition(
 }
 
 fn facts(h: Option<&Heartbeat>) -> Option<&DeviceFacts> {
-    h.and_then(|h| h.facts.as_ref())
+    h.and_then(|h| h.facts.as_deref())
 }
 
 /// What the device runs, as a kubelet reports it.
@@ -760,7 +760,7 @@ mod tests {
                 disk_bytes: capacity.disk_bytes / 100 * disk_pct,
                 pids: capacity.pids / 100 * pids_pct,
             },
-            facts: Some(DeviceFacts {
+            facts: Some(Box::new(DeviceFacts {
                 agent_version: "0.1.0".into(),
                 system: SystemInfo {
                     operating_system: "linux".into(),
@@ -772,7 +772,7 @@ mod tests {
                 sealing_key: None,
                 limits: None,
                 container_runtime: None,
-            }),
+            })),
         }
     }
 

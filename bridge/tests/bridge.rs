@@ -394,7 +394,7 @@ async fn facts_reach_the_node_from_their_bucket_or_inline_from_an_older_agent() 
             f.system.architecture = "arm".into();
             f.agent_version = "0.9.0".into();
             let h = Heartbeat {
-                facts: Some(f),
+                facts: Some(Box::new(f)),
                 sequence: seq,
                 ..sample("bf-old")
             };

@@ -860,13 +860,13 @@ mod tests {
                     actual.resources.insert(
                         r.id.clone(),
                         if ready {
-                            ResourceStatus::Ready {
-                                since: Timestamp(1),
-                                details: ResourceDetails::File {
+                            ResourceStatus::ready(
+                                Timestamp(1),
+                                ResourceDetails::File {
                                     sha256: String::new(),
                                     size: 1,
                                 },
-                            }
+                            )
                         } else {
                             ResourceStatus::Pending
                         },

@@ -247,13 +247,13 @@ async fn simulate_agent_at(kv: &Kv, dev: &str, ready: bool, at: Timestamp) {
         s.resources.insert(
             r.id.clone(),
             if ready {
-                ResourceStatus::Ready {
-                    since: Timestamp(1),
-                    details: ResourceDetails::File {
+                ResourceStatus::ready(
+                    Timestamp(1),
+                    ResourceDetails::File {
                         sha256: String::new(),
                         size: 0,
                     },
-                }
+                )
             } else {
                 ResourceStatus::Reconciling {
                     since: Timestamp(1),

@@ -895,10 +895,10 @@ fn ready(
     details: fleetlet_protocol::ResourceDetails,
 ) -> ResourceStatus {
     let since = match prev {
-        Some(ResourceStatus::Ready { since, details: d }) if *d == details => *since,
+        Some(ResourceStatus::Ready { since, details: d }) if **d == details => *since,
         _ => now,
     };
-    ResourceStatus::Ready { since, details }
+    ResourceStatus::ready(since, details)
 }
 
 /// One resource's work in a pass, with everything it needs owned (it runs concurrently).

@@ -231,18 +231,14 @@ async fn shell_jobs_run_once_per_spec_where_the_owner_enabled_them_and_are_audit
         s.observed_generation == 1
     })
     .await;
-    match &s.resources["ok"] {
-        ResourceStatus::Ready {
-            details:
-                fleetlet_protocol::ResourceDetails::ShellJob {
-                    exit_code, output, ..
-                },
-            ..
-        } => {
+    match s.resources["ok"].details() {
+        Some(fleetlet_protocol::ResourceDetails::ShellJob {
+            exit_code, output, ..
+        }) => {
             assert_eq!(*exit_code, Some(0));
             assert_eq!(output, "done\n");
         }
-        other => panic!("ok: {other:?}"),
+        _ => panic!("ok: {:?}", s.resources["ok"]),
     }
     match &s.resources["bad"] {
         ResourceStatus::Failed {

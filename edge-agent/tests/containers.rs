@@ -108,26 +108,22 @@ struct Seen {
 }
 
 fn seen(s: &AgentStatus, id: &str) -> Seen {
-    match &s.resources[id] {
-        ResourceStatus::Ready {
-            details:
-                ResourceDetails::Container {
-                    container_id,
-                    image_digest,
-                    state,
-                    probe_ready,
-                    restart_count,
-                    ..
-                },
+    match s.resources[id].details() {
+        Some(ResourceDetails::Container {
+            container_id,
+            image_digest,
+            state,
+            probe_ready,
+            restart_count,
             ..
-        } => Seen {
+        }) => Seen {
             id: container_id.clone(),
             digest: image_digest.clone(),
             state: state.clone(),
             probe_ready: *probe_ready,
             restarts: *restart_count,
         },
-        other => panic!("{id}: {other:?}"),
+        _ => panic!("{id}: {:?}", s.resources[id]),
     }
 }
 

@@ -129,15 +129,12 @@ async fn a_50_mib_file_is_downloaded_with_progress_resumed_after_a_cut_and_verif
         all_ready(s, 1, 2)
     })
     .await;
-    match &s.resources["model"] {
-        ResourceStatus::Ready {
-            details: fleetlet_protocol::ResourceDetails::File { sha256, size },
-            ..
-        } => {
+    match s.resources["model"].details() {
+        Some(fleetlet_protocol::ResourceDetails::File { sha256, size }) => {
             assert_eq!(sha256, &sha);
             assert_eq!(*size, 50 * MIB);
         }
-        other => panic!("{other:?}"),
+        _ => panic!("{:?}", s.resources["model"]),
     }
     let written = std::fs::read(dev.file("models/model.bin")).unwrap();
     assert!(written == data, "the file holds exactly the served bytes");

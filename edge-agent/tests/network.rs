@@ -89,12 +89,9 @@ fn v4(addresses: &[String]) -> Vec<String> {
 }
 
 fn details(s: &fleetlet_protocol::AgentStatus, id: &str) -> Vec<String> {
-    match &s.resources[id] {
-        ResourceStatus::Ready {
-            details: ResourceDetails::NetworkConfig { addresses, .. },
-            ..
-        } => v4(addresses),
-        other => panic!("{id}: {other:?}"),
+    match s.resources[id].details() {
+        Some(ResourceDetails::NetworkConfig { addresses, .. }) => v4(addresses),
+        _ => panic!("{id}: {:?}", s.resources[id]),
     }
 }
 

@@ -114,22 +114,18 @@ fn manager(sd: &SystemdSandbox, method: &str, sig: &str, args: &[&str]) -> Strin
 }
 
 fn unit_details(s: &fleetlet_protocol::AgentStatus, id: &str) -> (String, String, Option<String>) {
-    match &s.resources[id] {
-        ResourceStatus::Ready {
-            details:
-                ResourceDetails::SystemdUnit {
-                    active_state,
-                    sub_state,
-                    unit_file_state,
-                    ..
-                },
+    match s.resources[id].details() {
+        Some(ResourceDetails::SystemdUnit {
+            active_state,
+            sub_state,
+            unit_file_state,
             ..
-        } => (
+        }) => (
             active_state.clone(),
             sub_state.clone(),
             unit_file_state.clone(),
         ),
-        other => panic!("{id}: {other:?}"),
+        _ => panic!("{id}: {:?}", s.resources[id]),
     }
 }
 

@@ -274,15 +274,12 @@ async fn the_agent_upgrades_itself_and_comes_back_from_a_version_that_does_not_s
         s.observed_generation == 1 && s.resources.get("agent").is_some_and(|r| r.is_ready())
     })
     .await;
-    match &s.resources["agent"] {
-        ResourceStatus::Ready {
-            details: ResourceDetails::AgentUpgrade { version, previous },
-            ..
-        } => {
+    match s.resources["agent"].details() {
+        Some(ResourceDetails::AgentUpgrade { version, previous }) => {
             assert_eq!(version, "0.1.0-b");
             assert_eq!(previous.as_deref(), Some(env!("CARGO_PKG_VERSION")));
         }
-        other => panic!("{other:?}"),
+        _ => panic!("{:?}", s.resources["agent"]),
     }
     running("0.1.0-b").await;
     assert!(std::fs::read(&bin).unwrap() == b, "B is in place");

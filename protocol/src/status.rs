@@ -71,9 +71,11 @@ pub enum ResourceStatus {
         message: Option<String>,
     },
     /// In its desired state.
+    // The details are boxed: a status map holds every state at the size of its largest,
+    // and the control plane keeps one map per device in memory.
     Ready {
         since: Timestamp,
-        details: ResourceDetails,
+        details: Box<ResourceDetails>,
     },
     /// Could not be brought to its desired state. A transient failure (the runtime, I/O) is
     /// retried after `retryAfter`; a `permanent` one (an invalid spec, a path or unit the
@@ -92,6 +94,22 @@ pub enum ResourceStatus {
 }
 
 impl ResourceStatus {
+    /// Ready since `since`, looking like `details`.
+    pub fn ready(since: Timestamp, details: ResourceDetails) -> Self {
+        Self::Ready {
+            since,
+            details: Box::new(details),
+        }
+    }
+
+    /// What the resource looks like on the device, when it is Ready.
+    pub fn details(&self) -> Option<&ResourceDetails> {
+        match self {
+            Self::Ready { details, .. } => Some(details),
+            _ => None,
+        }
+    }
+
     /// Ready and, for workloads with a readiness probe, passing it.
     pub fn is_ready(&self) -> bool {
         matches!(self, Self::Ready { details, .. } if details.probe_ready())
@@ -306,5 +324,34 @@ impl AgentStatus {
                 observed_generation,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ready_status_is_small_in_a_map_and_reads_as_before() {
+        // Every entry of a status map takes the room of the largest state: Ready's details
+        // are boxed so that is a failure's, not a container's.
+        assert!(
+            std::mem::size_of::<ResourceStatus>() <= 64,
+            "{} bytes",
+            std::mem::size_of::<ResourceStatus>()
+        );
+        // The wire form is the unboxed one.
+        let json =
+            r#"{"state":"Ready","since":5,"details":{"kind":"file","sha256":"ab","size":3}}"#;
+        let s: ResourceStatus = serde_json::from_str(json).expect("decodes");
+        assert_eq!(
+            s.details(),
+            Some(&ResourceDetails::File {
+                sha256: "ab".into(),
+                size: 3
+            })
+        );
+        assert_eq!(serde_json::to_string(&s).expect("encodes"), json);
+        assert_eq!(ResourceStatus::Pending.details(), None);
     }
 }

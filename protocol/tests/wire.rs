@@ -178,10 +178,7 @@ fn resource_status() -> impl Strategy<Value = ResourceStatus> {
         (ts.clone(), proptest::option::of(".{0,40}"))
             .prop_map(|(since, message)| ResourceStatus::Reconciling { since, message }),
         (ts.clone(), "[0-9a-f]{64}", any::<u64>()).prop_map(|(since, sha256, size)| {
-            ResourceStatus::Ready {
-                since,
-                details: ResourceDetails::File { sha256, size },
-            }
+            ResourceStatus::ready(since, ResourceDetails::File { sha256, size })
         }),
         (
             ts.clone(),
@@ -190,9 +187,9 @@ fn resource_status() -> impl Strategy<Value = ResourceStatus> {
             proptest::option::of(any::<i32>())
         )
             .prop_map(|(since, container_id, restart_count, exit_code)| {
-                ResourceStatus::Ready {
+                ResourceStatus::ready(
                     since,
-                    details: ResourceDetails::Container {
+                    ResourceDetails::Container {
                         container_id,
                         image_digest: Some("sha256:00".into()),
                         state: "running".into(),
@@ -201,7 +198,7 @@ fn resource_status() -> impl Strategy<Value = ResourceStatus> {
                         exit_code,
                         probe_ready: Some(true),
                     },
-                }
+                )
             }),
         (
             ts.clone(),
@@ -296,7 +293,7 @@ fn heartbeat() -> impl Strategy<Value = Heartbeat> {
                 disk_bytes: mem / 3,
                 pids: 100,
             },
-            facts: inline.then(|| facts(mem)),
+            facts: inline.then(|| Box::new(facts(mem))),
         })
 }
 
@@ -646,7 +643,7 @@ fn older_heartbeats_carry_their_facts_inline_and_a_report_takes_precedence() {
         "sealingKey": "AAAA",
     });
     let h = decode::<Heartbeat>(&serde_json::to_vec(&old).unwrap()).unwrap();
-    let inline = h.facts.as_ref().expect("inline facts");
+    let inline = h.facts.as_deref().expect("inline facts");
     assert_eq!(inline.agent_version, "0.9.0");
     assert_eq!(inline.system.architecture, "arm64");
     assert_eq!(inline.sealing_key.as_deref(), Some("AAAA"));
