@@ -344,7 +344,7 @@ pub async fn pass(
     pods: &kube::runtime::reflector::Store<Pod>,
 ) -> (u32, u32) {
     let nodes =
-        fleetlet_crds::naming::node_devices(mirror.ctx.nodes.state().iter().map(|n| n.as_ref()));
+        fleetlet_crds::naming::node_devices(mirror.ctx.nodes.state().iter().map(|n| &n.metadata));
     let objects = mirror.device_objects(None);
     let now = Timestamp::now().as_millis();
     let (mut written, mut deleted) = (0, 0);

@@ -591,9 +591,10 @@ impl Watches {
                 flag(),
                 tasks,
             ),
-            // Only which device a Node stands for is read: its name and labels. The
-            // bridge's status writes (conditions, addresses) neither wake a pass nor
-            // take room; at 10,000 Nodes the whole objects were a quarter of the heap.
+            // Only which device a Node stands for is read: its name and labels. Watched as
+            // metadata (an `Api` of `PartialObjectMeta` asks for nothing else), so the
+            // bridge's status writes are neither sent nor decoded, and a stored Node is its
+            // metadata alone.
             nodes: spawn_watch(
                 client,
                 watcher::Config::default().labels(pods::DEVICE_LABEL),

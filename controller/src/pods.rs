@@ -17,6 +17,7 @@ use k8s_openapi::{
     api::core::v1::{ConfigMap, Container, Pod, Secret},
     apimachinery::pkg::util::intstr::IntOrString,
 };
+use kube::core::PartialObjectMeta;
 
 /// Where a pod's files and scratch directories live on the device (inside the agent's
 /// default `file.allowed_roots`).
@@ -890,23 +891,21 @@ fn readiness_probe(c: &Container, p: &k8s_openapi::api::core::v1::Probe) -> Resu
     })
 }
 
-/// What the controller keeps of a virtual Node: its identity and the device it stands for
-/// ([`PodWatch::node_devices`] reads nothing else).
-pub fn node_identity(n: &mut k8s_openapi::api::core::v1::Node) {
+/// What the controller keeps of a virtual Node (watched as metadata only): its identity
+/// and the device it stands for ([`PodWatch::node_devices`] reads nothing else).
+pub fn node_identity(n: &mut PartialObjectMeta<k8s_openapi::api::core::v1::Node>) {
     let m = std::mem::take(&mut n.metadata);
     let device = m
         .labels
         .and_then(|mut l| l.remove_entry(DEVICE_LABEL))
         .map(|entry| BTreeMap::from([entry]));
-    *n = k8s_openapi::api::core::v1::Node {
-        metadata: kube::api::ObjectMeta {
-            name: m.name,
-            uid: m.uid,
-            resource_version: m.resource_version,
-            deletion_timestamp: m.deletion_timestamp,
-            labels: device,
-            ..Default::default()
-        },
+    n.types = None;
+    n.metadata = kube::api::ObjectMeta {
+        name: m.name,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        deletion_timestamp: m.deletion_timestamp,
+        labels: device,
         ..Default::default()
     };
 }
@@ -915,8 +914,9 @@ pub fn node_identity(n: &mut k8s_openapi::api::core::v1::Node) {
 #[derive(Clone)]
 pub struct PodWatch {
     pub pods: kube::runtime::reflector::Store<Pod>,
-    /// Virtual Nodes only (label [`DEVICE_LABEL`]).
-    pub nodes: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Node>,
+    /// Virtual Nodes only (label [`DEVICE_LABEL`]), their metadata as [`node_identity`]
+    /// keeps it.
+    pub nodes: kube::runtime::reflector::Store<PartialObjectMeta<k8s_openapi::api::core::v1::Node>>,
     pub config_maps: Scoped<ConfigMap>,
     pub secrets: Scoped<Secret>,
 }
@@ -962,7 +962,7 @@ impl Lookup for PodWatch {
 impl PodWatch {
     /// Node name → device, for the virtual nodes.
     pub fn node_devices(&self) -> BTreeMap<String, fleetlet_protocol::DeviceId> {
-        fleetlet_crds::naming::node_devices(self.nodes.state().iter().map(|n| n.as_ref()))
+        fleetlet_crds::naming::node_devices(self.nodes.state().iter().map(|n| &n.metadata))
     }
 
     /// Every pod bound to a virtual node and not being deleted, with its device.
@@ -1017,19 +1017,27 @@ mod tests {
             }),
             ..Default::default()
         };
-        let (mut before, mut after) = (node("True", "1"), node("False", "2"));
-        node_identity(&mut before);
-        node_identity(&mut after);
+        // What a metadata watch brings of a Node, as the controller stores it.
+        let stored = |n: Node| {
+            let mut m = PartialObjectMeta::<Node> {
+                types: None,
+                metadata: n.metadata,
+                _phantom: std::marker::PhantomData,
+            };
+            node_identity(&mut m);
+            m
+        };
+        let (before, after) = (stored(node("True", "1")), stored(node("False", "2")));
         // What the Pod pass reads survives...
         assert_eq!(
-            fleetlet_crds::naming::node_devices([&before])
+            fleetlet_crds::naming::node_devices([&before.metadata])
                 .get("pi-1")
                 .map(|d| d.to_string()),
             Some("pi-1".to_owned())
         );
         assert_eq!(before.metadata.uid.as_deref(), Some("u1"));
         // ...the rest is gone, and a status-only write is no change worth a pass.
-        assert!(before.status.is_none() && before.metadata.annotations.is_none());
+        assert!(before.metadata.annotations.is_none());
         assert_eq!(before.metadata.labels.as_ref().map(BTreeMap::len), Some(1));
         assert_eq!(
             fleetlet_plumbing::fingerprint(&before),
@@ -1039,7 +1047,7 @@ mod tests {
         if let Some(l) = relabelled.metadata.labels.as_mut() {
             l.insert(DEVICE_LABEL.to_owned(), "pi-2".to_owned());
         }
-        node_identity(&mut relabelled);
+        let relabelled = stored(relabelled);
         assert_ne!(
             fleetlet_plumbing::fingerprint(&before),
             fleetlet_plumbing::fingerprint(&relabelled)

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use fleetlet_protocol::{DeviceId, ResourceId};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
 /// Label on every virtual Node: the device id it stands for.
 pub const DEVICE_LABEL: &str = "fleetlet.dev/device";
@@ -34,15 +34,23 @@ pub fn container_id(namespace: &str, pod: &str, index: usize, name: &str) -> Opt
 
 /// The device a Node stands for, if it is one of fleetlet's virtual Nodes.
 pub fn node_device(node: &Node) -> Option<DeviceId> {
-    let id = node.metadata.labels.as_ref()?.get(DEVICE_LABEL)?;
+    device_of(&node.metadata)
+}
+
+/// The device a Node with this metadata stands for.
+pub fn device_of(node: &ObjectMeta) -> Option<DeviceId> {
+    let id = node.labels.as_ref()?.get(DEVICE_LABEL)?;
     DeviceId::new(id.clone()).ok()
 }
 
-/// Node name → device, over `nodes` (fleetlet's virtual Nodes; others are left out).
-pub fn node_devices<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> BTreeMap<String, DeviceId> {
+/// Node name → device, over the metadata of `nodes` (fleetlet's virtual Nodes; others are
+/// left out).
+pub fn node_devices<'a>(
+    nodes: impl IntoIterator<Item = &'a ObjectMeta>,
+) -> BTreeMap<String, DeviceId> {
     nodes
         .into_iter()
-        .filter_map(|n| Some((n.metadata.name.clone()?, node_device(n)?)))
+        .filter_map(|n| Some((n.name.clone()?, device_of(n)?)))
         .collect()
 }
 
