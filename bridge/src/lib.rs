@@ -292,8 +292,9 @@ async fn step(
     next_full
 }
 
-/// The bridge's reflectors: EdgeDevices (spec, label and deletion changes mark the device
-/// for the next pass), its own Nodes (as [`view::stored_node`] keeps them), and Pods
+/// The bridge's reflectors: EdgeDevices (as [`view::stored_device`] keeps them; spec, label
+/// and deletion changes mark the device for the next pass), its own Nodes (as
+/// [`view::stored_node`] keeps them), and Pods
 /// bound to any node (the pass keeps those on its Nodes).
 struct Watches {
     devices: reflector::Store<EdgeDevice>,
@@ -319,6 +320,7 @@ impl Watches {
             Api::<EdgeDevice>::all(client.clone()),
             changed.clone(),
             synced.clone(),
+            view::stored_device,
             mark,
         );
         let (nodes, node_writer) = reflector::store::<Node>();

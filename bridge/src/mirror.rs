@@ -330,8 +330,7 @@ impl Mirror {
         dev: &EdgeDevice,
         status: EdgeDeviceStatus,
     ) -> u32 {
-        let current = dev.status.clone().unwrap_or_default().bridge_part();
-        if current == status {
+        if view::device_status_is_current(dev, &status) {
             return 0;
         }
         let ns = dev.namespace().unwrap_or_default();

@@ -333,9 +333,7 @@ pub fn device_status(
             (h.timestamp.as_millis() as i64).saturating_sub(t.0.as_millisecond())
                 >= report_every_ms as i64
         });
-        let mut without_time = old.bridge_part();
-        without_time.last_heartbeat_time = out.last_heartbeat_time.clone();
-        if stale || without_time != out {
+        if stale || stored_status_digest(dev) != device_status_digest(&out) {
             out.last_heartbeat_time = Some(k8s_time(h.timestamp));
         }
     }
@@ -457,17 +455,96 @@ fn owned_part(s: NodeStatus) -> NodeStatus {
     }
 }
 
-/// Annotation on a Node as the bridge stores it (never on the apiserver's copy): a digest
-/// of the status part the bridge owns, kept in place of that part (see [`stored_node`]).
+/// Annotation on a Node or EdgeDevice as the bridge stores it (never on the apiserver's
+/// copy): a digest of the status part the bridge owns, kept in place of that part (see
+/// [`stored_node`], [`stored_device`]).
 pub const OWNED_STATUS_DIGEST: &str = "fleetlet.dev/owned-status-digest";
 
-/// A digest of a Node status: equal statuses give equal digests (their JSON is the same:
-/// maps are ordered), so comparing digests decides a write as comparing statuses did.
-pub fn status_digest(status: &NodeStatus) -> u64 {
+/// A digest of a status: equal statuses give equal digests (their JSON is the same: maps
+/// are ordered), so comparing digests decides a write as comparing statuses did.
+fn digest<T: serde::Serialize>(status: &T) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
     serde_json::to_vec(status).unwrap_or_default().hash(&mut h);
     h.finish()
+}
+
+/// A digest of a Node status (see [`stored_node`]).
+pub fn status_digest(status: &NodeStatus) -> u64 {
+    digest(status)
+}
+
+/// The digest [`stored_node`] or [`stored_device`] kept in place of a status.
+fn kept_digest(meta: &ObjectMeta) -> Option<u64> {
+    meta.annotations
+        .as_ref()?
+        .get(OWNED_STATUS_DIGEST)?
+        .parse()
+        .ok()
+}
+
+/// A digest of the bridge's part of an EdgeDevice status, without the heartbeat time (a
+/// pass compares the rest with and without it, so [`stored_device`] keeps that apart).
+pub fn device_status_digest(status: &EdgeDeviceStatus) -> u64 {
+    let mut part = status.bridge_part();
+    part.last_heartbeat_time = None;
+    digest(&part)
+}
+
+/// The digest of the bridge's part of `dev`'s status: the one [`stored_device`] kept, or
+/// its status's own when `dev` is whole.
+fn stored_status_digest(dev: &EdgeDevice) -> u64 {
+    kept_digest(&dev.metadata).unwrap_or_else(|| {
+        dev.status.as_ref().map_or_else(
+            || device_status_digest(&EdgeDeviceStatus::default()),
+            device_status_digest,
+        )
+    })
+}
+
+/// Whether `dev`'s stored status already says what the bridge wants it to (`want`, the
+/// bridge's part only): nothing to write.
+pub fn device_status_is_current(dev: &EdgeDevice, want: &EdgeDeviceStatus) -> bool {
+    let time = dev
+        .status
+        .as_ref()
+        .and_then(|s| s.last_heartbeat_time.as_ref());
+    time == want.last_heartbeat_time.as_ref()
+        && stored_status_digest(dev) == device_status_digest(want)
+}
+
+/// What the bridge keeps of an EdgeDevice it watches: everything but the status, and of
+/// the status what a pass reads: the recorded desired generation, the heartbeat time, and
+/// its own conditions' types, statuses and transition times (a condition that keeps its
+/// status keeps its time). For the rest of its part (messages, resource lines, device
+/// info) only a digest, [`OWNED_STATUS_DIGEST`], decides whether a write is due.
+pub fn stored_device(d: &mut EdgeDevice) {
+    let Some(status) = d.status.take() else {
+        return;
+    };
+    d.metadata.annotations.get_or_insert_default().insert(
+        OWNED_STATUS_DIGEST.into(),
+        device_status_digest(&status).to_string(),
+    );
+    let conditions = status
+        .bridge_part()
+        .conditions
+        .into_iter()
+        .map(|c| Condition {
+            type_: c.type_,
+            status: c.status,
+            last_transition_time: c.last_transition_time,
+            reason: String::new(),
+            message: String::new(),
+            observed_generation: None,
+        })
+        .collect();
+    d.status = Some(EdgeDeviceStatus {
+        conditions,
+        desired_generation: status.desired_generation,
+        last_heartbeat_time: status.last_heartbeat_time,
+        ..Default::default()
+    });
 }
 
 /// What the bridge keeps of a Node it watches: identity, labels and taints (compared with
@@ -505,13 +582,7 @@ pub fn stored_node(n: &mut Node) {
 
 /// The digest of the owned status a stored Node was kept with ([`stored_node`]).
 pub fn owned_status_digest(stored: &Node) -> Option<u64> {
-    stored
-        .metadata
-        .annotations
-        .as_ref()?
-        .get(OWNED_STATUS_DIGEST)?
-        .parse()
-        .ok()
+    kept_digest(&stored.metadata)
 }
 
 /// The Node the bridge applies for a device (everything but its status): labels, the
@@ -793,6 +864,102 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn a_stored_edge_device_decides_status_writes_as_the_whole_one_did() {
+        let hb = heartbeat(T0, 50, 50, 50);
+        let reconciling = |message: &str| {
+            let mut st = AgentStatus::new(DeviceId::new("pi").expect("valid"));
+            st.observed_generation = 2;
+            st.resources.insert(
+                ResourceId::new("model").expect("valid"),
+                ResourceStatus::Reconciling {
+                    since: Timestamp(1),
+                    message: Some(message.into()),
+                },
+            );
+            st
+        };
+        let st = reconciling("downloading: 10%");
+        let mut full = EdgeDevice::new("pi", EdgeDeviceSpec::default());
+        full.metadata.generation = Some(4);
+        // As the apiserver holds it: the bridge's last write and the controller's part.
+        let mut status = device_status(
+            &full,
+            Some(&hb),
+            Some(&st),
+            Liveness::Alive,
+            Timestamp(T0),
+            REPORT_EVERY_MS,
+        );
+        status.desired_generation = Some(2);
+        status.conditions.push(Condition {
+            type_: fleetlet_crds::LIMIT_EXCEEDED.into(),
+            status: "True".into(),
+            reason: "Memory".into(),
+            message: "too big".into(),
+            observed_generation: None,
+            last_transition_time: k8s_time(Timestamp(T0)),
+        });
+        full.status = Some(status);
+        let mut stored = full.clone();
+        stored_device(&mut stored);
+
+        // The next pass, on inputs that change nothing, a message, liveness, a heartbeat
+        // within and past the report interval: the same status, the same decision.
+        let soon = heartbeat(T0 + 10_000, 50, 50, 50);
+        let late = heartbeat(T0 + 301_000, 50, 50, 50);
+        let moved = reconciling("downloading: 20%");
+        let cases = [
+            (&hb, &st, Liveness::Alive, T0, "nothing changed"),
+            (&soon, &st, Liveness::Alive, T0 + 10_000, "a heartbeat"),
+            (
+                &late,
+                &st,
+                Liveness::Alive,
+                T0 + 301_000,
+                "the report interval",
+            ),
+            (&hb, &moved, Liveness::Alive, T0 + 1, "a resource message"),
+            (&hb, &st, Liveness::Silent, T0 + 90_000, "silence"),
+        ];
+        let mut writes = 0;
+        for (hb, st, live, now, what) in cases {
+            let step = |dev: &EdgeDevice| {
+                let want = device_status(
+                    dev,
+                    Some(hb),
+                    Some(st),
+                    live,
+                    Timestamp(now),
+                    REPORT_EVERY_MS,
+                );
+                let current = device_status_is_current(dev, &want);
+                (want, current)
+            };
+            let (from_whole, from_stored) = (step(&full), step(&stored));
+            assert_eq!(from_whole, from_stored, "{what}");
+            writes += usize::from(!from_whole.1);
+        }
+        assert_eq!(
+            writes, 3,
+            "a heartbeat within the interval writes nothing either"
+        );
+
+        // What a pass reads survives; the rest of the bridge's part is a digest.
+        let kept = stored.status.as_ref().expect("status");
+        assert_eq!(kept.desired_generation, Some(2));
+        assert_eq!(kept.last_heartbeat_time, Some(k8s_time(Timestamp(T0))));
+        assert!(kept.resources.is_empty() && kept.device.is_none());
+        assert_eq!(
+            kept.conditions
+                .iter()
+                .map(|c| (c.type_.as_str(), c.message.as_str()))
+                .collect::<Vec<_>>(),
+            [("Ready", ""), ("Converged", ""), ("Degraded", "")]
+        );
+        assert!(kept.applied_generation.is_none() && kept.observed_generation.is_none());
     }
 
     #[test]

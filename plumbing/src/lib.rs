@@ -284,12 +284,14 @@ where
     watch_objects_with(api, config, changed, synced, fp, trim, |_: &K| {})
 }
 
-/// Like [`watch_crd`], and calls `on_change` with each object whose fingerprint changed
-/// (the bridge marks that device for its next partial pass).
+/// Like [`watch_crd`], stores each object as `trim` leaves it, and calls `on_change` with
+/// each object whose fingerprint changed (the bridge marks that device for its next
+/// partial pass).
 pub fn watch_crd_with<K>(
     api: Api<K>,
     changed: Arc<Notify>,
     synced: Arc<AtomicBool>,
+    trim: fn(&mut K),
     on_change: impl FnMut(&K) + Send + 'static,
 ) -> (reflector::Store<K>, impl Future<Output = ()>)
 where
@@ -301,7 +303,7 @@ where
         changed,
         synced,
         fingerprint,
-        keep_all,
+        trim,
         on_change,
     )
 }
