@@ -904,15 +904,16 @@ fn heap_section(from: &Path) -> Option<String> {
             md,
             "Live together: {:.1} MiB, of which {passing:.1} MiB belonged to a pass still\n\
              running when the run ended (its snapshots and plan; it is freed when the pass\n\
-             ends). The Kubernetes object caches keep each EdgeDevice (whole in the bridge;\n\
-             the controller without the bridge's part of its status) and each Node (the\n\
-             controller its name, uid and device label; the bridge what a pass compares and a\n\
-             digest of the rest of its status). Much of that is the stored objects themselves:\n\
-             a typed Node or EdgeDevice takes the same room however empty its fields, and a\n\
-             label map of one entry a whole B-tree node. The KV caches keep each device's\n\
-             manifest, status and heartbeat, and a status's resource map takes a whole B-tree\n\
-             node for one resource. Resident memory adds the allocator's free pages and the\n\
-             runtime to what is live.\n",
+             ends). The Kubernetes object caches keep each EdgeDevice (the controller its\n\
+             spec and its own part of the status; the bridge its spec, the conditions' times\n\
+             and a digest of the rest of its part) and each Node (the controller its name,\n\
+             uid and device label, watched as metadata only; the bridge what a pass compares\n\
+             and a digest of the rest of its status). Much of that is the stored objects\n\
+             themselves: a typed EdgeDevice or Node takes the same room however empty its\n\
+             fields, and a label map of one entry a whole B-tree node. The KV caches keep\n\
+             each device's manifest, status and heartbeat; a status's resource map takes a\n\
+             whole B-tree node for one resource. Resident memory adds the allocator's free\n\
+             pages and the runtime to what is live.\n",
             c + b
         );
     }
