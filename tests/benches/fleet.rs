@@ -11,8 +11,9 @@
 //!   connections, both directions), CPU of each process;
 //! * apply→converged for an EdgeManifest selecting every device, created then changed: per
 //!   device, the time from `kubectl apply` until its desired state holds the change (fan-out)
-//!   and until its status reports the resource Ready (p50, p99, max), and until the
-//!   EdgeManifest's status counts every device Ready;
+//!   and until its status reports the resource Ready (p50, p99, max; each key timed by when
+//!   nats-server stored it), until the EdgeManifest's status counts every device Ready, and
+//!   how long `kubectl apply` itself took;
 //! * footprints: controller, bridge and simulator resident memory.
 //!
 //! With `FLEETLET_BENCH_NODE_PROJECTION=Disabled` the bridge projects no device as a Node
@@ -263,13 +264,29 @@ async fn rollout(env: &TestEnv, n: usize, text: &str) -> Value {
     };
     drain(&mut desired_w).await;
     drain(&mut actual_w).await;
+    // kubectl runs beside the watches: a key is timed by when the server stored it, not by
+    // when this loop gets to read it, and kubectl's own time is recorded apart.
+    let file = std::env::temp_dir().join(format!(
+        "fleetlet-bench-rollout-{}.yaml",
+        std::process::id()
+    ));
+    std::fs::write(&file, &yaml).unwrap();
+    let mut cmd = env.kubectl().unwrap();
+    cmd.args(["apply", "-f"]).arg(&file);
+    let since_epoch = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128)
+    };
+    let t0 = since_epoch(std::time::SystemTime::now());
     let applied = Instant::now();
-    env.apply(&yaml).unwrap();
+    let mut apply = Box::pin(tokio::process::Command::from(cmd).output());
+    let mut kubectl: Option<Duration> = None;
+    let stored_at = |created: i128| Duration::from_nanos(u64::try_from(created - t0).unwrap_or(0));
     // Per device: the agent-manifest generation carrying the change, and when it was
     // written; when its status first reported the resource Ready at that generation.
     let mut carried: HashMap<String, (u64, Duration)> = HashMap::new();
     let mut ready: HashMap<String, Duration> = HashMap::new();
-    let mut pending_status: HashMap<String, AgentStatus> = HashMap::new();
+    let mut pending_status: HashMap<String, (AgentStatus, Duration)> = HashMap::new();
     let mut status_done: Option<Duration> = None;
     let deadline = applied + Duration::from_secs(600);
     let mut poll = tokio::time::interval(Duration::from_millis(200));
@@ -279,28 +296,36 @@ async fn rollout(env: &TestEnv, n: usize, text: &str) -> Value {
                 .iter()
                 .any(|(id, r)| id.as_str() == "motd" && matches!(r, ResourceStatus::Ready { .. }))
     };
-    while Instant::now() < deadline && (ready.len() < n || status_done.is_none()) {
+    while Instant::now() < deadline
+        && (ready.len() < n || status_done.is_none() || kubectl.is_none())
+    {
         tokio::select! {
+            out = &mut apply, if kubectl.is_none() => {
+                let out = out.unwrap();
+                assert!(out.status.success(), "kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+                kubectl = Some(applied.elapsed());
+            }
             Some(Ok(e)) = desired_w.next() => {
                 if e.operation != Operation::Put { continue }
                 let Ok(m) = decode::<AgentManifest>(&e.value) else { continue };
                 let has = m.resources.iter().any(|r| r.id.as_str() == "motd"
                     && r.owner.name == "rollout" && r.owner.generation == target);
                 if has && !carried.contains_key(&e.key) {
-                    carried.insert(e.key.clone(), (m.generation, applied.elapsed()));
-                    if let Some(s) = pending_status.remove(&e.key)
+                    carried.insert(e.key.clone(), (m.generation, stored_at(e.created.unix_timestamp_nanos())));
+                    if let Some((s, at)) = pending_status.remove(&e.key)
                         && check(&s, m.generation) {
-                        ready.insert(e.key.clone(), applied.elapsed());
+                        ready.insert(e.key.clone(), at);
                     }
                 }
             }
             Some(Ok(e)) = actual_w.next() => {
                 if e.operation != Operation::Put || ready.contains_key(&e.key) { continue }
                 let Ok(s) = decode::<AgentStatus>(&e.value) else { continue };
+                let at = stored_at(e.created.unix_timestamp_nanos());
                 match carried.get(&e.key) {
-                    Some((g, _)) if check(&s, *g) => { ready.insert(e.key.clone(), applied.elapsed()); }
+                    Some((g, _)) if check(&s, *g) => { ready.insert(e.key.clone(), at); }
                     Some(_) => {}
-                    None => { pending_status.insert(e.key.clone(), s); }
+                    None => { pending_status.insert(e.key.clone(), (s, at)); }
                 }
             }
             _ = poll.tick() => {
@@ -315,11 +340,13 @@ async fn rollout(env: &TestEnv, n: usize, text: &str) -> Value {
             }
         }
     }
+    let _ = std::fs::remove_file(&file);
     json!({
         "generation": target,
         "fanOut": summary(carried.values().map(|(_, t)| ms(*t)).collect()),
         "converged": summary(ready.values().map(|t| ms(*t)).collect()),
         "edgeManifestReadyMs": status_done.map(ms),
+        "kubectlApplyMs": kubectl.map(ms),
         "devices": n,
     })
 }
