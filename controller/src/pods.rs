@@ -1019,11 +1019,8 @@ mod tests {
         };
         // What a metadata watch brings of a Node, as the controller stores it.
         let stored = |n: Node| {
-            let mut m = PartialObjectMeta::<Node> {
-                types: None,
-                metadata: n.metadata,
-                _phantom: std::marker::PhantomData,
-            };
+            use kube::core::PartialObjectMetaExt;
+            let mut m = n.metadata.into_response_partial::<Node>();
             node_identity(&mut m);
             m
         };

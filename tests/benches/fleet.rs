@@ -266,13 +266,7 @@ async fn rollout(env: &TestEnv, n: usize, text: &str) -> Value {
     drain(&mut actual_w).await;
     // kubectl runs beside the watches: a key is timed by when the server stored it, not by
     // when this loop gets to read it, and kubectl's own time is recorded apart.
-    let file = std::env::temp_dir().join(format!(
-        "fleetlet-bench-rollout-{}.yaml",
-        std::process::id()
-    ));
-    std::fs::write(&file, &yaml).unwrap();
-    let mut cmd = env.kubectl().unwrap();
-    cmd.args(["apply", "-f"]).arg(&file);
+    let cmd = env.apply_command(&yaml).unwrap();
     let since_epoch = |t: std::time::SystemTime| {
         t.duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i128)
@@ -340,7 +334,6 @@ async fn rollout(env: &TestEnv, n: usize, text: &str) -> Value {
             }
         }
     }
-    let _ = std::fs::remove_file(&file);
     json!({
         "generation": target,
         "fanOut": summary(carried.values().map(|(_, t)| ms(*t)).collect()),

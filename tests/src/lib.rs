@@ -456,15 +456,10 @@ impl TestEnv {
     /// apiserver's discovery does not list a kind yet (CRDs just established), it retries
     /// for up to 30 s, as a user would.
     pub fn apply(&self, yaml: &str) -> Result<(), Error> {
-        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = self.dir.join(format!("apply-{n}.yaml"));
-        std::fs::write(&path, yaml)?;
+        let path = self.manifest_file(yaml)?;
         let deadline = std::time::Instant::now() + DEFAULT_TIMEOUT;
         loop {
-            let mut cmd = self.kubectl()?;
-            cmd.args(["apply", "-f"]).arg(&path);
-            match chart::checked("kubectl apply", cmd) {
+            match chart::checked("kubectl apply", self.kubectl_apply(&path)?) {
                 Err(Error::Setup(e))
                     if e.contains("no matches for kind")
                         && std::time::Instant::now() < deadline =>
@@ -474,6 +469,27 @@ impl TestEnv {
                 other => return other.map(|_| ()),
             }
         }
+    }
+
+    /// `kubectl apply -f` of `yaml` as a command, for a caller that runs it itself (and
+    /// does not wait on it, as [`TestEnv::apply`] does).
+    pub fn apply_command(&self, yaml: &str) -> Result<Command, Error> {
+        self.kubectl_apply(&self.manifest_file(yaml)?)
+    }
+
+    /// `yaml` written to a file of its own under the environment's directory.
+    fn manifest_file(&self, yaml: &str) -> Result<PathBuf, Error> {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = self.dir.join(format!("apply-{n}.yaml"));
+        std::fs::write(&path, yaml)?;
+        Ok(path)
+    }
+
+    fn kubectl_apply(&self, path: &Path) -> Result<Command, Error> {
+        let mut cmd = self.kubectl()?;
+        cmd.args(["apply", "-f"]).arg(path);
+        Ok(cmd)
     }
 
     /// Creates a namespace with a unique name starting with `prefix`.
