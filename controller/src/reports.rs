@@ -278,19 +278,19 @@ mod tests {
                 permanent: false,
             },
         );
-        s.last_rejection = Some(Rejection {
+        s.last_rejection = Some(Box::new(Rejection {
             generation: Some(9),
             revision: 7,
             reason: "WrongDevice".into(),
             message: "for b".into(),
             at: Timestamp::now(),
-        });
+        }));
         s.drift_repairs = 1;
-        s.last_drift = Some(DriftEvent {
+        s.last_drift = Some(Box::new(DriftEvent {
             resource: ResourceId::new("f").unwrap(),
             reason: "content changed".into(),
             at: Timestamp::now(),
-        });
+        }));
         let got = r.changes([(&a, 3, &s)].into_iter(), |x| d.get(x));
         let reasons: Vec<&str> = got.iter().map(|g| g.reason).collect();
         assert_eq!(
@@ -333,19 +333,19 @@ mod tests {
                 permanent: true,
             },
         );
-        s.last_rejection = Some(Rejection {
+        s.last_rejection = Some(Box::new(Rejection {
             generation: None,
             revision: 7,
             reason: "Malformed".into(),
             message: "bad json".into(),
             at: Timestamp::now(),
-        });
+        }));
         s.drift_repairs = 2;
-        s.last_drift = Some(DriftEvent {
+        s.last_drift = Some(Box::new(DriftEvent {
             resource: ResourceId::new("f").unwrap(),
             reason: "content changed".into(),
             at: Timestamp::now(),
-        });
+        }));
         let now = Seen::of(5, &s);
         assert_eq!(now.rejection, Some((7, "Malformed".to_string())));
         let before = Seen::default();

@@ -82,14 +82,14 @@ impl Refusal {
     }
 
     /// The rejection to report for the value seen at `revision`, dated now.
-    fn rejection(self, revision: u64) -> Rejection {
-        Rejection {
+    fn rejection(self, revision: u64) -> Box<Rejection> {
+        Box::new(Rejection {
             generation: self.generation,
             revision,
             reason: self.reason.to_owned(),
             message: self.message,
             at: Timestamp::now(),
-        }
+        })
     }
 }
 
@@ -683,11 +683,11 @@ impl Engine {
         if let Some(reason) = &o.drift {
             warn!(resource = %o.id, %reason, "drift repaired");
             self.status.drift_repairs += 1;
-            self.status.last_drift = Some(DriftEvent {
+            self.status.last_drift = Some(Box::new(DriftEvent {
                 resource: o.id.clone(),
                 reason: reason.clone(),
                 at: now,
-            });
+            }));
         }
         let status = if o.retry {
             self.back_off(&o.id, o.status, now, instant_now)

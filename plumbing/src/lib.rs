@@ -38,7 +38,7 @@ use std::{
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use fleetlet_crds::kube::{
-    Api, Client, Resource, ResourceExt,
+    Api, Client, Resource,
     runtime::{WatchStreamExt, reflector, watcher},
 };
 use futures::StreamExt;
@@ -331,14 +331,15 @@ where
         })
         .reflect(writer);
     let task = async move {
-        let mut seen: HashMap<String, u64> = HashMap::new();
+        // Keyed by a hash of the uid: at 10,000 objects per watch the uid strings
+        // themselves would be most of the map.
+        let mut seen: HashMap<u64, u64> = HashMap::new();
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
             match event {
                 Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                    let key = o.meta().uid.clone().unwrap_or_else(|| o.name_any());
                     let fp = fp(&o);
-                    if seen.insert(key, fp) != Some(fp) {
+                    if seen.insert(identity(&o), fp) != Some(fp) {
                         on_change(&o);
                         if synced.load(Ordering::Relaxed) {
                             changed.notify_one();
@@ -346,7 +347,7 @@ where
                     }
                 }
                 Ok(watcher::Event::Delete(o)) => {
-                    seen.remove(&o.meta().uid.clone().unwrap_or_else(|| o.name_any()));
+                    seen.remove(&identity(&o));
                     changed.notify_one();
                 }
                 Ok(watcher::Event::InitDone) => {
@@ -359,6 +360,16 @@ where
         }
     };
     (reader, task)
+}
+
+/// Which object a watch event is about: a hash of its uid (its name when it has none).
+fn identity<K: Resource>(o: &K) -> u64 {
+    let mut h = DefaultHasher::new();
+    match &o.meta().uid {
+        Some(uid) => uid.hash(&mut h),
+        None => o.meta().name.hash(&mut h),
+    }
+    h.finish()
 }
 
 /// The main loop both binaries run: wake on a change, at the deadline the last step gave,
@@ -481,4 +492,33 @@ pub async fn serve(
             warn!(error = %e, "metrics server stopped");
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetlet_crds::k8s_openapi::api::core::v1::ConfigMap;
+    use fleetlet_crds::kube::api::ObjectMeta;
+
+    fn object(name: &str, uid: Option<&str>) -> ConfigMap {
+        ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                uid: uid.map(Into::into),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_watch_tells_objects_apart_by_uid_and_a_recreated_one_is_new() {
+        let a = object("a", Some("0b5e7c1e-1"));
+        assert_eq!(identity(&a), identity(&object("a", Some("0b5e7c1e-1"))));
+        // Deleted and created again under the same name: another object.
+        assert_ne!(identity(&a), identity(&object("a", Some("0b5e7c1e-2"))));
+        assert_ne!(identity(&a), identity(&object("b", Some("0b5e7c1e-3"))));
+        assert_eq!(identity(&object("a", None)), identity(&object("a", None)));
+        assert_ne!(identity(&object("a", None)), identity(&object("b", None)));
+    }
 }

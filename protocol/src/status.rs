@@ -26,11 +26,13 @@ pub struct AgentStatus {
     #[serde(default)]
     pub drift_repairs: u64,
     /// The most recent drift found.
+    // Boxed (here and below): the controller and the bridge each keep every device's last
+    // status, and most devices have neither.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_drift: Option<DriftEvent>,
+    pub last_drift: Option<Box<DriftEvent>>,
     /// The last manifest the agent refused, and why; the previous one stays in force.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_rejection: Option<Rejection>,
+    pub last_rejection: Option<Box<Rejection>>,
 }
 
 /// A resource found changed outside fleetlet, and put back.
@@ -353,5 +355,24 @@ mod tests {
         );
         assert_eq!(serde_json::to_string(&s).expect("encodes"), json);
         assert_eq!(ResourceStatus::Pending.details(), None);
+    }
+
+    #[test]
+    fn a_status_keeps_its_rare_records_out_of_line_and_reads_as_before() {
+        // One is kept per device by the controller and by the bridge: the drift and the
+        // rejection most devices never have take a pointer each, not their whole size.
+        assert!(
+            std::mem::size_of::<AgentStatus>() <= 160,
+            "{} bytes",
+            std::mem::size_of::<AgentStatus>()
+        );
+        let json = r#"{"apiVersion":"fleetlet.dev/v1alpha1","device":"pi","manifestGeneration":2,"observedGeneration":2,"resources":{},"conditions":[],"driftRepairs":1,"lastDrift":{"resource":"f","reason":"absent","at":7},"lastRejection":{"revision":3,"reason":"Malformed","message":"bad","at":8}}"#;
+        let s: AgentStatus = serde_json::from_str(json).expect("decodes");
+        assert_eq!(
+            s.last_drift.as_ref().map(|d| d.reason.as_str()),
+            Some("absent")
+        );
+        assert_eq!(s.last_rejection.as_ref().map(|r| r.revision), Some(3));
+        assert_eq!(serde_json::to_string(&s).expect("encodes"), json);
     }
 }
