@@ -27,7 +27,7 @@ use std::{
 
 use fleetlet_crds::{
     EdgeDevice,
-    k8s_openapi::api::core::v1::{Node, Pod},
+    k8s_openapi::api::core::v1::Pod,
     kube::{
         Api, Client, ResourceExt,
         runtime::{WatchStreamExt, reflector, watcher},
@@ -294,11 +294,11 @@ async fn step(
 
 /// The bridge's reflectors: EdgeDevices (as [`view::stored_device`] keeps them; spec, label
 /// and deletion changes mark the device for the next pass), its own Nodes (as
-/// [`view::stored_node`] keeps them), and Pods
+/// [`view::StoredNode`] keeps them), and Pods
 /// bound to any node (the pass keeps those on its Nodes).
 struct Watches {
     devices: reflector::Store<EdgeDevice>,
-    nodes: reflector::Store<Node>,
+    nodes: reflector::Store<view::StoredNode>,
     pods: reflector::Store<Pod>,
     dirty: Arc<Mutex<HashSet<DeviceId>>>,
     synced: Arc<AtomicBool>,
@@ -323,13 +323,12 @@ impl Watches {
             view::stored_device,
             mark,
         );
-        let (nodes, node_writer) = reflector::store::<Node>();
+        let (nodes, node_writer) = reflector::store::<view::StoredNode>();
         let node_stream = watcher(
-            Api::<Node>::all(client.clone()),
+            Api::<view::StoredNode>::all(client.clone()),
             watcher::Config::default().labels(view::DEVICE_LABEL),
         )
         .default_backoff()
-        .modify(view::stored_node)
         .reflect(node_writer)
         .for_each(|_| futures::future::ready(()));
         let (pods, pod_writer) = reflector::store::<Pod>();

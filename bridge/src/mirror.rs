@@ -26,7 +26,7 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::{
     Metrics,
-    kubelet::ports::{NodePorts, advertised_port},
+    kubelet::ports::NodePorts,
     view::{self, FIELD_MANAGER, Liveness},
 };
 
@@ -64,7 +64,7 @@ const CONCURRENCY: usize = 16;
 pub struct Context {
     pub client: Client,
     pub devices: Reflector<EdgeDevice>,
-    pub nodes: Reflector<Node>,
+    pub nodes: Reflector<view::StoredNode>,
     pub actual: Arc<KvCache<AgentStatus>>,
     pub heartbeats: Arc<KvCache<Heartbeat>>,
     pub facts: Arc<KvCache<FactsReport>>,
@@ -232,7 +232,7 @@ impl Mirror {
         &self,
         id: &DeviceId,
         dev: &EdgeDevice,
-        node: Option<&Node>,
+        node: Option<&view::StoredNode>,
         now: Timestamp,
     ) -> Writes {
         let mut w = Writes::default();
@@ -271,10 +271,7 @@ impl Mirror {
         else {
             return w;
         };
-        let old_conditions = node
-            .and_then(|n| n.status.as_ref())
-            .and_then(|s| s.conditions.as_deref())
-            .unwrap_or_default();
+        let old_conditions = node.map(|n| n.conditions.as_slice()).unwrap_or_default();
         let want = view::node_status(
             old_conditions,
             hb.as_ref(),
@@ -293,12 +290,16 @@ impl Mirror {
 
     /// Where `id`'s Node reaches its kubelet: its own port when node ports are handed out
     /// (and one is left), else the shared endpoint.
-    fn endpoint_of(&self, id: &DeviceId, node: Option<&Node>) -> Option<view::KubeletEndpoint> {
+    fn endpoint_of(
+        &self,
+        id: &DeviceId,
+        node: Option<&view::StoredNode>,
+    ) -> Option<view::KubeletEndpoint> {
         let mut k = self.kubelet_endpoint.clone()?;
         if let Some(ports) = &self.node_ports
             && let Ok(mut p) = ports.lock()
         {
-            match p.claim(id, node.and_then(advertised_port)) {
+            match p.claim(id, node.and_then(|n| n.kubelet_port)) {
                 Some(port) => k.port = port,
                 None => debug!(device = %id, "no node port left; the shared port is advertised"),
             }
@@ -314,9 +315,10 @@ impl Mirror {
         };
         p.retain(|d| devices.get(d).is_some_and(|dev| self.projected(dev)));
         for n in self.ctx.nodes.state() {
-            if let (Some(d), Some(port)) =
-                (fleetlet_crds::naming::node_device(&n), advertised_port(&n))
-                && devices.get(&d).is_some_and(|dev| self.projected(dev))
+            if let (Some(d), Some(port)) = (
+                fleetlet_crds::naming::device_of(&n.metadata),
+                n.kubelet_port,
+            ) && devices.get(&d).is_some_and(|dev| self.projected(dev))
             {
                 p.claim(&d, Some(port));
             }
@@ -351,7 +353,7 @@ impl Mirror {
         id: &DeviceId,
         name: &str,
         dev: &EdgeDevice,
-        node: Option<&Node>,
+        node: Option<&view::StoredNode>,
         hb: Option<&Heartbeat>,
         w: &mut Writes,
     ) -> Option<Option<String>> {
@@ -378,10 +380,10 @@ impl Mirror {
         &self,
         id: &DeviceId,
         name: &str,
-        node: Option<&Node>,
+        node: Option<&view::StoredNode>,
         want: NodeStatus,
     ) -> u32 {
-        let have = node.and_then(view::owned_status_digest);
+        let have = node.and_then(|n| n.owned_status_digest);
         if have == Some(view::status_digest(&want)) {
             return 0;
         }
@@ -434,7 +436,7 @@ impl Mirror {
     /// Nodes (and their Leases) of devices that no longer exist or are no longer projected.
     /// Workloads are the agent's business; only the Kubernetes view goes away.
     async fn remove_orphans(&self, devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>) -> u32 {
-        let nodes: HashMap<String, Arc<Node>> = self
+        let nodes: HashMap<String, Arc<view::StoredNode>> = self
             .ctx
             .nodes
             .state()
@@ -448,7 +450,7 @@ impl Mirror {
             .map(|(id, _)| id.as_str())
             .collect();
         for (name, n) in &nodes {
-            let Some(dev) = fleetlet_crds::naming::node_device(n) else {
+            let Some(dev) = fleetlet_crds::naming::device_of(&n.metadata) else {
                 continue;
             };
             if ids.contains(dev.as_str()) {

@@ -455,9 +455,9 @@ fn owned_part(s: NodeStatus) -> NodeStatus {
     }
 }
 
-/// Annotation on a Node or EdgeDevice as the bridge stores it (never on the apiserver's
-/// copy): a digest of the status part the bridge owns, kept in place of that part (see
-/// [`stored_node`], [`stored_device`]).
+/// Annotation on an EdgeDevice as the bridge stores it (never on the apiserver's copy): a
+/// digest of the status part the bridge owns, kept in place of that part (see
+/// [`stored_device`]).
 pub const OWNED_STATUS_DIGEST: &str = "fleetlet.dev/owned-status-digest";
 
 /// A digest of a status: equal statuses give equal digests (their JSON is the same: maps
@@ -469,12 +469,12 @@ fn digest<T: serde::Serialize>(status: &T) -> u64 {
     h.finish()
 }
 
-/// A digest of a Node status (see [`stored_node`]).
+/// A digest of a Node status (see [`StoredNode`]).
 pub fn status_digest(status: &NodeStatus) -> u64 {
     digest(status)
 }
 
-/// The digest [`stored_node`] or [`stored_device`] kept in place of a status.
+/// The digest [`stored_device`] kept in place of a status.
 fn kept_digest(meta: &ObjectMeta) -> Option<u64> {
     meta.annotations
         .as_ref()?
@@ -547,42 +547,69 @@ pub fn stored_device(d: &mut EdgeDevice) {
     });
 }
 
-/// What the bridge keeps of a Node it watches: identity, labels and taints (compared with
-/// what it applies), the conditions (their transition times carry over), the advertised
-/// kubelet port, and for the rest of the status only [`OWNED_STATUS_DIGEST`]. The node
-/// info, capacity and addresses were most of a stored Node; no pass reads them, only
-/// whether they changed.
-pub fn stored_node(n: &mut Node) {
-    let status = n.status.take().map(owned_part);
-    let digest = status.as_ref().map(status_digest);
-    let m = std::mem::take(&mut n.metadata);
-    let taints = n.spec.take().and_then(|s| s.taints);
-    *n = Node {
-        metadata: ObjectMeta {
-            name: m.name,
-            uid: m.uid,
-            resource_version: m.resource_version,
-            deletion_timestamp: m.deletion_timestamp,
-            labels: m.labels,
-            annotations: digest
-                .map(|d| BTreeMap::from([(OWNED_STATUS_DIGEST.to_string(), d.to_string())])),
-            ..Default::default()
-        },
-        spec: taints.map(|t| NodeSpec {
-            taints: Some(t),
-            ..Default::default()
-        }),
-        status: status.map(|s| NodeStatus {
-            conditions: s.conditions,
-            daemon_endpoints: s.daemon_endpoints,
-            ..Default::default()
-        }),
-    };
+/// What the bridge keeps of a Node it watches, decoded from the whole Node: identity and
+/// labels, the taints (compared with what it applies), the conditions (their transition
+/// times carry over), the advertised kubelet port, and for the rest of its status only a
+/// digest, which decides whether a write is due. The node info, capacity and addresses
+/// were most of a stored Node, and a `Node` itself is 1.5 KB before any of them; no pass
+/// reads them, only whether they changed.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(from = "Node")]
+pub struct StoredNode {
+    pub metadata: ObjectMeta,
+    pub taints: Option<Vec<Taint>>,
+    pub conditions: Vec<NodeCondition>,
+    /// The port the Node advertises for its kubelet, if any.
+    pub kubelet_port: Option<u16>,
+    /// [`status_digest`] of the part of the status the bridge owns.
+    pub owned_status_digest: Option<u64>,
 }
 
-/// The digest of the owned status a stored Node was kept with ([`stored_node`]).
-pub fn owned_status_digest(stored: &Node) -> Option<u64> {
-    kept_digest(&stored.metadata)
+impl From<Node> for StoredNode {
+    fn from(n: Node) -> Self {
+        let kubelet_port = crate::kubelet::ports::advertised_port(&n);
+        let status = n.status.map(owned_part);
+        let m = n.metadata;
+        Self {
+            metadata: ObjectMeta {
+                name: m.name,
+                uid: m.uid,
+                resource_version: m.resource_version,
+                deletion_timestamp: m.deletion_timestamp,
+                labels: m.labels,
+                ..Default::default()
+            },
+            taints: n.spec.and_then(|s| s.taints),
+            owned_status_digest: status.as_ref().map(status_digest),
+            conditions: status.and_then(|s| s.conditions).unwrap_or_default(),
+            kubelet_port,
+        }
+    }
+}
+
+/// Watched and listed as Nodes; decoded as [`StoredNode`]s.
+impl kube::Resource for StoredNode {
+    type DynamicType = ();
+    type Scope = kube::core::ClusterResourceScope;
+
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        Node::kind(&())
+    }
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        Node::group(&())
+    }
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        Node::version(&())
+    }
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        Node::plural(&())
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
 }
 
 /// The Node the bridge applies for a device (everything but its status): labels, the
@@ -611,15 +638,14 @@ pub fn node(name: &str, dev: &EdgeDevice, device_id: &str, hb: Option<&Heartbeat
 
 /// Whether `have` already carries what [`node`] would apply (labels and taints; the rest
 /// never changes for a device).
-pub fn node_is_current(have: &Node, want: &Node) -> bool {
+pub fn node_is_current(have: &StoredNode, want: &Node) -> bool {
     let labels = have.metadata.labels.as_ref();
     want.metadata
         .labels
         .iter()
         .flatten()
         .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
-        && have.spec.as_ref().and_then(|s| s.taints.as_ref())
-            == want.spec.as_ref().and_then(|s| s.taints.as_ref())
+        && have.taints.as_ref() == want.spec.as_ref().and_then(|s| s.taints.as_ref())
 }
 
 /// A Node's Lease, renewed at the heartbeat's own time and owned by the Node (deleting
@@ -993,18 +1019,18 @@ mod tests {
         status.volumes_in_use = Some(vec!["kubernetes.io/csi/x".into()]);
         full.status = Some(status);
 
-        let mut stored = full.clone();
-        stored_node(&mut stored);
+        let stored: StoredNode =
+            serde_json::from_value(serde_json::to_value(&full).expect("encodes")).expect("decodes");
 
         assert_eq!(
-            owned_status_digest(&stored),
+            stored.owned_status_digest,
             Some(status_digest(&want(&hb))),
             "the same wanted status writes nothing"
         );
         let mut lower = hb.clone();
         lower.free.memory_bytes = 1;
         assert_ne!(
-            owned_status_digest(&stored),
+            stored.owned_status_digest,
             Some(status_digest(&want(&lower))),
             "a changed condition is written"
         );
@@ -1014,31 +1040,41 @@ mod tests {
             .get_or_insert_default()
             .insert("pods".into(), Quantity("111".into()));
         assert_ne!(
-            owned_status_digest(&stored),
+            stored.owned_status_digest,
             Some(status_digest(&bigger)),
             "a changed capacity is written"
         );
         // What passes still read is there as it was.
         assert!(node_is_current(&stored, &applied));
+        let mut relabelled = applied.clone();
+        relabelled
+            .metadata
+            .labels
+            .get_or_insert_default()
+            .insert(format!("{DEVICE_LABEL_PREFIX}room"), "attic".into());
+        assert!(
+            !node_is_current(&stored, &relabelled),
+            "a new label is applied"
+        );
         assert_eq!(stored.metadata.uid.as_deref(), Some("u-1"));
-        assert_eq!(crate::kubelet::ports::advertised_port(&stored), Some(10300));
+        assert_eq!(stored.kubelet_port, Some(10300));
         assert_eq!(
-            fleetlet_crds::naming::node_device(&stored).map(|d| d.to_string()),
+            fleetlet_crds::naming::device_of(&stored.metadata).map(|d| d.to_string()),
             Some("pi".to_string())
         );
-        let kept = stored.status.as_ref().expect("status");
-        assert_eq!(kept.conditions, want(&hb).conditions);
-        // And the rest is gone.
-        assert_eq!(kept.node_info, None);
-        assert_eq!(kept.capacity, None);
-        assert_eq!(kept.volumes_in_use, None);
-        let annotations = stored.metadata.annotations.as_ref().expect("digest");
-        assert_eq!(annotations.len(), 1);
+        assert_eq!(Some(stored.conditions.clone()), want(&hb).conditions);
+        // And the rest is gone: a stored Node is a fraction of a Node.
+        assert_eq!(stored.metadata.annotations, None);
         assert!(
-            stored
-                .spec
-                .as_ref()
-                .is_some_and(|s| s.provider_id.is_none())
+            std::mem::size_of::<StoredNode>() * 2 < std::mem::size_of::<Node>(),
+            "{} bytes against {}",
+            std::mem::size_of::<StoredNode>(),
+            std::mem::size_of::<Node>()
+        );
+        // Watched and listed at the Nodes' own address.
+        assert_eq!(
+            kube::core::ApiResource::erase::<StoredNode>(&()),
+            kube::core::ApiResource::erase::<Node>(&())
         );
     }
 

@@ -27,7 +27,7 @@ use fleetlet_protocol::{
 use futures::StreamExt;
 use k8s_openapi::api::{
     authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
-    core::v1::{Node, Pod},
+    core::v1::Pod,
 };
 use kube::{Api, Client, api::PostParams, runtime::reflector::Store};
 use rustls::{
@@ -98,7 +98,7 @@ struct Ctx {
     client: Client,
     nats: async_nats::Client,
     frames: Arc<FrameRouter>,
-    nodes: Store<Node>,
+    nodes: Store<crate::view::StoredNode>,
     pods: Store<Pod>,
     metrics: Arc<Metrics>,
     tokens: Arc<auth::TokenCache>,
@@ -161,7 +161,7 @@ pub async fn serve(
     config: KubeletConfig,
     client: Client,
     nats: async_nats::Client,
-    nodes: Store<Node>,
+    nodes: Store<crate::view::StoredNode>,
     pods: Store<Pod>,
     metrics: Arc<Metrics>,
 ) -> Result<(SocketAddr, impl Future<Output = ()>), KubeletError> {
@@ -282,7 +282,7 @@ struct NodeListeners {
     range: std::ops::RangeInclusive<u16>,
     acceptor: TlsAcceptor,
     router: Router,
-    nodes: Store<Node>,
+    nodes: Store<crate::view::StoredNode>,
 }
 
 impl NodeListeners {
@@ -420,7 +420,7 @@ async fn pod_target(
 fn node_device(ctx: &Ctx, node: &str) -> Option<DeviceId> {
     ctx.nodes
         .get(&kube::runtime::reflector::ObjectRef::new(node))
-        .and_then(|n| fleetlet_crds::naming::node_device(&n))
+        .and_then(|n| fleetlet_crds::naming::device_of(&n.metadata))
 }
 
 fn not_a_fleetlet_node(node: &str) -> Response {

@@ -14,9 +14,11 @@ use std::{
     ops::RangeInclusive,
 };
 
-use fleetlet_crds::naming::node_device;
+use fleetlet_crds::naming::device_of;
 use fleetlet_protocol::DeviceId;
 use k8s_openapi::api::core::v1::Node;
+
+use crate::view::StoredNode;
 
 /// Parses `START-END` (inclusive, both above 0).
 pub fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {
@@ -99,14 +101,16 @@ impl NodePorts {
 /// listeners a replica keeps open. A port two Nodes advertise (only for a moment, while a
 /// port moves) goes to neither.
 pub fn wanted<'a>(
-    nodes: impl IntoIterator<Item = &'a Node>,
+    nodes: impl IntoIterator<Item = &'a StoredNode>,
     range: &RangeInclusive<u16>,
 ) -> BTreeMap<u16, String> {
     let mut out: BTreeMap<u16, Option<String>> = BTreeMap::new();
     for n in nodes {
-        let (Some(name), Some(_), Some(port)) =
-            (n.metadata.name.clone(), node_device(n), advertised_port(n))
-        else {
+        let (Some(name), Some(_), Some(port)) = (
+            n.metadata.name.clone(),
+            device_of(&n.metadata),
+            n.kubelet_port,
+        ) else {
             continue;
         };
         if range.contains(&port) {
@@ -127,7 +131,7 @@ mod tests {
         DeviceId::new(s.to_owned()).expect("id")
     }
 
-    fn node(name: &str, device: Option<&str>, port: i32) -> Node {
+    fn node(name: &str, device: Option<&str>, port: i32) -> StoredNode {
         let mut n = Node::default();
         n.metadata.name = Some(name.into());
         n.metadata.labels =
@@ -138,7 +142,7 @@ mod tests {
             }),
             ..Default::default()
         });
-        n
+        StoredNode::from(n)
     }
 
     #[test]
