@@ -417,6 +417,49 @@ pub fn merge_own_status(ours: &AgentStatus, stored: Option<AgentStatus>) -> Agen
     next
 }
 
+/// Writes `ours` over the device's stored status. When `known` holds the revision this
+/// writer stored last and what it stored there, the write goes on top of that revision in
+/// one request; only when something else wrote in between (a conflict) is the stored
+/// value read back, as [`cas_update_status`] does. `known` is left with what was stored,
+/// or empty when that is not certain.
+pub async fn write_own_status(
+    client: &async_nats::Client,
+    device: &DeviceId,
+    ours: &AgentStatus,
+    known: &mut Option<(u64, AgentStatus)>,
+) -> Result<u64, CasError> {
+    if let Some((revision, stored)) = known.take() {
+        let next = merge_own_status(ours, Some(stored));
+        match put(
+            client,
+            ACTUAL_STATE,
+            device,
+            encode(&next)?.into(),
+            Some(revision),
+        )
+        .await
+        {
+            Ok(rev) => {
+                *known = Some((rev, next));
+                return Ok(rev);
+            }
+            Err(PutError::Conflict) => {
+                debug!(%device, "status changed since this agent wrote it; re-reading");
+            }
+            Err(PutError::Nats(e)) => return Err(CasError::Nats(e)),
+        }
+    }
+    let mut last = None;
+    let rev = cas_update_status(client, device, |stored| {
+        let next = merge_own_status(ours, stored);
+        last = Some(next.clone());
+        next
+    })
+    .await?;
+    *known = last.map(|next| (rev, next));
+    Ok(rev)
+}
+
 /// Writes the newest status whenever it changes, retrying until NATS takes it.
 /// On stop, makes one last attempt to flush what is pending.
 #[instrument(skip_all, fields(device = %device))]
@@ -427,13 +470,12 @@ pub async fn write_status(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut written: Option<AgentStatus> = None;
+    let mut known: Option<(u64, AgentStatus)> = None;
     let mut attempt = 0u32;
     loop {
         let pending = rx.borrow_and_update().clone();
         if written.as_ref() != Some(&pending) {
-            let result = cas_update_status(&client, &device, |stored| {
-                merge_own_status(&pending, stored)
-            });
+            let result = write_own_status(&client, &device, &pending, &mut known);
             let result = tokio::select! {
                 r = result => Some(r),
                 _ = crate::stopped(&mut stop), if written.is_some() || attempt > 0 => None,

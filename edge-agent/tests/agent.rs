@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::{sync::atomic::Ordering, time::Duration};
 
 use common::*;
 use fleetlet_protocol::{
@@ -418,6 +418,82 @@ async fn concurrent_status_writers_do_not_lose_updates() {
     }
     let e = actual.entry(dev.as_str()).await.unwrap().unwrap();
     assert_eq!(decode::<AgentStatus>(&e.value).unwrap().drift_repairs, 50);
+}
+
+/// A status write is one request while this agent is the only writer, and a write from
+/// anything else in between is read back and kept, not overwritten.
+#[tokio::test]
+async fn status_writes_go_on_top_of_the_agents_own_revision_and_keep_another_writers() {
+    let env = TestEnv::builder().nats().start().await.unwrap();
+    let (_, actual, _) = buckets(&env).await;
+    let dev = DeviceId::new("pi-own-revision").unwrap();
+    let client = async_nats::connect(env.nats_url().unwrap()).await.unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(AgentStatus::new(dev.clone()));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(fleetlet_agent::nats::write_status(
+        client.clone(),
+        dev.clone(),
+        rx,
+        stopped,
+    ));
+    let stored = || async {
+        let e = actual
+            .entry(dev.as_str())
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("no status yet")?;
+        Ok::<_, String>(decode::<AgentStatus>(&e.value).unwrap())
+    };
+    let at_generation = async |g: u64| {
+        eventually("the status written", DEFAULT_TIMEOUT, || async {
+            let s = stored().await?;
+            if s.observed_generation == g {
+                Ok(s)
+            } else {
+                Err(format!("generation {}", s.observed_generation))
+            }
+        })
+        .await
+    };
+    at_generation(0).await;
+    let sent = || client.statistics().out_messages.load(Ordering::Relaxed);
+
+    // Alone: each change is one message from the agent, the write itself.
+    let mut ours = AgentStatus::new(dev.clone());
+    for g in 1..=3 {
+        let before = sent();
+        ours.observed_generation = g;
+        tx.send(ours.clone()).unwrap();
+        at_generation(g).await;
+        assert_eq!(
+            sent() - before,
+            1,
+            "generation {g}: no read before the write"
+        );
+    }
+
+    // Something else writes in between (here a drift count the agent has not seen).
+    let mut other = stored().await.unwrap();
+    other.drift_repairs = 7;
+    actual
+        .put(dev.as_str(), encode(&other).unwrap().into())
+        .await
+        .unwrap();
+    let before = sent();
+    ours.observed_generation = 4;
+    tx.send(ours.clone()).unwrap();
+    let s = at_generation(4).await;
+    assert_eq!(s.drift_repairs, 7, "the other writer's count is kept");
+    assert!(sent() - before > 1, "the conflict was read back");
+
+    // And the next write is one message again.
+    let before = sent();
+    ours.observed_generation = 5;
+    tx.send(ours.clone()).unwrap();
+    assert_eq!(at_generation(5).await.drift_repairs, 7);
+    assert_eq!(sent() - before, 1);
+    stop.send(true).unwrap();
+    writer.await.unwrap();
 }
 
 /// Heartbeats carry liveness and what is free; the facts are stored apart, once, and not
