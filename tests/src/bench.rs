@@ -41,12 +41,19 @@ fn proc_mib(pid: u32, file: &str, field: &str) -> f64 {
         / 1024.0
 }
 
-/// apiserver_request_total of mutating verbs, by resource.
+/// apiserver_request_total of mutating verbs, by resource. Requests the apiserver answered
+/// with an error (a 429 from its flow control, a conflict, a timeout) changed nothing: they
+/// are counted apart, as `<resource> refused (<code>)`; see [`accepted`].
 pub async fn apiserver_writes(client: &kube::Client) -> BTreeMap<String, f64> {
     let Ok(request) = http::Request::get("/metrics").body(Vec::new()) else {
         return BTreeMap::new();
     };
     let text = client.request_text(request).await.unwrap_or_default();
+    writes_in(&text)
+}
+
+/// [`apiserver_writes`] from the text of the apiserver's `/metrics`.
+fn writes_in(text: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     for l in text
         .lines()
@@ -70,9 +77,24 @@ pub async fn apiserver_writes(client: &kube::Client) -> BTreeMap<String, f64> {
             .next()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);
-        *out.entry(res.to_owned()).or_default() += n;
+        let code = l
+            .split("code=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("");
+        let key = if code.starts_with('2') {
+            res.to_owned()
+        } else {
+            format!("{res} refused ({code})")
+        };
+        *out.entry(key).or_default() += n;
     }
     out
+}
+
+/// Whether a key of [`apiserver_writes`] counts writes the apiserver made, not refusals.
+pub fn accepted(key: &str) -> bool {
+    !key.contains(" refused (")
 }
 
 /// Per-key difference of two counter snapshots.
@@ -200,6 +222,31 @@ pub async fn create_devices(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn writes_the_apiserver_refused_are_counted_apart() {
+        let text = r#"apiserver_request_total{code="200",component="apiserver",dry_run="",group="coordination.k8s.io",resource="leases",scope="namespace",subresource="",verb="APPLY",version="v1"} 40
+apiserver_request_total{code="201",component="apiserver",dry_run="",group="coordination.k8s.io",resource="leases",scope="namespace",subresource="",verb="APPLY",version="v1"} 2
+apiserver_request_total{code="429",component="apiserver",dry_run="",group="coordination.k8s.io",resource="leases",scope="namespace",subresource="",verb="APPLY",version="v1"} 5
+apiserver_request_total{code="200",component="apiserver",dry_run="",group="coordination.k8s.io",resource="leases",scope="namespace",subresource="",verb="GET",version="v1"} 900
+apiserver_request_total{code="200",component="apiserver",dry_run="",group="",resource="nodes",scope="resource",subresource="status",verb="PATCH",version="v1"} 7"#;
+        let w = super::writes_in(text);
+        assert_eq!(
+            w,
+            [
+                ("leases".to_owned(), 42.0),
+                ("leases refused (429)".to_owned(), 5.0),
+                ("nodes".to_owned(), 7.0)
+            ]
+            .into()
+        );
+        let accepted: f64 = w
+            .iter()
+            .filter(|(k, _)| super::accepted(k))
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(accepted, 49.0);
+    }
+
     use super::*;
 
     #[test]

@@ -472,9 +472,14 @@ impl TestEnv {
     }
 
     /// `kubectl apply -f` of `yaml` as a command, for a caller that runs it itself (and
-    /// does not wait on it, as [`TestEnv::apply`] does).
-    pub fn apply_command(&self, yaml: &str) -> Result<Command, Error> {
-        self.kubectl_apply(&self.manifest_file(yaml)?)
+    /// does not wait on it, as [`TestEnv::apply`] does). `server_side` applies as GitOps
+    /// tools do (`--server-side`: one request, no patch computed by kubectl).
+    pub fn apply_command(&self, yaml: &str, server_side: bool) -> Result<Command, Error> {
+        let mut cmd = self.kubectl_apply(&self.manifest_file(yaml)?)?;
+        if server_side {
+            cmd.arg("--server-side");
+        }
+        Ok(cmd)
     }
 
     /// `yaml` written to a file of its own under the environment's directory.
