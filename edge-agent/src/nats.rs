@@ -381,22 +381,48 @@ pub enum CasError {
 pub async fn cas_update_status(
     client: &async_nats::Client,
     device: &DeviceId,
-    mut next: impl FnMut(Option<AgentStatus>) -> AgentStatus,
+    next: impl FnMut(Option<AgentStatus>) -> AgentStatus,
 ) -> Result<u64, CasError> {
+    cas_update_status_from(client, device, None, next)
+        .await
+        .map(|(revision, _)| revision)
+}
+
+/// [`cas_update_status`], starting from `known` (a revision and the value stored there,
+/// as this writer left it) instead of a read when given: a write in one request while no
+/// one else wrote. Returns the revision written and the value written there.
+async fn cas_update_status_from(
+    client: &async_nats::Client,
+    device: &DeviceId,
+    mut known: Option<(u64, AgentStatus)>,
+    mut next: impl FnMut(Option<AgentStatus>) -> AgentStatus,
+) -> Result<(u64, AgentStatus), CasError> {
     const ATTEMPTS: u32 = 32;
-    for _ in 0..ATTEMPTS {
-        let entry = get(client, ACTUAL_STATE, device)
-            .await
-            .map_err(|e| CasError::Nats(e.to_string()))?;
-        let (current, revision) = match entry {
-            Some(e) if !e.deleted => (decode::<AgentStatus>(&e.value).ok(), e.revision),
-            // No value (or a delete marker): write on top of whatever revision is there.
-            Some(e) => (None, e.revision),
-            None => (None, 0),
+    let mut attempts = 0;
+    while attempts < ATTEMPTS {
+        let from_known = known.is_some();
+        let (current, revision) = match known.take() {
+            Some((revision, stored)) => (Some(stored), revision),
+            None => {
+                attempts += 1;
+                let entry = get(client, ACTUAL_STATE, device)
+                    .await
+                    .map_err(|e| CasError::Nats(e.to_string()))?;
+                match entry {
+                    Some(e) if !e.deleted => (decode::<AgentStatus>(&e.value).ok(), e.revision),
+                    // No value (or a delete marker): write on top of whatever revision is there.
+                    Some(e) => (None, e.revision),
+                    None => (None, 0),
+                }
+            }
         };
-        let bytes = encode(&next(current))?;
+        let value = next(current);
+        let bytes = encode(&value)?;
         match put(client, ACTUAL_STATE, device, bytes.into(), Some(revision)).await {
-            Ok(rev) => return Ok(rev),
+            Ok(rev) => return Ok((rev, value)),
+            Err(PutError::Conflict) if from_known => {
+                debug!(%device, "status changed since this agent wrote it; re-reading");
+            }
             Err(PutError::Conflict) => {
                 debug!(%device, "status write conflicted; re-reading");
                 tokio::time::sleep(Duration::from_millis(fastrand::u64(1..20))).await;
@@ -428,36 +454,12 @@ pub async fn write_own_status(
     ours: &AgentStatus,
     known: &mut Option<(u64, AgentStatus)>,
 ) -> Result<u64, CasError> {
-    if let Some((revision, stored)) = known.take() {
-        let next = merge_own_status(ours, Some(stored));
-        match put(
-            client,
-            ACTUAL_STATE,
-            device,
-            encode(&next)?.into(),
-            Some(revision),
-        )
-        .await
-        {
-            Ok(rev) => {
-                *known = Some((rev, next));
-                return Ok(rev);
-            }
-            Err(PutError::Conflict) => {
-                debug!(%device, "status changed since this agent wrote it; re-reading");
-            }
-            Err(PutError::Nats(e)) => return Err(CasError::Nats(e)),
-        }
-    }
-    let mut last = None;
-    let rev = cas_update_status(client, device, |stored| {
-        let next = merge_own_status(ours, stored);
-        last = Some(next.clone());
-        next
+    let (revision, written) = cas_update_status_from(client, device, known.take(), |stored| {
+        merge_own_status(ours, stored)
     })
     .await?;
-    *known = last.map(|next| (rev, next));
-    Ok(rev)
+    *known = Some((revision, written));
+    Ok(revision)
 }
 
 /// Writes the newest status whenever it changes, retrying until NATS takes it.
@@ -511,7 +513,7 @@ pub async fn write_status(
                     let last = rx.borrow_and_update().clone();
                     let _ = tokio::time::timeout(
                         Duration::from_secs(5),
-                        cas_update_status(&client, &device, |stored| merge_own_status(&last, stored)),
+                        write_own_status(&client, &device, &last, &mut known),
                     )
                     .await;
                 }

@@ -225,15 +225,9 @@ impl Window {
 
 /// The bridge's count of its apiserver writes of `kind`, from its metrics endpoint.
 fn bridge_writes(port: u16, kind: &str) -> f64 {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return 0.0;
-    };
-    let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
     let label = format!("kind=\"{kind}\"");
-    out.lines()
+    fleetlet_testenv::bench::local_get(port, "/metrics")
+        .lines()
         .filter(|l| l.starts_with("fleetlet_bridge_apiserver_writes_total{") && l.contains(&label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()

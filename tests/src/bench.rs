@@ -111,16 +111,21 @@ pub fn delta(
 
 /// A JSON document from nats-server's monitoring port (`/varz`, `/connz?...`).
 pub fn nats_monitor(port: u16, path: &str) -> serde_json::Value {
+    serde_json::from_str(&local_get(port, path)).unwrap_or(serde_json::Value::Null)
+}
+
+/// The body of an HTTP GET of `path` on a local port (empty when it cannot be had).
+pub fn local_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return serde_json::Value::Null;
+        return String::new();
     };
     let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out.split_once("\r\n\r\n")
-        .and_then(|(_, body)| serde_json::from_str(body).ok())
-        .unwrap_or(serde_json::Value::Null)
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
 }
 
 /// Messages and bytes the server has received and sent: (in_msgs, out_msgs, in_bytes, out_bytes).
@@ -222,6 +227,8 @@ pub async fn create_devices(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn writes_the_apiserver_refused_are_counted_apart() {
         let text = r#"apiserver_request_total{code="200",component="apiserver",dry_run="",group="coordination.k8s.io",resource="leases",scope="namespace",subresource="",verb="APPLY",version="v1"} 40
@@ -229,7 +236,7 @@ apiserver_request_total{code="201",component="apiserver",dry_run="",group="coord
 apiserver_request_total{code="429",component="apiserver",dry_run="",group="coordination.k8s.io",resource="leases",scope="namespace",subresource="",verb="APPLY",version="v1"} 5
 apiserver_request_total{code="200",component="apiserver",dry_run="",group="coordination.k8s.io",resource="leases",scope="namespace",subresource="",verb="GET",version="v1"} 900
 apiserver_request_total{code="200",component="apiserver",dry_run="",group="",resource="nodes",scope="resource",subresource="status",verb="PATCH",version="v1"} 7"#;
-        let w = super::writes_in(text);
+        let w = writes_in(text);
         assert_eq!(
             w,
             [
@@ -239,15 +246,9 @@ apiserver_request_total{code="200",component="apiserver",dry_run="",group="",res
             ]
             .into()
         );
-        let accepted: f64 = w
-            .iter()
-            .filter(|(k, _)| super::accepted(k))
-            .map(|(_, v)| v)
-            .sum();
+        let accepted: f64 = w.iter().filter(|(k, _)| accepted(k)).map(|(_, v)| v).sum();
         assert_eq!(accepted, 49.0);
     }
-
-    use super::*;
 
     #[test]
     fn quantiles_by_nearest_rank() {
