@@ -11,7 +11,7 @@ use kube::{
     api::{DeleteParams, Patch, PatchParams},
 };
 use serde_json::{Value, json};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 fn rfc3339(t: Timestamp) -> String {
     k8s_openapi::jiff::Timestamp::from_millisecond(i64::try_from(t.as_millis()).unwrap_or(0))
@@ -270,6 +270,16 @@ fn same(pod: &Pod, want: &Value) -> bool {
         .is_some_and(|have| essence(&have) == essence(want))
 }
 
+/// The status write for `want`, made only on the version of the pod it was decided from:
+/// the bridge is not the pod's only status writer (the controller marks the pods a device
+/// cannot run Failed), and a write from an older view would undo a newer one.
+fn status_patch(pod: &Pod, want: Value) -> Value {
+    json!({
+        "metadata": { "resourceVersion": pod.metadata.resource_version },
+        "status": want
+    })
+}
+
 /// Writes a pod's status if it changed.
 pub async fn mirror_status(client: &Client, pod: &Arc<Pod>, device: &DeviceSide<'_>) -> bool {
     if pod.status.as_ref().is_some_and(|s| {
@@ -291,11 +301,17 @@ pub async fn mirror_status(client: &Client, pod: &Arc<Pod>, device: &DeviceSide<
         .patch_status(
             &pod.name_any(),
             &PatchParams::default(),
-            &Patch::Merge(&json!({ "status": want })),
+            &Patch::Merge(&status_patch(pod, want)),
         )
         .await
     {
         Ok(_) => true,
+        // The pod changed since this view of it (the controller refused it, say): the
+        // next pass decides again from the newer one.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            debug!(pod = %pod.name_any(), "pod changed since it was read; not written");
+            false
+        }
         Err(e) => {
             warn!(pod = %pod.name_any(), error = %e, "patching pod status failed");
             false

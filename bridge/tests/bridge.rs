@@ -1096,3 +1096,66 @@ async fn a_steady_fleet_causes_no_writes_but_lease_renewals_and_a_real_agent_con
 fn covers(applied: Option<u64>, recorded: Option<u64>) -> bool {
     applied.is_some_and(|a| a > 0 && recorded.is_none_or(|d| a >= d))
 }
+
+#[tokio::test]
+async fn a_pod_status_decided_from_an_older_view_does_not_undo_a_newer_write() {
+    use fleetlet_bridge::pods::{DeviceSide, mirror_status};
+    use k8s_openapi::api::core::v1::Pod;
+    use std::sync::Arc;
+    let env = shared();
+    let ns = env.namespace("br-stale").await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod = |name: &str| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": { "name": name },
+            "spec": { "nodeName": "br-stale-pi",
+                      "containers": [{ "name": "c", "image": "busybox" }] }
+        }))
+        .unwrap()
+    };
+    let device = DeviceSide {
+        status: None,
+        alive: true,
+        host_ip: None,
+    };
+    // From the current view the bridge writes the pod's status.
+    pods.create(&PostParams::default(), &pod("fresh"))
+        .await
+        .unwrap();
+    let fresh = Arc::new(pods.get("fresh").await.unwrap());
+    assert!(mirror_status(&client, &fresh, &device).await);
+    let written = pods.get("fresh").await.unwrap().status.unwrap();
+    assert_eq!(written.phase.as_deref(), Some("Pending"));
+    assert!(
+        written
+            .conditions
+            .unwrap()
+            .iter()
+            .any(|c| c.type_ == "Ready")
+    );
+
+    // The controller refuses a pod after the bridge read it: the bridge's write from the
+    // older view is refused by the apiserver, and the refusal stays.
+    pods.create(&PostParams::default(), &pod("refused"))
+        .await
+        .unwrap();
+    let before = Arc::new(pods.get("refused").await.unwrap());
+    pods.patch_status(
+        "refused",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({ "status": { "phase": "Failed", "reason": "PersistentVolumeClaimUnsupported",
+            "message": format!("{}no PVCs on devices", fleetlet_crds::naming::REFUSED_PREFIX) } }),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(!mirror_status(&client, &before, &device).await);
+    let after = pods.get("refused").await.unwrap().status.unwrap();
+    assert_eq!(after.phase.as_deref(), Some("Failed"));
+    assert_eq!(
+        after.reason.as_deref(),
+        Some("PersistentVolumeClaimUnsupported")
+    );
+}

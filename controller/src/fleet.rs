@@ -213,7 +213,9 @@ impl Fleet {
         };
         let mut views = Vec::new();
         let mut refused = Vec::new();
+        let mut present = HashSet::new();
         for (pod, device) in watch.bound() {
+            present.extend(pod.uid());
             let key = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
             let already_failed = pod.status.as_ref().is_some_and(|s| {
                 s.phase.as_deref() == Some("Failed")
@@ -237,9 +239,14 @@ impl Fleet {
                 Err(r) => refused.push((pod, r)),
             }
         }
-        for (pod, r) in refused {
-            self.report_refusal(&pod, &r).await;
+        for (pod, r) in &refused {
+            self.report_refusal(pod, r).await;
         }
+        // Refusals of pods that are gone are forgotten.
+        self.refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|uid, _| present.contains(uid));
         views
     }
 
@@ -348,43 +355,42 @@ impl Fleet {
             .await
     }
 
-    /// A refused pod: an Event, and (unless it may resolve by itself) phase Failed.
+    /// A refused pod: an Event (once per reason), and its status saying so (Failed, or
+    /// Pending with the reason while it may resolve by itself). The status is written
+    /// again whenever the stored pod no longer says it, as after a writer with an older
+    /// view of the pod overwrote it.
     async fn report_refusal(&self, pod: &Arc<k8s_openapi::api::core::v1::Pod>, r: &Refusal) {
         let uid = pod.uid().unwrap_or_default();
-        {
-            let mut seen = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
-            if seen.get(&uid) == Some(&r.reason) {
-                return;
+        let first = self
+            .refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uid, r.reason)
+            != Some(r.reason);
+        if first {
+            info!(pod = %pod.name_any(), reason = r.reason, message = %r.message, "pod cannot run on its device");
+            let event = Event {
+                type_: EventType::Warning,
+                reason: r.reason.into(),
+                note: Some(r.message.clone()),
+                action: "Admit".into(),
+                secondary: None,
+            };
+            if let Err(e) = self
+                .ctx
+                .recorder
+                .publish(&event, &pod.object_ref(&()))
+                .await
+            {
+                warn!(error = %e, "publishing pod event failed");
             }
-            seen.insert(uid, r.reason);
         }
-        info!(pod = %pod.name_any(), reason = r.reason, message = %r.message, "pod cannot run on its device");
-        let event = Event {
-            type_: EventType::Warning,
-            reason: r.reason.into(),
-            note: Some(r.message.clone()),
-            action: "Admit".into(),
-            secondary: None,
+        let Some(status) = crate::pods::refusal_status(pod, r) else {
+            return;
         };
-        if let Err(e) = self
-            .ctx
-            .recorder
-            .publish(&event, &pod.object_ref(&()))
-            .await
-        {
-            warn!(error = %e, "publishing pod event failed");
-        }
         let ns = pod.namespace().unwrap_or_default();
         let api: Api<k8s_openapi::api::core::v1::Pod> =
             Api::namespaced(self.ctx.client.clone(), &ns);
-        let status = if r.transient {
-            json!({ "status": { "phase": "Pending", "conditions": [{
-                "type": "PodScheduled", "status": "True" }, {
-                "type": "Ready", "status": "False", "reason": r.reason, "message": r.message }] } })
-        } else {
-            json!({ "status": { "phase": "Failed", "reason": r.reason,
-                "message": format!("{REFUSED_PREFIX}{}", r.message) } })
-        };
         if let Err(e) = api
             .patch_status(
                 &pod.name_any(),

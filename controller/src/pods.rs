@@ -50,6 +50,42 @@ fn wait(reason: &'static str, message: impl Into<String>) -> Refusal {
     }
 }
 
+/// The status patch that says `r` on `pod`: Failed, or Pending with a Ready condition
+/// giving the reason while it may resolve by itself. `None` when the pod says it already.
+pub fn refusal_status(pod: &Pod, r: &Refusal) -> Option<serde_json::Value> {
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref());
+    let message = if r.transient {
+        r.message.clone()
+    } else {
+        format!("{REFUSED_PREFIX}{}", r.message)
+    };
+    if r.transient {
+        let says_it = phase == Some("Pending")
+            && status
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+                .is_some_and(|c| {
+                    c.status == "False"
+                        && c.reason.as_deref() == Some(r.reason)
+                        && c.message.as_deref() == Some(message.as_str())
+                });
+        (!says_it).then(|| {
+            serde_json::json!({ "status": { "phase": "Pending", "conditions": [{
+                "type": "PodScheduled", "status": "True" }, {
+                "type": "Ready", "status": "False", "reason": r.reason, "message": message }] } })
+        })
+    } else {
+        let says_it = phase == Some("Failed")
+            && status.and_then(|s| s.reason.as_deref()) == Some(r.reason)
+            && status.and_then(|s| s.message.as_deref()) == Some(message.as_str());
+        (!says_it).then(|| {
+            serde_json::json!({ "status": { "phase": "Failed", "reason": r.reason,
+                "message": message } })
+        })
+    }
+}
+
 /// ConfigMaps and Secrets of the pod's namespace.
 pub trait Lookup {
     fn config_map(&self, namespace: &str, name: &str) -> Option<ConfigMap>;
@@ -991,6 +1027,56 @@ mod tests {
         VolumeMount,
     };
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+    #[test]
+    fn a_refusal_is_written_until_the_stored_pod_says_it_and_again_once_overwritten() {
+        use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+        let with = |status: Option<serde_json::Value>| Pod {
+            status: status
+                .map(|v| serde_json::from_value::<PodStatus>(v["status"].clone()).unwrap()),
+            ..Default::default()
+        };
+        let failed = refuse("PersistentVolumeClaimUnsupported", "no PVCs on devices");
+        // A new pod: Failed, with the reason and the prefix the bridge leaves alone.
+        let patch = refusal_status(&with(None), &failed).unwrap();
+        assert_eq!(patch["status"]["phase"], "Failed");
+        assert_eq!(
+            patch["status"]["reason"],
+            "PersistentVolumeClaimUnsupported"
+        );
+        assert!(
+            patch["status"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with(REFUSED_PREFIX)
+        );
+        // Stored as written: nothing more to write.
+        assert_eq!(refusal_status(&with(Some(patch.clone())), &failed), None);
+        // Overwritten by a writer that saw the pod before the refusal: written again.
+        let overwritten = Pod {
+            status: Some(PodStatus {
+                phase: Some("Pending".into()),
+                conditions: Some(vec![PodCondition {
+                    type_: "Ready".into(),
+                    status: "False".into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(refusal_status(&overwritten, &failed), Some(patch));
+
+        // A refusal that may resolve: Pending with the reason, written once, and again
+        // when the reason changes.
+        let waiting = wait("ConfigMapNotFound", "configmap app-config not found");
+        let patch = refusal_status(&with(None), &waiting).unwrap();
+        assert_eq!(patch["status"]["phase"], "Pending");
+        assert_eq!(refusal_status(&with(Some(patch)), &waiting), None);
+        let other = wait("ConfigMapNotFound", "configmap other not found");
+        let patch = refusal_status(&with(None), &waiting).unwrap();
+        assert!(refusal_status(&with(Some(patch)), &other).is_some());
+    }
 
     #[test]
     fn a_stored_node_keeps_its_device_and_nothing_a_status_write_changes() {

@@ -150,6 +150,16 @@ impl Service {
 impl Drop for Service {
     fn drop(&mut self) {
         self.stop();
+        // A failing test shows what each of its processes said last: a failure on a CI
+        // machine is then read from its output, not reproduced.
+        if std::thread::panicking() {
+            eprintln!(
+                "--- last lines of {} ({}):\n{}",
+                self.name,
+                self.log.display(),
+                self.log_tail(30)
+            );
+        }
     }
 }
 
@@ -199,8 +209,9 @@ pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
-    let mut s = String::new();
-    let _ = f.read_to_string(&mut s);
+    let mut bytes = Vec::new();
+    let _ = f.read_to_end(&mut bytes);
+    let s = String::from_utf8_lossy(&bytes);
     let all: Vec<&str> = s.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -605,6 +605,29 @@ metadata: { name: stranger, namespace: default }
             .ok_or_else(|| format!("{} events", list.items.len()))
     })
     .await;
+    // A writer with an older view of the pod (a kubelet's status write decided before the
+    // refusal) overwrites it: the controller writes the refusal again.
+    pods.patch_status(
+        "needs-pvc",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({ "status": { "phase": "Pending", "reason": null,
+            "message": null, "conditions": [{ "type": "Ready", "status": "False" }] } })),
+    )
+    .await
+    .unwrap();
+    eventually(
+        "the refusal written again",
+        Duration::from_secs(30),
+        || async {
+            let p = pods.get("needs-pvc").await.map_err(|e| e.to_string())?;
+            let st = p.status.unwrap_or_default();
+            (st.phase.as_deref() == Some("Failed")
+                && st.reason.as_deref() == Some("PersistentVolumeClaimUnsupported"))
+            .then_some(())
+            .ok_or_else(|| format!("{st:?}"))
+        },
+    )
+    .await;
     // Nothing of it reached the device: no resource in its manifest (where web's are) and
     // no container in podman (where web's is).
     let m = env.desired_manifest("pi-pods").await.unwrap().unwrap();
