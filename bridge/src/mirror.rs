@@ -423,7 +423,7 @@ impl Mirror {
                 }
                 self.ctx
                     .metrics
-                    .lease_latency(Timestamp::now().as_millis().saturating_sub(beat));
+                    .lease_renewed(Timestamp::now().as_millis().saturating_sub(beat));
                 1
             }
             Err(e) => {

@@ -188,7 +188,10 @@ fn fleet_section(fleet: &Value) -> String {
     );
     for r in fleet["runs"].as_array().into_iter().flatten() {
         let s = &r["steadyState"];
-        let by = writes_by_resource(s);
+        let mut by = writes_by_resource(s);
+        if let Some(own) = num(&s["bridgeLeaseRenewalsPerSecond"]) {
+            by = format!("{by}; the bridge's own renewals {own}");
+        }
         let p = |name: &str| process_cell(s, name);
         w!(
             md,
