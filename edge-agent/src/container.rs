@@ -74,6 +74,10 @@ struct Inner {
     host_prefix: Option<PathBuf>,
     /// Opens sealed environment values (a Pod's Secret).
     sealing: Option<Arc<crate::sealing::SealingKey>>,
+    /// Held shared from a pull until the container made from it exists, and exclusively by
+    /// a prune: resources reconcile concurrently, and a prune between another resource's
+    /// pull and its create would remove the image under it.
+    image_use: tokio::sync::RwLock<()>,
 }
 
 /// Readiness of one container, as its probe last found it.
@@ -188,6 +192,7 @@ impl ContainerReconciler {
                 restarts: Mutex::new(HashMap::new()),
                 host_prefix,
                 sealing: None,
+                image_use: tokio::sync::RwLock::new(()),
             }),
         }
     }
@@ -471,6 +476,8 @@ impl ContainerReconciler {
         if !self.inner.config.prune_images {
             return;
         }
+        // Not while another resource is between its pull and its create.
+        let _alone = self.inner.image_use.write().await;
         let candidates: Vec<String> = match self.inner.pulled.lock() {
             Ok(set) => set.iter().cloned().collect(),
             Err(_) => return,
@@ -1005,22 +1012,24 @@ impl Reconciler for ContainerReconciler {
             let info = self.inspect(&cid).await?;
             return Ok(self.details(id, spec, &info).await);
         }
-        // A new container: image first, so a failed pull leaves the old one running.
-        self.ensure_image(spec).await?;
-        for c in current.iter().chain(stale.iter()) {
-            if let Some(cid) = &c.id {
-                info!(resource = %id, container = %short_id(cid), "removing container for a previous spec");
-                self.remove(cid).await?;
-            }
+        // The device's policy first: a spec it refuses costs no pull and touches nothing.
+        for m in &spec.mounts {
+            self.mount_source(m)?;
         }
-        let cid = match self.create(id, spec).await {
-            Ok(cid) => cid,
-            Err(e) => {
-                self.prune().await;
-                return Err(e);
+        // A new container: image first, so a failed pull leaves the old one running.
+        let created = {
+            let _using = self.inner.image_use.read().await;
+            self.ensure_image(spec).await?;
+            for c in current.iter().chain(stale.iter()) {
+                if let Some(cid) = &c.id {
+                    info!(resource = %id, container = %short_id(cid), "removing container for a previous spec");
+                    self.remove(cid).await?;
+                }
             }
+            self.create(id, spec).await
         };
         self.prune().await;
+        let cid = created?;
         let info = self.inspect(&cid).await?;
         Ok(self.details(id, spec, &info).await)
     }
