@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use fleetlet_crds::naming::{REFUSED_PREFIX, container_id, pod_tag};
+use fleetlet_crds::naming::{container_id, pod_tag, shows_refusal};
 use fleetlet_protocol::{AgentStatus, ResourceDetails, ResourceStatus, Timestamp};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
@@ -282,12 +282,7 @@ fn status_patch(pod: &Pod, want: Value) -> Value {
 
 /// Writes a pod's status if it changed.
 pub async fn mirror_status(client: &Client, pod: &Arc<Pod>, device: &DeviceSide<'_>) -> bool {
-    if pod.status.as_ref().is_some_and(|s| {
-        s.phase.as_deref() == Some("Failed")
-            && s.message
-                .as_deref()
-                .is_some_and(|m| m.starts_with(REFUSED_PREFIX))
-    }) {
+    if shows_refusal(pod) {
         return false;
     }
     let Some(want) = pod_status(pod, device) else {

@@ -37,7 +37,7 @@ use crate::{
     plan::{
         Conflict, DeviceState, DeviceView, ManifestView, OverLimit, Plan, PodView, add_pods, plan,
     },
-    pods::{PodWatch, REFUSED_PREFIX, Refusal, translate},
+    pods::{PodWatch, Refusal, translate},
 };
 
 /// KV writes in flight at once (each waits for a JetStream acknowledgement).
@@ -217,13 +217,7 @@ impl Fleet {
         for (pod, device) in watch.bound() {
             present.extend(pod.uid());
             let key = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
-            let already_failed = pod.status.as_ref().is_some_and(|s| {
-                s.phase.as_deref() == Some("Failed")
-                    && s.message
-                        .as_deref()
-                        .is_some_and(|m| m.starts_with(REFUSED_PREFIX))
-            });
-            if already_failed {
+            if fleetlet_crds::naming::shows_refusal(&pod) {
                 continue;
             }
             let seal = DeviceSeal {

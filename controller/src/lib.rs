@@ -266,13 +266,20 @@ impl Args {
 }
 
 /// Creates (or updates the settings of) fleetlet's KV buckets; the controller owns them.
-pub async fn ensure_buckets(js: &jetstream::Context, replicas: usize) -> Result<(), Error> {
+/// Returns each stream's information, in [`BUCKETS`] order.
+pub async fn ensure_buckets(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<Vec<jetstream::stream::Info>, Error> {
+    let mut infos = Vec::with_capacity(BUCKETS.len());
     for b in BUCKETS {
-        js.create_or_update_stream(bucket_stream(b, replicas))
+        let info = js
+            .create_or_update_stream(bucket_stream(b, replicas))
             .await
             .map_err(|e| Error::Kv(format!("creating bucket {}: {e}", b.name)))?;
+        infos.push(info);
     }
-    Ok(())
+    Ok(infos)
 }
 
 /// Removes `key` from a bucket: a delete marker first, which readers see on the changes
@@ -332,7 +339,7 @@ pub async fn run(
     let wiring = Wiring::connect(&args).await?;
     let (client, nats) = (wiring.client.clone(), wiring.nats.clone());
     let js = jetstream::new(nats.clone());
-    ensure_buckets(&js, args.kv_replicas).await?;
+    let created = ensure_buckets(&js, args.kv_replicas).await?;
     let stores = bind_buckets(&js).await?;
     let changed = Arc::new(Notify::new());
     let mut tasks = tokio::task::JoinSet::new();
@@ -342,16 +349,44 @@ pub async fn run(
         args.pods.then_some(args.pod_namespaces.as_slice()),
         &mut tasks,
     );
+    const RELIST: Duration = Duration::from_secs(600);
     let desired = KvCache::new(DESIRED_STATE);
     let actual = KvCache::new(ACTUAL_STATE);
     let heartbeats = KvCache::new_quiet(HEARTBEAT);
     // Quiet too: a device's first facts start a pass (its sealing key has come), a refresh
     // of the same facts does not.
     let facts = KvCache::new_quiet(FACTS);
-    tasks.spawn(desired.clone().run(nats.clone(), changed.clone()));
-    tasks.spawn(actual.clone().run(nats.clone(), changed.clone()));
-    tasks.spawn(heartbeats.clone().run(nats.clone(), changed.clone()));
-    tasks.spawn(facts.clone().run(nats.clone(), changed.clone()));
+    // Mirrored from the records JetStream republishes once stored, after a listing by
+    // direct gets: no consumer, so nothing on the servers to place, lose with a node or
+    // recreate after a failover (an ordered consumer's recreation can be placed on a dead
+    // node and then fail until that node returns).
+    tasks.spawn(
+        desired
+            .clone()
+            .run_republished(nats.clone(), changed.clone(), RELIST),
+    );
+    tasks.spawn(
+        actual
+            .clone()
+            .run_republished(nats.clone(), changed.clone(), RELIST),
+    );
+    tasks.spawn(
+        heartbeats
+            .clone()
+            .run_republished(nats.clone(), changed.clone(), RELIST),
+    );
+    tasks.spawn(
+        facts
+            .clone()
+            .run_republished(nats.clone(), changed.clone(), RELIST),
+    );
+    // In BUCKETS order, for keep_buckets to ask for a listing of a bucket it recreated.
+    let relists = [
+        desired.relist_signal(),
+        actual.relist_signal(),
+        heartbeats.relist_signal(),
+        facts.relist_signal(),
+    ];
     let metrics = Arc::new(Metrics::default());
     let (metrics_addr, ready) =
         serve_metrics(args.metrics_addr, metrics.clone(), &mut tasks).await?;
@@ -393,7 +428,7 @@ pub async fn run(
         let floor_of = generation_floor(watches.devices.clone(), desired, ready.clone());
         tasks.spawn(signing::serve_floors(nats.clone(), signer, floor_of));
     }
-    tasks.spawn(keep_buckets(js.clone(), args.kv_replicas));
+    tasks.spawn(keep_buckets(js.clone(), args.kv_replicas, created, relists));
     tasks.spawn(Fleet::write_device_statuses(
         client.clone(),
         fleet.queued_generations(),
@@ -713,12 +748,30 @@ fn generation_floor(
 }
 
 /// Buckets can disappear (a NATS restart without persistence, an operator's mistake):
-/// recreate them, and the mirrors re-list and the passes rewrite every key.
-async fn keep_buckets(js: jetstream::Context, replicas: usize) {
+/// recreate them, and the mirrors re-list and the passes rewrite every key. A stream whose
+/// creation time changed is a new one: its mirror (`relists`, in [`BUCKETS`] order) lists
+/// it again, as nothing is republished when a stream goes away.
+async fn keep_buckets(
+    js: jetstream::Context,
+    replicas: usize,
+    mut created: Vec<jetstream::stream::Info>,
+    relists: [Arc<Notify>; BUCKETS.len()],
+) {
     loop {
         tokio::time::sleep(Duration::from_secs(10)).await;
-        if let Err(e) = ensure_buckets(&js, replicas).await {
-            warn!(error = %e, "ensuring buckets");
+        match ensure_buckets(&js, replicas).await {
+            Ok(now) => {
+                for ((b, (old, new)), relist) in
+                    BUCKETS.iter().zip(created.iter().zip(&now)).zip(&relists)
+                {
+                    if old.created != new.created {
+                        warn!(bucket = b.name, "bucket was recreated; listing it again");
+                        relist.notify_one();
+                    }
+                }
+                created = now;
+            }
+            Err(e) => warn!(error = %e, "ensuring buckets"),
         }
     }
 }

@@ -5,13 +5,27 @@
 use std::collections::BTreeMap;
 
 use fleetlet_protocol::{DeviceId, ResourceId};
-use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use k8s_openapi::{
+    api::core::v1::{Node, Pod},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 
 /// Label on every virtual Node: the device id it stands for.
 pub const DEVICE_LABEL: &str = "fleetlet.dev/device";
 
 /// Prefix of `status.message` on Pods the controller refuses; the bridge leaves them be.
 pub const REFUSED_PREFIX: &str = "fleetlet: ";
+
+/// Whether the stored Pod already shows the controller's refusal (Failed, with
+/// [`REFUSED_PREFIX`]): nothing more is written to it by either side.
+pub fn shows_refusal(pod: &Pod) -> bool {
+    pod.status.as_ref().is_some_and(|s| {
+        s.phase.as_deref() == Some("Failed")
+            && s.message
+                .as_deref()
+                .is_some_and(|m| m.starts_with(REFUSED_PREFIX))
+    })
+}
 
 /// A short, stable tag for a pod (namespace/name), used in its resource ids.
 pub fn pod_tag(namespace: &str, name: &str) -> String {

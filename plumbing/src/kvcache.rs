@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use async_nats::jetstream::{self, kv::Operation};
+use async_nats::jetstream::kv::Operation;
 use fleetlet_protocol::{
     DeviceId, Record, decode,
     kv::{Bucket, OPERATION_HEADER, SEQUENCE_HEADER},
@@ -44,6 +44,8 @@ pub struct KvCache<T> {
     ready: watch::Sender<bool>,
     /// Notify on every update (false: only when a key appears or goes away).
     notify_updates: bool,
+    /// Asks [`KvCache::run_republished`] to list the bucket again now.
+    relist: Arc<Notify>,
 }
 
 impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
@@ -67,6 +69,7 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
             dirty: std::sync::Mutex::new(std::collections::HashSet::new()),
             ready: watch::channel(false).0,
             notify_updates,
+            relist: Arc::new(Notify::new()),
         })
     }
 
@@ -102,6 +105,12 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
             .lock()
             .map(|mut d| std::mem::take(&mut *d))
             .unwrap_or_default()
+    }
+
+    /// Notifying it makes the mirror list the bucket again (it was recreated, and a
+    /// stream's end is not republished).
+    pub fn relist_signal(&self) -> Arc<Notify> {
+        self.relist.clone()
     }
 
     pub fn is_ready(&self) -> bool {
@@ -287,10 +296,12 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
         }
     }
 
-    /// Mirrors a bucket that keeps one revision per key without JetStream consumers, for
-    /// identities that may not create any (the bridge): the records as JetStream republishes
-    /// them once stored, after a listing by batched direct gets. It lists again after a
-    /// reconnect (republished records are not replayed) and every `relist` as a safety net.
+    /// Mirrors the bucket without JetStream consumers: the records as JetStream republishes
+    /// them once stored, after a listing by batched direct gets (of every revision a bucket
+    /// keeps; older ones are ignored when applied). It lists again after a reconnect
+    /// (republished records are not replayed) and every `relist` as a safety net: a record a
+    /// stream leader stored but died before republishing is never sent, though the writer's
+    /// retry of a write it saw no answer to stores (and republishes) it again.
     pub async fn run_republished(
         self: Arc<Self>,
         client: async_nats::Client,
@@ -327,6 +338,9 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
                                 changed.notify_one();
                             }
                         }
+                        _ = self.relist.notified() => {
+                            return Err("asked to list again".into());
+                        }
                         _ = tick.tick() => {
                             if client.statistics().connects.load(Ordering::Relaxed) != connects {
                                 return Err("reconnected; listing again".into());
@@ -343,54 +357,6 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
                 let delay = Duration::from_millis(250 * 2u64.pow(attempt.min(7)));
                 attempt += 1;
                 warn!(bucket = self.bucket.name, error = %e, retry_in_ms = delay.as_millis() as u64, "bucket changes interrupted");
-                tokio::time::sleep(delay).await;
-            }
-            debug!(bucket = self.bucket.name, "re-listing bucket");
-        }
-    }
-
-    /// Mirrors the bucket forever, re-listing after every interruption. `changed` is
-    /// notified on every update (see [`KvCache::new_quiet`]).
-    pub async fn run(self: Arc<Self>, client: async_nats::Client, changed: Arc<Notify>) {
-        let js = jetstream::new(client);
-        let mut attempt = 0u32;
-        loop {
-            let result: Result<(), String> = async {
-                let kv = js
-                    .get_key_value(self.bucket.name)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                self.reset();
-                let empty = kv.status().await.map_err(|e| e.to_string())?.values() == 0;
-                let mut w = kv
-                    .watch_with_history(">")
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if empty {
-                    self.ready.send_replace(true);
-                    changed.notify_one();
-                }
-                info!(bucket = self.bucket.name, "watching bucket");
-                attempt = 0;
-                while let Some(entry) = w.next().await {
-                    let e = entry.map_err(|e| e.to_string())?;
-                    let appeared_or_gone = self.apply(&e.key, e.operation, e.revision, &e.value);
-                    let became_ready = (e.seen_current || e.delta == 0) && !self.is_ready();
-                    if e.seen_current || e.delta == 0 {
-                        self.ready.send_replace(true);
-                    }
-                    if self.is_ready() && (self.notify_updates || appeared_or_gone || became_ready)
-                    {
-                        changed.notify_one();
-                    }
-                }
-                Err("watch ended".into())
-            }
-            .await;
-            if let Err(e) = result {
-                let delay = Duration::from_millis(250 * 2u64.pow(attempt.min(7)));
-                attempt += 1;
-                warn!(bucket = self.bucket.name, error = %e, retry_in_ms = delay.as_millis() as u64, "bucket watch interrupted");
                 tokio::time::sleep(delay).await;
             }
             debug!(bucket = self.bucket.name, "re-listing bucket");

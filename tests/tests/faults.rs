@@ -365,6 +365,15 @@ async fn a_three_node_nats_cluster_loses_nothing_to_a_dead_leader_a_cut_off_node
     };
     env.apply(&yaml("v1")).unwrap();
     everywhere("v1").await;
+    // Nothing the servers hold on a reader's behalf: a consumer lives on one node, and
+    // after that node dies its recreation can be placed there again and fail until it
+    // returns (an ordered consumer's did, and the rollout below stalled with it).
+    let js = env.jetstream().await.unwrap();
+    for b in fleetlet_protocol::kv::BUCKETS {
+        let mut stream = js.get_stream(b.stream()).await.unwrap();
+        let consumers = stream.info().await.unwrap().state.consumer_count;
+        assert_eq!(consumers, 0, "{} holds {consumers} consumers", b.stream());
+    }
 
     // 1. The server leading the desired-state stream is SIGKILLed as the controller writes
     //    the first v2 manifest, and stays down.
