@@ -418,6 +418,7 @@ impl Mirror {
         let body = view::lease(name, node_uid, grace_ms, h);
         match apply(&leases, name, &body).await {
             Ok(_) => {
+                debug!(device = %id, beat, previous = ?last, "lease renewed");
                 if let Ok(mut r) = self.renewed.lock() {
                     r.insert(id.clone(), beat);
                 }

@@ -405,10 +405,9 @@ impl Fleet {
             .queued_generations
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if queued.get(&id) == Some(&generation) {
+        if !raise_queued(&mut queued, id, generation) {
             return;
         }
-        queued.insert(id, generation);
         let _ = self
             .status_queue
             .send((obj.clone(), generation, tokio::time::Instant::now()));
@@ -1168,6 +1167,20 @@ pub enum GenerationError {
     Exhausted { floor: u64 },
 }
 
+/// Records `generation` as the newest one issued to `id` and not yet recorded; false
+/// (nothing to record) when that one or a newer one is already there. A pass that read
+/// desired state before writing a newer manifest must not lower it: the next manifest's
+/// generation is computed from it when the key is gone, and could repeat one issued.
+fn raise_queued(queued: &mut HashMap<DeviceId, u64>, id: DeviceId, generation: u64) -> bool {
+    match queued.get(&id) {
+        Some(q) if *q >= generation => false,
+        _ => {
+            queued.insert(id, generation);
+            true
+        }
+    }
+}
+
 /// The generation of a device's next manifest: one above the highest it may have seen
 /// (the stored manifest's, the one recorded in its EdgeDevice, and the one it reports
 /// running). What a device reports is untrusted input: a value beyond [`MAX_GENERATION`]
@@ -1255,6 +1268,19 @@ fn manifest_view(m: &EdgeManifest) -> ManifestView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queued_generation_is_never_lowered() {
+        let mut q = HashMap::new();
+        let id = DeviceId::new("d").unwrap();
+        assert!(raise_queued(&mut q, id.clone(), 2));
+        // A pass that read desired state before generation 2 was written queues 1 again.
+        assert!(!raise_queued(&mut q, id.clone(), 1));
+        assert!(!raise_queued(&mut q, id.clone(), 2));
+        assert_eq!(q.get(&id), Some(&2));
+        assert!(raise_queued(&mut q, id.clone(), 3));
+        assert_eq!(q.get(&id), Some(&3));
+    }
 
     #[test]
     fn the_next_generation_is_one_above_what_the_device_may_have_seen() {

@@ -726,14 +726,16 @@ where
 /// The lowest generation a device may be sent, for signed floors: the newest generation
 /// recorded in Kubernetes (which only the controller writes) or in desired state,
 /// whichever is higher; what is in the bucket alone could have been replaced with an
-/// older manifest. Nothing until the controller has synced.
+/// older manifest. Nothing until the controller has synced, nor while the desired-state
+/// mirror lists the bucket again (it starts empty, and a floor from the record alone
+/// could be lower than a generation already sent).
 fn generation_floor(
     devices: kube::runtime::reflector::Store<EdgeDevice>,
     desired: Arc<KvCache<fleetlet_protocol::AgentManifest>>,
     ready: Arc<AtomicBool>,
 ) -> impl Fn(&fleetlet_protocol::DeviceId) -> Option<u64> + Send + Sync + 'static {
     move |id| {
-        if !ready.load(Ordering::Relaxed) {
+        if !ready.load(Ordering::Relaxed) || !desired.is_ready() {
             return None;
         }
         let recorded = devices
