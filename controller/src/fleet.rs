@@ -129,6 +129,8 @@ pub struct Fleet {
     /// Device problems whose Warning Event did not go out (rate limit, API error): tried
     /// again on each pass while the problem lasts, so each new problem is announced once.
     unannounced: Mutex<BTreeSet<(DeviceId, &'static str)>>,
+    /// Tells a deleted device's keys from those of a device not known yet.
+    orphans: Mutex<crate::orphans::Orphans>,
     /// Signs every manifest written, when set.
     signer: Option<Arc<crate::signing::Signer>>,
     /// Seals Pods' Secrets to their devices.
@@ -167,6 +169,7 @@ impl Fleet {
             pods: None,
             refusals: Mutex::new(HashMap::new()),
             unannounced: Mutex::new(BTreeSet::new()),
+            orphans: Mutex::default(),
             signer: None,
             sealer: Arc::new(
                 crate::sealing::Sealer::random()
@@ -827,7 +830,8 @@ impl Fleet {
         }
     }
 
-    /// Deletes the KV keys of devices that no longer have an EdgeDevice.
+    /// Deletes the KV keys of devices that no longer have an EdgeDevice (see
+    /// [`crate::orphans`]: a device not known yet keeps its keys for a while).
     async fn remove_orphans(&self, devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>) -> u32 {
         let mut deleted = 0;
         let buckets: [(&Store, Vec<DeviceId>, &str); 4] = [
@@ -856,8 +860,17 @@ impl Fleet {
                 FACTS.name,
             ),
         ];
+        let gone = self
+            .orphans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sweep(
+                buckets.iter().flat_map(|(_, ids, _)| ids.iter().cloned()),
+                devices,
+                std::time::Instant::now(),
+            );
         for (store, ids, bucket) in buckets {
-            for id in ids.into_iter().filter(|id| !devices.contains_key(id)) {
+            for id in ids.into_iter().filter(|id| gone.contains(id)) {
                 match crate::remove_key(store, id.as_str()).await {
                     Ok(()) => {
                         info!(device = %id, bucket, "removed the key of a deleted device");

@@ -9,6 +9,7 @@ pub mod events;
 pub mod fleet;
 pub mod identity;
 pub mod metrics;
+pub mod orphans;
 pub mod plan;
 pub mod pods;
 pub mod reports;

@@ -994,6 +994,38 @@ async fn deleting_a_device_removes_its_kv_keys() {
 }
 
 #[tokio::test]
+async fn status_written_before_its_edgedevice_is_seen_is_kept() {
+    let (env, c) = shared();
+    let ns = env.namespace("ctl-early").await.unwrap();
+    let client = env.kube_client().await.unwrap();
+    let kv = kv(env).await;
+    // An agent reports before its EdgeDevice exists (or reaches the controller's watch).
+    let mut s = AgentStatus::new(DeviceId::new("ek-early").unwrap());
+    s.manifest_generation = 7;
+    s.observed_generation = 7;
+    let written = kv
+        .actual
+        .put("ek-early", encode(&s).unwrap().into())
+        .await
+        .unwrap();
+    wait_passes(c.metrics_port, 3).await;
+    let entry = kv.actual.entry("ek-early").await.unwrap();
+    assert!(
+        entry
+            .is_some_and(|e| e.revision == written
+                && e.operation == async_nats::jetstream::kv::Operation::Put),
+        "the status of a device not known yet was removed"
+    );
+    // Its EdgeDevice comes: the controller goes on from what the device reported.
+    let devices: Api<EdgeDevice> = Api::namespaced(client, &ns);
+    apply(&devices, device("ek-early", json!({}))).await;
+    let (m, _) = wait_desired(&kv, "ek-early", "a manifest", |_| true).await;
+    assert!(m.generation > 7, "sent generation {} after 7", m.generation);
+    let kept = kv.actual.entry("ek-early").await.unwrap().unwrap();
+    assert_eq!(kept.revision, written);
+}
+
+#[tokio::test]
 async fn max_unavailable_moves_one_device_at_a_time_and_a_stuck_rollout_is_reported() {
     let (env, c) = shared();
     let ns = env.namespace("ctl-rollout").await.unwrap();
