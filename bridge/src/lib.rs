@@ -186,11 +186,24 @@ pub async fn run(
             .clone()
             .run_republished(nats.clone(), changed.clone(), RELIST),
     );
+    // A heartbeat wakes the passes and the lease loop.
+    let beat = Arc::new(Notify::new());
+    let lease_due = Arc::new(Notify::new());
     tasks.spawn(
         heartbeats
             .clone()
-            .run_republished(nats.clone(), changed.clone(), RELIST),
+            .run_republished(nats.clone(), beat.clone(), RELIST),
     );
+    tasks.spawn({
+        let (changed, lease_due) = (changed.clone(), lease_due.clone());
+        async move {
+            loop {
+                beat.notified().await;
+                changed.notify_one();
+                lease_due.notify_one();
+            }
+        }
+    });
     tasks.spawn(
         facts
             .clone()
@@ -237,7 +250,14 @@ pub async fn run(
         ),
         changed,
         settle: Duration::from_millis(20),
+        leader: tokio::sync::watch::Sender::new(false),
     };
+    let mirror = Arc::new(mirror);
+    tasks.spawn(renew_leases(
+        mirror.clone(),
+        gate.leader.subscribe(),
+        lease_due,
+    ));
     info!(%identity, %addr, "bridge started");
     on_ready(addr);
 
@@ -261,6 +281,34 @@ pub async fn run(
     .await;
     tasks.abort_all();
     Ok(())
+}
+
+/// How often the lease loop looks for due Leases without being woken (a pass may have
+/// just recorded a device's first one).
+const LEASE_TICK: Duration = Duration::from_secs(1);
+/// How long a burst of heartbeats may gather into one round of renewals.
+const LEASE_SETTLE: Duration = Duration::from_millis(50);
+
+/// The lease loop: while this instance leads, renews the Lease of every device that beat
+/// since the last renewal, on its own clock (passes only say which Leases there are).
+/// Woken by heartbeats (`due`) and once a [`LEASE_TICK`].
+async fn renew_leases(
+    mirror: Arc<Mirror>,
+    mut leader: tokio::sync::watch::Receiver<bool>,
+    due: Arc<Notify>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(LEASE_TICK) => {}
+            _ = due.notified() => tokio::time::sleep(LEASE_SETTLE).await,
+            Ok(()) = leader.changed() => {}
+        }
+        if *leader.borrow_and_update() {
+            mirror.renew_leases().await;
+        } else {
+            mirror.forget_leases();
+        }
+    }
 }
 
 /// One leader pass: Pods on virtual nodes, then every device when the full pass is due

@@ -1159,3 +1159,173 @@ async fn a_pod_status_decided_from_an_older_view_does_not_undo_a_newer_write() {
         Some("PersistentVolumeClaimUnsupported")
     );
 }
+
+/// A TLS endpoint that never answers: it accepts connections and holds them open, so an
+/// admission webhook pointed at it makes the apiserver wait its full timeout. Stops (and
+/// closes what it holds) on drop.
+struct SilentEndpoint {
+    port: u16,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SilentEndpoint {
+    fn start() -> Self {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicUsize, Ordering},
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, stopped) = (accepted.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        held.push(conn);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+        Self {
+            port,
+            accepted,
+            stop,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for SilentEndpoint {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The apiserver's CA (base64 PEM), from the environment's kubeconfig.
+fn cluster_ca(env: &TestEnv) -> String {
+    std::fs::read_to_string(env.kubeconfig().unwrap())
+        .unwrap()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("certificate-authority-data:"))
+        .expect("the kubeconfig holds its CA")
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn leases_stay_renewed_while_status_writes_hang() {
+    // A private environment: the webhook below slows this apiserver down.
+    let env = TestEnv::builder().kube().nats().start().await.unwrap();
+    system_namespace(&env).await;
+    let client = env.kube_client().await.unwrap();
+    let _bridge = start_bridge(&env, "hang");
+    let (hb, _) = buckets(&env).await;
+    let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), "default");
+    let device = |name: &str, labels: serde_json::Value, grace: u32| {
+        json!({ "apiVersion": "fleetlet.dev/v1alpha1", "kind": "EdgeDevice",
+            "metadata": { "name": name, "labels": labels },
+            "spec": { "heartbeatGraceSeconds": grace } })
+    };
+    // A steady device whose Lease expires 10 s after its last renewal.
+    devices
+        .patch(
+            "lh-steady",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(device("lh-steady", json!({}), 10)),
+        )
+        .await
+        .unwrap();
+    let _steady = keep_beating(hb.clone(), "lh-steady");
+    wait_node(&env, "lh-steady", "True").await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let renewed = |l: &Lease| {
+        l.spec
+            .as_ref()
+            .and_then(|s| s.renew_time.as_ref())
+            .map(|t| t.0.as_millisecond())
+            .unwrap_or_default()
+    };
+    let first = eventually("lh-steady's Lease", DEFAULT_TIMEOUT, || {
+        lease_of(&leases, "lh-steady")
+    })
+    .await;
+
+    // Every status write of a device labelled `hang` now waits 25 s on a webhook that
+    // never answers (then goes through: the webhook's failure is ignored).
+    let silent = SilentEndpoint::start();
+    let webhooks: Api<k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration> =
+        Api::all(client.clone());
+    let hook = json!({ "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": { "name": "hang-device-status" },
+        "webhooks": [{
+            "name": "hang.fleetlet.test",
+            "clientConfig": { "url": format!("https://127.0.0.1:{}/", silent.port),
+                              "caBundle": cluster_ca(&env) },
+            "rules": [{ "apiGroups": ["fleetlet.dev"], "apiVersions": ["*"],
+                        "operations": ["CREATE", "UPDATE"],
+                        "resources": ["edgedevices/status"] }],
+            "objectSelector": { "matchLabels": { "hang": "yes" } },
+            "failurePolicy": "Ignore", "sideEffects": "None",
+            "admissionReviewVersions": ["v1"], "timeoutSeconds": 25 }] });
+    webhooks
+        .patch(
+            "hang-device-status",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&hook),
+        )
+        .await
+        .unwrap();
+    // A new device: the bridge's first status writes for it hang.
+    devices
+        .patch(
+            "lh-slow",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(device("lh-slow", json!({ "hang": "yes" }), 10)),
+        )
+        .await
+        .unwrap();
+    let _slow = keep_beating(hb, "lh-slow");
+
+    // For 30 s the steady device's Lease never expires (what a node lifecycle controller
+    // would read as a dead node).
+    let watched = std::time::Instant::now();
+    let mut last = renewed(&first);
+    while watched.elapsed() < Duration::from_secs(30) {
+        let lease = lease_of(&leases, "lh-steady").await.unwrap();
+        let spec = lease.spec.clone().unwrap_or_default();
+        let expires = renewed(&lease) + i64::from(spec.lease_duration_seconds.unwrap_or(0)) * 1000;
+        let now = Timestamp::now().as_millis() as i64;
+        assert!(
+            expires >= now,
+            "lh-steady's Lease expired {} ms ago while another device's status write hung",
+            now - expires
+        );
+        last = renewed(&lease);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        last >= renewed(&first) + 20_000,
+        "the Lease was renewed during the 30 s (renew time moved {} ms)",
+        last - renewed(&first)
+    );
+    // The webhook was asked: status writes did hang meanwhile.
+    assert!(
+        silent.accepted() > 0,
+        "the apiserver never called the webhook"
+    );
+    webhooks
+        .delete("hang-device-status", &DeleteParams::default())
+        .await
+        .unwrap();
+}

@@ -449,6 +449,7 @@ pub async fn run(
         changed,
         // Let a burst of changes settle into one pass.
         settle: Duration::from_millis(50),
+        leader: tokio::sync::watch::Sender::new(false),
     };
     info!(%identity, %metrics_addr, "controller started");
     on_ready(metrics_addr);

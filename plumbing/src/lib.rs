@@ -381,6 +381,9 @@ pub struct LeaderGated {
     pub changed: Arc<Notify>,
     /// How long a burst of changes may settle into one step.
     pub settle: Duration,
+    /// Whether this instance leads, for work that runs beside the steps
+    /// ([`watch::Sender::subscribe`]); the election sets it.
+    pub leader: watch::Sender<bool>,
 }
 
 impl LeaderGated {
@@ -391,8 +394,8 @@ impl LeaderGated {
         F: AsyncFnMut(bool) -> Instant,
     {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let (leader_tx, mut leader_rx) = watch::channel(false);
-        let election = tokio::spawn(self.election.run(self.client, leader_tx, stop_rx));
+        let mut leader_rx = self.leader.subscribe();
+        let election = tokio::spawn(self.election.run(self.client, self.leader, stop_rx));
         let changed = self.changed;
         let main_loop = async {
             let mut next = Instant::now();

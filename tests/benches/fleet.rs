@@ -250,6 +250,26 @@ fn bridge_writes(port: u16, kind: &str) -> f64 {
         .sum()
 }
 
+/// From the bridge's `heartbeat_to_lease_ms` histogram, over its whole run: renewals made,
+/// those written more than 30 s (one Lease interval) after their heartbeat, and those more
+/// than 90 s after it (the grace period: an observer could have seen the Lease expire).
+fn lease_lag(port: u16) -> Value {
+    let text = fleetlet_testenv::bench::local_get(port, "/metrics");
+    let bucket = |le: &str| -> f64 {
+        let prefix = format!("fleetlet_bridge_heartbeat_to_lease_ms_bucket{{le=\"{le}\"}}");
+        text.lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let all = bucket("+Inf");
+    json!({
+        "renewals": all,
+        "laterThan30s": all - bucket("30000.0"),
+        "laterThan90s": all - bucket("90000.0"),
+    })
+}
+
 /// Waits until start-up's writes are done: at least 20 s, then until 10 s pass with under
 /// one apiserver write a second besides Lease renewals (the steady state's own writes), at
 /// most 10 minutes. Returns the seconds waited.
@@ -546,6 +566,7 @@ async fn fleet_phase(n: usize, window: u64, vk: usize, profile: bool, nodes_on: 
         "rolloutCreate": create,
         "rolloutUpdate": update,
         "footprints": footprints,
+        "leaseLag": if nodes_on { lease_lag(bridge_metrics) } else { Value::Null },
     });
     keep_logs(dir.path(), &format!("fleet-{n}"));
     if vk > 0 {

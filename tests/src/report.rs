@@ -239,6 +239,30 @@ fn fleet_section(fleet: &Value) -> String {
             .collect::<Vec<_>>()
             .join("; ")
     );
+    let lags: Vec<String> = fleet["runs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["leaseLag"].is_object())
+        .map(|r| {
+            let l = &r["leaseLag"];
+            format!(
+                "{} devices: {} renewals, {} written more than 30 s after their heartbeat, {} more than 90 s after it",
+                r["devices"], l["renewals"], l["laterThan30s"], l["laterThan90s"]
+            )
+        })
+        .collect();
+    if !lags.is_empty() {
+        // Before the marker that ends the generated part.
+        let end = md.rfind(FLEET_END).unwrap_or(md.len());
+        md.insert_str(
+            end,
+            &format!(
+                "Lease renewals over each whole run (the bridge's heartbeat-to-Lease histogram; a Lease's renew time is its heartbeat's, and it expires 90 s later): {}.\n",
+                lags.join("; ")
+            ),
+        );
+    }
     md
 }
 
