@@ -181,19 +181,12 @@ pub async fn run(
     // The bridge reads buckets without consumers (its NATS account may not create any):
     // the records JetStream republishes, after a listing by direct gets.
     const RELIST: Duration = Duration::from_secs(600);
-    tasks.spawn(
-        actual
-            .clone()
-            .run_republished(nats.clone(), changed.clone(), RELIST),
-    );
+    actual.spawn_republished(&mut tasks, &nats, &changed, RELIST);
+    facts.spawn_republished(&mut tasks, &nats, &changed, RELIST);
     // A heartbeat wakes the passes and the lease loop.
     let beat = Arc::new(Notify::new());
     let lease_due = Arc::new(Notify::new());
-    tasks.spawn(
-        heartbeats
-            .clone()
-            .run_republished(nats.clone(), beat.clone(), RELIST),
-    );
+    heartbeats.spawn_republished(&mut tasks, &nats, &beat, RELIST);
     tasks.spawn({
         let (changed, lease_due) = (changed.clone(), lease_due.clone());
         async move {
@@ -204,11 +197,6 @@ pub async fn run(
             }
         }
     });
-    tasks.spawn(
-        facts
-            .clone()
-            .run_republished(nats.clone(), changed.clone(), RELIST),
-    );
     let metrics = Arc::new(Metrics::default());
     let (addr, ready) =
         fleetlet_plumbing::serve_metrics(args.metrics_addr, metrics.clone(), &mut tasks).await?;

@@ -361,32 +361,12 @@ pub async fn run(
     // direct gets: no consumer, so nothing on the servers to place, lose with a node or
     // recreate after a failover (an ordered consumer's recreation can be placed on a dead
     // node and then fail until that node returns).
-    tasks.spawn(
-        desired
-            .clone()
-            .run_republished(nats.clone(), changed.clone(), RELIST),
-    );
-    tasks.spawn(
-        actual
-            .clone()
-            .run_republished(nats.clone(), changed.clone(), RELIST),
-    );
-    tasks.spawn(
-        heartbeats
-            .clone()
-            .run_republished(nats.clone(), changed.clone(), RELIST),
-    );
-    tasks.spawn(
-        facts
-            .clone()
-            .run_republished(nats.clone(), changed.clone(), RELIST),
-    );
     // In BUCKETS order, for keep_buckets to ask for a listing of a bucket it recreated.
     let relists = [
-        desired.relist_signal(),
-        actual.relist_signal(),
-        heartbeats.relist_signal(),
-        facts.relist_signal(),
+        desired.spawn_republished(&mut tasks, &nats, &changed, RELIST),
+        actual.spawn_republished(&mut tasks, &nats, &changed, RELIST),
+        heartbeats.spawn_republished(&mut tasks, &nats, &changed, RELIST),
+        facts.spawn_republished(&mut tasks, &nats, &changed, RELIST),
     ];
     let metrics = Arc::new(Metrics::default());
     let (metrics_addr, ready) =

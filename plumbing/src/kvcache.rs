@@ -296,6 +296,22 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
         }
     }
 
+    /// Starts [`KvCache::run_republished`] in `tasks`; returns the signal that makes it
+    /// list the bucket again (see [`KvCache::relist_signal`]).
+    pub fn spawn_republished(
+        self: &Arc<Self>,
+        tasks: &mut tokio::task::JoinSet<()>,
+        client: &async_nats::Client,
+        changed: &Arc<Notify>,
+        relist: Duration,
+    ) -> Arc<Notify> {
+        tasks.spawn(
+            self.clone()
+                .run_republished(client.clone(), changed.clone(), relist),
+        );
+        self.relist_signal()
+    }
+
     /// Mirrors the bucket without JetStream consumers: the records as JetStream republishes
     /// them once stored, after a listing by batched direct gets (of every revision a bucket
     /// keeps; older ones are ignored when applied). It lists again after a reconnect
