@@ -865,7 +865,7 @@ impl Fleet {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .sweep(
-                buckets.iter().flat_map(|(_, ids, _)| ids.iter().cloned()),
+                buckets.iter().flat_map(|(_, ids, _)| ids),
                 devices,
                 std::time::Instant::now(),
             );

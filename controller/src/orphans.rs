@@ -37,27 +37,28 @@ fn id_hash(id: &DeviceId) -> u64 {
 impl Orphans {
     /// Of the devices that hold keys (`holders`), those whose keys go now, given the
     /// devices that exist (`devices`); then remembers `devices` for the next pass.
-    pub fn sweep<V>(
+    /// Only orphans are copied: the holders are mostly devices that exist.
+    pub fn sweep<'a, V>(
         &mut self,
-        holders: impl IntoIterator<Item = DeviceId>,
+        holders: impl IntoIterator<Item = &'a DeviceId>,
         devices: &BTreeMap<DeviceId, V>,
         now: Instant,
     ) -> HashSet<DeviceId> {
         let mut gone = HashSet::new();
         let mut still_unknown = HashMap::new();
         for id in holders {
-            if devices.contains_key(&id) || gone.contains(&id) || still_unknown.contains_key(&id) {
+            if devices.contains_key(id) || gone.contains(id) || still_unknown.contains_key(id) {
                 continue;
             }
-            if self.known.contains(&id_hash(&id)) {
-                gone.insert(id);
+            if self.known.contains(&id_hash(id)) {
+                gone.insert(id.clone());
                 continue;
             }
-            let since = self.unknown_since.get(&id).copied().unwrap_or(now);
+            let since = self.unknown_since.get(id).copied().unwrap_or(now);
             if now.saturating_duration_since(since) >= ORPHAN_GRACE {
-                gone.insert(id);
+                gone.insert(id.clone());
             } else {
-                still_unknown.insert(id, since);
+                still_unknown.insert(id.clone(), since);
             }
         }
         self.unknown_since = still_unknown;
@@ -83,10 +84,10 @@ mod tests {
         let mut o = Orphans::default();
         let t = Instant::now();
         assert!(
-            o.sweep([id("a"), id("b")], &devices(&["a", "b"]), t)
+            o.sweep(&[id("a"), id("b")], &devices(&["a", "b"]), t)
                 .is_empty()
         );
-        let gone = o.sweep([id("a"), id("b")], &devices(&["a"]), t);
+        let gone = o.sweep(&[id("a"), id("b")], &devices(&["a"]), t);
         assert_eq!(gone, HashSet::from([id("b")]));
     }
 
@@ -95,15 +96,15 @@ mod tests {
         let mut o = Orphans::default();
         let t = Instant::now();
         // Status arrives before the EdgeDevice: kept, pass after pass.
-        assert!(o.sweep([id("new")], &devices(&[]), t).is_empty());
+        assert!(o.sweep(&[id("new")], &devices(&[]), t).is_empty());
         let later = t + ORPHAN_GRACE - Duration::from_secs(1);
-        assert!(o.sweep([id("new")], &devices(&[]), later).is_empty());
+        assert!(o.sweep(&[id("new")], &devices(&[]), later).is_empty());
         // Its EdgeDevice shows up: the device is known, and the clock is forgotten.
-        assert!(o.sweep([id("new")], &devices(&["new"]), later).is_empty());
+        assert!(o.sweep(&[id("new")], &devices(&["new"]), later).is_empty());
         assert!(o.unknown_since.is_empty());
         // A device that never shows up goes once the grace has run out.
-        assert!(o.sweep([id("never")], &devices(&["new"]), t).is_empty());
-        let gone = o.sweep([id("never")], &devices(&["new"]), t + ORPHAN_GRACE);
+        assert!(o.sweep(&[id("never")], &devices(&["new"]), t).is_empty());
+        let gone = o.sweep(&[id("never")], &devices(&["new"]), t + ORPHAN_GRACE);
         assert_eq!(gone, HashSet::from([id("never")]));
     }
 
@@ -111,11 +112,11 @@ mod tests {
     fn the_grace_clock_starts_again_for_a_device_whose_keys_went_away() {
         let mut o = Orphans::default();
         let t = Instant::now();
-        assert!(o.sweep([id("x")], &devices(&[]), t).is_empty());
+        assert!(o.sweep(&[id("x")], &devices(&[]), t).is_empty());
         // Its keys are gone (removed by hand): nothing is remembered of it.
-        assert!(o.sweep([], &devices(&[]), t + ORPHAN_GRACE).is_empty());
+        assert!(o.sweep(&[], &devices(&[]), t + ORPHAN_GRACE).is_empty());
         assert!(
-            o.sweep([id("x")], &devices(&[]), t + ORPHAN_GRACE)
+            o.sweep(&[id("x")], &devices(&[]), t + ORPHAN_GRACE)
                 .is_empty()
         );
     }
