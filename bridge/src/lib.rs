@@ -33,9 +33,9 @@ use fleetlet_crds::{
         runtime::{WatchStreamExt, reflector, watcher},
     },
 };
-use fleetlet_plumbing::{KvCache, LeaderGated, NatsArgs, leader::Election};
+use fleetlet_plumbing::{KvCache, LeaderGated, NatsArgs, kvcache::ChangedKeys, leader::Election};
 use fleetlet_protocol::{
-    DeviceId,
+    DeviceId, Heartbeat,
     kv::{ACTUAL_STATE, FACTS, HEARTBEAT},
 };
 use futures::StreamExt;
@@ -186,6 +186,7 @@ pub async fn run(
     // A heartbeat wakes the passes and the lease loop.
     let beat = Arc::new(Notify::new());
     let lease_due = Arc::new(Notify::new());
+    let beaten = heartbeats.changed_keys();
     heartbeats.spawn_republished(&mut tasks, &nats, &beat, RELIST);
     tasks.spawn({
         let (changed, lease_due) = (changed.clone(), lease_due.clone());
@@ -245,6 +246,7 @@ pub async fn run(
         mirror.clone(),
         gate.leader.subscribe(),
         lease_due,
+        beaten,
     ));
     info!(%identity, %addr, "bridge started");
     on_ready(addr);
@@ -271,19 +273,20 @@ pub async fn run(
     Ok(())
 }
 
-/// How often the lease loop looks for due Leases without being woken (a pass may have
-/// just recorded a device's first one).
+/// How often the lease loop looks at the Leases a pass just recorded or a renewal failed
+/// to write, without being woken.
 const LEASE_TICK: Duration = Duration::from_secs(1);
 /// How long a burst of heartbeats may gather into one round of renewals.
 const LEASE_SETTLE: Duration = Duration::from_millis(50);
 
 /// The lease loop: while this instance leads, renews the Lease of every device that beat
-/// since the last renewal, on its own clock (passes only say which Leases there are).
-/// Woken by heartbeats (`due`) and once a [`LEASE_TICK`].
+/// since the last renewal (`beaten`), on its own clock (passes only say which Leases
+/// there are). Woken by heartbeats (`due`) and once a [`LEASE_TICK`].
 async fn renew_leases(
     mirror: Arc<Mirror>,
     mut leader: tokio::sync::watch::Receiver<bool>,
     due: Arc<Notify>,
+    beaten: ChangedKeys<Heartbeat>,
 ) {
     loop {
         tokio::select! {
@@ -291,8 +294,9 @@ async fn renew_leases(
             _ = due.notified() => tokio::time::sleep(LEASE_SETTLE).await,
             Ok(()) = leader.changed() => {}
         }
+        let beat = beaten.take();
         if *leader.borrow_and_update() {
-            mirror.renew_leases().await;
+            mirror.renew_leases(beat).await;
         } else {
             mirror.forget_leases();
         }

@@ -43,6 +43,9 @@ pub struct Mirror {
     pub timing: Timing,
     /// The Lease of each device projected as a Node, as the last pass saw it.
     leases: Mutex<HashMap<DeviceId, HeldLease>>,
+    /// Devices the next round of renewals looks at even without a new heartbeat: a Lease
+    /// just recorded or changed, a renewal that failed.
+    lease_pending: Mutex<HashSet<DeviceId>>,
     /// Held while Leases are written or deleted, so a renewal in flight cannot bring back
     /// a Lease a pass just removed.
     lease_writes: tokio::sync::Mutex<()>,
@@ -131,6 +134,7 @@ impl Mirror {
             ctx,
             timing,
             leases: Mutex::new(HashMap::new()),
+            lease_pending: Mutex::new(HashSet::new()),
             lease_writes: tokio::sync::Mutex::new(()),
             collisions: Mutex::new(HashSet::new()),
             kubelet_endpoint: None,
@@ -158,25 +162,45 @@ impl Mirror {
             .map_or(self.timing.grace_ms, |s| u64::from(s) * 1000)
     }
 
+    /// The EdgeDevice of each device (of those in `only`, if given). Two EdgeDevices of
+    /// one name in different namespaces are one device id: the one created first is it
+    /// (then the first namespace by name). A scan of the watch's store that allocates
+    /// nothing for the devices it skips: passes run it for every burst of heartbeats.
     pub(crate) fn device_objects(
         &self,
         only: Option<&HashSet<DeviceId>>,
     ) -> BTreeMap<DeviceId, Arc<EdgeDevice>> {
-        let mut all = self.ctx.devices.state();
-        if let Some(only) = only {
-            all.retain(|d| only.contains(d.name_any().as_str()));
-        }
-        all.sort_by_key(|d| {
+        fn first(
+            d: &EdgeDevice,
+        ) -> (
+            Option<fleetlet_crds::k8s_openapi::jiff::Timestamp>,
+            Option<&str>,
+        ) {
             (
                 d.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                d.namespace(),
-                d.name_any(),
+                d.metadata.namespace.as_deref(),
             )
-        });
-        let mut out = BTreeMap::new();
-        for d in all {
-            if let Ok(id) = DeviceId::new(d.name_any()) {
-                out.entry(id).or_insert(d);
+        }
+        let mut out: BTreeMap<DeviceId, Arc<EdgeDevice>> = BTreeMap::new();
+        for d in self.ctx.devices.state() {
+            let Some(name) = d.metadata.name.as_deref() else {
+                continue;
+            };
+            if only.is_some_and(|only| !only.contains(name)) {
+                continue;
+            }
+            let Ok(id) = DeviceId::new(name) else {
+                continue;
+            };
+            match out.entry(id) {
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(d);
+                }
+                std::collections::btree_map::Entry::Occupied(mut e) => {
+                    if first(&d) < first(e.get()) {
+                        e.insert(d);
+                    }
+                }
             }
         }
         out
@@ -318,21 +342,36 @@ impl Mirror {
         w
     }
 
-    /// Records the Lease `id`'s Node holds (keeping when it was last renewed).
+    /// Records the Lease `id`'s Node holds. A Lease new or changed (another Node, uid or
+    /// grace) is written on the next round from the device's latest heartbeat.
     fn hold_lease(&self, id: &DeviceId, node: String, node_uid: String, grace_ms: u64) {
         let Ok(mut held) = self.leases.lock() else {
             return;
         };
-        let renewed = held.get(id).and_then(|l| l.renewed);
+        let same = held
+            .get(id)
+            .is_some_and(|l| l.node == node && l.node_uid == node_uid && l.grace_ms == grace_ms);
+        if same {
+            return;
+        }
         held.insert(
             id.clone(),
             HeldLease {
                 node,
                 node_uid,
                 grace_ms,
-                renewed,
+                renewed: None,
             },
         );
+        drop(held);
+        self.look_again(id.clone());
+    }
+
+    /// Has the next round of renewals look at `id` whether or not it beats.
+    fn look_again(&self, id: DeviceId) {
+        if let Ok(mut pending) = self.lease_pending.lock() {
+            pending.insert(id);
+        }
     }
 
     fn drop_lease(&self, id: &DeviceId) {
@@ -346,21 +385,32 @@ impl Mirror {
         if let Ok(mut held) = self.leases.lock() {
             held.clear();
         }
+        if let Ok(mut pending) = self.lease_pending.lock() {
+            pending.clear();
+        }
     }
 
-    /// Renews the Lease of every device that beat since its last renewal and is alive,
-    /// longest-unrenewed first, [`LEASE_CONCURRENCY`] at a time. The heartbeat itself is
-    /// the renewal time, so a silent device's Lease expires. Returns the renewals made.
-    pub async fn renew_leases(&self) -> u32 {
+    /// Renews the Lease of each device in `beat` (those whose heartbeat changed since the
+    /// last round) and of each the passes or a failed renewal asked to look at again, when
+    /// the device is alive and its latest heartbeat is due: longest-unrenewed first,
+    /// [`LEASE_CONCURRENCY`] at a time. A round costs what beat, not the size of the fleet.
+    /// The heartbeat itself is the renewal time, so a silent device's Lease expires.
+    /// Returns the renewals made.
+    pub async fn renew_leases(&self, beat: HashSet<DeviceId>) -> u32 {
         let _writing = self.lease_writes.lock().await;
+        let mut look = beat;
+        if let Ok(mut pending) = self.lease_pending.lock() {
+            look.extend(pending.drain());
+        }
         let now = Timestamp::now();
         let mut due: Vec<(DeviceId, HeldLease, Arc<Heartbeat>)> = {
             let Ok(held) = self.leases.lock() else {
                 return 0;
             };
-            held.iter()
-                .filter_map(|(id, lease)| {
-                    let h = self.ctx.heartbeats.get(id)?.value;
+            look.into_iter()
+                .filter_map(|id| {
+                    let lease = held.get(&id)?;
+                    let h = self.ctx.heartbeats.get(&id)?.value;
                     let alive = view::liveness(Some(&h), now, lease.grace_ms) == Liveness::Alive;
                     let due = lease_due(
                         lease.renewed,
@@ -368,7 +418,7 @@ impl Mirror {
                         h.interval_seconds,
                         self.timing.lease_renew_ms,
                     );
-                    (alive && due).then(|| (id.clone(), lease.clone(), h))
+                    (alive && due).then(|| (id, lease.clone(), h))
                 })
                 .collect()
         };
@@ -505,6 +555,7 @@ impl Mirror {
             }
             Err(e) => {
                 warn!(device = %id, error = %e, "renewing lease failed");
+                self.look_again(id.clone());
                 0
             }
         }

@@ -1,14 +1,15 @@
 //! Pods on virtual nodes: their status from what the device reports, and their final
 //! deletion once the device has removed their containers (what a kubelet does).
 
-use std::sync::Arc;
+use std::{collections::HashSet, sync::Arc};
 
 use fleetlet_crds::naming::{container_id, pod_tag, shows_refusal};
-use fleetlet_protocol::{AgentStatus, ResourceDetails, ResourceStatus, Timestamp};
+use fleetlet_protocol::{AgentStatus, DeviceId, ResourceDetails, ResourceStatus, Timestamp};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, Patch, PatchParams},
+    runtime::reflector::ObjectRef,
 };
 use serde_json::{Value, json};
 use tracing::{debug, info, warn};
@@ -354,16 +355,30 @@ pub async fn pass(
     mirror: &crate::mirror::Mirror,
     pods: &kube::runtime::reflector::Store<Pod>,
 ) -> (u32, u32) {
-    let nodes =
-        fleetlet_crds::naming::node_devices(mirror.ctx.nodes.state().iter().map(|n| &n.metadata));
-    let objects = mirror.device_objects(None);
+    // Runs on every burst of heartbeats: with no Pods bound anywhere it costs nothing, and
+    // otherwise only what the bound Pods name.
+    let bound: Vec<(Arc<Pod>, String, Option<DeviceId>)> = pods
+        .state()
+        .into_iter()
+        .filter_map(|pod| {
+            let node = pod.spec.as_ref()?.node_name.clone()?;
+            let device = mirror
+                .ctx
+                .nodes
+                .get(&ObjectRef::new(&node))
+                .and_then(|n| fleetlet_crds::naming::device_of(&n.metadata));
+            Some((pod, node, device))
+        })
+        .collect();
+    if bound.is_empty() {
+        return (0, 0);
+    }
+    let devices: HashSet<DeviceId> = bound.iter().filter_map(|(_, _, d)| d.clone()).collect();
+    let objects = mirror.device_objects(Some(&devices));
     let now = Timestamp::now().as_millis();
     let (mut written, mut deleted) = (0, 0);
-    for pod in pods.state() {
-        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
-            continue;
-        };
-        let Some(device) = nodes.get(&node) else {
+    for (pod, node, device) in bound {
+        let Some(device) = device.as_ref() else {
             // Bound to a Node that is not (or no longer) one of ours.
             if pod.metadata.deletion_timestamp.is_some()
                 && node.starts_with("fleetlet-")

@@ -1,7 +1,7 @@
 //! In-memory mirrors of a KV bucket (list-then-watch), one entry per device.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, RwLock, atomic::Ordering},
     time::Duration,
 };
@@ -32,6 +32,18 @@ impl<T> Clone for Versioned<T> {
     }
 }
 
+/// The devices whose key changed since this reader last asked ([`KvCache::changed_keys`]).
+pub struct ChangedKeys<T> {
+    cache: Arc<KvCache<T>>,
+    slot: usize,
+}
+
+impl<T: Record + Clone + Send + Sync + 'static> ChangedKeys<T> {
+    pub fn take(&self) -> HashSet<DeviceId> {
+        self.cache.take_slot(self.slot)
+    }
+}
+
 /// The newest record of every device in one bucket. Values that do not decode are kept
 /// out (and logged) so one bad key never hides the rest.
 pub struct KvCache<T> {
@@ -39,8 +51,9 @@ pub struct KvCache<T> {
     entries: RwLock<HashMap<DeviceId, Versioned<T>>>,
     /// Revisions of keys whose last value did not decode; writes must still go on top.
     undecodable: RwLock<HashMap<DeviceId, u64>>,
-    /// Keys changed since the last [`KvCache::take_dirty`].
-    dirty: std::sync::Mutex<std::collections::HashSet<DeviceId>>,
+    /// Keys changed since each reader last took them: the first set is
+    /// [`KvCache::take_dirty`]'s, the others belong to [`ChangedKeys`] readers.
+    dirty: std::sync::Mutex<Vec<HashSet<DeviceId>>>,
     ready: watch::Sender<bool>,
     /// Notify on every update (false: only when a key appears or goes away).
     notify_updates: bool,
@@ -66,7 +79,7 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
             bucket,
             entries: RwLock::new(HashMap::new()),
             undecodable: RwLock::new(HashMap::new()),
-            dirty: std::sync::Mutex::new(std::collections::HashSet::new()),
+            dirty: std::sync::Mutex::new(vec![HashSet::new()]),
             ready: watch::channel(false).0,
             notify_updates,
             relist: Arc::new(Notify::new()),
@@ -100,10 +113,32 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
     }
 
     /// The devices whose key changed since the previous call.
-    pub fn take_dirty(&self) -> std::collections::HashSet<DeviceId> {
+    pub fn take_dirty(&self) -> HashSet<DeviceId> {
+        self.take_slot(0)
+    }
+
+    /// A reader of changed keys of its own, beside [`KvCache::take_dirty`]'s: it sees every
+    /// key that changes from now on.
+    pub fn changed_keys(self: &Arc<Self>) -> ChangedKeys<T> {
+        let slot = self
+            .dirty
+            .lock()
+            .map(|mut d| {
+                d.push(HashSet::new());
+                d.len() - 1
+            })
+            .unwrap_or(0);
+        ChangedKeys {
+            cache: self.clone(),
+            slot,
+        }
+    }
+
+    fn take_slot(&self, slot: usize) -> HashSet<DeviceId> {
         self.dirty
             .lock()
-            .map(|mut d| std::mem::take(&mut *d))
+            .ok()
+            .and_then(|mut d| d.get_mut(slot).map(std::mem::take))
             .unwrap_or_default()
     }
 
@@ -151,7 +186,9 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
         }
         let had = entries.contains_key(&device);
         if let Ok(mut d) = self.dirty.lock() {
-            d.insert(device.clone());
+            for set in d.iter_mut() {
+                set.insert(device.clone());
+            }
         }
         bad.remove(&device);
         match op {
@@ -377,5 +414,55 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
             }
             debug!(bucket = self.bucket.name, "re-listing bucket");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fleetlet_protocol::{API_VERSION, Free, Heartbeat, Timestamp, encode, kv::HEARTBEAT};
+
+    use super::*;
+
+    fn beat(device: &str, at: u64) -> Vec<u8> {
+        let hb = Heartbeat {
+            api_version: API_VERSION.into(),
+            device: DeviceId::new(device).expect("valid"),
+            sequence: 1,
+            timestamp: Timestamp(at),
+            interval_seconds: 30,
+            free: Free {
+                memory_bytes: 1,
+                disk_bytes: 1,
+                pids: 1,
+            },
+            facts: None,
+        };
+        encode(&hb).expect("encodes")
+    }
+
+    fn ids(set: HashSet<DeviceId>) -> Vec<String> {
+        let mut v: Vec<String> = set.into_iter().map(|d| d.as_str().to_owned()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn each_reader_of_changed_keys_takes_its_own() {
+        let cache = KvCache::<Heartbeat>::new(HEARTBEAT);
+        cache.apply("early", Operation::Put, 1, &beat("early", 1));
+        let reader = cache.changed_keys();
+        cache.apply("a", Operation::Put, 2, &beat("a", 2));
+        cache.apply("b", Operation::Put, 3, &beat("b", 3));
+        // The reader starts with what changes after it was made.
+        assert_eq!(ids(reader.take()), ["a", "b"]);
+        assert!(reader.take().is_empty(), "taken once");
+        // take_dirty still sees everything, taking the reader's keys away from nobody.
+        assert_eq!(ids(cache.take_dirty()), ["a", "b", "early"]);
+        cache.apply("a", Operation::Put, 4, &beat("a", 4));
+        assert_eq!(ids(cache.take_dirty()), ["a"]);
+        assert_eq!(ids(reader.take()), ["a"]);
+        // An older revision changes nothing, for any reader.
+        cache.apply("b", Operation::Put, 1, &beat("b", 1));
+        assert!(reader.take().is_empty() && cache.take_dirty().is_empty());
     }
 }
