@@ -507,26 +507,35 @@ impl Fleet {
         facts_of(report.as_deref(), beat.as_deref()).cloned()
     }
 
-    /// Devices by id; when two namespaces claim one id, the older EdgeDevice has it.
+    /// Devices by id; when two namespaces claim one id, the older EdgeDevice has it (then
+    /// the first namespace by name). One scan of the watch's store, without sorting it:
+    /// every pass runs this over the whole fleet.
     pub fn device_objects(&self) -> BTreeMap<DeviceId, Arc<EdgeDevice>> {
-        let mut all: Vec<Arc<EdgeDevice>> = self.ctx.devices.state();
-        all.sort_by_key(|d| {
+        fn first(d: &EdgeDevice) -> (Option<KTime>, Option<&str>) {
             (
-                rfc3339(d.metadata.creation_timestamp.as_ref()),
-                d.namespace(),
-                d.name_any(),
+                d.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                d.metadata.namespace.as_deref(),
             )
-        });
-        let mut out = BTreeMap::new();
-        for d in all {
-            let Ok(id) = DeviceId::new(d.name_any()) else {
+        }
+        let mut out: BTreeMap<DeviceId, Arc<EdgeDevice>> = BTreeMap::new();
+        for d in self.ctx.devices.state() {
+            let Some(Ok(id)) = d.metadata.name.as_deref().map(DeviceId::new) else {
                 continue;
             };
-            if out.contains_key(&id) {
-                warn!(device = %id, namespace = d.namespace().unwrap_or_default(), "device id already used in another namespace; ignored");
-                continue;
-            }
-            out.insert(id, d);
+            let ignored = match out.entry(id) {
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(d);
+                    continue;
+                }
+                std::collections::btree_map::Entry::Occupied(mut e) => {
+                    if first(&d) < first(e.get()) {
+                        e.insert(d)
+                    } else {
+                        d
+                    }
+                }
+            };
+            warn!(device = %ignored.name_any(), namespace = ignored.namespace().unwrap_or_default(), "device id already used in another namespace; ignored");
         }
         out
     }

@@ -155,7 +155,8 @@ fn fleet_section(fleet: &Value) -> String {
         "{FLEET_BEGIN}\n## By fleet size\n\n\
          Rollouts: `kubectl apply --server-side` of an EdgeManifest selecting every device\n\
          (create), then, once the writes that follow it are done, a change of its file\n\
-         content (change). Times run from kubectl's start; kubectl: until it exits. Fan-out:\n\
+         content (change). Times run from kubectl's start (its discovery cache warmed first,\n\
+         by a server-side dry run of the same apply); kubectl: until it exits. Fan-out:\n\
          until the device's desired-state key holds it. Converged: until the device's status\n\
          reports the resource Ready at that generation (both as nats-server stored them).\n\
          EdgeManifest Ready: until its status counts every device Ready. Steady state: over\n\
