@@ -311,8 +311,8 @@ async fn rollout(env: &TestEnv, n: usize, text: &str) -> Value {
     );
     // kubectl's caches are warm first, as on the machine of an operator who has run it
     // before: with a cold discovery cache the first apply of a run took kubectl 1.2 to
-    // 1.6 s where a warm one took 0.2 s. A server-side dry run of the same apply stores
-    // nothing.
+    // 1.9 s where a warm one took 0.06 to 0.3 s. A server-side dry run of the same apply
+    // stores nothing.
     let mut warm = env.apply_command(&yaml, true).unwrap();
     warm.arg("--dry-run=server");
     let out = tokio::process::Command::from(warm).output().await.unwrap();
