@@ -162,48 +162,20 @@ impl Mirror {
             .map_or(self.timing.grace_ms, |s| u64::from(s) * 1000)
     }
 
-    /// The EdgeDevice of each device (of those in `only`, if given). Two EdgeDevices of
-    /// one name in different namespaces are one device id: the one created first is it
-    /// (then the first namespace by name). A scan of the watch's store that allocates
-    /// nothing for the devices it skips: passes run it for every burst of heartbeats.
+    /// The EdgeDevice of each device (of those in `only`, if given), by
+    /// [`fleetlet_crds::naming::devices_by_id`]. It copies nothing of the devices it skips:
+    /// passes run it for every burst of heartbeats.
     pub(crate) fn device_objects(
         &self,
         only: Option<&HashSet<DeviceId>>,
     ) -> BTreeMap<DeviceId, Arc<EdgeDevice>> {
-        fn first(
-            d: &EdgeDevice,
-        ) -> (
-            Option<fleetlet_crds::k8s_openapi::jiff::Timestamp>,
-            Option<&str>,
-        ) {
-            (
-                d.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                d.metadata.namespace.as_deref(),
-            )
-        }
-        let mut out: BTreeMap<DeviceId, Arc<EdgeDevice>> = BTreeMap::new();
-        for d in self.ctx.devices.state() {
-            let Some(name) = d.metadata.name.as_deref() else {
-                continue;
-            };
-            if only.is_some_and(|only| !only.contains(name)) {
-                continue;
-            }
-            let Ok(id) = DeviceId::new(name) else {
-                continue;
-            };
-            match out.entry(id) {
-                std::collections::btree_map::Entry::Vacant(e) => {
-                    e.insert(d);
-                }
-                std::collections::btree_map::Entry::Occupied(mut e) => {
-                    if first(&d) < first(e.get()) {
-                        e.insert(d);
-                    }
-                }
-            }
-        }
-        out
+        let wanted = |d: &Arc<EdgeDevice>| {
+            only.is_none_or(|only| d.metadata.name.as_deref().is_some_and(|n| only.contains(n)))
+        };
+        fleetlet_crds::naming::devices_by_id(
+            self.ctx.devices.state().into_iter().filter(wanted),
+            |_| {},
+        )
     }
 
     /// The Node name for a device: its id, or `fleetlet-<id>` when a Node of that name

@@ -507,37 +507,12 @@ impl Fleet {
         facts_of(report.as_deref(), beat.as_deref()).cloned()
     }
 
-    /// Devices by id; when two namespaces claim one id, the older EdgeDevice has it (then
-    /// the first namespace by name). One scan of the watch's store, without sorting it:
-    /// every pass runs this over the whole fleet.
+    /// Devices by id; when two namespaces claim one id, the older EdgeDevice has it (see
+    /// [`fleetlet_crds::naming::devices_by_id`]) and the other is reported.
     pub fn device_objects(&self) -> BTreeMap<DeviceId, Arc<EdgeDevice>> {
-        fn first(d: &EdgeDevice) -> (Option<KTime>, Option<&str>) {
-            (
-                d.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                d.metadata.namespace.as_deref(),
-            )
-        }
-        let mut out: BTreeMap<DeviceId, Arc<EdgeDevice>> = BTreeMap::new();
-        for d in self.ctx.devices.state() {
-            let Some(Ok(id)) = d.metadata.name.as_deref().map(DeviceId::new) else {
-                continue;
-            };
-            let ignored = match out.entry(id) {
-                std::collections::btree_map::Entry::Vacant(e) => {
-                    e.insert(d);
-                    continue;
-                }
-                std::collections::btree_map::Entry::Occupied(mut e) => {
-                    if first(&d) < first(e.get()) {
-                        e.insert(d)
-                    } else {
-                        d
-                    }
-                }
-            };
-            warn!(device = %ignored.name_any(), namespace = ignored.namespace().unwrap_or_default(), "device id already used in another namespace; ignored");
-        }
-        out
+        fleetlet_crds::naming::devices_by_id(self.ctx.devices.state(), |d| {
+            warn!(device = %d.name_any(), namespace = d.namespace().unwrap_or_default(), "device id already used in another namespace; ignored");
+        })
     }
 
     /// One full pass.

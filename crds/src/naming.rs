@@ -2,13 +2,46 @@
 //! resource ids a Pod's containers get on its device. Shared by the controller (which
 //! writes them) and the bridge (which reads them back to answer the kubelet API).
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, btree_map::Entry},
+    sync::Arc,
+};
 
 use fleetlet_protocol::{DeviceId, ResourceId};
 use k8s_openapi::{
     api::core::v1::{Node, Pod},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
+
+/// EdgeDevices by device id. Two EdgeDevices of one name in different namespaces are one
+/// device id: the one created first has it (then the first namespace by name), and
+/// `ignored` is told of each other one. One pass over `devices`, without sorting them: the
+/// controller and the bridge run it over the whole fleet on every pass.
+pub fn devices_by_id(
+    devices: impl IntoIterator<Item = Arc<crate::EdgeDevice>>,
+    mut ignored: impl FnMut(&crate::EdgeDevice),
+) -> BTreeMap<DeviceId, Arc<crate::EdgeDevice>> {
+    fn first(d: &crate::EdgeDevice) -> (Option<k8s_openapi::jiff::Timestamp>, Option<&str>) {
+        (
+            d.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            d.metadata.namespace.as_deref(),
+        )
+    }
+    let mut out: BTreeMap<DeviceId, Arc<crate::EdgeDevice>> = BTreeMap::new();
+    for d in devices {
+        let Some(Ok(id)) = d.metadata.name.as_deref().map(DeviceId::new) else {
+            continue;
+        };
+        match out.entry(id) {
+            Entry::Vacant(e) => {
+                e.insert(d);
+            }
+            Entry::Occupied(mut e) if first(&d) < first(e.get()) => ignored(&e.insert(d)),
+            Entry::Occupied(_) => ignored(&d),
+        }
+    }
+    out
+}
 
 /// Label on every virtual Node: the device id it stands for.
 pub const DEVICE_LABEL: &str = "fleetlet.dev/device";
@@ -71,6 +104,55 @@ pub fn node_devices<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn device(namespace: &str, name: &str, created: Option<&str>) -> Arc<crate::EdgeDevice> {
+        let mut metadata = serde_json::json!({ "name": name, "namespace": namespace });
+        if let Some(t) = created {
+            metadata["creationTimestamp"] = serde_json::json!(t);
+        }
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "fleetlet.dev/v1alpha1",
+                "kind": "EdgeDevice",
+                "metadata": metadata,
+                "spec": {},
+            }))
+            .expect("an EdgeDevice"),
+        )
+    }
+
+    #[test]
+    fn one_device_id_in_two_namespaces_goes_to_the_older_object() {
+        let young = device("a", "pi", Some("2026-01-02T00:00:00Z"));
+        let old = device("z", "pi", Some("2026-01-01T00:00:00Z"));
+        let tie_b = device("b", "tie", Some("2026-01-01T00:00:00Z"));
+        let tie_a = device("a", "tie", Some("2026-01-01T00:00:00Z"));
+        let alone = device("a", "alone", None);
+        let bad = device("a", "Not_A_Device", None);
+        let mut ignored = Vec::new();
+        let by_id = devices_by_id(
+            [young, old, tie_b, tie_a, alone, bad],
+            |d: &crate::EdgeDevice| {
+                ignored.push(format!(
+                    "{}/{}",
+                    d.metadata.namespace.as_deref().unwrap_or_default(),
+                    d.metadata.name.as_deref().unwrap_or_default()
+                ));
+            },
+        );
+        let served: Vec<String> = by_id
+            .iter()
+            .map(|(id, d)| {
+                format!(
+                    "{id}:{}",
+                    d.metadata.namespace.as_deref().unwrap_or_default()
+                )
+            })
+            .collect();
+        assert_eq!(served, ["alone:a", "pi:z", "tie:a"]);
+        ignored.sort();
+        assert_eq!(ignored, ["a/pi", "b/tie"]);
+    }
 
     #[test]
     fn pod_tags_are_stable_and_container_ids_fall_back_to_the_index() {
