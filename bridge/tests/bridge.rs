@@ -273,12 +273,11 @@ async fn kubectl_get_nodes_shows_each_device_with_status_role_and_version() {
     let _beats = keep_beating(hb, "bn-pi");
     wait_node(env, "bn-pi", "True").await;
 
-    let out = env
-        .kubectl()
-        .unwrap()
-        .args(["get", "nodes", "bn-pi", "-o", "wide", "--no-headers"])
-        .output()
-        .unwrap();
+    // Run beside the beats: a blocking kubectl would stop this runtime's heartbeat task
+    // for as long as it runs, past the 3 s grace on a busy machine.
+    let mut get = env.kubectl().unwrap();
+    get.args(["get", "nodes", "bn-pi", "-o", "wide", "--no-headers"]);
+    let out = tokio::process::Command::from(get).output().await.unwrap();
     let line = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -452,6 +451,8 @@ async fn a_silent_device_turns_unknown_after_the_grace_period_and_ready_when_it_
     let devices = add_device(env, &ns, "bg-pi").await;
     let beats = keep_beating(hb.clone(), "bg-pi");
     wait_node(env, "bg-pi", "True").await;
+    let client = env.kube_client().await.unwrap();
+    wait_lease(&client, "bg-pi").await;
 
     beats.abort();
     let reason = wait_node(env, "bg-pi", "Unknown").await;
@@ -478,10 +479,10 @@ async fn a_silent_device_turns_unknown_after_the_grace_period_and_ready_when_it_
     );
     // Its Lease is no longer renewed, while the bridge renews a live device's: watched
     // until that one has moved twice.
-    let client = env.kube_client().await.unwrap();
     add_device(env, &ns, "bg-live").await;
     let live = keep_beating(hb.clone(), "bg-live");
     wait_node(env, "bg-live", "True").await;
+    wait_lease(&client, "bg-live").await;
     let silent_at = node_lease_renewed(&client, "bg-pi").await;
     assert!(silent_at.is_some());
     let seen = std::sync::Mutex::new(Vec::new());
@@ -602,7 +603,7 @@ async fn a_device_whose_name_a_node_already_has_gets_a_prefixed_node_and_the_oth
     let beats = keep_beating(hb, "bc-taken");
     wait_node(env, "fleetlet-bc-taken", "True").await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
-    lease_of(&leases, "fleetlet-bc-taken").await.unwrap();
+    wait_lease(&client, "fleetlet-bc-taken").await;
     assert!(leases.get_opt("bc-taken").await.unwrap().is_none());
     assert_eq!(
         nodes
@@ -953,10 +954,21 @@ async fn write_counts(client: &kube::Client) -> (f64, f64, f64) {
     )
 }
 
-/// When `name`'s Lease in kube-node-lease was last renewed.
+/// When `name`'s Lease in kube-node-lease was last renewed (None: no Lease yet).
 async fn node_lease_renewed(client: &kube::Client, name: &str) -> Option<MicroTime> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
-    leases.get(name).await.unwrap().spec?.renew_time
+    leases.get_opt(name).await.unwrap()?.spec?.renew_time
+}
+
+/// Waits until `name`'s Lease has been renewed once: the lease loop writes it apart from
+/// the Node, so a Node seen Ready may not have its Lease yet.
+async fn wait_lease(client: &kube::Client, name: &str) -> MicroTime {
+    eventually(&format!("{name}'s Lease"), DEFAULT_TIMEOUT, || async {
+        node_lease_renewed(client, name)
+            .await
+            .ok_or_else(|| "no Lease renewed yet".to_string())
+    })
+    .await
 }
 
 #[tokio::test]
@@ -1003,19 +1015,16 @@ async fn a_steady_fleet_causes_no_writes_but_lease_renewals_and_a_real_agent_con
     // carries it (an empty first generation could satisfy Converged for a moment).
     add_device(&env, "default", "st-pi").await;
 
-    let out = env
-        .kubectl()
-        .unwrap()
-        .args([
-            "wait",
-            "--for=condition=Converged",
-            "edgedevice/st-pi",
-            "-n",
-            "default",
-            "--timeout=60s",
-        ])
-        .output()
-        .unwrap();
+    let mut wait = env.kubectl().unwrap();
+    wait.args([
+        "wait",
+        "--for=condition=Converged",
+        "edgedevice/st-pi",
+        "-n",
+        "default",
+        "--timeout=60s",
+    ]);
+    let out = tokio::process::Command::from(wait).output().await.unwrap();
     assert!(
         out.status.success(),
         "kubectl wait: {}{}",
