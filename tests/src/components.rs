@@ -177,8 +177,17 @@ pub fn file_agent_config(
 /// controller keeps in Secret `name` of `namespace` (`--manifest-signing-secret`), once the
 /// controller has created it: what a device owner copies from the Secret.
 pub async fn manifest_trust(env: &TestEnv, namespace: &str, name: &str) -> Result<String, Error> {
+    manifest_trust_in(env.kube_client().await?, namespace, name).await
+}
+
+/// [`manifest_trust`] from the cluster `client` talks to.
+pub async fn manifest_trust_in(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<String, Error> {
     use k8s_openapi::api::core::v1::Secret;
-    let api: kube::Api<Secret> = kube::Api::namespaced(env.kube_client().await?, namespace);
+    let api: kube::Api<Secret> = kube::Api::namespaced(client, namespace);
     let secret = crate::eventually(
         &format!("the manifest signing Secret {namespace}/{name}"),
         crate::DEFAULT_TIMEOUT,

@@ -87,17 +87,12 @@ impl PodFleet {
         let config = agent_dir.join("agent.toml");
         std::fs::write(
             &config,
-            format!(
-                "device_id = \"{device}\"\nstate_dir = \"{state}\"\n[nats]\nurls = [\"{url}\"]\n\
-                 [reconcile]\ndrift_interval_seconds = 2\nheartbeat_interval_seconds = 1\nbackoff_initial_ms = 200\nbackoff_max_ms = 1000\n\
-                 [trust]\nallow_unsigned = true\n\
-                 [file]\nallowed_roots = [\"/opt/fleetlet\"]\npath_prefix = \"{root}\"\n\
-                 [container]\nsocket = \"{socket}\"\nname_prefix = \"{device}-\"\ninsecure_registries = [\"{registry}\"]\nstop_timeout_seconds = 1\n",
-                state = agent_dir.join("state").display(),
-                url = env.nats_url()?,
-                root = agent_dir.join("root").display(),
-                socket = pm.socket.display(),
-                registry = pm.registry,
+            podman_agent_config(
+                env.nats_url()?,
+                &agent_dir,
+                device,
+                pm,
+                components::UNSIGNED_OK,
             ),
         )?;
         let agent = Service::spawn(
@@ -116,6 +111,29 @@ impl PodFleet {
             services: vec![agent, bridge, controller],
         })
     }
+}
+
+/// An agent's config for `device` in `dir` that runs files (under `dir/root`, below
+/// /opt/fleetlet) and containers with `pm`'s podman, pulling from its registry; quick
+/// heartbeats, drift checks and retries. `trust` is its `[trust]` table.
+pub fn podman_agent_config(
+    nats_url: &str,
+    dir: &std::path::Path,
+    device: &str,
+    pm: &PodmanSandbox,
+    trust: &str,
+) -> String {
+    format!(
+        "device_id = \"{device}\"\nstate_dir = \"{state}\"\n[nats]\nurls = [\"{nats_url}\"]\n\
+         [reconcile]\ndrift_interval_seconds = 2\nheartbeat_interval_seconds = 1\nbackoff_initial_ms = 200\nbackoff_max_ms = 1000\n\
+         {trust}\
+         [file]\nallowed_roots = [\"/opt/fleetlet\"]\npath_prefix = \"{root}\"\n\
+         [container]\nsocket = \"{socket}\"\nname_prefix = \"{device}-\"\ninsecure_registries = [\"{registry}\"]\nstop_timeout_seconds = 1\n",
+        state = dir.join("state").display(),
+        root = dir.join("root").display(),
+        socket = pm.socket.display(),
+        registry = pm.registry,
+    )
 }
 
 /// A pod `pf` on `node` for port-forward checks and benchmarks: port 9000 answers the

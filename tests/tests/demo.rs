@@ -7,29 +7,10 @@ use std::{path::Path, process::Command};
 /// The shell blocks of a Markdown document marked runnable (an HTML comment starting
 /// `<!-- runnable` on the line before the fence).
 fn runnable_blocks(doc: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(doc).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    let mut blocks = Vec::new();
-    for (i, line) in lines.iter().enumerate() {
-        if !line.trim_start().starts_with("<!-- runnable") {
-            continue;
-        }
-        let fence = lines.get(i + 1).copied().unwrap_or_default();
-        assert_eq!(
-            fence.trim(),
-            "```sh",
-            "{}:{}: a runnable marker must precede a sh block",
-            doc.display(),
-            i + 1
-        );
-        let body: Vec<&str> = lines[i + 2..]
-            .iter()
-            .take_while(|l| l.trim() != "```")
-            .copied()
-            .collect();
-        blocks.push(body.join("\n") + "\n");
-    }
-    blocks
+    fleetlet_testenv::docs::marked_blocks(doc, "<!-- runnable")
+        .into_iter()
+        .map(|(_, block)| block)
+        .collect()
 }
 
 /// One demo at a time: each runs a whole control plane, and the convergence checks have

@@ -8,28 +8,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    sync::OnceLock,
-};
+use std::{path::Path, process::Command};
 
 use fleetlet_testenv::{chart::checked, repo_root, sandbox::PodmanSandbox};
 
-/// Builds the binaries once per test run; returns scripts/dist's output directory.
 fn dist() -> &'static Path {
-    static OUT: OnceLock<PathBuf> = OnceLock::new();
-    OUT.get_or_init(|| {
-        let target = repo_root().join("target").join("dist-check");
-        let out = target.join("out");
-        let mut cmd = Command::new(repo_root().join("scripts/dist"));
-        cmd.args(["--profile", "dist-check", "--out"])
-            .arg(&out)
-            .args(["--control-targets", "x86_64-unknown-linux-musl"])
-            .env("CARGO_TARGET_DIR", &target);
-        checked("scripts/dist", cmd).unwrap();
-        out
-    })
+    fleetlet_testenv::release::dist_check().unwrap()
 }
 
 /// (e_machine, has a PT_INTERP program header) of an ELF file.
@@ -220,21 +204,15 @@ async fn release_pushes_images_and_a_chart_that_helm_installs_from_the_registry(
     let registry = format!("{}/fleetlet-release", pm.registry);
     let artifacts = work.path().join("out");
     let helm_home = work.path().join("helm");
-    let mut release = Command::new(repo_root().join("scripts/release"));
-    release
-        .args(["--registry", &registry, "--plain-http", "--arch", "amd64"])
-        .args(["--version", "0.1.0", "--dist"])
-        .arg(out)
-        .arg("--out")
-        .arg(&artifacts)
-        .current_dir(repo_root())
-        .envs(pm.cli_env.iter().map(|(k, v)| (k, v)))
-        .env("HELM", &fleetlet_testenv::Binaries::locate().unwrap().helm)
-        .env("HELM_CACHE_HOME", helm_home.join("cache"))
-        .env("HELM_CONFIG_HOME", helm_home.join("config"))
-        .env("HELM_DATA_HOME", helm_home.join("data"));
-    let done = checked("scripts/release", release).unwrap();
-    let printed = String::from_utf8_lossy(&done.stdout);
+    let printed = fleetlet_testenv::release::release(
+        &registry,
+        "0.1.0",
+        out,
+        &artifacts,
+        &helm_home,
+        &pm.cli_env,
+    )
+    .unwrap();
     assert!(
         printed.contains(&format!("oci://{registry}/charts/fleetlet --version 0.1.0")),
         "{printed}"

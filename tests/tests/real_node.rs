@@ -6,13 +6,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
-use std::{
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{path::Path, process::Command, time::Duration};
 
-use fleetlet_testenv::{eventually, process::Service, process::free_port, repo_root};
+use fleetlet_testenv::{eventually, real_node::RealNode};
 
 /// The kernel settings kubelet sets on a node of its own; here they must stay the host's.
 const SYSCTLS: [&str; 4] = [
@@ -54,41 +50,6 @@ fn leftovers() -> Vec<String> {
     out
 }
 
-struct Kubectl(PathBuf);
-
-impl Kubectl {
-    fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
-        let mut child = Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&self.0)
-            .args(["--request-timeout=20s"])
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            use std::io::Write;
-            pipe.write_all(text.as_bytes()).map_err(|e| e.to_string())?;
-        }
-        let out = child.wait_with_output().map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "kubectl {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_real_kubelet_runs_a_pod_that_kubectl_logs_and_exec_reach() {
     let before = sysctls();
@@ -98,24 +59,8 @@ async fn a_real_kubelet_runs_a_pod_that_kubectl_logs_and_exec_reach() {
         Vec::<String>::new(),
         "a node of an earlier run"
     );
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port().unwrap();
-    let mut node = Service::spawn(
-        "real-node",
-        &repo_root().join("scripts/real-node"),
-        &[dir.path().display().to_string(), port.to_string()],
-        dir.path().join("real-node.log"),
-    )
-    .unwrap();
-    // Up to a few minutes the first time: the script builds kubelet if it is not cached.
-    for _ in 0..1200 {
-        if dir.path().join("ready").exists() {
-            break;
-        }
-        node.check_running().unwrap();
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let kubectl = Kubectl(dir.path().join("admin.kubeconfig"));
+    let mut node = RealNode::start(&[]).await.unwrap();
+    let kubectl = node.kubectl();
 
     // The node, as kubelet registered it.
     let nodes = kubectl
@@ -148,7 +93,7 @@ async fn a_real_kubelet_runs_a_pod_that_kubectl_logs_and_exec_reach() {
       "spec":{"nodeName":"real-node","automountServiceAccountToken":false,"terminationGracePeriodSeconds":1,
         "containers":[{"name":"hello","image":"fleetlet.local/busybox:1","imagePullPolicy":"Never",
           "command":["sh","-c","echo hello from a real node; exec sleep 3600"]}]}}"#;
-    let file = dir.path().join("pod.json");
+    let file = node.dir.path().join("pod.json");
     std::fs::write(&file, pod).unwrap();
     kubectl
         .run(&["apply", "-f", &file.display().to_string()], None)
