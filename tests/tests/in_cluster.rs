@@ -671,9 +671,13 @@ async fn the_chart_from_a_registry_runs_on_a_real_node_hands_over_upgrades_and_r
         helm(&["uninstall", "fleetlet", "-n", NS, "--wait"]),
     )
     .unwrap();
-    assert_eq!(
-        kubectl
-            .run(
+    // helm waits for the Deployments to go; their Pods are then removed by the garbage
+    // collector and stop within their grace period.
+    eventually(
+        "the chart's Deployments and Pods gone",
+        Duration::from_secs(90),
+        || async {
+            let left = kubectl.run(
                 &[
                     "get",
                     "deployments,pods",
@@ -682,14 +686,14 @@ async fn the_chart_from_a_registry_runs_on_a_real_node_hands_over_upgrades_and_r
                     "-l",
                     "app.kubernetes.io/instance=fleetlet",
                     "-o",
-                    "name"
+                    "name",
                 ],
-                None
-            )
-            .unwrap()
-            .trim(),
-        ""
-    );
+                None,
+            )?;
+            left.trim().is_empty().then_some(()).ok_or(left)
+        },
+    )
+    .await;
     for role in ["fleetlet-controller", "fleetlet-bridge"] {
         assert!(
             kubectl.run(&["get", "clusterrole", role], None).is_err(),
