@@ -33,7 +33,10 @@ use fleetlet_crds::{
         runtime::{WatchStreamExt, reflector, watcher},
     },
 };
-use fleetlet_plumbing::{KvCache, LeaderGated, NatsArgs, kvcache::ChangedKeys, leader::Election};
+use fleetlet_plumbing::{
+    Elector, KvCache, LeaderGated, NatsArgs, kvcache::ChangedKeys, leader::Election,
+    shards::Ownership,
+};
 use fleetlet_protocol::{
     DeviceId, Heartbeat,
     kv::{ACTUAL_STATE, FACTS, HEARTBEAT},
@@ -231,20 +234,20 @@ pub async fn run(
     let identity = fleetlet_plumbing::default_identity(args.identity.as_deref());
     let gate = LeaderGated {
         client,
-        election: Election::new(
+        election: Elector::Single(Election::new(
             &args.lease_namespace,
             &args.lease_name,
             &identity,
             args.lease_seconds,
-        ),
+        )),
         changed,
         settle: Duration::from_millis(20),
-        leader: tokio::sync::watch::Sender::new(false),
+        owned: tokio::sync::watch::Sender::new(Ownership::none(1)),
     };
     let mirror = Arc::new(mirror);
     tasks.spawn(renew_leases(
         mirror.clone(),
-        gate.leader.subscribe(),
+        gate.owned.subscribe(),
         lease_due,
         beaten,
     ));
@@ -253,7 +256,8 @@ pub async fn run(
 
     let resync = Duration::from_secs(args.resync_seconds.max(1));
     let mut next_full = Instant::now();
-    gate.run(shutdown, async |leader| {
+    gate.run(shutdown, async |held| {
+        let leader = held.any();
         metrics.set_leader(leader);
         let is_synced = watches.synced.load(Ordering::Relaxed) && mirror.synced();
         ready.store(is_synced, Ordering::Relaxed);
@@ -284,7 +288,7 @@ const LEASE_SETTLE: Duration = Duration::from_millis(50);
 /// there are). Woken by heartbeats (`due`) and once a [`LEASE_TICK`].
 async fn renew_leases(
     mirror: Arc<Mirror>,
-    mut leader: tokio::sync::watch::Receiver<bool>,
+    mut leader: tokio::sync::watch::Receiver<Ownership>,
     due: Arc<Notify>,
     beaten: ChangedKeys<Heartbeat>,
 ) {
@@ -295,7 +299,7 @@ async fn renew_leases(
             Ok(()) = leader.changed() => {}
         }
         let beat = beaten.take();
-        if *leader.borrow_and_update() {
+        if leader.borrow_and_update().any() {
             mirror.renew_leases(beat).await;
         } else {
             mirror.forget_leases();

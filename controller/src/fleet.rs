@@ -20,6 +20,7 @@ use fleetlet_crds::{
         },
     },
 };
+use fleetlet_plumbing::shards::Ownership;
 use fleetlet_protocol::{
     AgentManifest, AgentStatus, DeviceFacts, DeviceId, FactsReport, Heartbeat, OwnerKind,
     Timestamp, encode, facts_of,
@@ -209,8 +210,9 @@ impl Fleet {
         self
     }
 
-    /// Pods on virtual nodes as resources per device; refusals reported once each.
-    async fn pod_views(&self) -> Vec<PodView> {
+    /// Pods on virtual nodes as resources per device; refusals reported once each, for the
+    /// devices `own` holds.
+    async fn pod_views(&self, own: &Ownership) -> Vec<PodView> {
         let Some(watch) = &self.pods else {
             return Vec::new();
         };
@@ -233,7 +235,8 @@ impl Fleet {
                     key,
                     resources,
                 }),
-                Err(r) => refused.push((pod, r)),
+                Err(r) if own.holds(device.as_str()) => refused.push((pod, r)),
+                Err(_) => {}
             }
         }
         for (pod, r) in &refused {
@@ -515,12 +518,16 @@ impl Fleet {
         })
     }
 
-    /// One full pass.
-    #[instrument(skip(self))]
-    pub async fn reconcile(&self) -> Result<PassSummary, Error> {
+    /// One full pass. Every replica plans the whole fleet, so rollout budgets count every
+    /// device; it writes only what `own` holds: the desired state and status of the
+    /// devices of its shards, and the status and Events of the manifests of its shards.
+    #[instrument(skip_all, fields(shards = ?own.held()))]
+    pub async fn reconcile(&self, own: &Ownership) -> Result<PassSummary, Error> {
         let started = std::time::Instant::now();
         let mut summary = PassSummary::default();
         let devices = self.device_objects();
+        let owned_devices = owned(&devices, own);
+        let devices_here: &BTreeMap<DeviceId, Arc<EdgeDevice>> = &owned_devices;
         let views = device_views(
             &devices,
             &self.ctx.heartbeats.snapshot(),
@@ -529,6 +536,18 @@ impl Fleet {
             self.deadlines.offline_after,
         );
         let manifests: Vec<Arc<EdgeManifest>> = self.ctx.manifests.state();
+        let manifests_here: Vec<Arc<EdgeManifest>> = manifests
+            .iter()
+            .filter(|m| {
+                own.is_whole()
+                    || own.holds(&format!(
+                        "{}/{}",
+                        m.namespace().unwrap_or_default(),
+                        m.name_any()
+                    ))
+            })
+            .cloned()
+            .collect();
         let mviews: Vec<ManifestView> = manifests.iter().map(|m| manifest_view(m)).collect();
         let desired = self.ctx.desired.snapshot();
         let actual = self.ctx.actual.snapshot();
@@ -550,11 +569,11 @@ impl Fleet {
             .map(ManifestView::key)
             .collect();
         let mut p = plan(&views, &mviews, &state);
-        add_pods(&mut p, &self.pod_views().await);
+        add_pods(&mut p, &self.pod_views(own).await);
 
         let writes = self.manifests_to_write(
             device_resources(&p, &state, &views, &deleting),
-            &devices,
+            devices_here,
             &desired,
             &actual,
         );
@@ -564,8 +583,8 @@ impl Fleet {
             kv_writes = summary.kv_writes,
             "desired state written"
         );
-        summary.status_patches += self.mark_device_problems(&devices, &actual, &p).await;
-        for (id, obj) in &devices {
+        summary.status_patches += self.mark_device_problems(devices_here, &actual, &p).await;
+        for (id, obj) in devices_here {
             let written = desired.get(id).map(|c| c.value.generation);
             let recorded = obj.status.as_ref().and_then(|s| s.desired_generation);
             if let Some(g) = written
@@ -576,13 +595,22 @@ impl Fleet {
             }
         }
 
-        summary.kv_deletes += self.remove_orphans(&devices).await;
-        summary.status_patches += self.finish_manifests(&manifests, &p).await;
-        self.ctx.metrics.record_rollouts(p.progress.values());
-        self.report_conflicts(&manifests, &p.conflicts).await;
-        self.report_over_limits(&manifests, &devices, &p.over_limit)
+        summary.kv_deletes += self.remove_orphans(&devices, own).await;
+        summary.status_patches += self.finish_manifests(&manifests_here, &p).await;
+        let keys: HashSet<String> = manifests_here
+            .iter()
+            .map(|m| format!("{}/{}", m.namespace().unwrap_or_default(), m.name_any()))
+            .collect();
+        self.ctx.metrics.record_rollouts(
+            p.progress
+                .iter()
+                .filter(|(k, _)| keys.contains(*k))
+                .map(|(_, v)| v),
+        );
+        self.report_conflicts(&manifests_here, &p.conflicts).await;
+        self.report_over_limits(&manifests_here, devices_here, &p.over_limit)
             .await;
-        self.report_devices(&manifests, &devices, &actual, &desired)
+        self.report_devices(&manifests_here, devices_here, &actual, &desired)
             .await;
 
         let took = started.elapsed();
@@ -816,7 +844,11 @@ impl Fleet {
 
     /// Deletes the KV keys of devices that no longer have an EdgeDevice (see
     /// [`crate::orphans`]: a device not known yet keeps its keys for a while).
-    async fn remove_orphans(&self, devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>) -> u32 {
+    async fn remove_orphans(
+        &self,
+        devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>,
+        own: &Ownership,
+    ) -> u32 {
         let mut deleted = 0;
         let buckets: [(&Store, Vec<DeviceId>, &str); 4] = [
             (
@@ -854,7 +886,10 @@ impl Fleet {
                 std::time::Instant::now(),
             );
         for (store, ids, bucket) in buckets {
-            for id in ids.into_iter().filter(|id| gone.contains(id)) {
+            for id in ids
+                .into_iter()
+                .filter(|id| gone.contains(id) && own.holds(id.as_str()))
+            {
                 match crate::remove_key(store, id.as_str()).await {
                     Ok(()) => {
                         info!(device = %id, bucket, "removed the key of a deleted device");
@@ -1057,6 +1092,24 @@ impl Fleet {
             }
         }
     }
+}
+
+/// The devices of `devices` whose shard `own` holds (all of them, borrowed, when it holds
+/// every shard).
+fn owned<'a>(
+    devices: &'a BTreeMap<DeviceId, Arc<EdgeDevice>>,
+    own: &Ownership,
+) -> std::borrow::Cow<'a, BTreeMap<DeviceId, Arc<EdgeDevice>>> {
+    if own.is_whole() {
+        return std::borrow::Cow::Borrowed(devices);
+    }
+    std::borrow::Cow::Owned(
+        devices
+            .iter()
+            .filter(|(id, _)| own.holds(id.as_str()))
+            .map(|(id, d)| (id.clone(), d.clone()))
+            .collect(),
+    )
 }
 
 /// The manifest `namespace/name` among `manifests`.

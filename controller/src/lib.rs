@@ -47,9 +47,9 @@ use tracing::{info, warn};
 pub use fleet::{Fleet, PassSummary};
 // The shared plumbing, under the names the controller's modules use.
 pub use fleetlet_plumbing::{
-    KvCache, LeaderGated, NatsArgs, any_change, default_identity, fingerprint, init_tracing,
-    keep_all, kvcache, leader, serve_metrics, shutdown_signal, slim, stopped, watch_crd,
-    watch_objects,
+    Elector, KvCache, LeaderGated, NatsArgs, any_change, default_identity, fingerprint,
+    init_tracing, keep_all, kvcache, leader, serve_metrics, shards, shutdown_signal, slim, stopped,
+    watch_crd, watch_objects,
 };
 pub use metrics::Metrics;
 
@@ -125,6 +125,11 @@ pub struct Args {
         default_value = "fleetlet-controller"
     )]
     pub lease_name: String,
+    /// Shards the fleet is split into between replicas, each held through a Lease of its
+    /// own (`<lease-name>-shard-<k>`); 1 is a single leader on `--lease-name`. Every
+    /// replica of one controller must be given the same number.
+    #[arg(long, env = "FLEETLET_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub shards: u32,
     /// This instance's name in the Lease; defaults to the pod name or hostname and pid.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
@@ -420,28 +425,38 @@ pub async fn run(
     ));
     let gate = LeaderGated {
         client,
-        election: leader::Election::new(
-            &args.lease_namespace,
-            &args.lease_name,
-            &identity,
-            args.lease_seconds,
-        ),
+        election: if args.shards > 1 {
+            Elector::Sharded(shards::ShardElection::new(
+                &args.lease_namespace,
+                &args.lease_name,
+                &identity,
+                args.shards,
+                args.lease_seconds,
+            ))
+        } else {
+            Elector::Single(leader::Election::new(
+                &args.lease_namespace,
+                &args.lease_name,
+                &identity,
+                args.lease_seconds,
+            ))
+        },
         changed,
         // Let a burst of changes settle into one pass.
         settle: Duration::from_millis(50),
-        leader: tokio::sync::watch::Sender::new(false),
+        owned: tokio::sync::watch::Sender::new(shards::Ownership::none(args.shards)),
     };
     info!(%identity, %metrics_addr, "controller started");
     on_ready(metrics_addr);
 
     let resync = Duration::from_secs(args.resync_seconds.max(1));
     let identities = wiring.identities;
-    gate.run(shutdown, async |is_leader| {
-        metrics.set_leader(is_leader);
+    gate.run(shutdown, async |held| {
+        metrics.set_held(held);
         let synced = watches.synced() && fleet.synced();
         ready.store(synced, Ordering::Relaxed);
-        if is_leader && synced {
-            pass(&fleet, identities.as_ref()).await;
+        if held.any() && synced {
+            pass(&fleet, identities.as_ref(), held).await;
         }
         tokio::time::Instant::now() + resync
     })
@@ -450,16 +465,18 @@ pub async fn run(
     Ok(())
 }
 
-/// One leader pass: device identities first (a deleted device loses access before
-/// anything else), then the fleet.
-async fn pass(fleet: &Fleet, identities: Option<&identity::Identities>) {
+/// One pass over what this instance holds: device identities first (a deleted device
+/// loses access before anything else), then the fleet. Identities are one record (the
+/// ledger, written compare-and-set), kept by the holder of shard 0.
+async fn pass(fleet: &Fleet, identities: Option<&identity::Identities>, held: &shards::Ownership) {
     if let Some(ids) = identities
+        && held.holds_shard(0)
         && let Err(e) = ids.reconcile(&fleet.device_objects()).await
     {
         fleet.ctx.metrics.error("identity");
         warn!(error = %e, "device identities");
     }
-    if let Err(e) = fleet.reconcile().await {
+    if let Err(e) = fleet.reconcile(held).await {
         fleet.ctx.metrics.error(e.category());
         warn!(error = %e, category = e.category(), "pass failed");
     }

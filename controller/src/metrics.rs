@@ -39,6 +39,7 @@ pub struct Metrics {
     devices_pending_rollout: Gauge,
     devices_waiting_ready: Gauge,
     leader: Gauge<i64, AtomicI64>,
+    shards_held: Gauge<i64, AtomicI64>,
 }
 
 type AtomicI64 = std::sync::atomic::AtomicI64;
@@ -62,6 +63,7 @@ impl Default for Metrics {
             devices_pending_rollout: Gauge::default(),
             devices_waiting_ready: Gauge::default(),
             leader: Gauge::default(),
+            shards_held: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("passes", "Fleet reconcile passes", m.passes.clone());
@@ -100,8 +102,13 @@ impl Default for Metrics {
         );
         registry.register(
             "leader",
-            "1 while this instance holds the leader lease",
+            "1 while this instance holds the leader lease (with --shards, any shard)",
             m.leader.clone(),
+        );
+        registry.register(
+            "shards_held",
+            "Shards of the fleet this instance holds (1 of 1 for a single leader)",
+            m.shards_held.clone(),
         );
         registry.register(
             "errors",
@@ -184,8 +191,10 @@ impl Metrics {
         self.devices_waiting_ready.set(waiting);
     }
 
-    pub fn set_leader(&self, leader: bool) {
-        self.leader.set(i64::from(leader));
+    /// The leader gauge (1 while any shard is held) and the shards held.
+    pub fn set_held(&self, held: &fleetlet_plumbing::shards::Ownership) {
+        self.leader.set(i64::from(held.any()));
+        self.shards_held.set(held.held().len() as i64);
     }
 }
 

@@ -22,6 +22,7 @@ macro_rules! jemalloc_options {
 
 pub mod kvcache;
 pub mod leader;
+pub mod shards;
 
 use std::{
     collections::HashMap,
@@ -372,30 +373,63 @@ fn identity<K: Resource>(o: &K) -> u64 {
     h.finish()
 }
 
+/// How a replica finds out what it may work on: one Lease for the whole fleet, or a
+/// Lease per shard ([`shards`]).
+pub enum Elector {
+    Single(leader::Election),
+    Sharded(shards::ShardElection),
+}
+
+impl Elector {
+    async fn run(
+        self,
+        client: Client,
+        owned: watch::Sender<shards::Ownership>,
+        stop: watch::Receiver<bool>,
+    ) {
+        match self {
+            Self::Sharded(e) => e.run(client, owned, stop).await,
+            Self::Single(e) => {
+                let (leader, mut leading) = watch::channel(false);
+                let election = tokio::spawn(e.run(client, leader, stop));
+                while leading.changed().await.is_ok() {
+                    let whole = *leading.borrow_and_update();
+                    owned.send_replace(if whole {
+                        shards::Ownership::whole(1)
+                    } else {
+                        shards::Ownership::none(1)
+                    });
+                }
+                let _ = election.await;
+            }
+        }
+    }
+}
+
 /// The main loop both binaries run: wake on a change, at the deadline the last step gave,
-/// or when leadership changes; let a burst of changes settle; run one step with whether
-/// this instance leads. Ends on `shutdown`, releasing the Lease.
+/// or when what this instance holds changes; let a burst of changes settle; run one step
+/// with what it holds. Ends on `shutdown`, releasing the Lease(s).
 pub struct LeaderGated {
     pub client: Client,
-    pub election: leader::Election,
+    pub election: Elector,
     pub changed: Arc<Notify>,
     /// How long a burst of changes may settle into one step.
     pub settle: Duration,
-    /// Whether this instance leads, for work that runs beside the steps
+    /// What this instance holds, for work that runs beside the steps
     /// ([`watch::Sender::subscribe`]); the election sets it.
-    pub leader: watch::Sender<bool>,
+    pub owned: watch::Sender<shards::Ownership>,
 }
 
 impl LeaderGated {
-    /// Runs `step(is_leader)` on every wake-up until `shutdown`; each step returns when the
+    /// Runs `step(held)` on every wake-up until `shutdown`; each step returns when the
     /// next one is due if nothing changes before.
     pub async fn run<F>(self, shutdown: impl Future<Output = ()>, mut step: F)
     where
-        F: AsyncFnMut(bool) -> Instant,
+        F: AsyncFnMut(&shards::Ownership) -> Instant,
     {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let mut leader_rx = self.leader.subscribe();
-        let election = tokio::spawn(self.election.run(self.client, self.leader, stop_rx));
+        let mut owned_rx = self.owned.subscribe();
+        let election = tokio::spawn(self.election.run(self.client, self.owned, stop_rx));
         let changed = self.changed;
         let main_loop = async {
             let mut next = Instant::now();
@@ -403,11 +437,11 @@ impl LeaderGated {
                 tokio::select! {
                     _ = changed.notified() => {}
                     _ = tokio::time::sleep_until(next) => {}
-                    Ok(()) = leader_rx.changed() => {}
+                    Ok(()) = owned_rx.changed() => {}
                 }
                 tokio::time::sleep(self.settle).await;
-                let leader = *leader_rx.borrow();
-                next = step(leader).await;
+                let held = owned_rx.borrow_and_update().clone();
+                next = step(&held).await;
             }
         };
         tokio::select! {

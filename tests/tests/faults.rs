@@ -1128,3 +1128,344 @@ async fn the_device_state_directory_full() {
         ),
     );
 }
+
+const SHARDED_DEVICES: usize = 16;
+const SHARDS: u32 = 4;
+const SHARD_LEASE_SECONDS: u64 = 6;
+
+/// Live holders of the controller's shard Leases: shard → identity.
+async fn shard_holders(env: &TestEnv) -> std::collections::BTreeMap<u32, String> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let Ok(client) = env.kube_client().await else {
+        return Default::default();
+    };
+    let leases: Api<Lease> = Api::namespaced(client, "fleetlet-system");
+    let Ok(list) =
+        leases
+            .list(&kube::api::ListParams::default().labels(
+                "fleetlet.dev/lease-group=fleetlet-controller,fleetlet.dev/lease-role=shard",
+            ))
+            .await
+    else {
+        return Default::default();
+    };
+    let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+    list.items
+        .into_iter()
+        .filter_map(|l| {
+            let k = l
+                .metadata
+                .name
+                .as_deref()?
+                .strip_prefix("fleetlet-controller-shard-")?;
+            let spec = l.spec?;
+            let renewed = spec.renew_time?.0.as_millisecond();
+            let live = renewed + i64::from(spec.lease_duration_seconds?) * 1000 >= now;
+            Some((k.parse().ok()?, spec.holder_identity.filter(|_| live)?))
+        })
+        .collect()
+}
+
+/// How many shards `identity` holds.
+fn holding(holders: &std::collections::BTreeMap<u32, String>, identity: &str) -> usize {
+    holders.values().filter(|h| *h == identity).count()
+}
+
+/// A sharded controller replica: `--shards`, a short Lease, its own identity and metrics
+/// port.
+fn start_replica(env: &TestEnv, dir: &std::path::Path, identity: &str, port: u16) -> Service {
+    let dir = dir.join(identity);
+    std::fs::create_dir_all(&dir).unwrap();
+    components::start_controller(
+        env,
+        &components::bin_dir().unwrap(),
+        &dir,
+        &[
+            "--resync-seconds=1",
+            &format!("--shards={SHARDS}"),
+            &format!("--lease-seconds={SHARD_LEASE_SECONDS}"),
+            &format!("--identity={identity}"),
+            &format!("--metrics-addr=127.0.0.1:{port}"),
+        ],
+    )
+    .unwrap()
+}
+
+/// desired-state writes a replica counted as stored.
+fn kv_writes(port: u16) -> u64 {
+    fleetlet_testenv::bench::local_get(port, "/metrics")
+        .lines()
+        .find(|l| l.starts_with("fleetlet_controller_kv_writes_total{result=\"ok\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One KV entry as a watcher saw it: bucket, key, when the server stored it (ns), value.
+type Seen = (&'static str, String, i128, Vec<u8>);
+
+/// Everything written to desired-state and actual-state until `stop` is set.
+fn record_entries(
+    js: async_nats::jetstream::Context,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Seen>> {
+    use futures::StreamExt;
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let desired = js.get_key_value("desired-state").await.unwrap();
+        let actual = js.get_key_value("actual-state").await.unwrap();
+        let d = desired.watch_all().await.unwrap().map(|e| ("desired", e));
+        let a = actual.watch_all().await.unwrap().map(|e| ("actual", e));
+        let mut both = futures::stream::select(d, a);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(Some((bucket, Ok(e)))) =
+                tokio::time::timeout(Duration::from_millis(200), both.next()).await
+            {
+                seen.push((
+                    bucket,
+                    e.key,
+                    e.created.unix_timestamp_nanos(),
+                    e.value.to_vec(),
+                ));
+            }
+        }
+        seen
+    })
+}
+
+/// The most devices that were, at one moment, given the manifest holding `text` and not
+/// yet Ready on it, by the server's store times: from the desired-state write that first
+/// holds `text` to the first status at that generation with every resource Ready.
+fn most_unready_at_once(seen: &[Seen], text: &str) -> usize {
+    let needle = format!("\"{text}\"");
+    let mut written: std::collections::HashMap<&str, (i128, u64)> = Default::default();
+    for (bucket, key, at, value) in seen {
+        if *bucket == "desired"
+            && !written.contains_key(key.as_str())
+            && let Ok(m) = decode::<fleetlet_protocol::AgentManifest>(value)
+            && serde_json::to_string(&m.resources).is_ok_and(|s| s.contains(&needle))
+        {
+            written.insert(key, (*at, m.generation));
+        }
+    }
+    let mut edges = Vec::new();
+    for (key, (from, generation)) in &written {
+        let ready = seen
+            .iter()
+            .filter(|(b, k, at, _)| *b == "actual" && k == key && at >= from)
+            .filter_map(|(_, _, at, v)| {
+                Some((*at, decode::<fleetlet_protocol::AgentStatus>(v).ok()?))
+            })
+            .find(|(_, s)| {
+                s.observed_generation >= *generation
+                    && s.resources
+                        .values()
+                        .all(|r| matches!(r, fleetlet_protocol::ResourceStatus::Ready { .. }))
+            })
+            .map_or(i128::MAX, |(at, _)| at);
+        edges.push((*from, 1i32));
+        edges.push((ready, -1));
+    }
+    // At a tie, a device turning Ready frees its slot before the next one takes it.
+    edges.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, step) in edges {
+        now += step;
+        most = most.max(now);
+    }
+    usize::try_from(most).unwrap_or(0)
+}
+
+/// Two controller replicas split 4 shards of 16 simulated devices; a rollout with
+/// maxUnavailable 2 over devices of every shard keeps one budget; a replica SIGKILLed has
+/// its shards taken over once their Leases run out; a new replica gets its share back.
+#[tokio::test(flavor = "multi_thread")]
+async fn sharded_controller_replicas_split_the_fleet_keep_one_rollout_budget_and_take_over_a_dead_ones_shards()
+ {
+    use fleetlet_plumbing::shards::shard_of;
+    use fleetlet_testenv::process::free_port;
+    let env = TestEnv::builder().kube().nats().start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bins = components::bin_dir().unwrap();
+    let ports = [
+        free_port().unwrap(),
+        free_port().unwrap(),
+        free_port().unwrap(),
+    ];
+    let mut a = start_replica(&env, dir.path(), "replica-a", ports[0]);
+    let _b = start_replica(&env, dir.path(), "replica-b", ports[1]);
+    let split = eventually(
+        "the shards split 2 and 2",
+        Duration::from_secs(60),
+        || async {
+            let h = shard_holders(&env).await;
+            (h.len() == SHARDS as usize
+                && holding(&h, "replica-a") == 2
+                && holding(&h, "replica-b") == 2)
+                .then_some(h.clone())
+                .ok_or(format!("{h:?}"))
+        },
+    )
+    .await;
+
+    let names: Vec<String> = (0..SHARDED_DEVICES).map(|i| format!("sh-{i}")).collect();
+    let of = |who: &str, h: &std::collections::BTreeMap<u32, String>| {
+        names
+            .iter()
+            .filter(|d| h.get(&shard_of(d, SHARDS)).is_some_and(|x| x == who))
+            .count()
+    };
+    let (on_a, on_b) = (of("replica-a", &split), of("replica-b", &split));
+    assert!(
+        on_a > 0 && on_b > 0,
+        "the devices fall in one replica's shards: {on_a} / {on_b}"
+    );
+    let devices_yaml: String = names.iter().map(|d| device_yaml(d)).collect();
+    let yaml = |text: &str| {
+        devices_yaml.clone()
+            + &file_manifest(
+                "sharded",
+                &[("/etc/fleetlet/version".into(), text.into())],
+                "  rollout: { maxUnavailable: 2 }\n",
+            )
+    };
+    let sim_dir = dir.path().join("sim");
+    let _sim = Service::spawn(
+        "fleetlet-sim",
+        &bins.join("fleetlet-sim"),
+        &[
+            format!("--nats-url={}", env.nats_url().unwrap()),
+            format!("--devices={SHARDED_DEVICES}"),
+            "--prefix=sh-".into(),
+            format!("--dir={}", sim_dir.display()),
+            "--heartbeat-seconds=2".into(),
+            // Every device takes a while to apply, so the budget is what paces the rollout.
+            "--slow=1.0".into(),
+            "--slow-ms=1000".into(),
+        ],
+        dir.path().join("sim.log"),
+    )
+    .unwrap();
+    let on = |text: &str| {
+        names
+            .iter()
+            .filter(|d| {
+                std::fs::read_to_string(sim_dir.join(d).join("root/etc/fleetlet/version"))
+                    .is_ok_and(|c| c == text)
+            })
+            .count()
+    };
+    let everywhere = async |text: &str| {
+        eventually(
+            &format!("{text} on every device"),
+            Duration::from_secs(120),
+            || async {
+                let n = on(text);
+                (n == SHARDED_DEVICES)
+                    .then_some(())
+                    .ok_or(format!("{n} of {SHARDED_DEVICES}"))
+            },
+        )
+        .await
+    };
+    env.apply(&yaml("v1")).unwrap();
+    everywhere("v1").await;
+    keys_hold(&env, &names, "v1").await;
+
+    // 1. A rollout over both replicas' devices, budget 2.
+    let before = [kv_writes(ports[0]), kv_writes(ports[1])];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let recorder = record_entries(env.jetstream().await.unwrap(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    env.apply(&yaml("v2")).unwrap();
+    everywhere("v2").await;
+    keys_hold(&env, &names, "v2").await;
+    let rollout = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = recorder.await.unwrap();
+    let most = most_unready_at_once(&seen, "v2");
+    assert!(
+        most <= 2,
+        "{most} devices were moving at once with maxUnavailable 2"
+    );
+    assert_eq!(most, 2, "the rollout never used its budget of 2");
+    let wrote = [
+        kv_writes(ports[0]) - before[0],
+        kv_writes(ports[1]) - before[1],
+    ];
+    assert_eq!(
+        shard_holders(&env).await,
+        split,
+        "the shards moved during the rollout"
+    );
+    assert_eq!(
+        wrote,
+        [on_a as u64, on_b as u64],
+        "each replica writes the manifests of its own shards' devices"
+    );
+
+    // 2. Replica a SIGKILLed (it cannot give its Leases up); a change applied at once.
+    a.kill_program().unwrap();
+    let killed = Instant::now();
+    env.apply(&yaml("v3")).unwrap();
+    let took_over = eventually(
+        "replica-b holds every shard",
+        Duration::from_secs(60),
+        || async {
+            let h = shard_holders(&env).await;
+            (holding(&h, "replica-b") == SHARDS as usize)
+                .then_some(killed.elapsed())
+                .ok_or(format!("{h:?}"))
+        },
+    )
+    .await;
+    everywhere("v3").await;
+    keys_hold(&env, &names, "v3").await;
+    let all_v3 = killed.elapsed();
+    // Its Leases run out after their duration; the survivor looks every third of it.
+    let bound = Duration::from_secs(SHARD_LEASE_SECONDS + SHARD_LEASE_SECONDS / 3 + 3);
+    assert!(
+        took_over <= bound,
+        "the dead replica's shards were taken over after {took_over:?} (bound {bound:?})"
+    );
+
+    // 3. A new replica joins and gets a fair share back; both then work.
+    let _c = start_replica(&env, dir.path(), "replica-c", ports[2]);
+    let joined = Instant::now();
+    eventually(
+        "the shards split 2 and 2 again",
+        Duration::from_secs(60),
+        || async {
+            let h = shard_holders(&env).await;
+            (holding(&h, "replica-b") == 2 && holding(&h, "replica-c") == 2)
+                .then_some(())
+                .ok_or(format!("{h:?}"))
+        },
+    )
+    .await;
+    let rebalanced = joined.elapsed();
+    let before_c = kv_writes(ports[2]);
+    env.apply(&yaml("v4")).unwrap();
+    everywhere("v4").await;
+    keys_hold(&env, &names, "v4").await;
+    let split = shard_holders(&env).await;
+    assert_eq!(
+        kv_writes(ports[2]) - before_c,
+        of("replica-c", &split) as u64,
+        "the new replica writes its shards' devices"
+    );
+    record(
+        "Controller with 2 replicas and 4 shards (16 simulated devices); a rollout with maxUnavailable 2, then one replica SIGKILLed",
+        "each replica writes only its shards' devices; never more than 2 devices moving at once across both; the dead replica's shards taken over once their Leases (6 s) run out; a new replica gets a fair share back",
+        &format!(
+            "the replicas wrote {} and {} of the 16 manifests, exactly their shards' devices; at most {most} devices moving at once (by nats-server's store times), v2 everywhere in {:.1} s; after the SIGKILL the other replica held all 4 shards in {:.1} s and every device had the change {:.1} s after the kill; a new replica held 2 shards {:.1} s after it started",
+            wrote[0],
+            wrote[1],
+            rollout.as_secs_f64(),
+            took_over.as_secs_f64(),
+            all_v3.as_secs_f64(),
+            rebalanced.as_secs_f64(),
+        ),
+    );
+}
