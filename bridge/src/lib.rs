@@ -34,8 +34,10 @@ use fleetlet_crds::{
     },
 };
 use fleetlet_plumbing::{
-    Elector, KvCache, LeaderGated, NatsArgs, kvcache::ChangedKeys, leader::Election,
-    shards::Ownership,
+    Elector, KvCache, LeaderGated, NatsArgs,
+    kvcache::ChangedKeys,
+    leader::Election,
+    shards::{Ownership, ShardElection},
 };
 use fleetlet_protocol::{
     DeviceId, Heartbeat,
@@ -88,6 +90,12 @@ pub struct Args {
     pub identity: Option<String>,
     #[arg(long, env = "FLEETLET_LEASE_SECONDS", default_value_t = 15)]
     pub lease_seconds: u64,
+    /// Shards the fleet is split into between replicas, each held through a Lease of its
+    /// own (`<lease-name>-shard-<k>`); 1 is a single leader on `--lease-name`. Every
+    /// replica must be given the same number. Each replica writes the Nodes, Leases and
+    /// status of its shards' devices and advertises its own kubelet endpoint on them.
+    #[arg(long, env = "FLEETLET_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub shards: u32,
     /// Serve the kubelet API (for `kubectl logs` / `exec`) of every virtual node here.
     #[arg(long, env = "FLEETLET_KUBELET_LISTEN")]
     pub kubelet_listen: Option<SocketAddr>,
@@ -234,15 +242,25 @@ pub async fn run(
     let identity = fleetlet_plumbing::default_identity(args.identity.as_deref());
     let gate = LeaderGated {
         client,
-        election: Elector::Single(Election::new(
-            &args.lease_namespace,
-            &args.lease_name,
-            &identity,
-            args.lease_seconds,
-        )),
+        election: if args.shards > 1 {
+            Elector::Sharded(ShardElection::new(
+                &args.lease_namespace,
+                &args.lease_name,
+                &identity,
+                args.shards,
+                args.lease_seconds,
+            ))
+        } else {
+            Elector::Single(Election::new(
+                &args.lease_namespace,
+                &args.lease_name,
+                &identity,
+                args.lease_seconds,
+            ))
+        },
         changed,
         settle: Duration::from_millis(20),
-        owned: tokio::sync::watch::Sender::new(Ownership::none(1)),
+        owned: tokio::sync::watch::Sender::new(Ownership::none(args.shards)),
     };
     let mirror = Arc::new(mirror);
     tasks.spawn(renew_leases(
@@ -256,9 +274,15 @@ pub async fn run(
 
     let resync = Duration::from_secs(args.resync_seconds.max(1));
     let mut next_full = Instant::now();
+    let mut last_held = Ownership::none(args.shards);
     gate.run(shutdown, async |held| {
         let leader = held.any();
-        metrics.set_leader(leader);
+        metrics.set_held(held);
+        if *held != last_held {
+            // Shards gained or lost: a full pass takes the new ones' devices over.
+            next_full = Instant::now();
+            last_held = held.clone();
+        }
         let is_synced = watches.synced.load(Ordering::Relaxed) && mirror.synced();
         ready.store(is_synced, Ordering::Relaxed);
         if leader && is_synced {
@@ -268,7 +292,7 @@ pub async fn run(
                 facts.take_dirty(),
                 watches.take_dirty(),
             ];
-            next_full = step(&mirror, &watches.pods, dirty, next_full, resync).await;
+            next_full = step(&mirror, &watches.pods, dirty, next_full, resync, held).await;
         }
         next_full
     })
@@ -283,9 +307,9 @@ const LEASE_TICK: Duration = Duration::from_secs(1);
 /// How long a burst of heartbeats may gather into one round of renewals.
 const LEASE_SETTLE: Duration = Duration::from_millis(50);
 
-/// The lease loop: while this instance leads, renews the Lease of every device that beat
-/// since the last renewal (`beaten`), on its own clock (passes only say which Leases
-/// there are). Woken by heartbeats (`due`) and once a [`LEASE_TICK`].
+/// The lease loop: while this instance leads, renews the Lease of every device of its
+/// shards that beat since the last renewal (`beaten`), on its own clock (passes only say
+/// which Leases there are). Woken by heartbeats (`due`) and once a [`LEASE_TICK`].
 async fn renew_leases(
     mirror: Arc<Mirror>,
     mut leader: tokio::sync::watch::Receiver<Ownership>,
@@ -299,7 +323,10 @@ async fn renew_leases(
             Ok(()) = leader.changed() => {}
         }
         let beat = beaten.take();
-        if leader.borrow_and_update().any() {
+        let held = leader.borrow_and_update().clone();
+        if held.any() {
+            // A shard given up: its devices' Leases are the next holder's.
+            mirror.keep_leases(&held);
             mirror.renew_leases(beat).await;
         } else {
             mirror.forget_leases();
@@ -315,14 +342,15 @@ async fn step(
     dirty: [HashSet<DeviceId>; 4],
     next_full: Instant,
     resync: Duration,
+    held: &Ownership,
 ) -> Instant {
-    let (pod_status, pod_deletes) = pods::pass(mirror, pods).await;
+    let (pod_status, pod_deletes) = pods::pass(mirror, pods, held).await;
     if pod_status + pod_deletes > 0 {
         tracing::debug!(pod_status, pod_deletes, "pods mirrored");
     }
     if Instant::now() >= next_full {
         // What is marked is covered by the full pass.
-        mirror.pass(None).await;
+        mirror.pass(None, held).await;
         mirror
             .ctx
             .metrics
@@ -331,7 +359,7 @@ async fn step(
     }
     let only: HashSet<DeviceId> = dirty.into_iter().flatten().collect();
     if !only.is_empty() {
-        mirror.pass(Some(only)).await;
+        mirror.pass(Some(only), held).await;
     }
     next_full
 }

@@ -27,6 +27,7 @@ pub struct Metrics {
     lease_latency: Histogram,
     devices: Gauge,
     leader: Gauge,
+    shards_held: Gauge,
 }
 
 impl Default for Metrics {
@@ -40,6 +41,7 @@ impl Default for Metrics {
         ]);
         let devices = Gauge::default();
         let leader = Gauge::default();
+        let shards_held = Gauge::default();
         let streams = Family::<StreamLabel, Counter>::default();
         registry.register(
             "kubelet_streams",
@@ -60,8 +62,13 @@ impl Default for Metrics {
         registry.register("devices", "EdgeDevices known", devices.clone());
         registry.register(
             "leader",
-            "1 while this instance holds the leader lease",
+            "1 while this instance holds the leader lease (with --shards, any shard)",
             leader.clone(),
+        );
+        registry.register(
+            "shards_held",
+            "Shards of the fleet this instance holds (1 of 1 for a single leader)",
+            shards_held.clone(),
         );
         Self {
             registry,
@@ -71,6 +78,7 @@ impl Default for Metrics {
             lease_latency,
             devices,
             leader,
+            shards_held,
         }
     }
 }
@@ -117,8 +125,10 @@ impl Metrics {
             .inc();
     }
 
-    pub fn set_leader(&self, leader: bool) {
-        self.leader.set(i64::from(leader));
+    /// The leader gauge (1 while any shard is held) and the shards held.
+    pub fn set_held(&self, held: &fleetlet_plumbing::shards::Ownership) {
+        self.leader.set(i64::from(held.any()));
+        self.shards_held.set(held.held().len() as i64);
     }
 }
 

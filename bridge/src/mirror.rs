@@ -23,7 +23,7 @@ use fleetlet_crds::{
         runtime::reflector::{ObjectRef, Store as Reflector},
     },
 };
-use fleetlet_plumbing::KvCache;
+use fleetlet_plumbing::{KvCache, shards::Ownership};
 use fleetlet_protocol::{AgentStatus, DeviceId, FactsReport, Heartbeat, Timestamp};
 use futures::StreamExt;
 use serde_json::json;
@@ -204,9 +204,10 @@ impl Mirror {
         }
     }
 
-    /// Mirrors `only` (or every device when None), and removes Nodes of deleted devices.
+    /// Mirrors `only` (or every device when None) of the shards `own` holds, and removes
+    /// their Nodes of deleted devices.
     #[instrument(skip_all, fields(devices = only.as_ref().map(HashSet::len)))]
-    pub async fn pass(&self, only: Option<HashSet<DeviceId>>) -> Writes {
+    pub async fn pass(&self, only: Option<HashSet<DeviceId>>, own: &Ownership) -> Writes {
         let now = Timestamp::now();
         let devices = self.device_objects(only.as_ref());
         if only.is_none() {
@@ -214,6 +215,7 @@ impl Mirror {
         }
         let work: Vec<(DeviceId, Arc<EdgeDevice>)> = devices
             .iter()
+            .filter(|(id, _)| own.holds(id.as_str()))
             .map(|(id, d)| (id.clone(), d.clone()))
             .collect();
         let results: Vec<Writes> = futures::stream::iter(work)
@@ -231,7 +233,7 @@ impl Mirror {
             total.node_status += w.node_status;
         }
         if only.is_none() {
-            total.deletes += self.remove_orphans(&devices).await;
+            total.deletes += self.remove_orphans(&devices, own).await;
         }
         self.ctx.metrics.record(&total);
         if total != Writes::default() {
@@ -349,6 +351,20 @@ impl Mirror {
     fn drop_lease(&self, id: &DeviceId) {
         if let Ok(mut held) = self.leases.lock() {
             held.remove(id);
+        }
+    }
+
+    /// Forgets the Leases of devices outside the shards `own` holds (given up: their next
+    /// holder renews them).
+    pub fn keep_leases(&self, own: &Ownership) {
+        if own.is_whole() {
+            return;
+        }
+        if let Ok(mut held) = self.leases.lock() {
+            held.retain(|id, _| own.holds(id.as_str()));
+        }
+        if let Ok(mut pending) = self.lease_pending.lock() {
+            pending.retain(|id| own.holds(id.as_str()));
         }
     }
 
@@ -535,7 +551,11 @@ impl Mirror {
 
     /// Nodes (and their Leases) of devices that no longer exist or are no longer projected.
     /// Workloads are the agent's business; only the Kubernetes view goes away.
-    async fn remove_orphans(&self, devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>) -> u32 {
+    async fn remove_orphans(
+        &self,
+        devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>,
+        own: &Ownership,
+    ) -> u32 {
         let nodes: HashMap<String, Arc<view::StoredNode>> = self
             .ctx
             .nodes
@@ -551,13 +571,13 @@ impl Mirror {
             .collect();
         let _writing = self.lease_writes.lock().await;
         if let Ok(mut held) = self.leases.lock() {
-            held.retain(|id, _| ids.contains(id.as_str()));
+            held.retain(|id, _| ids.contains(id.as_str()) && own.holds(id.as_str()));
         }
         for (name, n) in &nodes {
             let Some(dev) = fleetlet_crds::naming::device_of(&n.metadata) else {
                 continue;
             };
-            if ids.contains(dev.as_str()) {
+            if ids.contains(dev.as_str()) || !own.holds(dev.as_str()) {
                 continue;
             }
             let node_api: Api<Node> = Api::all(self.ctx.client.clone());

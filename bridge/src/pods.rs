@@ -354,6 +354,7 @@ pub async fn finalize(client: &Client, pod: &Arc<Pod>, device: Option<&AgentStat
 pub async fn pass(
     mirror: &crate::mirror::Mirror,
     pods: &kube::runtime::reflector::Store<Pod>,
+    own: &fleetlet_plumbing::shards::Ownership,
 ) -> (u32, u32) {
     // Runs on every burst of heartbeats: with no Pods bound anywhere it costs nothing, and
     // otherwise only what the bound Pods name.
@@ -379,8 +380,10 @@ pub async fn pass(
     let (mut written, mut deleted) = (0, 0);
     for (pod, node, device) in bound {
         let Some(device) = device.as_ref() else {
-            // Bound to a Node that is not (or no longer) one of ours.
-            if pod.metadata.deletion_timestamp.is_some()
+            // Bound to a Node that is not (or no longer) one of ours; shard 0's holder
+            // finishes its deletion.
+            if own.holds_shard(0)
+                && pod.metadata.deletion_timestamp.is_some()
                 && node.starts_with("fleetlet-")
                 && finalize(&mirror.ctx.client, &pod, None).await
             {
@@ -388,6 +391,9 @@ pub async fn pass(
             }
             continue;
         };
+        if !own.holds(device.as_str()) {
+            continue;
+        }
         let status = mirror.ctx.actual.get(device).map(|v| v.value);
         if finalize(&mirror.ctx.client, &pod, status.as_deref()).await {
             deleted += 1;

@@ -1135,17 +1135,20 @@ const SHARD_LEASE_SECONDS: u64 = 6;
 
 /// Live holders of the controller's shard Leases: shard → identity.
 async fn shard_holders(env: &TestEnv) -> std::collections::BTreeMap<u32, String> {
+    group_holders(env, "fleetlet-controller").await
+}
+
+/// Live holders of the shard Leases of `group`: shard → identity.
+async fn group_holders(env: &TestEnv, group: &str) -> std::collections::BTreeMap<u32, String> {
     use k8s_openapi::api::coordination::v1::Lease;
     let Ok(client) = env.kube_client().await else {
         return Default::default();
     };
     let leases: Api<Lease> = Api::namespaced(client, "fleetlet-system");
-    let Ok(list) =
-        leases
-            .list(&kube::api::ListParams::default().labels(
-                "fleetlet.dev/lease-group=fleetlet-controller,fleetlet.dev/lease-role=shard",
-            ))
-            .await
+    let selector = format!("fleetlet.dev/lease-group={group},fleetlet.dev/lease-role=shard");
+    let Ok(list) = leases
+        .list(&kube::api::ListParams::default().labels(&selector))
+        .await
     else {
         return Default::default();
     };
@@ -1157,7 +1160,7 @@ async fn shard_holders(env: &TestEnv) -> std::collections::BTreeMap<u32, String>
                 .metadata
                 .name
                 .as_deref()?
-                .strip_prefix("fleetlet-controller-shard-")?;
+                .strip_prefix(&format!("{group}-shard-"))?;
             let spec = l.spec?;
             let renewed = spec.renew_time?.0.as_millisecond();
             let live = renewed + i64::from(spec.lease_duration_seconds?) * 1000 >= now;
@@ -1466,6 +1469,229 @@ async fn sharded_controller_replicas_split_the_fleet_keep_one_rollout_budget_and
             took_over.as_secs_f64(),
             all_v3.as_secs_f64(),
             rebalanced.as_secs_f64(),
+        ),
+    );
+}
+
+/// A sharded bridge replica with a kubelet API of its own on `kubelet_port`: its Nodes
+/// advertise that port.
+fn start_bridge_replica(
+    env: &TestEnv,
+    dir: &std::path::Path,
+    identity: &str,
+    kubelet_port: u16,
+) -> Service {
+    let dir = dir.join(identity);
+    std::fs::create_dir_all(&dir).unwrap();
+    let pki = env.kube.as_ref().unwrap().pki_dir.clone();
+    let flags = [
+        format!("--shards={SHARDS}"),
+        format!("--lease-seconds={SHARD_LEASE_SECONDS}"),
+        format!("--identity={identity}"),
+        // Device Leases renewed often, so a takeover's gap shows against the grace period.
+        "--lease-renew-seconds=4".into(),
+        format!("--kubelet-listen=127.0.0.1:{kubelet_port}"),
+        format!("--kubelet-client-ca-file={}", pki.join("ca.crt").display()),
+        format!(
+            "--kubelet-tls-cert-file={}",
+            pki.join("apiserver.crt").display()
+        ),
+        format!(
+            "--kubelet-tls-key-file={}",
+            pki.join("apiserver.key").display()
+        ),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    components::start_bridge(env, &components::bin_dir().unwrap(), &dir, &flags).unwrap()
+}
+
+/// Each device Node's advertised kubelet port, and its Lease's age in ms (None without
+/// a Lease).
+async fn node_ports_and_lease_ages(
+    env: &TestEnv,
+) -> std::collections::BTreeMap<String, (Option<i32>, Option<i64>)> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let Ok(client) = env.kube_client().await else {
+        return Default::default();
+    };
+    let nodes: Api<Node> = Api::all(client.clone());
+    let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
+    let Ok(nodes) = nodes.list(&Default::default()).await else {
+        return Default::default();
+    };
+    let Ok(leases) = leases.list(&Default::default()).await else {
+        return Default::default();
+    };
+    let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+    nodes
+        .items
+        .into_iter()
+        .filter_map(|n| {
+            let name = n.metadata.name.clone()?;
+            let port = n
+                .status
+                .and_then(|s| s.daemon_endpoints?.kubelet_endpoint)
+                .map(|k| k.port);
+            let age = leases
+                .items
+                .iter()
+                .find(|l| l.metadata.name.as_deref() == Some(name.as_str()))
+                .and_then(|l| l.spec.as_ref()?.renew_time.as_ref())
+                .map(|t| now - t.0.as_millisecond());
+            Some((name, (port, age)))
+        })
+        .collect()
+}
+
+/// Two bridge replicas split 4 shards of 16 simulated devices: each device's Node
+/// advertises the kubelet API of the replica holding its shard, and both renew Leases.
+/// One replica SIGKILLed: the other takes its shards over and its Nodes, advertises its
+/// own kubelet API on them, and no device Lease goes older than the grace period.
+#[tokio::test(flavor = "multi_thread")]
+async fn sharded_bridge_replicas_split_the_nodes_and_take_over_a_dead_ones_within_the_grace_period()
+{
+    use fleetlet_plumbing::shards::shard_of;
+    use fleetlet_testenv::process::free_port;
+    const GRACE_MS: i64 = 20_000;
+    let env = TestEnv::builder().kube().nats().start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bins = components::bin_dir().unwrap();
+    let _controller =
+        components::start_controller(&env, &bins, dir.path(), &["--resync-seconds=1"]).unwrap();
+    let ports = [free_port().unwrap(), free_port().unwrap()];
+    let mut a = start_bridge_replica(&env, dir.path(), "bridge-a", ports[0]);
+    let _b = start_bridge_replica(&env, dir.path(), "bridge-b", ports[1]);
+    let split = eventually(
+        "the shards split 2 and 2",
+        Duration::from_secs(60),
+        || async {
+            let h = group_holders(&env, "fleetlet-bridge").await;
+            (h.len() == SHARDS as usize
+                && holding(&h, "bridge-a") == 2
+                && holding(&h, "bridge-b") == 2)
+                .then_some(h.clone())
+                .ok_or(format!("{h:?}"))
+        },
+    )
+    .await;
+    let names: Vec<String> = (0..SHARDED_DEVICES).map(|i| format!("bs-{i}")).collect();
+    let port_of = |id: &str, h: &std::collections::BTreeMap<u32, String>| match h
+        .get(&shard_of(id, SHARDS))
+        .map(String::as_str)
+    {
+        Some("bridge-a") => Some(i32::from(ports[0])),
+        Some("bridge-b") => Some(i32::from(ports[1])),
+        _ => None,
+    };
+    let on_a = names
+        .iter()
+        .filter(|d| port_of(d, &split) == Some(i32::from(ports[0])))
+        .count();
+    assert!(
+        on_a > 0 && on_a < SHARDED_DEVICES,
+        "the devices fall in one replica's shards"
+    );
+    env.apply(&names.iter().map(|d| device_yaml(d)).collect::<String>())
+        .unwrap();
+    let _sim = Service::spawn(
+        "fleetlet-sim",
+        &bins.join("fleetlet-sim"),
+        &[
+            format!("--nats-url={}", env.nats_url().unwrap()),
+            format!("--devices={SHARDED_DEVICES}"),
+            "--prefix=bs-".into(),
+            format!("--dir={}", dir.path().join("sim").display()),
+            "--heartbeat-seconds=2".into(),
+        ],
+        dir.path().join("sim.log"),
+    )
+    .unwrap();
+    // Every Node advertises its shard holder's kubelet API.
+    let advertised = async |holders: &std::collections::BTreeMap<u32, String>, what: &str| {
+        eventually(what, Duration::from_secs(60), || async {
+            let seen = node_ports_and_lease_ages(&env).await;
+            let wrong: Vec<String> = names
+                .iter()
+                .filter(|d| {
+                    seen.get(*d)
+                        .is_none_or(|(p, age)| *p != port_of(d, holders) || age.is_none())
+                })
+                .cloned()
+                .collect();
+            wrong
+                .is_empty()
+                .then_some(())
+                .ok_or(format!("{wrong:?} of {seen:?}"))
+        })
+        .await
+    };
+    advertised(&split, "every Node on its shard holder's kubelet port").await;
+    // Watch every device Lease's age through the takeover.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let oldest = {
+        let (stop, env_nodes) = (stop.clone(), names.clone());
+        let client = env.kube_client().await.unwrap();
+        tokio::spawn(async move {
+            let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+                Api::namespaced(client, "kube-node-lease");
+            let mut oldest = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(list) = leases.list(&Default::default()).await {
+                    let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+                    for l in list.items {
+                        if env_nodes
+                            .iter()
+                            .any(|n| l.metadata.name.as_deref() == Some(n))
+                            && let Some(t) = l.spec.and_then(|s| s.renew_time)
+                        {
+                            oldest = oldest.max(now - t.0.as_millisecond());
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            oldest
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.kill_program().unwrap();
+    let killed = Instant::now();
+    let took_over = eventually(
+        "bridge-b holds every shard",
+        Duration::from_secs(60),
+        || async {
+            let h = group_holders(&env, "fleetlet-bridge").await;
+            (holding(&h, "bridge-b") == SHARDS as usize)
+                .then_some(killed.elapsed())
+                .ok_or(format!("{h:?}"))
+        },
+    )
+    .await;
+    let all_b = group_holders(&env, "fleetlet-bridge").await;
+    advertised(&all_b, "every Node on the survivor's kubelet port").await;
+    let moved = killed.elapsed();
+    // A few renewals past the takeover.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let oldest = oldest.await.unwrap();
+    let bound = Duration::from_secs(SHARD_LEASE_SECONDS + SHARD_LEASE_SECONDS / 3 + 3);
+    assert!(
+        took_over <= bound,
+        "the dead replica's shards were taken over after {took_over:?} (bound {bound:?})"
+    );
+    assert!(
+        oldest < GRACE_MS,
+        "a device Lease was {oldest} ms old during the takeover (grace {GRACE_MS} ms)"
+    );
+    record(
+        "Bridge with 2 replicas and 4 shards (16 simulated devices, device Leases renewed every 4 s, grace 20 s); one replica SIGKILLed",
+        "each Node advertises the kubelet API of the replica holding its shard; the dead replica's shards and Nodes taken over once their Leases (6 s) run out; no device Lease older than the grace period",
+        &format!(
+            "{on_a} and {} Nodes on the two replicas' kubelet ports; after the SIGKILL the other replica held all 4 shards in {:.1} s and every Node advertised its kubelet API {:.1} s after the kill; the oldest device Lease seen was {:.1} s old",
+            SHARDED_DEVICES - on_a,
+            took_over.as_secs_f64(),
+            moved.as_secs_f64(),
+            oldest as f64 / 1000.0,
         ),
     );
 }

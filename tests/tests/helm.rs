@@ -644,7 +644,7 @@ async fn helm_install_upgrade_uninstall_and_the_charts_rbac_runs_the_control_pla
     let trust = components::manifest_trust(&env, "fleetlet-system", "fleetlet-manifest-signing")
         .await
         .unwrap();
-    let _bridge =
+    let bridge =
         components::start_bridge_as(&env, &chart.bridge_kubeconfig, &bins, dir.path(), &[])
             .unwrap();
     let root = dir.path().join("root");
@@ -853,79 +853,82 @@ spec:
         .unwrap();
     gone(&nodes, "pi-helm").await;
 
-    // Upgrade: two sharded controller replicas and no kubelet API.
+    // Upgrade: two sharded replicas of each and no kubelet API.
     let leases_here = ["auth", "can-i", "list", "leases", "-n", "fleetlet-system"];
     assert_eq!(kubectl_as(&env, ckc, &leases_here), "no");
+    assert_eq!(kubectl_as(&env, bkc, &leases_here), "no");
     let mut upgrade = env.helm().unwrap();
     upgrade
         .args(["upgrade", "fleetlet"])
         .arg(chart_dir())
         .args(["-n", "fleetlet-system", "--set", "controller.replicas=2"])
-        .args(["--set", "controller.shards=4"])
+        .args(["--set", "controller.shards=4", "--set", "bridge.shards=4"])
         .args(["--set", "bridge.kubelet.enabled=false"]);
     checked("helm upgrade", upgrade).unwrap();
-    let d = deployments.get("fleetlet-controller").await.unwrap();
-    let spec = d.spec.unwrap();
-    assert_eq!(spec.replicas, Some(2));
-    let args = spec.template.spec.unwrap().containers[0]
-        .args
-        .clone()
-        .unwrap_or_default();
-    assert!(args.contains(&"--shards=4".to_string()), "{args:?}");
-    // A sharded replica with the chart's token takes every shard's Lease and its member
-    // Lease: the upgraded Role is enough.
-    eventually(
-        "the controller's Role to grant listing Leases",
-        Duration::from_secs(30),
-        || async {
-            let got = kubectl_as(&env, ckc, &leases_here);
-            (got == "yes").then_some(()).ok_or(got)
-        },
-    )
-    .await;
-    assert_eq!(
-        kubectl_as(
-            &env,
-            ckc,
-            &["auth", "can-i", "update", "leases", "-n", "default"]
-        ),
-        "no"
-    );
+    for name in ["fleetlet-controller", "fleetlet-bridge"] {
+        let spec = deployments.get(name).await.unwrap().spec.unwrap();
+        if name == "fleetlet-controller" {
+            assert_eq!(spec.replicas, Some(2));
+        }
+        let args = spec.template.spec.unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap_or_default();
+        assert!(args.contains(&"--shards=4".to_string()), "{name}: {args:?}");
+    }
+    // A sharded replica of each with the chart's token takes every shard's Lease and its
+    // member Lease: the upgraded Roles are enough, and reach no other namespace.
+    for kc in [ckc, bkc] {
+        eventually(
+            "the Role to grant listing Leases",
+            Duration::from_secs(30),
+            || async {
+                let got = kubectl_as(&env, kc, &leases_here);
+                (got == "yes").then_some(()).ok_or(got)
+            },
+        )
+        .await;
+        let elsewhere = ["auth", "can-i", "update", "leases", "-n", "default"];
+        assert_eq!(kubectl_as(&env, kc, &elsewhere), "no");
+    }
     drop(controller);
+    drop(bridge);
     let sharded = dir.path().join("sharded");
     std::fs::create_dir_all(&sharded).unwrap();
-    let _sharded = components::start_controller_as(
-        &env,
-        &chart.controller_kubeconfig,
-        &bins,
-        &sharded,
-        &["--shards=4", "--identity=sharded-0"],
-    )
-    .unwrap();
+    let flags = ["--shards=4", "--identity=sharded-0"];
+    let _sharded_controller =
+        components::start_controller_as(&env, ckc, &bins, &sharded, &flags).unwrap();
+    let _sharded_bridge = components::start_bridge_as(&env, bkc, &bins, &sharded, &flags).unwrap();
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(client.clone(), "fleetlet-system");
-    eventually(
-        "the sharded replica holds every Lease of its group",
-        wait::DEFAULT_TIMEOUT,
-        || async {
-            let list = leases
-                .list(&ListParams::default().labels("fleetlet.dev/lease-group=fleetlet-controller"))
-                .await
-                .map_err(|e| e.to_string())?;
-            let held: Vec<String> = list
-                .items
-                .iter()
-                .filter(|l| {
-                    l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some("sharded-0")
-                })
-                .filter_map(|l| l.metadata.name.clone())
-                .collect();
-            (held.len() == 5 && held.contains(&"fleetlet-controller-member-sharded-0".to_string()))
-                .then_some(())
-                .ok_or(format!("{held:?}"))
-        },
-    )
-    .await;
+    for group in ["fleetlet-controller", "fleetlet-bridge"] {
+        eventually(
+            &format!("the sharded {group} holds every Lease of its group"),
+            wait::DEFAULT_TIMEOUT,
+            || async {
+                let list = leases
+                    .list(
+                        &ListParams::default().labels(&format!("fleetlet.dev/lease-group={group}")),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let held: Vec<String> = list
+                    .items
+                    .iter()
+                    .filter(|l| {
+                        l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
+                            == Some("sharded-0")
+                    })
+                    .filter_map(|l| l.metadata.name.clone())
+                    .collect();
+                let member = format!("{group}-member-sharded-0");
+                (held.len() == 5 && held.contains(&member))
+                    .then_some(())
+                    .ok_or(format!("{held:?}"))
+            },
+        )
+        .await;
+    }
     let roles: Api<ClusterRole> = Api::all(client.clone());
     let bridge_role = serde_json::to_value(roles.get("fleetlet-bridge").await.unwrap()).unwrap();
     assert!(
