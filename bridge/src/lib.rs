@@ -34,10 +34,7 @@ use fleetlet_crds::{
     },
 };
 use fleetlet_plumbing::{
-    Elector, KvCache, LeaderGated, NatsArgs,
-    kvcache::ChangedKeys,
-    leader::Election,
-    shards::{Ownership, ShardElection},
+    Elector, KvCache, LeaderGated, NatsArgs, kvcache::ChangedKeys, shards::Ownership,
 };
 use fleetlet_protocol::{
     DeviceId, Heartbeat,
@@ -242,22 +239,13 @@ pub async fn run(
     let identity = fleetlet_plumbing::default_identity(args.identity.as_deref());
     let gate = LeaderGated {
         client,
-        election: if args.shards > 1 {
-            Elector::Sharded(ShardElection::new(
-                &args.lease_namespace,
-                &args.lease_name,
-                &identity,
-                args.shards,
-                args.lease_seconds,
-            ))
-        } else {
-            Elector::Single(Election::new(
-                &args.lease_namespace,
-                &args.lease_name,
-                &identity,
-                args.lease_seconds,
-            ))
-        },
+        election: Elector::new(
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+            args.shards,
+            args.lease_seconds,
+        ),
         changed,
         settle: Duration::from_millis(20),
         owned: tokio::sync::watch::Sender::new(Ownership::none(args.shards)),

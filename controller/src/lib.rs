@@ -425,22 +425,13 @@ pub async fn run(
     ));
     let gate = LeaderGated {
         client,
-        election: if args.shards > 1 {
-            Elector::Sharded(shards::ShardElection::new(
-                &args.lease_namespace,
-                &args.lease_name,
-                &identity,
-                args.shards,
-                args.lease_seconds,
-            ))
-        } else {
-            Elector::Single(leader::Election::new(
-                &args.lease_namespace,
-                &args.lease_name,
-                &identity,
-                args.lease_seconds,
-            ))
-        },
+        election: Elector::new(
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+            args.shards,
+            args.lease_seconds,
+        ),
         changed,
         // Let a burst of changes settle into one pass.
         settle: Duration::from_millis(50),

@@ -381,6 +381,33 @@ pub enum Elector {
 }
 
 impl Elector {
+    /// A single leader on Lease `namespace/name` when `shards` is 1, else the shard group
+    /// `name` of `shards` shards; Leases held for `lease_seconds`.
+    pub fn new(
+        namespace: &str,
+        name: &str,
+        identity: &str,
+        shards: u32,
+        lease_seconds: u64,
+    ) -> Self {
+        if shards > 1 {
+            Self::Sharded(shards::ShardElection::new(
+                namespace,
+                name,
+                identity,
+                shards,
+                lease_seconds,
+            ))
+        } else {
+            Self::Single(leader::Election::new(
+                namespace,
+                name,
+                identity,
+                lease_seconds,
+            ))
+        }
+    }
+
     async fn run(
         self,
         client: Client,

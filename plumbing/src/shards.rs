@@ -14,18 +14,16 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use fleetlet_crds::{
-    k8s_openapi::{
-        api::coordination::v1::{Lease, LeaseSpec},
-        apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
-        jiff::Timestamp,
-    },
+    k8s_openapi::{api::coordination::v1::Lease, jiff::Timestamp},
     kube::{
         Api, Client,
-        api::{DeleteParams, ListParams, PostParams},
+        api::{DeleteParams, ListParams},
     },
 };
 use tokio::sync::watch;
 use tracing::{info, warn};
+
+use crate::leader;
 
 /// The label every Lease of a shard group carries, with the group's name as value.
 pub const GROUP_LABEL: &str = "fleetlet.dev/lease-group";
@@ -230,7 +228,7 @@ impl ShardElection {
                 continue;
             }
             let holder = holder(&lease);
-            let live = holder.is_some() && !expired(&lease, now);
+            let live = holder.is_some() && !leader::expired(&lease, now);
             if role(&lease) == Some("member") {
                 members += u32::from(live);
                 // A member gone for an hour is forgotten.
@@ -310,7 +308,8 @@ impl ShardElection {
     }
 
     /// Creates `name` held by us, or takes or renews `lease` (found in this round's
-    /// listing); `Ok(false)` when another replica got there first.
+    /// listing, so written at its resourceVersion); `Ok(false)` when another replica got
+    /// there first.
     async fn hold(
         &self,
         api: &Api<Lease>,
@@ -320,49 +319,19 @@ impl ShardElection {
         now: Timestamp,
     ) -> Result<bool, fleetlet_crds::kube::Error> {
         let secs = i32::try_from(self.lease_duration.as_secs()).unwrap_or(i32::MAX);
-        let result = match lease {
+        match lease {
             None => {
-                let lease = Lease {
-                    metadata: ObjectMeta {
-                        name: Some(name.into()),
-                        labels: Some(
-                            [
-                                (GROUP_LABEL.to_string(), self.group.clone()),
-                                (ROLE_LABEL.to_string(), role.to_string()),
-                            ]
-                            .into(),
-                        ),
-                        ..Default::default()
-                    },
-                    spec: Some(LeaseSpec {
-                        holder_identity: Some(self.identity.clone()),
-                        lease_duration_seconds: Some(secs),
-                        acquire_time: Some(MicroTime(now)),
-                        renew_time: Some(MicroTime(now)),
-                        lease_transitions: Some(0),
-                        ..Default::default()
-                    }),
-                };
-                api.create(&PostParams::default(), &lease).await
+                let labels = [
+                    (GROUP_LABEL.to_string(), self.group.clone()),
+                    (ROLE_LABEL.to_string(), role.to_string()),
+                ];
+                let lease = leader::new_lease(name, Some(labels.into()), &self.identity, secs, now);
+                leader::write(api, &lease, true).await
             }
             Some(mut lease) => {
-                let spec = lease.spec.get_or_insert_with(Default::default);
-                if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
-                    spec.acquire_time = Some(MicroTime(now));
-                    spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
-                }
-                spec.holder_identity = Some(self.identity.clone());
-                spec.lease_duration_seconds = Some(secs);
-                spec.renew_time = Some(MicroTime(now));
-                // The listing's resourceVersion: a replica that took or renewed it since
-                // makes this fail with 409.
-                api.replace(name, &PostParams::default(), &lease).await
+                leader::hold(&mut lease, &self.identity, secs, now);
+                leader::write(api, &lease, false).await
             }
-        };
-        match result {
-            Ok(_) => Ok(true),
-            Err(fleetlet_crds::kube::Error::Api(s)) if s.code == 409 => Ok(false),
-            Err(e) => Err(e),
         }
     }
 
@@ -371,15 +340,8 @@ impl ShardElection {
         &self,
         api: &Api<Lease>,
         name: &str,
-    ) -> Result<(), fleetlet_crds::kube::Error> {
-        if let Some(mut lease) = api.get_opt(name).await?
-            && let Some(spec) = lease.spec.as_mut()
-            && spec.holder_identity.as_deref() == Some(self.identity.as_str())
-        {
-            spec.holder_identity = None;
-            api.replace(name, &PostParams::default(), &lease).await?;
-        }
-        Ok(())
+    ) -> Result<bool, fleetlet_crds::kube::Error> {
+        leader::release(api, name, &self.identity).await
     }
 }
 
@@ -412,18 +374,6 @@ fn stale_for(lease: &Lease, now: Timestamp) -> Duration {
             Duration::from_millis(u64::try_from(now.as_millisecond() - end).unwrap_or(0))
         }
         _ => Duration::MAX,
-    }
-}
-
-fn expired(lease: &Lease, now: Timestamp) -> bool {
-    let Some(spec) = &lease.spec else {
-        return true;
-    };
-    match (&spec.renew_time, spec.lease_duration_seconds) {
-        (Some(renew), Some(d)) => {
-            renew.0.as_millisecond() + i64::from(d) * 1000 < now.as_millisecond()
-        }
-        _ => true,
     }
 }
 

@@ -182,6 +182,61 @@ async fn nats_restarted_in_the_middle_of_a_rollout() {
 
 /// Devices of the cluster scenarios: simulated in one process, each running the agent's own
 /// code with its own NATS connection.
+/// `n` simulated devices, `<prefix><i>`, heart-beating every 2 s, their state and files
+/// under `dir/sim`; `extra` flags for the simulator.
+struct SimFleet {
+    names: Vec<String>,
+    dir: std::path::PathBuf,
+    _sim: Service,
+}
+
+impl SimFleet {
+    fn start(env: &TestEnv, dir: &std::path::Path, prefix: &str, n: usize, extra: &[&str]) -> Self {
+        let sim_dir = dir.join("sim");
+        let mut args = vec![
+            format!("--nats-url={}", env.nats_url().unwrap()),
+            format!("--devices={n}"),
+            format!("--prefix={prefix}"),
+            format!("--dir={}", sim_dir.display()),
+            "--heartbeat-seconds=2".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let sim = Service::spawn(
+            "fleetlet-sim",
+            &components::bin_dir().unwrap().join("fleetlet-sim"),
+            &args,
+            dir.join("sim.log"),
+        )
+        .unwrap();
+        Self {
+            names: (0..n).map(|i| format!("{prefix}{i}")).collect(),
+            dir: sim_dir,
+            _sim: sim,
+        }
+    }
+
+    /// How many devices hold `text` in /etc/fleetlet/version on disk.
+    fn on(&self, text: &str) -> usize {
+        self.names
+            .iter()
+            .filter(|d| {
+                std::fs::read_to_string(self.dir.join(d).join("root/etc/fleetlet/version"))
+                    .is_ok_and(|c| c == text)
+            })
+            .count()
+    }
+
+    /// Waits up to `timeout` for every device to hold `text`.
+    async fn everywhere(&self, text: &str, timeout: Duration) {
+        let n = self.names.len();
+        eventually(&format!("{text} on every device"), timeout, || async {
+            let on = self.on(text);
+            (on == n).then_some(()).ok_or(format!("{on} of {n}"))
+        })
+        .await
+    }
+}
+
 const CLUSTER_DEVICES: usize = 100;
 
 /// Waits for the first manifest written to desired-state that holds `text`; its key.
@@ -317,7 +372,8 @@ async fn a_three_node_nats_cluster_loses_nothing_to_a_dead_leader_a_cut_off_node
         ],
     )
     .unwrap();
-    let names: Vec<String> = (0..CLUSTER_DEVICES).map(|i| format!("nc-{i}")).collect();
+    let sim = SimFleet::start(&env, dir.path(), "nc-", CLUSTER_DEVICES, &[]);
+    let names = sim.names.clone();
     let devices_yaml: String = names.iter().map(|d| device_yaml(d)).collect();
     let yaml = |text: &str| {
         devices_yaml.clone()
@@ -327,42 +383,8 @@ async fn a_three_node_nats_cluster_loses_nothing_to_a_dead_leader_a_cut_off_node
                 "  rollout: { maxUnavailable: 20 }\n",
             )
     };
-    let sim_dir = dir.path().join("sim");
-    let _sim = Service::spawn(
-        "fleetlet-sim",
-        &bins.join("fleetlet-sim"),
-        &[
-            format!("--nats-url={}", env.nats_url().unwrap()),
-            format!("--devices={CLUSTER_DEVICES}"),
-            "--prefix=nc-".into(),
-            format!("--dir={}", sim_dir.display()),
-            "--heartbeat-seconds=2".into(),
-        ],
-        dir.path().join("sim.log"),
-    )
-    .unwrap();
-    let on = |text: &str| {
-        names
-            .iter()
-            .filter(|d| {
-                std::fs::read_to_string(sim_dir.join(d).join("root/etc/fleetlet/version"))
-                    .is_ok_and(|c| c == text)
-            })
-            .count()
-    };
-    let everywhere = async |text: &str| {
-        eventually(
-            &format!("{text} on every device"),
-            Duration::from_secs(180),
-            || async {
-                let n = on(text);
-                (n == CLUSTER_DEVICES)
-                    .then_some(())
-                    .ok_or(format!("{n} of {CLUSTER_DEVICES}"))
-            },
-        )
-        .await
-    };
+    let on = |text: &str| sim.on(text);
+    let everywhere = async |text: &str| sim.everywhere(text, Duration::from_secs(180)).await;
     env.apply(&yaml("v1")).unwrap();
     everywhere("v1").await;
     // Nothing the servers hold on a reader's behalf: a consumer lives on one node, and
@@ -1288,7 +1310,6 @@ async fn sharded_controller_replicas_split_the_fleet_keep_one_rollout_budget_and
     use fleetlet_testenv::process::free_port;
     let env = TestEnv::builder().kube().nats().start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let bins = components::bin_dir().unwrap();
     let ports = [
         free_port().unwrap(),
         free_port().unwrap(),
@@ -1310,7 +1331,15 @@ async fn sharded_controller_replicas_split_the_fleet_keep_one_rollout_budget_and
     )
     .await;
 
-    let names: Vec<String> = (0..SHARDED_DEVICES).map(|i| format!("sh-{i}")).collect();
+    // Every device takes a while to apply, so the budget is what paces the rollout.
+    let sim = SimFleet::start(
+        &env,
+        dir.path(),
+        "sh-",
+        SHARDED_DEVICES,
+        &["--slow=1.0", "--slow-ms=1000"],
+    );
+    let names = sim.names.clone();
     let of = |who: &str, h: &std::collections::BTreeMap<u32, String>| {
         names
             .iter()
@@ -1331,45 +1360,7 @@ async fn sharded_controller_replicas_split_the_fleet_keep_one_rollout_budget_and
                 "  rollout: { maxUnavailable: 2 }\n",
             )
     };
-    let sim_dir = dir.path().join("sim");
-    let _sim = Service::spawn(
-        "fleetlet-sim",
-        &bins.join("fleetlet-sim"),
-        &[
-            format!("--nats-url={}", env.nats_url().unwrap()),
-            format!("--devices={SHARDED_DEVICES}"),
-            "--prefix=sh-".into(),
-            format!("--dir={}", sim_dir.display()),
-            "--heartbeat-seconds=2".into(),
-            // Every device takes a while to apply, so the budget is what paces the rollout.
-            "--slow=1.0".into(),
-            "--slow-ms=1000".into(),
-        ],
-        dir.path().join("sim.log"),
-    )
-    .unwrap();
-    let on = |text: &str| {
-        names
-            .iter()
-            .filter(|d| {
-                std::fs::read_to_string(sim_dir.join(d).join("root/etc/fleetlet/version"))
-                    .is_ok_and(|c| c == text)
-            })
-            .count()
-    };
-    let everywhere = async |text: &str| {
-        eventually(
-            &format!("{text} on every device"),
-            Duration::from_secs(120),
-            || async {
-                let n = on(text);
-                (n == SHARDED_DEVICES)
-                    .then_some(())
-                    .ok_or(format!("{n} of {SHARDED_DEVICES}"))
-            },
-        )
-        .await
-    };
+    let everywhere = async |text: &str| sim.everywhere(text, Duration::from_secs(120)).await;
     env.apply(&yaml("v1")).unwrap();
     everywhere("v1").await;
     keys_hold(&env, &names, "v1").await;
@@ -1574,7 +1565,8 @@ async fn sharded_bridge_replicas_split_the_nodes_and_take_over_a_dead_ones_withi
         },
     )
     .await;
-    let names: Vec<String> = (0..SHARDED_DEVICES).map(|i| format!("bs-{i}")).collect();
+    let sim = SimFleet::start(&env, dir.path(), "bs-", SHARDED_DEVICES, &[]);
+    let names = sim.names.clone();
     let port_of = |id: &str, h: &std::collections::BTreeMap<u32, String>| match h
         .get(&shard_of(id, SHARDS))
         .map(String::as_str)
@@ -1593,19 +1585,6 @@ async fn sharded_bridge_replicas_split_the_nodes_and_take_over_a_dead_ones_withi
     );
     env.apply(&names.iter().map(|d| device_yaml(d)).collect::<String>())
         .unwrap();
-    let _sim = Service::spawn(
-        "fleetlet-sim",
-        &bins.join("fleetlet-sim"),
-        &[
-            format!("--nats-url={}", env.nats_url().unwrap()),
-            format!("--devices={SHARDED_DEVICES}"),
-            "--prefix=bs-".into(),
-            format!("--dir={}", dir.path().join("sim").display()),
-            "--heartbeat-seconds=2".into(),
-        ],
-        dir.path().join("sim.log"),
-    )
-    .unwrap();
     // Every Node advertises its shard holder's kubelet API.
     let advertised = async |holders: &std::collections::BTreeMap<u32, String>, what: &str| {
         eventually(what, Duration::from_secs(60), || async {
