@@ -25,6 +25,10 @@
 //! fleetlet for N virtual nodes, measured over the same window. Results: stdout, and
 //! `target/fleetlet-bench/fleet.json` (or under `FLEETLET_BENCH_OUT`).
 //!
+//! With `FLEETLET_BENCH_REPLICAS=1,2` (`scripts/bench sharding`) it runs each size once per
+//! replica count, with that many controllers and bridges splitting the fleet into 8
+//! shards (one replica: a single leader each), and writes `sharding.json`.
+//!
 //! `FLEETLET_BENCH_LOG` sets `RUST_LOG` of the controller and bridge (default `warn`) and
 //! keeps their logs in `target/fleetlet-bench/logs/`.
 //!
@@ -410,7 +414,17 @@ async fn rollout(env: &TestEnv, n: usize, text: &str) -> Value {
     })
 }
 
-async fn fleet_phase(n: usize, window: u64, vk: usize, profile: bool, nodes_on: bool) -> Value {
+/// Shards when a phase runs more than one replica of each component.
+const BENCH_SHARDS: u32 = 8;
+
+async fn fleet_phase(
+    n: usize,
+    window: u64,
+    vk: usize,
+    profile: bool,
+    nodes_on: bool,
+    replicas: usize,
+) -> Value {
     eprintln!(
         "== {n} devices{}",
         if nodes_on { "" } else { ", without Nodes" }
@@ -442,23 +456,57 @@ async fn fleet_phase(n: usize, window: u64, vk: usize, profile: bool, nodes_on: 
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
-    let controller = spawn(
-        &bin("fleetlet-controller"),
-        &common(free_port().unwrap(), &[]),
-        &kubeconfig,
-        dir.path().join("controller.log"),
-    );
+    // With more than one replica, each component splits the fleet into shards.
+    let sharding = |name: &str, k: usize| -> Vec<String> {
+        if replicas > 1 {
+            vec![
+                format!("--shards={BENCH_SHARDS}"),
+                format!("--identity={name}-{k}"),
+            ]
+        } else {
+            Vec::new()
+        }
+    };
+    let log_name = |name: &str, k: usize| {
+        if k == 0 {
+            format!("{name}.log")
+        } else {
+            format!("{name}-{k}.log")
+        }
+    };
+    let controllers: Vec<Proc> = (0..replicas)
+        .map(|k| {
+            let extra = sharding("controller", k);
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            spawn(
+                &bin("fleetlet-controller"),
+                &common(free_port().unwrap(), &extra),
+                &kubeconfig,
+                dir.path().join(log_name("controller", k)),
+            )
+        })
+        .collect();
     let projection = format!(
         "--node-projection={}",
         if nodes_on { "Enabled" } else { "Disabled" }
     );
-    let bridge_metrics = free_port().unwrap();
-    let bridge = spawn(
-        &bin("fleetlet-bridge"),
-        &common(bridge_metrics, &[&projection]),
-        &kubeconfig,
-        dir.path().join("bridge.log"),
-    );
+    let bridge_ports: Vec<u16> = (0..replicas).map(|_| free_port().unwrap()).collect();
+    let bridges: Vec<Proc> = bridge_ports
+        .iter()
+        .enumerate()
+        .map(|(k, port)| {
+            let mut extra = sharding("bridge", k);
+            extra.push(projection.clone());
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            spawn(
+                &bin("fleetlet-bridge"),
+                &common(*port, &extra),
+                &kubeconfig,
+                dir.path().join(log_name("bridge", k)),
+            )
+        })
+        .collect();
+    let bridge_metrics = bridge_ports[0];
     let sim_started = Instant::now();
     let mut sim = Proc(
         Command::new(bin("fleetlet-sim"))
@@ -508,21 +556,39 @@ async fn fleet_phase(n: usize, window: u64, vk: usize, profile: bool, nodes_on: 
     let settled = settle(&client).await;
     eprintln!("   settled {settled:.0}s later");
 
-    let procs = [
-        ("controller", controller.pid()),
-        ("bridge", bridge.pid()),
-        ("simulator", sim.pid()),
-        (
-            "nats-server",
-            env.nats.as_ref().unwrap().program_pid().unwrap_or(0),
-        ),
-    ];
+    // One replica is "controller" and "bridge"; several are "controller-0", "controller-1"...
+    let named = |name: &str, k: usize| {
+        if replicas == 1 {
+            name.to_string()
+        } else {
+            format!("{name}-{k}")
+        }
+    };
+    let mut procs: Vec<(String, u32)> = Vec::new();
+    for (k, c) in controllers.iter().enumerate() {
+        procs.push((named("controller", k), c.pid()));
+    }
+    for (k, b) in bridges.iter().enumerate() {
+        procs.push((named("bridge", k), b.pid()));
+    }
+    procs.push(("simulator".into(), sim.pid()));
+    procs.push((
+        "nats-server".into(),
+        env.nats.as_ref().unwrap().program_pid().unwrap_or(0),
+    ));
+    let procs: Vec<(&str, u32)> = procs.iter().map(|(n, p)| (n.as_str(), *p)).collect();
     let w = Window::open(&client, monitor, &procs).await;
-    // The bridge's own count of the Lease renewals it made, beside the apiserver's count,
+    // The bridges' own count of the Lease renewals they made, beside the apiserver's count,
     // over a span of its own (reading the apiserver's metrics takes seconds at this size).
-    let (renewed, counted) = (bridge_writes(bridge_metrics, "lease"), Instant::now());
+    let renewals_now = || -> f64 {
+        bridge_ports
+            .iter()
+            .map(|p| bridge_writes(*p, "lease"))
+            .sum()
+    };
+    let (renewed, counted) = (renewals_now(), Instant::now());
     tokio::time::sleep(Duration::from_secs(window)).await;
-    let renewals = bridge_writes(bridge_metrics, "lease") - renewed;
+    let renewals = renewals_now() - renewed;
     let span = counted.elapsed().as_secs_f64();
     let mut steady = w.close(&client, monitor, n).await;
     steady["bridgeLeaseRenewalsPerSecond"] = json!((renewals / span * 100.0).round() / 100.0);
@@ -552,11 +618,21 @@ async fn fleet_phase(n: usize, window: u64, vk: usize, profile: bool, nodes_on: 
     let update = rollout(&env, n, "second").await;
     eprintln!("   rollout (update): {update}");
     let footprint = |pid: u32| (proc_stat(pid).0 * 10.0).round() / 10.0;
+    let peak = |pid: u32| (peak_rss_mib(pid) * 10.0).round() / 10.0;
+    // Each component's figure is the sum over its replicas; by replica beside it.
+    let each = |ps: &[Proc], f: &dyn Fn(u32) -> f64| -> Vec<f64> {
+        ps.iter().map(|p| f(p.pid())).collect()
+    };
+    let sum = |v: &[f64]| (v.iter().sum::<f64>() * 10.0).round() / 10.0;
+    let (c_rss, b_rss) = (each(&controllers, &footprint), each(&bridges, &footprint));
+    let (c_peak, b_peak) = (each(&controllers, &peak), each(&bridges, &peak));
     let footprints = json!({
-        "controllerRssMiB": footprint(controller.pid()),
-        "bridgeRssMiB": footprint(bridge.pid()),
-        "controllerPeakRssMiB": (peak_rss_mib(controller.pid()) * 10.0).round() / 10.0,
-        "bridgePeakRssMiB": (peak_rss_mib(bridge.pid()) * 10.0).round() / 10.0,
+        "controllerRssMiB": sum(&c_rss),
+        "bridgeRssMiB": sum(&b_rss),
+        "controllerPeakRssMiB": sum(&c_peak),
+        "bridgePeakRssMiB": sum(&b_peak),
+        "controllerRssMiBByReplica": c_rss,
+        "bridgeRssMiBByReplica": b_rss,
         "simulatorRssMiB": footprint(sim.pid()),
         "simulatorRssKiBPerDevice": (proc_stat(sim.pid()).0 * 1024.0 / n as f64).round(),
     });
@@ -568,6 +644,8 @@ async fn fleet_phase(n: usize, window: u64, vk: usize, profile: bool, nodes_on: 
         .map_or(0, |l| l.items.len());
     let mut result = json!({
         "devices": n,
+        "replicas": replicas,
+        "shards": if replicas > 1 { BENCH_SHARDS } else { 1 },
         "nodeProjection": if nodes_on { "Enabled" } else { "Disabled" },
         "nodes": node_count,
         "simulator": sim_report,
@@ -578,13 +656,13 @@ async fn fleet_phase(n: usize, window: u64, vk: usize, profile: bool, nodes_on: 
         "rolloutCreate": create,
         "rolloutUpdate": update,
         "footprints": footprints,
-        "leaseLag": if nodes_on { lease_lag(bridge_metrics) } else { Value::Null },
+        "leaseLag": if nodes_on && replicas == 1 { lease_lag(bridge_metrics) } else { Value::Null },
     });
     keep_logs(dir.path(), &format!("fleet-{n}"));
     if vk > 0 {
         drop(sim);
-        drop(bridge);
-        drop(controller);
+        drop(bridges);
+        drop(controllers);
         result["virtualKubelet"] = virtual_kubelet(&env, vk, window, dir.path()).await;
     }
     result
@@ -838,6 +916,40 @@ async fn durability_phase(n: usize, sync_always: bool) -> Value {
     json!({ "sync": sync, "devices": n, "replicas": 3, "rolloutCreate": create, "rolloutUpdates": updates })
 }
 
+/// `FLEETLET_BENCH_REPLICAS=1,2`: each size of `FLEETLET_BENCH_DEVICES` (default 1000) with
+/// each number of replicas of the controller and the bridge, one after the other in one
+/// run, Nodes projected; written to `sharding.json`.
+async fn sharding(list: &str) {
+    let replicas: Vec<usize> = list
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .filter(|r| *r > 0)
+        .collect();
+    let sizes: Vec<usize> = std::env::var("FLEETLET_BENCH_DEVICES")
+        .unwrap_or_else(|_| "1000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let window: u64 = env_or("FLEETLET_BENCH_WINDOW", 60);
+    let mut runs = Vec::new();
+    for n in sizes {
+        for r in &replicas {
+            let mut run = fleet_phase(n, window, 0, false, true, *r).await;
+            run["windowSeconds"] = json!(window);
+            runs.push(run);
+        }
+    }
+    let out = json!({ "runs": runs, "windowSeconds": window });
+    let dir = out_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("sharding.json"),
+        serde_json::to_string_pretty(&out).unwrap(),
+    )
+    .unwrap();
+    println!("{}", serde_json::to_string_pretty(&out).unwrap());
+}
+
 #[tokio::main]
 async fn main() {
     if std::env::var_os("FLEETLET_BENCH_DURABILITY").is_some() {
@@ -855,6 +967,10 @@ async fn main() {
         )
         .unwrap();
         println!("{}", serde_json::to_string_pretty(&out).unwrap());
+        return;
+    }
+    if let Ok(list) = std::env::var("FLEETLET_BENCH_REPLICAS") {
+        sharding(&list).await;
         return;
     }
     let sizes: Vec<usize> = std::env::var("FLEETLET_BENCH_DEVICES")
@@ -885,6 +1001,7 @@ async fn main() {
             vk_here,
             perf && n == largest && nodes_on,
             nodes_on,
+            1,
         )
         .await;
         run["windowSeconds"] = json!(window);

@@ -680,6 +680,10 @@ pub fn performance(from: &Path, out: &Path) -> Result<(), Error> {
         md.push_str(&a);
         md.push('\n');
     }
+    if let Some(a) = sharding_section(from) {
+        md.push_str(&a);
+        md.push('\n');
+    }
     if let Some(a) = heap_section(from) {
         md.push_str(&a);
         md.push('\n');
@@ -1039,6 +1043,91 @@ pub fn no_nodes_report(from: &Path, out: &Path) -> Result<(), Error> {
     })?;
     rewrite_page(out, "the section without Node projection", |page| {
         insert_section(&page, &section, NO_NODES_BEGIN, NO_NODES_END)
+    })
+}
+
+const SHARDING_BEGIN: &str = "<!-- scripts/bench sharding: begin -->";
+const SHARDING_END: &str = "<!-- scripts/bench sharding: end -->";
+
+/// One and more replicas of the controller and the bridge (sharding.json), between markers.
+fn sharding_section(from: &Path) -> Option<String> {
+    let all = load(from, "sharding.json")?;
+    let runs = all["runs"].as_array()?;
+    if runs.is_empty() {
+        return None;
+    }
+    let date = file_date(&from.join("sharding.json")).unwrap_or_default();
+    let mut md = String::new();
+    w!(
+        md,
+        "{SHARDING_BEGIN}\n## Sharded replicas\n\n\
+         `scripts/bench sharding` on {date}: the fleet as above (Nodes projected), once with\n\
+         one controller and one bridge and once with two of each splitting the fleet into\n\
+         shards (`--shards`), one after the other in one run, on the same machine. Every\n\
+         process shares its two cores. Memory is resident size after both rollouts, CPU the\n\
+         steady-state share of a core, each by replica.\n\n\
+         | devices | replicas (shards) | Nodes Ready after | converged p99 (create / change) | key written p99 (change) | apiserver writes/s | controller RSS by replica | bridge RSS by replica | controller CPU by replica | bridge CPU by replica |\n\
+         |---|---|---|---|---|---|---|---|---|---|"
+    );
+    for r in runs {
+        let s = &r["steadyState"];
+        let replicas = r["replicas"].as_u64().unwrap_or(1);
+        let names = |c: &str| -> Vec<String> {
+            if replicas == 1 {
+                vec![c.to_string()]
+            } else {
+                (0..replicas).map(|k| format!("{c}-{k}")).collect()
+            }
+        };
+        let by = |key: &str| -> String {
+            r["footprints"][key]
+                .as_array()
+                .map(|v| {
+                    v.iter()
+                        .map(|x| fmt(num(x), " MiB"))
+                        .collect::<Vec<_>>()
+                        .join(" + ")
+                })
+                .unwrap_or_else(|| "n/a".into())
+        };
+        let cpu = |c: &str| -> String {
+            names(c)
+                .iter()
+                .map(|n| fmt(num(&s["processes"][n]["cpuPercent"]), " %"))
+                .collect::<Vec<_>>()
+                .join(" + ")
+        };
+        w!(
+            md,
+            "| {} | {} ({}) | {} s | {} / {} | {} | {} | {} | {} | {} | {} |",
+            r["devices"],
+            replicas,
+            r["shards"],
+            r["nodesReadySeconds"],
+            secs(num(&r["rolloutCreate"]["converged"]["p99Ms"])),
+            secs(num(&r["rolloutUpdate"]["converged"]["p99Ms"])),
+            secs(num(&r["rolloutUpdate"]["fanOut"]["p99Ms"])),
+            s["apiserverWritesPerSecond"],
+            by("controllerRssMiBByReplica"),
+            by("bridgeRssMiBByReplica"),
+            cpu("controller"),
+            cpu("bridge"),
+        );
+    }
+    w!(md, "{SHARDING_END}");
+    Some(md)
+}
+
+/// Rewrites the section of sharded replicas, keeping the rest of the page.
+pub fn sharding_report(from: &Path, out: &Path) -> Result<(), Error> {
+    let section = sharding_section(from).ok_or_else(|| {
+        Error::Setup(format!(
+            "no sharding.json in {}: run scripts/bench sharding",
+            from.display()
+        ))
+    })?;
+    rewrite_page(out, "the section of sharded replicas", |page| {
+        insert_section(&page, &section, SHARDING_BEGIN, SHARDING_END)
     })
 }
 
@@ -1675,6 +1764,45 @@ mod tests {
         std::fs::write(&out, format!("# P\n\n{}", section("k"))).unwrap();
         no_nodes_report(dir.path(), &out).unwrap();
         no_nodes_report(dir.path(), &out).unwrap();
+        let page = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(page, format!("# P\n\n{s}\n{}", section("k")));
+    }
+
+    #[test]
+    fn sharded_runs_show_each_replica_of_each_component() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(sharding_section(dir.path()).is_none());
+        std::fs::write(
+            dir.path().join("sharding.json"),
+            r#"{"runs":[
+              {"devices":1000,"replicas":1,"shards":1,"nodesReadySeconds":12.5,
+               "steadyState":{"apiserverWritesPerSecond":34.1,
+                 "processes":{"controller":{"cpuPercent":1.5},"bridge":{"cpuPercent":4.0}}},
+               "footprints":{"controllerRssMiBByReplica":[30.5],"bridgeRssMiBByReplica":[28.0]},
+               "rolloutCreate":{"converged":{"p99Ms":800.0}},
+               "rolloutUpdate":{"converged":{"p99Ms":700.0},"fanOut":{"p99Ms":150.0}}},
+              {"devices":1000,"replicas":2,"shards":8,"nodesReadySeconds":11.0,
+               "steadyState":{"apiserverWritesPerSecond":35.0,
+                 "processes":{"controller-0":{"cpuPercent":1.0},"controller-1":{"cpuPercent":1.2},
+                              "bridge-0":{"cpuPercent":2.1},"bridge-1":{"cpuPercent":2.3}}},
+               "footprints":{"controllerRssMiBByReplica":[29.0,31.5],"bridgeRssMiBByReplica":[20.0,21.0]},
+               "rolloutCreate":{"converged":{"p99Ms":900.0}},
+               "rolloutUpdate":{"converged":{"p99Ms":750.0},"fanOut":{"p99Ms":120.0}}}]}"#,
+        )
+        .unwrap();
+        let s = sharding_section(dir.path()).unwrap();
+        assert!(
+            s.contains("| 1000 | 1 (1) | 12.5 s | 0.80 s / 0.70 s | 0.15 s | 34.1 | 30.5 MiB | 28 MiB | 1.5 % | 4 % |"),
+            "{s}"
+        );
+        assert!(
+            s.contains("| 1000 | 2 (8) | 11.0 s | 0.90 s / 0.75 s | 0.12 s | 35.0 | 29 MiB + 31.5 MiB | 20 MiB + 21 MiB | 1 % + 1.2 % | 2.1 % + 2.3 % |"),
+            "{s}"
+        );
+        let out = dir.path().join("performance.md");
+        std::fs::write(&out, format!("# P\n\n{}", section("k"))).unwrap();
+        sharding_report(dir.path(), &out).unwrap();
+        sharding_report(dir.path(), &out).unwrap();
         let page = std::fs::read_to_string(&out).unwrap();
         assert_eq!(page, format!("# P\n\n{s}\n{}", section("k")));
     }

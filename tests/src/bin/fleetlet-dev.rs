@@ -79,9 +79,10 @@ enum Cmd {
         /// kubelet.json), `agent` (the goals table and the agent's section, from agent.json
         /// and agent-sizes.json), `fleet` (the goals table and the runs by fleet size, from
         /// fleet*.json), `no-nodes` (the fleet without Node projection, from
-        /// fleet-*-no-nodes.json), `durability` (NATS sync settings, from durability.json) or
+        /// fleet-*-no-nodes.json), `sharding` (one and two replicas of each component, from
+        /// sharding.json), `durability` (NATS sync settings, from durability.json) or
         /// `heap` (what the controller's and bridge's heaps hold, from heap-*.txt).
-        #[arg(long, value_parser = ["kubelet", "agent", "fleet", "no-nodes", "durability", "heap"])]
+        #[arg(long, value_parser = ["kubelet", "agent", "fleet", "no-nodes", "durability", "heap", "sharding"])]
         only: Option<String>,
     },
     /// Write docs/compatibility.md from the runs scripts/compat left in `from`.
@@ -128,6 +129,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some("fleet") => report::fleet_report(&from, &out),
                 Some("durability") => report::durability_report(&from, &out),
                 Some("heap") => report::heap_report(&from, &out),
+                Some("sharding") => report::sharding_report(&from, &out),
                 Some(_) => report::no_nodes_report(&from, &out),
                 None => report::performance(&from, &out),
             }?);
