@@ -53,6 +53,31 @@ pub fn start_controller_as(
     )
 }
 
+/// The bridge's kubelet API on `listen`, trusting the environment's CA for clients (the
+/// apiserver's kubelet client certificate): serving with a certificate issued through a
+/// CSR when `csr`, else with the apiserver's own, which that CA signed.
+pub fn kubelet_flags(env: &TestEnv, listen: &str, csr: bool) -> Result<Vec<String>, Error> {
+    let pki = &env
+        .kube
+        .as_ref()
+        .ok_or_else(|| {
+            Error::Setup("the kubelet API needs the environment's kube-apiserver".into())
+        })?
+        .pki_dir;
+    let file = |flag: &str, name: &str| format!("--{flag}={}", pki.join(name).display());
+    let mut flags = vec![
+        format!("--kubelet-listen={listen}"),
+        file("kubelet-client-ca-file", "ca.crt"),
+    ];
+    if csr {
+        flags.push("--kubelet-serving-csr".into());
+    } else {
+        flags.push(file("kubelet-tls-cert-file", "apiserver.crt"));
+        flags.push(file("kubelet-tls-key-file", "apiserver.key"));
+    }
+    Ok(flags)
+}
+
 /// `fleetlet-bridge` with its log in `dir/bridge.log`; `extra` flags appended.
 pub fn start_bridge(
     env: &TestEnv,

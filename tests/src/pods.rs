@@ -54,17 +54,7 @@ impl PodFleet {
             })?
             .pki_dir
             .clone();
-        let mut kubelet_flags = vec![
-            "--kubelet-listen=127.0.0.1:0".to_string(),
-            format!("--kubelet-client-ca-file={}", pki.join("ca.crt").display()),
-        ];
-        if csr {
-            kubelet_flags.push("--kubelet-serving-csr".into());
-        } else {
-            let file = |flag: &str, name: &str| format!("--{flag}={}", pki.join(name).display());
-            kubelet_flags.push(file("kubelet-tls-cert-file", "apiserver.crt"));
-            kubelet_flags.push(file("kubelet-tls-key-file", "apiserver.key"));
-        }
+        let mut kubelet_flags = components::kubelet_flags(env, "127.0.0.1:0", csr)?;
         kubelet_flags.extend(bridge_flags.iter().map(|f| f.to_string()));
         let kubelet_flags: Vec<&str> = kubelet_flags.iter().map(String::as_str).collect();
         let bridge = components::start_bridge_as(

@@ -1474,24 +1474,17 @@ fn start_bridge_replica(
 ) -> Service {
     let dir = dir.join(identity);
     std::fs::create_dir_all(&dir).unwrap();
-    let pki = env.kube.as_ref().unwrap().pki_dir.clone();
     let flags = [
         format!("--shards={SHARDS}"),
         format!("--lease-seconds={SHARD_LEASE_SECONDS}"),
         format!("--identity={identity}"),
         // Device Leases renewed often, so a takeover's gap shows against the grace period.
         "--lease-renew-seconds=4".into(),
-        format!("--kubelet-listen=127.0.0.1:{kubelet_port}"),
-        format!("--kubelet-client-ca-file={}", pki.join("ca.crt").display()),
-        format!(
-            "--kubelet-tls-cert-file={}",
-            pki.join("apiserver.crt").display()
-        ),
-        format!(
-            "--kubelet-tls-key-file={}",
-            pki.join("apiserver.key").display()
-        ),
     ];
+    let flags: Vec<String> = flags
+        .into_iter()
+        .chain(components::kubelet_flags(env, &format!("127.0.0.1:{kubelet_port}"), false).unwrap())
+        .collect();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     components::start_bridge(env, &components::bin_dir().unwrap(), &dir, &flags).unwrap()
 }

@@ -200,23 +200,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         components::manifest_trust(&env, "fleetlet-system", "fleetlet-manifest-signing").await?;
     // The bridge also serves the nodes' kubelet API (kubectl logs / exec), with a serving
     // certificate from the local control plane's CA, which the apiserver trusts.
-    let pki = env
-        .kube
-        .as_ref()
-        .map(|k| k.pki_dir.clone())
-        .context("the local control plane has no PKI")?;
-    let kubelet_flags = [
-        "--kubelet-listen=127.0.0.1:0".to_string(),
-        format!(
-            "--kubelet-tls-cert-file={}",
-            pki.join("apiserver.crt").display()
-        ),
-        format!(
-            "--kubelet-tls-key-file={}",
-            pki.join("apiserver.key").display()
-        ),
-        format!("--kubelet-client-ca-file={}", pki.join("ca.crt").display()),
-    ];
+    let kubelet_flags = components::kubelet_flags(&env, "127.0.0.1:0", false)?;
     let kubelet_flags: Vec<&str> = kubelet_flags.iter().map(String::as_str).collect();
     let _bridge = components::start_bridge_as(
         &env,
