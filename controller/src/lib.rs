@@ -253,11 +253,23 @@ pub enum Command {
     /// the fleet's accounts with one account per device (include it in nats-server's
     /// configuration), and `passwords.txt` with the new random password of every user
     /// (controller, bridge, each device). Both mode 0600; existing files are kept.
+    ///
+    /// With `--site`, also one account per site on the central servers (enable their leaf
+    /// node listener) and `site-NAME.conf` for the site's own nats-server, a leaf node:
+    /// its devices' accounts and its link to `--leafnode-url`.
     NatsAccounts {
         dir: PathBuf,
         /// Device ids, comma-separated or repeated.
         #[arg(long = "device", value_delimiter = ',', required = true)]
         devices: Vec<String>,
+        /// A site behind a leaf node: NAME=DEVICE[,DEVICE...] (devices among --device);
+        /// repeat for more sites.
+        #[arg(long = "site")]
+        sites: Vec<String>,
+        /// The central servers' leaf node listeners the sites connect to
+        /// (`nats-leaf://host:7422` or `tls://host:7422`); comma-separated or repeated.
+        #[arg(long = "leafnode-url", value_delimiter = ',')]
+        leafnode_urls: Vec<String>,
     },
 }
 

@@ -62,8 +62,14 @@ async fn main() -> ExitCode {
             }
         };
     }
-    if let Some(fleetlet_controller::Command::NatsAccounts { dir, devices }) = &args.command {
-        return match nats_accounts(dir, devices) {
+    if let Some(fleetlet_controller::Command::NatsAccounts {
+        dir,
+        devices,
+        sites,
+        leafnode_urls,
+    }) = &args.command
+    {
+        return match nats_accounts(dir, devices, sites, leafnode_urls) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("fleetlet-controller: {e:#}");
@@ -182,11 +188,16 @@ fn nats_init(dir: &std::path::Path, resolver_dir: Option<&std::path::Path>) -> a
 }
 
 /// Writes a static nats-server configuration for `devices` with new random passwords.
-fn nats_accounts(dir: &std::path::Path, devices: &[String]) -> anyhow::Result<()> {
+fn nats_accounts(
+    dir: &std::path::Path,
+    devices: &[String],
+    sites: &[String],
+    leafnode_urls: &[String],
+) -> anyhow::Result<()> {
     use anyhow::Context;
     use fleetlet_protocol::{
         DeviceId,
-        access::{StaticUsers, User, server_accounts},
+        access::{Site, StaticUsers, User, server_accounts, site_accounts, site_leafnode},
     };
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
     let password = || -> anyhow::Result<String> {
@@ -201,11 +212,40 @@ fn nats_accounts(dir: &std::path::Path, devices: &[String]) -> anyhow::Result<()
         let id = DeviceId::new(d.trim()).with_context(|| format!("device id {d:?}"))?;
         devs.push((id, user(d.trim())?));
     }
+    let mut site_list = Vec::new();
+    for spec in sites {
+        let (name, members) = spec
+            .split_once('=')
+            .with_context(|| format!("--site {spec:?}: expected NAME=DEVICE[,DEVICE...]"))?;
+        let name = DeviceId::new(name.trim())
+            .with_context(|| format!("site name {name:?} (a device id's rules)"))?;
+        let mut held = Vec::new();
+        for m in members.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+            let id = devs
+                .iter()
+                .find(|(d, _)| d.as_str() == m)
+                .map(|(d, _)| d.clone())
+                .with_context(|| format!("site {name}: {m:?} is not among --device"))?;
+            held.push(id);
+        }
+        anyhow::ensure!(!held.is_empty(), "site {name} has no device");
+        let user = user(&format!("site-{name}"))?;
+        site_list.push(Site {
+            name,
+            user,
+            devices: held,
+        });
+    }
+    anyhow::ensure!(
+        site_list.is_empty() || !leafnode_urls.is_empty(),
+        "--site needs --leafnode-url: where the sites' leaf nodes connect"
+    );
     let users = StaticUsers {
         controller: user("controller")?,
         admin: None,
         bridge: user("bridge")?,
         devices: devs,
+        sites: site_list,
     };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let write = |name: &str, text: &str| -> anyhow::Result<()> {
@@ -227,7 +267,27 @@ fn nats_accounts(dir: &std::path::Path, devices: &[String]) -> anyhow::Result<()
     {
         passwords.push_str(&format!("{} {}\n", u.name, u.password));
     }
+    for site in &users.sites {
+        passwords.push_str(&format!("{} {}\n", site.user.name, site.user.password));
+    }
     write("passwords.txt", &passwords)?;
     write("accounts.conf", &server_accounts(&users))?;
+    for site in &users.sites {
+        let members: Vec<(DeviceId, User)> = users
+            .devices
+            .iter()
+            .filter(|(d, _)| site.devices.contains(d))
+            .cloned()
+            .collect();
+        write(
+            &format!("site-{}.conf", site.name),
+            &format!(
+                "# The leaf node of site {}: include it in that site's nats-server.conf.\n{}{}",
+                site.name,
+                site_accounts(&members),
+                site_leafnode(leafnode_urls, &site.user)
+            ),
+        )?;
+    }
     Ok(())
 }

@@ -8,6 +8,7 @@
 //! urls = ["tls://nats.example.net:4222"]
 //! creds_file = "/etc/fleetlet/nats.creds"
 //! tls_ca = "/etc/fleetlet/nats-ca.pem"
+//! # uplink_probe_seconds = 120   # behind a site's leaf node (see docs/operations.md)
 //!
 //! [reconcile]
 //! drift_interval_seconds = 30
@@ -157,6 +158,14 @@ pub struct NatsConfig {
     /// issues allow `_INBOX.>` only.
     #[serde(default)]
     pub inbox_prefix: Option<String>,
+    /// For a device connected to a site's leaf node: every this many seconds one
+    /// heartbeat asks for JetStream's acknowledgement (0, the default: never). A leaf node
+    /// keeps the device connected while its own link to the central servers is down, so
+    /// nothing else tells the agent that manifests stored meanwhile never reached it. With
+    /// no acknowledgement every heartbeat asks, and the first acknowledged one makes the
+    /// agent read its desired state at once.
+    #[serde(default)]
+    pub uplink_probe_seconds: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

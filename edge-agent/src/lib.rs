@@ -130,7 +130,15 @@ pub async fn serve(
     let (status_tx, status_rx) = watch::channel(engine.status().clone());
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    let (floor, watcher) = spawn_feed(&client, &settings, &engine, candidate_tx, &stop_rx);
+    let (uplink, uplink_rx) = nats::Uplink::new();
+    let (floor, watcher) = spawn_feed(
+        &client,
+        &settings,
+        &engine,
+        candidate_tx,
+        uplink_rx,
+        &stop_rx,
+    );
     if let Some(delay) = options.manifest_delay {
         candidate_rx = delay_candidates(candidate_rx, delay);
     }
@@ -139,12 +147,14 @@ pub async fn serve(
         settings.clone(),
         sealing.public_base64(),
         heartbeat_containers(&settings, &containers),
+        uplink.clone(),
         stop_rx.clone(),
     ));
     let writer = tokio::spawn(nats::write_status(
         client.clone(),
         settings.device.clone(),
         status_rx,
+        uplink,
         stop_rx.clone(),
     ));
     let relay = options.relay.then(|| {
@@ -203,6 +213,7 @@ fn spawn_feed(
     settings: &Arc<Settings>,
     engine: &Engine,
     candidates: mpsc::Sender<Candidate>,
+    uplink: watch::Receiver<u64>,
     stop: &watch::Receiver<bool>,
 ) -> (Option<JoinHandle<()>>, JoinHandle<()>) {
     let floor = engine.needs_floor().then(|| {
@@ -219,6 +230,7 @@ fn spawn_feed(
         engine.last_seen_revision(),
         settings.manifest_resync,
         candidates,
+        uplink,
         stop.clone(),
     ));
     (floor, watcher)

@@ -7,7 +7,10 @@
 //! stored manifest. It never creates a consumer or asks about a stream.
 
 use std::{
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -223,7 +226,8 @@ pub async fn put(
 /// JetStream republishes each stored manifest on the device's changes subject, which the
 /// agent subscribes to; nothing is created on the server. Republished messages are not
 /// replayed, so the current value is read with a direct get when the watch starts, after
-/// every reconnect, and every `resync` in case a message was dropped on the way.
+/// every reconnect or return of the uplink (`uplink` changes), and every `resync` in case a
+/// message was dropped on the way.
 #[instrument(skip_all, fields(device = %device))]
 pub async fn watch_manifest(
     client: async_nats::Client,
@@ -231,6 +235,7 @@ pub async fn watch_manifest(
     mut last_seen: u64,
     resync: Duration,
     tx: mpsc::Sender<Candidate>,
+    mut uplink: watch::Receiver<u64>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut attempt = 0u32;
@@ -270,8 +275,11 @@ pub async fn watch_manifest(
                         }
                     }
                     _ = tick.tick() => {
+                        // A new connection, or the leaf node's link back (see heartbeat).
                         let reconnected =
-                            client.statistics().connects.load(Ordering::Relaxed) != connects;
+                            client.statistics().connects.load(Ordering::Relaxed) != connects
+                                || uplink.has_changed().unwrap_or(false);
+                        uplink.borrow_and_update();
                         if reconnected || tokio::time::Instant::now() >= resync_at {
                             debug!(reconnected, "reading desired state again");
                             return Err(NatsError::Kv(String::new()));
@@ -469,6 +477,7 @@ pub async fn write_status(
     client: async_nats::Client,
     device: DeviceId,
     mut rx: watch::Receiver<AgentStatus>,
+    uplink: Arc<Uplink>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut written: Option<AgentStatus> = None;
@@ -482,6 +491,9 @@ pub async fn write_status(
                 r = result => Some(r),
                 _ = crate::stopped(&mut stop), if written.is_some() || attempt > 0 => None,
             };
+            if let Some(r) = &result {
+                uplink.answered(!matches!(r, Err(CasError::Nats(_))));
+            }
             match result {
                 Some(Ok(revision)) => {
                     debug!(
@@ -538,8 +550,10 @@ pub async fn heartbeat(
     settings: Arc<Settings>,
     sealing_key: String,
     containers: Option<crate::container::ContainerReconciler>,
+    uplink: Arc<Uplink>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut probe = UplinkProbe::new(settings.nats.uplink_probe_seconds);
     let mut facts = Facts::new(settings.clone(), Some(sealing_key));
     // The runtime's version, asked again every few minutes (podman may be upgraded or
     // come up late); a heartbeat never waits long for it.
@@ -602,6 +616,26 @@ pub async fn heartbeat(
                 continue;
             }
         };
+        if probe.due(uplink.lost()) {
+            let acknowledged = tokio::time::timeout(
+                Duration::from_secs(5),
+                put(&client, HEARTBEAT, &settings.device, bytes.into(), None),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok());
+            probe.asked();
+            uplink.answered(acknowledged);
+            if acknowledged {
+                beaten_on = Some(connection);
+                tick.reset();
+            } else {
+                debug!(
+                    sequence = hb.sequence,
+                    "heartbeat not acknowledged: no uplink"
+                );
+            }
+            continue;
+        }
         // Published without asking for JetStream's acknowledgement: the stream stores it all
         // the same, a lost beat is replaced by the next one, and an idle device's bytes on
         // the wire lose the acknowledgement and the reply subject of every beat.
@@ -615,6 +649,75 @@ pub async fn heartbeat(
             }
             Err(e) => debug!(error = %e, sequence = hb.sequence, "heartbeat not sent"),
         }
+    }
+}
+
+/// Whether JetStream answers the agent's writes. Connected to a site's leaf node, the
+/// agent stays connected while the leaf node's own link to the central servers is down;
+/// a write left unanswered (a status, or a heartbeat probe) marks the uplink lost, and the
+/// first answered one after that is its return, which makes the manifest watch read the
+/// desired state at once (a manifest stored meanwhile never reached the device).
+#[derive(Debug)]
+pub struct Uplink {
+    lost: AtomicBool,
+    back: watch::Sender<u64>,
+}
+
+impl Uplink {
+    /// The uplink, and what the manifest watch listens to for its returns.
+    pub fn new() -> (Arc<Self>, watch::Receiver<u64>) {
+        let (back, returns) = watch::channel(0);
+        (
+            Arc::new(Self {
+                lost: AtomicBool::new(false),
+                back,
+            }),
+            returns,
+        )
+    }
+
+    /// Records whether JetStream answered a write; true when the uplink is back.
+    pub fn answered(&self, answered: bool) -> bool {
+        if !answered {
+            self.lost.store(true, Ordering::Relaxed);
+            return false;
+        }
+        let back = self.lost.swap(false, Ordering::Relaxed);
+        if back {
+            info!("JetStream answers again: reading desired state");
+            self.back.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        back
+    }
+
+    fn lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+}
+
+/// When a heartbeat asks for JetStream's acknowledgement (`[nats] uplink_probe_seconds`):
+/// every `every`, and on every beat while the uplink is lost.
+#[derive(Debug)]
+struct UplinkProbe {
+    every: Option<Duration>,
+    last: Option<tokio::time::Instant>,
+}
+
+impl UplinkProbe {
+    fn new(seconds: u64) -> Self {
+        Self {
+            every: (seconds > 0).then(|| Duration::from_secs(seconds)),
+            last: None,
+        }
+    }
+
+    fn due(&self, lost: bool) -> bool {
+        self.every
+            .is_some_and(|every| lost || self.last.is_none_or(|t| t.elapsed() >= every))
+    }
+
+    fn asked(&mut self) {
+        self.last = Some(tokio::time::Instant::now());
     }
 }
 
@@ -646,5 +749,39 @@ async fn store_facts(client: &async_nats::Client, device: &DeviceId, report: Fac
             warn!("facts not stored: no acknowledgement within 5 s");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod uplink_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_probe_asks_every_period_and_on_every_beat_while_the_uplink_is_lost() {
+        assert!(!UplinkProbe::new(0).due(true), "off by default");
+        let mut p = UplinkProbe::new(120);
+        assert!(p.due(false), "the first beat asks");
+        p.asked();
+        assert!(!p.due(false));
+        assert!(p.due(true), "every beat asks while the uplink is lost");
+        tokio::time::advance(Duration::from_secs(119)).await;
+        assert!(!p.due(false));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(p.due(false));
+    }
+
+    #[tokio::test]
+    async fn the_first_answer_after_a_lost_one_is_the_return() {
+        let (uplink, mut returns) = Uplink::new();
+        assert!(!uplink.answered(true), "answers while nothing was lost");
+        assert!(!returns.has_changed().unwrap());
+        assert!(!uplink.answered(false));
+        assert!(!uplink.answered(false));
+        assert!(uplink.lost());
+        assert!(uplink.answered(true), "the return");
+        assert!(returns.has_changed().unwrap());
+        returns.borrow_and_update();
+        assert!(!uplink.answered(true), "once");
+        assert!(!returns.has_changed().unwrap());
     }
 }

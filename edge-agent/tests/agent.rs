@@ -434,6 +434,7 @@ async fn status_writes_go_on_top_of_the_agents_own_revision_and_keep_another_wri
         client.clone(),
         dev.clone(),
         rx,
+        fleetlet_agent::nats::Uplink::new().0,
         stopped,
     ));
     let stored = || async {

@@ -337,7 +337,42 @@ pub struct StaticUsers {
     pub admin: Option<User>,
     pub bridge: User,
     pub devices: Vec<(DeviceId, User)>,
+    /// Sites whose devices connect to a leaf node ([`site_accounts`]).
+    pub sites: Vec<Site>,
 }
+
+/// Devices at one site, behind a nats-server leaf node of their own.
+///
+/// The central servers hold an account for the site ([`Site::account`]) that imports
+/// exactly its devices' subjects, the union of what their own accounts import; the leaf
+/// node binds its local [`LEAF_SITE`] account to it with the site's user, over one
+/// connection. On the leaf node each device again has an account of its own, importing
+/// its subjects from [`LEAF_SITE`], so devices at a site are isolated from one another by
+/// the leaf node as they are from the fleet by the central servers, and the site's
+/// credentials reach no device of another site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Site {
+    /// A name with a device id's rules (it names the central account).
+    pub name: DeviceId,
+    /// The leaf node's user on the central servers (leaf node connections only).
+    pub user: User,
+    pub devices: Vec<DeviceId>,
+}
+
+impl Site {
+    /// The site's account on the central servers: `SITE_<name>` (no device id has an
+    /// underscore or capitals).
+    pub fn account(&self) -> String {
+        format!("SITE_{}", self.name)
+    }
+}
+
+/// The leaf node's account bound to the site's central account.
+pub const LEAF_SITE: &str = "SITE";
+
+/// How many leaf node connections a site's account takes at once (a reconnecting leaf
+/// node may overlap its old connection for a moment).
+const SITE_LEAFNODES: i64 = 2;
 
 fn quoted(v: &[String]) -> String {
     v.iter()
@@ -367,50 +402,95 @@ fn user_entry(user: &User, permissions: Option<&Permissions>) -> String {
     entry
 }
 
-fn import_entry(i: &Import) -> String {
+/// An import of `subject` from `from`, used in the importing account as `i.subject`.
+fn import_entry(i: &Import, from: &str, subject: &str) -> String {
     let kind = match i.kind {
         Kind::Service => "service",
         Kind::Stream => "stream",
     };
+    let to = if subject == i.subject {
+        String::new()
+    } else {
+        format!(", to: \"{}\"", i.subject)
+    };
+    format!("      {{ {kind}: {{ account: \"{from}\", subject: \"{subject}\" }}{to} }}\n")
+}
+
+/// The subject a device's `subject` travels under between a leaf node and the central
+/// servers. nats-server keeps `$JS.API.>` and `$KV.>` off leaf node links (they belong to
+/// each side's own JetStream), so those go over as `fleetlet.site.JS.API...` and
+/// `fleetlet.site.KV...`, and each end maps them back; other subjects keep their names.
+pub fn site_subject(subject: &str) -> String {
+    match subject.strip_prefix('$') {
+        Some(rest) => format!("{SITE_PREFIX}{rest}"),
+        None => subject.to_owned(),
+    }
+}
+
+const SITE_PREFIX: &str = "fleetlet.site.";
+
+fn export_entry(e: &Export, subject: &str, to: &[&str]) -> String {
+    let kind = match e.kind {
+        Kind::Service => "service",
+        Kind::Stream => "stream",
+    };
+    let response = if e.streamed_responses {
+        ", response_type: \"stream\""
+    } else {
+        ""
+    };
+    let to: Vec<String> = to.iter().map(|a| (*a).to_owned()).collect();
     format!(
-        "      {{ {kind}: {{ account: \"{}\", subject: \"{}\" }} }}\n",
-        i.from.account(),
-        i.subject
+        "      {{ {kind}: \"{subject}\", accounts: [{}]{response} }}\n",
+        quoted(&to)
+    )
+}
+
+/// A device's account: its user, its imports from `from` (`None`: from their exporters)
+/// and [`DEVICE_LIMITS`].
+fn device_account(d: &DeviceId, user: &User, from: Option<&str>) -> String {
+    let imports: String = device_imports(d)
+        .iter()
+        .map(|i| match from {
+            Some(site) => import_entry(i, site, &site_subject(&i.subject)),
+            None => import_entry(i, i.from.account(), &i.subject),
+        })
+        .collect();
+    let l = DEVICE_LIMITS;
+    format!(
+        "  \"{d}\" {{\n    users: [\n{}    ]\n    imports: [\n{imports}    ]\n    limits: {{ max_connections: {}, max_subscriptions: {}, max_payload: {}, max_leafnodes: 0 }}\n  }}\n",
+        user_entry(user, Some(&device(d))),
+        l.connections,
+        l.subscriptions,
+        l.payload,
     )
 }
 
 /// The `accounts { ... }` block of a nats-server configuration (no operator, no JWTs) for
-/// these users: [`FLEET`] with JetStream, [`BRIDGE`], and one account per device with
-/// [`DEVICE_LIMITS`]. Each per-device export is listed once per device, for that device's
-/// account only.
+/// these users: [`FLEET`] with JetStream, [`BRIDGE`], one account per device with
+/// [`DEVICE_LIMITS`], and one per site. Each per-device export is listed once per device,
+/// for that device's account and the accounts of the sites holding it only.
 pub fn server_accounts(users: &StaticUsers) -> String {
-    let exports = exports();
     let mut fleet_exports = String::new();
     let mut bridge_exports = String::new();
-    for e in &exports {
-        let kind = match e.kind {
-            Kind::Service => "service",
-            Kind::Stream => "stream",
-        };
-        let response = if e.streamed_responses {
-            ", response_type: \"stream\""
-        } else {
-            ""
-        };
+    for e in &exports() {
         let out = match e.from {
             Exporter::Fleet => &mut fleet_exports,
             Exporter::Bridge => &mut bridge_exports,
         };
         match &e.subject {
-            ExportSubject::Bridge(s) => out.push_str(&format!(
-                "      {{ {kind}: \"{s}\", accounts: [\"{BRIDGE}\"]{response} }}\n"
-            )),
+            ExportSubject::Bridge(s) => out.push_str(&export_entry(e, s, &[BRIDGE])),
             ExportSubject::PerDevice { .. } => {
                 for (d, _) in &users.devices {
-                    out.push_str(&format!(
-                        "      {{ {kind}: \"{}\", accounts: [\"{d}\"]{response} }}\n",
-                        e.subject.for_device(d)
-                    ));
+                    let sites: Vec<String> = users
+                        .sites
+                        .iter()
+                        .filter(|s| s.devices.contains(d))
+                        .map(Site::account)
+                        .collect();
+                    let mut to = vec![d.as_str()];
+                    to.extend(sites.iter().map(String::as_str));
+                    out.push_str(&export_entry(e, &e.subject.for_device(d), &to));
                 }
             }
         }
@@ -423,24 +503,98 @@ pub fn server_accounts(users: &StaticUsers) -> String {
     text.push_str(&format!(
         "  {FLEET} {{\n    jetstream: enabled\n    users: [\n{fleet_users}    ]\n    exports: [\n{fleet_exports}    ]\n  }}\n"
     ));
-    let bridge_imports: String = bridge_imports().iter().map(import_entry).collect();
+    let bridge_imports: String = bridge_imports()
+        .iter()
+        .map(|i| import_entry(i, i.from.account(), &i.subject))
+        .collect();
     text.push_str(&format!(
         "  {BRIDGE} {{\n    users: [\n{}    ]\n    imports: [\n{bridge_imports}    ]\n    exports: [\n{bridge_exports}    ]\n  }}\n",
         user_entry(&users.bridge, Some(&bridge()))
     ));
-    let l = DEVICE_LIMITS;
     for (d, user) in &users.devices {
-        let imports: String = device_imports(d).iter().map(import_entry).collect();
+        text.push_str(&device_account(d, user, None));
+    }
+    for site in &users.sites {
+        // Only the devices the configuration also has accounts for: an export to the site
+        // exists for those alone.
+        let imports: String = site
+            .devices
+            .iter()
+            .filter(|d| users.devices.iter().any(|(x, _)| x == *d))
+            .flat_map(device_imports)
+            .map(|i| {
+                // Imported from the exporter under its name, used here under the name it
+                // crosses the leaf node link with.
+                let link = Import {
+                    subject: site_subject(&i.subject),
+                    ..i.clone()
+                };
+                import_entry(&link, i.from.account(), &i.subject)
+            })
+            .collect();
         text.push_str(&format!(
-            "  \"{d}\" {{\n    users: [\n{}    ]\n    imports: [\n{imports}    ]\n    limits: {{ max_connections: {}, max_subscriptions: {}, max_payload: {}, max_leafnodes: 0 }}\n  }}\n",
-            user_entry(user, Some(&device(d))),
-            l.connections,
-            l.subscriptions,
-            l.payload,
+            "  \"{}\" {{\n    users: [\n      {{ user: \"{}\", password: \"{}\", allowed_connection_types: [\"LEAFNODE\"] }}\n    ]\n    imports: [\n{imports}    ]\n    limits: {{ max_connections: 0, max_leafnodes: {SITE_LEAFNODES} }}\n  }}\n",
+            site.account(),
+            site.user.name,
+            site.user.password,
         ));
     }
     text.push_str("}\n");
     text
+}
+
+/// The `accounts { ... }` block of a site's leaf node: [`LEAF_SITE`], which the leaf node
+/// binds to the site's central account ([`site_leafnode`]) and which exports each device's
+/// subjects to that device only, and one account per device, importing them from it.
+/// JetStream stays off: requests reach the central servers' streams through the link.
+pub fn site_accounts(devices: &[(DeviceId, User)]) -> String {
+    let mut site_exports = String::new();
+    for e in &exports() {
+        if matches!(e.subject, ExportSubject::PerDevice { .. }) {
+            for (d, _) in devices {
+                let subject = site_subject(&e.subject.for_device(d));
+                site_exports.push_str(&export_entry(e, &subject, &[d.as_str()]));
+            }
+        }
+    }
+    let mut text =
+        format!("accounts {{\n  {LEAF_SITE} {{\n    exports: [\n{site_exports}    ]\n  }}\n");
+    for (d, user) in devices {
+        text.push_str(&device_account(d, user, Some(LEAF_SITE)));
+    }
+    text.push_str("}\n");
+    text
+}
+
+/// The leaf node's link to the central servers: `urls` are their leaf node listeners
+/// (`nats-leaf://host:7422`, or `tls://host:7422`), and the site's `user` signs in on each
+/// (its name and password go into the URLs, percent-encoded).
+pub fn site_leafnode(urls: &[String], user: &User) -> String {
+    let encode = |s: &str| -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    char::from(b).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    let signed: Vec<String> = urls
+        .iter()
+        .map(|u| {
+            let (scheme, rest) = u.split_once("://").unwrap_or(("nats-leaf", u));
+            format!(
+                "{scheme}://{}:{}@{rest}",
+                encode(&user.name),
+                encode(&user.password)
+            )
+        })
+        .collect();
+    format!(
+        "leafnodes {{\n  remotes: [\n    {{ urls: [{}], account: \"{LEAF_SITE}\" }}\n  ]\n}}\n",
+        quoted(&signed)
+    )
 }
 
 #[cfg(test)]
@@ -488,10 +642,63 @@ mod tests {
             admin: None,
             bridge: User::new("bridge", "b"),
             devices: vec![(pi("pi-a"), User::new("pi-a", "a"))],
+            sites: Vec::new(),
         };
         let text = server_accounts(&users);
         assert!(text.contains("{ service: \"$KV.actual-state.pi-a\", accounts: [\"pi-a\"] }"));
         assert!(text.contains("max_connections: 4"));
         assert!(!text.contains("$KV.actual-state.*"));
+    }
+
+    #[test]
+    fn a_site_account_imports_its_own_devices_subjects_and_takes_leaf_nodes_only() {
+        let site = Site {
+            name: pi("shop"),
+            user: User::new("shop", "s"),
+            devices: vec![pi("pi-a"), pi("pi-z")],
+        };
+        let users = StaticUsers {
+            controller: User::new("controller", "c"),
+            admin: None,
+            bridge: User::new("bridge", "b"),
+            devices: vec![
+                (pi("pi-a"), User::new("pi-a", "a")),
+                (pi("pi-b"), User::new("pi-b", "b")),
+            ],
+            sites: vec![site.clone()],
+        };
+        let text = server_accounts(&users);
+        assert!(text.contains(
+            "{ service: \"$KV.actual-state.pi-a\", accounts: [\"pi-a\", \"SITE_shop\"] }"
+        ));
+        assert!(text.contains("{ service: \"$KV.actual-state.pi-b\", accounts: [\"pi-b\"] }"));
+        let account = &text[text.find("\"SITE_shop\" {").unwrap()..];
+        assert!(account.contains("allowed_connection_types: [\"LEAFNODE\"]"));
+        assert!(account.contains("max_connections: 0"));
+        // Its devices' subjects, not another's, and not a device it has no account for.
+        assert!(account.contains("\"$KV.actual-state.pi-a\""));
+        assert!(!account.contains("pi-b"));
+        assert!(!account.contains("pi-z"));
+
+        let leaf = site_accounts(&[(pi("pi-a"), User::new("pi-a", "a"))]);
+        // Subjects nats-server keeps off leaf node links cross it under other names.
+        assert!(leaf.contains(
+            "{ service: { account: \"SITE\", subject: \"fleetlet.site.KV.actual-state.pi-a\" }, to: \"$KV.actual-state.pi-a\" }"
+        ));
+        assert!(account.contains(
+            "{ service: { account: \"FLEET\", subject: \"$KV.actual-state.pi-a\" }, to: \"fleetlet.site.KV.actual-state.pi-a\" }"
+        ));
+        assert!(leaf.contains(
+            "{ stream: { account: \"SITE\", subject: \"fleetlet.kv.desired-state.pi-a\" } }"
+        ));
+        assert!(!leaf.contains("jetstream"));
+        let link = site_leafnode(
+            &["nats-leaf://127.0.0.1:7422".into()],
+            &User::new("shop", "p@ss/word"),
+        );
+        assert!(
+            link.contains("\"nats-leaf://shop:p%40ss%2Fword@127.0.0.1:7422\""),
+            "{link}"
+        );
     }
 }

@@ -190,23 +190,72 @@ impl Builder {
     /// the bridge's (`bridge`), and one account per device in `devices` (its user named
     /// after it). Passwords are [`nats::static_password`] of the user's name.
     pub fn nats_accounts(self, devices: &[&str], tls: bool) -> Self {
-        use fleetlet_protocol::access::{StaticUsers, User, server_accounts};
+        self.nats_static(devices, None, tls)
+    }
+
+    /// As [`Builder::nats_accounts`], plus site `name` holding `site_devices` (of
+    /// `devices`), whose leaf node ([`nats::Site`]) connects as user `name` through `link`,
+    /// a proxy to the leaf node listener (on the port the proxy forwards to).
+    pub fn nats_site(
+        self,
+        devices: &[&str],
+        name: &str,
+        site_devices: &[&str],
+        link: &proxy::TcpProxy,
+    ) -> Self {
+        self.nats_static(devices, Some((name, site_devices, link)), false)
+    }
+
+    fn nats_static(
+        self,
+        devices: &[&str],
+        site: Option<(&str, &[&str], &proxy::TcpProxy)>,
+        tls: bool,
+    ) -> Self {
+        use fleetlet_protocol::{
+            DeviceId,
+            access::{Site, StaticUsers, User, server_accounts},
+        };
         let user = |name: &str| User::new(name, &nats::static_password(name));
+        let ids = |names: &[&str]| -> Vec<DeviceId> {
+            names
+                .iter()
+                .filter_map(|d| DeviceId::new(*d).ok())
+                .collect()
+        };
         let users = StaticUsers {
             controller: user("controller"),
             admin: Some(user("admin")),
             bridge: user("bridge"),
-            devices: devices
-                .iter()
-                .filter_map(|d| Some((fleetlet_protocol::DeviceId::new(*d).ok()?, user(d))))
+            devices: ids(devices)
+                .into_iter()
+                .map(|d| {
+                    let u = user(d.as_str());
+                    (d, u)
+                })
+                .collect(),
+            sites: site
+                .and_then(|(name, members, _)| {
+                    Some(Site {
+                        name: DeviceId::new(name).ok()?,
+                        user: user(name),
+                        devices: ids(members),
+                    })
+                })
+                .into_iter()
                 .collect(),
         };
-        self.nats_secured(
-            &server_accounts(&users),
-            "admin",
-            &nats::static_password("admin"),
-            tls,
-        )
+        let mut config = server_accounts(&users);
+        if let Some((_, _, link)) = site {
+            // The listener advertises the proxy: a leaf node adds the advertised address to
+            // the ones it tries, and would otherwise go around the link the tests cut.
+            config.push_str(&format!(
+                "leafnodes {{\n  listen: \"{}\"\n  advertise: \"{}\"\n}}\n",
+                link.upstream(),
+                link.addr()
+            ));
+        }
+        self.nats_secured(&config, "admin", &nats::static_password("admin"), tls)
     }
 
     pub async fn start(self) -> Result<TestEnv, Error> {

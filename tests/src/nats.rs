@@ -29,6 +29,8 @@ pub struct NatsServer {
     starts: u32,
     /// `--server_name`; unique per node in a cluster.
     server_name: String,
+    /// JetStream on (every server but a site's leaf node).
+    jetstream: bool,
 }
 
 impl NatsServer {
@@ -55,6 +57,7 @@ impl NatsServer {
             service: None,
             starts: 0,
             server_name: "fleetlet-testenv".into(),
+            jetstream: true,
         };
         server.url = format!("nats://127.0.0.1:{}", server.port);
         server.start_again().await?;
@@ -98,6 +101,37 @@ impl NatsServer {
             service: None,
             starts: 0,
             server_name: "fleetlet-testenv".into(),
+            jetstream: true,
+        };
+        server.start_again().await?;
+        Ok(server)
+    }
+
+    /// A site's leaf node: `config` (the site's accounts and its link to the central
+    /// servers), no JetStream; ready once `probe` (a device at the site) can connect.
+    pub async fn start_leaf(
+        program: &Path,
+        dir: &Path,
+        config: &str,
+        probe: NatsAuth,
+    ) -> Result<Self, Error> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("leaf.conf");
+        std::fs::write(&path, config)?;
+        let port = free_port()?;
+        let mut server = Self {
+            extra_args: vec!["-c".into(), path.display().to_string()],
+            admin: Some(probe),
+            ca_file: None,
+            port,
+            monitor_port: free_port()?,
+            url: format!("nats://127.0.0.1:{port}"),
+            program: program.to_path_buf(),
+            dir: dir.to_path_buf(),
+            service: None,
+            starts: 0,
+            server_name: "fleetlet-site".into(),
+            jetstream: false,
         };
         server.start_again().await?;
         Ok(server)
@@ -121,11 +155,17 @@ impl NatsServer {
             // have taken it while the server was down.
             self.monitor_port = free_port()?;
         }
+        let store = if self.jetstream {
+            vec![
+                "-js".to_string(),
+                "-sd".into(),
+                self.dir.join("jetstream").display().to_string(),
+            ]
+        } else {
+            Vec::new()
+        };
         let args = vec![
-            "-js".to_string(),
-            "-sd".into(),
-            self.dir.join("jetstream").display().to_string(),
-            "-a".into(),
+            "-a".to_string(),
             "127.0.0.1".into(),
             "-p".into(),
             self.port.to_string(),
@@ -134,7 +174,7 @@ impl NatsServer {
             "--server_name".into(),
             self.server_name.clone(),
         ];
-        let args = [args, self.extra_args.clone()].concat();
+        let args = [store, args, self.extra_args.clone()].concat();
         let log = self.dir.join(format!("nats-{}.log", self.starts));
         Service::spawn("nats-server", &self.program, &args, log)
     }
@@ -144,6 +184,7 @@ impl NatsServer {
         let url = self.url.clone();
         let auth = self.auth();
         let ca = self.ca_file.clone();
+        let jetstream = self.jetstream;
         wait_until("nats-server", &mut service, Duration::from_secs(30), || {
             let url = url.clone();
             let auth = auth.clone();
@@ -153,6 +194,9 @@ impl NatsServer {
                     .connect(&url)
                     .await
                     .map_err(|e| e.to_string())?;
+                if !jetstream {
+                    return Ok(());
+                }
                 // JetStream answers once the store is recovered.
                 jetstream::new(client)
                     .query_account()
@@ -317,6 +361,7 @@ impl NatsCluster {
                 service: None,
                 starts: 0,
                 server_name: format!("fleetlet-{i}"),
+                jetstream: true,
             };
             spawned.push(node.spawn()?);
             nodes.push(node);
@@ -479,5 +524,60 @@ impl Operator {
             .await
             .map_err(|e| Error::Setup(e.to_string()))?;
         Ok(identity)
+    }
+}
+
+/// A site: devices at one place connected to a leaf node of their own, whose one link to
+/// the central server runs through a proxy the test can cut (the site's uplink).
+pub struct Site {
+    pub leaf: NatsServer,
+    pub uplink: crate::proxy::TcpProxy,
+}
+
+impl Site {
+    /// Starts the leaf node for `devices` (each a user named after it, with
+    /// [`static_password`]), linked as site `name` to the central server through `uplink`
+    /// (see [`crate::Builder::nats_site`]).
+    pub async fn start(
+        program: &Path,
+        dir: &Path,
+        name: &str,
+        devices: &[&str],
+        uplink: crate::proxy::TcpProxy,
+    ) -> Result<Self, Error> {
+        use fleetlet_protocol::access::{User, site_accounts, site_leafnode};
+        let users: Vec<_> = devices
+            .iter()
+            .filter_map(|d| {
+                Some((
+                    fleetlet_protocol::DeviceId::new(*d).ok()?,
+                    User::new(d, &static_password(d)),
+                ))
+            })
+            .collect();
+        let link = uplink.nats_url().replacen("nats://", "nats-leaf://", 1);
+        let config = format!(
+            "{}{}",
+            site_accounts(&users),
+            site_leafnode(&[link], &User::new(name, &static_password(name)))
+        );
+        let probe = devices
+            .first()
+            .ok_or_else(|| Error::Setup("a site needs a device".into()))?;
+        let leaf = NatsServer::start_leaf(
+            program,
+            dir,
+            &config,
+            NatsAuth::Password((*probe).to_owned(), static_password(probe)),
+        )
+        .await?;
+        Ok(Self { leaf, uplink })
+    }
+
+    /// Whether the leaf node's link to the central server is up (its monitoring port).
+    pub fn linked(&self) -> bool {
+        crate::bench::nats_monitor(self.leaf.monitor_port, "/leafz")["leafnodes"]
+            .as_u64()
+            .is_some_and(|n| n > 0)
     }
 }

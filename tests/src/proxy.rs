@@ -15,6 +15,7 @@ use crate::Error;
 
 pub struct TcpProxy {
     addr: SocketAddr,
+    upstream: String,
     cut: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     task: JoinHandle<()>,
@@ -34,7 +35,8 @@ impl TcpProxy {
         let addr = listener.local_addr()?;
         let cut = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let upstream = upstream.to_owned();
+        let target = upstream.to_owned();
+        let upstream = target.clone();
         let (c, list) = (cut.clone(), conns.clone());
         let task = tokio::spawn(async move {
             while let Ok((mut down, _)) = listener.accept().await {
@@ -54,10 +56,21 @@ impl TcpProxy {
         });
         Ok(Self {
             addr,
+            upstream: target,
             cut,
             conns,
             task,
         })
+    }
+
+    /// The proxy's own address (`127.0.0.1:port`).
+    pub fn addr(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Where it forwards to.
+    pub fn upstream(&self) -> &str {
+        &self.upstream
     }
 
     /// `nats://` URL of the proxy.

@@ -1,7 +1,7 @@
 //! Faults, each bounded in time and on loopback only: the NATS server restarted in the
 //! middle of a rollout, a 3-node NATS cluster losing its stream leader, one node and then
 //! all three, an agent SIGKILLed in the middle of a reconcile, a device offline for longer
-//! than the grace period. Each test records what it expected and what it saw in
+//! than the grace period, a site's leaf node losing its link to the central server. Each test records what it expected and what it saw in
 //! `target/fleetlet-reliability/`; `fleetlet-dev reliability-report` turns the records into
 //! docs/reliability.md (`scripts/reliability` does both).
 
@@ -1664,6 +1664,182 @@ async fn sharded_bridge_replicas_split_the_nodes_and_take_over_a_dead_ones_withi
             took_over.as_secs_f64(),
             moved.as_secs_f64(),
             oldest as f64 / 1000.0,
+        ),
+    );
+}
+
+/// Three devices at a site, connected to the site's leaf node, which reaches the central
+/// server over one link (through a proxy the test cuts). With the link down the devices
+/// keep running their last manifest (a file changed by hand is put back); a change stored
+/// meanwhile reaches every device once the link is back, well before the agents' own
+/// periodic read of their desired state (15 minutes).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_site_behind_a_leaf_node_keeps_running_without_its_uplink_and_catches_up_when_it_returns()
+{
+    let devices = ["site-1", "site-2", "site-3"];
+    let leafnodes = fleetlet_testenv::process::free_port().unwrap();
+    let uplink = TcpProxy::start(&format!("127.0.0.1:{leafnodes}"))
+        .await
+        .unwrap();
+    let env = TestEnv::builder()
+        .kube()
+        .nats_site(&devices, "shop", &devices, &uplink)
+        .start()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bins = components::bin_dir().unwrap();
+    let password = fleetlet_testenv::nats::static_password;
+    let _controller = components::start_controller(
+        &env,
+        &bins,
+        dir.path(),
+        &[
+            "--nats-user=controller",
+            &format!("--nats-password={}", password("controller")),
+        ],
+    )
+    .unwrap();
+    let site = fleetlet_testenv::nats::Site::start(
+        &fleetlet_testenv::bins::Binaries::locate()
+            .unwrap()
+            .nats_server,
+        &dir.path().join("leaf"),
+        "shop",
+        &devices,
+        uplink,
+    )
+    .await
+    .unwrap();
+    let mut agents = Vec::new();
+    for d in devices {
+        let ddir = dir.path().join(d);
+        std::fs::create_dir_all(&ddir).unwrap();
+        let nats = format!(
+            "user = \"{d}\"\npassword = \"{}\"\nuplink_probe_seconds = 2",
+            password(d)
+        );
+        agents.push(
+            components::start_agent(
+                &bins,
+                &ddir,
+                &components::file_agent_config(
+                    &site.leaf.url,
+                    &ddir,
+                    d,
+                    "/etc/fleetlet",
+                    &nats,
+                    "",
+                ),
+            )
+            .unwrap(),
+        );
+    }
+    let path = |d: &str| dir.path().join(d).join("root/etc/fleetlet/version");
+    let content = |d: &str| std::fs::read_to_string(path(d)).unwrap_or_default();
+    let everywhere = |text: &'static str| {
+        let content = &content;
+        move || async move {
+            let on: Vec<String> = devices.iter().map(|d| content(d)).collect();
+            on.iter()
+                .all(|c| c == text)
+                .then_some(())
+                .ok_or(format!("{on:?}"))
+        }
+    };
+    let yaml = |text: &str| {
+        devices.iter().map(|d| device_yaml(d)).collect::<String>()
+            + &file_manifest(
+                "site",
+                &[("/etc/fleetlet/version".into(), text.into())],
+                "  rollout: { maxUnavailable: 3 }\n",
+            )
+    };
+    env.apply(&yaml("v1")).unwrap();
+    eventually("v1 at the site", Duration::from_secs(60), everywhere("v1")).await;
+
+    site.uplink.cut();
+    eventually(
+        "the leaf node's link down",
+        Duration::from_secs(20),
+        || async { (!site.linked()).then_some(()).ok_or("linked".to_string()) },
+    )
+    .await;
+    let cut = Instant::now();
+    env.apply(&yaml("v2")).unwrap();
+    let desired = env
+        .jetstream()
+        .await
+        .unwrap()
+        .get_key_value("desired-state")
+        .await
+        .unwrap();
+    eventually(
+        "v2 stored for every device at the site",
+        Duration::from_secs(30),
+        || async {
+            let mut stored = 0;
+            for d in devices {
+                let e = desired.entry(d).await.map_err(|e| e.to_string())?;
+                stored += usize::from(
+                    e.is_some_and(|e| String::from_utf8_lossy(&e.value).contains("\"v2\"")),
+                );
+            }
+            (stored == devices.len())
+                .then_some(())
+                .ok_or(format!("{stored} stored"))
+        },
+    )
+    .await;
+    // Offline, each agent still holds its last manifest: a file changed by hand goes back.
+    std::fs::write(path(devices[0]), "changed by hand").unwrap();
+    eventually(
+        "the hand-made change undone without the uplink",
+        Duration::from_secs(30),
+        everywhere("v1"),
+    )
+    .await;
+    // Down for several probe periods: a heartbeat goes unanswered on every device.
+    tokio::time::sleep(Duration::from_secs(8).saturating_sub(cut.elapsed())).await;
+    let offline = cut.elapsed();
+    assert!(!site.linked(), "the link stayed down through the change");
+
+    site.uplink.heal();
+    let healed = Instant::now();
+    eventually(
+        "the leaf node's link back",
+        Duration::from_secs(30),
+        || async { site.linked().then_some(()).ok_or("not linked".to_string()) },
+    )
+    .await;
+    let linked = healed.elapsed();
+    eventually("v2 at the site", Duration::from_secs(90), everywhere("v2")).await;
+    let caught_up = healed.elapsed();
+    let mut generations = Vec::new();
+    for d in devices {
+        let s = eventually(
+            "status through the link",
+            Duration::from_secs(30),
+            || async {
+                let s = env.agent_status(d).await.ok_or("no status")?;
+                (s.observed_generation == s.manifest_generation && s.observed_generation >= 2)
+                    .then_some(s)
+                    .ok_or("not caught up".to_string())
+            },
+        )
+        .await;
+        assert!(s.last_rejection.is_none(), "{d}: {:?}", s.last_rejection);
+        generations.push(s.observed_generation);
+    }
+    drop(agents);
+    record(
+        "a site's leaf node loses its link to the central server (3 devices on the leaf node, a change stored while it is down)",
+        "devices keep running their last manifest; the change reaches every device once the link is back, well within the agents' 15-minute resync",
+        &format!(
+            "offline {:.1} s, a file changed by hand restored meanwhile; link back {:.1} s after the heal; every device on v2 {:.1} s after the heal (uplink_probe_seconds = 2, heartbeat 1 s); generations {generations:?}, no rejection",
+            offline.as_secs_f64(),
+            linked.as_secs_f64(),
+            caught_up.as_secs_f64()
         ),
     );
 }

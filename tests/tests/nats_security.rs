@@ -31,7 +31,8 @@ use fleetlet_protocol::{
 };
 use fleetlet_testenv::{
     TestEnv, components, eventually,
-    nats::{Operator, static_password},
+    nats::{self, Operator, static_password},
+    proxy::TcpProxy,
 };
 use futures::StreamExt;
 use kube::Api;
@@ -958,6 +959,176 @@ async fn a_device_or_the_bridge_in_operator_mode_reaches_nothing_but_its_own() {
     still_working(&env, &make()).await;
 }
 
+/// A client of the site's leaf node for devices, of the central server for the bridge.
+fn connect_at_site<'a>(env: &'a TestEnv, site: &'a nats::Site) -> Connect<'a> {
+    Box::new(move |user: &str| {
+        let user = user.to_owned();
+        Box::pin(async move {
+            let url = if user.starts_with("pi-") {
+                site.leaf.url.clone()
+            } else {
+                env.nats_url().unwrap().to_owned()
+            };
+            async_nats::ConnectOptions::with_user_and_password(user.clone(), static_password(&user))
+                .request_timeout(Some(Duration::from_secs(2)))
+                .connect(&url)
+                .await
+                .unwrap()
+        })
+    })
+}
+
+/// Devices at a site connect to a leaf node of their own, linked to the central server by
+/// the site's account: the whole suite, with both devices at the site, finds nothing, and
+/// credentials of the site reach no device outside it.
+#[tokio::test(flavor = "multi_thread")]
+async fn devices_behind_a_site_leaf_node_reach_nothing_but_their_own() {
+    const OUTSIDER: &str = "pi-c";
+    let link = async |port: u16| TcpProxy::start(&format!("127.0.0.1:{port}")).await;
+    let leafnodes = fleetlet_testenv::process::free_port().unwrap();
+    let uplink = link(leafnodes).await.unwrap();
+    let env = TestEnv::builder()
+        .nats_site(
+            &[ATTACKER, VICTIM, OUTSIDER],
+            "shop",
+            &[ATTACKER, VICTIM],
+            &uplink,
+        )
+        .start()
+        .await
+        .unwrap();
+    let bins = fleetlet_testenv::bins::Binaries::locate().unwrap();
+    let site = nats::Site::start(
+        &bins.nats_server,
+        &env.dir.join("site"),
+        "shop",
+        &[ATTACKER, VICTIM],
+        uplink,
+    )
+    .await
+    .unwrap();
+    eventually(
+        "the leaf node links to the central server",
+        Duration::from_secs(20),
+        || async {
+            if site.linked() {
+                Ok(())
+            } else {
+                Err("not linked".to_string())
+            }
+        },
+    )
+    .await;
+    // The central server's interest reaches the leaf node just after the link comes up.
+    let probe = connect_at_site(&env, &site)(ATTACKER).await;
+    eventually(
+        "a write through the site's link",
+        Duration::from_secs(20),
+        || async {
+            let ack = probe
+                .request(HEARTBEAT.subject(&dev(ATTACKER)), status(ATTACKER).into())
+                .await
+                .map_err(|e| e.to_string())?;
+            String::from_utf8_lossy(&ack.payload)
+                .contains("\"seq\"")
+                .then_some(())
+                .ok_or_else(|| format!("{ack:?}"))
+        },
+    )
+    .await;
+    drop(probe);
+    let (breaches, tally) = run_suite(&env, connect_at_site(&env, &site), false).await;
+    assert!(
+        breaches.is_empty(),
+        "{} breaches:\n{}",
+        breaches.len(),
+        breaches.join("\n")
+    );
+    report(
+        "a site behind a leaf node, one compromised device at the site and the bridge's credentials",
+        &tally,
+        "no effect: other keys, streams and consumers unchanged, nothing delivered",
+    );
+    still_working(&env, &connect_at_site(&env, &site)).await;
+
+    // The site's credentials in the hands of an attacker, who runs a leaf node of their own
+    // that claims a device of another site: nothing it sends for that device lands.
+    let js = jetstream::new(env.nats_client().await.unwrap());
+    let actual = js.get_key_value(ACTUAL_STATE.name).await.unwrap();
+    let before = actual.entry(OUTSIDER).await.unwrap().map(|e| e.revision);
+    let rogue = nats::Site::start(
+        &bins.nats_server,
+        &env.dir.join("rogue"),
+        "shop",
+        &[OUTSIDER, ATTACKER],
+        link(leafnodes).await.unwrap(),
+    )
+    .await
+    .unwrap();
+    eventually(
+        "the rogue leaf node links with the site's credentials",
+        Duration::from_secs(20),
+        || async {
+            if rogue.linked() {
+                Ok(())
+            } else {
+                Err("not linked".to_string())
+            }
+        },
+    )
+    .await;
+    let outsider = async_nats::ConnectOptions::with_user_and_password(
+        OUTSIDER.into(),
+        static_password(OUTSIDER),
+    )
+    .request_timeout(Some(Duration::from_secs(2)))
+    .connect(&rogue.leaf.url)
+    .await
+    .unwrap();
+    // The same rogue link carries the site's own device: it works, so the outsider's
+    // refusal is the site account's scope and not a dead link.
+    let own = async_nats::ConnectOptions::with_user_and_password(
+        ATTACKER.into(),
+        static_password(ATTACKER),
+    )
+    .request_timeout(Some(Duration::from_secs(2)))
+    .connect(&rogue.leaf.url)
+    .await
+    .unwrap();
+    let wrote = own
+        .request(
+            ACTUAL_STATE.subject(&dev(ATTACKER)),
+            status(ATTACKER).into(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&wrote.payload).contains("\"seq\""),
+        "{wrote:?}"
+    );
+    let forged = outsider
+        .request(
+            ACTUAL_STATE.subject(&dev(OUTSIDER)),
+            status(OUTSIDER).into(),
+        )
+        .await;
+    assert!(
+        forged.is_err(),
+        "a write for another site's device was answered: {forged:?}"
+    );
+    let read = outsider
+        .request(DESIRED_STATE.direct_get(&dev(OUTSIDER)), "".into())
+        .await;
+    assert!(
+        read.is_err(),
+        "another site's manifest was answered: {read:?}"
+    );
+    outsider.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = actual.entry(OUTSIDER).await.unwrap().map(|e| e.revision);
+    assert_eq!(before, after, "another site's device's status changed");
+}
+
 /// The layout before accounts: every identity a user of one shared account, limited by
 /// per-subject permissions. The suite must find what an attacker found there.
 fn shared_account_config() -> String {
@@ -1292,13 +1463,15 @@ spec:
 /// nats-server: with it, the controller runs the buckets, and each device reaches its own
 /// keys and not another's.
 #[tokio::test]
-async fn nats_accounts_writes_a_configuration_that_isolates_devices() {
+async fn nats_accounts_writes_a_configuration_that_isolates_devices_and_links_a_site() {
     let dir = tempfile::tempdir().unwrap();
     let bins = components::bin_dir().unwrap();
     let mut cmd = std::process::Command::new(bins.join("fleetlet-controller"));
+    let leafnodes = fleetlet_testenv::process::free_port().unwrap();
     cmd.args(["nats-accounts"])
         .arg(dir.path())
-        .args(["--device", "pi-a,pi-b"]);
+        .args(["--device", "pi-a,pi-b", "--site", "shop=pi-b"])
+        .arg(format!("--leafnode-url=nats-leaf://127.0.0.1:{leafnodes}"));
     fleetlet_testenv::chart::checked("nats-accounts", cmd).unwrap();
     let passwords: BTreeMap<String, String> =
         std::fs::read_to_string(dir.path().join("passwords.txt"))
@@ -1308,10 +1481,10 @@ async fn nats_accounts_writes_a_configuration_that_isolates_devices() {
             .filter_map(|l| l.split_once(' '))
             .map(|(u, p)| (u.to_owned(), p.to_owned()))
             .collect();
-    assert_eq!(passwords.len(), 4, "{passwords:?}");
+    assert_eq!(passwords.len(), 5, "{passwords:?}");
     {
         use std::os::unix::fs::PermissionsExt;
-        for f in ["passwords.txt", "accounts.conf"] {
+        for f in ["passwords.txt", "accounts.conf", "site-shop.conf"] {
             let mode = std::fs::metadata(dir.path().join(f))
                 .unwrap()
                 .permissions()
@@ -1319,7 +1492,8 @@ async fn nats_accounts_writes_a_configuration_that_isolates_devices() {
             assert_eq!(mode & 0o777, 0o600, "{f}");
         }
     }
-    let config = std::fs::read_to_string(dir.path().join("accounts.conf")).unwrap();
+    let config = std::fs::read_to_string(dir.path().join("accounts.conf")).unwrap()
+        + &format!("leafnodes {{ listen: \"127.0.0.1:{leafnodes}\" }}\n");
     // The controller's user creates the buckets, as the controller does.
     let env = TestEnv::builder()
         .nats_secured(&config, "controller", &passwords["controller"], false)
@@ -1333,7 +1507,33 @@ async fn nats_accounts_writes_a_configuration_that_isolates_devices() {
             .connect(nats.url.clone())
     };
     let a = as_user("pi-a").await.unwrap();
-    let b = as_user("pi-b").await.unwrap();
+    // pi-b is at the site: it connects to the site's leaf node, started with the file
+    // written for it.
+    let leaf = fleetlet_testenv::nats::NatsServer::start_leaf(
+        &fleetlet_testenv::bins::Binaries::locate()
+            .unwrap()
+            .nats_server,
+        &dir.path().join("leaf"),
+        &std::fs::read_to_string(dir.path().join("site-shop.conf")).unwrap(),
+        nats::NatsAuth::Password("pi-b".into(), passwords["pi-b"].clone()),
+    )
+    .await
+    .unwrap();
+    let b = async_nats::ConnectOptions::with_user_and_password(
+        "pi-b".into(),
+        passwords["pi-b"].clone(),
+    )
+    .request_timeout(Some(Duration::from_secs(2)))
+    .connect(leaf.url.clone())
+    .await
+    .unwrap();
+    eventually("the site's link", Duration::from_secs(20), || async {
+        b.request(HEARTBEAT.subject(&dev("pi-b")), status("pi-b").into())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .await;
     let ack = b
         .request(HEARTBEAT.subject(&dev("pi-b")), status("pi-b").into())
         .await
