@@ -580,4 +580,29 @@ impl Site {
             .as_u64()
             .is_some_and(|n| n > 0)
     }
+
+    /// Waits until the link is up (`up`) or down.
+    pub async fn wait_linked(&self, up: bool) {
+        let what = if up {
+            "the leaf node's link up"
+        } else {
+            "the leaf node's link down"
+        };
+        crate::eventually(what, Duration::from_secs(30), || async {
+            (self.linked() == up)
+                .then_some(())
+                .ok_or_else(|| format!("linked: {}", self.linked()))
+        })
+        .await;
+    }
+
+    /// A client of the leaf node as device `user` (password [`static_password`]).
+    pub async fn connect(&self, user: &str) -> Result<async_nats::Client, Error> {
+        Ok(
+            async_nats::ConnectOptions::with_user_and_password(user.into(), static_password(user))
+                .request_timeout(Some(Duration::from_secs(2)))
+                .connect(&self.leaf.url)
+                .await?,
+        )
+    }
 }

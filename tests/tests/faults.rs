@@ -24,6 +24,25 @@ fn record(scenario: &str, expected: &str, observed: &str) {
     );
 }
 
+/// Waits until every device in `devices` reports the generation in force at `min` or
+/// above and has refused no manifest (which a lost or reordered write would cause);
+/// returns their generations.
+async fn agents_caught_up(env: &TestEnv, devices: &[&str], min: u64) -> Vec<u64> {
+    let mut generations = Vec::new();
+    for d in devices {
+        let s = eventually("status", Duration::from_secs(30), || async {
+            let s = env.agent_status(d).await.ok_or("no status")?;
+            (s.observed_generation == s.manifest_generation && s.observed_generation >= min)
+                .then_some(s)
+                .ok_or("not caught up".to_string())
+        })
+        .await;
+        assert!(s.last_rejection.is_none(), "{d}: {:?}", s.last_rejection);
+        generations.push(s.observed_generation);
+    }
+    generations
+}
+
 fn device_yaml(name: &str) -> String {
     format!(
         "apiVersion: fleetlet.dev/v1alpha1\nkind: EdgeDevice\nmetadata: {{ name: {name}, namespace: default, labels: {{ fault: test }} }}\nspec: {{}}\n---\n"
@@ -156,18 +175,12 @@ async fn nats_restarted_in_the_middle_of_a_rollout() {
     assert_eq!(written, 3);
     // Every agent reports the final generation, and none refused a manifest as stale or
     // reused (which a lost or reordered write would cause).
-    let mut generations = Vec::new();
-    for d in devices {
-        let s = eventually("status", Duration::from_secs(30), || async {
-            let s = env.agent_status(d).await.ok_or("no status")?;
-            (s.observed_generation == s.manifest_generation && s.observed_generation >= 2)
-                .then_some(s)
-                .ok_or("not caught up".to_string())
-        })
-        .await;
-        assert!(s.last_rejection.is_none(), "{d}: {:?}", s.last_rejection);
-        generations.push(format!("{d} gen {}", s.observed_generation));
-    }
+    let generations: Vec<String> = agents_caught_up(&env, &devices, 2)
+        .await
+        .iter()
+        .zip(devices)
+        .map(|(g, d)| format!("{d} gen {g}"))
+        .collect();
     drop(agents);
     record(
         "nats-server killed and restarted in the middle of a rollout (3 devices, maxUnavailable 1, down 3 s)",
@@ -1759,12 +1772,7 @@ async fn a_site_behind_a_leaf_node_keeps_running_without_its_uplink_and_catches_
     eventually("v1 at the site", Duration::from_secs(60), everywhere("v1")).await;
 
     site.uplink.cut();
-    eventually(
-        "the leaf node's link down",
-        Duration::from_secs(20),
-        || async { (!site.linked()).then_some(()).ok_or("linked".to_string()) },
-    )
-    .await;
+    site.wait_linked(false).await;
     let cut = Instant::now();
     env.apply(&yaml("v2")).unwrap();
     let desired = env
@@ -1806,31 +1814,11 @@ async fn a_site_behind_a_leaf_node_keeps_running_without_its_uplink_and_catches_
 
     site.uplink.heal();
     let healed = Instant::now();
-    eventually(
-        "the leaf node's link back",
-        Duration::from_secs(30),
-        || async { site.linked().then_some(()).ok_or("not linked".to_string()) },
-    )
-    .await;
+    site.wait_linked(true).await;
     let linked = healed.elapsed();
     eventually("v2 at the site", Duration::from_secs(90), everywhere("v2")).await;
     let caught_up = healed.elapsed();
-    let mut generations = Vec::new();
-    for d in devices {
-        let s = eventually(
-            "status through the link",
-            Duration::from_secs(30),
-            || async {
-                let s = env.agent_status(d).await.ok_or("no status")?;
-                (s.observed_generation == s.manifest_generation && s.observed_generation >= 2)
-                    .then_some(s)
-                    .ok_or("not caught up".to_string())
-            },
-        )
-        .await;
-        assert!(s.last_rejection.is_none(), "{d}: {:?}", s.last_rejection);
-        generations.push(s.observed_generation);
-    }
+    let generations = agents_caught_up(&env, &devices, 2).await;
     drop(agents);
     record(
         "a site's leaf node loses its link to the central server (3 devices on the leaf node, a change stored while it is down)",

@@ -1007,18 +1007,7 @@ async fn devices_behind_a_site_leaf_node_reach_nothing_but_their_own() {
     )
     .await
     .unwrap();
-    eventually(
-        "the leaf node links to the central server",
-        Duration::from_secs(20),
-        || async {
-            if site.linked() {
-                Ok(())
-            } else {
-                Err("not linked".to_string())
-            }
-        },
-    )
-    .await;
+    site.wait_linked(true).await;
     // The central server's interest reaches the leaf node just after the link comes up.
     let probe = connect_at_site(&env, &site)(ATTACKER).await;
     eventually(
@@ -1065,36 +1054,11 @@ async fn devices_behind_a_site_leaf_node_reach_nothing_but_their_own() {
     )
     .await
     .unwrap();
-    eventually(
-        "the rogue leaf node links with the site's credentials",
-        Duration::from_secs(20),
-        || async {
-            if rogue.linked() {
-                Ok(())
-            } else {
-                Err("not linked".to_string())
-            }
-        },
-    )
-    .await;
-    let outsider = async_nats::ConnectOptions::with_user_and_password(
-        OUTSIDER.into(),
-        static_password(OUTSIDER),
-    )
-    .request_timeout(Some(Duration::from_secs(2)))
-    .connect(&rogue.leaf.url)
-    .await
-    .unwrap();
+    rogue.wait_linked(true).await;
+    let outsider = rogue.connect(OUTSIDER).await.unwrap();
     // The same rogue link carries the site's own device: it works, so the outsider's
     // refusal is the site account's scope and not a dead link.
-    let own = async_nats::ConnectOptions::with_user_and_password(
-        ATTACKER.into(),
-        static_password(ATTACKER),
-    )
-    .request_timeout(Some(Duration::from_secs(2)))
-    .connect(&rogue.leaf.url)
-    .await
-    .unwrap();
+    let own = rogue.connect(ATTACKER).await.unwrap();
     let wrote = own
         .request(
             ACTUAL_STATE.subject(&dev(ATTACKER)),
