@@ -24,6 +24,8 @@
 //! The same description renders a nats-server configuration with static accounts
 //! ([`server_accounts`]) and the account JWTs the controller issues in operator mode.
 
+use std::collections::BTreeMap;
+
 use crate::{
     DeviceId,
     kv::{ACTUAL_STATE, Bucket, DESIRED_STATE, FACTS, HEARTBEAT, MAX_STATUS_BYTES},
@@ -402,16 +404,17 @@ fn user_entry(user: &User, permissions: Option<&Permissions>) -> String {
     entry
 }
 
-/// An import of `subject` from `from`, used in the importing account as `i.subject`.
-fn import_entry(i: &Import, from: &str, subject: &str) -> String {
+/// An import of `i`'s kind: `subject` of account `from`, used in the importing account as
+/// `local`.
+fn import_entry(i: &Import, from: &str, subject: &str, local: &str) -> String {
     let kind = match i.kind {
         Kind::Service => "service",
         Kind::Stream => "stream",
     };
-    let to = if subject == i.subject {
+    let to = if subject == local {
         String::new()
     } else {
-        format!(", to: \"{}\"", i.subject)
+        format!(", to: \"{local}\"")
     };
     format!("      {{ {kind}: {{ account: \"{from}\", subject: \"{subject}\" }}{to} }}\n")
 }
@@ -452,8 +455,8 @@ fn device_account(d: &DeviceId, user: &User, from: Option<&str>) -> String {
     let imports: String = device_imports(d)
         .iter()
         .map(|i| match from {
-            Some(site) => import_entry(i, site, &site_subject(&i.subject)),
-            None => import_entry(i, i.from.account(), &i.subject),
+            Some(site) => import_entry(i, site, &site_subject(&i.subject), &i.subject),
+            None => import_entry(i, i.from.account(), &i.subject, &i.subject),
         })
         .collect();
     let l = DEVICE_LIMITS;
@@ -471,6 +474,19 @@ fn device_account(d: &DeviceId, user: &User, from: Option<&str>) -> String {
 /// [`DEVICE_LIMITS`], and one per site. Each per-device export is listed once per device,
 /// for that device's account and the accounts of the sites holding it only.
 pub fn server_accounts(users: &StaticUsers) -> String {
+    // The accounts each device's subjects are exported to: its own, then its sites'.
+    let mut export_to: BTreeMap<&DeviceId, Vec<String>> = users
+        .devices
+        .iter()
+        .map(|(d, _)| (d, vec![d.as_str().to_owned()]))
+        .collect();
+    for site in &users.sites {
+        for d in &site.devices {
+            if let Some(to) = export_to.get_mut(d) {
+                to.push(site.account());
+            }
+        }
+    }
     let mut fleet_exports = String::new();
     let mut bridge_exports = String::new();
     for e in &exports() {
@@ -482,14 +498,12 @@ pub fn server_accounts(users: &StaticUsers) -> String {
             ExportSubject::Bridge(s) => out.push_str(&export_entry(e, s, &[BRIDGE])),
             ExportSubject::PerDevice { .. } => {
                 for (d, _) in &users.devices {
-                    let sites: Vec<String> = users
-                        .sites
-                        .iter()
-                        .filter(|s| s.devices.contains(d))
-                        .map(Site::account)
+                    let to: Vec<&str> = export_to
+                        .get(d)
+                        .into_iter()
+                        .flatten()
+                        .map(String::as_str)
                         .collect();
-                    let mut to = vec![d.as_str()];
-                    to.extend(sites.iter().map(String::as_str));
                     out.push_str(&export_entry(e, &e.subject.for_device(d), &to));
                 }
             }
@@ -505,7 +519,7 @@ pub fn server_accounts(users: &StaticUsers) -> String {
     ));
     let bridge_imports: String = bridge_imports()
         .iter()
-        .map(|i| import_entry(i, i.from.account(), &i.subject))
+        .map(|i| import_entry(i, i.from.account(), &i.subject, &i.subject))
         .collect();
     text.push_str(&format!(
         "  {BRIDGE} {{\n    users: [\n{}    ]\n    imports: [\n{bridge_imports}    ]\n    exports: [\n{bridge_exports}    ]\n  }}\n",
@@ -520,17 +534,11 @@ pub fn server_accounts(users: &StaticUsers) -> String {
         let imports: String = site
             .devices
             .iter()
-            .filter(|d| users.devices.iter().any(|(x, _)| x == *d))
+            .filter(|d| export_to.contains_key(d))
             .flat_map(device_imports)
-            .map(|i| {
-                // Imported from the exporter under its name, used here under the name it
-                // crosses the leaf node link with.
-                let link = Import {
-                    subject: site_subject(&i.subject),
-                    ..i.clone()
-                };
-                import_entry(&link, i.from.account(), &i.subject)
-            })
+            // Imported from the exporter under its name, used here under the name it
+            // crosses the leaf node link with.
+            .map(|i| import_entry(&i, i.from.account(), &i.subject, &site_subject(&i.subject)))
             .collect();
         text.push_str(&format!(
             "  \"{}\" {{\n    users: [\n      {{ user: \"{}\", password: \"{}\", allowed_connection_types: [\"LEAFNODE\"] }}\n    ]\n    imports: [\n{imports}    ]\n    limits: {{ max_connections: 0, max_leafnodes: {SITE_LEAFNODES} }}\n  }}\n",
