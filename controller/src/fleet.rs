@@ -2,6 +2,7 @@
 //! reflector stores and the KV mirrors, and writes only what differs.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
@@ -572,7 +573,9 @@ impl Fleet {
         add_pods(&mut p, &self.pod_views(own).await);
 
         let writes = self.manifests_to_write(
-            device_resources(&p, &state, &views, &deleting),
+            // Moved out of the plan: nothing after this reads the devices' resources, and
+            // a copy of every device's resources is what a rollout's pass would hold twice.
+            device_resources(std::mem::take(&mut p.devices), &state, &views, &deleting),
             devices_here,
             &desired,
             &actual,
@@ -1156,16 +1159,12 @@ async fn patch_device_generation(
 /// What each device should hold: the plan, plus removals on paused devices (deleting a
 /// manifest overrides a device's pause, or the manifest could never go away).
 fn device_resources(
-    p: &Plan,
+    planned: BTreeMap<DeviceId, Vec<fleetlet_protocol::ManagedResource>>,
     state: &HashMap<DeviceId, DeviceState>,
-    views: &[DeviceView],
+    views: &[DeviceView<'_>],
     deleting: &HashSet<String>,
 ) -> Vec<(DeviceId, Vec<fleetlet_protocol::ManagedResource>)> {
-    let mut out: Vec<_> = p
-        .devices
-        .iter()
-        .map(|(id, r)| (id.clone(), r.clone()))
-        .collect();
+    let mut out: Vec<_> = planned.into_iter().collect();
     for v in views.iter().filter(|v| v.paused) {
         let Some(current) = state.get(&v.id).and_then(|s| s.desired.as_ref()) else {
             continue;
@@ -1266,19 +1265,19 @@ fn fresh(h: &Heartbeat, now: Timestamp, offline_after: Duration) -> bool {
 
 /// What the planner needs of each device: identity, labels, pause, whether it is online
 /// (a heartbeat within `offline_after`) and the limits it reported.
-fn device_views(
-    devices: &BTreeMap<DeviceId, Arc<EdgeDevice>>,
+fn device_views<'a>(
+    devices: &'a BTreeMap<DeviceId, Arc<EdgeDevice>>,
     heartbeats: &HashMap<DeviceId, Versioned<Heartbeat>>,
     facts: &HashMap<DeviceId, Versioned<FactsReport>>,
     now: Timestamp,
     offline_after: Duration,
-) -> Vec<DeviceView> {
+) -> Vec<DeviceView<'a>> {
     devices
         .iter()
         .map(|(id, d)| DeviceView {
             id: id.clone(),
-            namespace: d.namespace().unwrap_or_default(),
-            labels: d.labels().clone(),
+            namespace: Cow::Borrowed(d.metadata.namespace.as_deref().unwrap_or_default()),
+            labels: Cow::Borrowed(d.labels()),
             paused: d.spec.paused,
             online: heartbeats
                 .get(id)

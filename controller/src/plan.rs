@@ -19,6 +19,7 @@
 //!    device over is left out there: the device keeps what it runs of that manifest if
 //!    that still fits, else nothing of it. Older manifests keep flowing.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use fleetlet_crds::{IntOrString, LabelSelector, ResourceTemplate};
@@ -29,12 +30,14 @@ use fleetlet_protocol::{
 
 use crate::selector;
 
-/// An EdgeDevice as the planner sees it.
+/// An EdgeDevice as the planner sees it: its namespace and labels borrowed from the
+/// stored object (a pass holds a view of every device at once, and a copied label map is
+/// a whole B-tree node).
 #[derive(Debug, Clone)]
-pub struct DeviceView {
+pub struct DeviceView<'a> {
     pub id: DeviceId,
-    pub namespace: String,
-    pub labels: BTreeMap<String, String>,
+    pub namespace: Cow<'a, str>,
+    pub labels: Cow<'a, BTreeMap<String, String>>,
     pub paused: bool,
     /// Heartbeat seen recently enough to count the device as online.
     pub online: bool,
@@ -64,7 +67,7 @@ impl ManifestView {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    fn selects(&self, d: &DeviceView) -> bool {
+    fn selects(&self, d: &DeviceView<'_>) -> bool {
         !self.deleting
             && self.namespace == d.namespace
             && (self.devices.iter().any(|n| n == d.id.as_str())
@@ -175,9 +178,16 @@ pub fn cost(r: &ManagedResource) -> u64 {
 
 impl Usage {
     /// Whether `rs` fits beside what is there, or else which limit it breaks.
-    fn check(&self, rs: &[ManagedResource], limits: &DeviceLimits) -> Result<Usage, String> {
-        let resources = self.resources + rs.len();
-        let bytes = self.bytes + rs.iter().map(cost).sum::<u64>();
+    fn check<'r>(
+        &self,
+        rs: impl IntoIterator<Item = &'r ManagedResource>,
+        limits: &DeviceLimits,
+    ) -> Result<Usage, String> {
+        let (count, added) = rs
+            .into_iter()
+            .fold((0, 0), |(n, b), r| (n + 1, b + cost(r)));
+        let resources = self.resources + count;
+        let bytes = self.bytes + added;
         if resources > limits.max_resources as usize {
             Err(format!(
                 "{resources} resources, the device accepts {}",
@@ -286,7 +296,7 @@ fn ready_on(
 
 /// Computes every device's resources, the conflicts, and each manifest's rollout progress.
 pub fn plan(
-    devices: &[DeviceView],
+    devices: &[DeviceView<'_>],
     manifests: &[ManifestView],
     state: &HashMap<DeviceId, DeviceState>,
 ) -> Plan {
@@ -307,7 +317,7 @@ pub fn plan(
 
     for m in ranked.into_iter().filter(|m| !m.deleting) {
         let mkey = m.key();
-        let mut targets: Vec<&DeviceView> = devices.iter().filter(|d| m.selects(d)).collect();
+        let mut targets: Vec<&DeviceView<'_>> = devices.iter().filter(|d| m.selects(d)).collect();
         targets.sort_by(|a, b| a.id.cmp(&b.id));
         let mut progress = Progress {
             targeted: targets.len() as u32,
@@ -361,11 +371,12 @@ pub fn plan(
 
 /// Where one targeted device stands for one manifest.
 struct Target<'a> {
-    device: &'a DeviceView,
+    device: &'a DeviceView<'a>,
     /// What the manifest wants there now (less what older manifests hold).
     new: Vec<ManagedResource>,
-    /// What the device's desired state holds of the manifest today.
-    old: Vec<ManagedResource>,
+    /// What the device's desired state holds of the manifest today (borrowed from it: a
+    /// copy is made only where the pass keeps the old resources).
+    old: Vec<&'a ManagedResource>,
     /// `new` is already what the device has.
     updated: bool,
     /// Left out for the device's limits; `new` holds what it keeps instead.
@@ -377,9 +388,9 @@ struct Target<'a> {
 fn target<'a>(
     m: &ManifestView,
     mkey: &str,
-    d: &'a DeviceView,
+    d: &'a DeviceView<'a>,
     held: &HashMap<String, String>,
-    state: &HashMap<DeviceId, DeviceState>,
+    state: &'a HashMap<DeviceId, DeviceState>,
     out: &mut Plan,
 ) -> Target<'a> {
     // Exact sizes: a pass holds one of these per device and manifest at once, and a
@@ -400,7 +411,7 @@ fn target<'a>(
             None => new.push(r),
         }
     }
-    let mut old: Vec<ManagedResource> = state
+    let old: Vec<&ManagedResource> = state
         .get(&d.id)
         .and_then(|s| s.desired.as_ref())
         .map(|cur| {
@@ -408,18 +419,16 @@ fn target<'a>(
                 .iter()
                 .filter(|r| m.owns(&r.owner))
                 .filter(|r| identities(r).iter().all(|i| !held.contains_key(i)))
-                .cloned()
                 .collect()
         })
         .unwrap_or_default();
-    old.shrink_to_fit();
     // Limits: what older manifests hold on the device is settled; this one gets the room
     // that is left, or keeps what it had if that still fits.
     let usage = out.usage.get(&d.id).copied().unwrap_or_default();
     let mut over = false;
     if let Err(limit) = usage.check(&new, &d.limits) {
         over = true;
-        let kept_previous = !old.is_empty() && usage.check(&old, &d.limits).is_ok();
+        let kept_previous = !old.is_empty() && usage.check(old.iter().copied(), &d.limits).is_ok();
         out.over_limit.push(OverLimit {
             device: d.id.clone(),
             refused: mkey.to_string(),
@@ -427,12 +436,12 @@ fn target<'a>(
             kept_previous,
         });
         new = if kept_previous {
-            old.clone()
+            copied(&old)
         } else {
             Vec::new()
         };
     }
-    let updated = !over && sorted(new.clone()) == sorted(old.clone());
+    let updated = !over && by_id(new.iter().collect()) == by_id(old.clone());
     Target {
         device: d,
         new,
@@ -489,7 +498,7 @@ fn choose(
         row.new
     } else if m.paused {
         progress.pending.push(id);
-        row.old
+        copied(&row.old)
     } else if !row.device.online {
         progress.updated += 1;
         row.new
@@ -500,7 +509,7 @@ fn choose(
         row.new
     } else {
         progress.pending.push(id);
-        row.old
+        copied(&row.old)
     }
 }
 
@@ -566,19 +575,30 @@ fn sorted(mut v: Vec<ManagedResource>) -> Vec<ManagedResource> {
     v
 }
 
+fn by_id(mut v: Vec<&ManagedResource>) -> Vec<&ManagedResource> {
+    v.sort_by(|a, b| a.id.cmp(&b.id));
+    v
+}
+
+fn copied(v: &[&ManagedResource]) -> Vec<ManagedResource> {
+    v.iter().map(|r| (*r).clone()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use fleetlet_protocol::{ConditionStatus, FileContent, FileSpec, ResourceDetails, Timestamp};
 
-    fn dev(id: &str, labels: &[(&str, &str)]) -> DeviceView {
+    fn dev(id: &str, labels: &[(&str, &str)]) -> DeviceView<'static> {
         DeviceView {
             id: DeviceId::new(id).unwrap(),
             namespace: "ns".into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            labels: Cow::Owned(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
             paused: false,
             online: true,
             limits: DeviceLimits::default(),
