@@ -275,28 +275,38 @@ fn lease_lag(port: u16) -> Value {
 }
 
 /// Waits until start-up's writes are done: at least 20 s, then until 10 s pass with under
-/// one apiserver write a second besides Lease renewals (the steady state's own writes), at
-/// most 10 minutes. Returns the seconds waited.
-async fn settle(client: &kube::Client) -> f64 {
+/// one apiserver write a second besides Lease renewals (the steady state's own writes), and
+/// Lease writes no faster than `leases_per_second` (one per device heartbeat) with 5 % and
+/// 5 a second (leader and shard Leases) to spare: renewals still catching up on a backlog
+/// from start-up or a rollout are not steady state. At most 10 minutes. Returns the seconds
+/// waited.
+async fn settle(client: &kube::Client, leases_per_second: f64) -> f64 {
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(10)).await;
     loop {
-        let before = apiserver_writes(client).await;
+        let (before, from) = timed_writes(client).await;
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let others: f64 = delta(&before, &apiserver_writes(client).await)
-            .iter()
-            .filter(|(resource, _)| !resource.starts_with("leases"))
-            .map(|(_, n)| n)
-            .sum();
-        if others < 10.0 || started.elapsed() > Duration::from_secs(600) {
+        let (after, to) = timed_writes(client).await;
+        let span = to.duration_since(from).as_secs_f64();
+        let (mut leases, mut others) = (0.0, 0.0);
+        for (resource, n) in delta(&before, &after) {
+            if resource.starts_with("leases") {
+                leases += n;
+            } else {
+                others += n;
+            }
+        }
+        let leases_steady = leases <= (leases_per_second * 1.05 + 5.0) * span;
+        if (others < 10.0 && leases_steady) || started.elapsed() > Duration::from_secs(600) {
             return started.elapsed().as_secs_f64();
         }
     }
 }
 
 /// Applies an EdgeManifest selecting every device and measures, per device, fan-out and
-/// convergence, and the time until its status counts every device Ready.
-async fn rollout(env: &TestEnv, n: usize, text: &str) -> Value {
+/// convergence, and the time until its status counts every device Ready; and the CPU time
+/// each of `procs` took from the apply until the last device converged.
+async fn rollout(env: &TestEnv, n: usize, text: &str, procs: &[(&str, u32)]) -> Value {
     let js = env.jetstream().await.unwrap();
     let desired = js.get_key_value("desired-state").await.unwrap();
     let actual = js.get_key_value("actual-state").await.unwrap();
@@ -342,6 +352,8 @@ async fn rollout(env: &TestEnv, n: usize, text: &str) -> Value {
             .map_or(0, |d| d.as_nanos() as i128)
     };
     let t0 = since_epoch(std::time::SystemTime::now());
+    let cpu_before: Vec<f64> = procs.iter().map(|(_, pid)| proc_stat(*pid).1).collect();
+    let mut cpu_converged: Option<(Duration, Vec<f64>)> = None;
     let applied = Instant::now();
     let mut apply = Box::pin(tokio::process::Command::from(cmd).output());
     let mut kubectl: Option<Duration> = None;
@@ -363,6 +375,10 @@ async fn rollout(env: &TestEnv, n: usize, text: &str) -> Value {
     while Instant::now() < deadline
         && (ready.len() < n || status_done.is_none() || kubectl.is_none())
     {
+        if ready.len() >= n && cpu_converged.is_none() {
+            let now: Vec<f64> = procs.iter().map(|(_, pid)| proc_stat(*pid).1).collect();
+            cpu_converged = Some((applied.elapsed(), now));
+        }
         tokio::select! {
             out = &mut apply, if kubectl.is_none() => {
                 let out = out.unwrap();
@@ -404,9 +420,30 @@ async fn rollout(env: &TestEnv, n: usize, text: &str) -> Value {
             }
         }
     }
+    if ready.len() >= n && cpu_converged.is_none() {
+        let now: Vec<f64> = procs.iter().map(|(_, pid)| proc_stat(*pid).1).collect();
+        cpu_converged = Some((applied.elapsed(), now));
+    }
+    // The CPU each process took while the rollout converged, and the cores there were.
+    let cpu = cpu_converged.map(|(span, after)| {
+        let by: serde_json::Map<String, Value> = procs
+            .iter()
+            .zip(after.iter().zip(&cpu_before))
+            .map(|((name, _), (a, b))| (name.to_string(), json!(((a - b) * 100.0).round() / 100.0)))
+            .collect();
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        json!({ "spanMs": ms(span), "cores": cores, "byProcess": by })
+    });
+    // Each device's own part: from its key being stored to its status being stored.
+    let device_side = ready
+        .iter()
+        .filter_map(|(k, at)| Some(ms(at.saturating_sub(carried.get(k)?.1))))
+        .collect();
     json!({
         "generation": target,
         "fanOut": summary(carried.values().map(|(_, t)| ms(*t)).collect()),
+        "deviceSide": summary(device_side),
+        "cpuSeconds": cpu,
         "converged": summary(ready.values().map(|t| ms(*t)).collect()),
         "edgeManifestReadyMs": status_done.map(ms),
         "kubectlApplyMs": kubectl.map(ms),
@@ -553,7 +590,9 @@ async fn fleet_phase(
         "   {n} {what} Ready {:.1}s after the simulator started; settling",
         fleet_ready.as_secs_f64()
     );
-    let settled = settle(&client).await;
+    // The agent's default heartbeat, one Lease renewal each where Nodes are projected.
+    let beats = if nodes_on { n as f64 / 30.0 } else { 0.0 };
+    let settled = settle(&client, beats).await;
     eprintln!("   settled {settled:.0}s later");
 
     // One replica is "controller" and "bridge"; several are "controller-0", "controller-1"...
@@ -605,7 +644,16 @@ async fn fleet_phase(
             .stderr(Stdio::null())
             .spawn()
     });
-    let create = rollout(&env, n, "first").await;
+    // The rollouts' CPU also counts the apiserver, etcd and this process (which reads both
+    // buckets' watches).
+    let (apiserver, etcd) = env.kube.as_ref().map_or((None, None), |k| k.program_pids());
+    let mut rollout_procs = procs.clone();
+    rollout_procs.extend([
+        ("kube-apiserver", apiserver.unwrap_or(0)),
+        ("etcd", etcd.unwrap_or(0)),
+        ("bench", std::process::id()),
+    ]);
+    let create = rollout(&env, n, "first", &rollout_procs).await;
     if let Some(Ok(p)) = perf.as_mut() {
         let _ = p.wait();
         write_profile(&perf_data);
@@ -613,9 +661,9 @@ async fn fleet_phase(
     eprintln!("   rollout (create): {create}");
     // The change comes to a settled fleet, as the first rollout did: not into the status
     // writes that follow the first one (each device's resource lines and conditions).
-    let settled_before_change = settle(&client).await;
+    let settled_before_change = settle(&client, beats).await;
     eprintln!("   settled {settled_before_change:.0}s after the first rollout");
-    let update = rollout(&env, n, "second").await;
+    let update = rollout(&env, n, "second", &rollout_procs).await;
     eprintln!("   rollout (update): {update}");
     let footprint = |pid: u32| (proc_stat(pid).0 * 10.0).round() / 10.0;
     let peak = |pid: u32| (peak_rss_mib(pid) * 10.0).round() / 10.0;
@@ -905,11 +953,11 @@ async fn durability_phase(n: usize, sync_always: bool) -> Value {
             .spawn()
             .unwrap(),
     );
-    let create = rollout(&env, n, "created").await;
+    let create = rollout(&env, n, "created", &[]).await;
     eprintln!("   created: {}", create["converged"]);
     let mut updates = Vec::new();
     for i in 1..=3 {
-        let r = rollout(&env, n, &format!("changed {i}")).await;
+        let r = rollout(&env, n, &format!("changed {i}"), &[]).await;
         eprintln!("   change {i}: {}", r["converged"]);
         updates.push(r);
     }

@@ -37,6 +37,12 @@ pub struct KubeControlPlane {
 }
 
 impl KubeControlPlane {
+    /// The kube-apiserver's and etcd's own pids, once they have started (for benchmarks
+    /// that account their CPU).
+    pub fn program_pids(&self) -> (Option<u32>, Option<u32>) {
+        (self.apiserver.program_pid(), self.etcd.program_pid())
+    }
+
     pub async fn start(bins: &Binaries, dir: &Path) -> Result<Self, Error> {
         let pki_dir = dir.join("pki");
         let pki = Pki::generate()?;
