@@ -361,7 +361,7 @@ pub fn plan(
             continue;
         }
         let resources = per_device.remove(&d.id).unwrap_or_default();
-        out.devices.insert(d.id.clone(), sorted(resources));
+        out.devices.insert(d.id.clone(), by_id(resources));
     }
     out.conflicts.sort();
     out.conflicts.dedup();
@@ -441,7 +441,7 @@ fn target<'a>(
             Vec::new()
         };
     }
-    let updated = !over && by_id(new.iter().collect()) == by_id(old.clone());
+    let updated = !over && by_id(new.iter().collect::<Vec<_>>()) == by_id(old.clone());
     Target {
         device: d,
         new,
@@ -570,13 +570,9 @@ pub fn add_pods(p: &mut Plan, pods: &[PodView]) {
     }
 }
 
-fn sorted(mut v: Vec<ManagedResource>) -> Vec<ManagedResource> {
-    v.sort_by(|a, b| a.id.cmp(&b.id));
-    v
-}
-
-fn by_id(mut v: Vec<&ManagedResource>) -> Vec<&ManagedResource> {
-    v.sort_by(|a, b| a.id.cmp(&b.id));
+/// `v` (resources or references to them) in order of resource id.
+fn by_id<R: std::borrow::Borrow<ManagedResource>>(mut v: Vec<R>) -> Vec<R> {
+    v.sort_by(|a, b| a.borrow().id.cmp(&b.borrow().id));
     v
 }
 

@@ -276,9 +276,9 @@ fn lease_lag(port: u16) -> Value {
 
 /// Waits until start-up's writes are done: at least 20 s, then until 10 s pass with under
 /// one apiserver write a second besides Lease renewals (the steady state's own writes), and
-/// Lease writes no faster than `leases_per_second` (one per device heartbeat) with 5 % and
-/// 5 a second (leader and shard Leases) to spare: renewals still catching up on a backlog
-/// from start-up or a rollout are not steady state. At most 10 minutes. Returns the seconds
+/// Lease writes no faster than `leases_per_second` (one per device heartbeat) with 5 a
+/// second (leader and shard Leases) to spare: renewals still catching up on a backlog from
+/// start-up or a rollout are not steady state. At most 10 minutes. Returns the seconds
 /// waited.
 async fn settle(client: &kube::Client, leases_per_second: f64) -> f64 {
     let started = Instant::now();
@@ -296,23 +296,61 @@ async fn settle(client: &kube::Client, leases_per_second: f64) -> f64 {
                 others += n;
             }
         }
-        let leases_steady = leases <= (leases_per_second * 1.05 + 5.0) * span;
+        let leases_steady = leases <= (leases_per_second + 5.0) * span;
         if (others < 10.0 && leases_steady) || started.elapsed() > Duration::from_secs(600) {
             return started.elapsed().as_secs_f64();
         }
     }
 }
 
+/// The controllers' counters a rollout moves, summed over the replicas whose metrics are
+/// served on `ports`: fleet passes, status patches (EdgeManifest status and EdgeDevice
+/// `desiredGeneration`) and generations left unrecorded because the device applied them in
+/// time.
+fn controller_counters(ports: &[u16]) -> [f64; 3] {
+    let mut out = [0.0; 3];
+    for port in ports {
+        let text = fleetlet_testenv::bench::local_get(*port, "/metrics");
+        for (i, name) in ["passes", "status_patches", "generations_unrecorded"]
+            .iter()
+            .enumerate()
+        {
+            let prefix = format!("fleetlet_controller_{name}_total ");
+            out[i] += text
+                .lines()
+                .filter_map(|l| l.strip_prefix(&prefix)?.trim().parse::<f64>().ok())
+                .sum::<f64>();
+        }
+    }
+    out
+}
+
+/// How far the controllers' counters moved from `before` to `after`.
+fn counters_moved(before: [f64; 3], after: [f64; 3]) -> Value {
+    let d = |i: usize| after[i] - before[i];
+    json!({ "passes": d(0), "statusPatches": d(1), "generationsUnrecorded": d(2) })
+}
+
 /// Applies an EdgeManifest selecting every device and measures, per device, fan-out and
-/// convergence, and the time until its status counts every device Ready; and the CPU time
-/// each of `procs` took from the apply until the last device converged.
-async fn rollout(env: &TestEnv, n: usize, text: &str, procs: &[(&str, u32)]) -> Value {
+/// convergence, and the time until its status counts every device Ready; the CPU time each
+/// of `procs` took from the apply until the last device converged; the apiserver's writes
+/// from the apply until the EdgeManifest counted every device Ready; and the controllers'
+/// counters (metrics on `controller_ports`) until convergence and once every generation
+/// the rollout wrote is due to be recorded.
+async fn rollout(
+    env: &TestEnv,
+    n: usize,
+    text: &str,
+    procs: &[(&str, u32)],
+    controller_ports: &[u16],
+) -> Value {
     let js = env.jetstream().await.unwrap();
     let desired = js.get_key_value("desired-state").await.unwrap();
     let actual = js.get_key_value("actual-state").await.unwrap();
     let mut desired_w = desired.watch_all().await.unwrap();
     let mut actual_w = actual.watch_all().await.unwrap();
-    let manifests: Api<EdgeManifest> = Api::namespaced(env.kube_client().await.unwrap(), "bench");
+    let client = env.kube_client().await.unwrap();
+    let manifests: Api<EdgeManifest> = Api::namespaced(client.clone(), "bench");
     let before = manifests
         .get_opt("rollout")
         .await
@@ -351,9 +389,14 @@ async fn rollout(env: &TestEnv, n: usize, text: &str, procs: &[(&str, u32)]) -> 
         t.duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i128)
     };
+    // Read before the clock starts: at 10,000 devices the apiserver takes seconds to answer.
+    let writes_before = apiserver_writes(&client).await;
+    let counters_before = controller_counters(controller_ports);
+    let cpu_now = || -> Vec<f64> { procs.iter().map(|(_, pid)| proc_stat(*pid).1).collect() };
     let t0 = since_epoch(std::time::SystemTime::now());
-    let cpu_before: Vec<f64> = procs.iter().map(|(_, pid)| proc_stat(*pid).1).collect();
+    let cpu_before = cpu_now();
     let mut cpu_converged: Option<(Duration, Vec<f64>)> = None;
+    let mut counters_converged = None;
     let applied = Instant::now();
     let mut apply = Box::pin(tokio::process::Command::from(cmd).output());
     let mut kubectl: Option<Duration> = None;
@@ -376,8 +419,8 @@ async fn rollout(env: &TestEnv, n: usize, text: &str, procs: &[(&str, u32)]) -> 
         && (ready.len() < n || status_done.is_none() || kubectl.is_none())
     {
         if ready.len() >= n && cpu_converged.is_none() {
-            let now: Vec<f64> = procs.iter().map(|(_, pid)| proc_stat(*pid).1).collect();
-            cpu_converged = Some((applied.elapsed(), now));
+            cpu_converged = Some((applied.elapsed(), cpu_now()));
+            counters_converged = Some(controller_counters(controller_ports));
         }
         tokio::select! {
             out = &mut apply, if kubectl.is_none() => {
@@ -421,9 +464,14 @@ async fn rollout(env: &TestEnv, n: usize, text: &str, procs: &[(&str, u32)]) -> 
         }
     }
     if ready.len() >= n && cpu_converged.is_none() {
-        let now: Vec<f64> = procs.iter().map(|(_, pid)| proc_stat(*pid).1).collect();
-        cpu_converged = Some((applied.elapsed(), now));
+        cpu_converged = Some((applied.elapsed(), cpu_now()));
+        counters_converged = Some(controller_counters(controller_ports));
     }
+    let writes = delta(&writes_before, &apiserver_writes(&client).await);
+    // Generations are recorded the controller's `--record-generation-after-seconds` (5 by
+    // default) after they were written: by then every one this rollout wrote is due.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let counters_after = controller_counters(controller_ports);
     // The CPU each process took while the rollout converged, and the cores there were.
     let cpu = cpu_converged.map(|(span, after)| {
         let by: serde_json::Map<String, Value> = procs
@@ -444,6 +492,9 @@ async fn rollout(env: &TestEnv, n: usize, text: &str, procs: &[(&str, u32)]) -> 
         "fanOut": summary(carried.values().map(|(_, t)| ms(*t)).collect()),
         "deviceSide": summary(device_side),
         "cpuSeconds": cpu,
+        "apiserverWrites": writes,
+        "controllerUntilConverged": counters_converged.map(|c| counters_moved(counters_before, c)),
+        "controllerUntilRecordsDue": counters_moved(counters_before, counters_after),
         "converged": summary(ready.values().map(|t| ms(*t)).collect()),
         "edgeManifestReadyMs": status_done.map(ms),
         "kubectlApplyMs": kubectl.map(ms),
@@ -511,13 +562,16 @@ async fn fleet_phase(
             format!("{name}-{k}.log")
         }
     };
-    let controllers: Vec<Proc> = (0..replicas)
-        .map(|k| {
+    let controller_ports: Vec<u16> = (0..replicas).map(|_| free_port().unwrap()).collect();
+    let controllers: Vec<Proc> = controller_ports
+        .iter()
+        .enumerate()
+        .map(|(k, port)| {
             let extra = sharding("controller", k);
             let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
             spawn(
                 &bin("fleetlet-controller"),
-                &common(free_port().unwrap(), &extra),
+                &common(*port, &extra),
                 &kubeconfig,
                 dir.path().join(log_name("controller", k)),
             )
@@ -615,6 +669,13 @@ async fn fleet_phase(
         "nats-server".into(),
         env.nats.as_ref().unwrap().program_pid().unwrap_or(0),
     ));
+    // The apiserver and etcd too: the fleet's Lease renewals cost them CPU whether anything
+    // rolls out or not.
+    let (apiserver, etcd) = env.kube.as_ref().map_or((None, None), |k| k.program_pids());
+    procs.extend([
+        ("kube-apiserver".into(), apiserver.unwrap_or(0)),
+        ("etcd".into(), etcd.unwrap_or(0)),
+    ]);
     let procs: Vec<(&str, u32)> = procs.iter().map(|(n, p)| (n.as_str(), *p)).collect();
     let w = Window::open(&client, monitor, &procs).await;
     // The bridges' own count of the Lease renewals they made, beside the apiserver's count,
@@ -644,16 +705,10 @@ async fn fleet_phase(
             .stderr(Stdio::null())
             .spawn()
     });
-    // The rollouts' CPU also counts the apiserver, etcd and this process (which reads both
-    // buckets' watches).
-    let (apiserver, etcd) = env.kube.as_ref().map_or((None, None), |k| k.program_pids());
+    // The rollouts' CPU also counts this process (which reads both buckets' watches).
     let mut rollout_procs = procs.clone();
-    rollout_procs.extend([
-        ("kube-apiserver", apiserver.unwrap_or(0)),
-        ("etcd", etcd.unwrap_or(0)),
-        ("bench", std::process::id()),
-    ]);
-    let create = rollout(&env, n, "first", &rollout_procs).await;
+    rollout_procs.push(("bench", std::process::id()));
+    let create = rollout(&env, n, "first", &rollout_procs, &controller_ports).await;
     if let Some(Ok(p)) = perf.as_mut() {
         let _ = p.wait();
         write_profile(&perf_data);
@@ -663,7 +718,7 @@ async fn fleet_phase(
     // writes that follow the first one (each device's resource lines and conditions).
     let settled_before_change = settle(&client, beats).await;
     eprintln!("   settled {settled_before_change:.0}s after the first rollout");
-    let update = rollout(&env, n, "second", &rollout_procs).await;
+    let update = rollout(&env, n, "second", &rollout_procs, &controller_ports).await;
     eprintln!("   rollout (update): {update}");
     let footprint = |pid: u32| (proc_stat(pid).0 * 10.0).round() / 10.0;
     let peak = |pid: u32| (peak_rss_mib(pid) * 10.0).round() / 10.0;
@@ -930,11 +985,12 @@ async fn durability_phase(n: usize, sync_always: bool) -> Value {
         .or_else(|_| tempfile::tempdir())
         .unwrap();
     let url = env.nats_url().unwrap().to_string();
+    let controller_port = free_port().unwrap();
     let _controller = spawn(
         &bin("fleetlet-controller"),
         &[
             format!("--nats-url={url}"),
-            format!("--metrics-addr=127.0.0.1:{}", free_port().unwrap()),
+            format!("--metrics-addr=127.0.0.1:{controller_port}"),
             "--lease-namespace=fleetlet-system".into(),
             "--kv-replicas=3".into(),
         ],
@@ -953,11 +1009,11 @@ async fn durability_phase(n: usize, sync_always: bool) -> Value {
             .spawn()
             .unwrap(),
     );
-    let create = rollout(&env, n, "created", &[]).await;
+    let create = rollout(&env, n, "created", &[], &[controller_port]).await;
     eprintln!("   created: {}", create["converged"]);
     let mut updates = Vec::new();
     for i in 1..=3 {
-        let r = rollout(&env, n, &format!("changed {i}"), &[]).await;
+        let r = rollout(&env, n, &format!("changed {i}"), &[], &[controller_port]).await;
         eprintln!("   change {i}: {}", r["converged"]);
         updates.push(r);
     }
