@@ -19,7 +19,7 @@ use fleetlet_crds::{
     },
     kube::{
         Api, Client, ResourceExt,
-        api::{DeleteParams, Patch, PatchParams},
+        api::{DeleteParams, Patch, PatchParams, PostParams},
         runtime::reflector::{ObjectRef, Store as Reflector},
     },
 };
@@ -82,6 +82,10 @@ struct HeldLease {
     grace_ms: u64,
     /// Timestamp (ms) of the heartbeat last written to the Lease.
     renewed: Option<u64>,
+    /// The Lease's `resourceVersion` after the bridge's last write, when the Lease held
+    /// nothing but what the bridge writes: the next renewal replaces it at that version (one
+    /// plain update, as a kubelet renews) instead of a server-side apply.
+    version: Option<Box<str>>,
 }
 
 /// Whether a heartbeat at `beat` (ms) renews a Lease last renewed from `renewed`: a newer
@@ -335,6 +339,7 @@ impl Mirror {
                 node_uid,
                 grace_ms,
                 renewed: None,
+                version: None,
             },
         );
         drop(held);
@@ -527,14 +532,46 @@ impl Mirror {
     async fn renew_lease(&self, id: &DeviceId, lease: &HeldLease, h: &Heartbeat) -> u32 {
         let beat = h.timestamp.as_millis();
         let api: Api<Lease> = Api::namespaced(self.ctx.client.clone(), LEASE_NAMESPACE);
-        let body = view::lease(&lease.node, &lease.node_uid, lease.grace_ms, h);
-        match apply(&api, &lease.node, &body).await {
-            Ok(_) => {
+        let mut body = view::lease(&lease.node, &lease.node_uid, lease.grace_ms, h);
+        // At the version the bridge left, a replace changes the renewal time alone; anything
+        // else (the Lease changed by another writer, or gone) is a conflict, and the apply
+        // below takes the Lease back whatever it holds.
+        let replaced = match &lease.version {
+            Some(v) => {
+                body.metadata.resource_version = Some(v.to_string());
+                let params = PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..PostParams::default()
+                };
+                let r = api.replace(&lease.node, &params, &body).await;
+                body.metadata.resource_version = None;
+                match r {
+                    Err(fleetlet_crds::kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {
+                        debug!(device = %id, code = e.code, "lease changed elsewhere; applying it");
+                        None
+                    }
+                    r => Some(r),
+                }
+            }
+            None => None,
+        };
+        let written = match replaced {
+            Some(r) => r,
+            None => apply(&api, &lease.node, &body).await,
+        };
+        match written {
+            Ok(stored) => {
                 debug!(device = %id, beat, previous = ?lease.renewed, "lease renewed");
+                let version = view::lease_is_plain(&stored, &body)
+                    .then(|| stored.metadata.resource_version.map(String::into_boxed_str))
+                    .flatten();
                 if let Ok(mut held) = self.leases.lock()
                     && let Some(l) = held.get_mut(id)
+                    && l.node == lease.node
+                    && l.node_uid == lease.node_uid
                 {
                     l.renewed = Some(beat);
+                    l.version = version;
                 }
                 self.ctx
                     .metrics

@@ -674,6 +674,18 @@ pub fn lease(name: &str, node_uid: &str, grace_ms: u64, hb: &Heartbeat) -> Lease
     }
 }
 
+/// Whether `stored`, the Lease as a write of `written` left it, holds nothing but what the
+/// bridge writes (no labels, annotations or finalizers; the same owners and spec): then
+/// replacing it with the next [`lease`] at its version loses nothing anyone else set.
+pub fn lease_is_plain(stored: &Lease, written: &Lease) -> bool {
+    let m = &stored.metadata;
+    m.labels.as_ref().is_none_or(BTreeMap::is_empty)
+        && m.annotations.as_ref().is_none_or(BTreeMap::is_empty)
+        && m.finalizers.as_ref().is_none_or(Vec::is_empty)
+        && m.owner_references == written.metadata.owner_references
+        && stored.spec == written.spec
+}
+
 /// Node capacity (and allocatable) from the heartbeat.
 fn capacity(h: Option<&Heartbeat>) -> BTreeMap<String, Quantity> {
     let cap = facts(h).map(|f| f.capacity).unwrap_or_default();
@@ -836,6 +848,38 @@ mod tests {
     /// 2023-11-14T22:13:20Z, in milliseconds.
     const T0: u64 = 1_700_000_000_000;
     const REPORT_EVERY_MS: u64 = 300_000;
+
+    #[test]
+    fn a_lease_is_replaced_in_place_only_while_it_holds_what_the_bridge_wrote_alone() {
+        let written = lease("pi", "uid-1", 90_000, &heartbeat(T0, 50, 50, 50));
+        // As the apiserver hands it back: its own metadata added.
+        let mut stored = written.clone();
+        stored.metadata.resource_version = Some("42".into());
+        stored.metadata.uid = Some("lease-uid".into());
+        assert!(lease_is_plain(&stored, &written));
+
+        let mut labelled = stored.clone();
+        labelled.metadata.labels = Some(BTreeMap::from([("team".into(), "ops".into())]));
+        assert!(!lease_is_plain(&labelled, &written));
+        let mut annotated = stored.clone();
+        annotated.metadata.annotations = Some(BTreeMap::from([("a".into(), "b".into())]));
+        assert!(!lease_is_plain(&annotated, &written));
+        let mut held = stored.clone();
+        held.metadata.finalizers = Some(vec!["example.com/keep".into()]);
+        assert!(!lease_is_plain(&held, &written));
+        let mut taken = stored.clone();
+        if let Some(spec) = taken.spec.as_mut() {
+            spec.lease_transitions = Some(1);
+        }
+        assert!(!lease_is_plain(&taken, &written));
+        let other_owner = lease("pi", "uid-2", 90_000, &heartbeat(T0, 50, 50, 50));
+        assert!(!lease_is_plain(&other_owner, &written));
+        // Empty label and annotation maps are no one's fields.
+        let mut empty = stored;
+        empty.metadata.labels = Some(BTreeMap::new());
+        empty.metadata.annotations = Some(BTreeMap::new());
+        assert!(lease_is_plain(&empty, &written));
+    }
 
     /// A heartbeat at `at` from a device with 1 GB of memory, 1 TB of disk and 100000 PIDs,
     /// of which the given percentages are free.

@@ -242,6 +242,26 @@ async fn lease_of(leases: &Api<Lease>, name: &str) -> Result<Lease, String> {
         .ok_or_else(|| format!("no Lease {name}"))
 }
 
+/// Lease `name` once its renew time has moved twice past `from` (the first time seen, when
+/// None).
+async fn renewed_twice(leases: &Api<Lease>, name: &str, from: Option<MicroTime>) -> Lease {
+    let seen = std::sync::Mutex::new(Vec::from_iter(from.map(Some)));
+    eventually(
+        &format!("{name}'s Lease renewed twice"),
+        DEFAULT_TIMEOUT,
+        || async {
+            let l = lease_of(leases, name).await?;
+            let t = l.spec.as_ref().and_then(|s| s.renew_time.clone());
+            let mut seen = seen.lock().unwrap();
+            if seen.last() != Some(&t) {
+                seen.push(t);
+            }
+            (seen.len() > 2).then_some(l).ok_or(format!("{seen:?}"))
+        },
+    )
+    .await
+}
+
 /// Waits until `api` has no object `name`.
 async fn wait_gone<K>(api: &Api<K>, name: &str)
 where
@@ -485,16 +505,8 @@ async fn a_silent_device_turns_unknown_after_the_grace_period_and_ready_when_it_
     wait_lease(&client, "bg-live").await;
     let silent_at = node_lease_renewed(&client, "bg-pi").await;
     assert!(silent_at.is_some());
-    let seen = std::sync::Mutex::new(Vec::new());
-    eventually("bg-live's Lease renewed twice", DEFAULT_TIMEOUT, || async {
-        let t = node_lease_renewed(&client, "bg-live").await;
-        let mut seen = seen.lock().unwrap();
-        if seen.last() != Some(&t) {
-            seen.push(t);
-        }
-        (seen.len() > 2).then_some(()).ok_or(format!("{seen:?}"))
-    })
-    .await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    renewed_twice(&leases, "bg-live", None).await;
     assert_eq!(
         node_lease_renewed(&client, "bg-pi").await,
         silent_at,
@@ -509,6 +521,70 @@ async fn a_silent_device_turns_unknown_after_the_grace_period_and_ready_when_it_
         (t != silent_at).then_some(()).ok_or(format!("{t:?}"))
     })
     .await;
+}
+
+/// Renewals after the first are plain updates at the version the bridge wrote (as a
+/// kubelet renews), and a Lease someone else changed is taken back by an apply that keeps
+/// what they added: a label put on it stays through the renewals that follow.
+#[tokio::test]
+async fn leases_are_renewed_by_updates_and_what_another_writer_added_stays() {
+    let env = shared();
+    let ns = env.namespace("br-renew").await.unwrap();
+    let (hb, _) = buckets(env).await;
+    add_device(env, &ns, "bl-pi").await;
+    let _beats = keep_beating(hb, "bl-pi");
+    let client = env.kube_client().await.unwrap();
+    wait_lease(&client, "bl-pi").await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    // Which operations the bridge's writes were, from the Lease's own field records.
+    let operations = |l: &Lease| -> Vec<String> {
+        l.metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .filter(|m| m.manager.as_deref() == Some("fleetlet-bridge"))
+            .filter_map(|m| m.operation.clone())
+            .collect()
+    };
+    let updated = eventually(
+        "bl-pi's Lease renewed by an update",
+        DEFAULT_TIMEOUT,
+        || async {
+            let l = lease_of(&leases, "bl-pi").await?;
+            let ops = operations(&l);
+            ops.iter()
+                .any(|o| o == "Update")
+                .then_some(l.clone())
+                .ok_or(format!("operations {ops:?}"))
+        },
+    )
+    .await;
+    let renewed = updated.spec.and_then(|s| s.renew_time);
+
+    // Another writer labels the Lease; the next renewals still move it and keep the label.
+    leases
+        .patch(
+            "bl-pi",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "labels": { "team": "ops" } } })),
+        )
+        .await
+        .unwrap();
+    let after = renewed_twice(&leases, "bl-pi", renewed).await;
+    assert_eq!(
+        after
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .get("team")
+            .map(String::as_str),
+        Some("ops"),
+        "the label another writer put on the Lease"
+    );
+    assert_eq!(
+        after.spec.and_then(|s| s.holder_identity).as_deref(),
+        Some("bl-pi")
+    );
 }
 
 /// `spec.heartbeatGraceSeconds` gives one device a longer grace period than the bridge's

@@ -711,7 +711,7 @@ async fn fleet_phase(
     let create = rollout(&env, n, "first", &rollout_procs, &controller_ports).await;
     if let Some(Ok(p)) = perf.as_mut() {
         let _ = p.wait();
-        write_profile(&perf_data);
+        write_profile(&perf_data, &procs);
     }
     eprintln!("   rollout (create): {create}");
     // The change comes to a settled fleet, as the first rollout did: not into the status
@@ -905,9 +905,10 @@ async fn virtual_kubelet(env: &TestEnv, n: usize, window: u64, dir: &std::path::
     json!({ "nodes": n, "nodesReady": up, "nodesReadySeconds": (ready.as_secs_f64() * 10.0).round() / 10.0, "steadyState": steady })
 }
 
-/// CPU by process, and the hottest functions of the busiest one, from a `perf record -a`,
-/// into `target/fleetlet-bench/profile.txt`.
-fn write_profile(data: &std::path::Path) {
+/// CPU by process, and the hottest functions of each process of `procs` that took at least
+/// 5 % of the samples, from a `perf record -a`, into `target/fleetlet-bench/profile.txt`.
+/// Processes are told apart by pid: the Rust ones all name their threads alike.
+fn write_profile(data: &std::path::Path, procs: &[(&str, u32)]) {
     let report = |args: &[&str]| {
         Command::new("perf")
             .args(["report", "--stdio", "-g", "none", "-i"])
@@ -925,28 +926,57 @@ fn write_profile(data: &std::path::Path) {
             .collect()
     };
     let by_comm = lines(report(&["--sort", "comm", "--percent-limit", "1"]), 12);
-    let busiest = by_comm
-        .iter()
-        .filter_map(|l| l.split_whitespace().last())
-        .find(|c| *c != "swapper")
-        .unwrap_or("")
-        .to_string();
-    let symbols = lines(
-        report(&[
-            "--comm",
-            &busiest,
-            "--sort",
-            "dso,sym",
-            "--percent-limit",
-            "1.5",
-        ]),
-        15,
-    );
-    let text = format!(
-        "CPU by process (perf record -a -g, 199 Hz, 25 s from the start of the largest rollout):\n{}\n\nHottest functions of {busiest}:\n{}\n",
+    // Each process's share: perf's `pid` key is per thread, so the threads are summed.
+    let mut shares: Vec<(&str, u32, f64)> = procs.iter().map(|(n, p)| (*n, *p, 0.0)).collect();
+    // Lines are `<children %> <self %> <tid>:<comm>`; a comm may hold spaces.
+    let by_thread = report(&["--no-children", "--sort", "pid", "--percent-limit", "0.01"]);
+    for l in by_thread.lines().filter(|l| !l.starts_with('#')) {
+        let mut words = l.split_whitespace();
+        let (Some(pct), Some(thread)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Some(pct) = pct.strip_suffix('%').and_then(|p| p.parse::<f64>().ok()) else {
+            continue;
+        };
+        let Some(tid) = thread.split(':').next().and_then(|t| t.parse::<u32>().ok()) else {
+            continue;
+        };
+        let tgid = std::fs::read_to_string(format!("/proc/{tid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Tgid:"))
+                    .and_then(|v| v.trim().parse::<u32>().ok())
+            });
+        if let Some(share) = shares.iter_mut().find(|(_, p, _)| Some(*p) == tgid) {
+            share.2 += pct;
+        }
+    }
+    shares.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let mut text = format!(
+        "CPU by process (perf record -a -g, 199 Hz, 25 s from the start of the largest rollout):\n{}\n",
         by_comm.join("\n"),
-        symbols.join("\n")
     );
+    for (name, pid, share) in shares.iter().filter(|(_, _, s)| *s >= 5.0) {
+        let symbols = lines(
+            report(&[
+                "--no-children",
+                "--pid",
+                &pid.to_string(),
+                "--percentage",
+                "relative",
+                "--sort",
+                "dso,sym",
+                "--percent-limit",
+                "1.5",
+            ]),
+            15,
+        );
+        text.push_str(&format!(
+            "\nHottest functions of {name} ({share:.1} % of the samples; percentages of its own):\n{}\n",
+            symbols.join("\n")
+        ));
+    }
     let dir = out_dir();
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("profile.txt"), text);
