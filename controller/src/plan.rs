@@ -186,6 +186,12 @@ impl Usage {
         let (count, added) = rs
             .into_iter()
             .fold((0, 0), |(n, b), r| (n + 1, b + cost(r)));
+        self.add(count, added, limits)
+    }
+
+    /// Whether `count` resources of `added` bytes ([`cost`]) fit beside what is there, or
+    /// else which limit they break.
+    fn add(&self, count: usize, added: u64, limits: &DeviceLimits) -> Result<Usage, String> {
         let resources = self.resources + count;
         let bytes = self.bytes + added;
         if resources > limits.max_resources as usize {
@@ -311,13 +317,27 @@ pub fn plan(
     };
     let mut per_device: BTreeMap<&DeviceId, Vec<ManagedResource>> =
         devices.iter().map(|d| (&d.id, Vec::new())).collect();
-    // Identity → the manifest that holds it, per device: older manifests claim first.
-    let mut claims: HashMap<&DeviceId, HashMap<String, String>> = HashMap::new();
-    let no_claims = HashMap::new();
+    // Each manifest's resources are the same on every device it reaches: made once a pass,
+    // with what each claims and costs.
+    let prepared: Vec<Vec<Prepared>> = ranked
+        .iter()
+        .map(|m| {
+            m.resources
+                .iter()
+                .map(|t| Prepared::new(m.managed(t)))
+                .collect()
+        })
+        .collect();
+    let keys: Vec<String> = ranked.iter().map(|m| m.key()).collect();
+    let index = DeviceIndex::new(devices);
+    // Identity → the rank of the manifest that holds it, per device: older manifests claim
+    // first.
+    let mut claims: HashMap<&DeviceId, Claims<'_>> = HashMap::new();
+    let no_claims = Claims::new();
 
-    for m in ranked.into_iter().filter(|m| !m.deleting) {
-        let mkey = m.key();
-        let mut targets: Vec<&DeviceView<'_>> = devices.iter().filter(|d| m.selects(d)).collect();
+    for (rank, m) in ranked.iter().enumerate().filter(|(_, m)| !m.deleting) {
+        let mkey = &keys[rank];
+        let mut targets = index.selected_by(m);
         targets.sort_by(|a, b| a.id.cmp(&b.id));
         let mut progress = Progress {
             targeted: targets.len() as u32,
@@ -328,7 +348,8 @@ pub fn plan(
             .into_iter()
             .map(|d| {
                 let held = claims.get(&d.id).unwrap_or(&no_claims);
-                target(m, &mkey, d, held, state, &mut out)
+                let on = Claimed { held, keys: &keys };
+                target(m, mkey, d, &prepared[rank], &on, state, &mut out)
             })
             .collect();
         // Then: spend the rollout budget.
@@ -338,22 +359,35 @@ pub fn plan(
             .saturating_sub(unavailable);
         for row in rows {
             let id = &row.device.id;
-            let chosen = choose(row, m, &mut budget, &mut progress);
+            let new_bytes = row.new_bytes;
+            let new_is_prepared = row.new_is_prepared;
+            let (chosen, is_new) = choose(row, m, &mut budget, &mut progress);
             let device_claims = claims.entry(id).or_default();
-            for r in &chosen {
-                for i in identities(r) {
-                    device_claims.insert(i, mkey.clone());
+            if is_new && new_is_prepared {
+                // Every prepared resource: their identities borrowed.
+                for i in prepared[rank].iter().flat_map(|p| &p.identities) {
+                    device_claims.insert(Cow::Borrowed(i.as_str()), rank);
+                }
+            } else {
+                for r in &chosen {
+                    for i in identities(r) {
+                        device_claims.insert(Cow::Owned(i), rank);
+                    }
                 }
             }
             let usage = out.usage.entry(id.clone()).or_default();
             usage.resources += chosen.len();
-            usage.bytes += chosen.iter().map(cost).sum::<u64>();
+            usage.bytes += if is_new {
+                new_bytes
+            } else {
+                chosen.iter().map(cost).sum::<u64>()
+            };
             if let Some(v) = per_device.get_mut(id) {
                 v.reserve_exact(chosen.len());
                 v.extend(chosen);
             }
         }
-        out.progress.insert(mkey, progress);
+        out.progress.insert(mkey.clone(), progress);
     }
 
     for d in devices {
@@ -374,6 +408,10 @@ struct Target<'a> {
     device: &'a DeviceView<'a>,
     /// What the manifest wants there now (less what older manifests hold).
     new: Vec<ManagedResource>,
+    /// What `new` adds to the stored manifest, in bytes.
+    new_bytes: u64,
+    /// `new` is every resource of the manifest (none left out for a conflict or limits).
+    new_is_prepared: bool,
     /// What the device's desired state holds of the manifest today (borrowed from it: a
     /// copy is made only where the pass keeps the old resources).
     old: Vec<&'a ManagedResource>,
@@ -383,34 +421,147 @@ struct Target<'a> {
     over: bool,
 }
 
-/// Manifest `m` on device `d`, given the identities older manifests hold there (`held`):
-/// conflicts and limit refusals are recorded in `out`.
+/// A manifest's resource as every device gets it, with the identities it claims there and
+/// what it adds to a stored manifest ([`cost`]).
+struct Prepared {
+    resource: ManagedResource,
+    identities: Vec<String>,
+    cost: u64,
+}
+
+impl Prepared {
+    fn new(resource: ManagedResource) -> Self {
+        Self {
+            identities: identities(&resource),
+            cost: cost(&resource),
+            resource,
+        }
+    }
+}
+
+/// A device's claimed identities, each with the rank of the manifest that holds it.
+type Claims<'p> = HashMap<Cow<'p, str>, usize>;
+
+/// The identities older manifests hold on one device, and the manifests' keys by rank.
+struct Claimed<'c, 'p> {
+    held: &'c Claims<'p>,
+    keys: &'c [String],
+}
+
+impl Claimed<'_, '_> {
+    /// The key of the manifest holding `identity`, if one does.
+    fn holder(&self, identity: &str) -> Option<&str> {
+        self.held
+            .get(identity)
+            .and_then(|rank| self.keys.get(*rank))
+            .map(String::as_str)
+    }
+}
+
+/// The devices by namespace and label, so a manifest's selector looks at the devices that
+/// carry one of its `matchLabels` pairs instead of at the whole fleet.
+struct DeviceIndex<'d> {
+    devices: &'d [DeviceView<'d>],
+    by_label: HashMap<(&'d str, &'d str, &'d str), Vec<usize>>,
+    /// By namespace and name, for the devices a manifest names outright.
+    by_name: HashMap<(&'d str, &'d str), usize>,
+}
+
+impl<'d> DeviceIndex<'d> {
+    fn new(devices: &'d [DeviceView<'d>]) -> Self {
+        let mut by_label: HashMap<(&str, &str, &str), Vec<usize>> = HashMap::new();
+        for (i, d) in devices.iter().enumerate() {
+            for (k, v) in d.labels.iter() {
+                by_label
+                    .entry((d.namespace.as_ref(), k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(i);
+            }
+        }
+        let by_name = devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| ((d.namespace.as_ref(), d.id.as_str()), i))
+            .collect();
+        Self {
+            devices,
+            by_label,
+            by_name,
+        }
+    }
+
+    /// The devices `m` selects, in no particular order.
+    fn selected_by(&self, m: &ManifestView) -> Vec<&'d DeviceView<'d>> {
+        let pairs = m
+            .selector
+            .as_ref()
+            .and_then(|s| s.match_labels.as_ref())
+            .filter(|l| !l.is_empty());
+        let Some(pairs) = pairs else {
+            // No label every selected device must carry: look at each one.
+            return self.devices.iter().filter(|d| m.selects(d)).collect();
+        };
+        // Every device the selector matches carries each pair: the rarest is enough to
+        // look at, with the devices named outright.
+        let narrowest = pairs
+            .iter()
+            .map(|(k, v)| {
+                self.by_label
+                    .get(&(m.namespace.as_str(), k.as_str(), v.as_str()))
+                    .map_or(&[][..], Vec::as_slice)
+            })
+            .min_by_key(|c| c.len())
+            .unwrap_or_default();
+        let named = m
+            .devices
+            .iter()
+            .filter_map(|n| self.by_name.get(&(m.namespace.as_str(), n.as_str())));
+        let mut seen = std::collections::HashSet::new();
+        narrowest
+            .iter()
+            .chain(named)
+            .filter(|i| seen.insert(**i))
+            .filter_map(|i| self.devices.get(*i))
+            .filter(|d| m.selects(d))
+            .collect()
+    }
+}
+
+/// Manifest `m` on device `d`, given its resources as prepared for every device and the
+/// identities older manifests hold there: conflicts and limit refusals are recorded in
+/// `out`.
 fn target<'a>(
     m: &ManifestView,
     mkey: &str,
     d: &'a DeviceView<'a>,
-    held: &HashMap<String, String>,
+    prepared: &[Prepared],
+    claimed: &Claimed<'_, '_>,
     state: &'a HashMap<DeviceId, DeviceState>,
     out: &mut Plan,
 ) -> Target<'a> {
     // Exact sizes: a pass holds one of these per device and manifest at once, and a
     // growing Vec would reserve room for four resources where most manifests have one.
-    let mut new = Vec::with_capacity(m.resources.len());
-    for t in &m.resources {
-        let r = m.managed(t);
-        let clash = identities(&r)
-            .into_iter()
-            .find_map(|i| held.get(&i).map(|owner| (i, owner.clone())));
+    let mut new = Vec::with_capacity(prepared.len());
+    let mut new_bytes = 0;
+    for p in prepared {
+        let clash = p
+            .identities
+            .iter()
+            .find_map(|i| claimed.holder(i).map(|owner| (i, owner)));
         match clash {
             Some((identity, kept_by)) => out.conflicts.push(Conflict {
                 device: d.id.clone(),
-                identity,
-                kept_by,
+                identity: identity.clone(),
+                kept_by: kept_by.to_owned(),
                 refused: mkey.to_string(),
             }),
-            None => new.push(r),
+            None => {
+                new.push(p.resource.clone());
+                new_bytes += p.cost;
+            }
         }
     }
+    let mut new_is_prepared = new.len() == prepared.len();
     let old: Vec<&ManagedResource> = state
         .get(&d.id)
         .and_then(|s| s.desired.as_ref())
@@ -418,7 +569,10 @@ fn target<'a>(
             cur.resources
                 .iter()
                 .filter(|r| m.owns(&r.owner))
-                .filter(|r| identities(r).iter().all(|i| !held.contains_key(i)))
+                .filter(|r| {
+                    claimed.held.is_empty()
+                        || identities(r).iter().all(|i| claimed.holder(i).is_none())
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -426,7 +580,7 @@ fn target<'a>(
     // that is left, or keeps what it had if that still fits.
     let usage = out.usage.get(&d.id).copied().unwrap_or_default();
     let mut over = false;
-    if let Err(limit) = usage.check(&new, &d.limits) {
+    if let Err(limit) = usage.add(new.len(), new_bytes, &d.limits) {
         over = true;
         let kept_previous = !old.is_empty() && usage.check(old.iter().copied(), &d.limits).is_ok();
         out.over_limit.push(OverLimit {
@@ -440,11 +594,15 @@ fn target<'a>(
         } else {
             Vec::new()
         };
+        new_bytes = new.iter().map(cost).sum();
+        new_is_prepared = false;
     }
     let updated = !over && by_id(new.iter().collect::<Vec<_>>()) == by_id(old.clone());
     Target {
         device: d,
         new,
+        new_bytes,
+        new_is_prepared,
         old,
         updated,
         over,
@@ -475,41 +633,41 @@ fn count_updated(
     unavailable
 }
 
-/// What one device gets of manifest `m` this pass: the new resources, or the old ones
-/// while the rollout is paused or out of budget.
+/// What one device gets of manifest `m` this pass: the new resources (true), or the old
+/// ones while the rollout is paused or out of budget (false).
 fn choose(
     row: Target<'_>,
     m: &ManifestView,
     budget: &mut usize,
     progress: &mut Progress,
-) -> Vec<ManagedResource> {
+) -> (Vec<ManagedResource>, bool) {
     let id = row.device.id.clone();
     if row.updated {
-        row.new
+        (row.new, true)
     } else if row.over {
         progress.over_limit.push(id);
-        row.new
+        (row.new, true)
     } else if row.old.is_empty() && !m.paused {
         // Nothing of this manifest there yet: adding it disrupts nothing.
         progress.updated += 1;
         if row.device.online {
             progress.waiting_on.push(id);
         }
-        row.new
+        (row.new, true)
     } else if m.paused {
         progress.pending.push(id);
-        copied(&row.old)
+        (copied(&row.old), false)
     } else if !row.device.online {
         progress.updated += 1;
-        row.new
+        (row.new, true)
     } else if *budget > 0 {
         *budget -= 1;
         progress.updated += 1;
         progress.waiting_on.push(id);
-        row.new
+        (row.new, true)
     } else {
         progress.pending.push(id);
-        copied(&row.old)
+        (copied(&row.old), false)
     }
 }
 
@@ -637,6 +795,79 @@ mod tests {
             max_unavailable: None,
             paused: false,
         }
+    }
+
+    /// The index finds what a look at every device finds: label pairs, expressions, names,
+    /// other namespaces, an empty `matchLabels`, no selector, a pair no device carries.
+    #[test]
+    fn the_device_index_selects_what_a_scan_of_the_fleet_selects() {
+        use fleetlet_crds::k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+        let mut devices = Vec::new();
+        for i in 0..60 {
+            let mut d = dev(
+                &format!("d{i}"),
+                &[
+                    ("role", ["sensor", "camera", "gate"][i % 3]),
+                    ("site", ["home", "office"][i % 2]),
+                ],
+            );
+            if i % 5 == 0 {
+                d.namespace = "other".into();
+            }
+            devices.push(d);
+        }
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let with = |names: &[&str],
+                    ml: Option<BTreeMap<String, String>>,
+                    ex: Option<Vec<LabelSelectorRequirement>>| {
+            let mut m = manifest("m", "t", None, names, vec![]);
+            if ml.is_some() || ex.is_some() {
+                m.selector = Some(LabelSelector {
+                    match_labels: ml,
+                    match_expressions: ex,
+                });
+            }
+            m
+        };
+        let not_home = Some(vec![LabelSelectorRequirement {
+            key: "site".into(),
+            operator: "NotIn".into(),
+            values: Some(vec!["home".into()]),
+        }]);
+        let cases = [
+            with(&[], Some(labels(&[("role", "sensor")])), None),
+            with(
+                &[],
+                Some(labels(&[("role", "camera"), ("site", "home")])),
+                None,
+            ),
+            with(&["d1", "d5", "d7"], Some(labels(&[("role", "gate")])), None),
+            with(&["d1", "d5", "nobody"], None, None),
+            with(&[], Some(labels(&[("role", "sensor")])), not_home.clone()),
+            with(&[], None, not_home),
+            with(&[], Some(BTreeMap::new()), None),
+            with(&["d2"], Some(labels(&[("role", "drone")])), None),
+        ];
+        let index = DeviceIndex::new(&devices);
+        for (n, m) in cases.iter().enumerate() {
+            let mut found: Vec<&str> = index.selected_by(m).iter().map(|d| d.id.as_str()).collect();
+            found.sort_unstable();
+            let mut scanned: Vec<&str> = devices
+                .iter()
+                .filter(|d| m.selects(d))
+                .map(|d| d.id.as_str())
+                .collect();
+            scanned.sort_unstable();
+            assert_eq!(found, scanned, "case {n}");
+        }
+        // Not vacuous: the cases select some devices and leave others out.
+        let sizes: Vec<usize> = cases.iter().map(|m| index.selected_by(m).len()).collect();
+        assert_eq!(sizes, [16, 8, 18, 1, 8, 24, 48, 1]);
     }
 
     fn ids(p: &Plan, d: &str) -> Vec<String> {

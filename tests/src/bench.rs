@@ -160,6 +160,15 @@ pub fn quantile(values: &[f64], q: f64) -> Option<f64> {
     v.get(rank - 1).copied()
 }
 
+/// The fleet sizes to measure: `FLEETLET_BENCH_DEVICES` (comma-separated), else `default`.
+pub fn fleet_sizes(default: &str) -> Vec<usize> {
+    std::env::var("FLEETLET_BENCH_DEVICES")
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
 /// A server process a benchmark started, killed and reaped when dropped.
 pub struct Proc(pub std::process::Child);
 

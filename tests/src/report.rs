@@ -769,8 +769,8 @@ fn time_section(from: &Path) -> Option<String> {
          EdgeManifest is Ready and how the controller's counters move, and it measures the\n\
          apiserver and etcd at rest too (the steady-state table above). Three runs of the\n\
          same build at 10,000 devices, one of them without Node projection (the section\n\
-         below), and the last with a kube-apiserver built with its symbols (the profile\n\
-         below; the tables above are that run):\n\
+         below), and the last with a kube-apiserver built with its symbols (its profile and\n\
+         tables were on this page until the runs after them):\n\
          \n\
          * `desiredGeneration` is not what slows a rollout down. The controller left 9,965,\n\
          9,844, 9,984, 10,000, 10,000 and 9,968 of the 10,000 generations of the six\n\
@@ -807,42 +807,58 @@ fn time_section(from: &Path) -> Option<String> {
          cores: close to half of them go to keeping 10,000 Nodes' Leases fresh, and about\n\
          two thirds of a rollout's own work is the devices' side (the simulator and the\n\
          broker's deliveries to it), which a real fleet does on its own CPUs. The\n\
-         apiserver's part of the profile below, over the first 25 s of the first rollout, is\n\
-         mostly status updates (`patchResource` down to etcd's\n\
+         apiserver's part of that run's profile (callers included), over the first 25 s of\n\
+         the first rollout, was mostly status updates (`patchResource` down to etcd's\n\
          `GuaranteedUpdate`): the bridge's EdgeDevice writes after convergence and the Lease\n\
          renewals.\n\
          \n\
-         Changes made from those runs (the tables above and the profile below are the second\n\
-         of two 10,000-device runs of 2026-12-03, the first of the build before):\n\
+         Changes made from those runs. Three 10,000-device runs of 2026-12-03 measured them\n\
+         one at a time: the first of the build before, the second with the Lease change\n\
+         below, the third with the planner's change too (the tables above and the profile\n\
+         below are the third):\n\
          \n\
          * The bridge renews a Lease with a plain update at the version it last wrote, as a\n\
          kubelet does, where every renewal was a server-side apply. A Lease someone else\n\
          changed fails that update with a conflict, and an apply takes it back, keeping\n\
          what they set (a label, an annotation); a Lease that holds more than the bridge\n\
-         writes is renewed by applies from then on. At rest the apiserver took 49.8 % of a\n\
-         core for 331.8 Lease writes a second, against 54.8 % for 332.69 with applies in\n\
-         the run before (1.65 to 1.50 ms of CPU a write).\n\
+         writes is renewed by applies from then on. At rest the apiserver took 54.8 % of a\n\
+         core for 332.69 Lease writes a second with applies, then 49.8 % for 331.8 and\n\
+         47.1 % for 328.63 with updates (1.65, 1.50 and 1.43 ms of CPU a write).\n\
+         * A controller pass finds each manifest's devices through an index of the devices\n\
+         by namespace and label (those carrying the rarest of its `matchLabels` pairs, and\n\
+         those it names), where it tested every selector on every device: 1.01 million\n\
+         tests a pass for 101 manifests over 10,000 devices. Each manifest's resources,\n\
+         the identities they claim and their size in a stored manifest are made once a\n\
+         pass instead of once per device (the size was two JSON encodings per resource\n\
+         per device, twice a pass). `scripts/bench plan` times a pass alone, without\n\
+         servers, on the system allocator (10,000 devices in 100 groups, one manifest per\n\
+         group and one for all, as in the controller's fleet bench). Three runs of each\n\
+         build, taken in turn: at 10,000 devices a steady pass took 142.2 to 160.1 ms\n\
+         before and 56.6 to 65.4 ms after, a rollout's first pass 129.2 to 156.2 ms and\n\
+         53.4 to 62.7 ms; at 1,000 devices 6.2 to 8.0 and 2.3 to 2.5 ms, and 6.4 to 8.3\n\
+         and 2.3 to 2.8 ms.\n\
          * The profile names the hottest functions of every process with 5 % of the samples\n\
          or more, each told apart by its pid, with its own functions' share of its own\n\
          samples (where it named the busiest process's alone, callers included).\n\
          * With the steady window opening once Lease writes are down to one per heartbeat,\n\
-         both runs counted 1.00 a device per Lease interval (332.69 and 331.8 a second; the\n\
-         bridge's own count 333.32 in each).\n\
+         the three runs counted 1.00, 1.00 and 0.99 writes a device per Lease interval\n\
+         (332.69, 331.8 and 328.63 a second).\n\
          \n\
-         The two runs' rollouts differ by more than the change can explain: the first\n\
-         converged at a p99 of 13.19 s (create) and 11.03 s (change), using 28.25 and 23.93\n\
-         CPU-seconds in 14.59 and 12.30 s; the second at 6.79 and 4.93 s, with 15.30 and\n\
-         10.13 CPU-seconds in 7.92 and 5.30 s. The simulator (8.36 against 4.92\n\
-         CPU-seconds in the first rollout) and the controller (3.20 against 1.73) did twice\n\
-         the work in the first run with the same code and the same load, so these two runs\n\
-         measure the machine as much as the build. Of the eight rollouts of the last four\n\
-         runs with Nodes (the first and the last of the three above, and these two), two\n\
-         converged within the goal of 6 s (5.74 and 4.93 s); the goals row counts the\n\
-         slower rollout of the last run. In this profile at least 29.6 % of the apiserver's\n\
-         own samples are in Go's garbage collector (`runtime.tryDeferToSpanScan` alone\n\
-         16.5 %) and 4.9 % more in allocating, with 2.05 GiB resident: how much it collects\n\
-         is the cluster's setting (`GOGC`, `GOMEMLIMIT`), which fleetlet leaves to its\n\
-         operator.\n\
+         The three runs' rollouts differ by more than the changes can explain. Converged\n\
+         p99 (create / change): 13.19 / 11.03 s, 6.79 / 4.93 s and 9.65 / 12.62 s; the\n\
+         rollouts used 28.25 / 23.93, 15.30 / 10.13 and 20.56 / 26.26 CPU-seconds, 96 to 98 %\n\
+         of the two cores each time. The simulator, whose code none of the changes touched,\n\
+         took 8.36 / 7.39, 4.92 / 3.51 and 6.20 / 7.65 CPU-seconds for the same work, and the\n\
+         controller 3.20 / 2.72, 1.73 / 1.16 and 2.51 / 3.18 over 12 / 11, 7 / 6 and 9 / 15\n\
+         passes: these runs measure the machine as much as the build, and the fleet bench\n\
+         on it cannot show the planner's change, which its own bench shows. Of the ten\n\
+         rollouts with Nodes of the last five runs (the first and the last of the three runs\n\
+         of one build above, and these three), two converged within the goal of 6 s (5.74 and 4.93 s);\n\
+         the goals row counts the slower rollout of the last run. In this profile 30.8 % of\n\
+         the apiserver's own samples are in the functions of Go's garbage collector and\n\
+         allocator listed (`runtime.tryDeferToSpanScan` alone 16.1 %), with 2.0 GiB\n\
+         resident: how often it collects is the cluster's setting (`GOGC`, `GOMEMLIMIT`),\n\
+         which fleetlet leaves to its operator.\n\
          \n\
          Every process here uses one administrator identity, which API Priority and\n\
          Fairness exempts from queueing.\n"
