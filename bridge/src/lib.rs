@@ -248,6 +248,8 @@ pub async fn run(
         ),
         changed,
         settle: Duration::from_millis(20),
+        // A step mirrors only the devices whose records changed: it stays prompt.
+        pace: false,
         owned: tokio::sync::watch::Sender::new(Ownership::none(args.shards)),
     };
     let mirror = Arc::new(mirror);

@@ -445,8 +445,11 @@ pub async fn run(
             args.lease_seconds,
         ),
         changed,
-        // Let a burst of changes settle into one pass.
+        // Let a burst of changes settle into one pass. During a rollout, device statuses
+        // come all the time: a pass waits as long as the last one took, so fleet-wide
+        // passes do not run back to back.
         settle: Duration::from_millis(50),
+        pace: true,
         owned: tokio::sync::watch::Sender::new(shards::Ownership::none(args.shards)),
     };
     info!(%identity, %metrics_addr, "controller started");

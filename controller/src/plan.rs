@@ -318,10 +318,13 @@ pub fn plan(
     let mut per_device: BTreeMap<&DeviceId, Vec<ManagedResource>> =
         devices.iter().map(|d| (&d.id, Vec::new())).collect();
     // Each manifest's resources are the same on every device it reaches: made once a pass,
-    // with what each claims and costs.
+    // with what each claims and costs. A manifest being deleted reaches none.
     let prepared: Vec<Vec<Prepared>> = ranked
         .iter()
         .map(|m| {
+            if m.deleting {
+                return Vec::new();
+            }
             m.resources
                 .iter()
                 .map(|t| Prepared::new(m.managed(t)))
@@ -512,6 +515,11 @@ impl<'d> DeviceIndex<'d> {
             })
             .min_by_key(|c| c.len())
             .unwrap_or_default();
+        let select = |i: &usize| self.devices.get(*i).filter(|d| m.selects(d));
+        if m.devices.is_empty() {
+            // The label's list holds each device once.
+            return narrowest.iter().filter_map(select).collect();
+        }
         let named = m
             .devices
             .iter()
@@ -521,8 +529,7 @@ impl<'d> DeviceIndex<'d> {
             .iter()
             .chain(named)
             .filter(|i| seen.insert(**i))
-            .filter_map(|i| self.devices.get(*i))
-            .filter(|d| m.selects(d))
+            .filter_map(select)
             .collect()
     }
 }

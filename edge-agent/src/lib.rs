@@ -89,10 +89,10 @@ pub async fn shutdown_signal() {
 /// Runs the agent until `shutdown` resolves. Workloads are left running on shutdown.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     let settings = Arc::new(settings);
-    let client = nats::connect(&settings).await?;
+    let link = nats::connect(&settings).await?;
     serve(
         settings,
-        client,
+        link,
         ServeOptions {
             relay: true,
             ..Default::default()
@@ -113,13 +113,14 @@ pub struct ServeOptions {
     pub manifest_delay: Option<Duration>,
 }
 
-/// Runs one device on `client` until `shutdown` resolves.
+/// Runs one device on `link` until `shutdown` resolves.
 pub async fn serve(
     settings: Arc<Settings>,
-    client: async_nats::Client,
+    link: nats::Link,
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    let client = link.client.clone();
     let (engine, sealing, containers) = open_engine(&settings)?;
     engine.registry().set_uplink(network::Uplink::nats(
         client.clone(),
@@ -131,19 +132,12 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let (uplink, uplink_rx) = nats::Uplink::new();
-    let (floor, watcher) = spawn_feed(
-        &client,
-        &settings,
-        &engine,
-        candidate_tx,
-        uplink_rx,
-        &stop_rx,
-    );
+    let (floor, watcher) = spawn_feed(&link, &settings, &engine, candidate_tx, uplink_rx, &stop_rx);
     if let Some(delay) = options.manifest_delay {
         candidate_rx = delay_candidates(candidate_rx, delay);
     }
     let heartbeat = tokio::spawn(nats::heartbeat(
-        client.clone(),
+        link,
         settings.clone(),
         sealing.public_base64(),
         heartbeat_containers(&settings, &containers),
@@ -209,7 +203,7 @@ fn open_engine(
 /// Starts the tasks that bring the engine its manifests: the fetch of the generation floor
 /// (only while the engine has none) and the watch on the device's manifest key.
 fn spawn_feed(
-    client: &async_nats::Client,
+    link: &nats::Link,
     settings: &Arc<Settings>,
     engine: &Engine,
     candidates: mpsc::Sender<Candidate>,
@@ -218,14 +212,14 @@ fn spawn_feed(
 ) -> (Option<JoinHandle<()>>, JoinHandle<()>) {
     let floor = engine.needs_floor().then(|| {
         tokio::spawn(nats::fetch_floor(
-            client.clone(),
+            link.client.clone(),
             settings.clone(),
             candidates.clone(),
             stop.clone(),
         ))
     });
     let watcher = tokio::spawn(nats::watch_manifest(
-        client.clone(),
+        link.clone(),
         settings.device.clone(),
         engine.last_seen_revision(),
         settings.manifest_resync,

@@ -48,8 +48,17 @@ pub enum NatsError {
     Kv(String),
 }
 
+/// A NATS client and the count of connections it has made, which moves as each one is
+/// made. What must act on a reconnect (read the manifest again, beat at once) waits on the
+/// count instead of polling the client: an idle agent does not wake for nothing.
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub client: async_nats::Client,
+    pub connects: watch::Receiver<u64>,
+}
+
 /// Connects (or keeps trying in the background: the agent starts without NATS).
-pub async fn connect(s: &Settings) -> Result<async_nats::Client, NatsError> {
+pub async fn connect(s: &Settings) -> Result<Link, NatsError> {
     let addrs = s
         .nats
         .urls
@@ -61,7 +70,14 @@ pub async fn connect(s: &Settings) -> Result<async_nats::Client, NatsError> {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let (connected, connects) = watch::channel(0u64);
     let mut opts = async_nats::ConnectOptions::new()
+        .event_callback(move |event| {
+            if matches!(event, async_nats::Event::Connected) {
+                connected.send_modify(|n| *n = n.wrapping_add(1));
+            }
+            std::future::ready(())
+        })
         .name(format!("fleetlet-agent/{}", s.device))
         .custom_inbox_prefix(s.inbox_prefix())
         .retry_on_initial_connect()
@@ -102,7 +118,8 @@ pub async fn connect(s: &Settings) -> Result<async_nats::Client, NatsError> {
     if let (Some(cert), Some(key)) = (&n.tls_cert, &n.tls_key) {
         opts = opts.add_client_certificate(cert.clone(), key.clone());
     }
-    Ok(opts.connect(addrs).await?)
+    let client = opts.connect(addrs).await?;
+    Ok(Link { client, connects })
 }
 
 /// One stored KV record of this device, as a direct get or a republished change returns it.
@@ -226,11 +243,12 @@ pub async fn put(
 /// JetStream republishes each stored manifest on the device's changes subject, which the
 /// agent subscribes to; nothing is created on the server. Republished messages are not
 /// replayed, so the current value is read with a direct get when the watch starts, after
-/// every reconnect or return of the uplink (`uplink` changes), and every `resync` in case a
-/// message was dropped on the way.
+/// every reconnect (`link.connects` moves) or return of the uplink (`uplink` changes), and
+/// every `resync` in case a message was dropped on the way. Between those it sleeps until a
+/// message or one of them comes.
 #[instrument(skip_all, fields(device = %device))]
 pub async fn watch_manifest(
-    client: async_nats::Client,
+    link: Link,
     device: DeviceId,
     mut last_seen: u64,
     resync: Duration,
@@ -238,14 +256,21 @@ pub async fn watch_manifest(
     mut uplink: watch::Receiver<u64>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let Link {
+        client,
+        mut connects,
+    } = link;
     let mut attempt = 0u32;
     loop {
         let result = async {
+            // Whatever connection or return of the uplink came before this point, the direct
+            // get below reads after it; any later one makes the watch read again.
+            connects.borrow_and_update();
+            uplink.borrow_and_update();
             let mut changes = client
                 .subscribe(DESIRED_STATE.changes(&device))
                 .await
                 .map_err(|e| NatsError::Kv(format!("watching desired state: {e}")))?;
-            let connects = client.statistics().connects.load(Ordering::Relaxed);
             let offer = |e: Entry, last_seen: &mut u64| {
                 (e.revision > *last_seen).then(|| {
                     *last_seen = e.revision;
@@ -261,9 +286,11 @@ pub async fn watch_manifest(
             }
             info!(after_revision = last_seen, "watching desired state");
             attempt = 0;
-            let resync_at = tokio::time::Instant::now() + resync;
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
+            let resync_at = tokio::time::sleep(resync);
+            tokio::pin!(resync_at);
+            // A new connection, or the leaf node's link back (see heartbeat). A sender gone
+            // (the client closed) disables its branch, and the others still wake the loop.
+            let reconnected = loop {
                 tokio::select! {
                     m = changes.next() => {
                         let m = m.ok_or_else(|| NatsError::Kv("watch ended".into()))?;
@@ -274,19 +301,13 @@ pub async fn watch_manifest(
                             return Ok(());
                         }
                     }
-                    _ = tick.tick() => {
-                        // A new connection, or the leaf node's link back (see heartbeat).
-                        let reconnected =
-                            client.statistics().connects.load(Ordering::Relaxed) != connects
-                                || uplink.has_changed().unwrap_or(false);
-                        uplink.borrow_and_update();
-                        if reconnected || tokio::time::Instant::now() >= resync_at {
-                            debug!(reconnected, "reading desired state again");
-                            return Err(NatsError::Kv(String::new()));
-                        }
-                    }
+                    Ok(()) = connects.changed() => break true,
+                    Ok(()) = uplink.changed() => break true,
+                    () = &mut resync_at => break false,
                 }
-            }
+            };
+            debug!(reconnected, "reading desired state again");
+            Err(NatsError::Kv(String::new()))
         };
         let outcome = tokio::select! {
             _ = crate::stopped(&mut stop) => return,
@@ -546,13 +567,17 @@ const FACTS_REFRESH: Duration = Duration::from_secs(3600);
 /// changed: on a new connection, and every [`FACTS_REFRESH`].
 #[instrument(skip_all, fields(device = %settings.device))]
 pub async fn heartbeat(
-    client: async_nats::Client,
+    link: Link,
     settings: Arc<Settings>,
     sealing_key: String,
     containers: Option<crate::container::ContainerReconciler>,
     uplink: Arc<Uplink>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let Link {
+        client,
+        mut connects,
+    } = link;
     let mut probe = UplinkProbe::new(settings.nats.uplink_probe_seconds);
     let mut facts = Facts::new(settings.clone(), Some(sealing_key));
     // The runtime's version, asked again every few minutes (podman may be upgraded or
@@ -565,17 +590,22 @@ pub async fn heartbeat(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // A new connection (the first one included) beats at once instead of at the next tick:
     // a device that starts before its NATS link is up, or comes back after an outage, is
-    // seen alive as soon as it can be. Looking costs no traffic.
+    // seen alive as soon as it can be. Until a beat is sent on the current connection (it
+    // is not up yet, or a probe went unanswered while the uplink is lost), the agent looks
+    // again every second; once one is, it sleeps until the next tick or connection.
     let mut look = tokio::time::interval(Duration::from_secs(1));
     look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut beaten_on: Option<u64> = None;
     loop {
+        let current = || client.statistics().connects.load(Ordering::Relaxed);
+        let unbeaten = beaten_on != Some(current());
         tokio::select! {
             _ = crate::stopped(&mut stop) => return,
             _ = tick.tick() => {}
-            _ = look.tick() => {
-                let connection = client.statistics().connects.load(Ordering::Relaxed);
-                if beaten_on == Some(connection)
+            // A sender gone (the client closed) disables this branch; the tick still beats.
+            Ok(()) = connects.changed(), if !unbeaten => continue,
+            _ = look.tick(), if unbeaten => {
+                if beaten_on == Some(current())
                     || client.connection_state() != async_nats::connection::State::Connected
                 {
                     continue;

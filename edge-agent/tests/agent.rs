@@ -629,36 +629,84 @@ async fn a_device_beats_as_soon_as_it_connects_not_one_interval_later() {
     .await;
 }
 
+/// Puts generation `generation` of a manifest holding one file, `v`, whose text is the
+/// generation, and waits until the device has applied it and reports it Ready.
+async fn apply_v(env: &TestEnv, dev: &Device, generation: u64) {
+    let (desired, actual, _) = buckets(env).await;
+    let text = generation.to_string();
+    put(
+        &desired,
+        &dev.manifest(generation, vec![dev.file_resource("v", "v", &text)]),
+    )
+    .await;
+    wait_status(&actual, &dev.id, &format!("gen {generation}"), |s| {
+        all_ready(s, generation, 1)
+    })
+    .await;
+    assert_eq!(read(&dev.file("v")), text);
+}
+
+/// How many times the program's runtime thread (the agent runs on one) has been switched
+/// out: each time it went to sleep or was preempted.
+fn runtime_switches(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/status")).unwrap();
+    status
+        .lines()
+        .filter(|l| l.contains("ctxt_switches:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn an_idle_agent_sleeps_until_something_is_due() {
+    let env = TestEnv::builder().nats().start().await.unwrap();
+    let dev = Device::new("pi-idle");
+    // Nothing is due for a minute: no beat, no drift check.
+    let config = dev.write_config(env.nats_url().unwrap(), "", "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(
+            "heartbeat_interval_seconds = 1\n",
+            "heartbeat_interval_seconds = 60\n",
+        )
+        .replace(
+            "drift_interval_seconds = 1\n",
+            "drift_interval_seconds = 3600\n",
+        );
+    std::fs::write(&config, text).unwrap();
+    let agent = dev.spawn(config);
+    apply_v(&env, &dev, 1).await;
+    let pid = agent.program_pid().expect("the agent runs");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Connected, with its manifest applied and its first beat sent, the agent has nothing
+    // to do for 10 s. It used to look at its connection twice a second (the manifest watch
+    // and the heartbeat, for a reconnect): 41 switches in that window when it did.
+    let before = runtime_switches(pid);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let woke = runtime_switches(pid) - before;
+    eprintln!("idle agent: its thread switched out {woke} times in 10 s");
+    assert!(
+        woke <= 4,
+        "the idle agent's thread was switched out {woke} times in 10 s"
+    );
+
+    // Asleep is not deaf: a new generation still arrives.
+    apply_v(&env, &dev, 2).await;
+}
+
 #[tokio::test]
 async fn a_running_agent_reconnects_after_nats_restarts_and_takes_new_generations() {
     let mut env = TestEnv::builder().nats().start().await.unwrap();
     let dev = Device::new("pi-reconnect");
     let _agent = dev.start(env.nats_url().unwrap(), "");
-    {
-        let (desired, actual, _) = buckets(&env).await;
-        put(
-            &desired,
-            &dev.manifest(1, vec![dev.file_resource("v", "v", "1")]),
-        )
-        .await;
-        wait_status(&actual, &dev.id, "gen 1", |s| all_ready(s, 1, 1)).await;
-    }
+    apply_v(&env, &dev, 1).await;
     let nats = env.nats.as_mut().unwrap();
     nats.stop();
     tokio::time::sleep(Duration::from_secs(1)).await;
     nats.start_again().await.unwrap();
-
-    let (desired, actual, _) = buckets(&env).await;
-    put(
-        &desired,
-        &dev.manifest(2, vec![dev.file_resource("v", "v", "2")]),
-    )
-    .await;
-    wait_status(&actual, &dev.id, "gen 2 after reconnect", |s| {
-        all_ready(s, 2, 1)
-    })
-    .await;
-    assert_eq!(read(&dev.file("v")), "2");
+    // After the reconnect.
+    apply_v(&env, &dev, 2).await;
 }
 
 #[tokio::test]

@@ -44,6 +44,18 @@ impl<T: Record + Clone + Send + Sync + 'static> ChangedKeys<T> {
     }
 }
 
+/// What applying one entry to the cache did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    /// Nothing: the revision is older than the cache's, or the very one it holds (a record
+    /// this process wrote and remembered, coming back through the watch: not decoded again).
+    Known,
+    /// The key's value changed.
+    Changed,
+    /// The key appeared or went away.
+    Keys,
+}
+
 /// The newest record of every device in one bucket. Values that do not decode are kept
 /// out (and logged) so one bad key never hides the rest.
 pub struct KvCache<T> {
@@ -152,37 +164,42 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
         *self.ready.borrow()
     }
 
-    /// Records a value this process just wrote, so the next pass sees it before the watch does.
+    /// Records a value this process just wrote, so the next pass sees it before the watch does
+    /// (the watch then skips it). An undecodable record it was written over is gone.
     pub fn remember(&self, device: DeviceId, value: impl Into<Arc<T>>, revision: u64) {
-        if let Ok(mut e) = self.entries.write() {
-            let newer = e.get(&device).is_none_or(|old| old.revision < revision);
-            if newer {
-                e.insert(
-                    device,
-                    Versioned {
-                        value: value.into(),
-                        revision,
-                    },
-                );
-            }
+        let (Ok(mut e), Ok(mut bad)) = (self.entries.write(), self.undecodable.write()) else {
+            return;
+        };
+        if bad.get(&device).is_some_and(|r| *r < revision) {
+            bad.remove(&device);
+        }
+        let newer = e.get(&device).is_none_or(|old| old.revision < revision);
+        if newer {
+            e.insert(
+                device,
+                Versioned {
+                    value: value.into(),
+                    revision,
+                },
+            );
         }
     }
 
-    /// Applies one entry; true when a key appeared or went away.
-    fn apply(&self, key: &str, op: Operation, revision: u64, bytes: &[u8]) -> bool {
+    /// Applies one entry.
+    fn apply(&self, key: &str, op: Operation, revision: u64, bytes: &[u8]) -> Applied {
         let Ok(device) = DeviceId::new(key) else {
             warn!(
                 bucket = self.bucket.name,
                 key, "ignoring a key that is not a device id"
             );
-            return false;
+            return Applied::Known;
         };
         let (Ok(mut entries), Ok(mut bad)) = (self.entries.write(), self.undecodable.write())
         else {
-            return false;
+            return Applied::Known;
         };
-        if entries.get(&device).is_some_and(|e| e.revision > revision) {
-            return false;
+        if entries.get(&device).is_some_and(|e| e.revision >= revision) {
+            return Applied::Known;
         }
         let had = entries.contains_key(&device);
         if let Ok(mut d) = self.dirty.lock() {
@@ -220,8 +237,11 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
                 entries.remove(&device);
             }
         }
-        let has = entries.contains_key(&device);
-        had != has
+        if had == entries.contains_key(&device) {
+            Applied::Changed
+        } else {
+            Applied::Keys
+        }
     }
 
     /// Clears everything and marks the cache not ready: a re-list starts from nothing (the
@@ -236,8 +256,8 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
     }
 
     /// Applies one message of the bucket (a direct get's answer or a republished record):
-    /// its key is the last token of `subject`. True when a key appeared or went away.
-    fn apply_message(&self, subject: &str, m: &async_nats::Message) -> bool {
+    /// its key is the last token of `subject`.
+    fn apply_message(&self, subject: &str, m: &async_nats::Message) -> Applied {
         let header = |name: &str| {
             m.headers
                 .as_ref()
@@ -249,7 +269,7 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
                 bucket = self.bucket.name,
                 subject, "message without a sequence; ignored"
             );
-            return false;
+            return Applied::Known;
         };
         let key = subject.rsplit('.').next().unwrap_or_default();
         let op = match header(OPERATION_HEADER).as_deref() {
@@ -387,7 +407,10 @@ impl<T: Record + Clone + Send + Sync + 'static> KvCache<T> {
                         m = changes.next() => {
                             let m = m.ok_or("changes subscription closed")?;
                             let subject = m.subject.to_string();
-                            if self.apply_message(&subject, &m) || self.notify_updates {
+                            let applied = self.apply_message(&subject, &m);
+                            if applied == Applied::Keys
+                                || (applied == Applied::Changed && self.notify_updates)
+                            {
                                 changed.notify_one();
                             }
                         }
@@ -464,5 +487,49 @@ mod tests {
         // An older revision changes nothing, for any reader.
         cache.apply("b", Operation::Put, 1, &beat("b", 1));
         assert!(reader.take().is_empty() && cache.take_dirty().is_empty());
+    }
+
+    #[test]
+    fn a_remembered_write_coming_back_through_the_watch_is_not_applied_again() {
+        let cache = KvCache::<Heartbeat>::new(HEARTBEAT);
+        let a = DeviceId::new("a").expect("valid");
+        let b = DeviceId::new("b").expect("valid");
+        assert_eq!(
+            cache.apply("a", Operation::Put, 1, &beat("a", 1)),
+            Applied::Keys
+        );
+        assert_eq!(
+            cache.apply("a", Operation::Put, 2, &beat("a", 2)),
+            Applied::Changed
+        );
+        cache.take_dirty();
+        // This process wrote revision 3 and remembered it; the watch then brings it back.
+        let written = decode::<Heartbeat>(&beat("a", 3)).expect("decodes");
+        cache.remember(a.clone(), written, 3);
+        // Bytes that would not decode show that the echo is not decoded at all: before, they
+        // replaced the remembered record with nothing and marked the key undecodable.
+        assert_eq!(cache.apply("a", Operation::Put, 3, b"{"), Applied::Known);
+        let held = cache.get(&a).expect("still held");
+        assert_eq!((held.revision, held.value.timestamp), (3, Timestamp(3)));
+        assert!(cache.take_dirty().is_empty(), "nothing changed");
+        // A newer revision is applied as before, and so is a delete.
+        assert_eq!(cache.apply("a", Operation::Put, 4, b"{"), Applied::Keys);
+        assert!(cache.get(&a).is_none());
+        assert_eq!(
+            cache.apply("b", Operation::Put, 5, &beat("b", 5)),
+            Applied::Keys
+        );
+        assert_eq!(cache.apply("b", Operation::Delete, 6, b""), Applied::Keys);
+        assert!(cache.get(&b).is_none());
+        // "a" is undecodable at 4; this process writes over it at 7, and the echo is skipped:
+        // the key is listed once, at the revision written.
+        let written = decode::<Heartbeat>(&beat("a", 7)).expect("decodes");
+        cache.remember(a.clone(), written, 7);
+        assert_eq!(
+            cache.apply("a", Operation::Put, 7, &beat("a", 7)),
+            Applied::Known
+        );
+        assert_eq!(cache.devices(), vec![a.clone()]);
+        assert_eq!(cache.revision(&a), Some(7));
     }
 }

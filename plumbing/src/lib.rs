@@ -442,6 +442,9 @@ pub struct LeaderGated {
     pub changed: Arc<Notify>,
     /// How long a burst of changes may settle into one step.
     pub settle: Duration,
+    /// Let changes settle at least as long as the last step took, too: while changes keep
+    /// coming, steps take at most half the time, and each takes in more of them.
+    pub pace: bool,
     /// What this instance holds, for work that runs beside the steps
     /// ([`watch::Sender::subscribe`]); the election sets it.
     pub owned: watch::Sender<shards::Ownership>,
@@ -460,15 +463,23 @@ impl LeaderGated {
         let changed = self.changed;
         let main_loop = async {
             let mut next = Instant::now();
+            let mut last = Duration::ZERO;
             loop {
                 tokio::select! {
                     _ = changed.notified() => {}
                     _ = tokio::time::sleep_until(next) => {}
                     Ok(()) = owned_rx.changed() => {}
                 }
-                tokio::time::sleep(self.settle).await;
+                let settle = if self.pace {
+                    self.settle.max(last)
+                } else {
+                    self.settle
+                };
+                tokio::time::sleep(settle).await;
                 let held = owned_rx.borrow_and_update().clone();
+                let started = Instant::now();
                 next = step(&held).await;
+                last = started.elapsed();
             }
         };
         tokio::select! {

@@ -164,13 +164,13 @@ async fn simulate(args: Args) -> anyhow::Result<()> {
         let gate = gate.clone();
         connected.spawn(async move {
             let _permit = gate.acquire_owned().await;
-            let client = nats::connect(&settings).await;
-            (settings, client, r)
+            let link = nats::connect(&settings).await;
+            (settings, link, r)
         });
     }
     while let Some(joined) = connected.join_next().await {
-        let (settings, client, r) = joined?;
-        let client = client?;
+        let (settings, link, r) = joined?;
+        let link = link?;
         let options = ServeOptions {
             relay: false,
             manifest_delay: (r == Role::Slow).then(|| Duration::from_millis(args.slow_ms)),
@@ -185,7 +185,7 @@ async fn simulate(args: Args) -> anyhow::Result<()> {
                     }
                 }
             };
-            if let Err(e) = fleetlet_agent::serve(settings, client, options, shutdown).await {
+            if let Err(e) = fleetlet_agent::serve(settings, link, options, shutdown).await {
                 tracing::error!(%device, error = %e, "device stopped");
             }
         });
