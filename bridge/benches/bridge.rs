@@ -302,11 +302,7 @@ async fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let sizes: Vec<usize> = std::env::var("FLEETLET_BENCH_DEVICES")
-        .unwrap_or_else(|_| "1000,10000".into())
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
+    let sizes = fleetlet_testenv::bench::fleet_sizes("1000,10000");
     let window: u64 = std::env::var("FLEETLET_BENCH_WINDOW_SECONDS")
         .ok()
         .and_then(|v| v.parse().ok())

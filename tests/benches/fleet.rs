@@ -1059,11 +1059,7 @@ async fn sharding(list: &str) {
         .filter_map(|s| s.trim().parse().ok())
         .filter(|r| *r > 0)
         .collect();
-    let sizes: Vec<usize> = std::env::var("FLEETLET_BENCH_DEVICES")
-        .unwrap_or_else(|_| "1000".into())
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
+    let sizes = fleetlet_testenv::bench::fleet_sizes("1000");
     let window: u64 = env_or("FLEETLET_BENCH_WINDOW", 60);
     let mut runs = Vec::new();
     for n in sizes {
@@ -1107,11 +1103,7 @@ async fn main() {
         sharding(&list).await;
         return;
     }
-    let sizes: Vec<usize> = std::env::var("FLEETLET_BENCH_DEVICES")
-        .unwrap_or_else(|_| "100,1000,10000".into())
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
+    let sizes = fleetlet_testenv::bench::fleet_sizes("100,1000,10000");
     let window: u64 = env_or("FLEETLET_BENCH_WINDOW", 60);
     let nodes_on = std::env::var("FLEETLET_BENCH_NODE_PROJECTION").as_deref() != Ok("Disabled");
     let suffix = if nodes_on { "" } else { "-no-nodes" };
