@@ -55,12 +55,28 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, owner: Ownership) -> s
     })
 }
 
-/// Writes a temp file beside `path` with `fill`, renames it over `path` and syncs the
-/// directory; the temp file goes if anything fails.
-fn replace_with(
-    path: &Path,
-    fill: impl FnOnce(&Path) -> std::io::Result<()>,
-) -> std::io::Result<()> {
+/// Replaces `path` with `bytes` (mode 0600) by a rename, without syncing: readers see the
+/// old or the new file, never a partial one, but a power cut may leave either, or an empty
+/// or partial file on file systems that do not order the data before the rename. For
+/// records the agent can rebuild, where a flush to flash on every change costs more than
+/// the record is worth.
+pub fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let (_, tmp) = temp_beside(path)?;
+    let result = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(bytes))
+        .and_then(|()| fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The directory of `path` and a fresh temp file name in it.
+fn temp_beside(path: &Path) -> std::io::Result<(&Path, std::path::PathBuf)> {
     let dir = path.parent().ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -72,6 +88,16 @@ fn replace_with(
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.fleetlet-{:016x}", fastrand::u64(..)));
+    Ok((dir, tmp))
+}
+
+/// Writes a temp file beside `path` with `fill`, renames it over `path` and syncs the
+/// directory; the temp file goes if anything fails.
+fn replace_with(
+    path: &Path,
+    fill: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let (dir, tmp) = temp_beside(path)?;
     let result = fill(&tmp).and_then(|()| {
         fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()

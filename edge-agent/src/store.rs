@@ -1,5 +1,8 @@
 //! What the agent must not forget across restarts, in its state directory: the manifest in
-//! force, what it has applied (ownership), and its last status. All writes are atomic.
+//! force and what it has applied (ownership), each written atomically and synced before the
+//! agent acts on it; and its last status, a record the agent can rebuild by observing, so
+//! written by a rename without a sync (a flush to flash on every status change is not
+//! worth it) and dropped with a warning if a power cut left it unreadable.
 
 use std::{
     collections::BTreeMap,
@@ -9,7 +12,7 @@ use std::{
 use fleetlet_protocol::{AgentManifest, AgentStatus, ResourceId, ResourceSpec};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::fsutil::{Ownership, write_atomic};
+use crate::fsutil::{Ownership, write_atomic, write_replacing};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -90,17 +93,24 @@ impl StateStore {
         &self,
         name: &str,
         value: &T,
+        durable: bool,
     ) -> Result<(), StoreError> {
         let (path, bytes) = self.encode(name, value)?;
         let at = path.clone();
-        tokio::task::spawn_blocking(move || write_state(path, bytes))
-            .await
-            .unwrap_or_else(|e| {
-                Err(StoreError::Io {
-                    path: at,
-                    source: std::io::Error::other(e.to_string()),
-                })
+        tokio::task::spawn_blocking(move || {
+            if durable {
+                write_state(path, bytes)
+            } else {
+                write_replacing(&path, &bytes).map_err(|source| StoreError::Io { path, source })
+            }
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(StoreError::Io {
+                path: at,
+                source: std::io::Error::other(e.to_string()),
             })
+        })
     }
 
     fn encode<T: Serialize>(
@@ -109,7 +119,7 @@ impl StateStore {
         value: &T,
     ) -> Result<(PathBuf, Vec<u8>), StoreError> {
         let path = self.dir.join(name);
-        let bytes = serde_json::to_vec_pretty(value).map_err(|source| StoreError::Corrupt {
+        let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Corrupt {
             path: path.clone(),
             source,
         })?;
@@ -129,15 +139,23 @@ impl StateStore {
     }
 
     pub async fn save_owned(&self, owned: &Owned) -> Result<(), StoreError> {
-        self.save_off_runtime(OWNED, owned).await
+        self.save_off_runtime(OWNED, owned, true).await
     }
 
+    /// The last status written, if readable. One that is not (a power cut right after an
+    /// unsynced write) is left behind with a warning: the agent rebuilds it by observing.
     pub fn load_status(&self) -> Result<Option<AgentStatus>, StoreError> {
-        self.load(STATUS)
+        match self.load(STATUS) {
+            Err(StoreError::Corrupt { path, source }) => {
+                tracing::warn!(path = %path.display(), error = %source, "last status unreadable; starting from a fresh one");
+                Ok(None)
+            }
+            other => other,
+        }
     }
 
     pub async fn save_status(&self, status: &AgentStatus) -> Result<(), StoreError> {
-        self.save_off_runtime(STATUS, status).await
+        self.save_off_runtime(STATUS, status, false).await
     }
 
     /// Keeps the last status on disk: each value `status` takes is written after the one
@@ -156,4 +174,39 @@ impl StateStore {
 fn write_state(path: PathBuf, bytes: Vec<u8>) -> Result<(), StoreError> {
     write_atomic(&path, &bytes, 0o600, Ownership::default())
         .map_err(|source| StoreError::Io { path, source })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unreadable_status_is_dropped_but_an_unreadable_manifest_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut status = AgentStatus::new("dev-1".parse().unwrap());
+        status.drift_repairs = 3;
+        store.save_status(&status).await.unwrap();
+        assert_eq!(store.load_status().unwrap(), Some(status));
+        // No temp file is left beside it.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [STATUS]);
+
+        // What a power cut can leave of an unsynced write: an empty or partial file.
+        for torn in ["", "{\"apiVersion\":\"fleetlet.dev/v1al"] {
+            std::fs::write(dir.path().join(STATUS), torn).unwrap();
+            assert_eq!(store.load_status().unwrap(), None, "{torn:?}");
+        }
+        // The manifest is synced before it is acted on; a corrupt one is not guessed at.
+        std::fs::write(dir.path().join(MANIFEST), "{").unwrap();
+        assert!(matches!(
+            store.load_manifest(),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
 }

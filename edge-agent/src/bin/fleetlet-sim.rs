@@ -71,6 +71,10 @@ struct Args {
     /// Devices connecting at once while starting.
     #[arg(long, default_value_t = 100)]
     connect_parallel: usize,
+    /// Threads for the devices' blocking file work (state files, File resources), shared
+    /// by every simulated device.
+    #[arg(long, default_value_t = 4)]
+    blocking_threads: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,8 +123,7 @@ fn settings(a: &Args, device: &str, dir: &Path) -> anyhow::Result<fleetlet_agent
     Ok(c.validate()?)
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -128,7 +131,15 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    match simulate(args).await {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(args.blocking_threads.max(1))
+        .build();
+    let result = match runtime {
+        Ok(rt) => rt.block_on(simulate(args)),
+        Err(e) => Err(e.into()),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fleetlet-sim: {e:#}");
