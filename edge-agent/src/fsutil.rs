@@ -39,7 +39,7 @@ pub fn remove_stale_temps(path: &Path) -> usize {
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, owner: Ownership) -> std::io::Result<()> {
-    replace_with(path, |tmp| {
+    replace_with(path, true, |tmp| {
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -61,22 +61,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, owner: Ownership) -> s
 /// records the agent can rebuild, where a flush to flash on every change costs more than
 /// the record is worth.
 pub fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let (_, tmp) = temp_beside(path)?;
-    let result = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(bytes))
-        .and_then(|()| fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    replace_with(path, false, |tmp| {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(tmp)?
+            .write_all(bytes)
+    })
 }
 
-/// The directory of `path` and a fresh temp file name in it.
-fn temp_beside(path: &Path) -> std::io::Result<(&Path, std::path::PathBuf)> {
+/// Writes a temp file beside `path` with `fill`, renames it over `path` and, if `sync`,
+/// syncs the directory; the temp file goes if anything fails.
+fn replace_with(
+    path: &Path,
+    sync: bool,
+    fill: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let dir = path.parent().ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -88,19 +89,12 @@ fn temp_beside(path: &Path) -> std::io::Result<(&Path, std::path::PathBuf)> {
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.fleetlet-{:016x}", fastrand::u64(..)));
-    Ok((dir, tmp))
-}
-
-/// Writes a temp file beside `path` with `fill`, renames it over `path` and syncs the
-/// directory; the temp file goes if anything fails.
-fn replace_with(
-    path: &Path,
-    fill: impl FnOnce(&Path) -> std::io::Result<()>,
-) -> std::io::Result<()> {
-    let (dir, tmp) = temp_beside(path)?;
     let result = fill(&tmp).and_then(|()| {
         fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
+        if sync {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     });
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -111,7 +105,7 @@ fn replace_with(
 /// Replaces `to` with a copy of `from` atomically, like [`write_atomic`] but streamed by
 /// the kernel (an agent binary is not read into memory).
 pub fn copy_atomic(from: &Path, to: &Path, mode: u32) -> std::io::Result<()> {
-    replace_with(to, |tmp| {
+    replace_with(to, true, |tmp| {
         fs::copy(from, tmp)?;
         let f = OpenOptions::new().write(true).open(tmp)?;
         f.set_permissions(fs::Permissions::from_mode(mode))?;

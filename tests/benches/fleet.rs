@@ -53,29 +53,15 @@ use fleetlet_protocol::{AgentManifest, AgentStatus, ResourceStatus, decode};
 use fleetlet_testenv::{
     TestEnv,
     bench::{
-        Proc, apiserver_writes, delta, nats_connection_bytes, nats_traffic, peak_rss_mib,
-        proc_stat, pss_mib, quantile,
+        Proc, apiserver_writes, bin, delta, nats_connection_bytes, nats_traffic, out_dir,
+        peak_rss_mib, proc_stat, pss_mib, quantile,
     },
     process::free_port,
-    repo_root,
 };
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use kube::{Api, api::ListParams};
 use serde_json::{Value, json};
-
-/// Where results go: `target/fleetlet-bench`, or `FLEETLET_BENCH_OUT` (a run that must
-/// not replace them, such as scripts/heap-profile's).
-fn out_dir() -> PathBuf {
-    std::env::var_os("FLEETLET_BENCH_OUT")
-        .map_or_else(|| repo_root().join("target/fleetlet-bench"), PathBuf::from)
-}
-
-fn bin(name: &str) -> PathBuf {
-    std::env::var_os("FLEETLET_BENCH_BIN_DIR")
-        .map_or_else(|| repo_root().join("target/release"), PathBuf::from)
-        .join(name)
-}
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)

@@ -18,7 +18,6 @@
 use std::{
     collections::HashMap,
     io::BufRead,
-    path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -26,19 +25,12 @@ use std::{
 use fleetlet_protocol::{AgentStatus, decode};
 use fleetlet_testenv::{
     TestEnv,
-    bench::{Proc, fleet_sizes, proc_stat, quantile},
-    repo_root,
+    bench::{Proc, bin, fleet_sizes, out_dir, proc_stat, quantile},
 };
 use futures::StreamExt;
 use serde_json::{Value, json};
 
 const GENERATIONS: u64 = 4;
-
-fn bin(name: &str) -> PathBuf {
-    std::env::var_os("FLEETLET_BENCH_BIN_DIR")
-        .map_or_else(|| repo_root().join("target/release"), PathBuf::from)
-        .join(name)
-}
 
 fn manifest(device: &str, generation: u64) -> Vec<u8> {
     serde_json::to_vec(&json!({
@@ -207,8 +199,7 @@ async fn main() {
         println!("{s}");
         summary.push(s);
     }
-    let out = std::env::var_os("FLEETLET_BENCH_OUT")
-        .map_or_else(|| repo_root().join("target/fleetlet-bench"), PathBuf::from);
+    let out = out_dir();
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(
         out.join("sim.json"),

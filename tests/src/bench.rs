@@ -1,7 +1,23 @@
 //! Measuring helpers for benchmarks: process footprints, apiserver writes, NATS traffic,
 //! quantiles.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::PathBuf};
+
+use crate::repo_root;
+
+/// Where results go: `target/fleetlet-bench`, or `FLEETLET_BENCH_OUT` (a run that must
+/// not replace them, such as scripts/heap-profile's).
+pub fn out_dir() -> PathBuf {
+    std::env::var_os("FLEETLET_BENCH_OUT")
+        .map_or_else(|| repo_root().join("target/fleetlet-bench"), PathBuf::from)
+}
+
+/// The release binary `name`: in `FLEETLET_BENCH_BIN_DIR`, or `target/release`.
+pub fn bin(name: &str) -> PathBuf {
+    std::env::var_os("FLEETLET_BENCH_BIN_DIR")
+        .map_or_else(|| repo_root().join("target/release"), PathBuf::from)
+        .join(name)
+}
 
 /// A process's resident memory (MiB) and CPU time used so far (seconds).
 pub fn proc_stat(pid: u32) -> (f64, f64) {
