@@ -42,6 +42,16 @@ struct Controller {
 }
 
 fn start_controller(env: &TestEnv, identity: &str, lease_ns: &str) -> Controller {
+    start_controller_with(env, identity, lease_ns, &["--resync-seconds=1".into()])
+}
+
+/// [`start_controller`] with `extra` flags and no resync interval of its own.
+fn start_controller_with(
+    env: &TestEnv,
+    identity: &str,
+    lease_ns: &str,
+    extra: &[String],
+) -> Controller {
     let metrics_port = free_port().unwrap();
     let log = env.dir.join(format!("controller-{identity}.log"));
     let service = Service::spawn_with_env(
@@ -53,9 +63,11 @@ fn start_controller(env: &TestEnv, identity: &str, lease_ns: &str) -> Controller
             format!("--lease-namespace={lease_ns}"),
             format!("--identity={identity}"),
             "--lease-seconds=3".into(),
-            "--resync-seconds=1".into(),
             "--offline-after-seconds=30".into(),
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().cloned())
+        .collect::<Vec<_>>(),
         &[
             (
                 "KUBECONFIG",
@@ -1283,6 +1295,75 @@ async fn metrics_and_health_endpoints_answer() {
         "fleetlet_controller_devices_waiting_ready",
     ] {
         assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+}
+
+/// Every pass goes over the whole fleet, so a Lease renewal that changes nothing must not
+/// start one. With a Lease of 3 s (renewed every second) and a resync an hour away, a
+/// controller alone on its Lease, then one holding 2 shards (each in an environment of
+/// its own), runs no pass through ten renewals; a device created starts one at once.
+#[tokio::test]
+async fn renewing_what_it_holds_starts_no_pass_until_something_changes() {
+    for shards in [1u32, 2] {
+        let env = TestEnv::builder().kube().nats().start().await.unwrap();
+        let client = env.kube_client().await.unwrap();
+        create_namespace(&client, "fleetlet-system").await;
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(client.clone(), "fleetlet-system");
+        let devices: Api<EdgeDevice> = Api::namespaced(client.clone(), "default");
+        let identity = format!("rest-{shards}");
+        let c = start_controller_with(
+            &env,
+            &identity,
+            "fleetlet-system",
+            &["--resync-seconds=3600".into(), format!("--shards={shards}")],
+        );
+        let held = |text: &str| sample(text, "fleetlet_controller_shards_held");
+        eventually("every shard held", DEFAULT_TIMEOUT, || async {
+            let text = get(c.metrics_port, "/metrics").await?;
+            (held(&text) == Some(f64::from(shards)))
+                .then_some(())
+                .ok_or(format!("{:?} shards held", held(&text)))
+        })
+        .await;
+        // The passes of taking the Lease(s) over and of the watches' first lists are done.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (before, _) = passes_and_leader(c.metrics_port).await.unwrap();
+        // The Leases this controller holds, by name, and their renewTime.
+        let renewals = || async {
+            let mut out = std::collections::BTreeMap::new();
+            for l in leases.list(&Default::default()).await.unwrap() {
+                let spec = l.spec.unwrap_or_default();
+                if spec.holder_identity.as_deref() == Some(identity.as_str()) {
+                    out.insert(l.metadata.name.unwrap_or_default(), spec.renew_time);
+                }
+            }
+            out
+        };
+        let renewed_from = renewals().await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let renewed_to = renewals().await;
+        let (after, leader) = passes_and_leader(c.metrics_port).await.unwrap();
+        // The controller was renewing all along (every Lease it held moved on)...
+        assert_eq!(leader, 1.0);
+        assert_eq!(
+            renewed_from.keys().collect::<Vec<_>>(),
+            renewed_to.keys().collect::<Vec<_>>()
+        );
+        for (name, at) in &renewed_from {
+            assert!(
+                renewed_to[name].as_ref().map(|t| t.0) > at.as_ref().map(|t| t.0),
+                "{name} was not renewed: {at:?} then {:?}",
+                renewed_to[name]
+            );
+        }
+        // ...and ran no pass for it.
+        assert_eq!(after, before, "{shards} shard(s): passes at rest");
+
+        // A change still starts one.
+        let name = format!("rest-dev-{shards}");
+        apply(&devices, device(&name, json!({}))).await;
+        wait_passes(c.metrics_port, 1).await;
     }
 }
 

@@ -51,10 +51,11 @@ impl Election {
                     false
                 }
             };
+            // Only a change is sent: every send wakes the holder's loop for a pass.
             if *leader.borrow() != holding {
                 info!(identity = %self.identity, leader = holding, "leadership changed");
+                leader.send_replace(holding);
             }
-            leader.send_replace(holding);
             tokio::select! {
                 _ = tokio::time::sleep(self.renew_every) => {}
                 _ = crate::stopped(&mut stop) => break,

@@ -458,36 +458,49 @@ impl LeaderGated {
         F: AsyncFnMut(&shards::Ownership) -> Instant,
     {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let mut owned_rx = self.owned.subscribe();
+        let owned_rx = self.owned.subscribe();
         let election = tokio::spawn(self.election.run(self.client, self.owned, stop_rx));
-        let changed = self.changed;
-        let main_loop = async {
-            let mut next = Instant::now();
-            let mut last = Duration::ZERO;
-            loop {
-                tokio::select! {
-                    _ = changed.notified() => {}
-                    _ = tokio::time::sleep_until(next) => {}
-                    Ok(()) = owned_rx.changed() => {}
-                }
-                let settle = if self.pace {
-                    self.settle.max(last)
-                } else {
-                    self.settle
-                };
-                tokio::time::sleep(settle).await;
-                let held = owned_rx.borrow_and_update().clone();
-                let started = Instant::now();
-                next = step(&held).await;
-                last = started.elapsed();
-            }
-        };
         tokio::select! {
-            _ = main_loop => {}
+            _ = gate(&self.changed, owned_rx, self.settle, self.pace, &mut step) => {}
             _ = shutdown => info!("shutting down"),
         }
         let _ = stop_tx.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), election).await;
+    }
+}
+
+/// [`LeaderGated`]'s loop: a first step at once, then one on every wake-up, `settle`
+/// (or, with `pace`, as long as the last step took if that is longer) after it. What is
+/// held sent again unchanged wakes nothing.
+async fn gate<F>(
+    changed: &Notify,
+    mut owned: watch::Receiver<shards::Ownership>,
+    settle: Duration,
+    pace: bool,
+    step: &mut F,
+) where
+    F: AsyncFnMut(&shards::Ownership) -> Instant,
+{
+    let mut next = Instant::now();
+    let mut last = Duration::ZERO;
+    let mut stepped_with: Option<shards::Ownership> = None;
+    loop {
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = tokio::time::sleep_until(next) => {}
+            Ok(()) = owned.changed() => {
+                if stepped_with.as_ref() == Some(&*owned.borrow()) {
+                    continue;
+                }
+            }
+        }
+        let settle = if pace { settle.max(last) } else { settle };
+        tokio::time::sleep(settle).await;
+        let held = owned.borrow_and_update().clone();
+        let started = Instant::now();
+        next = step(&held).await;
+        last = started.elapsed();
+        stepped_with = Some(held);
     }
 }
 
@@ -571,6 +584,8 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
     use super::*;
     use fleetlet_crds::k8s_openapi::api::core::v1::ConfigMap;
     use fleetlet_crds::kube::api::ObjectMeta;
@@ -595,5 +610,109 @@ mod tests {
         assert_ne!(identity(&a), identity(&object("b", Some("0b5e7c1e-3"))));
         assert_eq!(identity(&object("a", None)), identity(&object("a", None)));
         assert_ne!(identity(&object("a", None)), identity(&object("b", None)));
+    }
+
+    /// When each step of a [`gate`] started (time paused, from the call) and with what
+    /// held, while `drive` runs beside it. Each step takes `takes` and asks for the next
+    /// one an hour later.
+    async fn steps(
+        changed: &Notify,
+        owned: watch::Receiver<shards::Ownership>,
+        pace: bool,
+        takes: Duration,
+        drive: impl Future<Output = ()>,
+    ) -> Vec<(Duration, shards::Ownership)> {
+        let t0 = Instant::now();
+        let mut started = Vec::new();
+        let mut step = async |held: &shards::Ownership| {
+            started.push((t0.elapsed(), held.clone()));
+            tokio::time::sleep(takes).await;
+            Instant::now() + Duration::from_secs(3600)
+        };
+        tokio::select! {
+            _ = gate(changed, owned, Duration::from_millis(50), pace, &mut step) => {}
+            _ = drive => {}
+        }
+        started
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gate_steps_at_once_on_a_change_and_when_due_but_not_for_the_same_shards_sent_again()
+    {
+        let changed = Notify::new();
+        let (owned, rx) = watch::channel(shards::Ownership::none(2));
+        let started = steps(&changed, rx, false, Duration::ZERO, async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            owned.send_replace(shards::Ownership::of(2, [1]));
+            // An election renewing what it holds, round after round.
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                owned.send_replace(shards::Ownership::of(2, [1]));
+            }
+            changed.notify_one();
+            tokio::time::sleep(Duration::from_secs(3700)).await;
+        })
+        .await;
+        let at: Vec<_> = started
+            .iter()
+            .map(|(t, h)| (*t, h.held().clone()))
+            .collect();
+        assert_eq!(
+            at,
+            [
+                // At once, then each wake-up after the 50 ms settle.
+                (50 * MS, [].into()),
+                (1050 * MS, [1].into()),
+                // The notification after the ten renewals (none of them stepped).
+                (11050 * MS, [1].into()),
+                // Due an hour after the last step, and settled too.
+                (3_611_100 * MS, [1].into()),
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paced_gate_lets_changes_that_keep_coming_settle_as_long_as_the_last_step_took() {
+        let changed = Notify::new();
+        let (_owned, rx) = watch::channel(shards::Ownership::whole(1));
+        let keep_changing = async {
+            loop {
+                changed.notify_one();
+                tokio::time::sleep(10 * MS).await;
+            }
+        };
+        let gaps = |started: &[(Duration, shards::Ownership)]| -> Vec<Duration> {
+            started.windows(2).map(|w| w[1].0 - w[0].0).collect()
+        };
+        let four_seconds = async {
+            tokio::select! {
+                _ = keep_changing => {}
+                _ = tokio::time::sleep(Duration::from_secs(4)) => {}
+            }
+        };
+        let paced = steps(&changed, rx.clone(), true, 400 * MS, four_seconds).await;
+        // A step of 400 ms, then 400 ms of settling: not the 50 ms an unpaced gate waits.
+        let g = gaps(&paced);
+        assert!(g.len() >= 3, "{paced:?}");
+        assert!(g.iter().all(|g| *g == 800 * MS), "paced: {g:?}");
+
+        let keep_changing = async {
+            loop {
+                changed.notify_one();
+                tokio::time::sleep(10 * MS).await;
+            }
+        };
+        let four_seconds = async {
+            tokio::select! {
+                _ = keep_changing => {}
+                _ = tokio::time::sleep(Duration::from_secs(4)) => {}
+            }
+        };
+        let unpaced = steps(&changed, rx, false, 400 * MS, four_seconds).await;
+        let g = gaps(&unpaced);
+        assert!(g.len() >= 6, "{unpaced:?}");
+        assert!(g.iter().all(|g| *g == 450 * MS), "unpaced: {g:?}");
     }
 }

@@ -189,10 +189,11 @@ impl ShardElection {
                     Ownership::none(self.shards)
                 }
             };
+            // Only a change is sent: every send wakes the holder's loop for a pass.
             if *owned.borrow() != held {
                 info!(identity = %self.identity, held = ?held.held(), shards = self.shards, "shards changed");
+                owned.send_replace(held);
             }
-            owned.send_replace(held);
             tokio::select! {
                 _ = tokio::time::sleep(self.renew_every) => {}
                 _ = crate::stopped(&mut stop) => break,
