@@ -673,46 +673,28 @@ mod tests {
         );
     }
 
+    /// Notifies `changed` every 10 ms for `d`.
+    async fn changes_for(changed: &Notify, d: Duration) {
+        let keep_changing = async {
+            loop {
+                changed.notify_one();
+                tokio::time::sleep(10 * MS).await;
+            }
+        };
+        let _ = tokio::time::timeout(d, keep_changing).await;
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_paced_gate_lets_changes_that_keep_coming_settle_as_long_as_the_last_step_took() {
         let changed = Notify::new();
         let (_owned, rx) = watch::channel(shards::Ownership::whole(1));
-        let keep_changing = async {
-            loop {
-                changed.notify_one();
-                tokio::time::sleep(10 * MS).await;
-            }
-        };
-        let gaps = |started: &[(Duration, shards::Ownership)]| -> Vec<Duration> {
-            started.windows(2).map(|w| w[1].0 - w[0].0).collect()
-        };
-        let four_seconds = async {
-            tokio::select! {
-                _ = keep_changing => {}
-                _ = tokio::time::sleep(Duration::from_secs(4)) => {}
-            }
-        };
-        let paced = steps(&changed, rx.clone(), true, 400 * MS, four_seconds).await;
-        // A step of 400 ms, then 400 ms of settling: not the 50 ms an unpaced gate waits.
-        let g = gaps(&paced);
-        assert!(g.len() >= 3, "{paced:?}");
-        assert!(g.iter().all(|g| *g == 800 * MS), "paced: {g:?}");
-
-        let keep_changing = async {
-            loop {
-                changed.notify_one();
-                tokio::time::sleep(10 * MS).await;
-            }
-        };
-        let four_seconds = async {
-            tokio::select! {
-                _ = keep_changing => {}
-                _ = tokio::time::sleep(Duration::from_secs(4)) => {}
-            }
-        };
-        let unpaced = steps(&changed, rx, false, 400 * MS, four_seconds).await;
-        let g = gaps(&unpaced);
-        assert!(g.len() >= 6, "{unpaced:?}");
-        assert!(g.iter().all(|g| *g == 450 * MS), "unpaced: {g:?}");
+        // Steps of 400 ms: paced, 400 ms of settling follow each; unpaced, the 50 ms.
+        for (pace, gap, at_least) in [(true, 800 * MS, 3), (false, 450 * MS, 6)] {
+            let four_seconds = changes_for(&changed, Duration::from_secs(4));
+            let started = steps(&changed, rx.clone(), pace, 400 * MS, four_seconds).await;
+            let gaps: Vec<Duration> = started.windows(2).map(|w| w[1].0 - w[0].0).collect();
+            assert!(gaps.len() >= at_least, "{started:?}");
+            assert!(gaps.iter().all(|g| *g == gap), "pace {pace}: {gaps:?}");
+        }
     }
 }
