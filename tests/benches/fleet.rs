@@ -6,7 +6,8 @@
 //! the release controller and bridge, and `fleetlet-sim` running N devices (real agent engine,
 //! File resources under per-device temp dirs, one NATS connection each). Measures:
 //! * fleet start: every virtual Node Ready;
-//! * steady state over `FLEETLET_BENCH_WINDOW` seconds (default 60): apiserver writes/s by
+//! * steady state over `FLEETLET_BENCH_WINDOW` seconds (default 60, rounded up to whole 30 s
+//!   heartbeat intervals, so each device's beats count the same): apiserver writes/s by
 //!   resource, NATS messages/s, bytes on the wire per device per hour (the devices' own
 //!   connections, both directions), CPU of each process;
 //! * apply→converged for an EdgeManifest selecting every device, created then changed: per
@@ -53,8 +54,8 @@ use fleetlet_protocol::{AgentManifest, AgentStatus, ResourceStatus, decode};
 use fleetlet_testenv::{
     TestEnv,
     bench::{
-        Proc, apiserver_writes, bin, delta, nats_connection_bytes, nats_traffic, out_dir,
-        peak_rss_mib, proc_stat, pss_mib, quantile,
+        Proc, apiserver_writes, bin, delta, nats_connection_bytes, nats_connection_msgs,
+        nats_traffic, out_dir, peak_rss_mib, proc_stat, pss_mib, quantile,
     },
     process::free_port,
 };
@@ -158,23 +159,40 @@ struct Window {
 }
 
 impl Window {
+    /// Reads every counter in the same order [`Window::close`] does, so that each one is
+    /// counted over the same span however long the apiserver takes to answer.
     async fn open(client: &kube::Client, monitor: u16, procs: &[(&str, u32)]) -> Self {
+        let started = Instant::now();
+        let traffic = nats_traffic(monitor);
+        let device_bytes = nats_connection_bytes(monitor, "fleetlet-agent/").1;
+        let cpu = procs
+            .iter()
+            .map(|(n, pid)| (n.to_string(), *pid, proc_stat(*pid).1))
+            .collect();
         let (writes, writes_read) = timed_writes(client).await;
         Self {
-            started: Instant::now(),
-            cpu: procs
-                .iter()
-                .map(|(n, pid)| (n.to_string(), *pid, proc_stat(*pid).1))
-                .collect(),
+            started,
+            cpu,
             writes,
             writes_read,
-            traffic: nats_traffic(monitor),
-            device_bytes: nats_connection_bytes(monitor, "fleetlet-agent/").1,
+            traffic,
+            device_bytes,
         }
+    }
+
+    /// Sleeps until `seconds` after the window opened. Give it a whole number of heartbeat
+    /// intervals: every device is then counted the same number of times whatever the phase
+    /// of its heartbeats, which keep the phases their connections had and so are not spread
+    /// evenly over an interval.
+    async fn wait(&self, seconds: u64) {
+        tokio::time::sleep_until((self.started + Duration::from_secs(seconds)).into()).await;
     }
 
     async fn close(self, client: &kube::Client, monitor: u16, nodes: usize) -> Value {
         let secs = self.started.elapsed().as_secs_f64();
+        let traffic = nats_traffic(monitor);
+        let (conns, device_bytes) = nats_connection_bytes(monitor, "fleetlet-agent/");
+        let stats: Vec<(f64, f64)> = self.cpu.iter().map(|(_, pid, _)| proc_stat(*pid)).collect();
         let (after, after_read) = timed_writes(client).await;
         // Writes are counted between the two reads of the apiserver's counters, not over
         // the window's nominal length.
@@ -185,14 +203,12 @@ impl Window {
             .filter(|(k, _)| fleetlet_testenv::bench::accepted(k))
             .map(|(_, v)| v)
             .sum();
-        let traffic = nats_traffic(monitor);
-        let (conns, device_bytes) = nats_connection_bytes(monitor, "fleetlet-agent/");
         let per_s = |i: usize| (traffic[i] - self.traffic[i]) / secs;
         let processes: serde_json::Map<String, Value> = self
             .cpu
             .iter()
-            .map(|(name, pid, cpu0)| {
-                let (rss, cpu1) = proc_stat(*pid);
+            .zip(stats)
+            .map(|((name, _, cpu0), (rss, cpu1))| {
                 (
                     name.clone(),
                     json!({ "rssMiB": (rss * 10.0).round() / 10.0,
@@ -260,19 +276,37 @@ fn lease_lag(port: u16) -> Value {
     })
 }
 
+/// The devices' heartbeat interval: the agent's default, which the simulator keeps.
+const HEARTBEAT_SECONDS: u64 = 30;
+
+/// The steady window: `FLEETLET_BENCH_WINDOW` seconds (default 60), rounded up to a whole
+/// number of heartbeat intervals (see [`Window::wait`]).
+fn window_seconds() -> u64 {
+    let asked: u64 = env_or("FLEETLET_BENCH_WINDOW", 60);
+    asked.div_ceil(HEARTBEAT_SECONDS).max(1) * HEARTBEAT_SECONDS
+}
+
 /// Waits until start-up's writes are done: at least 20 s, then until 10 s pass with under
-/// one apiserver write a second besides Lease renewals (the steady state's own writes), and
+/// one apiserver write a second besides Lease renewals (the steady state's own writes),
 /// Lease writes no faster than `leases_per_second` (one per device heartbeat) with 5 a
-/// second (leader and shard Leases) to spare: renewals still catching up on a backlog from
-/// start-up or a rollout are not steady state. At most 10 minutes. Returns the seconds
-/// waited.
-async fn settle(client: &kube::Client, leases_per_second: f64) -> f64 {
+/// second (leader and shard Leases) to spare, and no device sending the server more than
+/// one message (its heartbeat, every 30 s): renewals still catching up on a backlog, and
+/// devices still writing status or facts after start-up or a rollout, are not steady state.
+/// The devices are counted one by one, not by their rate: their heartbeats keep the phases
+/// their connections had, so 10 s of a settled fleet may hold more than a third of its
+/// beats. At most 10 minutes. Returns the seconds waited.
+async fn settle(client: &kube::Client, monitor: u16, leases_per_second: f64) -> f64 {
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(10)).await;
     loop {
         let (before, from) = timed_writes(client).await;
+        let sent = nats_connection_msgs(monitor, "fleetlet-agent/");
         tokio::time::sleep(Duration::from_secs(10)).await;
         let (after, to) = timed_writes(client).await;
+        let busy = nats_connection_msgs(monitor, "fleetlet-agent/")
+            .iter()
+            .filter(|(cid, n)| **n - sent.get(cid).copied().unwrap_or(0.0) > 1.0)
+            .count();
         let span = to.duration_since(from).as_secs_f64();
         let (mut leases, mut others) = (0.0, 0.0);
         for (resource, n) in delta(&before, &after) {
@@ -283,9 +317,16 @@ async fn settle(client: &kube::Client, leases_per_second: f64) -> f64 {
             }
         }
         let leases_steady = leases <= (leases_per_second + 5.0) * span;
-        if (others < 10.0 && leases_steady) || started.elapsed() > Duration::from_secs(600) {
+        if (others < 10.0 && leases_steady && busy == 0)
+            || started.elapsed() > Duration::from_secs(600)
+        {
             return started.elapsed().as_secs_f64();
         }
+        eprintln!(
+            "   not settled: {others} writes besides Leases, {:.1} Lease writes/s, \
+             {busy} devices sent more than one message in {span:.0}s",
+            leases / span
+        );
     }
 }
 
@@ -631,8 +672,12 @@ async fn fleet_phase(
         fleet_ready.as_secs_f64()
     );
     // The agent's default heartbeat, one Lease renewal each where Nodes are projected.
-    let beats = if nodes_on { n as f64 / 30.0 } else { 0.0 };
-    let settled = settle(&client, beats).await;
+    let beats = if nodes_on {
+        n as f64 / HEARTBEAT_SECONDS as f64
+    } else {
+        0.0
+    };
+    let settled = settle(&client, monitor, beats).await;
     eprintln!("   settled {settled:.0}s later");
 
     // One replica is "controller" and "bridge"; several are "controller-0", "controller-1"...
@@ -663,9 +708,9 @@ async fn fleet_phase(
         ("etcd".into(), etcd.unwrap_or(0)),
     ]);
     let procs: Vec<(&str, u32)> = procs.iter().map(|(n, p)| (n.as_str(), *p)).collect();
-    let w = Window::open(&client, monitor, &procs).await;
     // The bridges' own count of the Lease renewals they made, beside the apiserver's count,
-    // over a span of its own (reading the apiserver's metrics takes seconds at this size).
+    // read just before the window's counters open and close, over a span of its own
+    // (reading the apiserver's metrics takes seconds at this size).
     let renewals_now = || -> f64 {
         bridge_ports
             .iter()
@@ -673,7 +718,8 @@ async fn fleet_phase(
             .sum()
     };
     let (renewed, counted) = (renewals_now(), Instant::now());
-    tokio::time::sleep(Duration::from_secs(window)).await;
+    let w = Window::open(&client, monitor, &procs).await;
+    w.wait(window).await;
     let renewals = renewals_now() - renewed;
     let span = counted.elapsed().as_secs_f64();
     let mut steady = w.close(&client, monitor, n).await;
@@ -702,7 +748,7 @@ async fn fleet_phase(
     eprintln!("   rollout (create): {create}");
     // The change comes to a settled fleet, as the first rollout did: not into the status
     // writes that follow the first one (each device's resource lines and conditions).
-    let settled_before_change = settle(&client, beats).await;
+    let settled_before_change = settle(&client, monitor, beats).await;
     eprintln!("   settled {settled_before_change:.0}s after the first rollout");
     let update = rollout(&env, n, "second", &rollout_procs, &controller_ports).await;
     eprintln!("   rollout (update): {update}");
@@ -867,7 +913,7 @@ async fn virtual_kubelet(env: &TestEnv, n: usize, window: u64, dir: &std::path::
         .collect();
     let named: Vec<(&str, u32)> = pids.iter().map(|(n, p)| (n.as_str(), *p)).collect();
     let w = Window::open(&client, monitor, &named).await;
-    tokio::time::sleep(Duration::from_secs(window)).await;
+    w.wait(window).await;
     let mut steady = w.close(&client, monitor, up).await;
     // Sum the per-process figures: one process per node. The copies share the binary's
     // pages, so proportional set size (PSS) is what they cost together.
@@ -1046,7 +1092,7 @@ async fn sharding(list: &str) {
         .filter(|r| *r > 0)
         .collect();
     let sizes = fleetlet_testenv::bench::fleet_sizes("1000");
-    let window: u64 = env_or("FLEETLET_BENCH_WINDOW", 60);
+    let window = window_seconds();
     let mut runs = Vec::new();
     for n in sizes {
         for r in &replicas {
@@ -1090,7 +1136,7 @@ async fn main() {
         return;
     }
     let sizes = fleetlet_testenv::bench::fleet_sizes("100,1000,10000");
-    let window: u64 = env_or("FLEETLET_BENCH_WINDOW", 60);
+    let window = window_seconds();
     let nodes_on = std::env::var("FLEETLET_BENCH_NODE_PROJECTION").as_deref() != Ok("Disabled");
     let suffix = if nodes_on { "" } else { "-no-nodes" };
     let vk: usize = if nodes_on {

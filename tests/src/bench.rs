@@ -150,19 +150,36 @@ pub fn nats_traffic(port: u16) -> [f64; 4] {
     ["in_msgs", "out_msgs", "in_bytes", "out_bytes"].map(|k| v[k].as_f64().unwrap_or(0.0))
 }
 
+/// Every connection whose name starts with `prefix`, as nats-server's `/connz` shows it.
+fn nats_connections(port: u16, prefix: &str) -> Vec<serde_json::Value> {
+    let mut v = nats_monitor(port, "/connz?limit=100000");
+    let conns = v["connections"].take();
+    let serde_json::Value::Array(conns) = conns else {
+        return Vec::new();
+    };
+    conns
+        .into_iter()
+        .filter(|c| c["name"].as_str().is_some_and(|n| n.starts_with(prefix)))
+        .collect()
+}
+
 /// Bytes in and out of every connection whose name starts with `prefix`, summed.
 pub fn nats_connection_bytes(port: u16, prefix: &str) -> (usize, f64) {
-    let v = nats_monitor(port, "/connz?limit=100000");
-    let conns = v["connections"].as_array().cloned().unwrap_or_default();
-    let mine: Vec<_> = conns
-        .iter()
-        .filter(|c| c["name"].as_str().is_some_and(|n| n.starts_with(prefix)))
-        .collect();
+    let mine = nats_connections(port, prefix);
     let bytes = mine
         .iter()
         .map(|c| c["in_bytes"].as_f64().unwrap_or(0.0) + c["out_bytes"].as_f64().unwrap_or(0.0))
         .sum();
     (mine.len(), bytes)
+}
+
+/// Messages each connection whose name starts with `prefix` has sent the server, by its
+/// connection id.
+pub fn nats_connection_msgs(port: u16, prefix: &str) -> BTreeMap<u64, f64> {
+    nats_connections(port, prefix)
+        .iter()
+        .filter_map(|c| Some((c["cid"].as_u64()?, c["in_msgs"].as_f64().unwrap_or(0.0))))
+        .collect()
 }
 
 /// The `q` quantile (0..=1) of `values` (nearest rank), or None when empty.
