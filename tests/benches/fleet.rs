@@ -164,7 +164,7 @@ impl Window {
     async fn open(client: &kube::Client, monitor: u16, procs: &[(&str, u32)]) -> Self {
         let started = Instant::now();
         let traffic = nats_traffic(monitor);
-        let device_bytes = nats_connection_bytes(monitor, "fleetlet-agent/").1;
+        let device_bytes = nats_connection_bytes(monitor, DEVICE_CONNECTIONS).1;
         let cpu = procs
             .iter()
             .map(|(n, pid)| (n.to_string(), *pid, proc_stat(*pid).1))
@@ -191,7 +191,7 @@ impl Window {
     async fn close(self, client: &kube::Client, monitor: u16, nodes: usize) -> Value {
         let secs = self.started.elapsed().as_secs_f64();
         let traffic = nats_traffic(monitor);
-        let (conns, device_bytes) = nats_connection_bytes(monitor, "fleetlet-agent/");
+        let (conns, device_bytes) = nats_connection_bytes(monitor, DEVICE_CONNECTIONS);
         let stats: Vec<(f64, f64)> = self.cpu.iter().map(|(_, pid, _)| proc_stat(*pid)).collect();
         let (after, after_read) = timed_writes(client).await;
         // Writes are counted between the two reads of the apiserver's counters, not over
@@ -276,6 +276,10 @@ fn lease_lag(port: u16) -> Value {
     })
 }
 
+/// How the name of every device's NATS connection starts (the agent names it after its
+/// device), which tells the devices' connections from the control plane's.
+const DEVICE_CONNECTIONS: &str = "fleetlet-agent/";
+
 /// The devices' heartbeat interval: the agent's default, which the simulator keeps.
 const HEARTBEAT_SECONDS: u64 = 30;
 
@@ -300,10 +304,10 @@ async fn settle(client: &kube::Client, monitor: u16, leases_per_second: f64) -> 
     tokio::time::sleep(Duration::from_secs(10)).await;
     loop {
         let (before, from) = timed_writes(client).await;
-        let sent = nats_connection_msgs(monitor, "fleetlet-agent/");
+        let sent = nats_connection_msgs(monitor, DEVICE_CONNECTIONS);
         tokio::time::sleep(Duration::from_secs(10)).await;
         let (after, to) = timed_writes(client).await;
-        let busy = nats_connection_msgs(monitor, "fleetlet-agent/")
+        let busy = nats_connection_msgs(monitor, DEVICE_CONNECTIONS)
             .iter()
             .filter(|(cid, n)| **n - sent.get(cid).copied().unwrap_or(0.0) > 1.0)
             .count();
